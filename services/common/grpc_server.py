@@ -1,0 +1,237 @@
+"""gRPC server bootstrap: interceptors, health, reflection, graceful drain on SIGTERM.
+
+`create_server()` is what every service's `main()` and every test fixture call, so tests run the
+production interceptor chain: [tracing, metrics, error mapping] (outermost first, so telemetry sees
+the final status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import deadlines, tracing
+from services.common.errors import DETAILS_KEY, ErrorCode, MeshError
+from services.common.metrics import GRPC_HANDLED, GRPC_SECONDS
+from services.common.settings import GrpcServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """Rebuild a method handler with its behavior wrapped (unary or server-streaming responses)."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: MeshError) -> None:
+    context.set_trailing_metadata(((DETAILS_KEY, err.to_status_details()),))
+    await context.abort(err.code.grpc_code, err.message)
+
+
+def _internal(method: str) -> MeshError:
+    log.exception("unhandled error in %s", method)
+    return MeshError(ErrorCode.INTERNAL, "internal error")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """The one place where exceptions become gRPC statuses. Innermost in the chain.
+
+    MeshError -> its code + google.rpc.Status details; anything else -> INTERNAL with a generic
+    message (the traceback is logged, never sent). The caller's deadline is made visible to
+    downstream clients of this service (deadlines shrink hop by hop).
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+
+        def wrap_unary(behavior):
+            async def wrapper(request, context):
+                token = deadlines.set_from_grpc(context)
+                try:
+                    return await behavior(request, context)
+                except MeshError as err:
+                    await _abort(context, err)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    await _abort(context, _internal(method))
+                finally:
+                    deadlines.reset(token)
+
+            return wrapper
+
+        def wrap_stream(behavior):
+            async def wrapper(request, context):
+                token = deadlines.set_from_grpc(context)
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except MeshError as err:
+                    await _abort(context, err)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    await _abort(context, _internal(method))
+                finally:
+                    deadlines.reset(token)
+
+            return wrapper
+
+        return _wrap_handler(await continuation(handler_call_details), wrap_unary, wrap_stream)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts calls by final status code and times them. Health checks are not counted."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if method.startswith("/grpc."):
+            return handler
+        short = method.rsplit("/", 1)[-1]
+        seconds = GRPC_SECONDS.labels(self.service, short)
+
+        def record(context, started: float, failed: BaseException | None) -> None:
+            code = context.code()
+            if code is None:
+                code = (
+                    grpc.StatusCode.CANCELLED
+                    if isinstance(failed, asyncio.CancelledError)
+                    else (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+                )
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            GRPC_HANDLED.labels(self.service, short, name).inc()
+            seconds.observe(time.perf_counter() - started)
+
+        def wrap_unary(behavior):
+            async def wrapper(request, context):
+                started, failed = time.perf_counter(), None
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    record(context, started, failed)
+
+            return wrapper
+
+        def wrap_stream(behavior):
+            async def wrapper(request, context):
+                started, failed = time.perf_counter(), None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    record(context, started, failed)
+
+            return wrapper
+
+        return _wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+@dataclass
+class Binding:
+    """One servicer to register: its `add_*_to_server` function and full service name."""
+
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+    service_name: str
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float, drain_wait_s: float = 0.0) -> None:
+        """NOT_SERVING -> wait for balancers -> stop accepting, let in-flight calls finish -> cleanup."""
+        await self.health.enter_graceful_shutdown()
+        if drain_wait_s > 0:
+            await asyncio.sleep(drain_wait_s)
+        await self.server.stop(grace_s)
+        for hook in self.on_stop:
+            with contextlib.suppress(Exception):
+                await hook()
+
+
+async def create_server(
+    settings: GrpcServiceSettings, service: str, bindings: Iterable[Binding], *, serving: bool = True
+) -> RunningServer:
+    """Build and start a grpc.aio server with the production interceptor chain on settings' port."""
+    bindings = list(bindings)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+    interceptors = [*tracing.server_interceptors(), MetricsInterceptor(service), ErrorMappingInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    for b in bindings:
+        b.add_to_server(b.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.service_name for b in bindings]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.grpc_port}")
+    await server.start()
+    running = RunningServer(server, port, health_servicer, names)
+    await running.set_serving(serving)
+    log.info("grpc server listening", extra={"fields": {"service": service, "address": f"{settings.host}:{port}"}})
+    return running
+
+
+async def serve_until_signal(running: RunningServer, settings: GrpcServiceSettings) -> None:
+    """Block until SIGTERM/SIGINT, then drain: NOT_SERVING, grace for in-flight calls, cleanup."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls", extra={"fields": {"grace_s": settings.shutdown_grace_s}})
+    await running.stop(settings.shutdown_grace_s, settings.drain_wait_s)
+    tracing.shutdown_tracing()
+    log.info("stopped")

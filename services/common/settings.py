@@ -1,0 +1,51 @@
+"""Settings shared by every service. Each service defines its own subclass with its own env prefix.
+
+Nothing here reads the environment at import time: a settings object is built in `main()` (or by a
+test) and passed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class CommonSettings(BaseSettings):
+    """Fields every service has. Env: MESHSERVE_HOME, MESHSERVE_CATALOG, MESHSERVE_LOG_LEVEL."""
+
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="ignore")
+
+    home: Path = Field(Path(".meshserve"), description="State directory: model store, databases.")
+    catalog: Path = Field(REPO_ROOT / "catalog.yaml", description="The model catalog (YAML).")
+    log_level: str = Field("INFO", description="Root log level.")
+    host: str = Field("127.0.0.1", description="Address every server of this service binds.")
+    shutdown_grace_s: float = Field(10.0, description="How long in-flight calls may finish after SIGTERM.")
+    drain_wait_s: float = Field(
+        0.0, description="Time between NOT_SERVING and closing listeners, so that balancers notice."
+    )
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+class GrpcServiceSettings(CommonSettings):
+    """A gRPC service with a Prometheus endpoint."""
+
+    grpc_port: int = Field(0, description="gRPC listen port (0 picks a free port).")
+    metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 picks a free port, -1 off).")
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")
+
+
+class UpstreamSettings(BaseSettings):
+    """Where one upstream gRPC service lives and how it is called."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    address: str = Field(..., description="host:port of the upstream gRPC service.")
+    timeout_s: float = Field(30.0, description="Default deadline of one call when the caller sets none.")
+    max_attempts: int = Field(3, description="Attempts for calls that fail UNAVAILABLE (grpc retry policy).")

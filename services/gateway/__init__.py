@@ -1,0 +1,1 @@
+"""Gateway: the REST/JSON (HF task API, OpenAI API) and typed gRPC front door over the mesh."""

@@ -1,0 +1,158 @@
+"""The pipeline runner: catalog resolution, then preprocess -> inference -> postprocess.
+
+Transport-neutral: the HTTP routes and the gRPC API call the same `Pipeline`. Large requests are
+split by rows into chunks of the model's max batch size after preprocessing, run concurrently on
+the inference service (where its dynamic batcher regroups them) and joined before postprocessing,
+so one request can carry more texts than one model batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from meshserve.postprocess.v1 import postprocess_pb2
+from meshserve.preprocess.v1 import preprocess_pb2
+from meshserve.tasks.v1 import tasks_pb2
+from prometheus_client import Histogram
+from tritonclient.grpc import service_pb2
+
+from services.common.catalog import Catalog, ModelEntry
+from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
+from services.common.errors import ErrorCode, MeshError
+from services.common.metrics import LATENCY_BUCKETS
+from services.common.tasks import task_to_pb
+from services.common.tensors import NP_DTYPES
+
+STAGE_SECONDS = Histogram(
+    "meshserve_gateway_stage_seconds", "Time spent in each pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model_id: str
+    task: str
+    result: tasks_pb2.TaskResult
+    usage: tasks_pb2.Usage
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    checks: dict[str, bool]
+
+
+def split_rows(tensor: tasks_pb2.Tensor, chunk: int) -> list[tuple[list[int], memoryview]]:
+    """Split a row-major tensor into chunks of at most `chunk` rows, without copying bytes."""
+    rows = tensor.shape[0]
+    row_bytes = len(tensor.raw) // rows if rows else 0
+    view = memoryview(tensor.raw)
+    return [
+        ([min(chunk, rows - start), *tensor.shape[1:]], view[start * row_bytes : (start + chunk) * row_bytes])
+        for start in range(0, rows, chunk)
+    ]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        catalog: Catalog,
+        preprocess: PreprocessClient,
+        inference: InferenceClient,
+        postprocess: PostprocessClient,
+        *,
+        readiness_cache_s: float = 1.0,
+    ) -> None:
+        self.catalog = catalog
+        self.preprocess = preprocess
+        self.inference = inference
+        self.postprocess = postprocess
+        self._readiness_cache_s = readiness_cache_s
+        self._readiness: tuple[float, Readiness] | None = None
+
+    def resolve(self, model_id: str, task: str | None) -> tuple[ModelEntry, str]:
+        entry = self.catalog.get(model_id)
+        return entry, self.catalog.resolve_task(entry, task)
+
+    async def predict(
+        self,
+        model_id: str,
+        task: str | None,
+        inputs: tasks_pb2.TaskInputs,
+        parameters: tasks_pb2.TaskParameters | None = None,
+    ) -> Prediction:
+        entry, task = self.resolve(model_id, task)
+        parameters = parameters or tasks_pb2.TaskParameters()
+        task_pb = task_to_pb(task)
+        started = time.perf_counter()
+        pre = await self.preprocess.preprocess(
+            preprocess_pb2.PreprocessRequest(model_id=entry.id, task=task_pb, inputs=inputs, parameters=parameters)
+        )
+        t1 = time.perf_counter()
+        outputs = await self._infer(entry, list(pre.tensors))
+        t2 = time.perf_counter()
+        post = await self.postprocess.postprocess(
+            postprocess_pb2.PostprocessRequest(model_id=entry.id, task=task_pb, outputs=outputs, parameters=parameters)
+        )
+        t3 = time.perf_counter()
+        STAGE_SECONDS.labels("preprocess").observe(t1 - started)
+        STAGE_SECONDS.labels("inference").observe(t2 - t1)
+        STAGE_SECONDS.labels("postprocess").observe(t3 - t2)
+        return Prediction(entry.id, task, post.result, pre.usage)
+
+    async def _infer(self, entry: ModelEntry, tensors: list[tasks_pb2.Tensor]) -> list[tasks_pb2.Tensor]:
+        spec = entry.inference
+        chunk = spec.max_batch_size
+        parts = [split_rows(t, chunk) for t in tensors]
+        requests = []
+        for i in range(len(parts[0])):
+            request = service_pb2.ModelInferRequest(model_name=spec.name)
+            for tensor, pieces in zip(tensors, parts, strict=True):
+                shape, raw = pieces[i]
+                request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+                request.raw_input_contents.append(bytes(raw))
+            requests.append(request)
+        if len(requests) == 1:
+            replies = [await self.inference.model_infer(requests[0])]
+        else:
+            replies = await asyncio.gather(*(self.inference.model_infer(r) for r in requests))
+        return self._join(replies)
+
+    @staticmethod
+    def _join(replies: list[service_pb2.ModelInferResponse]) -> list[tasks_pb2.Tensor]:
+        """Concatenate each output's chunks along the batch axis (raw bytes joined in order)."""
+        first = replies[0]
+        joined = []
+        for i, out in enumerate(first.outputs):
+            if out.datatype not in NP_DTYPES or len(first.raw_output_contents) <= i:
+                raise MeshError(ErrorCode.INTERNAL, f"inference returned output '{out.name}' in an unsupported form")
+            shape = list(out.shape)
+            shape[0] = sum(r.outputs[i].shape[0] for r in replies)
+            raw = (
+                b"".join(r.raw_output_contents[i] for r in replies)
+                if len(replies) > 1
+                else first.raw_output_contents[i]
+            )
+            joined.append(tasks_pb2.Tensor(name=out.name, datatype=out.datatype, shape=shape, raw=raw))
+        return joined
+
+    async def model_ready(self, entry: ModelEntry) -> bool:
+        return await self.inference.model_ready(entry.inference.name)
+
+    async def readiness(self) -> Readiness:
+        """Every downstream hop ready (cached briefly: balancers poll this often)."""
+        now = time.monotonic()
+        if self._readiness and now - self._readiness[0] < self._readiness_cache_s:
+            return self._readiness[1]
+        pre, post, infer = await asyncio.gather(
+            self.preprocess.serving(), self.postprocess.serving(), self.inference.server_ready()
+        )
+        checks = {"preprocess": pre, "inference": infer, "postprocess": post}
+        result = Readiness(all(checks.values()), checks)
+        self._readiness = (now, result)
+        return result
+
+    async def close(self) -> None:
+        await asyncio.gather(self.preprocess.close(), self.inference.close(), self.postprocess.close())

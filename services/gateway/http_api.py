@@ -1,0 +1,403 @@
+"""REST routes: the HF task API, the OpenAI API and operations endpoints, over `Pipeline`.
+
+Model ids contain '/', so model routes take the rest of the path and parse known suffixes from
+the right ('%2F' arrives decoded). Errors are rendered in the caller's dialect: `/v1/*` routes
+answer OpenAI's `{"error": {message, type, code, param}}`, HF routes `{"error", "error_type"}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from meshserve.tasks.v1 import tasks_pb2
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common import deadlines
+from services.common.catalog import ModelEntry
+from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.metrics import LATENCY_BUCKETS
+from services.gateway.core import Pipeline, Prediction
+from services.gateway.schemas import (
+    EmbeddingsRequest,
+    FeatureExtractionParameters,
+    HFTaskRequest,
+    SentenceSimilarityInputs,
+    SentenceSimilarityParameters,
+    parse,
+)
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+HTTP_REQUESTS = Counter(
+    "meshserve_gateway_requests_total", "HTTP requests by route, model and status.", ["route", "model", "status"]
+)
+HTTP_SECONDS = Histogram(
+    "meshserve_gateway_request_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS
+)
+JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def json_response(content, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(content, option=JSON_OPTS), status, headers, media_type="application/json")
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_response(err: MeshError, path: str) -> Response:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+    if is_openai_path(path):
+        body = {
+            "error": {"message": err.message, "type": err.code.openai_type, "code": err.code.slug, "param": err.param}
+        }
+    else:
+        body = {"error": err.message, "error_type": err.code.hf_type}
+    return json_response(body, err.code.http_status, headers)
+
+
+async def read_json(request: Request, limit: int):
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise MeshError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body of {length} bytes exceeds the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise MeshError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+    if not body:
+        raise invalid("request body is empty: send a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+
+
+def _texts(value, field: str) -> tuple[list[str], bool]:
+    """(texts, single) from a str or a list of str."""
+    if isinstance(value, str):
+        return [value], True
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value, False
+    if isinstance(value, list) and not value:
+        raise invalid(f"`{field}` must not be empty", param=field)
+    raise invalid(f"`{field}` must be a string or a list of strings", param=field)
+
+
+def _embeddings(prediction: Prediction) -> tuple[np.ndarray, tasks_pb2.Tensor]:
+    tensor = prediction.result.embeddings
+    return np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape)), tensor
+
+
+def _check_dimensions(entry: ModelEntry, dimensions: int | None) -> None:
+    dim = entry.inference.outputs[0].dims[-1]
+    if dimensions is not None and dimensions != dim:
+        raise invalid(f"`dimensions` must be {dim} for {entry.id} (it does not support shortening)", param="dimensions")
+
+
+def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> dict:
+    card = {
+        "id": entry.id,
+        "object": "model",
+        "created": created,
+        "owned_by": entry.owned_by,
+        "tasks": list(entry.tasks),
+    }
+    if ready is not None:
+        card["status"] = "ready" if ready else "unavailable"
+    return card
+
+
+def _route_label(path: str) -> str:
+    for prefix in (
+        "/v1/embeddings",
+        "/v1/models",
+        "/models",
+        "/metrics",
+        "/readyz",
+        "/health",
+        "/docs",
+        "/openapi.json",
+    ):
+        if path.startswith(prefix):
+            return prefix
+    return "other"
+
+
+class RequestContextMiddleware:
+    """Pure ASGI: X-Request-Id on every response, per-request deadline, metrics."""
+
+    def __init__(self, app, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value[:128]
+                break
+        request_id = request_id or uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
+        started = time.perf_counter()
+        status, started = 500, False
+
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        token = deadlines.set_absolute(time.monotonic() + self.timeout_s)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Starlette re-raises after its Exception handler has logged the error and answered a
+            # generic 500 in the caller's dialect; only answer if nothing was sent yet.
+            if not started:
+                log.exception("unhandled error before the response started")
+                response = error_response(MeshError(ErrorCode.INTERNAL, "internal error"), scope["path"])
+                await response(scope, receive, send_with_id)
+        finally:
+            deadlines.reset(token)
+            route = _route_label(scope["path"])
+            HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+            HTTP_REQUESTS.labels(route, scope.get("state", {}).get("model", ""), str(status)).inc()
+
+
+def create_app(settings: GatewaySettings, pipeline: Pipeline, *, is_draining=lambda: False) -> FastAPI:
+    app = FastAPI(
+        title="meshserve",
+        version="0.1.0",
+        description="Self-hosted inference API: Hugging Face task API and OpenAI-compatible routes.",
+    )
+    catalog = pipeline.catalog
+    created = int(settings.catalog.stat().st_mtime)
+    limit = settings.max_body_bytes
+
+    @app.exception_handler(MeshError)
+    async def _mesh_error(request: Request, err: MeshError):
+        if err.code.server_fault:
+            log.warning("request failed", extra={"fields": {"code": err.code.slug, "error": err.message}})
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.INVALID_INPUT}.get(exc.status_code, ErrorCode.INVALID_INPUT)
+        message = "route not found" if exc.status_code == 404 else str(exc.detail)
+        response = error_response(MeshError(code, f"{message}: {request.method} {request.url.path}"), request.url.path)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unhandled error", exc_info=exc)
+        return error_response(MeshError(ErrorCode.INTERNAL, "internal error"), request.url.path)
+
+    # -- operations ---------------------------------------------------------------------------
+    @app.get("/health", tags=["operations"], summary="Liveness")
+    @app.get("/healthz", tags=["operations"], summary="Liveness", include_in_schema=False)
+    async def health():
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz", tags=["operations"], summary="Readiness of every downstream hop")
+    async def readyz():
+        if is_draining():
+            return json_response({"status": "draining"}, 503, {"Retry-After": "1"})
+        readiness = await pipeline.readiness()
+        status = 200 if readiness.ready else 503
+        headers = None if readiness.ready else {"Retry-After": "1"}
+        return json_response(
+            {"status": "ready" if readiness.ready else "unavailable", "checks": readiness.checks}, status, headers
+        )
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- OpenAI --------------------------------------------------------------------------------
+    @app.get("/v1/models", tags=["openai"], summary="List models")
+    async def list_models():
+        return json_response({"object": "list", "data": [model_card(e, created) for e in catalog.models]})
+
+    @app.get("/v1/models/{model_path:path}", tags=["openai"], summary="Describe one model ('/' or %2F in the id)")
+    async def get_model(model_path: str):
+        entry = catalog.get(model_path)
+        card = model_card(entry, created, await pipeline.model_ready(entry))
+        card["meshserve"] = {
+            "default_task": entry.default_task,
+            "inference_name": entry.inference.name,
+            "max_input_tokens": entry.preprocess.max_length,
+            "max_items": entry.preprocess.max_items,
+            "inputs": [t.model_dump() for t in entry.inference.inputs],
+            "outputs": [t.model_dump() for t in entry.inference.outputs],
+        }
+        return json_response(card)
+
+    @app.post(
+        "/v1/embeddings",
+        tags=["openai"],
+        summary="Create embeddings (OpenAI)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EmbeddingsRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def embeddings(request: Request):
+        body = parse(EmbeddingsRequest, await read_json(request, limit))
+        entry = catalog.get(body.model)
+        request.state.model = entry.id
+        if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
+            raise invalid("token-id arrays are not supported as `input`; send text", param="input")
+        texts, _ = _texts(body.input, "input")
+        _check_dimensions(entry, body.dimensions)
+        prediction = await pipeline.predict(
+            entry.id,
+            "feature-extraction",
+            tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)),
+            tasks_pb2.TaskParameters(truncate=False),  # OpenAI refuses over-long input rather than cutting it
+        )
+        vectors, tensor = _embeddings(prediction)
+        if body.encoding_format == "base64":
+            row = len(tensor.raw) // max(1, vectors.shape[0])
+            raw = tensor.raw
+            values = [base64.b64encode(raw[i * row : (i + 1) * row]).decode() for i in range(vectors.shape[0])]
+        else:
+            values = list(vectors)
+        tokens = prediction.usage.input_tokens
+        return json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
+                "model": entry.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    # -- HF task API ---------------------------------------------------------------------------
+    async def run_hf_task(request: Request, model_id: str, task: str | None):
+        entry, task = pipeline.resolve(model_id, task)
+        request.state.model = entry.id
+        body = await read_json(request, limit)
+        if not isinstance(body, dict):
+            raise invalid("request body must be a JSON object with `inputs`")
+        if "inputs" not in body:
+            raise invalid("`inputs` is required", param="inputs")
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise invalid("`parameters` must be an object", param="parameters")
+        if body.get("options") is not None and not isinstance(body["options"], dict):
+            raise invalid("`options` must be an object", param="options")
+        extra = {k: v for k, v in body.items() if k not in ("inputs", "parameters", "options")}
+        if task == "feature-extraction":
+            # The HF client sends feature-extraction parameters at the body's root.
+            p = parse(FeatureExtractionParameters, {**extra, **params}, where="parameters")
+            _check_dimensions(entry, p.dimensions)
+            texts, single = _texts(body["inputs"], "inputs")
+            prediction = await pipeline.predict(
+                entry.id,
+                task,
+                tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)),
+                tasks_pb2.TaskParameters(normalize=p.normalize, truncate=p.truncate),
+            )
+            vectors, _ = _embeddings(prediction)
+            return json_response(vectors[0] if single else vectors)
+        if extra:
+            raise invalid(f"unknown field(s) {sorted(extra)}: put task parameters under `parameters`")
+        if task == "sentence-similarity":
+            p = parse(SentenceSimilarityParameters, params, where="parameters")
+            inputs = body["inputs"]
+            if not isinstance(inputs, dict):
+                raise invalid("`inputs` must be an object {source_sentence, sentences}", param="inputs")
+            sim = parse(SentenceSimilarityInputs, inputs, where="inputs")
+            prediction = await pipeline.predict(
+                entry.id,
+                task,
+                tasks_pb2.TaskInputs(
+                    sentence_similarity=tasks_pb2.SentenceSimilarityInputs(
+                        source_sentence=sim.source_sentence, sentences=sim.sentences
+                    )
+                ),
+                tasks_pb2.TaskParameters(truncate=p.truncate),
+            )
+            return json_response(list(prediction.result.similarities.scores))
+        raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"task {task!r} is not served over REST yet", param="task")
+
+    hf_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": HFTaskRequest.model_json_schema()}},
+        }
+    }
+
+    @app.post(
+        "/models/{model_path:path}",
+        tags=["huggingface"],
+        summary="Run a model's task (HF Inference API)",
+        openapi_extra=hf_body,
+    )
+    async def hf_model(request: Request, model_path: str):
+        if model_path.endswith("/v1/chat/completions"):
+            model_id = model_path.removesuffix("/v1/chat/completions")
+            entry = catalog.get(model_id)
+            raise MeshError(
+                ErrorCode.UNSUPPORTED_TASK, f"Model {entry.id!r} does not serve chat completions", param="model"
+            )
+        if "/pipeline/" in model_path:
+            model_id, task = model_path.rsplit("/pipeline/", 1)
+            return await run_hf_task(request, model_id, task)
+        return await run_hf_task(request, model_path, None)
+
+    @app.get("/models/{model_path:path}", tags=["huggingface"], summary="Model health (…/health) or info (…/info)")
+    async def hf_model_get(model_path: str):
+        if model_path.endswith("/health"):
+            entry = catalog.get(model_path.removesuffix("/health"))
+            if await pipeline.model_ready(entry):
+                return json_response({"status": "ok"})
+            raise MeshError(ErrorCode.MODEL_LOADING, f"Model {entry.id} is not ready")
+        if model_path.endswith("/info"):
+            entry = catalog.get(model_path.removesuffix("/info"))
+            return json_response({**model_card(entry, created), "max_input_tokens": entry.preprocess.max_length})
+        raise StarletteHTTPException(404)
+
+    @app.post(
+        "/v1/models/{model_path:path}",
+        tags=["huggingface"],
+        summary="…/predict: run the model's task",
+        openapi_extra=hf_body,
+    )
+    async def v1_predict(request: Request, model_path: str):
+        if not model_path.endswith("/predict"):
+            raise StarletteHTTPException(404)
+        return await run_hf_task(request, model_path.removesuffix("/predict"), None)
+
+    @app.post("/", include_in_schema=False)
+    @app.post("/v1", include_in_schema=False)
+    async def no_model(request: Request):
+        raise invalid(
+            "no model in the URL: point the client at http://<host>:<port>/models/<model id> "
+            "(e.g. InferenceClient(model='http://127.0.0.1:8080/models/sentence-transformers/all-MiniLM-L6-v2'))"
+        )
+
+    return app
+
+
+def wrap(app: FastAPI, settings: GatewaySettings):
+    """The ASGI app that is served: the request-context middleware around FastAPI."""
+    return RequestContextMiddleware(app, settings.request_timeout_s)

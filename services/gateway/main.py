@@ -1,0 +1,113 @@
+"""Entry point: `meshserve serve gateway` / `python -m services.gateway.main`.
+
+One process, one event loop: uvicorn serves REST on http_port and grpc.aio serves the typed API on
+grpc_port. SIGTERM: readiness goes red, both servers stop accepting, in-flight requests finish
+(up to shutdown_grace_s), then the upstream channels close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvicorn
+from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common import grpc_server, tracing
+from services.common.catalog import Catalog
+from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
+from services.common.logs import setup_logging
+from services.gateway.core import Pipeline
+from services.gateway.grpc_api import GatewayServicer
+from services.gateway.http_api import create_app, wrap
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+def build_pipeline(settings: GatewaySettings) -> Pipeline:
+    return Pipeline(
+        Catalog.load(settings.catalog),
+        PreprocessClient(settings.upstream(settings.preprocess_address)),
+        InferenceClient(settings.upstream(settings.inference_address)),
+        PostprocessClient(settings.upstream(settings.postprocess_address)),
+        readiness_cache_s=settings.readiness_cache_s,
+    )
+
+
+class Gateway:
+    """The running gateway: HTTP + gRPC servers sharing one pipeline."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.pipeline = build_pipeline(settings)
+        self.draining = False
+        app = create_app(settings, self.pipeline, is_draining=lambda: self.draining)
+        provider = tracing.setup_tracing("gateway")
+        if provider is not None:
+            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+            FastAPIInstrumentor.instrument_app(
+                app, tracer_provider=provider, excluded_urls="health,healthz,readyz,metrics"
+            )
+        self.app = wrap(app, settings)
+        config = uvicorn.Config(
+            self.app,
+            host=settings.host,
+            port=settings.http_port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+            timeout_keep_alive=30,
+        )
+        self.http = uvicorn.Server(config)
+        self.grpc: grpc_server.RunningServer | None = None
+
+    async def start_grpc(self) -> int:
+        binding = grpc_server.Binding(
+            gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(self.pipeline), SERVICE_NAME
+        )
+        grpc_settings = grpc_server.GrpcServiceSettings(
+            host=self.settings.host, grpc_port=self.settings.grpc_port, metrics_port=-1
+        )
+        self.grpc = await grpc_server.create_server(grpc_settings, "gateway", [binding])
+        return self.grpc.port
+
+    async def run(self) -> None:
+        # uvicorn swaps in its own SIGTERM/SIGINT handlers while serving and re-raises the signal
+        # afterwards; with this handler in place that re-raise cannot kill the process before the
+        # gRPC server has drained and the upstream channels are closed.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self.http, "should_exit", True))
+        await self.start_grpc()
+        http = asyncio.create_task(self.http.serve())
+        while not self.http.should_exit and not http.done():  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+            await asyncio.sleep(0.1)
+        self.draining = True
+        log.info("shutting down: draining in-flight requests")
+        stop_grpc = asyncio.create_task(self.grpc.stop(self.settings.shutdown_grace_s))
+        await asyncio.gather(http, stop_grpc, return_exceptions=True)
+        await self.pipeline.close()
+        tracing.shutdown_tracing()
+        log.info("stopped")
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    setup_logging("gateway", settings.log_level)
+    import uvloop
+
+    async def run() -> None:
+        # Built inside the loop: grpc.aio channels bind to the loop that exists when they are made.
+        await Gateway(settings).run()
+
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Settings of the gateway (env prefix MESHSERVE_GATEWAY_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings, UpstreamSettings
+
+
+class GatewaySettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_GATEWAY_", extra="ignore")
+
+    http_port: int = Field(8080, description="REST port (HF + OpenAI routes, /metrics, /docs).")
+    grpc_port: int = Field(8081, description="Typed gRPC API port (meshserve.gateway.v1.GatewayService).")
+    preprocess_address: str = Field("127.0.0.1:50051", description="host:port of the preprocess service.")
+    inference_address: str = Field("127.0.0.1:8001", description="host:port of the KServe v2 inference service.")
+    postprocess_address: str = Field("127.0.0.1:50052", description="host:port of the postprocess service.")
+    request_timeout_s: float = Field(60.0, description="Deadline of one request across every hop.")
+    upstream_attempts: int = Field(3, description="Attempts per upstream call that fails UNAVAILABLE.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest request body accepted (413 above).")
+    readiness_cache_s: float = Field(1.0, description="How long a /readyz result is reused.")
+    shutdown_grace_s: float = Field(20.0, description="How long in-flight requests may finish after SIGTERM.")
+
+    def upstream(self, address: str) -> UpstreamSettings:
+        return UpstreamSettings(address=address, timeout_s=self.request_timeout_s, max_attempts=self.upstream_attempts)

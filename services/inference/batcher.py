@@ -1,0 +1,211 @@
+"""Dynamic batching: requests for one model wait in a queue and run together, Triton-style.
+
+Scheduling: a batch is formed when a model instance is free. It takes queued requests in arrival
+order until `max_batch_size` rows; if it is still below the preferred size it waits up to
+`max_queue_delay_us` for more. While every instance is busy the queue grows, so batches form by
+themselves under load and batch 1 runs with no added delay when the server is idle.
+
+Each request gets its own result or error. Variable-length inputs are padded across requests to
+the longest one. Cancelled requests are dropped before execution. A full queue refuses new work
+with OVERLOADED (gRPC UNAVAILABLE) so callers and balancers retry elsewhere. Torch runs in a
+thread pool with one thread per instance; the event loop only moves futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.common.catalog import InferenceSpec
+from services.common.errors import ErrorCode, MeshError
+from services.inference.runtime import Runtime
+from services.inference.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    """Nanosecond timestamps (time.monotonic_ns) of one request's path through the batcher."""
+
+    enqueued_ns: int
+    started_ns: int = 0
+    infer_started_ns: int = 0
+    infer_ended_ns: int = 0
+    ended_ns: int = 0
+    batch_size: int = 0
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future
+    timing: Timing = field(default_factory=lambda: Timing(time.monotonic_ns()))
+
+
+def pad_and_stack(arrays: list[np.ndarray], pad_value: int | float) -> np.ndarray:
+    """Concatenate along the batch axis, padding every other axis to the largest size."""
+    if len(arrays) == 1:
+        return arrays[0]
+    target = tuple(max(a.shape[d] for a in arrays) for d in range(1, arrays[0].ndim))
+    if all(a.shape[1:] == target for a in arrays):
+        return np.concatenate(arrays, axis=0)
+    out = np.full((sum(a.shape[0] for a in arrays), *target), pad_value, dtype=arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
+        row += a.shape[0]
+    return out
+
+
+class DynamicBatcher:
+    """Queue + scheduler for one loaded model."""
+
+    def __init__(self, name: str, runtime: Runtime, spec: InferenceSpec, stats: ModelStats) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.spec = spec
+        self.stats = stats
+        self._pending: deque[_Pending] = deque()
+        self._pending_rows = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(spec.instances)
+        self._executor = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"infer-{name}")
+        self._target = max(spec.preferred_batch_sizes or (spec.max_batch_size,))
+        self._delay_s = spec.max_queue_delay_us / 1e6
+        self._running: set[asyncio.Task] = set()
+        self._loop_task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{name}")
+
+    @property
+    def queued_rows(self) -> int:
+        return self._pending_rows
+
+    def submit(self, inputs: dict[str, np.ndarray], rows: int) -> asyncio.Future:
+        """Queue one request; its future resolves to (outputs, Timing). Never blocks."""
+        if self._loop_task.done():
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"model '{self.name}' is shutting down")
+        if self._pending_rows + rows > self.spec.max_queue_size:
+            self.stats.rejected += 1
+            raise MeshError(
+                ErrorCode.OVERLOADED,
+                f"queue of model '{self.name}' is full ({self._pending_rows} rows waiting, "
+                f"limit {self.spec.max_queue_size}); retry later",
+            )
+        item = _Pending(inputs, rows, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self._pending_rows += rows
+        self._wakeup.set()
+        return item.future
+
+    async def _wait_for_work(self, timeout_s: float | None) -> bool:
+        self._wakeup.clear()
+        if self._pending:
+            return True
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _take(self, batch: list[_Pending], rows: int) -> int:
+        """Move queued requests into the batch while they fit; drop cancelled ones."""
+        while self._pending:
+            head = self._pending[0]
+            if head.future.done():  # cancelled by its caller while queued
+                self._pending.popleft()
+                self._pending_rows -= head.rows
+                continue
+            if rows + head.rows > self.spec.max_batch_size and batch:
+                break
+            self._pending.popleft()
+            self._pending_rows -= head.rows
+            batch.append(head)
+            rows += head.rows
+        return rows
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            while not self._pending:
+                await self._wait_for_work(None)
+            batch: list[_Pending] = []
+            rows = self._take(batch, 0)
+            if self._delay_s and rows < self._target:
+                until = loop.time() + self._delay_s
+                while rows < self._target and (left := until - loop.time()) > 0:
+                    if await self._wait_for_work(left):
+                        rows = self._take(batch, rows)
+            batch = [item for item in batch if not item.future.done()]
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.monotonic_ns()
+        try:
+            outputs, infer_started, infer_ended = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, [item.inputs for item in batch]
+            )
+        except Exception:
+            log.exception("batch execution failed", extra={"fields": {"model": self.name, "size": len(batch)}})
+            self.stats.record_failure(len(batch), started)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(
+                        MeshError(ErrorCode.INTERNAL, f"model '{self.name}' failed to execute the batch")
+                    )
+            return
+        finally:
+            self._slots.release()
+        ended = time.monotonic_ns()
+        rows = sum(item.rows for item in batch)
+        self.stats.record_batch(
+            rows,
+            queue_ns=sum(started - item.timing.enqueued_ns for item in batch),
+            input_ns=infer_started - started,
+            infer_ns=infer_ended - infer_started,
+            output_ns=ended - infer_ended,
+            requests=len(batch),
+        )
+        offset = 0
+        for item in batch:
+            sliced = {name: array[offset : offset + item.rows] for name, array in outputs.items()}
+            offset += item.rows
+            t = item.timing
+            t.started_ns, t.infer_started_ns, t.infer_ended_ns, t.ended_ns = started, infer_started, infer_ended, ended
+            t.batch_size = rows
+            if not item.future.done():
+                item.future.set_result((sliced, t))
+
+    def _run_batch(self, inputs: list[dict[str, np.ndarray]]):
+        """Worker thread: pad and stack the batch, run the model."""
+        stacked = {
+            name: pad_and_stack([req[name] for req in inputs], self.runtime.pad_values.get(name, 0))
+            for name in inputs[0]
+        }
+        infer_started = time.monotonic_ns()
+        outputs = self.runtime.execute(stacked)
+        return outputs, infer_started, time.monotonic_ns()
+
+    async def close(self) -> None:
+        """Stop scheduling, fail what is queued, let running batches finish."""
+        self._loop_task.cancel()
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"model '{self.name}' unloaded"))
+        self._pending_rows = 0
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,179 @@
+"""The inference core: validates a request against the model contract the way Triton does, queues
+it on the model's batcher and records spans and metrics. Knows nothing of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from opentelemetry import trace
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.errors import MeshError, invalid
+from services.common.metrics import LATENCY_BUCKETS
+from services.common.tensors import NP_DTYPES
+from services.inference.batcher import Timing
+from services.inference.repository import ModelRepository
+
+QUEUE_SECONDS = Histogram(
+    "meshserve_inference_queue_seconds",
+    "Time a request waited in the batch queue.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+EXECUTE_SECONDS = Histogram(
+    "meshserve_inference_batch_execute_seconds",
+    "Time to execute one batch (pad + forward).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_ROWS = Histogram(
+    "meshserve_inference_batch_size",
+    "Rows per executed batch.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128),
+)
+REQUESTS = Counter("meshserve_inference_requests_total", "Inference requests by outcome.", ["model", "outcome"])
+QUEUED = Gauge("meshserve_inference_queued_rows", "Rows waiting in the batch queue.", ["model"])
+
+
+@dataclass(frozen=True)
+class InferInput:
+    """One input tensor as received: raw little-endian bytes plus its declared type and shape."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    outputs: list[InferOutput]
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+class InferenceCore:
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self._tracer = trace.get_tracer("meshserve.inference")
+
+    def _decode(self, model: str, spec, inputs: list[InferInput]) -> tuple[dict[str, np.ndarray], int]:
+        """Check inputs against the contract; decode them; return (arrays, batch rows)."""
+        expected = {t.name: t for t in spec.inputs}
+        given = [i.name for i in inputs]
+        for name in given:
+            if name not in expected:
+                raise invalid(f"unexpected inference input '{name}' for model '{model}'")
+        if len(set(given)) != len(given):
+            raise invalid(f"duplicate inference inputs for model '{model}'")
+        missing = [name for name in expected if name not in given]
+        if missing:
+            raise invalid(
+                f"expected {len(expected)} inputs but got {len(given)} inputs for model '{model}'. "
+                f"Got input(s) {given}, but missing required input(s) {missing}. "
+                "Please provide all required input(s)."
+            )
+        arrays: dict[str, np.ndarray] = {}
+        rows = None
+        for item in inputs:
+            tensor = expected[item.name]
+            if item.datatype != tensor.datatype:
+                raise invalid(
+                    f"inference input '{item.name}' data-type is '{item.datatype}', but model '{model}' "
+                    f"expects '{tensor.datatype}'"
+                )
+            dims = tensor.dims
+            ok = len(item.shape) == len(dims) + 1 and all(
+                want == -1 or want == got for want, got in zip(dims, item.shape[1:], strict=False)
+            )
+            if not ok or any(d < 0 for d in item.shape):
+                raise invalid(
+                    f"unexpected shape for input '{item.name}' for model '{model}'. "
+                    f"Expected {_fmt((-1, *dims))}, got {_fmt(item.shape)}"
+                )
+            dtype = NP_DTYPES[tensor.datatype]
+            want_bytes = int(np.prod(item.shape, dtype=np.int64)) * dtype.itemsize
+            if len(item.raw) != want_bytes:
+                raise invalid(
+                    f"input byte size mismatch for input '{item.name}' for model '{model}'. "
+                    f"Expected {want_bytes}, got {len(item.raw)}"
+                )
+            if rows is None:
+                rows = item.shape[0]
+            elif item.shape[0] != rows:
+                raise invalid(f"inputs of model '{model}' disagree on the batch size")
+            arrays[item.name] = np.frombuffer(item.raw, dtype=dtype).reshape(item.shape)
+        if len({a.shape for name, a in arrays.items() if -1 in expected[name].dims}) > 1:
+            raise invalid(f"variable-length inputs of model '{model}' must share one shape")
+        if not rows:
+            raise invalid(f"inference request for model '{model}' has an empty batch")
+        if rows > spec.max_batch_size:
+            raise invalid(f"inference request batch-size must be <= {spec.max_batch_size} for '{model}'")
+        return arrays, rows
+
+    async def infer(
+        self, model: str, version: str, inputs: list[InferInput], requested: list[str] | None = None
+    ) -> InferResult:
+        received = time.monotonic_ns()
+        slot = self.repository.ready(model, version)
+        spec = slot.entry.inference
+        arrays, rows = self._decode(model, spec, inputs)
+        if requested:
+            known = {t.name for t in spec.outputs}
+            for name in requested:
+                if name not in known:
+                    raise invalid(f"unexpected inference output '{name}' for model '{model}'")
+        future = slot.batcher.submit(arrays, rows)
+        QUEUED.labels(model).set(slot.batcher.queued_rows)
+        try:
+            outputs, timing = await future
+        except asyncio.CancelledError:
+            REQUESTS.labels(model, "cancelled").inc()
+            raise
+        except MeshError:
+            slot.stats.record_request(False, time.monotonic_ns() - received)
+            REQUESTS.labels(model, "error").inc()
+            raise
+        slot.stats.record_request(True, time.monotonic_ns() - received)
+        REQUESTS.labels(model, "ok").inc()
+        self._observe(model, timing)
+        by_name = {t.name: t for t in spec.outputs}
+        names = requested or [t.name for t in spec.outputs]
+        return InferResult(
+            model,
+            slot.version,
+            [InferOutput(n, by_name[n].datatype, tuple(outputs[n].shape), outputs[n]) for n in names],
+        )
+
+    def _observe(self, model: str, t: Timing) -> None:
+        QUEUE_SECONDS.labels(model).observe((t.started_ns - t.enqueued_ns) / 1e9)
+        EXECUTE_SECONDS.labels(model).observe((t.ended_ns - t.started_ns) / 1e9)
+        BATCH_ROWS.labels(model).observe(t.batch_size)
+        if not trace.get_current_span().is_recording():
+            return
+        # Spans are recorded after the fact with the batcher's timestamps (monotonic -> wall clock).
+        offset = time.time_ns() - time.monotonic_ns()
+        wait = self._tracer.start_span("queue_wait", start_time=t.enqueued_ns + offset, attributes={"model": model})
+        wait.end(end_time=t.started_ns + offset)
+        run = self._tracer.start_span(
+            "batch_execute",
+            start_time=t.started_ns + offset,
+            attributes={"model": model, "batch_size": t.batch_size},
+        )
+        run.end(end_time=t.ended_ns + offset)

@@ -1,0 +1,55 @@
+"""Entry point: `meshserve serve inference` / `python -m services.inference.main`."""
+
+from __future__ import annotations
+
+import logging
+
+from tritonclient.grpc import service_pb2_grpc
+
+from services.common import grpc_server, tracing
+from services.common.catalog import Catalog
+from services.common.logs import setup_logging
+from services.common.metrics import start_metrics_server
+from services.inference.core import InferenceCore
+from services.inference.repository import ModelRepository
+from services.inference.servicer import InferenceServicer
+from services.inference.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+async def create(settings: InferenceSettings) -> tuple[grpc_server.RunningServer, ModelRepository]:
+    """Start the server (NOT_SERVING), then load models; SERVING once they are READY."""
+    repository = ModelRepository(Catalog.load(settings.catalog), settings.models_dir)
+    servicer = InferenceServicer(InferenceCore(repository), repository, strict_readiness=settings.strict_readiness)
+    binding = grpc_server.Binding(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
+    running = await grpc_server.create_server(settings, "inference", [binding], serving=False)
+    running.on_stop.append(repository.close)
+    names = settings.models or list(repository.slots)
+    for name in names:
+        try:
+            await repository.load(name)
+        except Exception as exc:  # a model that fails to load stays UNAVAILABLE; the server still runs
+            log.error("load failed", extra={"fields": {"model": name, "error": str(exc)}})
+    await running.set_serving(all(repository.slot(n).state.value == "READY" for n in names))
+    return running, repository
+
+
+async def amain(settings: InferenceSettings) -> None:
+    tracing.setup_tracing("inference")
+    start_metrics_server(settings.host, settings.metrics_port)
+    running, _ = await create(settings)
+    await grpc_server.serve_until_signal(running, settings)
+
+
+def main() -> None:
+    settings = InferenceSettings()
+    setup_logging("inference", settings.log_level)
+    import uvloop
+
+    uvloop.run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()

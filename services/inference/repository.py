@@ -1,0 +1,120 @@
+"""The embedded model repository: loads catalog models into runtimes + batchers, tracks their
+state (LOADING / READY / UNAVAILABLE / UNLOADING) the way Triton's repository index reports it."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.catalog import Catalog, ModelEntry
+from services.common.errors import ErrorCode, MeshError
+from services.common.modelstore import is_built, model_dir
+from services.inference.batcher import DynamicBatcher
+from services.inference.runtime import load_runtime, set_torch_threads
+from services.inference.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass
+class ModelSlot:
+    """One repository model and, when READY, its batcher."""
+
+    entry: ModelEntry
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = "unloaded"
+    batcher: DynamicBatcher | None = None
+    stats: ModelStats = field(default_factory=ModelStats)
+    loaded_at: float = 0.0
+    version: str = "1"
+
+    @property
+    def name(self) -> str:
+        return self.entry.inference.name
+
+
+class ModelRepository:
+    def __init__(self, catalog: Catalog, models_dir: Path) -> None:
+        self.catalog = catalog
+        self.models_dir = models_dir
+        self.slots = {entry.inference.name: ModelSlot(entry) for entry in catalog.models}
+        self._locks = {name: asyncio.Lock() for name in self.slots}
+
+    def slot(self, name: str) -> ModelSlot:
+        try:
+            return self.slots[name]
+        except KeyError:
+            raise MeshError(ErrorCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found") from None
+
+    def ready(self, name: str, version: str = "") -> ModelSlot:
+        """The slot of a READY model; NOT_FOUND / UNAVAILABLE otherwise (Triton's wording)."""
+        slot = self.slot(name)
+        if version and version != slot.version:
+            raise MeshError(ErrorCode.NOT_FOUND, f"Request for unknown model: '{name}' version {version} is not found")
+        if slot.state is not ModelState.READY or slot.batcher is None:
+            code = ErrorCode.MODEL_LOADING if slot.state is ModelState.LOADING else ErrorCode.UPSTREAM_UNAVAILABLE
+            raise MeshError(code, f"Request for unknown model: '{name}' has no available versions ({slot.reason})")
+        return slot
+
+    async def load(self, name: str) -> ModelSlot:
+        slot = self.slot(name)
+        async with self._locks[name]:
+            if slot.state is ModelState.READY:
+                return slot
+            entry = slot.entry
+            if not is_built(entry, self.models_dir):
+                slot.state, slot.reason = ModelState.UNAVAILABLE, "not built: run `meshserve models build`"
+                raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"failed to load '{name}': {slot.reason}")
+            slot.state, slot.reason = ModelState.LOADING, "loading"
+            started = time.perf_counter()
+            try:
+                set_torch_threads(entry.inference.threads)
+                runtime = await asyncio.to_thread(
+                    load_runtime, entry.inference.runtime, model_dir(entry, self.models_dir)
+                )
+            except Exception as exc:
+                log.exception("model load failed", extra={"fields": {"model": name}})
+                slot.state, slot.reason = ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}"
+                raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"failed to load '{name}'") from exc
+            slot.batcher = DynamicBatcher(name, runtime, entry.inference, slot.stats)
+            slot.state, slot.reason, slot.loaded_at = ModelState.READY, "", time.time()
+            log.info(
+                "model ready", extra={"fields": {"model": name, "load_s": round(time.perf_counter() - started, 2)}}
+            )
+            return slot
+
+    async def unload(self, name: str) -> None:
+        slot = self.slot(name)
+        async with self._locks[name]:
+            if slot.batcher is None:
+                slot.state, slot.reason = ModelState.UNAVAILABLE, "unloaded"
+                return
+            slot.state, slot.reason = ModelState.UNLOADING, "unloading"
+            batcher, slot.batcher = slot.batcher, None
+            await batcher.close()
+            slot.state, slot.reason = ModelState.UNAVAILABLE, "unloaded"
+
+    async def load_all(self) -> None:
+        for name in self.slots:
+            try:
+                await self.load(name)
+            except MeshError as err:
+                log.error("model not loaded", extra={"fields": {"model": name, "reason": err.message}})
+
+    async def close(self) -> None:
+        for name in self.slots:
+            await self.unload(name)
+
+    def all_ready(self) -> bool:
+        return all(slot.state is ModelState.READY for slot in self.slots.values())

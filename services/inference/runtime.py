@@ -1,0 +1,81 @@
+"""Model runtimes: load a model folder, run one padded batch. No gRPC, no asyncio.
+
+A runtime's `execute()` takes a dict of named numpy input arrays whose first dimension is the batch
+and returns a dict of named output arrays with the same batch dimension. The same classes run in
+the embedded inference server and inside Triton's Python backend, so one model definition serves
+both backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_threads_lock = threading.Lock()
+
+
+def set_torch_threads(threads: int) -> None:
+    """Intra-op threads for this process (torch's setting is process-wide)."""
+    import torch
+
+    with _threads_lock:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+class Runtime:
+    """Interface of a runtime: inputs and outputs are named numpy arrays, batch first."""
+
+    # Value used to pad each variable-length input when requests are batched together.
+    pad_values: ClassVar[dict[str, int | float]] = {}
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class SentenceEmbeddingRuntime(Runtime):
+    """A BERT-style encoder followed by attention-masked mean pooling (sentence-transformers'
+    Pooling module). Pooling happens here, inside the batch, so only [batch, dim] FP32 leaves the
+    inference service instead of [batch, tokens, dim]; L2 normalization is left to postprocess,
+    where the caller's `normalize` parameter decides it.
+    """
+
+    pad_values: ClassVar[dict[str, int | float]] = {"input_ids": 0, "attention_mask": 0}
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModel
+
+        self._torch = torch
+        self.model = AutoModel.from_pretrained(str(model_dir)).eval()
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.from_numpy(np.ascontiguousarray(inputs["input_ids"], dtype=np.int64))
+            mask = torch.from_numpy(np.ascontiguousarray(inputs["attention_mask"], dtype=np.int64))
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            summed = (hidden * weights).sum(dim=1)
+            counts = weights.sum(dim=1).clamp(min=1e-9)
+            return {"embedding": (summed / counts).to(torch.float32).numpy()}
+
+
+RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
+    "sentence_embedding": SentenceEmbeddingRuntime,
+}
+
+
+def load_runtime(kind: str, model_dir: Path) -> Runtime:
+    try:
+        factory = RUNTIMES[kind]
+    except KeyError:
+        raise ValueError(f"unknown runtime {kind!r}; known: {', '.join(RUNTIMES)}") from None
+    return factory(model_dir)

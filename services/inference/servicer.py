@@ -1,0 +1,238 @@
+"""KServe v2 / Triton GRPCInferenceService over the embedded repository: pb <-> domain only."""
+
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from services.common.catalog import ModelEntry
+from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.tensors import NP_DTYPES, to_bytes
+from services.inference.core import InferenceCore, InferInput
+from services.inference.repository import ModelRepository, ModelState
+from services.inference.stats import Duration, ModelStats
+
+SERVER_NAME = "meshserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
+
+# Typed `contents` fields of InferTensorContents, for callers that do not send raw bytes.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def inputs_from_pb(request: service_pb2.ModelInferRequest) -> list[InferInput]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid(
+            f"expected {len(request.inputs)} raw_input_contents, got {len(raw)}: send raw contents for "
+            "every input or for none"
+        )
+    result = []
+    for i, tensor in enumerate(request.inputs):
+        if raw:
+            data = raw[i]
+        else:
+            field = _CONTENTS_FIELD.get(tensor.datatype)
+            if field is None or tensor.datatype not in NP_DTYPES:
+                raise invalid(f"input '{tensor.name}': datatype '{tensor.datatype}' needs raw_input_contents")
+            data = np.asarray(getattr(tensor.contents, field), dtype=NP_DTYPES[tensor.datatype]).tobytes()
+        result.append(InferInput(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+    return result
+
+
+def _tensor_metadata(name: str, datatype: str, dims, batched: bool) -> service_pb2.ModelMetadataResponse.TensorMetadata:
+    shape = [-1, *dims] if batched else list(dims)
+    return service_pb2.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
+
+
+def model_config_pb(entry: ModelEntry) -> model_config_pb2.ModelConfig:
+    spec = entry.inference
+    cfg = model_config_pb2.ModelConfig(
+        name=spec.name,
+        platform="meshserve_embedded",
+        backend="meshserve",
+        max_batch_size=spec.max_batch_size,
+        input=[
+            model_config_pb2.ModelInput(
+                name=t.name,
+                data_type=model_config_pb2.DataType.Value("TYPE_" + t.datatype.replace("BYTES", "STRING")),
+                dims=list(t.dims),
+            )
+            for t in spec.inputs
+        ],
+        output=[
+            model_config_pb2.ModelOutput(
+                name=t.name,
+                data_type=model_config_pb2.DataType.Value("TYPE_" + t.datatype.replace("BYTES", "STRING")),
+                dims=list(t.dims),
+            )
+            for t in spec.outputs
+        ],
+        dynamic_batching=model_config_pb2.ModelDynamicBatching(
+            preferred_batch_size=list(spec.preferred_batch_sizes),
+            max_queue_delay_microseconds=spec.max_queue_delay_us,
+        ),
+        instance_group=[
+            model_config_pb2.ModelInstanceGroup(
+                name=spec.name, count=spec.instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU
+            )
+        ],
+    )
+    cfg.parameters["threads"].string_value = str(spec.threads)
+    cfg.parameters["runtime"].string_value = spec.runtime
+    return cfg
+
+
+def _duration(d: Duration) -> service_pb2.StatisticDuration:
+    return service_pb2.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics_pb(name: str, version: str, s: ModelStats) -> service_pb2.ModelStatistics:
+    return service_pb2.ModelStatistics(
+        name=name,
+        version=version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=service_pb2.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            service_pb2.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
+        ],
+    )
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceCore, repository: ModelRepository, *, strict_readiness: bool = True) -> None:
+        self.core = core
+        self.repository = repository
+        self.strict_readiness = strict_readiness
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        ready = self.repository.all_ready() if self.strict_readiness else True
+        return service_pb2.ServerReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context):
+        slot = self.repository.slot(request.name)
+        ready = slot.state is ModelState.READY and (not request.version or request.version == slot.version)
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request, context):
+        slot = self.repository.ready(request.name, request.version)
+        spec = slot.entry.inference
+        batched = spec.max_batch_size > 0
+        return service_pb2.ModelMetadataResponse(
+            name=spec.name,
+            versions=[slot.version],
+            platform="meshserve_embedded",
+            inputs=[_tensor_metadata(t.name, t.datatype, t.dims, batched) for t in spec.inputs],
+            outputs=[_tensor_metadata(t.name, t.datatype, t.dims, batched) for t in spec.outputs],
+        )
+
+    async def ModelConfig(self, request, context):
+        slot = self.repository.ready(request.name, request.version)
+        return service_pb2.ModelConfigResponse(config=model_config_pb(slot.entry))
+
+    async def ModelInfer(self, request, context):
+        result = await self.core.infer(
+            request.model_name,
+            request.model_version,
+            inputs_from_pb(request),
+            [o.name for o in request.outputs] or None,
+        )
+        response = service_pb2.ModelInferResponse(
+            model_name=result.model_name, model_version=result.model_version, id=request.id
+        )
+        for out in result.outputs:
+            response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+            response.raw_output_contents.append(to_bytes(out.array))
+        return response
+
+    async def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else list(self.repository.slots)
+        stats = []
+        for name in names:
+            slot = self.repository.slot(name)
+            if request.name and slot.state is not ModelState.READY:
+                self.repository.ready(name, request.version)
+            stats.append(statistics_pb(name, slot.version, slot.stats))
+        return service_pb2.ModelStatisticsResponse(model_stats=stats)
+
+    async def RepositoryIndex(self, request, context):
+        models = []
+        for name, slot in self.repository.slots.items():
+            if request.ready and slot.state is not ModelState.READY:
+                continue
+            models.append(
+                service_pb2.RepositoryIndexResponse.ModelIndex(
+                    name=name, version=slot.version, state=slot.state.value, reason=slot.reason
+                )
+            )
+        return service_pb2.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request, context):
+        await self.repository.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self.repository.unload(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+
+def _unimplemented(method: str):
+    async def handler(self, request_or_iterator, context):
+        raise MeshError(
+            ErrorCode.NOT_IMPLEMENTED,
+            f"{method} is not supported by the meshserve embedded inference server",
+        )
+
+    handler.__name__ = method
+    return handler
+
+
+async def _model_stream_infer(self, request_iterator, context):
+    raise MeshError(
+        ErrorCode.NOT_IMPLEMENTED, "ModelStreamInfer is not supported by the meshserve embedded inference server"
+    )
+    yield  # an async generator: the method is bidirectional streaming
+
+
+InferenceServicer.ModelStreamInfer = _model_stream_infer
+for _method in (
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+):
+    setattr(InferenceServicer, _method, _unimplemented(_method))

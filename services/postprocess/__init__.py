@@ -1,0 +1,1 @@
+"""Postprocess service: model output tensors -> typed task results."""

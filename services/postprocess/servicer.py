@@ -1,0 +1,30 @@
+"""gRPC PostprocessService over the transport-neutral Postprocessor."""
+
+from __future__ import annotations
+
+from meshserve.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
+from meshserve.tasks.v1 import tasks_pb2
+
+from services.common.errors import invalid
+from services.common.tasks import task_from_pb
+from services.common.tensors import from_pb, to_pb
+from services.postprocess.core import Postprocessor
+
+
+class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
+    def __init__(self, core: Postprocessor) -> None:
+        self.core = core
+
+    async def Postprocess(self, request: postprocess_pb2.PostprocessRequest, context):
+        task = task_from_pb(request.task)
+        outputs = {t.name: from_pb(t) for t in request.outputs}
+        if task == "feature-extraction":
+            normalize = request.parameters.normalize if request.parameters.HasField("normalize") else None
+            vectors = self.core.feature_extraction(request.model_id, outputs, normalize)
+            result = tasks_pb2.TaskResult(embeddings=to_pb("embeddings", vectors))
+        elif task == "sentence-similarity":
+            scores = self.core.sentence_similarity(request.model_id, outputs)
+            result = tasks_pb2.TaskResult(similarities=tasks_pb2.Similarities(scores=scores.tolist()))
+        else:
+            raise invalid(f"postprocess does not handle task {task!r}", param="task")
+        return postprocess_pb2.PostprocessResponse(result=result)

@@ -1,0 +1,1 @@
+"""Preprocess service: raw task inputs -> model input tensors (tokenization, limits, counts)."""

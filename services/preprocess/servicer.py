@@ -1,0 +1,47 @@
+"""gRPC PreprocessService over the transport-neutral Preprocessor."""
+
+from __future__ import annotations
+
+from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
+from meshserve.tasks.v1 import tasks_pb2
+
+from services.common.errors import invalid
+from services.common.tasks import task_from_pb
+from services.common.tensors import to_pb
+from services.preprocess.core import Preprocessor
+
+
+def texts_of(task: str, inputs: tasks_pb2.TaskInputs) -> tuple[list[str], str]:
+    """The texts to encode for a task, and the request field they came from (for errors)."""
+    kind = inputs.WhichOneof("kind")
+    if task == "feature-extraction":
+        if kind != "text":
+            raise invalid("feature-extraction takes text inputs", param="inputs")
+        return list(inputs.text.texts), "inputs"
+    if task == "sentence-similarity":
+        if kind != "sentence_similarity":
+            raise invalid("sentence-similarity takes {source_sentence, sentences}", param="inputs")
+        sim = inputs.sentence_similarity
+        if not sim.source_sentence.strip():
+            raise invalid("`inputs.source_sentence` is empty", param="inputs.source_sentence")
+        if not sim.sentences:
+            raise invalid("`inputs.sentences` must contain at least one sentence", param="inputs.sentences")
+        return [sim.source_sentence, *sim.sentences], "inputs.sentences"
+    raise invalid(f"preprocess does not handle task {task!r}", param="task")
+
+
+class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
+    def __init__(self, core: Preprocessor) -> None:
+        self.core = core
+
+    async def Preprocess(self, request: preprocess_pb2.PreprocessRequest, context) -> preprocess_pb2.PreprocessResponse:
+        task = task_from_pb(request.task)
+        if task is None:
+            raise invalid("task must be set", param="task")
+        texts, field = texts_of(task, request.inputs)
+        truncate = request.parameters.truncate if request.parameters.HasField("truncate") else True
+        encoded = await self.core.encode_texts(request.model_id, task, texts, truncate=truncate, field=field)
+        return preprocess_pb2.PreprocessResponse(
+            tensors=[to_pb(name, array) for name, array in encoded.tensors.items()],
+            usage=tasks_pb2.Usage(input_tokens=encoded.input_tokens, items=encoded.items),
+        )
