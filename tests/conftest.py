@@ -1,0 +1,47 @@
+"""Shared fixtures. Servers bind 127.0.0.1 on free ports; every process started is stopped by PID.
+
+HF_HUB_OFFLINE stays unset in the test process: huggingface_hub refuses every request when it is
+set, loopback included (the services set it for themselves).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from services.common.catalog import Catalog
+from services.common.modelstore import build_all
+from services.common.settings import REPO_ROOT
+from tests.helpers import MODEL_ID, meshserve_home, start_mesh
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return Catalog.load(REPO_ROOT / "catalog.yaml")
+
+
+@pytest.fixture(scope="session")
+def models_dir(catalog):
+    """The built model store (cached: a no-op when `meshserve models build` already ran)."""
+    folder = meshserve_home() / "models"
+    build_all(catalog, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mesh(models_dir, tmp_path_factory):
+    """One `meshserve up` shared by the end-to-end tests of a worker."""
+    running = start_mesh(tmp_path_factory.mktemp("mesh"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_encoder(models_dir):
+    """sentence-transformers itself, for checking our vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(models_dir / MODEL_ID / "model"), device="cpu")

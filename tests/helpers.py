@@ -1,0 +1,123 @@
+"""Test helpers: free loopback ports and a real `meshserve up` process tree."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def meshserve_home() -> Path:
+    """Where models are built: MESHSERVE_HOME, or the repo's .meshserve (shared with make up)."""
+    return Path(os.environ.get("MESHSERVE_HOME", REPO / ".meshserve")).resolve()
+
+
+@dataclass
+class Mesh:
+    """A running `meshserve up` (supervisor + four services) on free loopback ports."""
+
+    process: subprocess.Popen
+    ports: dict[str, int]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    @property
+    def inference_target(self) -> str:
+        return f"127.0.0.1:{self.ports['inference']}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def child(self, service: str) -> psutil.Process:
+        """The live process of one service (module services.<service>.main)."""
+        for proc in psutil.Process(self.process.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if f"services.{service}.main" in " ".join(proc.cmdline()):
+                    return proc
+        raise LookupError(f"no running {service} process")
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"meshserve up exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.25)
+        raise TimeoutError(f"mesh not ready in {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout_s: float = 40.0) -> int:
+        """SIGTERM the supervisor (it stops its children in order); SIGKILL the tree on timeout."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                for proc in psutil.Process(self.process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Mesh:
+    ports = {name: free_port() for name in ("http", "grpc", "pre", "pre_m", "inference", "inf_m", "post", "post_m")}
+    env = {
+        **os.environ,
+        "MESHSERVE_HOME": str(meshserve_home()),
+        "MESHSERVE_GATEWAY_HTTP_PORT": str(ports["http"]),
+        "MESHSERVE_GATEWAY_GRPC_PORT": str(ports["grpc"]),
+        "MESHSERVE_PREPROCESS_GRPC_PORT": str(ports["pre"]),
+        "MESHSERVE_PREPROCESS_METRICS_PORT": str(ports["pre_m"]),
+        "MESHSERVE_INFERENCE_GRPC_PORT": str(ports["inference"]),
+        "MESHSERVE_INFERENCE_METRICS_PORT": str(ports["inf_m"]),
+        "MESHSERVE_POSTPROCESS_GRPC_PORT": str(ports["post"]),
+        "MESHSERVE_POSTPROCESS_METRICS_PORT": str(ports["post_m"]),
+        "HF_HUB_OFFLINE": "1",
+        **(extra_env or {}),
+    }
+    for key in ("MESHSERVE_GATEWAY_PREPROCESS_ADDRESS", "MESHSERVE_GATEWAY_INFERENCE_ADDRESS",
+                "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if key not in (extra_env or {}):
+            env.pop(key, None)
+    log_path = tmp_path / "mesh.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--no-build"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    mesh = Mesh(process, ports, log_path, env)
+    try:
+        mesh.wait_ready()
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh
