@@ -22,6 +22,7 @@ DOMAIN = "meshserve"
 
 @dataclass(frozen=True)
 class _Mapping:
+    slug: str  # also keeps every member's value unique: equal values would make enum aliases
     grpc_code: grpc.StatusCode
     http_status: int
     hf_type: str
@@ -30,22 +31,46 @@ class _Mapping:
 
 
 class ErrorCode(enum.Enum):
-    INVALID_INPUT = _Mapping(grpc.StatusCode.INVALID_ARGUMENT, 400, "validation", "invalid_request_error", False)
-    MODEL_NOT_FOUND = _Mapping(grpc.StatusCode.NOT_FOUND, 404, "not_found", "invalid_request_error", False)
-    NOT_FOUND = _Mapping(grpc.StatusCode.NOT_FOUND, 404, "not_found", "invalid_request_error", False)
-    UNSUPPORTED_TASK = _Mapping(grpc.StatusCode.INVALID_ARGUMENT, 400, "validation", "invalid_request_error", False)
-    PAYLOAD_TOO_LARGE = _Mapping(grpc.StatusCode.INVALID_ARGUMENT, 413, "validation", "invalid_request_error", False)
-    UNAUTHENTICATED = _Mapping(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication", "authentication_error", False)
-    PERMISSION_DENIED = _Mapping(grpc.StatusCode.PERMISSION_DENIED, 403, "permission", "permission_error", False)
-    RATE_LIMITED = _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded", "rate_limit_error", False)
-    QUOTA_EXCEEDED = _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded", "insufficient_quota", False)
-    MODEL_LOADING = _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "overloaded", "service_unavailable", True)
-    OVERLOADED = _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "overloaded", "service_unavailable", True)
-    UPSTREAM_UNAVAILABLE = _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "overloaded", "service_unavailable", True)
-    DEADLINE_EXCEEDED = _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "overloaded", "timeout", True)
-    CANCELLED = _Mapping(grpc.StatusCode.CANCELLED, 499, "cancelled", "cancelled", False)
-    NOT_IMPLEMENTED = _Mapping(grpc.StatusCode.UNIMPLEMENTED, 501, "not_implemented", "invalid_request_error", False)
-    INTERNAL = _Mapping(grpc.StatusCode.INTERNAL, 500, "internal", "server_error", True)
+    INVALID_INPUT = _Mapping(
+        "invalid_input", grpc.StatusCode.INVALID_ARGUMENT, 400, "validation", "invalid_request_error", False
+    )
+    MODEL_NOT_FOUND = _Mapping(
+        "model_not_found", grpc.StatusCode.NOT_FOUND, 404, "not_found", "invalid_request_error", False
+    )
+    NOT_FOUND = _Mapping("not_found", grpc.StatusCode.NOT_FOUND, 404, "not_found", "invalid_request_error", False)
+    UNSUPPORTED_TASK = _Mapping(
+        "unsupported_task", grpc.StatusCode.INVALID_ARGUMENT, 400, "validation", "invalid_request_error", False
+    )
+    PAYLOAD_TOO_LARGE = _Mapping(
+        "payload_too_large", grpc.StatusCode.INVALID_ARGUMENT, 413, "validation", "invalid_request_error", False
+    )
+    UNAUTHENTICATED = _Mapping(
+        "unauthenticated", grpc.StatusCode.UNAUTHENTICATED, 401, "authentication", "authentication_error", False
+    )
+    PERMISSION_DENIED = _Mapping(
+        "permission_denied", grpc.StatusCode.PERMISSION_DENIED, 403, "permission", "permission_error", False
+    )
+    RATE_LIMITED = _Mapping(
+        "rate_limited", grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded", "rate_limit_error", False
+    )
+    QUOTA_EXCEEDED = _Mapping(
+        "quota_exceeded", grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded", "insufficient_quota", False
+    )
+    MODEL_LOADING = _Mapping(
+        "model_loading", grpc.StatusCode.UNAVAILABLE, 503, "overloaded", "service_unavailable", True
+    )
+    OVERLOADED = _Mapping("overloaded", grpc.StatusCode.UNAVAILABLE, 503, "overloaded", "service_unavailable", True)
+    UPSTREAM_UNAVAILABLE = _Mapping(
+        "upstream_unavailable", grpc.StatusCode.UNAVAILABLE, 503, "overloaded", "service_unavailable", True
+    )
+    DEADLINE_EXCEEDED = _Mapping(
+        "deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED, 504, "overloaded", "timeout", True
+    )
+    CANCELLED = _Mapping("cancelled", grpc.StatusCode.CANCELLED, 499, "cancelled", "cancelled", False)
+    NOT_IMPLEMENTED = _Mapping(
+        "not_implemented", grpc.StatusCode.UNIMPLEMENTED, 501, "not_implemented", "invalid_request_error", False
+    )
+    INTERNAL = _Mapping("internal", grpc.StatusCode.INTERNAL, 500, "internal", "server_error", True)
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
@@ -70,7 +95,7 @@ class ErrorCode(enum.Enum):
     @property
     def slug(self) -> str:
         """Lower-case code used in JSON bodies and metric labels, e.g. ``model_not_found``."""
-        return self.name.lower()
+        return self.value.slug
 
 
 # A bare gRPC status (no ErrorInfo, e.g. from Triton or grpc itself) maps to the closest code.
