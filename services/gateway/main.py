@@ -42,10 +42,10 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        provider = tracing.setup_tracing("gateway")  # before the clients: they take its interceptors
         self.pipeline = build_pipeline(settings)
         self.draining = False
         app = create_app(settings, self.pipeline, is_draining=lambda: self.draining)
-        provider = tracing.setup_tracing("gateway")
         if provider is not None:
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 

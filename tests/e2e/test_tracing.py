@@ -1,0 +1,104 @@
+"""One trace across the HTTP request and all four services, exported over OTLP/gRPC to a real
+collector endpoint that the test runs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from tests.helpers import MODEL_ID, free_port, start_mesh
+
+pytestmark = pytest.mark.xdist_group("tracing")
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace collector that keeps every span it is sent: (service, span) pairs."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        self.spans.append((attrs.get("service.name", ""), span))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def for_trace(self, trace_id: str) -> list[tuple[str, object]]:
+        with self.lock:
+            return [(svc, s) for svc, s in self.spans if s.trace_id.hex() == trace_id]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    port = free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    collector = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield collector, port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(receiver, models_dir, tmp_path_factory):
+    _, port = receiver
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+    mesh = start_mesh(tmp_path_factory.mktemp("traced"), env)
+    yield mesh
+    mesh.stop()
+
+
+def attrs(span) -> dict:
+    return {a.key: (a.value.string_value or a.value.int_value) for a in span.attributes}
+
+
+def test_one_trace_id_spans_http_and_all_four_services(traced_mesh, receiver):
+    collector, _ = receiver
+    trace_id = os.urandom(16).hex()
+    parent = os.urandom(8).hex()
+    reply = httpx.post(
+        f"{traced_mesh.url}/models/{MODEL_ID}",
+        json={"inputs": ["a traced sentence", "and another one"]},
+        headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+        timeout=30,
+    )
+    assert reply.status_code == 200
+    wanted = {"meshserve-gateway", "meshserve-preprocess", "meshserve-inference", "meshserve-postprocess"}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = collector.for_trace(trace_id)
+        if wanted <= {svc for svc, _ in spans} and {"tokenize", "queue_wait", "batch_execute"} <= {
+            s.name for _, s in spans
+        }:
+            break
+        time.sleep(0.2)
+    spans = collector.for_trace(trace_id)
+    assert wanted <= {svc for svc, _ in spans}, sorted({svc for svc, _ in spans})
+    by_name = {s.name: (svc, s) for svc, s in spans}
+    assert by_name["tokenize"][0] == "meshserve-preprocess"
+    assert attrs(by_name["tokenize"][1])["texts"] == 2
+    assert by_name["queue_wait"][0] == "meshserve-inference"
+    svc, execute = by_name["batch_execute"]
+    assert svc == "meshserve-inference" and attrs(execute)["batch_size"] >= 2
+    # The HTTP server span continues the caller's traceparent.
+    roots = [s for _, s in spans if s.parent_span_id.hex() == parent]
+    assert roots, "the gateway's server span must be a child of the caller's span"
+    # Health checks are not traced.
+    assert not any("Health" in s.name for _, s in collector.spans)
