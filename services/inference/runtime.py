@@ -30,6 +30,12 @@ def set_torch_threads(threads: int) -> None:
             torch.set_num_threads(threads)
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    """torch.from_numpy needs a writable array; one decoded straight from request bytes is not."""
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    return array if array.flags.writeable else array.copy()
+
+
 class Runtime:
     """Interface of a runtime: inputs and outputs are named numpy arrays, batch first."""
 
@@ -59,8 +65,8 @@ class SentenceEmbeddingRuntime(Runtime):
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            ids = torch.from_numpy(np.ascontiguousarray(inputs["input_ids"], dtype=np.int64))
-            mask = torch.from_numpy(np.ascontiguousarray(inputs["attention_mask"], dtype=np.int64))
+            ids = torch.from_numpy(_writable(inputs["input_ids"]))
+            mask = torch.from_numpy(_writable(inputs["attention_mask"]))
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             summed = (hidden * weights).sum(dim=1)

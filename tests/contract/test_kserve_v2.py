@@ -1,0 +1,151 @@
+"""KServe v2 / Triton gRPC conformance, driven by the real tritonclient (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from tests.helpers import MODEL_ID
+
+pytestmark = pytest.mark.xdist_group("contract")
+
+SENTENCES = ["The cat sat on the mat.", "Quantum chromodynamics describes the strong force between quarks."]
+
+
+@pytest.fixture
+async def client(inference_server):
+    client = InferenceServerClient(inference_server["url"])
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(models_dir):
+    tok = Tokenizer.from_file(str(models_dir / MODEL_ID / "model" / "tokenizer.json"))
+    tok.enable_padding(pad_id=0)
+    return tok
+
+
+def encode(tokenizer, texts) -> tuple[np.ndarray, np.ndarray]:
+    encodings = tokenizer.encode_batch(texts)
+    return (np.array([e.ids for e in encodings], dtype=np.int64),
+            np.array([e.attention_mask for e in encodings], dtype=np.int64))
+
+
+def infer_inputs(ids: np.ndarray, mask: np.ndarray, dtype: str = "INT64") -> list[InferInput]:
+    a = InferInput("input_ids", list(ids.shape), dtype)
+    a.set_data_from_numpy(ids if dtype == "INT64" else ids.astype(np.float32))
+    b = InferInput("attention_mask", list(mask.shape), "INT64")
+    b.set_data_from_numpy(mask)
+    return [a, b]
+
+
+async def test_server_live_ready_and_metadata(client):
+    assert await client.is_server_live()
+    assert await client.is_server_ready()
+    meta = await client.get_server_metadata(as_json=True)
+    assert meta["name"] and meta["version"]
+
+
+async def test_model_ready_metadata_and_config(client, model_name, catalog):
+    assert await client.is_model_ready(model_name)
+    meta = await client.get_model_metadata(model_name, as_json=True)
+    assert meta["name"] == model_name and meta["versions"] == ["1"]
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
+        "input_ids": ("INT64", ["-1", "-1"]),
+        "attention_mask": ("INT64", ["-1", "-1"]),
+    }
+    assert meta["outputs"][0]["name"] == "embedding" and meta["outputs"][0]["shape"] == ["-1", "384"]
+    config = (await client.get_model_config(model_name, as_json=True))["config"]
+    spec = catalog.models[0].inference
+    assert config["max_batch_size"] == spec.max_batch_size
+    assert config["dynamic_batching"]["preferred_batch_size"] == list(spec.preferred_batch_sizes)
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+
+
+async def test_infer_with_raw_tensors_matches_sentence_transformers(client, model_name, tokenizer, reference_encoder):
+    ids, mask = encode(tokenizer, SENTENCES)
+    result = await client.infer(model_name, infer_inputs(ids, mask), outputs=[InferRequestedOutput("embedding")])
+    pooled = result.as_numpy("embedding")
+    assert pooled.shape == (2, 384) and pooled.dtype == np.float32
+    normalized = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    np.testing.assert_allclose(normalized, reference_encoder.encode(SENTENCES, normalize_embeddings=True), atol=1e-5)
+
+
+async def test_concurrent_requests_are_batched(client, model_name, tokenizer):
+    before = (await client.get_inference_statistics(model_name, as_json=True))["model_stats"][0]
+    texts = [f"request number {i} with a few words" + " more" * (i % 5) for i in range(48)]
+    singles = [encode(tokenizer, [t]) for t in texts]
+    results = await asyncio.gather(*(client.infer(model_name, infer_inputs(*s)) for s in singles))
+    after = (await client.get_inference_statistics(model_name, as_json=True))["model_stats"][0]
+    inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+    executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
+    assert inferences == len(texts)
+    assert executions < inferences, "concurrent requests must share executions"
+    # Each request got its own row back, padded across requests of different lengths.
+    alone = (await client.infer(model_name, infer_inputs(*singles[7]))).as_numpy("embedding")
+    np.testing.assert_allclose(results[7].as_numpy("embedding"), alone, atol=1e-5)
+    assert any(int(b["batch_size"]) > 1 for b in after["batch_stats"])
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("unknown-model", "unknown model"),
+        ("wrong-dtype", "data-type"),
+        ("wrong-shape", "unexpected shape"),
+        ("missing-input", "missing required input"),
+        ("batch-too-large", "batch-size must be"),
+    ],
+)
+async def test_bad_requests_are_refused_with_triton_messages(client, model_name, tokenizer, case, expect):
+    ids, mask = encode(tokenizer, ["hello"])
+    name, inputs = model_name, infer_inputs(ids, mask)
+    if case == "unknown-model":
+        name = "no-such-model"
+    elif case == "wrong-dtype":
+        inputs = infer_inputs(ids, mask, dtype="FP32")
+    elif case == "wrong-shape":
+        flat = InferInput("input_ids", [ids.size], "INT64")
+        flat.set_data_from_numpy(ids.reshape(-1))
+        inputs = [flat, inputs[1]]
+    elif case == "missing-input":
+        inputs = inputs[:1]
+    elif case == "batch-too-large":
+        inputs = infer_inputs(np.repeat(ids, 33, axis=0), np.repeat(mask, 33, axis=0))
+    with pytest.raises(InferenceServerException) as err:
+        await client.infer(name, inputs)
+    assert expect in err.value.message()
+    assert await client.is_server_live()  # nothing crashed
+
+
+async def test_repository_index_lists_the_catalog(client, model_name):
+    index = await client.get_model_repository_index(as_json=True)
+    assert {"name": model_name, "version": "1", "state": "READY"}.items() <= index["models"][0].items()
+
+
+async def test_unload_and_load_change_readiness(client, model_name, tokenizer):
+    await client.unload_model(model_name)
+    try:
+        assert not await client.is_model_ready(model_name)
+        index = await client.get_model_repository_index(as_json=True)
+        assert index["models"][0]["state"] == "UNAVAILABLE"
+        with pytest.raises(InferenceServerException):
+            await client.infer(model_name, infer_inputs(*encode(tokenizer, ["x"])))
+    finally:
+        await client.load_model(model_name)
+    assert await client.is_model_ready(model_name)
+    result = await client.infer(model_name, infer_inputs(*encode(tokenizer, ["back again"])))
+    assert result.as_numpy("embedding").shape == (1, 384)
+
+
+async def test_unsupported_methods_say_so(client):
+    with pytest.raises(InferenceServerException) as err:
+        await client.get_system_shared_memory_status()
+    assert "not supported" in err.value.message()
