@@ -104,15 +104,22 @@ def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Mesh:
         "HF_HUB_OFFLINE": "1",
         **(extra_env or {}),
     }
-    for key in ("MESHSERVE_GATEWAY_PREPROCESS_ADDRESS", "MESHSERVE_GATEWAY_INFERENCE_ADDRESS",
-                "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+    for key in (
+        "MESHSERVE_GATEWAY_PREPROCESS_ADDRESS",
+        "MESHSERVE_GATEWAY_INFERENCE_ADDRESS",
+        "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ):
         if key not in (extra_env or {}):
             env.pop(key, None)
     log_path = tmp_path / "mesh.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", "--no-build"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     mesh = Mesh(process, ports, log_path, env)
     try:

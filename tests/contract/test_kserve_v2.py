@@ -34,8 +34,10 @@ def tokenizer(models_dir):
 
 def encode(tokenizer, texts) -> tuple[np.ndarray, np.ndarray]:
     encodings = tokenizer.encode_batch(texts)
-    return (np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64))
+    return (
+        np.array([e.ids for e in encodings], dtype=np.int64),
+        np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    )
 
 
 def infer_inputs(ids: np.ndarray, mask: np.ndarray, dtype: str = "INT64") -> list[InferInput]:

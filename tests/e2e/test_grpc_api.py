@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
+
 from services.common.errors import DETAILS_KEY
 from tests.helpers import MODEL_ID
 
@@ -66,22 +66,50 @@ def test_list_and_get_models_report_readiness(stub):
 
 
 ERRORS = [
-    ("unknown-model", gateway_pb2.PredictRequest(model_id="acme/nope", inputs=texts("x")),
-     grpc.StatusCode.NOT_FOUND, "model_not_found"),
-    ("empty-texts", gateway_pb2.PredictRequest(model_id=MODEL_ID, inputs=texts()),
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid_input"),
-    ("blank-text", gateway_pb2.PredictRequest(model_id=MODEL_ID, inputs=texts(" ")),
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid_input"),
-    ("wrong-inputs-for-task", gateway_pb2.PredictRequest(
-        model_id=MODEL_ID, task=tasks_pb2.TASK_SENTENCE_SIMILARITY, inputs=texts("x")),
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid_input"),
-    ("no-truncation-over-limit", gateway_pb2.PredictRequest(
-        model_id=MODEL_ID, inputs=texts("word " * 600), parameters=tasks_pb2.TaskParameters(truncate=False)),
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid_input"),
-    ("too-many-items", gateway_pb2.PredictRequest(model_id=MODEL_ID, inputs=texts(*["a"] * 2049)),
-     grpc.StatusCode.INVALID_ARGUMENT, "payload_too_large"),
-    ("unknown-task-enum", gateway_pb2.PredictRequest(model_id=MODEL_ID, task=99, inputs=texts("x")),
-     grpc.StatusCode.INVALID_ARGUMENT, "unsupported_task"),
+    (
+        "unknown-model",
+        gateway_pb2.PredictRequest(model_id="acme/nope", inputs=texts("x")),
+        grpc.StatusCode.NOT_FOUND,
+        "model_not_found",
+    ),
+    (
+        "empty-texts",
+        gateway_pb2.PredictRequest(model_id=MODEL_ID, inputs=texts()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_input",
+    ),
+    (
+        "blank-text",
+        gateway_pb2.PredictRequest(model_id=MODEL_ID, inputs=texts(" ")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_input",
+    ),
+    (
+        "wrong-inputs-for-task",
+        gateway_pb2.PredictRequest(model_id=MODEL_ID, task=tasks_pb2.TASK_SENTENCE_SIMILARITY, inputs=texts("x")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_input",
+    ),
+    (
+        "no-truncation-over-limit",
+        gateway_pb2.PredictRequest(
+            model_id=MODEL_ID, inputs=texts("word " * 600), parameters=tasks_pb2.TaskParameters(truncate=False)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_input",
+    ),
+    (
+        "too-many-items",
+        gateway_pb2.PredictRequest(model_id=MODEL_ID, inputs=texts(*["a"] * 2049)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "payload_too_large",
+    ),
+    (
+        "unknown-task-enum",
+        gateway_pb2.PredictRequest(model_id=MODEL_ID, task=99, inputs=texts("x")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unsupported_task",
+    ),
 ]
 
 
