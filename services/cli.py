@@ -38,7 +38,7 @@ def _up(args) -> int:
     import uvloop
 
     from services.common.modelstore import build_all
-    from services.supervisor import Supervisor
+    from services.supervisor import Supervisor, SupervisorSettings
 
     if args.backend != "embedded":
         print(f"meshserve: backend {args.backend!r} is not available yet; use --backend embedded", file=sys.stderr)
@@ -48,7 +48,7 @@ def _up(args) -> int:
         for entry, built in build_all(Catalog.load(settings.catalog), settings.models_dir):
             if built:
                 print(f"built {entry.id}")
-    return uvloop.run(Supervisor().run())
+    return uvloop.run(Supervisor(SupervisorSettings()).run())
 
 
 def main(argv: list[str] | None = None) -> int:

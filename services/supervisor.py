@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
@@ -83,12 +85,21 @@ def child_envs(base: dict[str, str]) -> tuple[dict[str, dict[str, str]], Gateway
     return {name: env for name in SERVICES}, gw
 
 
+class SupervisorSettings(BaseSettings):
+    """`meshserve up` settings (env prefix MESHSERVE_SUPERVISOR_)."""
+
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_SUPERVISOR_", extra="ignore")
+
+    ready_timeout_s: float = Field(300.0, description="How long to wait for /readyz after start.")
+    restart_backoff_s: float = Field(1.0, description="Delay before the first restart of a crashed service.")
+    restart_max_backoff_s: float = Field(30.0, description="Restart delay cap (it doubles per restart).")
+
+
 class Supervisor:
-    def __init__(self, *, ready_timeout_s: float = 300.0, max_backoff_s: float = 30.0) -> None:
+    def __init__(self, settings: SupervisorSettings) -> None:
         envs, self.gateway = child_envs(dict(os.environ))
         self.children = {name: Child(name, envs[name]) for name in SERVICES}
-        self.ready_timeout_s = ready_timeout_s
-        self.max_backoff_s = max_backoff_s
+        self.settings = settings
         self._stop = asyncio.Event()
 
     @property
@@ -103,7 +114,7 @@ class Supervisor:
                 return
             if time.monotonic() - child.started_at > 60:
                 child.restarts = 0  # it had been healthy for a while: start the backoff over
-            delay = min(self.max_backoff_s, 2**child.restarts)
+            delay = min(self.settings.restart_max_backoff_s, self.settings.restart_backoff_s * 2**child.restarts)
             child.restarts += 1
             log.warning(
                 "%s exited with code %s; restarting in %.0f s (restart #%d)", child.name, code, delay, child.restarts
@@ -116,7 +127,7 @@ class Supervisor:
             log.warning("%s restarted (pid %d)", child.name, child.process.pid)
 
     async def wait_ready(self) -> bool:
-        deadline = time.monotonic() + self.ready_timeout_s
+        deadline = time.monotonic() + self.settings.ready_timeout_s
         async with httpx.AsyncClient(timeout=2.0) as client:
             while time.monotonic() < deadline and not self._stop.is_set():
                 with contextlib.suppress(httpx.HTTPError):
@@ -148,7 +159,7 @@ class Supervisor:
                 flush=True,
             )
         elif not self._stop.is_set():
-            log.error("the mesh did not become ready in %.0f s; see the logs above", self.ready_timeout_s)
+            log.error("the mesh did not become ready in %.0f s; see the logs above", self.settings.ready_timeout_s)
         await self._stop.wait()
         await self.shutdown()
         for w in watchers:

@@ -84,7 +84,16 @@ class Pipeline:
         parameters: tasks_pb2.TaskParameters | None = None,
     ) -> Prediction:
         entry, task = self.resolve(model_id, task)
-        parameters = parameters or tasks_pb2.TaskParameters()
+        try:
+            return await self._run(entry, task, inputs, parameters or tasks_pb2.TaskParameters())
+        except MeshError as err:
+            if err.code is ErrorCode.UPSTREAM_UNAVAILABLE:
+                self._readiness = None  # a hop is down: the next /readyz must look again
+            raise
+
+    async def _run(
+        self, entry: ModelEntry, task: str, inputs: tasks_pb2.TaskInputs, parameters: tasks_pb2.TaskParameters
+    ) -> Prediction:
         task_pb = task_to_pb(task)
         started = time.perf_counter()
         pre = await self.preprocess.preprocess(
