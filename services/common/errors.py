@@ -109,7 +109,9 @@ _FROM_GRPC: dict[grpc.StatusCode, ErrorCode] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.OVERLOADED,
     grpc.StatusCode.UNAVAILABLE: ErrorCode.UPSTREAM_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED: ErrorCode.CANCELLED,
+    # An upstream that cancels a call we did not cancel is going away (a draining server drops
+    # calls it had not yet started): the caller may retry, so it is an outage, not a cancellation.
+    grpc.StatusCode.CANCELLED: ErrorCode.UPSTREAM_UNAVAILABLE,
     grpc.StatusCode.UNIMPLEMENTED: ErrorCode.NOT_IMPLEMENTED,
 }
 
