@@ -24,6 +24,7 @@ from services.common import deadlines
 from services.common.catalog import ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
+from services.gateway.coalescer import Embedded, EmbeddingCoalescer
 from services.gateway.core import Pipeline, Prediction
 from services.gateway.schemas import (
     EmbeddingsRequest,
@@ -93,11 +94,6 @@ def _texts(value, field: str) -> tuple[list[str], bool]:
     if isinstance(value, list) and not value:
         raise invalid(f"`{field}` must not be empty", param=field)
     raise invalid(f"`{field}` must be a string or a list of strings", param=field)
-
-
-def _embeddings(prediction: Prediction) -> tuple[np.ndarray, tasks_pb2.Tensor]:
-    tensor = prediction.result.embeddings
-    return np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape)), tensor
 
 
 def _check_dimensions(entry: ModelEntry, dimensions: int | None) -> None:
@@ -179,7 +175,13 @@ class RequestContextMiddleware:
             HTTP_REQUESTS.labels(route, scope.get("state", {}).get("model", ""), str(status)).inc()
 
 
-def create_app(settings: GatewaySettings, pipeline: Pipeline, *, is_draining=lambda: False) -> FastAPI:
+def create_app(
+    settings: GatewaySettings,
+    pipeline: Pipeline,
+    *,
+    coalescer: EmbeddingCoalescer | None = None,
+    is_draining=lambda: False,
+) -> FastAPI:
     app = FastAPI(
         title="meshserve",
         version="0.1.0",
@@ -188,6 +190,17 @@ def create_app(settings: GatewaySettings, pipeline: Pipeline, *, is_draining=lam
     catalog = pipeline.catalog
     created = int(settings.catalog.stat().st_mtime)
     limit = settings.max_body_bytes
+
+    async def embed(model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
+        if coalescer is not None:
+            return await coalescer.embed(model_id, texts, parameters)
+        prediction: Prediction = await pipeline.predict(
+            model_id, "feature-extraction", tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
+        )
+        tensor = prediction.result.embeddings
+        return Embedded(
+            np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape)), prediction.usage.input_tokens
+        )
 
     @app.exception_handler(MeshError)
     async def _mesh_error(request: Request, err: MeshError):
@@ -267,20 +280,14 @@ def create_app(settings: GatewaySettings, pipeline: Pipeline, *, is_draining=lam
             raise invalid("token-id arrays are not supported as `input`; send text", param="input")
         texts, _ = _texts(body.input, "input")
         _check_dimensions(entry, body.dimensions)
-        prediction = await pipeline.predict(
-            entry.id,
-            "feature-extraction",
-            tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)),
-            tasks_pb2.TaskParameters(truncate=False),  # OpenAI refuses over-long input rather than cutting it
-        )
-        vectors, tensor = _embeddings(prediction)
+        # OpenAI refuses over-long input rather than cutting it.
+        result = await embed(entry.id, texts, tasks_pb2.TaskParameters(truncate=False))
+        vectors = result.vectors
         if body.encoding_format == "base64":
-            row = len(tensor.raw) // max(1, vectors.shape[0])
-            raw = tensor.raw
-            values = [base64.b64encode(raw[i * row : (i + 1) * row]).decode() for i in range(vectors.shape[0])]
+            values = [base64.b64encode(row.tobytes()).decode() for row in vectors]  # little-endian float32
         else:
             values = list(vectors)
-        tokens = prediction.usage.input_tokens
+        tokens = result.input_tokens
         return json_response(
             {
                 "object": "list",
@@ -310,14 +317,8 @@ def create_app(settings: GatewaySettings, pipeline: Pipeline, *, is_draining=lam
             p = parse(FeatureExtractionParameters, {**extra, **params}, where="parameters")
             _check_dimensions(entry, p.dimensions)
             texts, single = _texts(body["inputs"], "inputs")
-            prediction = await pipeline.predict(
-                entry.id,
-                task,
-                tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)),
-                tasks_pb2.TaskParameters(normalize=p.normalize, truncate=p.truncate),
-            )
-            vectors, _ = _embeddings(prediction)
-            return json_response(vectors[0] if single else vectors)
+            result = await embed(entry.id, texts, tasks_pb2.TaskParameters(normalize=p.normalize, truncate=p.truncate))
+            return json_response(result.vectors[0] if single else result.vectors)
         if extra:
             raise invalid(f"unknown field(s) {sorted(extra)}: put task parameters under `parameters`")
         if task == "sentence-similarity":

@@ -18,6 +18,7 @@ from services.common import grpc_server, tracing
 from services.common.catalog import Catalog
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.logs import setup_logging
+from services.gateway.coalescer import EmbeddingCoalescer
 from services.gateway.core import Pipeline
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
@@ -45,7 +46,12 @@ class Gateway:
         provider = tracing.setup_tracing("gateway")  # before the clients: they take its interceptors
         self.pipeline = build_pipeline(settings)
         self.draining = False
-        app = create_app(settings, self.pipeline, is_draining=lambda: self.draining)
+        coalescer = (
+            EmbeddingCoalescer(self.pipeline, timeout_s=settings.request_timeout_s, max_rows=settings.coalesce_max_rows)
+            if settings.coalesce
+            else None
+        )
+        app = create_app(settings, self.pipeline, coalescer=coalescer, is_draining=lambda: self.draining)
         if provider is not None:
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 

@@ -19,6 +19,8 @@ class GatewaySettings(CommonSettings):
     request_timeout_s: float = Field(60.0, description="Deadline of one request across every hop.")
     upstream_attempts: int = Field(3, description="Attempts per upstream call that fails UNAVAILABLE.")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest request body accepted (413 above).")
+    coalesce: bool = Field(True, description="Merge concurrent embeddings requests into shared pipeline calls.")
+    coalesce_max_rows: int = Field(32, description="Most texts in one merged call.")
     readiness_cache_s: float = Field(1.0, description="How long a /readyz result is reused.")
     shutdown_grace_s: float = Field(20.0, description="How long in-flight requests may finish after SIGTERM.")
 

@@ -32,6 +32,7 @@ class Encoded:
     tensors: dict[str, np.ndarray]
     input_tokens: int
     items: int
+    item_tokens: list[int]
 
 
 class TextPreprocessor:
@@ -77,11 +78,12 @@ class TextPreprocessor:
             )
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        tokens = int(mask.sum())
+        per_item = mask.sum(axis=1).tolist()
+        tokens = sum(per_item)
         TOKENS.labels(self.entry.id).inc(tokens)
         if cut:
             TRUNCATED.labels(self.entry.id).inc(len(cut))
-        return Encoded({"input_ids": ids, "attention_mask": mask}, tokens, len(texts))
+        return Encoded({"input_ids": ids, "attention_mask": mask}, tokens, len(texts), per_item)
 
 
 class Preprocessor:

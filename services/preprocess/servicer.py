@@ -43,5 +43,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         encoded = await self.core.encode_texts(request.model_id, task, texts, truncate=truncate, field=field)
         return preprocess_pb2.PreprocessResponse(
             tensors=[to_pb(name, array) for name, array in encoded.tensors.items()],
-            usage=tasks_pb2.Usage(input_tokens=encoded.input_tokens, items=encoded.items),
+            usage=tasks_pb2.Usage(
+                input_tokens=encoded.input_tokens, items=encoded.items, item_input_tokens=encoded.item_tokens
+            ),
         )

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshserve/tasks/v1/tasks.proto\x12\x12meshserve.tasks.v1\"D\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\"\x1b\n\nTextInputs\x12\r\n\x05texts\x18\x01 \x03(\t\"F\n\x18SentenceSimilarityInputs\x12\x17\n\x0fsource_sentence\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\"\x91\x01\n\nTaskInputs\x12.\n\x04text\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TextInputsH\x00\x12K\n\x13sentence_similarity\x18\x02 \x01(\x0b\x32,.meshserve.tasks.v1.SentenceSimilarityInputsH\x00\x42\x06\n\x04kind\"Z\n\x0eTaskParameters\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x1e\n\x0cSimilarities\x12\x0e\n\x06scores\x18\x01 \x03(\x02\"\x80\x01\n\nTaskResult\x12\x30\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.meshserve.tasks.v1.TensorH\x00\x12\x38\n\x0csimilarities\x18\x02 \x01(\x0b\x32 .meshserve.tasks.v1.SimilaritiesH\x00\x42\x06\n\x04kind\"C\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\r*W\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_FEATURE_EXTRACTION\x10\x01\x12\x1c\n\x18TASK_SENTENCE_SIMILARITY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshserve/tasks/v1/tasks.proto\x12\x12meshserve.tasks.v1\"D\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\"\x1b\n\nTextInputs\x12\r\n\x05texts\x18\x01 \x03(\t\"F\n\x18SentenceSimilarityInputs\x12\x17\n\x0fsource_sentence\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\"\x91\x01\n\nTaskInputs\x12.\n\x04text\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TextInputsH\x00\x12K\n\x13sentence_similarity\x18\x02 \x01(\x0b\x32,.meshserve.tasks.v1.SentenceSimilarityInputsH\x00\x42\x06\n\x04kind\"Z\n\x0eTaskParameters\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x1e\n\x0cSimilarities\x12\x0e\n\x06scores\x18\x01 \x03(\x02\"\x80\x01\n\nTaskResult\x12\x30\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.meshserve.tasks.v1.TensorH\x00\x12\x38\n\x0csimilarities\x18\x02 \x01(\x0b\x32 .meshserve.tasks.v1.SimilaritiesH\x00\x42\x06\n\x04kind\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\r\x12\x19\n\x11item_input_tokens\x18\x04 \x03(\r*W\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_FEATURE_EXTRACTION\x10\x01\x12\x1c\n\x18TASK_SENTENCE_SIMILARITY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.tasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=697
-  _globals['_TASK']._serialized_end=784
+  _globals['_TASK']._serialized_start=724
+  _globals['_TASK']._serialized_end=811
   _globals['_TENSOR']._serialized_start=54
   _globals['_TENSOR']._serialized_end=122
   _globals['_TEXTINPUTS']._serialized_start=124
@@ -48,5 +48,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKRESULT']._serialized_start=498
   _globals['_TASKRESULT']._serialized_end=626
   _globals['_USAGE']._serialized_start=628
-  _globals['_USAGE']._serialized_end=695
+  _globals['_USAGE']._serialized_end=722
 # @@protoc_insertion_point(module_scope)

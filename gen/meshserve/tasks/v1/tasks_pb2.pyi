@@ -73,11 +73,13 @@ class TaskResult(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., similarities: _Optional[_Union[Similarities, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens", "items")
+    __slots__ = ("input_tokens", "output_tokens", "items", "item_input_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
     items: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., items: _Optional[int] = ...) -> None: ...
+    item_input_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., items: _Optional[int] = ..., item_input_tokens: _Optional[_Iterable[int]] = ...) -> None: ...

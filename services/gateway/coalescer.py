@@ -1,0 +1,171 @@
+"""Request coalescing for embeddings: concurrent requests for the same model and parameters share
+one pipeline call (one preprocess, inference and postprocess RPC for the group).
+
+With one sentence per request, the per-request cost of three gRPC hops is larger than the model's
+share of a batch; merging requests at the gateway amortizes the hops the way the inference
+service's dynamic batcher amortizes the model. No delay is added: a group is formed from what is
+waiting when a slot frees (at most `max_in_flight` groups per key run at once, so stages overlap),
+so an idle gateway sends each request alone and a busy one sends groups of up to `max_rows` texts.
+
+Semantics stay per request: each caller gets its own rows and its own token count; when a group
+fails on a caller's mistake (one bad text), every member is retried alone, so only the offender
+gets the error. A group runs in the context of its first member (deadline, trace); the other
+members' traces get a `coalesced` span linked to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from meshserve.tasks.v1 import tasks_pb2
+from opentelemetry import trace
+from prometheus_client import Histogram
+
+from services.common import deadlines
+from services.common.errors import MeshError
+from services.gateway.core import Pipeline
+
+GROUP_ROWS = Histogram(
+    "meshserve_gateway_coalesced_rows", "Texts per coalesced embeddings call.", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+_tracer = trace.get_tracer("meshserve.gateway")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One caller's share of a group: its vectors [n, dim] and its input tokens."""
+
+    vectors: np.ndarray
+    input_tokens: int
+
+
+@dataclass(eq=False)
+class _Member:
+    texts: list[str]
+    future: asyncio.Future
+    context: contextvars.Context
+    span_context: trace.SpanContext
+
+
+@dataclass
+class _Lane:
+    """Waiting members and running groups of one (model, parameters) key."""
+
+    waiting: deque[_Member] = field(default_factory=deque)
+    running: int = 0
+
+
+class EmbeddingCoalescer:
+    def __init__(self, pipeline: Pipeline, *, timeout_s: float, max_rows: int = 32, max_in_flight: int = 2) -> None:
+        self.pipeline = pipeline
+        self.timeout_s = timeout_s
+        self.max_rows = max_rows
+        self.max_in_flight = max_in_flight
+        self._lanes: dict[tuple[str, bytes], _Lane] = {}
+
+    async def embed(self, model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
+        if len(texts) >= self.max_rows:
+            return await self._alone(model_id, texts, parameters)
+        key = (model_id, parameters.SerializeToString(deterministic=True))
+        lane = self._lanes.setdefault(key, _Lane())
+        member = _Member(
+            texts,
+            asyncio.get_running_loop().create_future(),
+            contextvars.copy_context(),
+            trace.get_current_span().get_span_context(),
+        )
+        lane.waiting.append(member)
+        if lane.running < self.max_in_flight:
+            lane.running += 1
+            asyncio.get_running_loop().create_task(self._drain(key, lane, parameters))
+        return await member.future
+
+    async def _alone(self, model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
+        prediction = await self.pipeline.predict(
+            model_id, "feature-extraction", tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
+        )
+        tensor = prediction.result.embeddings
+        vectors = np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape))
+        return Embedded(vectors, prediction.usage.input_tokens)
+
+    def _take(self, lane: _Lane) -> list[_Member]:
+        group, rows = [], 0
+        while lane.waiting and rows + len(lane.waiting[0].texts) <= self.max_rows:
+            member = lane.waiting.popleft()
+            if member.future.done():  # the caller went away
+                continue
+            group.append(member)
+            rows += len(member.texts)
+        return group
+
+    async def _drain(self, key: tuple[str, bytes], lane: _Lane, parameters: tasks_pb2.TaskParameters) -> None:
+        try:
+            while lane.waiting:
+                await asyncio.sleep(0)  # let requests that arrived in the same loop turn join
+                group = self._take(lane)
+                if group:
+                    # Each group runs in its first member's context: its deadline and its trace.
+                    await asyncio.create_task(self._run(key[0], group, parameters), context=group[0].context.copy())
+        finally:
+            lane.running -= 1
+
+    async def _run(self, model_id: str, group: list[_Member], parameters: tasks_pb2.TaskParameters) -> None:
+        token = deadlines.set_absolute(time.monotonic() + self.timeout_s)
+        try:
+            texts = [t for m in group for t in m.texts]
+            GROUP_ROWS.observe(len(texts))
+            try:
+                prediction = await self.pipeline.predict(
+                    model_id,
+                    "feature-extraction",
+                    tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)),
+                    parameters,
+                )
+            except MeshError as err:
+                if len(group) > 1 and not err.code.server_fault:
+                    await asyncio.gather(*(self._retry_alone(model_id, m, parameters) for m in group))
+                else:
+                    for m in group:
+                        if not m.future.done():
+                            m.future.set_exception(err)
+                return
+            except Exception as exc:  # keep every caller answered, whatever happened
+                for m in group:
+                    if not m.future.done():
+                        m.future.set_exception(exc)
+                return
+            self._deliver(group, prediction)
+        finally:
+            deadlines.reset(token)
+
+    def _deliver(self, group: list[_Member], prediction) -> None:
+        tensor = prediction.result.embeddings
+        vectors = np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape))
+        tokens = list(prediction.usage.item_input_tokens)
+        leader = trace.get_current_span().get_span_context()
+        row = 0
+        for m in group:
+            n = len(m.texts)
+            if not m.future.done():
+                m.future.set_result(Embedded(vectors[row : row + n], sum(tokens[row : row + n])))
+            if m is not group[0] and m.span_context.is_valid:
+                links = [trace.Link(leader)] if leader.is_valid else []
+                ctx = trace.set_span_in_context(trace.NonRecordingSpan(m.span_context))
+                _tracer.start_span("coalesced", context=ctx, links=links, attributes={"group_size": len(group)}).end()
+            row += n
+
+    async def _retry_alone(self, model_id: str, member: _Member, parameters: tasks_pb2.TaskParameters) -> None:
+        task = asyncio.create_task(self._alone(model_id, member.texts, parameters), context=member.context.copy())
+        try:
+            result = await task
+        except Exception as exc:
+            if not member.future.done():
+                member.future.set_exception(exc)
+            return
+        if not member.future.done():
+            member.future.set_result(result)

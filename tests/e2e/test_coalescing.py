@@ -1,0 +1,58 @@
+"""Concurrent embeddings requests share pipeline calls, and each caller still gets exactly its
+own vectors, its own token count and its own error."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import MODEL_ID
+
+pytestmark = pytest.mark.xdist_group("mesh")
+
+
+def coalesced_rows(url: str) -> tuple[float, float]:
+    text = httpx.get(url + "/metrics").text
+    total = float(re.search(r"^meshserve_gateway_coalesced_rows_sum (\S+)", text, re.M).group(1))
+    count = float(re.search(r"^meshserve_gateway_coalesced_rows_count (\S+)", text, re.M).group(1))
+    return total, count
+
+
+async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        return await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_vectors(mesh, reference_encoder):
+    texts = [f"concurrent request {i} asks about {'cats dogs birds fish'.split()[i % 4]}" for i in range(48)]
+    rows_before, calls_before = coalesced_rows(mesh.url)
+    replies = asyncio.run(post_all(f"{mesh.url}/models/{MODEL_ID}", [{"inputs": t} for t in texts]))
+    assert all(r.status_code == 200 for r in replies)
+    ours = np.array([r.json() for r in replies])
+    np.testing.assert_allclose(ours, reference_encoder.encode(texts, normalize_embeddings=True), atol=1e-5)
+    rows_after, calls_after = coalesced_rows(mesh.url)
+    assert rows_after - rows_before == len(texts)
+    assert calls_after - calls_before < len(texts), "concurrent requests must be merged"
+
+
+def test_usage_is_split_back_per_request(mesh):
+    texts = ["one", "two words", "now three words", "and this one has five"]
+    alone = [
+        httpx.post(f"{mesh.url}/v1/embeddings", json={"model": MODEL_ID, "input": t}).json()["usage"]["prompt_tokens"]
+        for t in texts
+    ]
+    bodies = [{"model": MODEL_ID, "input": t} for t in texts] * 6
+    together = asyncio.run(post_all(f"{mesh.url}/v1/embeddings", bodies))
+    assert [r.json()["usage"]["prompt_tokens"] for r in together] == alone * 6
+
+
+def test_one_bad_request_in_a_group_fails_alone(mesh):
+    bodies = [{"model": MODEL_ID, "input": f"fine sentence {i}"} for i in range(20)]
+    bodies[7] = {"model": MODEL_ID, "input": "word " * 600}  # over the token limit: 400 on /v1
+    replies = asyncio.run(post_all(f"{mesh.url}/v1/embeddings", bodies))
+    assert replies[7].status_code == 400 and replies[7].json()["error"]["code"] == "invalid_input"
+    assert [r.status_code for i, r in enumerate(replies) if i != 7] == [200] * 19
