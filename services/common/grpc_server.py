@@ -58,21 +58,65 @@ def _internal(method: str) -> MeshError:
     return MeshError(ErrorCode.INTERNAL, "internal error")
 
 
+class Drain:
+    """Counts calls in progress; once draining, new calls are refused with UNAVAILABLE.
+
+    grpc's own `server.stop(grace)` cancels calls that reach the server after it began stopping
+    (the caller sees CANCELLED); refusing them ourselves first gives callers a clean, retryable
+    UNAVAILABLE while the calls already running finish.
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "server is shutting down; retry on another replica")
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """The one place where exceptions become gRPC statuses. Innermost in the chain.
 
     MeshError -> its code + google.rpc.Status details; anything else -> INTERNAL with a generic
     message (the traceback is logged, never sent). The caller's deadline is made visible to
-    downstream clients of this service (deadlines shrink hop by hop).
+    downstream clients of this service (deadlines shrink hop by hop). Calls are counted for the
+    graceful drain.
     """
+
+    def __init__(self, drain: Drain) -> None:
+        self.drain = drain
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if method.startswith("/grpc."):
+            return handler  # health and reflection keep answering while draining
+        drain = self.drain
 
         def wrap_unary(behavior):
             async def wrapper(request, context):
                 token = deadlines.set_from_grpc(context)
+                entered = False
                 try:
+                    drain.enter()
+                    entered = True
                     return await behavior(request, context)
                 except MeshError as err:
                     await _abort(context, err)
@@ -81,6 +125,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except Exception:
                     await _abort(context, _internal(method))
                 finally:
+                    if entered:
+                        drain.leave()
                     deadlines.reset(token)
 
             return wrapper
@@ -88,7 +134,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         def wrap_stream(behavior):
             async def wrapper(request, context):
                 token = deadlines.set_from_grpc(context)
+                entered = False
                 try:
+                    drain.enter()
+                    entered = True
                     async for item in behavior(request, context):
                         yield item
                 except MeshError as err:
@@ -98,11 +147,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except Exception:
                     await _abort(context, _internal(method))
                 finally:
+                    if entered:
+                        drain.leave()
                     deadlines.reset(token)
 
             return wrapper
 
-        return _wrap_handler(await continuation(handler_call_details), wrap_unary, wrap_stream)
+        return _wrap_handler(handler, wrap_unary, wrap_stream)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -176,6 +227,7 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: list[str]
+    drain: Drain = field(default_factory=Drain)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
@@ -184,11 +236,14 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float, drain_wait_s: float = 0.0) -> None:
-        """NOT_SERVING -> wait for balancers -> stop accepting, let in-flight calls finish -> cleanup."""
+        """NOT_SERVING -> wait for balancers -> refuse new calls, let in-flight calls finish -> stop."""
         await self.health.enter_graceful_shutdown()
         if drain_wait_s > 0:
             await asyncio.sleep(drain_wait_s)
-        await self.server.stop(grace_s)
+        started = time.monotonic()
+        self.drain.draining = True
+        await self.drain.wait_idle(grace_s)
+        await self.server.stop(max(0.0, grace_s - (time.monotonic() - started)))
         for hook in self.on_stop:
             with contextlib.suppress(Exception):
                 await hook()
@@ -206,7 +261,8 @@ async def create_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    interceptors = [*tracing.server_interceptors(), MetricsInterceptor(service), ErrorMappingInterceptor()]
+    drain = Drain()
+    interceptors = [*tracing.server_interceptors(), MetricsInterceptor(service), ErrorMappingInterceptor(drain)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     for b in bindings:
         b.add_to_server(b.servicer, server)
@@ -218,7 +274,7 @@ async def create_server(
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.grpc_port}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, names)
+    running = RunningServer(server, port, health_servicer, names, drain)
     await running.set_serving(serving)
     log.info("grpc server listening", extra={"fields": {"service": service, "address": f"{settings.host}:{port}"}})
     return running
