@@ -29,6 +29,8 @@ def _models(args) -> int:
 def _serve(args) -> int:
     import importlib
 
+    if args.backend:
+        os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
     module = importlib.import_module(f"services.{args.service}.main")
     module.main()
     return 0
@@ -40,9 +42,7 @@ def _up(args) -> int:
     from services.common.modelstore import build_all
     from services.supervisor import Supervisor, SupervisorSettings
 
-    if args.backend != "embedded":
-        print(f"meshserve: backend {args.backend!r} is not available yet; use --backend embedded", file=sys.stderr)
-        return 2
+    os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
     settings = CommonSettings()
     if not args.no_build:
         for entry, built in build_all(Catalog.load(settings.catalog), settings.models_dir):
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(func=_up)
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=["gateway", "preprocess", "inference", "postprocess"])
+    serve.add_argument("--backend", choices=["embedded", "triton"], help="inference only: the backend")
     serve.set_defaults(func=_serve)
     models = sub.add_parser("models", help="build or list the catalog's models")
     models.add_argument("action", choices=["build", "list"])

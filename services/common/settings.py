@@ -8,21 +8,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _shared(name: str) -> AliasChoices:
+    """Env name of a field every service reads from the same variable (MESHSERVE_<NAME>), whatever
+    the service's own prefix. (The bare name is no alias: it would match $HOME and $HOST.) The field
+    name still works as a keyword argument (populate_by_name)."""
+    return AliasChoices(f"MESHSERVE_{name.upper()}")
+
+
 class CommonSettings(BaseSettings):
-    """Fields every service has. Env: MESHSERVE_HOME, MESHSERVE_CATALOG, MESHSERVE_LOG_LEVEL."""
+    """Fields every service has. Env: MESHSERVE_HOME, MESHSERVE_CATALOG, MESHSERVE_LOG_LEVEL, MESHSERVE_HOST."""
 
-    model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="ignore", populate_by_name=True)
 
-    home: Path = Field(Path(".meshserve"), description="State directory: model store, databases.")
-    catalog: Path = Field(REPO_ROOT / "catalog.yaml", description="The model catalog (YAML).")
-    log_level: str = Field("INFO", description="Root log level.")
-    host: str = Field("127.0.0.1", description="Address every server of this service binds.")
+    home: Path = Field(Path(".meshserve"), validation_alias=_shared("home"), description="State: models, databases.")
+    catalog: Path = Field(
+        REPO_ROOT / "catalog.yaml", validation_alias=_shared("catalog"), description="The model catalog (YAML)."
+    )
+    log_level: str = Field("INFO", validation_alias=_shared("log_level"), description="Root log level.")
+    host: str = Field("127.0.0.1", validation_alias=_shared("host"), description="Address the servers bind.")
     shutdown_grace_s: float = Field(10.0, description="How long in-flight calls may finish after SIGTERM.")
     drain_wait_s: float = Field(
         0.0, description="Time between NOT_SERVING and closing listeners, so that balancers notice."

@@ -24,7 +24,7 @@ import numpy as np
 
 from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError
-from services.inference.runtime import Runtime
+from services.inference.runtime import Runtime, pad_and_stack
 from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -48,21 +48,6 @@ class _Pending:
     rows: int
     future: asyncio.Future
     timing: Timing = field(default_factory=lambda: Timing(time.monotonic_ns()))
-
-
-def pad_and_stack(arrays: list[np.ndarray], pad_value: int | float) -> np.ndarray:
-    """Concatenate along the batch axis, padding every other axis to the largest size."""
-    if len(arrays) == 1:
-        return arrays[0]
-    target = tuple(max(a.shape[d] for a in arrays) for d in range(1, arrays[0].ndim))
-    if all(a.shape[1:] == target for a in arrays):
-        return np.concatenate(arrays, axis=0)
-    out = np.full((sum(a.shape[0] for a in arrays), *target), pad_value, dtype=arrays[0].dtype)
-    row = 0
-    for a in arrays:
-        out[(slice(row, row + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
-        row += a.shape[0]
-    return out
 
 
 class DynamicBatcher:

@@ -117,7 +117,7 @@ class InferenceCore:
             if rows is None:
                 rows = item.shape[0]
             elif item.shape[0] != rows:
-                raise invalid(f"inputs of model '{model}' disagree on the batch size")
+                raise invalid(f"input '{item.name}' batch size does not match other inputs for '{model}'")
             arrays[item.name] = np.frombuffer(item.raw, dtype=dtype).reshape(item.shape)
         if len({a.shape for name, a in arrays.items() if -1 in expected[name].dims}) > 1:
             raise invalid(f"variable-length inputs of model '{model}' must share one shape")

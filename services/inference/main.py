@@ -48,6 +48,10 @@ def main() -> None:
     setup_logging("inference", settings.log_level)
     import uvloop
 
+    if settings.backend == "triton":
+        from services.inference.triton_launcher import run_triton
+
+        raise SystemExit(uvloop.run(run_triton(settings)))
     uvloop.run(amain(settings))
 
 

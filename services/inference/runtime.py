@@ -30,6 +30,21 @@ def set_torch_threads(threads: int) -> None:
             torch.set_num_threads(threads)
 
 
+def pad_and_stack(arrays: list[np.ndarray], pad_value: int | float) -> np.ndarray:
+    """Concatenate along the batch axis, padding every other axis to the largest size."""
+    if len(arrays) == 1:
+        return arrays[0]
+    target = tuple(max(a.shape[d] for a in arrays) for d in range(1, arrays[0].ndim))
+    if all(a.shape[1:] == target for a in arrays):
+        return np.concatenate(arrays, axis=0)
+    out = np.full((sum(a.shape[0] for a in arrays), *target), pad_value, dtype=arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
+        row += a.shape[0]
+    return out
+
+
 def _writable(array: np.ndarray) -> np.ndarray:
     """torch.from_numpy needs a writable array; one decoded straight from request bytes is not."""
     array = np.ascontiguousarray(array, dtype=np.int64)

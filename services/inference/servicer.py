@@ -197,6 +197,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         return service_pb2.RepositoryIndexResponse(models=models)
 
+    async def SystemSharedMemoryStatus(self, request, context):
+        # No region can be registered here (registration is not supported), so the status is empty.
+        if request.name:
+            raise MeshError(ErrorCode.NOT_FOUND, f"Unable to find system shared memory region: '{request.name}'")
+        return service_pb2.SystemSharedMemoryStatusResponse()
+
     async def RepositoryModelLoad(self, request, context):
         await self.repository.load(request.model_name)
         return service_pb2.RepositoryModelLoadResponse()
@@ -226,7 +232,6 @@ async def _model_stream_infer(self, request_iterator, context):
 
 InferenceServicer.ModelStreamInfer = _model_stream_infer
 for _method in (
-    "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
     "CudaSharedMemoryStatus",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -17,3 +20,16 @@ class InferenceSettings(GrpcServiceSettings):
         default_factory=list, description="Inference names to load at start; empty loads the whole catalog."
     )
     strict_readiness: bool = Field(True, description="ServerReady only when every model is READY (Triton's default).")
+    backend: Literal["embedded", "triton"] = Field(
+        "embedded", description="embedded: our torch runtime; triton: a real tritonserver on the same ports."
+    )
+    triton_binary: Path | None = Field(
+        None, description="tritonserver to run; default: the one in the nvidia-pytriton wheel."
+    )
+    triton_exit_timeout_s: int = Field(20, description="Triton's --exit-timeout-secs (drain time on SIGTERM).")
+    triton_ready_timeout_s: float = Field(180.0, description="How long Triton may take to become ready.")
+    triton_log_verbose: int = Field(0, description="Triton's --log-verbose level.")
+    triton_trace_url: str | None = Field(
+        None,
+        description="OTLP/HTTP traces endpoint for Triton's OpenTelemetry trace mode (e.g. http://host:4318/v1/traces).",
+    )

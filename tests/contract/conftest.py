@@ -1,22 +1,82 @@
-"""The KServe v2 / Triton conformance suite's server fixture: our embedded inference server,
-started in-process through the same `create()` that its main() uses, on a free port."""
+"""The KServe v2 / Triton conformance suite's server fixture, one per backend:
+
+- embedded: our inference server, started in-process through the same `create()` its main() uses;
+- triton: a real `tritonserver` (from the nvidia-pytriton wheel) started by our launcher
+  (`python -m services.inference.main` with MESHSERVE_INFERENCE_BACKEND=triton), x86_64 Linux only.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 import pytest_asyncio
+from tritonclient.grpc import InferenceServerClient
 
 from services.inference.main import create
 from services.inference.settings import InferenceSettings
-from tests.helpers import meshserve_home
+from tests.helpers import REPO, free_port, meshserve_home
+
+TRITON_SUPPORTED = sys.platform == "linux" and platform.machine() == "x86_64"
+BACKENDS = [
+    "embedded",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(not TRITON_SUPPORTED, reason="the bundled tritonserver runs on x86_64 Linux only"),
+    ),
+]
 
 
-@pytest_asyncio.fixture(scope="session", params=["embedded"])
+def start_triton(home: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MESHSERVE_HOME": str(home),
+        "MESHSERVE_INFERENCE_BACKEND": "triton",
+        "MESHSERVE_INFERENCE_GRPC_PORT": str(port),
+        "MESHSERVE_INFERENCE_METRICS_PORT": str(free_port()),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.inference.main"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"triton launcher exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if InferenceServerClient(url).is_server_ready():
+                return process, url
+        except Exception:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise TimeoutError(f"triton not ready:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest_asyncio.fixture(scope="session", params=BACKENDS)
 async def inference_server(request, models_dir):
-    settings = InferenceSettings(home=meshserve_home(), grpc_port=0, metrics_port=-1)
-    running, repository = await create(settings)
-    yield {"backend": request.param, "url": f"127.0.0.1:{running.port}", "repository": repository}
-    await running.stop(grace_s=2)
+    if request.param == "embedded":
+        settings = InferenceSettings(home=meshserve_home(), grpc_port=0, metrics_port=-1)
+        running, _ = await create(settings)
+        yield {"backend": "embedded", "url": f"127.0.0.1:{running.port}"}
+        await running.stop(grace_s=2)
+        return
+    # Triton gets its own MESHSERVE_HOME (its generated repository and work dir) over the shared models.
+    home = Path(tempfile.mkdtemp(prefix="meshserve-triton-"))
+    (home / "models").symlink_to(meshserve_home() / "models")
+    process, url = start_triton(home, home / "triton.log")
+    yield {"backend": "triton", "url": url, "log": home / "triton.log", "process": process}
+    process.terminate()
+    process.wait(60)
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,8 @@ async def test_infer_with_raw_tensors_matches_sentence_transformers(client, mode
 
 async def test_concurrent_requests_are_batched(client, model_name, tokenizer):
     before = (await client.get_inference_statistics(model_name, as_json=True))["model_stats"][0]
-    texts = [f"request number {i} with a few words" + " more" * (i % 5) for i in range(48)]
+    # Long enough that one execution outlasts the client's time to send the next requests.
+    texts = [f"request number {i} with a few words" + " and then some more words" * (8 + i % 5) for i in range(64)]
     singles = [encode(tokenizer, [t]) for t in texts]
     results = await asyncio.gather(*(client.infer(model_name, infer_inputs(*s)) for s in singles))
     after = (await client.get_inference_statistics(model_name, as_json=True))["model_stats"][0]
@@ -102,6 +103,7 @@ async def test_concurrent_requests_are_batched(client, model_name, tokenizer):
         ("unknown-model", "unknown model"),
         ("wrong-dtype", "data-type"),
         ("wrong-shape", "unexpected shape"),
+        ("batch-mismatch", "batch size does not match other inputs"),
         ("missing-input", "missing required input"),
         ("batch-too-large", "batch-size must be"),
     ],
@@ -114,9 +116,11 @@ async def test_bad_requests_are_refused_with_triton_messages(client, model_name,
     elif case == "wrong-dtype":
         inputs = infer_inputs(ids, mask, dtype="FP32")
     elif case == "wrong-shape":
-        flat = InferInput("input_ids", [ids.size], "INT64")
-        flat.set_data_from_numpy(ids.reshape(-1))
-        inputs = [flat, inputs[1]]
+        extra_dim = InferInput("input_ids", [1, ids.size, 1], "INT64")
+        extra_dim.set_data_from_numpy(ids.reshape(1, -1, 1))
+        inputs = [extra_dim, inputs[1]]
+    elif case == "batch-mismatch":
+        inputs = infer_inputs(np.repeat(ids, 2, axis=0), mask)
     elif case == "missing-input":
         inputs = inputs[:1]
     elif case == "batch-too-large":
@@ -135,9 +139,15 @@ async def test_repository_index_lists_the_catalog(client, model_name):
 async def test_unload_and_load_change_readiness(client, model_name, tokenizer):
     await client.unload_model(model_name)
     try:
-        assert not await client.is_model_ready(model_name)
-        index = await client.get_model_repository_index(as_json=True)
+        # Triton unloads in the background (UNLOADING, then UNAVAILABLE); ours is immediate.
+        for _ in range(100):
+            index = await client.get_model_repository_index(as_json=True)
+            if index["models"][0]["state"] == "UNAVAILABLE":
+                break
+            assert index["models"][0]["state"] == "UNLOADING"
+            await asyncio.sleep(0.1)
         assert index["models"][0]["state"] == "UNAVAILABLE"
+        assert not await client.is_model_ready(model_name)
         with pytest.raises(InferenceServerException):
             await client.infer(model_name, infer_inputs(*encode(tokenizer, ["x"])))
     finally:
@@ -147,7 +157,13 @@ async def test_unload_and_load_change_readiness(client, model_name, tokenizer):
     assert result.as_numpy("embedding").shape == (1, 384)
 
 
-async def test_unsupported_methods_say_so(client):
+async def test_shared_memory_status_is_empty_when_nothing_is_registered(client):
+    assert (await client.get_system_shared_memory_status(as_json=True)).get("regions", {}) == {}
+
+
+async def test_unsupported_methods_say_so(client, inference_server):
+    if inference_server["backend"] == "triton":
+        pytest.skip("Triton implements shared-memory registration")
     with pytest.raises(InferenceServerException) as err:
-        await client.get_system_shared_memory_status()
+        await client.register_system_shared_memory("region", "/meshserve-test", 64)
     assert "not supported" in err.value.message()

@@ -10,8 +10,8 @@ import pytest
 
 from services.common.catalog import InferenceSpec, TensorSpec
 from services.common.errors import ErrorCode, MeshError
-from services.inference.batcher import DynamicBatcher, pad_and_stack
-from services.inference.runtime import Runtime
+from services.inference.batcher import DynamicBatcher
+from services.inference.runtime import Runtime, pad_and_stack
 from services.inference.stats import ModelStats
 
 
