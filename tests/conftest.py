@@ -13,7 +13,7 @@ import pytest
 from services.common.catalog import Catalog
 from services.common.modelstore import build_all
 from services.common.settings import REPO_ROOT
-from tests.helpers import MODEL_ID, meshserve_home, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, meshserve_home, start_mesh
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -31,10 +31,16 @@ def models_dir(catalog):
     return folder
 
 
-@pytest.fixture(scope="session")
-def mesh(models_dir, tmp_path_factory):
-    """One `meshserve up` shared by the end-to-end tests of a worker."""
-    running = start_mesh(tmp_path_factory.mktemp("mesh"))
+BACKENDS = [
+    "embedded",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_SUPPORTED, reason=TRITON_SKIP_REASON)),
+]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def mesh(request, models_dir, tmp_path_factory):
+    """One `meshserve up` per inference backend, shared by the end-to-end tests of a worker."""
+    running = start_mesh(tmp_path_factory.mktemp(f"mesh-{request.param}"), backend=request.param)
     yield running
     running.stop()
 

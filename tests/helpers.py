@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+TRITON_SUPPORTED = sys.platform == "linux" and platform.machine() == "x86_64"
+TRITON_SKIP_REASON = "the bundled tritonserver runs on x86_64 Linux only"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -38,6 +41,7 @@ class Mesh:
     ports: dict[str, int]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    backend: str = "embedded"
 
     @property
     def url(self) -> str:
@@ -88,11 +92,18 @@ class Mesh:
         return self.process.returncode
 
 
-def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Mesh:
+def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None, *, backend: str = "embedded") -> Mesh:
+    """`meshserve up --backend <backend>` on free ports. A Triton mesh gets its own MESHSERVE_HOME
+    (its generated repository and work dir) over the shared model store."""
+    home = meshserve_home()
+    if backend == "triton":
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        (home / "models").symlink_to(meshserve_home() / "models")
     ports = {name: free_port() for name in ("http", "grpc", "pre", "pre_m", "inference", "inf_m", "post", "post_m")}
     env = {
         **os.environ,
-        "MESHSERVE_HOME": str(meshserve_home()),
+        "MESHSERVE_HOME": str(home),
         "MESHSERVE_GATEWAY_HTTP_PORT": str(ports["http"]),
         "MESHSERVE_GATEWAY_GRPC_PORT": str(ports["grpc"]),
         "MESHSERVE_PREPROCESS_GRPC_PORT": str(ports["pre"]),
@@ -115,13 +126,13 @@ def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Mesh:
     log_path = tmp_path / "mesh.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--no-build"],
+            [sys.executable, "-m", "services.cli", "up", "--no-build", "--backend", backend],
             cwd=REPO,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    mesh = Mesh(process, ports, log_path, env)
+    mesh = Mesh(process, ports, log_path, env, backend)
     try:
         mesh.wait_ready()
     except BaseException:

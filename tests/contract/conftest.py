@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,11 @@ from tritonclient.grpc import InferenceServerClient
 
 from services.inference.main import create
 from services.inference.settings import InferenceSettings
-from tests.helpers import REPO, free_port, meshserve_home
+from tests.helpers import REPO, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, meshserve_home
 
-TRITON_SUPPORTED = sys.platform == "linux" and platform.machine() == "x86_64"
 BACKENDS = [
     "embedded",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(not TRITON_SUPPORTED, reason="the bundled tritonserver runs on x86_64 Linux only"),
-    ),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_SUPPORTED, reason=TRITON_SKIP_REASON)),
 ]
 
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import MODEL_ID, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, start_mesh
 
 pytestmark = pytest.mark.xdist_group("faults")
 
@@ -62,3 +62,33 @@ def test_killed_stage_gives_503_with_retry_after_then_recovers(mesh, service):
     for name, pid in others.items():
         if name != service:
             assert mesh.child(name).pid == pid
+
+
+@pytest.mark.skipif(not TRITON_SUPPORTED, reason=TRITON_SKIP_REASON)
+def test_killed_triton_is_noticed_restarted_and_service_recovers(models_dir, tmp_path):
+    mesh = start_mesh(tmp_path, {"MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4"}, backend="triton")
+    try:
+        others = {name: mesh.child(name).pid for name in ("gateway", "preprocess", "postprocess")}
+        launcher = mesh.child("inference")
+        (triton,) = [p for p in launcher.children(recursive=True) if p.name() == "tritonserver"]
+        triton.kill()
+
+        def not_ready() -> bool:
+            ready = httpx.get(f"{mesh.url}/readyz", timeout=5)
+            return ready.status_code == 503 and not ready.json()["checks"]["inference"]
+
+        assert wait_for(not_ready, 5), "readiness must go red when Triton dies"
+        reply = httpx.post(f"{mesh.url}/v1/embeddings", json={"model": MODEL_ID, "input": "hello"}, timeout=30)
+        assert reply.status_code == 503 and int(reply.headers["retry-after"]) >= 1
+
+        def recovered() -> bool:
+            return httpx.post(f"{mesh.url}/models/{MODEL_ID}", json={"inputs": "hello"}, timeout=30).status_code == 200
+
+        assert wait_for(recovered, 120), mesh.log()[-3000:]
+        assert "inference exited" in mesh.log() and "restarting" in mesh.log()
+        for name, pid in others.items():
+            assert mesh.child(name).pid == pid
+        new_triton = [p for p in mesh.child("inference").children(recursive=True) if p.name() == "tritonserver"]
+        assert new_triton and new_triton[0].pid != triton.pid
+    finally:
+        mesh.stop()
