@@ -48,6 +48,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/meshserve models build
 	$(PY) -m bench.run_embeddings
+	$(PY) -m bench.run_backends
 
 clean:
 	rm -rf $(VENV) .meshserve
