@@ -3,6 +3,7 @@ collector endpoint that the test runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.helpers import MODEL_ID, free_port, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, start_mesh
 
 pytestmark = pytest.mark.xdist_group("tracing")
 
@@ -102,3 +103,81 @@ def test_one_trace_id_spans_http_and_all_four_services(traced_mesh, receiver):
     assert roots, "the gateway's server span must be a child of the caller's span"
     # Health checks are not traced.
     assert not any("Health" in s.name for _, s in collector.spans)
+
+
+class HttpReceiver:
+    """An OTLP/HTTP trace collector (protobuf or JSON bodies): what Triton's OpenTelemetry mode
+    exports to. Keeps (trace_id, span_id, parent_span_id, name) as hex strings."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.spans: list = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if "json" in self.headers.get("Content-Type", ""):
+                    # OTLP/JSON writes ids as hex strings.
+                    for rs in json.loads(body).get("resourceSpans", []):
+                        for scope in rs.get("scopeSpans", []):
+                            receiver.spans.extend(
+                                (
+                                    sp["traceId"].lower(),
+                                    sp["spanId"].lower(),
+                                    sp.get("parentSpanId", "").lower(),
+                                    sp["name"],
+                                )
+                                for sp in scope.get("spans", [])
+                            )
+                else:
+                    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                    for rs in request.resource_spans:
+                        for scope in rs.scope_spans:
+                            receiver.spans.extend(
+                                (sp.trace_id.hex(), sp.span_id.hex(), sp.parent_span_id.hex(), sp.name)
+                                for sp in scope.spans
+                            )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.skipif(not TRITON_SUPPORTED, reason=TRITON_SKIP_REASON)
+def test_trace_continues_into_triton(receiver, models_dir, tmp_path):
+    collector, port = receiver
+    http_receiver = HttpReceiver()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "MESHSERVE_INFERENCE_TRITON_TRACE_URL": http_receiver.url,
+    }
+    mesh = start_mesh(tmp_path, env, backend="triton")
+    try:
+        trace_id = os.urandom(16).hex()
+        reply = httpx.post(
+            f"{mesh.url}/models/{MODEL_ID}",
+            json={"inputs": "traced through triton"},
+            headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(s[0] == trace_id for s in http_receiver.spans):
+            time.sleep(0.2)
+        triton_spans = [s for s in http_receiver.spans if s[0] == trace_id]
+        assert triton_spans, f"Triton exported {http_receiver.spans[:3]}, none in our trace"
+        ours = {s.span_id.hex() for _, s in collector.for_trace(trace_id)}
+        assert any(parent in ours for _, _, parent, _ in triton_spans), "Triton's span must be a child of ours"
+    finally:
+        mesh.stop()
+        http_receiver.server.shutdown()
