@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,29 @@ TRITON_SKIP_REASON = "the bundled tritonserver runs on x86_64 Linux only"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_rng = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port *below* the ephemeral range: a port from bind(0) can be taken by the
+    local end of any outgoing connection before the server that was meant to use it binds it."""
+    high = max(_ephemeral_low() - 1, 20001)
+    for _ in range(200):
+        port = _rng.randint(20000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port found")
 
 
 def meshserve_home() -> Path:

@@ -86,8 +86,12 @@ async def test_concurrent_requests_are_batched(client, model_name, tokenizer):
     texts = [f"request number {i} with a few words" + " and then some more words" * (8 + i % 5) for i in range(64)]
     singles = [encode(tokenizer, [t]) for t in texts]
     results = await asyncio.gather(*(client.infer(model_name, infer_inputs(*s)) for s in singles))
-    after = (await client.get_inference_statistics(model_name, as_json=True))["model_stats"][0]
-    inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+    for _ in range(50):  # Triton updates its statistics just after the responses go out
+        after = (await client.get_inference_statistics(model_name, as_json=True))["model_stats"][0]
+        inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+        if inferences >= len(texts):
+            break
+        await asyncio.sleep(0.05)
     executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
     assert inferences == len(texts)
     assert executions < inferences, "concurrent requests must share executions"
@@ -167,3 +171,27 @@ async def test_unsupported_methods_say_so(client, inference_server):
     with pytest.raises(InferenceServerException) as err:
         await client.register_system_shared_memory("region", "/meshserve-test", 64)
     assert "not supported" in err.value.message()
+
+
+async def test_model_is_not_ready_while_it_loads(client, model_name, tokenizer):
+    await client.unload_model(model_name)
+    for _ in range(100):
+        if (await client.get_model_repository_index(as_json=True))["models"][0]["state"] == "UNAVAILABLE":
+            break
+        await asyncio.sleep(0.1)
+    load = asyncio.create_task(client.load_model(model_name))
+    states = []
+    try:
+        while not load.done():
+            state = (await client.get_model_repository_index(as_json=True))["models"][0]["state"]
+            ready = await client.is_model_ready(model_name)
+            states.append(state)
+            if state != "READY":
+                assert not ready, f"ready while {state}"
+            await asyncio.sleep(0.02)
+    finally:
+        await load
+    assert "LOADING" in states, states
+    assert await client.is_model_ready(model_name)
+    result = await client.infer(model_name, infer_inputs(*encode(tokenizer, ["loaded again"])))
+    assert result.as_numpy("embedding").shape == (1, 384)
