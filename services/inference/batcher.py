@@ -99,15 +99,23 @@ class DynamicBatcher:
             return False
         return True
 
+    def _limit(self, rows: int) -> int:
+        """Rows this batch may hold: as in Triton, the largest preferred batch size that the waiting
+        requests can fill, else max_batch_size."""
+        available = min(rows + self._pending_rows, self.spec.max_batch_size)
+        fits = [size for size in self.spec.preferred_batch_sizes if size <= available]
+        return max(fits) if fits else self.spec.max_batch_size
+
     def _take(self, batch: list[_Pending], rows: int) -> int:
         """Move queued requests into the batch while they fit; drop cancelled ones."""
+        limit = self._limit(rows)
         while self._pending:
             head = self._pending[0]
             if head.future.done():  # cancelled by its caller while queued
                 self._pending.popleft()
                 self._pending_rows -= head.rows
                 continue
-            if rows + head.rows > self.spec.max_batch_size and batch:
+            if rows + head.rows > limit and batch:
                 break
             self._pending.popleft()
             self._pending_rows -= head.rows

@@ -87,6 +87,19 @@ async def test_batches_never_exceed_max_batch_size():
     await batcher.close()
 
 
+async def test_batches_are_cut_at_the_largest_preferred_size_that_is_full():
+    gate = threading.Event()
+    runtime = SumRuntime(gate)
+    batcher = DynamicBatcher("sum", runtime, spec(max_batch_size=8, preferred_batch_sizes=(2, 4)), ModelStats())
+    futures = [batcher.submit({"x": row(9)}, 1)]
+    await asyncio.sleep(0.05)
+    futures += [batcher.submit({"x": row(i)}, 1) for i in range(7)]
+    gate.set()
+    await asyncio.gather(*futures)
+    assert runtime.batches == [1, 4, 2, 1]  # 7 waiting: 4, then 3 left -> 2, then 1
+    await batcher.close()
+
+
 async def test_cancelled_requests_are_dropped_before_execution():
     gate = threading.Event()
     runtime = SumRuntime(gate)
