@@ -134,6 +134,10 @@ class InferenceCore:
         slot = self.repository.ready(model, version)
         spec = slot.entry.inference
         arrays, rows = self._decode(model, spec, inputs)
+        try:
+            slot.batcher.runtime.validate(arrays)
+        except ValueError as exc:
+            raise invalid(f"{exc} (model '{model}')") from None
         if requested:
             known = {t.name for t in spec.outputs}
             for name in requested:

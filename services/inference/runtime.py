@@ -57,6 +57,10 @@ class Runtime:
     # Value used to pad each variable-length input when requests are batched together.
     pad_values: ClassVar[dict[str, int | float]] = {}
 
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        """Raise ValueError when one request's inputs would break the model. Called per request,
+        before batching, so that one bad request cannot fail a batch of good ones."""
+
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
@@ -76,6 +80,19 @@ class SentenceEmbeddingRuntime(Runtime):
 
         self._torch = torch
         self.model = AutoModel.from_pretrained(str(model_dir)).eval()
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.max_tokens = int(self.model.config.max_position_embeddings)
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if ids.shape[-1] == 0:
+            raise ValueError("input 'input_ids' has no tokens")
+        if ids.shape[-1] > self.max_tokens:
+            raise ValueError(f"input 'input_ids' has {ids.shape[-1]} tokens; the model takes at most {self.max_tokens}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"input 'input_ids' holds token ids outside [0, {self.vocab_size})")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("input 'attention_mask' must hold only 0 and 1")
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch

@@ -29,6 +29,24 @@ class TritonPythonModel:
         arrays = [
             {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs} for r in requests
         ]
+        # One bad request gets its own error; the others still run together as one batch.
+        errors: list[str | None] = []
+        for a in arrays:
+            try:
+                self.runtime.validate(a)
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(str(exc))
+        good = iter(self._run([a for a, e in zip(arrays, errors, strict=True) if e is None], pb_utils))
+        return [
+            next(good) if e is None else pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(e))
+            for e in errors
+        ]
+
+    def _run(self, arrays: list[dict], pb_utils) -> list:
+        """One padded batch for the valid requests; one response each."""
+        if not arrays:
+            return []
         rows = [a[self.inputs[0]].shape[0] for a in arrays]
         try:
             stacked = {
@@ -38,7 +56,7 @@ class TritonPythonModel:
             outputs = self.runtime.execute(stacked)
         except Exception as exc:  # every request of the batch gets the error, the model stays up
             error = pb_utils.TritonError(f"model execution failed: {type(exc).__name__}")
-            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in arrays]
         responses, offset = [], 0
         for n in rows:
             tensors = [pb_utils.Tensor(name, outputs[name][offset : offset + n]) for name in self.outputs]

@@ -135,6 +135,24 @@ async def test_bad_requests_are_refused_with_triton_messages(client, model_name,
     assert await client.is_server_live()  # nothing crashed
 
 
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [("token-out-of-vocabulary", "outside"), ("mask-not-binary", "only 0 and 1"), ("no-tokens", "no tokens")],
+)
+async def test_a_bad_request_fails_alone_while_its_batch_mates_succeed(client, model_name, tokenizer, case, expect):
+    ids, mask = encode(tokenizer, ["a perfectly fine sentence"])
+    if case == "token-out-of-vocabulary":
+        bad = infer_inputs(np.full_like(ids, 10_000_000), mask)
+    elif case == "mask-not-binary":
+        bad = infer_inputs(ids, mask * 7)
+    else:
+        bad = infer_inputs(ids[:, :0], mask[:, :0])
+    good = [client.infer(model_name, infer_inputs(ids, mask)) for _ in range(12)]
+    results = await asyncio.gather(*good[:6], client.infer(model_name, bad), *good[6:], return_exceptions=True)
+    assert isinstance(results[6], InferenceServerException) and expect in results[6].message()
+    assert all(r.as_numpy("embedding").shape == (1, 384) for i, r in enumerate(results) if i != 6)
+
+
 async def test_repository_index_lists_the_catalog(client, model_name):
     index = await client.get_model_repository_index(as_json=True)
     assert {"name": model_name, "version": "1", "state": "READY"}.items() <= index["models"][0].items()
