@@ -29,7 +29,7 @@ models: $(STAMP)
 ## test: contracts (buf lint/format/breaking, stub drift), lint, then the whole pytest suite.
 test: $(STAMP)
 	scripts/proto-check.sh
-	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff check services tests bench deploy
 	$(VENV)/bin/meshserve models build
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider
 
@@ -40,7 +40,7 @@ proto-check: $(STAMP)
 	scripts/proto-check.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff check services tests bench deploy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
 

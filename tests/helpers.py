@@ -112,7 +112,16 @@ class Mesh:
         return self.process.returncode
 
 
-def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None, *, backend: str = "embedded") -> Mesh:
+MESH_PORTS = ("http", "grpc", "pre", "pre_m", "inference", "inf_m", "post", "post_m")
+
+
+def start_mesh(
+    tmp_path: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    backend: str = "embedded",
+    ports: dict[str, int] | None = None,
+) -> Mesh:
     """`meshserve up --backend <backend>` on free ports. A Triton mesh gets its own MESHSERVE_HOME
     (its generated repository and work dir) over the shared model store."""
     home = meshserve_home()
@@ -120,7 +129,7 @@ def start_mesh(tmp_path: Path, extra_env: dict[str, str] | None = None, *, backe
         home = tmp_path / "home"
         home.mkdir(exist_ok=True)
         (home / "models").symlink_to(meshserve_home() / "models")
-    ports = {name: free_port() for name in ("http", "grpc", "pre", "pre_m", "inference", "inf_m", "post", "post_m")}
+    ports = ports or {name: free_port() for name in MESH_PORTS}
     env = {
         **os.environ,
         "MESHSERVE_HOME": str(home),
