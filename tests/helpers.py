@@ -78,13 +78,21 @@ class Mesh:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def child(self, service: str) -> psutil.Process:
-        """The live process of one service (module services.<service>.main)."""
+    def children(self, service: str) -> list[psutil.Process]:
+        """The live processes of one service (module services.<service>.main), oldest first."""
+        found = []
         for proc in psutil.Process(self.process.pid).children():
             with contextlib.suppress(psutil.Error):
                 if f"services.{service}.main" in " ".join(proc.cmdline()):
-                    return proc
-        raise LookupError(f"no running {service} process")
+                    found.append(proc)
+        return sorted(found, key=lambda p: p.create_time())
+
+    def child(self, service: str) -> psutil.Process:
+        """The live process of one service."""
+        found = self.children(service)
+        if not found:
+            raise LookupError(f"no running {service} process")
+        return found[0]
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
