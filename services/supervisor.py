@@ -150,13 +150,15 @@ def envoy_child(
 
     from deploy.envoy.generate import Topology, build
 
-    topology = Topology.model_validate(
-        {
-            "admin": {"address": gw.host, "port": settings.envoy_admin_port},
-            "front": {"address": gw.host, "port": settings.envoy_front_port},
-            "services": services,
-        }
-    )
+    spec: dict = {
+        "admin": {"address": gw.host, "port": settings.envoy_admin_port},
+        "front": {"address": gw.host, "port": settings.envoy_front_port},
+        "services": services,
+    }
+    otlp = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if otlp:  # Envoy's spans go to the same OTLP/gRPC collector as ours
+        spec["tracing"] = {"otlp": otlp.split("://", 1)[-1].rstrip("/"), "flush_interval_ms": 200}
+    topology = Topology.model_validate(spec)
     folder = home / "envoy"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "envoy.yaml"

@@ -3,6 +3,7 @@ collector endpoint that the test runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -181,3 +182,47 @@ def test_trace_continues_into_triton(receiver, models_dir, tmp_path):
     finally:
         mesh.stop()
         http_receiver.server.shutdown()
+
+
+def test_one_trace_through_envoy_and_every_service(receiver, models_dir, tmp_path):
+    collector, port = receiver
+    front = free_port()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "MESHSERVE_SUPERVISOR_REPLICAS": json.dumps({"inference": 2}),
+        "MESHSERVE_SUPERVISOR_ENVOY_FRONT_PORT": str(front),
+        "MESHSERVE_SUPERVISOR_ENVOY_ADMIN_PORT": str(free_port()),
+    }
+    mesh = start_mesh(tmp_path, env)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # Envoy's health check marks the gateway healthy
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{front}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        trace_id = os.urandom(16).hex()
+        reply = httpx.post(
+            f"http://127.0.0.1:{front}/models/{MODEL_ID}",
+            json={"inputs": "through envoy, traced"},
+            headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+        wanted = {
+            "meshserve-envoy",
+            "meshserve-gateway",
+            "meshserve-preprocess",
+            "meshserve-inference",
+            "meshserve-postprocess",
+        }
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not wanted <= {svc for svc, _ in collector.for_trace(trace_id)}:
+            time.sleep(0.2)
+        assert wanted <= {svc for svc, _ in collector.for_trace(trace_id)}, {
+            svc for svc, _ in collector.for_trace(trace_id)
+        }
+    finally:
+        mesh.stop()
