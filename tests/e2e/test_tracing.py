@@ -20,6 +20,15 @@ from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_p
 pytestmark = pytest.mark.xdist_group("tracing")
 
 
+def otel_env(port: int) -> dict[str, str]:
+    """Environment that makes every service export its spans to the in-test receiver quickly."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP trace collector that keeps every span it is sent: (service, span) pairs."""
 
@@ -57,9 +66,7 @@ def receiver():
 def traced_mesh(receiver, models_dir, tmp_path_factory):
     _, port = receiver
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        **otel_env(port),
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
     mesh = start_mesh(tmp_path_factory.mktemp("traced"), env)
@@ -157,9 +164,7 @@ def test_trace_continues_into_triton(receiver, models_dir, tmp_path):
     collector, port = receiver
     http_receiver = HttpReceiver()
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        **otel_env(port),
         "MESHSERVE_INFERENCE_TRITON_TRACE_URL": http_receiver.url,
     }
     mesh = start_mesh(tmp_path, env, backend="triton")
@@ -188,9 +193,7 @@ def test_one_trace_through_envoy_and_every_service(receiver, models_dir, tmp_pat
     collector, port = receiver
     front = free_port()
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        **otel_env(port),
         "MESHSERVE_SUPERVISOR_REPLICAS": json.dumps({"inference": 2}),
         "MESHSERVE_SUPERVISOR_ENVOY_FRONT_PORT": str(front),
         "MESHSERVE_SUPERVISOR_ENVOY_ADMIN_PORT": str(free_port()),
