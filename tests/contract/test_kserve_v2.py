@@ -201,11 +201,12 @@ async def test_model_is_not_ready_while_it_loads(client, model_name, tokenizer):
     states = []
     try:
         while not load.done():
-            state = (await client.get_model_repository_index(as_json=True))["models"][0]["state"]
+            # Readiness first, state second: a model that was ready cannot be LOADING afterwards.
             ready = await client.is_model_ready(model_name)
+            state = (await client.get_model_repository_index(as_json=True))["models"][0]["state"]
             states.append(state)
-            if state != "READY":
-                assert not ready, f"ready while {state}"
+            if ready:
+                assert state == "READY", f"ready, then {state}"
             await asyncio.sleep(0.02)
     finally:
         await load
