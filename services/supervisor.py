@@ -48,10 +48,8 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     stopping: bool = False
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
-        self.exited.clear()
         argv = self.argv or [sys.executable, "-m", f"services.{self.name}.main"]
         self.process = await asyncio.create_subprocess_exec(
             *argv,

@@ -61,10 +61,6 @@ def client_interceptors() -> list:
     return list(aio_client_interceptors(tracer_provider=_provider, filter_=_NOT_TRACED))
 
 
-def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
-
-
 @contextmanager
 def span(name: str, **attributes) -> Iterator[trace.Span]:
     """A child span of the current one, for the work that matters (tokenize, queue wait, ...)."""

@@ -152,7 +152,7 @@ class DynamicBatcher:
             )
         except Exception:
             log.exception("batch execution failed", extra={"fields": {"model": self.name, "size": len(batch)}})
-            self.stats.record_failure(len(batch), started)
+            self.stats.record_failure()
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(

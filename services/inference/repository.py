@@ -36,7 +36,6 @@ class ModelSlot:
     reason: str = "unloaded"
     batcher: DynamicBatcher | None = None
     stats: ModelStats = field(default_factory=ModelStats)
-    loaded_at: float = 0.0
     version: str = "1"
 
     @property
@@ -88,7 +87,7 @@ class ModelRepository:
                 slot.state, slot.reason = ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}"
                 raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"failed to load '{name}'") from exc
             slot.batcher = DynamicBatcher(name, runtime, entry.inference, slot.stats)
-            slot.state, slot.reason, slot.loaded_at = ModelState.READY, "", time.time()
+            slot.state, slot.reason = ModelState.READY, ""
             log.info(
                 "model ready", extra={"fields": {"model": name, "load_s": round(time.perf_counter() - started, 2)}}
             )

@@ -56,5 +56,5 @@ class ModelStats:
     def record_request(self, ok: bool, total_ns: int) -> None:
         (self.success if ok else self.fail).add(total_ns)
 
-    def record_failure(self, requests: int, started_ns: int) -> None:
+    def record_failure(self) -> None:
         self.execution_count += 1
