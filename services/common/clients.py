@@ -115,12 +115,23 @@ class InferenceClient(UpstreamClient):
     async def model_infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         return await self._call(self._stub.ModelInfer, request)
 
+    async def load_model(self, name: str, timeout_s: float = 300.0) -> None:
+        """Ask the server to load (or reload) a model: RepositoryModelLoad, explicit model control."""
+        await self._call(self._stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name=name), timeout_s)
+
     async def model_ready(self, name: str, timeout_s: float = 1.0) -> bool:
         try:
             reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=name), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False
         return reply.ready
+
+    async def server_live(self, timeout_s: float = 1.0) -> bool:
+        try:
+            reply = await self._stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.live
 
     async def server_ready(self, timeout_s: float = 1.0) -> bool:
         try:

@@ -44,6 +44,9 @@ class ErrorCode(enum.Enum):
     PAYLOAD_TOO_LARGE = _Mapping(
         "payload_too_large", grpc.StatusCode.INVALID_ARGUMENT, 413, "validation", "invalid_request_error", False
     )
+    UNSUPPORTED_MEDIA_TYPE = _Mapping(
+        "unsupported_media_type", grpc.StatusCode.INVALID_ARGUMENT, 415, "validation", "invalid_request_error", False
+    )
     UNAUTHENTICATED = _Mapping(
         "unauthenticated", grpc.StatusCode.UNAUTHENTICATED, 401, "authentication", "authentication_error", False
     )
@@ -122,7 +125,8 @@ class MeshError(Exception):
     """A failure with a catalog code and a message that is safe to show the caller.
 
     `param` names the offending request field where there is one (OpenAI's `param`);
-    `retry_after_s` is sent as `Retry-After` on 429/503.
+    `retry_after_s` is sent as `Retry-After` on 429/503; `estimated_time_s` is the HF API's
+    `estimated_time` of a model that is loading.
     """
 
     def __init__(
@@ -132,11 +136,13 @@ class MeshError(Exception):
         *,
         param: str | None = None,
         retry_after_s: float | None = None,
+        estimated_time_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        self.estimated_time_s = estimated_time_s
         if retry_after_s is None and code.http_status in (429, 503):
             retry_after_s = 1.0
         self.retry_after_s = retry_after_s
@@ -152,6 +158,8 @@ class MeshError(Exception):
             info.metadata["param"] = self.param
         if self.retry_after_s is not None:
             info.metadata["retry_after_s"] = f"{self.retry_after_s:g}"
+        if self.estimated_time_s is not None:
+            info.metadata["estimated_time_s"] = f"{self.estimated_time_s:g}"
         detail = any_pb2.Any()
         detail.Pack(info)
         status = status_pb2.Status(code=self.code.grpc_code.value[0], message=self.message, details=[detail])
@@ -171,11 +179,13 @@ class MeshError(Exception):
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info) and info.domain == DOMAIN and info.reason in _BY_SLUG:
                     retry = info.metadata.get("retry_after_s")
+                    estimated = info.metadata.get("estimated_time_s")
                     return cls(
                         _BY_SLUG[info.reason],
                         status.message or message,
                         param=info.metadata.get("param") or None,
                         retry_after_s=float(retry) if retry else None,
+                        estimated_time_s=float(estimated) if estimated else None,
                     )
         code = _FROM_GRPC.get(code_grpc, ErrorCode.INTERNAL)
         if code is ErrorCode.UPSTREAM_UNAVAILABLE:

@@ -12,14 +12,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from services.common import builders
 from services.common.catalog import Catalog, ModelEntry
 
 MANIFEST = "meshserve-build.json"
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 def source_path(entry: ModelEntry) -> Path:
     """The folder that holds the model's files at the source (a wheel's package data, a path)."""
+    if entry.source.kind == "build":
+        raise ValueError(f"{entry.id} is trained by a builder; it has no source folder")
     if entry.source.kind == "wheel":
         module = importlib.import_module(entry.source.package)
         return Path(module.get_model_path())
@@ -59,28 +62,68 @@ def _card(entry: ModelEntry, src: Path) -> str:
 """
 
 
-def build_entry(entry: ModelEntry, models_dir: Path, *, force: bool = False) -> tuple[Path, bool]:
-    """Materialize one entry; returns (store dir, whether anything was built)."""
-    src = source_path(entry)
-    fingerprint = _fingerprint(src)
+def manifest(entry: ModelEntry, models_dir: Path) -> dict:
+    """The build manifest of a built entry (id, fingerprint, and a trained model's metrics)."""
+    return json.loads((entry.store_dir(models_dir) / MANIFEST).read_text())
+
+
+def _build_fingerprint(entry: ModelEntry, builder, base_fingerprint: str) -> str:
+    """What a trained model depends on: the builder's files, the entry's source and pre/post
+    settings (labels, image normalization), and the base model it starts from."""
+    digest = hashlib.sha256(f"v{BUILD_VERSION}:{base_fingerprint}".encode())
+    for path in builder.inputs():
+        digest.update(path.read_bytes())
+    for part in (entry.source, entry.preprocess, entry.postprocess.labels):
+        digest.update(json.dumps(part.model_dump() if hasattr(part, "model_dump") else part).encode())
+    return digest.hexdigest()[:16]
+
+
+def _copy(entry: ModelEntry, src: Path, out: Path) -> None:
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for path in tqdm(files, desc=f"build {entry.id}", unit="file", leave=False):
+        target = out / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def build_entry(
+    entry: ModelEntry, models_dir: Path, *, force: bool = False, catalog: Catalog | None = None
+) -> tuple[Path, bool]:
+    """Materialize one entry; returns (store dir, whether anything was built). A trained entry
+    whose `source.base` names another entry needs `catalog` and that entry built first."""
     dest = entry.store_dir(models_dir)
-    manifest = dest / MANIFEST
-    if not force and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+    metrics: dict | None = None
+    if entry.source.kind == "build":
+        builder = builders.get(entry.source.builder)
+        base_dir, base_fingerprint = None, ""
+        if entry.source.base:
+            if catalog is None:
+                raise ValueError(f"{entry.id}: building on {entry.source.base} needs the catalog")
+            base = catalog.get(entry.source.base)
+            build_entry(base, models_dir, catalog=catalog)
+            base_dir, base_fingerprint = model_dir(base, models_dir), manifest(base, models_dir)["fingerprint"]
+        fingerprint = _build_fingerprint(entry, builder, base_fingerprint)
+    else:
+        src = source_path(entry)
+        fingerprint = _fingerprint(src)
+    if not force and is_built(entry, models_dir) and manifest(entry, models_dir).get("fingerprint") == fingerprint:
         return dest, False
     tmp = dest.with_name(dest.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for path in tqdm(files, desc=f"build {entry.id}", unit="file", leave=False):
-        target = tmp / "model" / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-    (tmp / "README.md").write_text(_card(entry, src))
-    (tmp / MANIFEST).write_text(json.dumps({"id": entry.id, "fingerprint": fingerprint}, indent=2) + "\n")
+    if entry.source.kind == "build":
+        metrics = builder.build(entry, tmp / "model", base_dir, progress=tqdm)
+        card = builder.card(entry, metrics)
+    else:
+        _copy(entry, src, tmp / "model")
+        card = _card(entry, src)
+    (tmp / "README.md").write_text(card)
+    record = {"id": entry.id, "fingerprint": fingerprint, **({"metrics": metrics} if metrics else {})}
+    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest, True
 
 
 def build_all(catalog: Catalog, models_dir: Path, *, force: bool = False) -> list[tuple[ModelEntry, bool]]:
-    return [(entry, build_entry(entry, models_dir, force=force)[1]) for entry in catalog.models]
+    return [(entry, build_entry(entry, models_dir, force=force, catalog=catalog)[1]) for entry in catalog.models]

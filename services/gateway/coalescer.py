@@ -43,6 +43,13 @@ class Embedded:
     vectors: np.ndarray
     input_tokens: int
 
+    @classmethod
+    def of(cls, prediction) -> Embedded:
+        """The vectors and token count of a feature-extraction Prediction."""
+        tensor = prediction.result.embeddings
+        vectors = np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape))
+        return cls(vectors, prediction.usage.input_tokens)
+
 
 @dataclass(eq=False)
 class _Member:

@@ -4,11 +4,18 @@ Transport-neutral: the HTTP routes and the gRPC API call the same `Pipeline`. La
 split by rows into chunks of the model's max batch size after preprocessing, run concurrently on
 the inference service (where its dynamic batcher regroups them) and joined before postprocessing,
 so one request can carry more texts than one model batch.
+
+A catalog model that the inference server has not loaded (unloaded to free memory, or never
+loaded) is cold: the first request for it starts a load (RepositoryModelLoad, on our server and on
+Triton alike) and, as on the HF Inference API, is answered 503 with `estimated_time`, or waits
+for the load when the caller asked `wait_for_model`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import time
 from dataclasses import dataclass
 
@@ -18,12 +25,15 @@ from meshserve.tasks.v1 import tasks_pb2
 from prometheus_client import Histogram
 from tritonclient.grpc import service_pb2
 
+from services.common import deadlines
 from services.common.catalog import Catalog, ModelEntry
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.errors import ErrorCode, MeshError
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.tasks import task_to_pb
 from services.common.tensors import NP_DTYPES
+
+log = logging.getLogger(__name__)
 
 STAGE_SECONDS = Histogram(
     "meshserve_gateway_stage_seconds", "Time spent in each pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS
@@ -42,6 +52,39 @@ class Prediction:
 class Readiness:
     ready: bool
     checks: dict[str, bool]
+
+
+class ColdStarts:
+    """Loads cold models on the inference server, one load per model at a time, and estimates
+    how long a load takes (the last measured load, else the catalog's expected_load_s)."""
+
+    def __init__(self, inference: InferenceClient) -> None:
+        self.inference = inference
+        self._loads: dict[str, tuple[float, asyncio.Task]] = {}
+        self._measured_s: dict[str, float] = {}
+
+    def start(self, entry: ModelEntry) -> asyncio.Task:
+        name = entry.inference.name
+        running = self._loads.get(name)
+        if running is not None and not running[1].done():
+            return running[1]
+        # An empty context: the load must not inherit (and die with) the first caller's deadline.
+        task = asyncio.get_running_loop().create_task(self._load(name), context=contextvars.Context())
+        self._loads[name] = (time.monotonic(), task)
+        return task
+
+    async def _load(self, name: str) -> None:
+        started = time.monotonic()
+        log.info("loading cold model", extra={"fields": {"model": name}})
+        await self.inference.load_model(name)
+        self._measured_s[name] = time.monotonic() - started
+
+    def estimated_time_s(self, entry: ModelEntry) -> float:
+        name = entry.inference.name
+        expected = self._measured_s.get(name, entry.inference.expected_load_s)
+        running = self._loads.get(name)
+        elapsed = time.monotonic() - running[0] if running and not running[1].done() else 0.0
+        return round(max(expected - elapsed, 0.5), 1)
 
 
 def split_rows(tensor: tasks_pb2.Tensor, chunk: int) -> list[tuple[list[int], memoryview]]:
@@ -71,6 +114,7 @@ class Pipeline:
         self.postprocess = postprocess
         self._readiness_cache_s = readiness_cache_s
         self._readiness: tuple[float, Readiness] | None = None
+        self.cold_starts = ColdStarts(inference)
 
     def resolve(self, model_id: str, task: str | None) -> tuple[ModelEntry, str]:
         entry = self.catalog.get(model_id)
@@ -82,17 +126,24 @@ class Pipeline:
         task: str | None,
         inputs: tasks_pb2.TaskInputs,
         parameters: tasks_pb2.TaskParameters | None = None,
+        *,
+        wait_for_model: bool = False,
     ) -> Prediction:
         entry, task = self.resolve(model_id, task)
         try:
-            return await self._run(entry, task, inputs, parameters or tasks_pb2.TaskParameters())
+            return await self._run(entry, task, inputs, parameters or tasks_pb2.TaskParameters(), wait_for_model)
         except MeshError as err:
             if err.code is ErrorCode.UPSTREAM_UNAVAILABLE:
                 self._readiness = None  # a hop is down: the next /readyz must look again
             raise
 
     async def _run(
-        self, entry: ModelEntry, task: str, inputs: tasks_pb2.TaskInputs, parameters: tasks_pb2.TaskParameters
+        self,
+        entry: ModelEntry,
+        task: str,
+        inputs: tasks_pb2.TaskInputs,
+        parameters: tasks_pb2.TaskParameters,
+        wait_for_model: bool,
     ) -> Prediction:
         task_pb = task_to_pb(task)
         started = time.perf_counter()
@@ -100,7 +151,13 @@ class Pipeline:
             preprocess_pb2.PreprocessRequest(model_id=entry.id, task=task_pb, inputs=inputs, parameters=parameters)
         )
         t1 = time.perf_counter()
-        outputs = await self._infer(entry, list(pre.tensors))
+        try:
+            outputs = await self._infer(entry, list(pre.tensors))
+        except MeshError as err:
+            if not await self._is_cold(entry, err):
+                raise
+            await self._warm_up(entry, wait_for_model)
+            outputs = await self._infer(entry, list(pre.tensors))
         t2 = time.perf_counter()
         post = await self.postprocess.postprocess(
             postprocess_pb2.PostprocessRequest(model_id=entry.id, task=task_pb, outputs=outputs, parameters=parameters)
@@ -110,6 +167,30 @@ class Pipeline:
         STAGE_SECONDS.labels("inference").observe(t2 - t1)
         STAGE_SECONDS.labels("postprocess").observe(t3 - t2)
         return Prediction(entry.id, task, post.result, pre.usage)
+
+    async def _is_cold(self, entry: ModelEntry, err: MeshError) -> bool:
+        """The inference server is up but does not have this catalog model loaded. (Live, not
+        ready: with strict readiness a server is not ready while any of its models is not.)"""
+        if err.code not in (ErrorCode.MODEL_LOADING, ErrorCode.UPSTREAM_UNAVAILABLE, ErrorCode.NOT_FOUND):
+            return False
+        return await self.inference.server_live() and not await self.inference.model_ready(entry.inference.name)
+
+    async def _warm_up(self, entry: ModelEntry, wait: bool) -> None:
+        """Start loading a cold model; wait for it (within the caller's deadline) or refuse with
+        MODEL_LOADING and the estimated time."""
+        load = self.cold_starts.start(entry)
+        if not wait:
+            estimate = self.cold_starts.estimated_time_s(entry)
+            raise MeshError(
+                ErrorCode.MODEL_LOADING,
+                f"Model {entry.id} is currently loading",
+                retry_after_s=estimate,
+                estimated_time_s=estimate,
+            )
+        try:
+            await asyncio.wait_for(asyncio.shield(load), deadlines.timeout_for(3600.0))
+        except TimeoutError:
+            raise MeshError(ErrorCode.DEADLINE_EXCEEDED, f"Model {entry.id} did not finish loading in time") from None
 
     async def _infer(self, entry: ModelEntry, tensors: list[tasks_pb2.Tensor]) -> list[tasks_pb2.Tensor]:
         spec = entry.inference

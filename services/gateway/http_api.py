@@ -12,7 +12,6 @@ import logging
 import time
 import uuid
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -21,19 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import deadlines
-from services.common.catalog import ModelEntry
+from services.common.catalog import IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
+from services.gateway import hf_tasks
+from services.gateway.cache import ResponseCache, cache_key
 from services.gateway.coalescer import Embedded, EmbeddingCoalescer
 from services.gateway.core import Pipeline, Prediction
-from services.gateway.schemas import (
-    EmbeddingsRequest,
-    FeatureExtractionParameters,
-    HFTaskRequest,
-    SentenceSimilarityInputs,
-    SentenceSimilarityParameters,
-    parse,
-)
+from services.gateway.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -65,10 +59,12 @@ def error_response(err: MeshError, path: str) -> Response:
         }
     else:
         body = {"error": err.message, "error_type": err.code.hf_type}
+        if err.estimated_time_s is not None:
+            body["estimated_time"] = err.estimated_time_s  # the HF API's field for a loading model
     return json_response(body, err.code.http_status, headers)
 
 
-async def read_json(request: Request, limit: int):
+async def read_bytes(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise MeshError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body of {length} bytes exceeds the limit of {limit}")
@@ -79,27 +75,26 @@ async def read_json(request: Request, limit: int):
             raise MeshError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
     if not body:
         raise invalid("request body is empty: send a JSON object")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int):
+    return parse_json(await read_bytes(request, limit))
+
+
+def parse_json(body: bytes):
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise invalid(f"request body is not valid JSON: {exc}") from None
 
 
-def _texts(value, field: str) -> tuple[list[str], bool]:
-    """(texts, single) from a str or a list of str."""
-    if isinstance(value, str):
-        return [value], True
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value, False
-    if isinstance(value, list) and not value:
-        raise invalid(f"`{field}` must not be empty", param=field)
-    raise invalid(f"`{field}` must be a string or a list of strings", param=field)
-
-
-def _check_dimensions(entry: ModelEntry, dimensions: int | None) -> None:
-    dim = entry.inference.outputs[0].dims[-1]
-    if dimensions is not None and dimensions != dim:
-        raise invalid(f"`dimensions` must be {dim} for {entry.id} (it does not support shortening)", param="dimensions")
+def header_flag(request: Request, name: str, option: bool | None, *, default: bool) -> bool:
+    """An HF option from its header form (X-Use-Cache: false), else the body's `options`."""
+    value = request.headers.get(name)
+    if value is not None:
+        return value.strip().lower() in ("1", "true", "yes")
+    return default if option is None else option
 
 
 def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> dict:
@@ -190,6 +185,7 @@ def create_app(
     catalog = pipeline.catalog
     created = int(settings.catalog.stat().st_mtime)
     limit = settings.max_body_bytes
+    cache = ResponseCache(max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s)
 
     async def embed(model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
         if coalescer is not None:
@@ -197,10 +193,7 @@ def create_app(
         prediction: Prediction = await pipeline.predict(
             model_id, "feature-extraction", tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
         )
-        tensor = prediction.result.embeddings
-        return Embedded(
-            np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape)), prediction.usage.input_tokens
-        )
+        return Embedded.of(prediction)
 
     @app.exception_handler(MeshError)
     async def _mesh_error(request: Request, err: MeshError):
@@ -278,8 +271,8 @@ def create_app(
         request.state.model = entry.id
         if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
             raise invalid("token-id arrays are not supported as `input`; send text", param="input")
-        texts, _ = _texts(body.input, "input")
-        _check_dimensions(entry, body.dimensions)
+        texts, _ = hf_tasks.texts(body.input, "input")
+        hf_tasks.check_dimensions(entry, body.dimensions)
         # OpenAI refuses over-long input rather than cutting it.
         result = await embed(entry.id, texts, tasks_pb2.TaskParameters(truncate=False))
         vectors = result.vectors
@@ -298,10 +291,17 @@ def create_app(
         )
 
     # -- HF task API ---------------------------------------------------------------------------
-    async def run_hf_task(request: Request, model_id: str, task: str | None):
-        entry, task = pipeline.resolve(model_id, task)
-        request.state.model = entry.id
-        body = await read_json(request, limit)
+    async def read_hf_body(request: Request, task: str):
+        """The body as JSON, or an HFRequest for a raw image upload (no or non-JSON Content-Type)."""
+        content_type = request.headers.get("content-type", "")
+        if task in IMAGE_TASKS and "json" not in content_type:
+            data = await read_bytes(request, limit)
+            if data.lstrip()[:1] != b"{":
+                return hf_tasks.raw_image_request(data)
+            return parse_json(data)
+        return await read_json(request, limit)
+
+    def hf_request(entry: ModelEntry, task: str, body) -> tuple[hf_tasks.HFRequest, HFOptions]:
         if not isinstance(body, dict):
             raise invalid("request body must be a JSON object with `inputs`")
         if "inputs" not in body:
@@ -309,36 +309,47 @@ def create_app(
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise invalid("`parameters` must be an object", param="parameters")
-        if body.get("options") is not None and not isinstance(body["options"], dict):
+        options = body.get("options")
+        if options is not None and not isinstance(options, dict):
             raise invalid("`options` must be an object", param="options")
         extra = {k: v for k, v in body.items() if k not in ("inputs", "parameters", "options")}
+        parsed = hf_tasks.PARSERS[task](entry, body["inputs"], params, extra)
+        return parsed, parse(HFOptions, options or {}, where="options")
+
+    async def execute_hf(entry: ModelEntry, task: str, req: hf_tasks.HFRequest, wait: bool, dialect):
         if task == "feature-extraction":
-            # The HF client sends feature-extraction parameters at the body's root.
-            p = parse(FeatureExtractionParameters, {**extra, **params}, where="parameters")
-            _check_dimensions(entry, p.dimensions)
-            texts, single = _texts(body["inputs"], "inputs")
-            result = await embed(entry.id, texts, tasks_pb2.TaskParameters(normalize=p.normalize, truncate=p.truncate))
-            return json_response(result.vectors[0] if single else result.vectors)
-        if extra:
-            raise invalid(f"unknown field(s) {sorted(extra)}: put task parameters under `parameters`")
-        if task == "sentence-similarity":
-            p = parse(SentenceSimilarityParameters, params, where="parameters")
-            inputs = body["inputs"]
-            if not isinstance(inputs, dict):
-                raise invalid("`inputs` must be an object {source_sentence, sentences}", param="inputs")
-            sim = parse(SentenceSimilarityInputs, inputs, where="inputs")
-            prediction = await pipeline.predict(
-                entry.id,
-                task,
-                tasks_pb2.TaskInputs(
-                    sentence_similarity=tasks_pb2.SentenceSimilarityInputs(
-                        source_sentence=sim.source_sentence, sentences=sim.sentences
-                    )
-                ),
-                tasks_pb2.TaskParameters(truncate=p.truncate),
-            )
-            return json_response(list(prediction.result.similarities.scores))
-        raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"task {task!r} is not served over REST yet", param="task")
+            values = list(req.inputs.text.texts)
+            if wait:  # the coalescer does not wait for cold models: run this request on its own
+                prediction = await pipeline.predict(entry.id, task, req.inputs, req.parameters, wait_for_model=True)
+                vectors = Embedded.of(prediction).vectors
+            else:
+                vectors = (await embed(entry.id, values, req.parameters)).vectors
+            return vectors[0] if req.single else vectors
+        prediction = await pipeline.predict(entry.id, task, req.inputs, req.parameters, wait_for_model=wait)
+        return hf_tasks.RENDERERS[task](prediction.result, req, dialect)
+
+    async def run_hf_task(request: Request, model_id: str, task: str | None):
+        entry, task = pipeline.resolve(model_id, task)
+        request.state.model = entry.id
+        if task not in hf_tasks.PARSERS:
+            raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"task {task!r} is not served over REST yet", param="task")
+        body = await read_hf_body(request, task)
+        if isinstance(body, hf_tasks.HFRequest):
+            req, options = body, HFOptions()
+        else:
+            req, options = hf_request(entry, task, body)
+        # The HF API takes the options in the body or, in its newer form, as headers.
+        use_cache = header_flag(request, "x-use-cache", options.use_cache, default=True)
+        wait = header_flag(request, "x-wait-for-model", options.wait_for_model, default=False)
+        dialect = hf_tasks.Dialect.from_user_agent(request.headers.get("user-agent", ""))
+        key = cache_key(entry.id, task, req.inputs, req.parameters, dialect.key)
+        if use_cache:
+            cached = cache.get(entry.id, key)
+            if cached is not None:
+                return Response(cached, 200, {"X-Cache": "HIT"}, media_type="application/json")
+        content = orjson.dumps(await execute_hf(entry, task, req, wait, dialect), option=JSON_OPTS)
+        cache.put(key, content)
+        return Response(content, 200, {"X-Cache": "MISS" if use_cache else "BYPASS"}, media_type="application/json")
 
     hf_body = {
         "requestBody": {

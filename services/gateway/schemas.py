@@ -14,7 +14,9 @@ class _Body(BaseModel):
 
 
 class HFOptions(BaseModel):
-    """The HF Inference API `options` object. Accepted; unknown keys are ignored (they are hints)."""
+    """The HF Inference API `options` object: `use_cache` (default true) answers a repeated request from
+    the response cache; `wait_for_model` (default false) waits for a cold model instead of a 503.
+    Unknown keys are ignored (they are hints)."""
 
     model_config = ConfigDict(extra="allow")
     use_cache: bool | None = None
@@ -36,6 +38,37 @@ class SentenceSimilarityParameters(_Body):
     truncate: bool | None = None
 
 
+class TextClassificationParameters(_Body):
+    """text-classification parameters (HF Inference API)."""
+
+    top_k: int | None = Field(None, ge=1, description="Only the k best labels (default: all).")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="Activation over the logits (default: the model's, softmax here)."
+    )
+    truncate: bool | None = Field(None, description="Cut texts over the token limit (default true); false: 400.")
+
+
+class ZeroShotParameters(_Body):
+    """zero-shot-classification parameters (HF Inference API)."""
+
+    candidate_labels: list[str] | str = Field(..., description="Labels to score; a string is split on commas.")
+    hypothesis_template: str | None = Field(None, description='Default "This example is {}."')
+    multi_label: bool | None = Field(None, description="Score each label on its own (default false).")
+    truncate: bool | None = None
+
+    def labels(self) -> list[str]:
+        if isinstance(self.candidate_labels, str):
+            return [label.strip() for label in self.candidate_labels.split(",") if label.strip()]
+        return self.candidate_labels
+
+
+class ImageClassificationParameters(_Body):
+    """image-classification parameters (HF Inference API)."""
+
+    top_k: int | None = Field(None, ge=1, description="Only the k best labels (default: 5).")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
+
+
 class SentenceSimilarityInputs(_Body):
     source_sentence: str
     sentences: list[str]
@@ -45,7 +78,9 @@ class HFTaskRequest(BaseModel):
     """`POST /models/{id}`: the HF task API body."""
 
     model_config = ConfigDict(extra="allow")
-    inputs: str | list[str] | SentenceSimilarityInputs
+    inputs: str | list[str] | SentenceSimilarityInputs = Field(
+        ..., description="Text(s), {source_sentence, sentences}, or base64 image(s); raw image bytes also work."
+    )
     parameters: dict | None = None
     options: HFOptions | None = None
 

@@ -78,7 +78,9 @@ class SentenceEmbeddingRuntime(Runtime):
         import torch
         from transformers import AutoModel
 
-        self._torch = torch
+        from services.common.nets import mean_pool
+
+        self._torch, self._pool = torch, mean_pool
         self.model = AutoModel.from_pretrained(str(model_dir)).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_tokens = int(self.model.config.max_position_embeddings)
@@ -100,14 +102,64 @@ class SentenceEmbeddingRuntime(Runtime):
             ids = torch.from_numpy(_writable(inputs["input_ids"]))
             mask = torch.from_numpy(_writable(inputs["attention_mask"]))
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            summed = (hidden * weights).sum(dim=1)
-            counts = weights.sum(dim=1).clamp(min=1e-9)
-            return {"embedding": (summed / counts).to(torch.float32).numpy()}
+            return {"embedding": self._pool(hidden, mask).to(torch.float32).numpy()}
+
+
+class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
+    """Sentence embedding (mean pooling, L2-normalized) followed by a linear head, in one batch:
+    only [batch, labels] logits leave the inference service. The head is `classifier.safetensors`
+    (weight [labels, dim], bias [labels]) beside the encoder's files."""
+
+    def __init__(self, model_dir: Path) -> None:
+        super().__init__(model_dir)
+        from safetensors.torch import load_file
+
+        head = load_file(str(model_dir / "classifier.safetensors"))
+        self.weight, self.bias = head["weight"], head["bias"]
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        pooled = torch.from_numpy(super().execute(inputs)["embedding"])
+        with torch.inference_mode():
+            normalized = torch.nn.functional.normalize(pooled, dim=1)
+            return {"logits": torch.nn.functional.linear(normalized, self.weight, self.bias).numpy()}
+
+
+class ImageClassifierRuntime(Runtime):
+    """A torch image classifier whose architecture is named in the folder's config.json
+    (services.common.nets) and whose weights are model.safetensors. Input: normalized pixels
+    [batch, channels, height, width] FP32 from preprocess; output: [batch, labels] logits."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import json
+
+        import torch
+        from safetensors.torch import load_file
+
+        from services.common.nets import ARCHITECTURES
+
+        self._torch = torch
+        config = json.loads((model_dir / "config.json").read_text())
+        self.model = ARCHITECTURES[config["architecture"]](len(config["labels"]))
+        self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        self.model.eval()
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        if not np.isfinite(inputs["pixel_values"]).all():
+            raise ValueError("input 'pixel_values' holds NaN or infinite values")
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        pixels = np.ascontiguousarray(inputs["pixel_values"], dtype=np.float32)
+        with torch.inference_mode():
+            pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+            return {"logits": self.model(pixels).to(torch.float32).numpy()}
 
 
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "sentence_embedding": SentenceEmbeddingRuntime,
+    "embedding_classifier": EmbeddingClassifierRuntime,
+    "image_classifier": ImageClassifierRuntime,
 }
 
 

@@ -8,7 +8,24 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import from_pb, to_pb
-from services.postprocess.core import Postprocessor
+from services.postprocess.core import Labelled, Postprocessor
+
+ACTIVATION_OF = {
+    tasks_pb2.FUNCTION_TO_APPLY_SOFTMAX: "softmax",
+    tasks_pb2.FUNCTION_TO_APPLY_SIGMOID: "sigmoid",
+    tasks_pb2.FUNCTION_TO_APPLY_NONE: "none",
+}
+
+
+def classifications_pb(items: list[Labelled]) -> tasks_pb2.Classifications:
+    return tasks_pb2.Classifications(
+        items=[
+            tasks_pb2.ClassificationList(
+                labels=[tasks_pb2.Classification(label=lbl, score=sc) for lbl, sc in zip(i.labels, i.scores, strict=True)]
+            )
+            for i in items
+        ]
+    )
 
 
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
@@ -25,6 +42,21 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         elif task == "sentence-similarity":
             scores = self.core.sentence_similarity(request.model_id, outputs)
             result = tasks_pb2.TaskResult(similarities=tasks_pb2.Similarities(scores=scores.tolist()))
+        elif task in ("text-classification", "image-classification"):
+            p = request.parameters
+            items = self.core.classify(
+                request.model_id,
+                outputs,
+                top_k=p.top_k if p.HasField("top_k") else None,
+                activation=ACTIVATION_OF.get(p.function_to_apply),
+            )
+            result = tasks_pb2.TaskResult(classifications=classifications_pb(items))
+        elif task == "zero-shot-classification":
+            p = request.parameters
+            items = self.core.zero_shot(
+                request.model_id, outputs, list(p.candidate_labels), multi_label=p.HasField("multi_label") and p.multi_label
+            )
+            result = tasks_pb2.TaskResult(classifications=classifications_pb(items))
         else:
             raise invalid(f"postprocess does not handle task {task!r}", param="task")
         return postprocess_pb2.PostprocessResponse(result=result)

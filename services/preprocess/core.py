@@ -1,4 +1,5 @@
-"""Text preprocessing: validation, fast (Rust) tokenization, truncation, token counts.
+"""Preprocessing: text (validation, fast Rust tokenization, truncation, token counts) and images
+(format sniffing, safe decoding, resize, normalization).
 
 Transport-neutral: takes Python values, returns numpy arrays; raises MeshError for bad input.
 """
@@ -13,7 +14,7 @@ import numpy as np
 from prometheus_client import Counter
 from tokenizers import Tokenizer
 
-from services.common import tracing
+from services.common import images, tracing
 from services.common.catalog import Catalog, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.modelstore import model_dir
@@ -23,6 +24,8 @@ TRUNCATED = Counter("meshserve_preprocess_truncated_total", "Texts cut to the mo
 
 # Below this many characters a request is tokenized inline: a thread hop costs more than the work.
 INLINE_CHARS = 4096
+# Below this many encoded bytes images are decoded inline (a small PNG decodes in microseconds).
+INLINE_IMAGE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,62 @@ class TextPreprocessor:
         return Encoded({"input_ids": ids, "attention_mask": mask}, tokens, len(texts), per_item)
 
 
+class ImagePreprocessor:
+    """Decodes a request's images into one [n, channels, height, width] FP32 batch."""
+
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+        self.spec = entry.preprocess.image
+
+    def encode(self, data: list[bytes], *, field: str) -> Encoded:
+        if not data:
+            raise invalid(f"`{field}` must contain at least one image", param=field)
+        if len(data) > self.entry.preprocess.max_items:
+            raise MeshError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"`{field}` has {len(data)} images; this model takes at most {self.entry.preprocess.max_items}",
+                param=field,
+            )
+        where = (lambda i: field) if len(data) == 1 else (lambda i: f"{field}[{i}]")
+        pixels = np.stack([images.decode(raw, self.spec, field=where(i)) for i, raw in enumerate(data)])
+        return Encoded({self.entry.inference.inputs[0].name: pixels}, 0, len(data), [0] * len(data))
+
+
 class Preprocessor:
     """All models' preprocessors, built from the catalog and the model store at start."""
 
     def __init__(self, catalog: Catalog, models_dir: Path) -> None:
         self.catalog = catalog
-        self._text = {entry.id: TextPreprocessor(entry, model_dir(entry, models_dir)) for entry in catalog.models}
+        self._text = {
+            e.id: TextPreprocessor(e, model_dir(e, models_dir)) for e in catalog.models if e.preprocess.kind == "text"
+        }
+        self._image = {e.id: ImagePreprocessor(e) for e in catalog.models if e.preprocess.kind == "image"}
 
-    async def encode_texts(self, model_id: str, task: str, texts: list[str], *, truncate: bool, field: str) -> Encoded:
+    def _model(self, model_id: str, task: str, kind: str) -> ModelEntry:
         entry = self.catalog.get(model_id)
         self.catalog.resolve_task(entry, task)
+        if entry.preprocess.kind != kind:
+            raise invalid(f"model {model_id!r} takes {entry.preprocess.kind} inputs, not {kind}", param="inputs")
+        return entry
+
+    async def encode_images(self, model_id: str, task: str, data: list[bytes], *, field: str) -> Encoded:
+        entry = self._model(model_id, task, "image")
+        pre = self._image[entry.id]
+        with tracing.span("decode_images", model=model_id, images=len(data)):
+            if sum(len(d) for d in data) <= INLINE_IMAGE_BYTES:
+                return pre.encode(data, field=field)
+            return await asyncio.to_thread(pre.encode, data, field=field)
+
+    async def encode_zero_shot(
+        self, model_id: str, texts: list[str], labels: list[str], template: str | None, *, truncate: bool
+    ) -> Encoded:
+        entry = self._model(model_id, "zero-shot-classification", "text")
+        self._text[entry.id].validate(texts, field="inputs")
+        rows = zero_shot_texts(entry, texts, labels, template)
+        return await self.encode_texts(model_id, "zero-shot-classification", rows, truncate=truncate, field="inputs")
+
+    async def encode_texts(self, model_id: str, task: str, texts: list[str], *, truncate: bool, field: str) -> Encoded:
+        entry = self._model(model_id, task, "text")
         pre = self._text[entry.id]
         pre.validate(texts, field=field)
         with tracing.span("tokenize", model=model_id, texts=len(texts)) as span:
@@ -105,3 +154,37 @@ class Preprocessor:
                 encoded = await asyncio.to_thread(pre.encode, texts, truncate=truncate, field=field)
             span.set_attribute("tokens", encoded.input_tokens)
         return encoded
+
+
+def zero_shot_texts(entry: ModelEntry, texts: list[str], labels: list[str], template: str | None) -> list[str]:
+    """The rows a zero-shot request embeds: per text, the text then one hypothesis per label
+    ("This example is {label}."). Postprocess compares each text with its hypotheses."""
+    template = template or entry.postprocess.zero_shot.hypothesis_template
+    limit = entry.preprocess.max_candidate_labels
+    if not labels:
+        raise invalid("`parameters.candidate_labels` must name at least one label", param="parameters.candidate_labels")
+    if len(labels) > limit:
+        raise invalid(
+            f"`parameters.candidate_labels` has {len(labels)} labels; the limit is {limit}",
+            param="parameters.candidate_labels",
+        )
+    for i, label in enumerate(labels):
+        if not label.strip():
+            raise invalid(f"`parameters.candidate_labels[{i}]` is empty", param="parameters.candidate_labels")
+    if len(set(labels)) != len(labels):
+        raise invalid("`parameters.candidate_labels` has duplicates", param="parameters.candidate_labels")
+    if template.count("{}") != 1:
+        raise invalid(
+            "`parameters.hypothesis_template` must contain `{}` exactly once (where the label goes)",
+            param="parameters.hypothesis_template",
+        )
+    rows = len(texts) * (1 + len(labels))
+    if rows > entry.preprocess.max_items:
+        raise MeshError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"{len(texts)} texts x {len(labels)} candidate labels need {rows} rows; "
+            f"this model takes at most {entry.preprocess.max_items} per request",
+            param="parameters.candidate_labels",
+        )
+    hypotheses = [template.replace("{}", label) for label in labels]
+    return [row for text in texts for row in (text, *hypotheses)]

@@ -5,18 +5,21 @@ from __future__ import annotations
 from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
+from services.common.catalog import IMAGE_TASKS
 from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import to_pb
 from services.preprocess.core import Preprocessor
 
+TEXT_TASKS = ("feature-extraction", "text-classification")
+
 
 def texts_of(task: str, inputs: tasks_pb2.TaskInputs) -> tuple[list[str], str]:
     """The texts to encode for a task, and the request field they came from (for errors)."""
     kind = inputs.WhichOneof("kind")
-    if task == "feature-extraction":
+    if task in TEXT_TASKS or task == "zero-shot-classification":
         if kind != "text":
-            raise invalid("feature-extraction takes text inputs", param="inputs")
+            raise invalid(f"{task} takes text inputs", param="inputs")
         return list(inputs.text.texts), "inputs"
     if task == "sentence-similarity":
         if kind != "sentence_similarity":
@@ -38,9 +41,22 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         task = task_from_pb(request.task)
         if task is None:
             raise invalid("task must be set", param="task")
-        texts, field = texts_of(task, request.inputs)
-        truncate = request.parameters.truncate if request.parameters.HasField("truncate") else True
-        encoded = await self.core.encode_texts(request.model_id, task, texts, truncate=truncate, field=field)
+        params = request.parameters
+        if task in IMAGE_TASKS:
+            if request.inputs.WhichOneof("kind") != "images":
+                raise invalid(f"{task} takes image inputs", param="inputs")
+            images = list(request.inputs.images.images)
+            encoded = await self.core.encode_images(request.model_id, task, images, field="inputs")
+        else:
+            texts, field = texts_of(task, request.inputs)
+            truncate = params.truncate if params.HasField("truncate") else True
+            if task == "zero-shot-classification":
+                template = params.hypothesis_template if params.HasField("hypothesis_template") else None
+                encoded = await self.core.encode_zero_shot(
+                    request.model_id, texts, list(params.candidate_labels), template, truncate=truncate
+                )
+            else:
+                encoded = await self.core.encode_texts(request.model_id, task, texts, truncate=truncate, field=field)
         return preprocess_pb2.PreprocessResponse(
             tensors=[to_pb(name, array) for name, array in encoded.tensors.items()],
             usage=tasks_pb2.Usage(

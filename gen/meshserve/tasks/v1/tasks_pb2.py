@@ -24,29 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshserve/tasks/v1/tasks.proto\x12\x12meshserve.tasks.v1\"D\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\"\x1b\n\nTextInputs\x12\r\n\x05texts\x18\x01 \x03(\t\"F\n\x18SentenceSimilarityInputs\x12\x17\n\x0fsource_sentence\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\"\x91\x01\n\nTaskInputs\x12.\n\x04text\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TextInputsH\x00\x12K\n\x13sentence_similarity\x18\x02 \x01(\x0b\x32,.meshserve.tasks.v1.SentenceSimilarityInputsH\x00\x42\x06\n\x04kind\"Z\n\x0eTaskParameters\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x1e\n\x0cSimilarities\x12\x0e\n\x06scores\x18\x01 \x03(\x02\"\x80\x01\n\nTaskResult\x12\x30\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.meshserve.tasks.v1.TensorH\x00\x12\x38\n\x0csimilarities\x18\x02 \x01(\x0b\x32 .meshserve.tasks.v1.SimilaritiesH\x00\x42\x06\n\x04kind\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\r\x12\x19\n\x11item_input_tokens\x18\x04 \x03(\r*W\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_FEATURE_EXTRACTION\x10\x01\x12\x1c\n\x18TASK_SENTENCE_SIMILARITY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshserve/tasks/v1/tasks.proto\x12\x12meshserve.tasks.v1\"D\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\"\x1b\n\nTextInputs\x12\r\n\x05texts\x18\x01 \x03(\t\"F\n\x18SentenceSimilarityInputs\x12\x17\n\x0fsource_sentence\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\"\x1d\n\x0bImageInputs\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\xc4\x01\n\nTaskInputs\x12.\n\x04text\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TextInputsH\x00\x12K\n\x13sentence_similarity\x18\x02 \x01(\x0b\x32,.meshserve.tasks.v1.SentenceSimilarityInputsH\x00\x12\x31\n\x06images\x18\x03 \x01(\x0b\x32\x1f.meshserve.tasks.v1.ImageInputsH\x00\x42\x06\n\x04kind\"\xb6\x02\n\x0eTaskParameters\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12>\n\x11\x66unction_to_apply\x18\x04 \x01(\x0e\x32#.meshserve.tasks.v1.FunctionToApply\x12\x18\n\x10\x63\x61ndidate_labels\x18\x05 \x03(\t\x12 \n\x13hypothesis_template\x18\x06 \x01(\tH\x03\x88\x01\x01\x12\x18\n\x0bmulti_label\x18\x07 \x01(\x08H\x04\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncateB\x08\n\x06_top_kB\x16\n\x14_hypothesis_templateB\x0e\n\x0c_multi_label\"\x1e\n\x0cSimilarities\x12\x0e\n\x06scores\x18\x01 \x03(\x02\".\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x12\x43lassificationList\x12\x32\n\x06labels\x18\x01 \x03(\x0b\x32\".meshserve.tasks.v1.Classification\"H\n\x0f\x43lassifications\x12\x35\n\x05items\x18\x01 \x03(\x0b\x32&.meshserve.tasks.v1.ClassificationList\"\xc0\x01\n\nTaskResult\x12\x30\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.meshserve.tasks.v1.TensorH\x00\x12\x38\n\x0csimilarities\x18\x02 \x01(\x0b\x32 .meshserve.tasks.v1.SimilaritiesH\x00\x12>\n\x0f\x63lassifications\x18\x03 \x01(\x0b\x32#.meshserve.tasks.v1.ClassificationsH\x00\x42\x06\n\x04kind\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\r\x12\x19\n\x11item_input_tokens\x18\x04 \x03(\r*\xb7\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_FEATURE_EXTRACTION\x10\x01\x12\x1c\n\x18TASK_SENTENCE_SIMILARITY\x10\x02\x12\x1c\n\x18TASK_TEXT_CLASSIFICATION\x10\x03\x12!\n\x1dTASK_ZERO_SHOT_CLASSIFICATION\x10\x04\x12\x1d\n\x19TASK_IMAGE_CLASSIFICATION\x10\x05*\x8e\x01\n\x0f\x46unctionToApply\x12!\n\x1d\x46UNCTION_TO_APPLY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46UNCTION_TO_APPLY_SOFTMAX\x10\x01\x12\x1d\n\x19\x46UNCTION_TO_APPLY_SIGMOID\x10\x02\x12\x1a\n\x16\x46UNCTION_TO_APPLY_NONE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.tasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=724
-  _globals['_TASK']._serialized_end=811
+  _globals['_TASK']._serialized_start=1288
+  _globals['_TASK']._serialized_end=1471
+  _globals['_FUNCTIONTOAPPLY']._serialized_start=1474
+  _globals['_FUNCTIONTOAPPLY']._serialized_end=1616
   _globals['_TENSOR']._serialized_start=54
   _globals['_TENSOR']._serialized_end=122
   _globals['_TEXTINPUTS']._serialized_start=124
   _globals['_TEXTINPUTS']._serialized_end=151
   _globals['_SENTENCESIMILARITYINPUTS']._serialized_start=153
   _globals['_SENTENCESIMILARITYINPUTS']._serialized_end=223
-  _globals['_TASKINPUTS']._serialized_start=226
-  _globals['_TASKINPUTS']._serialized_end=371
-  _globals['_TASKPARAMETERS']._serialized_start=373
-  _globals['_TASKPARAMETERS']._serialized_end=463
-  _globals['_SIMILARITIES']._serialized_start=465
-  _globals['_SIMILARITIES']._serialized_end=495
-  _globals['_TASKRESULT']._serialized_start=498
-  _globals['_TASKRESULT']._serialized_end=626
-  _globals['_USAGE']._serialized_start=628
-  _globals['_USAGE']._serialized_end=722
+  _globals['_IMAGEINPUTS']._serialized_start=225
+  _globals['_IMAGEINPUTS']._serialized_end=254
+  _globals['_TASKINPUTS']._serialized_start=257
+  _globals['_TASKINPUTS']._serialized_end=453
+  _globals['_TASKPARAMETERS']._serialized_start=456
+  _globals['_TASKPARAMETERS']._serialized_end=766
+  _globals['_SIMILARITIES']._serialized_start=768
+  _globals['_SIMILARITIES']._serialized_end=798
+  _globals['_CLASSIFICATION']._serialized_start=800
+  _globals['_CLASSIFICATION']._serialized_end=846
+  _globals['_CLASSIFICATIONLIST']._serialized_start=848
+  _globals['_CLASSIFICATIONLIST']._serialized_end=920
+  _globals['_CLASSIFICATIONS']._serialized_start=922
+  _globals['_CLASSIFICATIONS']._serialized_end=994
+  _globals['_TASKRESULT']._serialized_start=997
+  _globals['_TASKRESULT']._serialized_end=1189
+  _globals['_USAGE']._serialized_start=1191
+  _globals['_USAGE']._serialized_end=1285
 # @@protoc_insertion_point(module_scope)

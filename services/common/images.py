@@ -1,0 +1,111 @@
+"""Image decoding for image tasks: format sniffing, safe opening, resize and normalization.
+
+Shared by preprocess (serving) and the digits builder (training), so a model is trained on
+exactly the pixels it is served. Safety: the format is sniffed from magic bytes (HF clients send
+raw bytes with no Content-Type), only PNG, JPEG, GIF, WebP and BMP decoders are allowed, and the
+pixel count is checked from the header *before* any pixel is decoded, so a decompression bomb
+costs a header parse, not gigabytes of memory.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from services.common.catalog import ImageSpec
+from services.common.errors import ErrorCode, MeshError, invalid
+
+# Magic bytes -> Pillow format name.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the leading bytes, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def _unsupported(field: str) -> MeshError:
+    return MeshError(
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        f"`{field}` is not a supported image: send PNG, JPEG, GIF, WebP or BMP bytes",
+        param=field,
+    )
+
+
+def open_image(data: bytes, spec: ImageSpec, *, field: str = "inputs") -> Image.Image:
+    """Open and fully decode one image, refusing unsupported formats, corrupt data and images
+    over `spec.max_pixels` (checked before decoding)."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise _unsupported(field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size
+            if width * height > spec.max_pixels:
+                raise MeshError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"`{field}` is {width}x{height} pixels; this model takes at most {spec.max_pixels} pixels",
+                    param=field,
+                )
+            if fmt == "JPEG":
+                # Let the JPEG decoder scale down by up to 8x while decoding: far less work for
+                # large photos, same result after the resize below.
+                image.draft(spec.mode, (spec.width, spec.height))
+            image.load()
+    except MeshError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MeshError(
+            ErrorCode.PAYLOAD_TOO_LARGE, f"`{field}` decodes to too many pixels (decompression bomb)", param=field
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Truncated or corrupt files surface as OSError/SyntaxError from the decoders.
+        raise invalid(f"`{field}` is a corrupt or truncated {fmt} image ({type(exc).__name__})", param=field) from None
+    return image
+
+
+def to_pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """[channels, height, width] float32: converted to the model's mode, resized, scaled to
+    [0, 1] and normalized per channel with the catalog's mean and std."""
+    if image.mode in ("RGBA", "LA", "P") and spec.mode == "RGB":
+        # Transparent pixels become white, as browsers and PIL-based pipelines show them.
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    image = image.convert(spec.mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), _RESAMPLE[spec.resample])
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    return (pixels - mean) / std
+
+
+def decode(data: bytes, spec: ImageSpec, *, field: str = "inputs") -> np.ndarray:
+    """Bytes -> the model's normalized pixel array (see `open_image`, `to_pixels`)."""
+    return to_pixels(open_image(data, spec, field=field), spec)

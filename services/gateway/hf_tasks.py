@@ -1,0 +1,214 @@
+"""The HF task API's per-task dialect: request bodies -> typed `TaskInputs`/`TaskParameters`, and
+typed results -> the JSON shapes `huggingface_hub.InferenceClient` parses (client-contract §2.5).
+
+One parser and one renderer per task, in a registry; the route code stays task-agnostic.
+Unknown parameters are refused with 400 naming the accepted ones (a silently ignored typo is a
+wrong answer the caller cannot see).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshserve.tasks.v1 import tasks_pb2
+
+from services.common.catalog import ModelEntry
+from services.common.errors import invalid
+from services.gateway.schemas import (
+    FeatureExtractionParameters,
+    ImageClassificationParameters,
+    SentenceSimilarityInputs,
+    SentenceSimilarityParameters,
+    TextClassificationParameters,
+    ZeroShotParameters,
+    parse,
+)
+
+FUNCTION_TO_APPLY = {
+    None: tasks_pb2.FUNCTION_TO_APPLY_UNSPECIFIED,
+    "softmax": tasks_pb2.FUNCTION_TO_APPLY_SOFTMAX,
+    "sigmoid": tasks_pb2.FUNCTION_TO_APPLY_SIGMOID,
+    "none": tasks_pb2.FUNCTION_TO_APPLY_NONE,
+}
+_HF_HUB_VERSION = re.compile(r"hf_hub/(\d+)\.(\d+)")
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class HFRequest:
+    """One parsed HF task request. `single`: the caller sent one item, not a list, so the answer
+    is that item's result rather than a list of results."""
+
+    inputs: tasks_pb2.TaskInputs
+    parameters: tasks_pb2.TaskParameters
+    single: bool
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What the answer's shape depends on besides the request: the client's version."""
+
+    legacy_zero_shot: bool = False
+
+    @classmethod
+    def from_user_agent(cls, user_agent: str) -> Dialect:
+        # huggingface_hub < 1.2 parses zero-shot as {sequence, labels, scores}; 1.2+ as a list.
+        match = _HF_HUB_VERSION.search(user_agent or "")
+        return cls(legacy_zero_shot=bool(match) and (int(match[1]), int(match[2])) < (1, 2))
+
+    @property
+    def key(self) -> str:
+        return "zs-dict" if self.legacy_zero_shot else ""
+
+
+def texts(value, field: str = "inputs") -> tuple[list[str], bool]:
+    """(texts, single) from a str or a non-empty list of str."""
+    if isinstance(value, str):
+        return [value], True
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value, False
+    if isinstance(value, list) and not value:
+        raise invalid(f"`{field}` must not be empty", param=field)
+    raise invalid(f"`{field}` must be a string or a list of strings", param=field)
+
+
+def check_dimensions(entry: ModelEntry, dimensions: int | None) -> None:
+    dim = entry.inference.outputs[0].dims[-1]
+    if dimensions is not None and dimensions != dim:
+        raise invalid(f"`dimensions` must be {dim} for {entry.id} (it does not support shortening)", param="dimensions")
+
+
+def _text_inputs(values: list[str]) -> tasks_pb2.TaskInputs:
+    return tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=values))
+
+
+def _no_extra(extra: dict) -> None:
+    if extra:
+        raise invalid(f"unknown field(s) {sorted(extra)}: put task parameters under `parameters`")
+
+
+# -- parsers: (entry, inputs, parameters, extra root fields) -> HFRequest ------------------------
+def parse_feature_extraction(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
+    # The HF client sends feature-extraction parameters at the body's root.
+    p = parse(FeatureExtractionParameters, {**extra, **params}, where="parameters")
+    check_dimensions(entry, p.dimensions)
+    values, single = texts(inputs)
+    return HFRequest(_text_inputs(values), tasks_pb2.TaskParameters(normalize=p.normalize, truncate=p.truncate), single)
+
+
+def parse_sentence_similarity(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
+    _no_extra(extra)
+    p = parse(SentenceSimilarityParameters, params, where="parameters")
+    if not isinstance(inputs, dict):
+        raise invalid("`inputs` must be an object {source_sentence, sentences}", param="inputs")
+    sim = parse(SentenceSimilarityInputs, inputs, where="inputs")
+    request = tasks_pb2.SentenceSimilarityInputs(source_sentence=sim.source_sentence, sentences=sim.sentences)
+    return HFRequest(
+        tasks_pb2.TaskInputs(sentence_similarity=request), tasks_pb2.TaskParameters(truncate=p.truncate), True
+    )
+
+
+def parse_text_classification(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
+    _no_extra(extra)
+    p = parse(TextClassificationParameters, params, where="parameters")
+    values, single = texts(inputs)
+    parameters = tasks_pb2.TaskParameters(
+        top_k=p.top_k, truncate=p.truncate, function_to_apply=FUNCTION_TO_APPLY[p.function_to_apply]
+    )
+    return HFRequest(_text_inputs(values), parameters, single)
+
+
+def parse_zero_shot(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
+    _no_extra(extra)
+    if "candidate_labels" not in params:
+        raise invalid("zero-shot-classification needs `parameters.candidate_labels`", param="parameters.candidate_labels")
+    p = parse(ZeroShotParameters, params, where="parameters")
+    values, single = texts(inputs)
+    parameters = tasks_pb2.TaskParameters(
+        candidate_labels=p.labels(),
+        hypothesis_template=p.hypothesis_template,
+        multi_label=p.multi_label,
+        truncate=p.truncate,
+    )
+    return HFRequest(_text_inputs(values), parameters, single)
+
+
+def decode_base64_image(value, field: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise invalid(f"`{field}` must be a base64-encoded image", param=field)
+    if value.startswith(("http://", "https://")):
+        raise invalid(f"`{field}` is a URL: this server does not fetch URLs; send the image bytes", param=field)
+    try:
+        return base64.b64decode(_DATA_URL.sub("", value, count=1), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"`{field}` is not valid base64", param=field) from None
+
+
+def parse_image_classification(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
+    _no_extra(extra)
+    p = parse(ImageClassificationParameters, params, where="parameters")
+    if isinstance(inputs, list) and inputs:
+        images, single = [decode_base64_image(v, f"inputs[{i}]") for i, v in enumerate(inputs)], False
+    else:
+        images, single = [decode_base64_image(inputs, "inputs")], True
+    parameters = tasks_pb2.TaskParameters(top_k=p.top_k, function_to_apply=FUNCTION_TO_APPLY[p.function_to_apply])
+    return HFRequest(tasks_pb2.TaskInputs(images=tasks_pb2.ImageInputs(images=images)), parameters, single)
+
+
+def raw_image_request(data: bytes) -> HFRequest:
+    """An image posted as the raw body (what the HF client sends without parameters)."""
+    return HFRequest(tasks_pb2.TaskInputs(images=tasks_pb2.ImageInputs(images=[data])), tasks_pb2.TaskParameters(), True)
+
+
+# -- renderers: (result, request, dialect) -> JSON-able -------------------------------------------
+def _labelled(items: tasks_pb2.Classifications) -> list[list[dict]]:
+    return [[{"label": c.label, "score": c.score} for c in item.labels] for item in items.items]
+
+
+def render_similarity(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
+    return list(result.similarities.scores)
+
+
+def render_text_classification(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
+    # Always a list of lists, one per input: the client takes [0] for one text (contract §2.5).
+    return _labelled(result.classifications)
+
+
+def render_zero_shot(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
+    if dialect.legacy_zero_shot:
+        sequences = list(request.inputs.text.texts)
+        rendered = [
+            {"sequence": seq, "labels": [c.label for c in item.labels], "scores": [c.score for c in item.labels]}
+            for seq, item in zip(sequences, result.classifications.items, strict=True)
+        ]
+    else:
+        rendered = _labelled(result.classifications)
+    return rendered[0] if request.single else rendered
+
+
+def render_image_classification(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
+    rendered = _labelled(result.classifications)
+    return rendered[0] if request.single else rendered
+
+
+Parser = Callable[[ModelEntry, object, dict, dict], HFRequest]
+Renderer = Callable[[tasks_pb2.TaskResult, HFRequest, Dialect], object]
+
+PARSERS: dict[str, Parser] = {
+    "feature-extraction": parse_feature_extraction,
+    "sentence-similarity": parse_sentence_similarity,
+    "text-classification": parse_text_classification,
+    "zero-shot-classification": parse_zero_shot,
+    "image-classification": parse_image_classification,
+}
+# feature-extraction is rendered by the route from its (possibly coalesced) vectors.
+RENDERERS: dict[str, Renderer] = {
+    "sentence-similarity": render_similarity,
+    "text-classification": render_text_classification,
+    "zero-shot-classification": render_zero_shot,
+    "image-classification": render_image_classification,
+}
