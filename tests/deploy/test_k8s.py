@@ -1,0 +1,243 @@
+"""The kustomize overlays, rendered by the real `kubectl kustomize` and validated offline with
+kubernetes-validate's strict schemas, plus the checks schemas cannot make (tests/deploy/manifests.py).
+Every check is also shown failing on a deliberately broken copy of the real render."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.envoy.generate import Topology, render
+from services.gateway.settings import GatewaySettings
+from services.inference.settings import InferenceSettings
+from services.inference.triton_launcher import command
+from services.postprocess.settings import PostprocessSettings
+from services.preprocess.settings import PreprocessSettings
+from tests.deploy.manifests import (
+    K8S_VERSIONS,
+    OVERLAYS,
+    REPO,
+    catalog_problems,
+    containers,
+    find,
+    hardening_problems,
+    mesh_container,
+    probe_problems,
+    reference_problems,
+    schema_problems,
+    topology_problems,
+)
+from tests.deploy.manifests import (
+    render as kustomize,
+)
+
+TOPOLOGY = Topology.model_validate(yaml.safe_load((REPO / "deploy/envoy/topology.k8s.yaml").read_text()))
+# The ports the services listen on by default (their settings), which the manifests must match.
+GRPC_PORTS = {
+    "gateway": GatewaySettings.model_fields["http_port"].default,
+    "preprocess": PreprocessSettings.model_fields["grpc_port"].default,
+    "inference": InferenceSettings.model_fields["grpc_port"].default,
+    "postprocess": PostprocessSettings.model_fields["grpc_port"].default,
+}
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, kustomize(OVERLAYS / request.param)
+
+
+def deployment_pod(docs: list[dict], name: str) -> dict:
+    return find(docs, "Deployment", name)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_overlays_pass_strict_schemas(rendered, version):
+    _, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"} <= kinds
+    assert schema_problems(docs, version) == []
+
+
+def test_the_validate_cli_passes_our_render_and_would_pass_an_unknown_api_version(rendered, tmp_path):
+    """Why the tests call the API: `kubernetes-validate --strict` exits 0 on a kind it has no schema for."""
+    _, docs = rendered
+    cli = [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", "-k", K8S_VERSIONS[0]]
+    good = tmp_path / "rendered.yaml"
+    good.write_text(yaml.safe_dump_all(docs))
+    assert subprocess.run([*cli, str(good)], capture_output=True, timeout=60).returncode == 0
+    hpa = copy.deepcopy(find(docs, "HorizontalPodAutoscaler", "inference"))
+    hpa["apiVersion"] = "autoscaling/v2beta1"
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(hpa))
+    assert subprocess.run([*cli, str(old)], capture_output=True, timeout=60).returncode == 0
+    assert schema_problems([hpa], K8S_VERSIONS[0]) != []
+
+
+def _set_env(deployment: dict, name: str, value: str) -> None:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    next(e for e in container["env"] if e["name"] == name)["value"] = value
+
+
+def _broken(docs: list[dict], kind: str, name: str, breaks) -> list[dict]:
+    docs = copy.deepcopy(docs)
+    breaks(find(docs, kind, name))
+    return docs
+
+
+SCHEMA_BREAKS = {
+    "unknown-field": ("Deployment", "inference", lambda d: d["spec"].update(replica=2)),
+    "wrong-type": ("Deployment", "gateway", lambda d: d["spec"].update(replicas="two")),
+    "missing-containers": ("Deployment", "preprocess", lambda d: d["spec"]["template"]["spec"].pop("containers")),
+    "removed-api-version": (
+        "HorizontalPodAutoscaler",
+        "inference",
+        lambda d: d.update(apiVersion="autoscaling/v2beta1"),
+    ),
+    "unknown-kind": ("PodDisruptionBudget", "gateway", lambda d: d.update(kind="PodDisruptionBudgett")),
+    "string-port": ("Service", "inference", lambda d: d["spec"]["ports"][0].update(port="grpc")),
+}
+
+
+@pytest.mark.parametrize("case", SCHEMA_BREAKS, ids=str)
+def test_a_broken_manifest_fails_the_schema_check(rendered, case):
+    _, docs = rendered
+    kind, name, breaks = SCHEMA_BREAKS[case]
+    assert schema_problems(_broken(docs, kind, name, breaks), K8S_VERSIONS[0]) != []
+
+
+def test_references_between_objects_resolve(rendered):
+    _, docs = rendered
+    assert reference_problems(docs) == []
+
+
+REFERENCE_BREAKS = {
+    "hpa-target": ("HorizontalPodAutoscaler", "preprocess", lambda d: d["spec"]["scaleTargetRef"].update(name="pre")),
+    "service-selector": (
+        "Service",
+        "inference",
+        lambda d: d["spec"]["selector"].update({"app.kubernetes.io/component": "x"}),
+    ),
+    "target-port": ("Service", "postprocess", lambda d: d["spec"]["ports"][0].update(targetPort="grcp")),
+    "configmap": (
+        "Deployment",
+        "envoy",
+        lambda d: d["spec"]["template"]["spec"]["volumes"][0]["configMap"].update(name="nope"),
+    ),
+    "pdb-selector": ("PodDisruptionBudget", "envoy", lambda d: d["spec"]["selector"]["matchLabels"].update(x="y")),
+}
+
+
+@pytest.mark.parametrize("case", REFERENCE_BREAKS, ids=str)
+def test_a_dangling_reference_is_caught(rendered, case):
+    _, docs = rendered
+    kind, name, breaks = REFERENCE_BREAKS[case]
+    assert reference_problems(_broken(docs, kind, name, breaks)) != []
+
+
+def test_every_container_is_hardened_and_pinned(rendered):
+    _, docs = rendered
+    assert hardening_problems(docs) == []
+
+
+HARDENING_BREAKS = {
+    "no-limits": lambda pod: pod["containers"][0]["resources"].pop("limits"),
+    "root": lambda pod: pod["securityContext"].update(runAsNonRoot=False),
+    "writable-root": lambda pod: pod["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+    "escalation": lambda pod: pod["initContainers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+    "latest": lambda pod: pod["containers"][0].update(image="meshserve:latest"),
+}
+
+
+@pytest.mark.parametrize("case", HARDENING_BREAKS, ids=str)
+def test_a_weakened_pod_is_caught(rendered, case):
+    _, docs = rendered
+    docs = _broken(docs, "Deployment", "preprocess", lambda d: HARDENING_BREAKS[case](d["spec"]["template"]["spec"]))
+    assert hardening_problems(docs) != []
+
+
+def test_meshserve_catalog_points_at_the_mounted_configmap_of_our_catalog(rendered):
+    _, docs = rendered
+    assert catalog_problems(docs) == []
+    catalog = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("meshserve-catalog")
+    )
+    assert catalog["data"]["catalog.yaml"] == (REPO / "catalog.yaml").read_text()
+    moved = _broken(docs, "Deployment", "gateway", lambda d: _set_env(d, "MESHSERVE_CATALOG", "/etc/catalog.yaml"))
+    assert catalog_problems(moved) != []
+
+
+def test_probes_use_the_grpc_health_service_and_the_gateway_http_checks(rendered):
+    _, docs = rendered
+    assert probe_problems(docs, GRPC_PORTS) == []
+    moved = _broken(
+        docs,
+        "Deployment",
+        "postprocess",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"].update(grpc={"port": 9102}),
+    )
+    assert probe_problems(moved, GRPC_PORTS) != []
+
+
+def test_services_and_addresses_match_the_envoy_topology(rendered):
+    _, docs = rendered
+    assert topology_problems(docs, TOPOLOGY) == []
+    clusterip = _broken(docs, "Service", "inference", lambda d: d["spec"].pop("clusterIP"))
+    assert topology_problems(clusterip, TOPOLOGY) != []
+    direct = _broken(
+        docs, "Deployment", "gateway", lambda d: _set_env(d, "MESHSERVE_GATEWAY_INFERENCE_ADDRESS", "inference:8001")
+    )
+    assert topology_problems(direct, TOPOLOGY) != []
+
+
+def test_envoy_configmap_is_the_generators_output_for_the_k8s_topology(rendered):
+    _, docs = rendered
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("envoy-config"))
+    assert config["data"]["envoy.yaml"] == render(REPO / "deploy/envoy/topology.k8s.yaml")
+    volume = deployment_pod(docs, "envoy")["volumes"][0]
+    assert volume["configMap"]["name"] == config["metadata"]["name"]
+
+
+def test_cpu_overlay_runs_the_embedded_backend_without_gpus():
+    docs = kustomize(OVERLAYS / "cpu")
+    env = {e["name"]: e["value"] for e in mesh_container(docs, "inference")["env"]}
+    assert env["MESHSERVE_INFERENCE_BACKEND"] == "embedded"
+    assert mesh_container(docs, "inference")["args"] == ["serve", "inference"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+
+
+def test_gpu_overlay_serves_the_generated_repository_with_the_launchers_arguments():
+    docs = kustomize(OVERLAYS / "gpu")
+    pod = deployment_pod(docs, "inference")
+    triton = mesh_container(docs, "inference")
+    assert triton["image"].startswith("meshserve-triton:") and triton["command"] == ["tritonserver"]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # The arguments our launcher gives tritonserver, bound to every interface on the default ports.
+    settings = InferenceSettings(host="0.0.0.0", triton_binary=Path("/opt/tritonserver/bin/tritonserver"))
+    launcher = _flags(command(settings, Path("/repository"), Path("/backends")))
+    flags = _flags(triton["args"])
+    for flag in set(launcher) - {"--model-repository", "--backend-directory", "--allow-gpu-metrics"}:
+        assert flags.get(flag) == launcher[flag], flag
+    # The repository tritonserver serves is the one the init container writes, on a shared volume.
+    writer = next(c for c in pod["initContainers"] if c["name"] == "triton-repository")
+    assert writer["image"].startswith("meshserve:")
+    out = writer["args"][writer["args"].index("--out") + 1]
+    assert flags["--model-repository"] == out
+    builder = next(c for c in pod["initContainers"] if c["name"] == "models")
+    assert builder["args"] == ["models", "build"]
+    home = {e["name"]: e["value"] for e in writer["env"]}["MESHSERVE_HOME"]
+    for c in (writer, builder, triton):
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "home")
+        assert mount["mountPath"] == home and out.startswith(home + "/")
+    assert next(v for v in pod["volumes"] if v["name"] == "home")["emptyDir"] is not None
+    assert any(m["mountPath"] == "/dev/shm" for m in triton["volumeMounts"])
+    assert {c["name"] for c in containers(pod)} == {"models", "triton-repository", "inference"}
