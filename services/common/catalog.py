@@ -110,7 +110,7 @@ class InferenceSpec(_Strict):
 
 
 class ZeroShotSpec(_Strict):
-    """Zero-shot classification by embedding similarity (text vs "This example is {label}.")."""
+    """Zero-shot classification by embedding similarity (text vs the hypothesis of each label)."""
 
     # Single-label: softmax(cosine / temperature) over the candidates.
     temperature: float = 0.05

@@ -247,6 +247,8 @@ def create_app(
         card["meshserve"] = {
             "default_task": entry.default_task,
             "inference_name": entry.inference.name,
+            "input_kind": entry.preprocess.kind,
+            "labels": list(entry.postprocess.labels),
             "max_input_tokens": entry.preprocess.max_length,
             "max_items": entry.preprocess.max_items,
             "inputs": [t.model_dump() for t in entry.inference.inputs],

@@ -52,7 +52,7 @@ class ZeroShotParameters(_Body):
     """zero-shot-classification parameters (HF Inference API)."""
 
     candidate_labels: list[str] | str = Field(..., description="Labels to score; a string is split on commas.")
-    hypothesis_template: str | None = Field(None, description='Default "This example is {}."')
+    hypothesis_template: str | None = Field(None, description="Default: the model's (catalog postprocess.zero_shot).")
     multi_label: bool | None = Field(None, description="Score each label on its own (default false).")
     truncate: bool | None = None
 

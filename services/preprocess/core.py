@@ -158,7 +158,7 @@ class Preprocessor:
 
 def zero_shot_texts(entry: ModelEntry, texts: list[str], labels: list[str], template: str | None) -> list[str]:
     """The rows a zero-shot request embeds: per text, the text then one hypothesis per label
-    ("This example is {label}."). Postprocess compares each text with its hypotheses."""
+    (the template with the label in it). Postprocess compares each text with its hypotheses."""
     template = template or entry.postprocess.zero_shot.hypothesis_template
     limit = entry.preprocess.max_candidate_labels
     if not labels:
