@@ -17,6 +17,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# huggingface_hub 0.36.2 (the last release before 1.x) for the old-client tests; it cannot share the
+# venv with the current release, so it lives in its own folder that the test puts first on the path.
+OLD_HUB := $(VENV)/hf-0.36/.installed
+$(OLD_HUB): $(STAMP)
+	@# pip's resolver warns that the folder's hub conflicts with the venv's: expected, it is kept apart.
+	$(PIP) install -q --disable-pip-version-check --target $(VENV)/hf-0.36 huggingface_hub==0.36.2 requests==2.34.2 \
+	  > $(VENV)/hf-0.36.log 2>&1 || { cat $(VENV)/hf-0.36.log; exit 1; }
+	touch $(OLD_HUB)
+
 install: $(STAMP)
 
 ## up: install, build the model catalog on first run, start the four services, print the URLs.
@@ -27,7 +36,7 @@ models: $(STAMP)
 	$(VENV)/bin/meshserve models build
 
 ## test: contracts (buf lint/format/breaking, stub drift), lint, then the whole pytest suite.
-test: $(STAMP)
+test: $(STAMP) $(OLD_HUB)
 	scripts/proto-check.sh
 	$(VENV)/bin/ruff check services tests bench deploy
 	$(VENV)/bin/meshserve models build
