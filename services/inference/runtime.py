@@ -45,6 +45,13 @@ def pad_and_stack(arrays: list[np.ndarray], pad_value: int | float) -> np.ndarra
     return out
 
 
+def torch_device():
+    """CUDA when this process sees a GPU (a Triton KIND_GPU instance, a GPU node), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _writable(array: np.ndarray) -> np.ndarray:
     """torch.from_numpy needs a writable array; one decoded straight from request bytes is not."""
     array = np.ascontiguousarray(array, dtype=np.int64)
@@ -81,7 +88,8 @@ class SentenceEmbeddingRuntime(Runtime):
         from services.common.nets import mean_pool
 
         self._torch, self._pool = torch, mean_pool
-        self.model = AutoModel.from_pretrained(str(model_dir)).eval()
+        self.device = torch_device()
+        self.model = AutoModel.from_pretrained(str(model_dir)).eval().to(self.device)
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_tokens = int(self.model.config.max_position_embeddings)
 
@@ -96,13 +104,17 @@ class SentenceEmbeddingRuntime(Runtime):
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("input 'attention_mask' must hold only 0 and 1")
 
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def pooled(self, inputs: dict[str, np.ndarray]):
+        """[batch, dim] mean-pooled embeddings as a torch tensor on the model's device."""
         torch = self._torch
-        with torch.inference_mode():
-            ids = torch.from_numpy(_writable(inputs["input_ids"]))
-            mask = torch.from_numpy(_writable(inputs["attention_mask"]))
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            return {"embedding": self._pool(hidden, mask).to(torch.float32).numpy()}
+        ids = torch.from_numpy(_writable(inputs["input_ids"])).to(self.device)
+        mask = torch.from_numpy(_writable(inputs["attention_mask"])).to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self._pool(hidden, mask).to(torch.float32)
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._torch.inference_mode():
+            return {"embedding": self.pooled(inputs).cpu().numpy()}
 
 
 class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
@@ -114,15 +126,14 @@ class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
         super().__init__(model_dir)
         from safetensors.torch import load_file
 
-        head = load_file(str(model_dir / "classifier.safetensors"))
+        head = load_file(str(model_dir / "classifier.safetensors"), device=str(self.device))
         self.weight, self.bias = head["weight"], head["bias"]
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        pooled = torch.from_numpy(super().execute(inputs)["embedding"])
-        with torch.inference_mode():
-            normalized = torch.nn.functional.normalize(pooled, dim=1)
-            return {"logits": torch.nn.functional.linear(normalized, self.weight, self.bias).numpy()}
+        functional = self._torch.nn.functional
+        with self._torch.inference_mode():
+            normalized = functional.normalize(self.pooled(inputs), dim=1)
+            return {"logits": functional.linear(normalized, self.weight, self.bias).cpu().numpy()}
 
 
 class ImageClassifierRuntime(Runtime):
@@ -139,10 +150,11 @@ class ImageClassifierRuntime(Runtime):
         from services.common.nets import ARCHITECTURES
 
         self._torch = torch
+        self.device = torch_device()
         config = json.loads((model_dir / "config.json").read_text())
         self.model = ARCHITECTURES[config["architecture"]](len(config["labels"]))
         self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-        self.model.eval()
+        self.model.eval().to(self.device)
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         if not np.isfinite(inputs["pixel_values"]).all():
@@ -152,8 +164,8 @@ class ImageClassifierRuntime(Runtime):
         torch = self._torch
         pixels = np.ascontiguousarray(inputs["pixel_values"], dtype=np.float32)
         with torch.inference_mode():
-            pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
-            return {"logits": self.model(pixels).to(torch.float32).numpy()}
+            pixels = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy()).to(self.device)
+            return {"logits": self.model(pixels).to(torch.float32).cpu().numpy()}
 
 
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {

@@ -57,12 +57,17 @@ def test_predict_sentence_similarity(stub):
     assert len(scores) == 2 and scores[0] > scores[1]
 
 
-def test_list_and_get_models_report_readiness(stub):
+def test_list_and_get_models_report_readiness(stub, catalog):
     models = stub.ListModels(gateway_pb2.ListModelsRequest()).models
-    assert [m.id for m in models] == [MODEL_ID]
+    assert [m.id for m in models] == [e.id for e in catalog.models]
+    assert all(m.status == gateway_pb2.MODEL_STATUS_READY for m in models)
     model = stub.GetModel(gateway_pb2.GetModelRequest(model_id=MODEL_ID)).model
     assert model.status == gateway_pb2.MODEL_STATUS_READY
-    assert list(model.tasks) == [tasks_pb2.TASK_FEATURE_EXTRACTION, tasks_pb2.TASK_SENTENCE_SIMILARITY]
+    assert list(model.tasks) == [
+        tasks_pb2.TASK_FEATURE_EXTRACTION,
+        tasks_pb2.TASK_SENTENCE_SIMILARITY,
+        tasks_pb2.TASK_ZERO_SHOT_CLASSIFICATION,
+    ]
 
 
 ERRORS = [

@@ -53,6 +53,7 @@ def test_openapi_and_docs_are_served(mesh):
 
 def test_model_info_lists_tasks_inputs_outputs_and_status(mesh):
     info = httpx.get(f"{mesh.url}/v1/models/{MODEL_ID.replace('/', '%2F')}").json()
-    assert info["tasks"] == ["feature-extraction", "sentence-similarity"] and info["status"] == "ready"
+    assert info["tasks"] == ["feature-extraction", "sentence-similarity", "zero-shot-classification"]
+    assert info["status"] == "ready"
     assert info["meshserve"]["outputs"][0]["dims"] == [384]
     assert httpx.get(f"{mesh.url}/models/{MODEL_ID}/health").json() == {"status": "ok"}

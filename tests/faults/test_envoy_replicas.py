@@ -59,7 +59,11 @@ def test_replica_failures_behind_envoy_lose_no_requests(models_dir, tmp_path):
         assert len(results) == 600
         stats = httpx.get(admin + "/stats", timeout=5).text
         assert "cluster.inference.upstream_rq_2xx" in stats
-        # Both victims are out of rotation; the survivors carried the load.
+        # Both victims are gone (the SIGTERMed replica drains for replica_drain_wait_s first, so it
+        # may outlive a fast load); the survivors carried the load.
+        deadline = time.monotonic() + 15
+        while (inference[0].is_running() or preprocess[1].is_running()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not inference[0].is_running() and not preprocess[1].is_running()
     finally:
         mesh.stop()
