@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(VENV)/bin/meshserve models build
 	$(PY) -m bench.run_embeddings
 	$(PY) -m bench.run_backends
+	$(PY) -m bench.run_classification
 
 clean:
 	rm -rf $(VENV) .meshserve
