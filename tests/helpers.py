@@ -16,11 +16,17 @@ from pathlib import Path
 
 import httpx
 import psutil
+from meshserve.tasks.v1 import tasks_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_SUPPORTED = sys.platform == "linux" and platform.machine() == "x86_64"
 TRITON_SKIP_REASON = "the bundled tritonserver runs on x86_64 Linux only"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def texts(*values: str) -> tasks_pb2.TaskInputs:
+    """TaskInputs of a text task, for the typed gRPC API."""
+    return tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=list(values)))
 
 
 def _ephemeral_low() -> int:

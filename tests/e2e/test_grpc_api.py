@@ -6,24 +6,14 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from meshserve.gateway.v1 import gateway_pb2
 from meshserve.tasks.v1 import tasks_pb2
 
 from services.common.errors import DETAILS_KEY
-from tests.helpers import MODEL_ID
+from tests.helpers import MODEL_ID, texts
 
 pytestmark = pytest.mark.xdist_group("mesh")
 
-
-@pytest.fixture
-def stub(mesh):
-    channel = grpc.insecure_channel(mesh.grpc_target)
-    yield gateway_pb2_grpc.GatewayServiceStub(channel)
-    channel.close()
-
-
-def texts(*values: str) -> tasks_pb2.TaskInputs:
-    return tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=list(values)))
 
 
 def reason_of(err: grpc.RpcError) -> str:
