@@ -1,5 +1,6 @@
-"""Request coalescing for embeddings: concurrent requests for the same model and parameters share
-one pipeline call (one preprocess, inference and postprocess RPC for the group).
+"""Request coalescing for row-wise text tasks (feature-extraction, text-classification): concurrent
+requests for the same model, task and parameters share one pipeline call (one preprocess, inference
+and postprocess RPC for the group).
 
 With one sentence per request, the per-request cost of three gRPC hops is larger than the model's
 share of a batch; merging requests at the gateway amortizes the hops the way the inference
@@ -51,6 +52,26 @@ class Embedded:
         return cls(vectors, prediction.usage.input_tokens)
 
 
+@dataclass(frozen=True)
+class Classified:
+    """One caller's share of a text-classification group: its label lists and input tokens."""
+
+    items: list[tasks_pb2.ClassificationList]
+    input_tokens: int
+
+
+def _share(task: str, prediction, start: int, n: int):
+    """Rows [start, start + n) of a group's result, as the caller's own result."""
+    tokens = sum(prediction.usage.item_input_tokens[start : start + n])
+    if task == "feature-extraction":
+        return Embedded(Embedded.of(prediction).vectors[start : start + n], tokens)
+    return Classified(list(prediction.result.classifications.items[start : start + n]), tokens)
+
+
+# Tasks whose result has one independent row per input text, so requests can be merged.
+COALESCED_TASKS = ("feature-extraction", "text-classification")
+
+
 @dataclass(eq=False)
 class _Member:
     texts: list[str]
@@ -67,7 +88,7 @@ class _Lane:
     running: int = 0
 
 
-class EmbeddingCoalescer:
+class RequestCoalescer:
     def __init__(self, pipeline: Pipeline, *, timeout_s: float, max_rows: int = 32, max_in_flight: int = 2) -> None:
         self.pipeline = pipeline
         self.timeout_s = timeout_s
@@ -76,9 +97,13 @@ class EmbeddingCoalescer:
         self._lanes: dict[tuple[str, bytes], _Lane] = {}
 
     async def embed(self, model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
+        return await self.run(model_id, "feature-extraction", texts, parameters)
+
+    async def run(self, model_id: str, task: str, texts: list[str], parameters: tasks_pb2.TaskParameters):
+        """This caller's rows of a (possibly shared) pipeline call: Embedded or Classified."""
         if len(texts) >= self.max_rows:
-            return await self._alone(model_id, texts, parameters)
-        key = (model_id, parameters.SerializeToString(deterministic=True))
+            return await self._alone(model_id, task, texts, parameters)
+        key = (model_id, task, parameters.SerializeToString(deterministic=True))
         lane = self._lanes.setdefault(key, _Lane())
         member = _Member(
             texts,
@@ -92,13 +117,11 @@ class EmbeddingCoalescer:
             asyncio.get_running_loop().create_task(self._drain(key, lane, parameters))
         return await member.future
 
-    async def _alone(self, model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
+    async def _alone(self, model_id: str, task: str, texts: list[str], parameters: tasks_pb2.TaskParameters):
         prediction = await self.pipeline.predict(
-            model_id, "feature-extraction", tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
+            model_id, task, tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
         )
-        tensor = prediction.result.embeddings
-        vectors = np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape))
-        return Embedded(vectors, prediction.usage.input_tokens)
+        return _share(task, prediction, 0, len(texts))
 
     def _take(self, lane: _Lane) -> list[_Member]:
         group, rows = [], 0
@@ -110,32 +133,30 @@ class EmbeddingCoalescer:
             rows += len(member.texts)
         return group
 
-    async def _drain(self, key: tuple[str, bytes], lane: _Lane, parameters: tasks_pb2.TaskParameters) -> None:
+    async def _drain(self, key: tuple[str, str, bytes], lane: _Lane, parameters: tasks_pb2.TaskParameters) -> None:
         try:
             while lane.waiting:
                 await asyncio.sleep(0)  # let requests that arrived in the same loop turn join
                 group = self._take(lane)
                 if group:
                     # Each group runs in its first member's context: its deadline and its trace.
-                    await asyncio.create_task(self._run(key[0], group, parameters), context=group[0].context.copy())
+                    run = self._run(key[0], key[1], group, parameters)
+                    await asyncio.create_task(run, context=group[0].context.copy())
         finally:
             lane.running -= 1
 
-    async def _run(self, model_id: str, group: list[_Member], parameters: tasks_pb2.TaskParameters) -> None:
+    async def _run(self, model_id: str, task: str, group: list[_Member], parameters: tasks_pb2.TaskParameters) -> None:
         token = deadlines.set_absolute(time.monotonic() + self.timeout_s)
         try:
             texts = [t for m in group for t in m.texts]
             GROUP_ROWS.observe(len(texts))
             try:
                 prediction = await self.pipeline.predict(
-                    model_id,
-                    "feature-extraction",
-                    tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)),
-                    parameters,
+                    model_id, task, tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
                 )
             except MeshError as err:
                 if len(group) > 1 and not err.code.server_fault:
-                    await asyncio.gather(*(self._retry_alone(model_id, m, parameters) for m in group))
+                    await asyncio.gather(*(self._retry_alone(model_id, task, m, parameters) for m in group))
                 else:
                     for m in group:
                         if not m.future.done():
@@ -146,30 +167,29 @@ class EmbeddingCoalescer:
                     if not m.future.done():
                         m.future.set_exception(exc)
                 return
-            self._deliver(group, prediction)
+            self._deliver(task, group, prediction)
         finally:
             deadlines.reset(token)
 
-    def _deliver(self, group: list[_Member], prediction) -> None:
-        tensor = prediction.result.embeddings
-        vectors = np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape))
-        tokens = list(prediction.usage.item_input_tokens)
+    def _deliver(self, task: str, group: list[_Member], prediction) -> None:
         leader = trace.get_current_span().get_span_context()
         row = 0
         for m in group:
             n = len(m.texts)
             if not m.future.done():
-                m.future.set_result(Embedded(vectors[row : row + n], sum(tokens[row : row + n])))
+                m.future.set_result(_share(task, prediction, row, n))
             if m is not group[0] and m.span_context.is_valid:
                 links = [trace.Link(leader)] if leader.is_valid else []
                 ctx = trace.set_span_in_context(trace.NonRecordingSpan(m.span_context))
                 _tracer.start_span("coalesced", context=ctx, links=links, attributes={"group_size": len(group)}).end()
             row += n
 
-    async def _retry_alone(self, model_id: str, member: _Member, parameters: tasks_pb2.TaskParameters) -> None:
-        task = asyncio.create_task(self._alone(model_id, member.texts, parameters), context=member.context.copy())
+    async def _retry_alone(
+        self, model_id: str, task: str, member: _Member, parameters: tasks_pb2.TaskParameters
+    ) -> None:
+        alone = asyncio.create_task(self._alone(model_id, task, member.texts, parameters), context=member.context.copy())
         try:
-            result = await task
+            result = await alone
         except Exception as exc:
             if not member.future.done():
                 member.future.set_exception(exc)

@@ -25,7 +25,7 @@ from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
 from services.gateway import hf_tasks
 from services.gateway.cache import ResponseCache, cache_key
-from services.gateway.coalescer import Embedded, EmbeddingCoalescer
+from services.gateway.coalescer import COALESCED_TASKS, Embedded, RequestCoalescer
 from services.gateway.core import Pipeline, Prediction
 from services.gateway.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
 from services.gateway.settings import GatewaySettings
@@ -174,7 +174,7 @@ def create_app(
     settings: GatewaySettings,
     pipeline: Pipeline,
     *,
-    coalescer: EmbeddingCoalescer | None = None,
+    coalescer: RequestCoalescer | None = None,
     is_draining=lambda: False,
 ) -> FastAPI:
     app = FastAPI(
@@ -327,8 +327,13 @@ def create_app(
             else:
                 vectors = (await embed(entry.id, values, req.parameters)).vectors
             return vectors[0] if req.single else vectors
-        prediction = await pipeline.predict(entry.id, task, req.inputs, req.parameters, wait_for_model=wait)
-        return hf_tasks.RENDERERS[task](prediction.result, req, dialect)
+        if task in COALESCED_TASKS and coalescer is not None and not wait:
+            share = await coalescer.run(entry.id, task, list(req.inputs.text.texts), req.parameters)
+            result = tasks_pb2.TaskResult(classifications=tasks_pb2.Classifications(items=share.items))
+        else:
+            prediction = await pipeline.predict(entry.id, task, req.inputs, req.parameters, wait_for_model=wait)
+            result = prediction.result
+        return hf_tasks.RENDERERS[task](result, req, dialect)
 
     async def run_hf_task(request: Request, model_id: str, task: str | None):
         entry, task = pipeline.resolve(model_id, task)

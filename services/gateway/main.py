@@ -18,7 +18,7 @@ from services.common import grpc_server, tracing
 from services.common.catalog import Catalog
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.logs import setup_logging
-from services.gateway.coalescer import EmbeddingCoalescer
+from services.gateway.coalescer import RequestCoalescer
 from services.gateway.core import Pipeline
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
@@ -47,7 +47,7 @@ class Gateway:
         self.pipeline = build_pipeline(settings)
         self.draining = False
         coalescer = (
-            EmbeddingCoalescer(self.pipeline, timeout_s=settings.request_timeout_s, max_rows=settings.coalesce_max_rows)
+            RequestCoalescer(self.pipeline, timeout_s=settings.request_timeout_s, max_rows=settings.coalesce_max_rows)
             if settings.coalesce
             else None
         )

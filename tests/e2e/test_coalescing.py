@@ -56,3 +56,25 @@ def test_one_bad_request_in_a_group_fails_alone(mesh):
     replies = asyncio.run(post_all(f"{mesh.url}/v1/embeddings", bodies))
     assert replies[7].status_code == 400 and replies[7].json()["error"]["code"] == "invalid_input"
     assert [r.status_code for i, r in enumerate(replies) if i != 7] == [200] * 19
+
+
+def test_concurrent_text_classification_is_merged_and_each_caller_gets_its_own_labels(mesh):
+    url = f"{mesh.url}/models/meshserve/sentiment-minilm"
+    texts = [f"review {i}: " + ("I loved every minute of it" if i % 2 else "a waste of money, it broke") for i in range(40)]
+    alone = [httpx.post(url, json={"inputs": t}, headers={"x-use-cache": "false"}).json() for t in texts[:4]]
+    rows_before, calls_before = coalesced_rows(mesh.url)
+    async def post_uncached():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=len(texts))) as client:
+            headers = {"x-use-cache": "false"}
+            return await asyncio.gather(*(client.post(url, json={"inputs": t}, headers=headers) for t in texts))
+
+    replies = asyncio.run(post_uncached())
+    assert all(r.status_code == 200 for r in replies)
+    labels = [r.json()[0][0]["label"] for r in replies]
+    assert labels == ["POSITIVE" if i % 2 else "NEGATIVE" for i in range(40)]
+    for merged, single in zip(replies[:4], alone, strict=True):
+        assert merged.json()[0][0]["label"] == single[0][0]["label"]
+        assert merged.json()[0][0]["score"] == pytest.approx(single[0][0]["score"], abs=1e-5)
+    rows_after, calls_after = coalesced_rows(mesh.url)
+    assert rows_after - rows_before == len(texts)
+    assert calls_after - calls_before < len(texts), "concurrent requests must be merged"
