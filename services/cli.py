@@ -62,6 +62,57 @@ def _up(args) -> int:
     return uvloop.run(Supervisor(SupervisorSettings()).run())
 
 
+def _day(text: str):
+    """A YYYY-MM-DD argument, with a message that says so when it is not one."""
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a day as YYYY-MM-DD, not {text!r}") from None
+
+
+def _usage(args) -> int:
+    """Totals from the usage ledger (the gateway's database), grouped by day, model or key."""
+    import asyncio
+    import json
+    from datetime import UTC, datetime, time, timedelta
+
+    import sqlalchemy as sa
+
+    from services.gateway import db
+    from services.gateway.ledger import UsageLedger
+
+    engine = db.make_engine(os.environ.get("MESHSERVE_GATEWAY_DATABASE_URL") or db.default_url(CommonSettings().home))
+    try:
+        rows = []
+        if sa.inspect(engine).has_table("usage"):
+            rows = asyncio.run(
+                UsageLedger(engine).totals(
+                    by=args.by,
+                    key_id=args.key,
+                    model=args.model,
+                    since=args.since and datetime.combine(args.since, time(), UTC),
+                    until=args.until and datetime.combine(args.until + timedelta(days=1), time(), UTC),
+                )
+            )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_usage_table(rows, "key_id" if args.by == "key" else args.by)
+    return 0
+
+
+def _print_usage_table(rows: list[dict], group: str) -> None:
+    names = ["requests", "input_tokens", "output_tokens", "items", "compute_s", "cost_usd"]
+    print(f"{group:45s}" + "".join(f"{name:>15s}" for name in names))
+    for row in rows:
+        values = [*(row[name] for name in names[:4]), f"{row['compute_s']:.3f}", f"{row['cost_usd']:.6f}"]
+        print(f"{row[group] or '-':45s}" + "".join(f"{value:>15}" for value in values))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("action", choices=["build", "list"])
     models.add_argument("--force", action="store_true", help="rebuild even when up to date")
     models.set_defaults(func=_models)
+    usage = sub.add_parser("usage", help="usage totals from the gateway's ledger (UTC days)")
+    usage.add_argument("--key", help="only this API key id")
+    usage.add_argument("--model", help="only this model id")
+    usage.add_argument("--since", type=_day, metavar="YYYY-MM-DD", help="from this day on")
+    usage.add_argument("--until", type=_day, metavar="YYYY-MM-DD", help="up to this day, included")
+    usage.add_argument("--by", choices=["day", "model", "key"], default="day", help="one row per day, model or key")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(func=_usage)
     args = parser.parse_args(argv)
     return args.func(args)
 

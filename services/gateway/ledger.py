@@ -1,0 +1,359 @@
+"""The usage ledger: one row per request the gateway answered (who, which model, tokens, compute,
+cost, status), written in batches off the request path and read back as listings and totals.
+
+`record()` only appends to an in-memory queue, so metering never adds database latency to a
+request; a background writer inserts the queue in batches (one executemany per batch) in a worker
+thread. A failed write keeps its rows and is retried with backoff, because every row is money: rows
+are lost only if the process dies, or if `close()` runs out of its bounded time (and then it says
+how many). Several gateway replicas may share one database (Postgres, or one SQLite file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import sqlalchemy as sa
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.gateway.db import create_tables, metadata
+
+log = logging.getLogger(__name__)
+
+ROWS_WRITTEN = Counter("meshserve_gateway_ledger_rows_written_total", "Usage rows written to the database.")
+QUEUE_ROWS = Gauge("meshserve_gateway_ledger_queue_rows", "Usage rows recorded but not yet written.")
+WRITE_SECONDS = Histogram("meshserve_gateway_ledger_write_seconds", "Time of one batched usage insert.")
+WRITE_FAILURES = Counter("meshserve_gateway_ledger_write_failures_total", "Batched usage inserts that failed.")
+
+_MAX_BACKOFF_S = 5.0
+# Errors that no retry can fix: the row itself is wrong (a NOT NULL column is None, a value too large).
+_BAD_ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC datetime on every dialect: Postgres keeps `timestamptz`; SQLite has no
+    time zones, so values are stored as naive UTC (a fixed-width text that sorts and compares in time
+    order) and come back aware."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """The same instant in UTC; a naive datetime is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("key_id", sa.String(128), nullable=True, comment="API key id (never the token); NULL: auth off"),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("task", sa.String(64), nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("route", sa.String(256), nullable=False, server_default=""),
+    sa.Column("input_tokens", sa.Integer, nullable=False),
+    sa.Column("output_tokens", sa.Integer, nullable=False),
+    sa.Column("items", sa.Integer, nullable=False),
+    sa.Column("compute_s", sa.Float, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False, comment="HTTP status the caller got"),
+    sa.Column("latency_s", sa.Float, nullable=False),
+    sa.Column("trace_id", sa.String(32), nullable=True),
+    sa.Column("time", UTCDateTime, nullable=False, comment="when the request started (UTC)"),
+    sa.Index("ix_usage_key_id_time", "key_id", "time"),
+    sa.Index("ix_usage_time", "time"),
+)
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one request cost. Built by the gateway after it answered, success or error."""
+
+    request_id: str
+    key_id: str | None  # API key id (never the token), None when auth is off
+    model: str
+    task: str  # e.g. "feature-extraction", "text-classification", "embeddings"
+    provider: str  # "local" for the mesh
+    input_tokens: int
+    output_tokens: int
+    items: int
+    compute_s: float  # inference time attributed to this request
+    cost_usd: float
+    status: int  # HTTP status (or the HTTP status of the gRPC error) the caller got
+    latency_s: float
+    trace_id: str | None
+    time: datetime  # UTC, timezone-aware; when the request started
+    route: str = ""  # e.g. "/v1/embeddings", "grpc:Predict"
+
+
+Grouping = Literal["day", "model", "key"]
+_INT_SUMS = ("input_tokens", "output_tokens", "items")
+_FLOAT_SUMS = ("compute_s", "cost_usd")
+
+
+class UsageLedger:
+    """Batched writer and reader of the `usage` table; one per gateway process.
+
+    `flush_interval_s` bounds how stale the table is; `max_batch` bounds one INSERT (a longer queue
+    wakes the writer early and is written in several batches); `close_timeout_s` bounds how long
+    `close()` keeps retrying a failing database before it gives up on the rows still queued.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        flush_interval_s: float = 0.2,
+        max_batch: int = 1000,
+        close_timeout_s: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._flush_interval_s = flush_interval_s
+        self._max_batch = max_batch
+        self._close_timeout_s = close_timeout_s
+        self._queue: list[UsageRecord] = []
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._writer: asyncio.Task | None = None
+        self._closing = False  # close() began: the writer stops, close() itself drains
+        self._closed = False  # close() ended: nothing will write a new row any more
+
+    # --- writing -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the tables if needed and start the background writer."""
+        await asyncio.to_thread(create_tables, self._engine)
+        self._writer = asyncio.create_task(self._run_writer(), name="usage-ledger-writer")
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one row for the writer. No I/O and nothing that can fail: safe on the request path."""
+        if self._closed:
+            log.error("usage ledger is closed; dropped the usage row of request %s", rec.request_id)
+            return
+        self._queue.append(rec)
+        QUEUE_ROWS.inc()
+        if len(self._queue) >= self._max_batch:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write every row queued before this call. A failed write raises (the rows stay queued and
+        the writer keeps retrying them)."""
+        target = len(self._queue)
+        while target > 0:
+            target -= await self._write_batch(min(target, self._max_batch))
+
+    async def close(self) -> None:
+        """Stop the writer once everything queued is written (the SIGTERM drain). Retries a failing
+        database with backoff for `close_timeout_s`, then logs how many rows it could not write.
+        (One attempt may itself last up to the database's busy or connect timeout.)"""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        deadline = asyncio.get_running_loop().time() + self._close_timeout_s
+        delay = self._flush_interval_s
+        while self._queue:
+            try:
+                await self.flush()
+            except Exception:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+        if self._queue:
+            log.error("usage ledger closed with %d rows it could not write; they are lost", len(self._queue))
+            QUEUE_ROWS.dec(len(self._queue))
+            self._queue.clear()
+        self._closed = True
+
+    async def _run_writer(self) -> None:
+        """Write the queue every flush interval (sooner when it is long); back off while writes fail."""
+        delay = self._flush_interval_s
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+                delay = self._flush_interval_s
+            except Exception as exc:
+                delay = min(max(delay, self._flush_interval_s) * 2, _MAX_BACKOFF_S)
+                log.warning(
+                    "usage ledger write failed (%s); %d rows kept, retrying in %.1f s",
+                    type(exc).__name__,
+                    len(self._queue),
+                    delay,
+                )
+
+    async def _write_batch(self, size: int) -> int:
+        """Insert the oldest `size` queued rows in one statement; they leave the queue only once
+        committed, so a failure loses nothing. Returns the rows consumed. (A caller cancelled
+        mid-write leaves its rows queued though they may commit, so they could be written twice:
+        nothing here cancels the writer, close() waits for it.)"""
+        async with self._write_lock:
+            batch = self._queue[:size]
+            if not batch:
+                return size
+            with WRITE_SECONDS.time():
+                try:
+                    await asyncio.to_thread(self._insert, batch)
+                except Exception:
+                    WRITE_FAILURES.inc()
+                    raise
+            del self._queue[: len(batch)]
+            QUEUE_ROWS.dec(len(batch))
+            return len(batch)
+
+    def _insert(self, batch: Sequence[UsageRecord]) -> None:
+        """One executemany; rows the database rejects as invalid are then written one by one, so one
+        bad row cannot hold back the others forever (the bad ones are logged and dropped)."""
+        rows = [_row(rec) for rec in batch]
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(usage.insert(), rows)
+        except _BAD_ROW_ERRORS:
+            rows = self._insert_one_by_one(rows)
+        ROWS_WRITTEN.inc(len(rows))
+
+    def _insert_one_by_one(self, rows: list[dict]) -> list[dict]:
+        written = []
+        for row in rows:
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(usage.insert(), row)
+                written.append(row)
+            except _BAD_ROW_ERRORS as exc:
+                log.error("usage row of request %s rejected by the database, dropped: %s", row["request_id"], exc)
+        return written
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def query(
+        self,
+        *,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict]:
+        """Rows newest first, as dicts of the table's columns (`time` aware UTC). `since` is
+        inclusive, `until` exclusive."""
+        stmt = (
+            sa.select(usage)
+            .where(*_filters(key_id, model, since, until))
+            .order_by(usage.c.time.desc(), usage.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        return [dict(row) for row in await self._read(stmt)]
+
+    async def totals(
+        self,
+        *,
+        by: Grouping,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[dict]:
+        """One row per day (UTC, "YYYY-MM-DD"), model or key, in that order: its `requests` and the
+        sums of tokens, items, compute and cost."""
+        group, name = self._group_column(by)
+        stmt = (
+            sa.select(group.label(name), sa.func.count().label("requests"), *_sum_columns())
+            .where(*_filters(key_id, model, since, until))
+            .group_by(group)
+            .order_by(group)
+        )
+        return [_totals_row(row, name) for row in await self._read(stmt)]
+
+    async def count(
+        self,
+        *,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> int:
+        """How many rows match the filters (as in `query`)."""
+        stmt = sa.select(sa.func.count().label("rows")).select_from(usage).where(*_filters(key_id, model, since, until))
+        return int((await self._read(stmt))[0]["rows"])
+
+    def _group_column(self, by: Grouping) -> tuple[sa.ColumnElement, str]:
+        if by == "model":
+            return usage.c.model, "model"
+        if by == "key":
+            return usage.c.key_id, "key_id"
+        if by == "day":
+            return self._utc_day(), "day"
+        raise ValueError(f"totals by {by!r}: expected day, model or key")
+
+    def _utc_day(self) -> sa.ColumnElement:
+        """The UTC calendar day of a row. SQLite stores naive UTC text (date() reads it); Postgres
+        truncates in the session's time zone unless told UTC."""
+        if self._engine.dialect.name == "sqlite":
+            return sa.func.date(usage.c.time)
+        return sa.cast(sa.func.timezone("UTC", usage.c.time), sa.Date)
+
+    async def _read(self, stmt: sa.Select) -> list[sa.RowMapping]:
+        return await asyncio.to_thread(self._execute, stmt)
+
+    def _execute(self, stmt: sa.Select) -> list[sa.RowMapping]:
+        with self._engine.connect() as conn:
+            return list(conn.execute(stmt).mappings())
+
+
+def _row(rec: UsageRecord) -> dict:
+    return {field.name: getattr(rec, field.name) for field in dataclasses.fields(rec)}
+
+
+def _filters(
+    key_id: str | None, model: str | None, since: datetime | None, until: datetime | None
+) -> list[sa.ColumnElement[bool]]:
+    clauses = []
+    if key_id is not None:
+        clauses.append(usage.c.key_id == key_id)
+    if model is not None:
+        clauses.append(usage.c.model == model)
+    if since is not None:
+        clauses.append(usage.c.time >= as_utc(since))
+    if until is not None:
+        clauses.append(usage.c.time < as_utc(until))
+    return clauses
+
+
+def _sum_columns() -> list[sa.Label]:
+    return [sa.func.coalesce(sa.func.sum(usage.c[name]), 0).label(name) for name in _INT_SUMS + _FLOAT_SUMS]
+
+
+def _totals_row(row: sa.RowMapping, name: str) -> dict:
+    """Plain JSON-ready values: Postgres sums integers as numeric and returns dates as `date`."""
+    group = row[name]
+    return {
+        name: group.isoformat() if hasattr(group, "isoformat") else group,
+        "requests": int(row["requests"]),
+        **{field: int(row[field]) for field in _INT_SUMS},
+        **{field: float(row[field]) for field in _FLOAT_SUMS},
+    }
