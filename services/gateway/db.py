@@ -1,0 +1,41 @@
+"""The gateway's database: API keys and the usage ledger, in SQLite (WAL) by default or Postgres by
+URL, through SQLAlchemy Core. Several gateway replicas share it (Postgres, or one SQLite file on one
+host). Calls are synchronous and short; request paths run them in a worker thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+
+def default_url(home: Path) -> str:
+    return f"sqlite:///{(home / 'gateway.db').resolve()}"
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine for the URL; SQLite gets WAL (readers never block the writer), a busy timeout
+    (several processes write the same file) and NORMAL sync (WAL keeps it crash-safe)."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def create_tables(engine: sa.Engine) -> None:
+    """Create every table registered on `metadata` that does not exist yet."""
+    metadata.create_all(engine)
