@@ -26,6 +26,11 @@ $(OLD_HUB): $(STAMP)
 	  > $(VENV)/hf-0.36.log 2>&1 || { cat $(VENV)/hf-0.36.log; exit 1; }
 	touch $(OLD_HUB)
 
+# redis-server for the shared rate-limit / budget store tests (Debian's package; needs root to install).
+REDIS := /usr/bin/redis-server
+$(REDIS):
+	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
 install: $(STAMP)
 
 ## up: install, build the model catalog on first run, start the four services, print the URLs.
@@ -36,7 +41,7 @@ models: $(STAMP)
 	$(VENV)/bin/meshserve models build
 
 ## test: contracts (buf lint/format/breaking, stub drift), lint, then the whole pytest suite.
-test: $(STAMP) $(OLD_HUB)
+test: $(STAMP) $(OLD_HUB) $(REDIS)
 	scripts/proto-check.sh
 	$(VENV)/bin/ruff check services tests bench deploy
 	$(VENV)/bin/meshserve models build

@@ -7,13 +7,22 @@ set, loopback included (the services set it for themselves).
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
 from services.common.catalog import Catalog
 from services.common.modelstore import build_all
 from services.common.settings import REPO_ROOT
-from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, meshserve_home, start_mesh
+from tests.helpers import (
+    MODEL_ID,
+    TRITON_SKIP_REASON,
+    TRITON_SUPPORTED,
+    meshserve_home,
+    start_mesh,
+    start_redis,
+    stop_redis,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,3 +60,13 @@ def reference_encoder(models_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(models_dir / MODEL_ID / "model"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server for this test worker (`make test` installs it with apt-get)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; `make test` does it)")
+    process, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    stop_redis(process)

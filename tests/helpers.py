@@ -182,3 +182,39 @@ def start_mesh(
         mesh.stop()
         raise
     return mesh
+
+
+def start_redis(tmp_path: Path, timeout_s: float = 10.0) -> tuple[subprocess.Popen, str]:
+    """A throwaway `redis-server` on a free loopback port (no persistence); returns it and its URL."""
+    port = free_port()
+    data_dir = tmp_path / f"redis-{port}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--protected-mode", "yes", "--dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(16).startswith(b"+PONG"):
+                return process, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.02)
+    stop_redis(process)
+    raise TimeoutError(f"redis-server did not answer PING in {timeout_s} s")
+
+
+def stop_redis(process: subprocess.Popen, timeout_s: float = 10.0) -> int:
+    """SIGTERM by PID, then wait (SIGKILL if it does not exit)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout_s)
+    return process.returncode

@@ -1,0 +1,299 @@
+"""Per-API-key spending budgets in USD per period, reserved before a request and settled after.
+
+`reserve()` holds what a request could cost at most, atomically with the check, so concurrent
+requests can never overspend together (checking spend without holding it is the race LiteLLM's
+budgets have). `settle()` swaps the hold for what the request actually cost.
+
+Periods are "day" and "month" (the UTC calendar day or month: "day:2026-12-01", "month:2026-12")
+and "total" (never resets). Amounts are kept as integer micro-dollars, so sums never drift.
+In Redis (`redis://…`, shared by every gateway replica) each operation is one Lua script; a
+period's keys expire a week after it ends. A hold that is never settled (its replica died) is
+charged in full once it is older than the reservation lease: charging it never lets a budget be
+overspent, releasing it could.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import redis.asyncio as aioredis
+
+from services.common.errors import ErrorCode, MeshError
+from services.gateway.ratelimit import MAX_RETRY_AFTER_S, store_errors
+
+log = logging.getLogger(__name__)
+
+PERIODS = ("day", "month", "total")
+MICRO = 1_000_000
+KEY_PREFIX = "meshserve:budget"
+EXPIRE_AFTER_PERIOD = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Money held for one request until it is settled."""
+
+    key_id: str
+    period: str  # the period it counts against, e.g. "day:2026-12-01"
+    amount_usd: float
+    reservation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def period_key(period: str, now: datetime) -> str:
+    """The current period of a budget: "day:2026-12-01", "month:2026-12" or "total"."""
+    if period == "day":
+        return f"day:{now:%Y-%m-%d}"
+    if period == "month":
+        return f"month:{now:%Y-%m}"
+    if period == "total":
+        return "total"
+    raise ValueError(f"unknown budget period {period!r}: use one of {', '.join(PERIODS)}")
+
+
+def period_end(key: str) -> datetime | None:
+    """When a period ends (UTC); None for "total"."""
+    kind, _, start = key.partition(":")
+    if kind == "day":
+        return datetime.strptime(start, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
+    if kind == "month":
+        first = datetime.strptime(start, "%Y-%m").replace(tzinfo=UTC)
+        return (first + timedelta(days=32)).replace(day=1)
+    return None
+
+
+def to_micro(usd: float) -> int:
+    return round(usd * MICRO)
+
+
+def usd(micro: float) -> str:
+    """$10.00, $0.30, $0.000125: cents always, more digits only where they matter."""
+    text = f"{micro / MICRO:,.6f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
+class _MemoryBudgets:
+    """One process's budgets: dicts under an asyncio.Lock."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._spent: dict[tuple[str, str], int] = {}
+        self._held: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}  # id -> (micro, deadline)
+
+    def _sweep(self, account: tuple[str, str]) -> None:
+        now = time.time()
+        held = self._held.get(account, {})
+        for res_id, (amount, deadline) in list(held.items()):
+            if deadline <= now:
+                del held[res_id]
+                self._spent[account] = self._spent.get(account, 0) + amount
+
+    def _totals(self, account: tuple[str, str]) -> tuple[int, int]:
+        self._sweep(account)
+        return self._spent.get(account, 0), sum(amount for amount, _ in self._held.get(account, {}).values())
+
+    async def reserve(self, account, res_id: str, amount: int, budget: int, lease_s: float, _expire_at: int):
+        async with self._lock:
+            spent, reserved = self._totals(account)
+            if spent + reserved + amount > budget:
+                return False, spent, reserved
+            self._held.setdefault(account, {})[res_id] = (amount, time.time() + lease_s)
+            return True, spent, reserved + amount
+
+    async def settle(self, account, res_id: str, actual: int) -> bool:
+        async with self._lock:
+            held = self._held.get(account, {}).pop(res_id, None)
+            if held is None:
+                return False
+            self._spent[account] = self._spent.get(account, 0) + min(actual, held[0])
+            return True
+
+    async def totals(self, account) -> tuple[int, int]:
+        async with self._lock:
+            return self._totals(account)
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: totals hash (spent, reserved), open holds (zset id -> deadline ms), held amounts (hash id -> micro).
+_SWEEP = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local function sweep(now)
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+  for _, id in ipairs(stale) do
+    local held = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+    redis.call('HINCRBY', KEYS[1], 'reserved', -held)
+    redis.call('HINCRBY', KEYS[1], 'spent', held)
+    redis.call('HDEL', KEYS[3], id)
+  end
+  if #stale > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  end
+end
+local function totals()
+  return tonumber(redis.call('HGET', KEYS[1], 'spent') or '0'), tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+end
+"""
+# ARGV: id, amount, budget, lease ms, expire-at (unix s; 0 = never). Returns {admitted, spent, reserved}.
+_RESERVE = (
+    _SWEEP
+    + """
+local now = now_ms()
+sweep(now)
+local spent, reserved = totals()
+local amount = tonumber(ARGV[2])
+if spent + reserved + amount > tonumber(ARGV[3]) then
+  return {0, spent, reserved}
+end
+redis.call('HINCRBY', KEYS[1], 'reserved', amount)
+redis.call('HSET', KEYS[3], ARGV[1], amount)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+if tonumber(ARGV[5]) > 0 then
+  for i = 1, 3 do redis.call('EXPIREAT', KEYS[i], ARGV[5]) end
+end
+return {1, spent, reserved + amount}
+"""
+)
+# ARGV: id, actual. Returns 1 when the hold was open (now settled), 0 when it was already gone.
+_SETTLE = """
+local held = redis.call('HGET', KEYS[3], ARGV[1])
+if not held then
+  return 0
+end
+held = tonumber(held)
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'reserved', -held)
+redis.call('HINCRBY', KEYS[1], 'spent', math.min(tonumber(ARGV[2]), held))
+return 1
+"""
+_TOTALS = _SWEEP + "sweep(now_ms())\nreturn {totals()}\n"
+
+
+class _RedisBudgets:
+    """Budgets shared by every replica; one Lua script per operation."""
+
+    def __init__(self, storage_uri: str) -> None:
+        self._client = aioredis.Redis.from_url(storage_uri)
+        self._reserve = self._client.register_script(_RESERVE)
+        self._settle = self._client.register_script(_SETTLE)
+        self._totals = self._client.register_script(_TOTALS)
+
+    @staticmethod
+    def _keys(account: tuple[str, str]) -> list[str]:
+        base = f"{KEY_PREFIX}:{{{account[0]}:{account[1]}}}"  # one hash tag: one cluster slot
+        return [f"{base}:totals", f"{base}:open", f"{base}:held"]
+
+    async def reserve(self, account, res_id: str, amount: int, budget: int, lease_s: float, expire_at: int):
+        lease_ms = max(1, int(lease_s * 1000))
+        ok, spent, reserved = await self._reserve(self._keys(account), [res_id, amount, budget, lease_ms, expire_at])
+        return bool(ok), int(spent), int(reserved)
+
+    async def settle(self, account, res_id: str, actual: int) -> bool:
+        return bool(await self._settle(self._keys(account), [res_id, actual]))
+
+    async def totals(self, account) -> tuple[int, int]:
+        spent, reserved = await self._totals(self._keys(account))
+        return int(spent), int(reserved)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class BudgetBook:
+    """Reserve-then-settle spending budgets per API key, in process or in Redis."""
+
+    def __init__(
+        self,
+        storage_uri: str = "memory://",
+        *,
+        reservation_lease_s: float = 3600.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """`reservation_lease_s`: how long a hold may stay unsettled before it is charged in full
+        (longer than any request). `clock`: the UTC time that picks the current period."""
+        if storage_uri.startswith("memory://"):
+            self._store: _MemoryBudgets | _RedisBudgets = _MemoryBudgets()
+        elif storage_uri.startswith(("redis://", "rediss://")):
+            self._store = _RedisBudgets(storage_uri)
+        else:
+            raise ValueError(f"unsupported budget storage {storage_uri!r}: use memory:// or redis://")
+        self._lease_s = reservation_lease_s
+        self._clock = clock
+
+    async def reserve(self, key_id: str, budget_usd: float, period: str, amount_usd: float) -> Reservation:
+        """Hold `amount_usd` (the most this request could cost) or raise QUOTA_EXCEEDED."""
+        if amount_usd < 0 or budget_usd < 0:
+            raise ValueError("budget and amount must not be negative")
+        now = self._clock()
+        key = period_key(period, now)
+        end = period_end(key)
+        expire_at = int((end + EXPIRE_AFTER_PERIOD).timestamp()) if end else 0
+        reservation = Reservation(key_id, key, amount_usd)
+        amount, budget = to_micro(amount_usd), to_micro(budget_usd)
+        with store_errors("budget"):
+            ok, spent, reserved = await self._store.reserve(
+                (key_id, key), reservation.reservation_id, amount, budget, self._lease_s, expire_at
+            )
+        if not ok:
+            raise self._exceeded(period, key, budget, spent, reserved, amount, end, now)
+        return reservation
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        """Release the hold and charge what the request cost (at most what was held); idempotent."""
+        actual = to_micro(actual_usd)
+        held = to_micro(reservation.amount_usd)
+        if actual > held or actual < 0:
+            charged = min(max(actual, 0), held)
+            log.warning(
+                "request of key %s cost %s, held %s: charging %s",
+                reservation.key_id,
+                *map(usd, (actual, held, charged)),
+            )
+            actual = charged
+        with store_errors("budget"):
+            settled = await self._store.settle(
+                (reservation.key_id, reservation.period), reservation.reservation_id, actual
+            )
+        if not settled:
+            log.debug("reservation %s was already settled or charged in full", reservation.reservation_id)
+
+    async def spent(self, key_id: str, period: str) -> tuple[float, float]:
+        """(spent, reserved) in USD in the current `period` ("day", "month" or "total")."""
+        with store_errors("budget"):
+            spent, reserved = await self._store.totals((key_id, period_key(period, self._clock())))
+        return spent / MICRO, reserved / MICRO
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    @staticmethod
+    def _exceeded(period, key, budget, spent, reserved, amount, end, now) -> MeshError:
+        per = {"day": "daily", "month": "monthly", "total": "total"}[period]
+        in_flight = f" and {usd(reserved)} held by requests in flight" if reserved else ""
+        left = max(0, budget - spent - reserved)
+        err = MeshError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"budget exceeded: this API key's {per} budget is {usd(budget)}; {usd(spent)} is spent{in_flight}, "
+            f"{usd(left)} is left, and this request could cost up to {usd(amount)}",
+        )
+        ends_in = (end - now).total_seconds() if end else math.inf
+        # Waiting helps only when a new period starts soon; otherwise no Retry-After, and openai's
+        # automatic retries of a 429 are switched off (they would only be refused again).
+        if ends_in <= MAX_RETRY_AFTER_S:
+            err.retry_after_s = max(1, math.ceil(ends_in))
+        else:
+            err.retry_after_s = None  # MeshError defaults a 429 to Retry-After: 1
+            err.headers["x-should-retry"] = "false"
+        return err

@@ -1,0 +1,358 @@
+"""Per-API-key rate limits: requests per minute, tokens per minute and concurrent requests.
+
+Transport-neutral: `RateLimiter.admit()` either returns an `Admission` (with the IETF-draft
+`RateLimit` / `RateLimit-Policy` headers to send on success) or raises a RATE_LIMITED `MeshError`
+carrying `Retry-After` and the same headers, the refusing limit first: huggingface_hub reads only
+the first item of each header and prints "Retry after N seconds (r/q requests remaining in current
+w s window)" from it; openai retries a 429 whose Retry-After is at most 120 s.
+
+Windows come from the `limits` library, in process (`memory://`) or in Redis (`redis://…`, shared
+by every gateway replica):
+- requests per minute use a **moving window**: exact (the last 60 s, no burst of 2x the limit at a
+  window boundary), at the cost of one stored timestamp per request, which is fine for request
+  counts;
+- tokens per minute use a **sliding-window counter**: two counters per key whatever the amount (a
+  moving window stores one entry per unit: 100k timestamps for a 100k-token limit), accurate to
+  the weighting of the previous minute. Tokens are only known after the response, so admission
+  checks the room for `tokens_hint` and `Admission.done(tokens)` charges what was used; a request
+  that used more than was left saturates the window (the overshoot is not carried over).
+
+Concurrency is a set of leased slots, not a bare INCR/DECR counter: in Redis a sorted set per key
+(member = slot, score = lease deadline in Redis server time), updated by one Lua script. A replica
+that crashes holding slots leaks them only until their lease ends, even while the key stays busy
+(an INCR counter with a key-wide TTL is refreshed by every new request and would leak forever).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+from services.common.errors import ErrorCode, MeshError
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60
+MAX_RETRY_AFTER_S = 120  # openai gives up on a Retry-After above this
+KEY_PREFIX = "meshserve:ratelimit"
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """One API key's limits; None = unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + completion
+    concurrent_requests: int | None = None
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The state of one limit as the RateLimit headers describe it."""
+
+    name: str  # the header's quoted resource name: a \w+ word (huggingface_hub's regex)
+    limit: int
+    remaining: int
+    reset_s: int  # seconds until the oldest counted use leaves the window (on refusal: Retry-After)
+    window_s: int = WINDOW_S
+
+
+def rate_limit_headers(windows: list[_Window]) -> dict[str, str]:
+    """`RateLimit: "requests";r=0;t=12, "tokens";r=900;t=40` and the matching `RateLimit-Policy`."""
+    if not windows:
+        return {}
+    return {
+        "RateLimit": ", ".join(f'"{w.name}";r={w.remaining};t={w.reset_s}' for w in windows),
+        "RateLimit-Policy": ", ".join(f'"{w.name}";q={w.limit};w={w.window_s}' for w in windows),
+    }
+
+
+def _retry_after(seconds: float) -> int:
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
+
+
+def tokens_wait_s(
+    limit: int, needed: int, prev_count: int, prev_ttl_s: float, cur_count: int, cur_ttl_s: float
+) -> float:
+    """Seconds until a sliding-window counter has room for `needed` more (at most 2 windows).
+
+    The counter weighs the previous window by the part of it still inside the last 60 s
+    (`prev_count * prev_ttl / 60`) and adds the current window; the current window's counter lives
+    for two windows, so it becomes the previous one `cur_ttl - 60` seconds from now.
+    """
+    if cur_count + needed <= limit:
+        if prev_count == 0:
+            return 0.0
+        return max(0.0, prev_ttl_s - (limit - needed - cur_count) * WINDOW_S / prev_count)
+    rolls_in = max(0.0, cur_ttl_s - WINDOW_S)
+    return rolls_in + max(0.0, WINDOW_S - (limit - needed) * WINDOW_S / cur_count)
+
+
+@contextlib.contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """A Redis outage refuses the request as retryable (503), never as an internal error."""
+    try:
+        yield
+    except aioredis.RedisError as exc:
+        log.warning("%s store unavailable: %r", what, exc)
+        raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"{what} store is unavailable") from exc
+
+
+class _MemorySlots:
+    """In-flight counts per key for one process: no await between check and update, so atomic."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[str, int] = {}
+
+    async def acquire(self, key_id: str, limit: int) -> tuple[str | None, int]:
+        count = self._in_flight.get(key_id, 0)
+        if count >= limit:
+            return None, count
+        self._in_flight[key_id] = count + 1
+        return uuid.uuid4().hex, count + 1
+
+    async def release(self, key_id: str, slot: str) -> None:
+        count = self._in_flight.get(key_id, 0) - 1
+        if count > 0:
+            self._in_flight[key_id] = count
+        else:
+            self._in_flight.pop(key_id, None)
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS[1]: the key's in-flight set. ARGV: limit, slot id, lease in ms. Returns {admitted, in flight}.
+_ACQUIRE_SLOT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local count = redis.call('ZCARD', KEYS[1])
+if count >= tonumber(ARGV[1]) then
+  return {0, count}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, count + 1}
+"""
+
+
+class _RedisSlots:
+    """In-flight slots shared by every replica: a sorted set of leased slots per key."""
+
+    def __init__(self, client: aioredis.Redis, lease_s: float) -> None:
+        self._client = client
+        self._lease_ms = max(1, int(lease_s * 1000))
+        self._acquire = client.register_script(_ACQUIRE_SLOT)
+
+    @staticmethod
+    def _key(key_id: str) -> str:
+        return f"{KEY_PREFIX}:inflight:{{{key_id}}}"
+
+    async def acquire(self, key_id: str, limit: int) -> tuple[str | None, int]:
+        slot = uuid.uuid4().hex
+        admitted, count = await self._acquire([self._key(key_id)], [limit, slot, self._lease_ms])
+        return (slot if admitted else None), int(count)
+
+    async def release(self, key_id: str, slot: str) -> None:
+        await self._client.zrem(self._key(key_id), slot)
+
+    async def close(self) -> None:
+        pass  # the client belongs to the RateLimiter
+
+
+class Admission:
+    """An admitted request. The caller MUST call `done(tokens)` exactly once (extra calls are no-ops)."""
+
+    def __init__(self, limiter: RateLimiter, key_id: str, limits: KeyLimits, slot: str | None, headers: dict) -> None:
+        self.headers: dict[str, str] = headers
+        self._limiter = limiter
+        self._key_id = key_id
+        self._limits = limits
+        self._slot = slot
+        self._done = False
+
+    async def done(self, tokens: int) -> None:
+        """Charge `tokens` (prompt + completion) to the tokens-per-minute window, free the slot.
+
+        Never raises: it runs on the way out of a request, where a store outage must not replace
+        the response (a slot that could not be freed is reclaimed when its lease ends)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            if self._limits.tokens_per_minute is not None and tokens > 0:
+                await self._limiter._charge_tokens(self._key_id, self._limits.tokens_per_minute, tokens)
+        except Exception:
+            log.exception("could not charge %d tokens to key %s", tokens, self._key_id)
+        finally:
+            if self._slot is not None:
+                try:
+                    await self._limiter._slots.release(self._key_id, self._slot)
+                except Exception:
+                    log.exception("could not free a concurrency slot of key %s", self._key_id)
+
+
+class RateLimiter:
+    """Admits or refuses requests per API key; state in process or in a Redis shared by replicas."""
+
+    def __init__(self, storage_uri: str = "memory://", *, slot_lease_s: float = 600.0) -> None:
+        """`storage_uri`: `memory://` or `redis://host:port/db` (`rediss://` for TLS).
+        `slot_lease_s`: how long a concurrency slot held in Redis outlives a replica that died
+        holding it; a request running longer than this stops counting against the limit."""
+        self._client: aioredis.Redis | None = None
+        if storage_uri.startswith("memory://"):
+            storage = MemoryStorage()
+            self._slots: _MemorySlots | _RedisSlots = _MemorySlots()
+        elif storage_uri.startswith(("redis://", "rediss://")):
+            self._pool = aioredis.ConnectionPool.from_url(storage_uri)
+            self._client = aioredis.Redis(connection_pool=self._pool)
+            storage = RedisStorage(
+                f"async+{storage_uri}", implementation="redispy", key_prefix=KEY_PREFIX, connection_pool=self._pool
+            )
+            self._slots = _RedisSlots(self._client, slot_lease_s)
+        else:
+            raise ValueError(f"unsupported rate-limit storage {storage_uri!r}: use memory:// or redis://")
+        self._storage = storage
+        self._rpm = MovingWindowRateLimiter(storage)
+        self._tpm = SlidingWindowCounterRateLimiter(storage)
+
+    async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
+        """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
+
+        Checks cost nothing when they refuse: tokens are only read, a concurrency slot is freed
+        again when the requests-per-minute window (the one irreversible hit) refuses."""
+        with store_errors("rate-limit"):
+            windows: list[_Window] = []
+            if limits.tokens_per_minute is not None:
+                windows.append(await self._check_tokens(key_id, limits, tokens_hint))
+            slot = None
+            if limits.concurrent_requests is not None:
+                slot, in_flight = await self._slots.acquire(key_id, limits.concurrent_requests)
+                if slot is None:
+                    await self._refuse_concurrency(key_id, limits, in_flight)
+            try:
+                if limits.requests_per_minute is not None:
+                    windows.insert(0, await self._hit_requests(key_id, limits))
+            except BaseException:
+                if slot is not None:
+                    await self._slots.release(key_id, slot)
+                raise
+        return Admission(self, key_id, limits, slot, rate_limit_headers(windows))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            await self._pool.aclose()
+
+    # -- requests per minute (moving window) ----------------------------------------------------
+    @staticmethod
+    def _requests_item(limit: int) -> RateLimitItemPerMinute:
+        return RateLimitItemPerMinute(limit, namespace="requests")
+
+    async def _requests_window(self, key_id: str, limit: int) -> _Window:
+        stats = await self._rpm.get_window_stats(self._requests_item(limit), key_id)
+        return _Window("requests", limit, max(0, stats.remaining), max(0, math.ceil(stats.reset_time - time.time())))
+
+    async def _hit_requests(self, key_id: str, limits: KeyLimits) -> _Window:
+        limit = limits.requests_per_minute
+        admitted = await self._rpm.hit(self._requests_item(limit), key_id)
+        window = await self._requests_window(key_id, limit)
+        if admitted:
+            return window
+        # The moving window's reset is when its oldest request leaves: exactly when one fits again.
+        wait = _retry_after(window.reset_s)
+        refused = _Window("requests", limit, 0, wait)
+        others = (
+            [await self._tokens_window(key_id, limits.tokens_per_minute)]
+            if limits.tokens_per_minute is not None
+            else []
+        )
+        raise MeshError(
+            ErrorCode.RATE_LIMITED,
+            f"rate limit reached: this API key may send {limit} requests per minute; retry after {wait} s",
+            retry_after_s=wait,
+            headers=rate_limit_headers([refused, *others]),
+        )
+
+    # -- tokens per minute (sliding-window counter) ----------------------------------------------
+    @staticmethod
+    def _tokens_item(limit: int) -> RateLimitItemPerMinute:
+        return RateLimitItemPerMinute(limit, namespace="tokens")
+
+    async def _tokens_window(self, key_id: str, limit: int) -> _Window:
+        stats = await self._tpm.get_window_stats(self._tokens_item(limit), key_id)
+        return _Window("tokens", limit, max(0, stats.remaining), max(0, math.ceil(stats.reset_time - time.time())))
+
+    async def _check_tokens(self, key_id: str, limits: KeyLimits, tokens_hint: int) -> _Window:
+        limit = limits.tokens_per_minute
+        needed = max(1, tokens_hint)  # a hint of 0 is refused only when the window is exhausted
+        window = await self._tokens_window(key_id, limit)
+        if window.remaining >= needed:
+            return window
+        others = (
+            [await self._requests_window(key_id, limits.requests_per_minute)]
+            if limits.requests_per_minute is not None
+            else []
+        )
+        if needed > limit:
+            # No wait will ever make room: say so, and tell openai not to retry.
+            raise MeshError(
+                ErrorCode.RATE_LIMITED,
+                f"request too large: it needs about {needed} tokens, more than this API key's limit of "
+                f"{limit} tokens per minute",
+                retry_after_s=MAX_RETRY_AFTER_S,
+                headers={
+                    **rate_limit_headers([_Window("tokens", limit, 0, MAX_RETRY_AFTER_S), *others]),
+                    "x-should-retry": "false",
+                },
+            )
+        item_key = self._tokens_item(limit).key_for(key_id)
+        prev_count, prev_ttl, cur_count, cur_ttl = await self._storage.get_sliding_window(item_key, WINDOW_S)
+        wait = _retry_after(tokens_wait_s(limit, needed, prev_count, prev_ttl, cur_count, cur_ttl))
+        hint = f", this request needs about {tokens_hint}" if tokens_hint else ""
+        raise MeshError(
+            ErrorCode.RATE_LIMITED,
+            f"rate limit reached: this API key may use {limit} tokens per minute ({window.remaining} left{hint}); "
+            f"retry after {wait} s",
+            retry_after_s=wait,
+            headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *others]),
+        )
+
+    async def _charge_tokens(self, key_id: str, limit: int, tokens: int) -> None:
+        """Charge what a finished request used; beyond the room left, the window saturates."""
+        item = self._tokens_item(limit)
+        cost = min(tokens, limit)
+        for _ in range(3):  # another replica may take the room between the two calls: try again
+            if await self._tpm.hit(item, key_id, cost=cost):
+                return
+            cost = min(cost, (await self._tpm.get_window_stats(item, key_id)).remaining)
+            if cost <= 0:
+                return
+
+    # -- concurrency -------------------------------------------------------------------------------
+    async def _refuse_concurrency(self, key_id: str, limits: KeyLimits, in_flight: int) -> None:
+        # When a slot frees is unknown: ask for a retry in a second. The item gets a 1 s "window"
+        # so that huggingface_hub's message reads "0/4 requests remaining in current 1s window".
+        windows = [_Window("concurrent", limits.concurrent_requests, 0, 1, window_s=1)]
+        if limits.requests_per_minute is not None:
+            windows.append(await self._requests_window(key_id, limits.requests_per_minute))
+        if limits.tokens_per_minute is not None:
+            windows.append(await self._tokens_window(key_id, limits.tokens_per_minute))
+        raise MeshError(
+            ErrorCode.RATE_LIMITED,
+            f"too many concurrent requests: this API key may have {limits.concurrent_requests} in flight "
+            f"and has {in_flight}; retry after 1 s",
+            retry_after_s=1,
+            headers=rate_limit_headers(windows),
+        )

@@ -1,0 +1,304 @@
+"""Rate limits and budgets, each test run on both storages: in process and a real redis-server.
+
+Windows are never frozen: the requests window is a moving window (no boundary inside which a
+burst could slip), and the tests run in milliseconds, far inside a minute. The one place where a
+boundary could matter is the in-process tokens counter, whose windows are aligned on the wall
+clock minute: `away_from_minute_boundary` waits out the last 2 s of a minute before such a test.
+No assertion depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from huggingface_hub.utils import parse_ratelimit_headers
+
+from services.common.errors import ErrorCode, MeshError
+from services.gateway.budgets import BudgetBook, period_key
+from services.gateway.ratelimit import KeyLimits, RateLimiter, tokens_wait_s
+from tests.helpers import free_port
+
+RATELIMIT = re.compile(r'^"(\w+)";r=(\d+);t=(\d+)(, "\w+";r=\d+;t=\d+)*$')
+POLICY = re.compile(r'^"(\w+)";q=(\d+);w=(\d+)(, "\w+";q=\d+;w=\d+)*$')
+
+
+@pytest.fixture(params=["memory", "redis"])
+def storage_uri(request):
+    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+
+
+@pytest.fixture
+async def limiter(storage_uri):
+    rate_limiter = RateLimiter(storage_uri)
+    yield rate_limiter
+    await rate_limiter.close()
+
+
+@pytest.fixture
+async def book(storage_uri):
+    budget_book = BudgetBook(storage_uri)
+    yield budget_book
+    await budget_book.close()
+
+
+@pytest.fixture
+def away_from_minute_boundary():
+    if (wait := time.time() % 60 - 58) > 0:
+        time.sleep(2 - wait + 0.05)
+
+
+def new_key() -> str:
+    return f"key-{uuid.uuid4().hex[:12]}"  # every test its own key: the Redis server is shared
+
+
+async def refusal(coro) -> MeshError:
+    with pytest.raises(MeshError) as caught:
+        await coro
+    return caught.value
+
+
+# -- requests per minute -----------------------------------------------------------------------------
+async def test_burst_admits_exactly_the_requests_per_minute(limiter):
+    key, limits = new_key(), KeyLimits(requests_per_minute=7)
+    results = await asyncio.gather(*(limiter.admit(key, limits) for _ in range(20)), return_exceptions=True)
+    admitted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, MeshError)]
+    assert len(admitted) == 7 and len(refused) == 13
+    assert all(err.code is ErrorCode.RATE_LIMITED for err in refused)
+    for admission in admitted:
+        await admission.done(0)
+
+
+async def test_refusal_carries_retry_after_and_ratelimit_headers_hf_can_parse(limiter):
+    key, limits = new_key(), KeyLimits(requests_per_minute=3)
+    admissions = [await limiter.admit(key, limits) for _ in range(3)]
+    assert [a.headers["RateLimit"].split(";")[1] for a in admissions] == ["r=2", "r=1", "r=0"]
+    assert admissions[0].headers["RateLimit-Policy"] == '"requests";q=3;w=60'
+    err = await refusal(limiter.admit(key, limits))
+    assert err.code is ErrorCode.RATE_LIMITED and err.code.http_status == 429
+    assert 1 <= err.retry_after_s <= 120 and err.retry_after_s == int(err.retry_after_s)
+    assert "3 requests per minute" in err.message
+    assert err.headers["RateLimit"] == f'"requests";r=0;t={err.retry_after_s}'
+    assert err.headers["RateLimit-Policy"] == '"requests";q=3;w=60'
+    info = parse_ratelimit_headers(err.headers)  # what huggingface_hub prints on a 429
+    assert (info.resource_type, info.remaining, info.reset_in_seconds) == ("requests", 0, err.retry_after_s)
+    assert (info.limit, info.window_seconds) == (3, 60)
+
+
+async def test_headers_list_every_limit_and_lead_with_the_one_that_refused(limiter, away_from_minute_boundary):
+    key, limits = new_key(), KeyLimits(requests_per_minute=10, tokens_per_minute=100)
+    admission = await limiter.admit(key, limits)
+    assert RATELIMIT.match(admission.headers["RateLimit"]) and POLICY.match(admission.headers["RateLimit-Policy"])
+    assert admission.headers["RateLimit"].startswith('"requests";r=9;t=')
+    assert admission.headers["RateLimit"].split(", ")[1].startswith('"tokens";r=100;t=')
+    assert admission.headers["RateLimit-Policy"] == '"requests";q=10;w=60, "tokens";q=100;w=60'
+    await admission.done(100)
+    err = await refusal(limiter.admit(key, limits))
+    assert err.headers["RateLimit"].startswith(f'"tokens";r=0;t={err.retry_after_s}, "requests";r=9;t=')
+    assert err.headers["RateLimit-Policy"] == '"tokens";q=100;w=60, "requests";q=10;w=60'
+    assert parse_ratelimit_headers(err.headers).resource_type == "tokens"
+
+
+# -- tokens per minute -------------------------------------------------------------------------------
+async def test_tokens_per_minute_refuses_once_charged_tokens_leave_no_room(limiter, away_from_minute_boundary):
+    key, limits = new_key(), KeyLimits(tokens_per_minute=1000)
+    first = await limiter.admit(key, limits, tokens_hint=600)
+    await first.done(600)
+    err = await refusal(limiter.admit(key, limits, tokens_hint=500))
+    assert err.code is ErrorCode.RATE_LIMITED and "1000 tokens per minute (400 left" in err.message
+    assert 1 <= err.retry_after_s <= 120
+    second = await limiter.admit(key, limits, tokens_hint=300)  # fits in what is left
+    await second.done(450)  # used more than it hinted: charged, up to the limit
+    err = await refusal(limiter.admit(key, limits))  # hint 0: refused only when exhausted
+    assert err.headers["RateLimit"].startswith('"tokens";r=0;')
+
+
+async def test_request_larger_than_the_tokens_limit_is_refused_without_retry(limiter):
+    err = await refusal(limiter.admit(new_key(), KeyLimits(tokens_per_minute=100), tokens_hint=101))
+    assert err.code is ErrorCode.RATE_LIMITED and "request too large" in err.message
+    assert err.headers["x-should-retry"] == "false" and err.retry_after_s == 120
+
+
+def test_tokens_wait_covers_the_previous_window_decay_and_the_current_window_roll():
+    assert tokens_wait_s(100, 10, 0, 0.0, 50, 90.0) == 0  # room now
+    # 100 x 30/60 + 40 = 90 counted: 20 more fit once the previous window weighs 40, in 6 s
+    assert tokens_wait_s(100, 20, 100, 30.0, 40, 90.0) == pytest.approx(6)
+    # the current window alone is too full: it must roll (in 30 s) and decay to 90 left
+    assert tokens_wait_s(100, 10, 0, 0.0, 100, 90.0) == pytest.approx(30 + 60 - 90 * 60 / 100)
+    assert tokens_wait_s(100, 100, 0, 0.0, 100, 120.0) <= 120
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+async def test_concurrency_refuses_one_more_than_the_limit_and_admits_after_done(limiter):
+    key, limits = new_key(), KeyLimits(concurrent_requests=3)
+    held = [await limiter.admit(key, limits) for _ in range(3)]
+    err = await refusal(limiter.admit(key, limits))
+    assert err.code is ErrorCode.RATE_LIMITED and "3 in flight" in err.message and err.retry_after_s == 1
+    assert parse_ratelimit_headers(err.headers).resource_type == "concurrent"
+    await held[0].done(0)
+    await held[0].done(0)  # idempotent: frees one slot, not two
+    again = await limiter.admit(key, limits)
+    await refusal(limiter.admit(key, limits))
+    for admission in [*held[1:], again]:
+        await admission.done(0)
+
+
+async def test_a_refused_request_holds_no_concurrency_slot(limiter):
+    key, limits = new_key(), KeyLimits(requests_per_minute=1, concurrent_requests=1)
+    await (await limiter.admit(key, limits)).done(0)
+    for _ in range(3):  # refused by requests per minute: the slot it took is given back each time
+        err = await refusal(limiter.admit(key, limits))
+        assert "requests per minute" in err.message
+
+
+async def test_done_charges_tokens_only_once(limiter, away_from_minute_boundary):
+    key, limits = new_key(), KeyLimits(tokens_per_minute=100)
+    admission = await limiter.admit(key, limits)
+    await admission.done(60)
+    await admission.done(60)
+    assert (await limiter.admit(key, limits, tokens_hint=40)).headers["RateLimit"].startswith('"tokens";r=40;')
+
+
+async def test_two_replicas_on_one_redis_share_every_limit(redis_url):
+    replicas = [RateLimiter(redis_url), RateLimiter(redis_url)]
+    try:
+        key, limits = new_key(), KeyLimits(requests_per_minute=6)
+        results = await asyncio.gather(*(replicas[i % 2].admit(key, limits) for i in range(10)), return_exceptions=True)
+        assert sum(not isinstance(r, BaseException) for r in results) == 6
+        await refusal(replicas[0].admit(key, limits))
+        await refusal(replicas[1].admit(key, limits))
+
+        key, limits = new_key(), KeyLimits(concurrent_requests=2)
+        held = [await replicas[0].admit(key, limits), await replicas[1].admit(key, limits)]
+        await refusal(replicas[1].admit(key, limits))
+        await held[0].done(0)  # freed on replica 0, admitted on replica 1
+        held[0] = await replicas[1].admit(key, limits)
+
+        key, limits = new_key(), KeyLimits(tokens_per_minute=100)
+        await (await replicas[0].admit(key, limits)).done(100)
+        await refusal(replicas[1].admit(key, limits))
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_a_slot_leaked_by_a_dead_replica_is_reclaimed_when_its_lease_ends(redis_url):
+    dead, alive = RateLimiter(redis_url, slot_lease_s=0.2), RateLimiter(redis_url)
+    try:
+        key, limits = new_key(), KeyLimits(concurrent_requests=1)
+        await dead.admit(key, limits)  # never done(): the replica "crashed"
+        await refusal(alive.admit(key, limits))
+        await asyncio.sleep(0.4)
+        await (await alive.admit(key, limits)).done(0)
+    finally:
+        await dead.close()
+        await alive.close()
+
+
+# -- budgets -----------------------------------------------------------------------------------------
+async def test_concurrent_reservations_never_overspend(book):
+    key = new_key()
+    results = await asyncio.gather(*(book.reserve(key, 10.0, "day", 0.30) for _ in range(50)), return_exceptions=True)
+    reservations = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, MeshError)]
+    assert len(reservations) == 33 and len(refused) == 17  # 33 x 0.30 = 9.90; a 34th would make 10.20
+    assert all(err.code is ErrorCode.QUOTA_EXCEEDED for err in refused)
+    assert await book.spent(key, "day") == (0.0, pytest.approx(9.90))
+    for reservation in reservations:
+        await book.settle(reservation, 0.10)
+    assert await book.spent(key, "day") == (pytest.approx(3.30), 0.0)
+    assert (await book.reserve(key, 10.0, "day", 6.70)).amount_usd == 6.70  # the unused part came back
+    await refusal(book.reserve(key, 10.0, "day", 0.000001))
+
+
+async def test_quota_error_names_budget_spent_and_cost_and_has_no_retry_after(book):
+    key = new_key()
+    await book.settle(await book.reserve(key, 5.0, "month", 4.0), 3.0)
+    held = await book.reserve(key, 5.0, "month", 1.0)
+    err = await refusal(book.reserve(key, 5.0, "month", 1.5))
+    assert err.code is ErrorCode.QUOTA_EXCEEDED and err.code.http_status == 429
+    assert err.message == (
+        "budget exceeded: this API key's monthly budget is $5.00; $3.00 is spent and $1.00 held by requests "
+        "in flight, $1.00 is left, and this request could cost up to $1.50"
+    )
+    assert err.retry_after_s is None and err.headers["x-should-retry"] == "false"
+    await book.settle(held, 1.0)
+
+
+async def test_quota_error_retries_after_the_period_ends_when_that_is_soon(storage_uri):
+    book = BudgetBook(storage_uri, clock=lambda: datetime(2026, 12, 1, 23, 59, 30, tzinfo=UTC))
+    try:
+        key = new_key()
+        reservation = await book.reserve(key, 1.0, "day", 1.0)
+        assert reservation.period == "day:2026-12-01"
+        err = await refusal(book.reserve(key, 1.0, "day", 0.5))
+        assert err.retry_after_s == 30 and "x-should-retry" not in err.headers
+        await book.settle(reservation, 1.0)
+    finally:
+        await book.close()
+
+
+async def test_settle_is_idempotent_and_clamps_to_what_was_held(book):
+    key = new_key()
+    reservation = await book.reserve(key, 10.0, "total", 2.0)
+    assert reservation.period == "total"
+    await book.settle(reservation, 5.0)  # more than was held: clamped (and logged)
+    await book.settle(reservation, 5.0)
+    assert await book.spent(key, "total") == (2.0, 0.0)
+
+
+async def test_periods_are_the_utc_day_and_month():
+    now = datetime(2026, 2, 28, 23, 0, tzinfo=UTC)
+    assert [period_key(p, now) for p in ("day", "month", "total")] == ["day:2026-02-28", "month:2026-02", "total"]
+    with pytest.raises(ValueError):
+        period_key("week", now)
+
+
+async def test_two_books_on_one_redis_share_the_budget(redis_url):
+    books = [BudgetBook(redis_url), BudgetBook(redis_url)]
+    try:
+        key = new_key()
+        results = await asyncio.gather(
+            *(books[i % 2].reserve(key, 10.0, "day", 0.30) for i in range(50)), return_exceptions=True
+        )
+        reservations = [r for r in results if not isinstance(r, BaseException)]
+        assert len(reservations) == 33
+        await books[0].settle(reservations[0], 0.0)
+        await books[1].settle(reservations[0], 0.0)  # already settled by the other replica: no-op
+        assert await books[1].spent(key, "day") == (0.0, pytest.approx(9.60))
+        assert await books[0].spent(key, "day") == await books[1].spent(key, "day")
+    finally:
+        for budget_book in books:
+            await budget_book.close()
+
+
+async def test_a_hold_never_settled_is_charged_in_full_when_its_lease_ends(storage_uri):
+    book = BudgetBook(storage_uri, reservation_lease_s=0.2)
+    try:
+        key = new_key()
+        reservation = await book.reserve(key, 1.0, "day", 0.75)  # its replica "crashed"
+        await asyncio.sleep(0.4)
+        assert await book.spent(key, "day") == (0.75, 0.0)
+        await refusal(book.reserve(key, 1.0, "day", 0.5))
+        await book.settle(reservation, 0.1)  # too late: no-op
+        assert await book.spent(key, "day") == (0.75, 0.0)
+    finally:
+        await book.close()
+
+
+async def test_an_unreachable_redis_refuses_as_retryable_unavailable():
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    limiter, book = RateLimiter(url), BudgetBook(url)
+    try:
+        err = await refusal(limiter.admit(new_key(), KeyLimits(requests_per_minute=5)))
+        assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE and err.message == "rate-limit store is unavailable"
+        err = await refusal(book.reserve(new_key(), 1.0, "day", 0.1))
+        assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE and err.message == "budget store is unavailable"
+    finally:
+        await limiter.close()
+        await book.close()
