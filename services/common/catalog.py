@@ -128,6 +128,23 @@ class PostprocessSpec(_Strict):
     zero_shot: ZeroShotSpec = ZeroShotSpec()
 
 
+class PricingSpec(_Strict):
+    """What a request costs, in USD (the usage ledger and budgets use it)."""
+
+    input_per_1k_tokens_usd: float = 0.0
+    output_per_1k_tokens_usd: float = 0.0
+    per_request_usd: float = 0.0
+    per_compute_second_usd: float = Field(0.0, description="Per second of inference time spent on the request.")
+
+    def cost(self, input_tokens: int, output_tokens: int, compute_s: float) -> float:
+        return (
+            input_tokens / 1000 * self.input_per_1k_tokens_usd
+            + output_tokens / 1000 * self.output_per_1k_tokens_usd
+            + self.per_request_usd
+            + compute_s * self.per_compute_second_usd
+        )
+
+
 class ModelEntry(_Strict):
     id: str
     tasks: tuple[str, ...]
@@ -136,6 +153,7 @@ class ModelEntry(_Strict):
     preprocess: PreprocessSpec = PreprocessSpec()
     inference: InferenceSpec
     postprocess: PostprocessSpec = PostprocessSpec()
+    pricing: PricingSpec = PricingSpec()
 
     @field_validator("tasks")
     @classmethod

@@ -126,7 +126,7 @@ class MeshError(Exception):
 
     `param` names the offending request field where there is one (OpenAI's `param`);
     `retry_after_s` is sent as `Retry-After` on 429/503; `estimated_time_s` is the HF API's
-    `estimated_time` of a model that is loading.
+    `estimated_time` of a model that is loading; `headers` are extra HTTP response headers.
     """
 
     def __init__(
@@ -137,12 +137,15 @@ class MeshError(Exception):
         param: str | None = None,
         retry_after_s: float | None = None,
         estimated_time_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.estimated_time_s = estimated_time_s
+        # Extra HTTP response headers for the gateway (e.g. RateLimit / RateLimit-Policy on 429).
+        self.headers = headers or {}
         if retry_after_s is None and code.http_status in (429, 503):
             retry_after_s = 1.0
         self.retry_after_s = retry_after_s

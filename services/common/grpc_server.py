@@ -250,9 +250,16 @@ class RunningServer:
 
 
 async def create_server(
-    settings: GrpcServiceSettings, service: str, bindings: Iterable[Binding], *, serving: bool = True
+    settings: GrpcServiceSettings,
+    service: str,
+    bindings: Iterable[Binding],
+    *,
+    serving: bool = True,
+    inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    """Build and start a grpc.aio server with the production interceptor chain on settings' port."""
+    """Build and start a grpc.aio server with the production interceptor chain on settings' port.
+    `inner_interceptors` run inside error mapping (e.g. authentication), so the MeshErrors they
+    raise reach the caller with their code and details like any handler's."""
     bindings = list(bindings)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -262,7 +269,12 @@ async def create_server(
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
     drain = Drain()
-    interceptors = [*tracing.server_interceptors(), MetricsInterceptor(service), ErrorMappingInterceptor(drain)]
+    interceptors = [
+        *tracing.server_interceptors(),
+        MetricsInterceptor(service),
+        ErrorMappingInterceptor(drain),
+        *inner_interceptors,
+    ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     for b in bindings:
         b.add_to_server(b.servicer, server)

@@ -43,13 +43,14 @@ class Embedded:
 
     vectors: np.ndarray
     input_tokens: int
+    compute_s: float = 0.0
 
     @classmethod
     def of(cls, prediction) -> Embedded:
         """The vectors and token count of a feature-extraction Prediction."""
         tensor = prediction.result.embeddings
         vectors = np.frombuffer(tensor.raw, dtype="<f4").reshape(tuple(tensor.shape))
-        return cls(vectors, prediction.usage.input_tokens)
+        return cls(vectors, prediction.usage.input_tokens, prediction.compute_s)
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,17 @@ class Classified:
 
     items: list[tasks_pb2.ClassificationList]
     input_tokens: int
+    compute_s: float = 0.0
 
 
 def _share(task: str, prediction, start: int, n: int):
     """Rows [start, start + n) of a group's result, as the caller's own result."""
     tokens = sum(prediction.usage.item_input_tokens[start : start + n])
+    rows = len(prediction.usage.item_input_tokens) or n
+    compute_s = prediction.compute_s * n / rows  # a shared call's inference time, split by rows
     if task == "feature-extraction":
-        return Embedded(Embedded.of(prediction).vectors[start : start + n], tokens)
-    return Classified(list(prediction.result.classifications.items[start : start + n]), tokens)
+        return Embedded(Embedded.of(prediction).vectors[start : start + n], tokens, compute_s)
+    return Classified(list(prediction.result.classifications.items[start : start + n]), tokens, compute_s)
 
 
 # Tasks whose result has one independent row per input text, so requests can be merged.

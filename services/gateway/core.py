@@ -46,6 +46,7 @@ class Prediction:
     task: str
     result: tasks_pb2.TaskResult
     usage: tasks_pb2.Usage
+    compute_s: float = 0.0  # time spent in the inference stage
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class Pipeline:
         STAGE_SECONDS.labels("preprocess").observe(t1 - started)
         STAGE_SECONDS.labels("inference").observe(t2 - t1)
         STAGE_SECONDS.labels("postprocess").observe(t3 - t2)
-        return Prediction(entry.id, task, post.result, pre.usage)
+        return Prediction(entry.id, task, post.result, pre.usage, t2 - t1)
 
     async def _is_cold(self, entry: ModelEntry, err: MeshError) -> bool:
         """The inference server is up but does not have this catalog model loaded. (Live, not

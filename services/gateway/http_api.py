@@ -23,10 +23,13 @@ from services.common import deadlines
 from services.common.catalog import IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
-from services.gateway import hf_tasks
+from services.gateway import admin_api, hf_tasks
+from services.gateway.auth import Authenticator, AuthMiddleware
 from services.gateway.cache import ResponseCache, cache_key
 from services.gateway.coalescer import COALESCED_TASKS, Embedded, RequestCoalescer
+from services.gateway.control import ControlPlane
 from services.gateway.core import Pipeline, Prediction
+from services.gateway.metering import text_token_bound, token_bound
 from services.gateway.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
 from services.gateway.settings import GatewaySettings
 
@@ -50,7 +53,7 @@ def is_openai_path(path: str) -> bool:
 
 
 def error_response(err: MeshError, path: str) -> Response:
-    headers = {}
+    headers = dict(err.headers)
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
     if is_openai_path(path):
@@ -112,6 +115,8 @@ def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> di
 
 def _route_label(path: str) -> str:
     for prefix in (
+        "/admin",
+        "/v1/usage",
         "/v1/embeddings",
         "/v1/models",
         "/models",
@@ -175,6 +180,7 @@ def create_app(
     pipeline: Pipeline,
     *,
     coalescer: RequestCoalescer | None = None,
+    control: ControlPlane | None = None,
     is_draining=lambda: False,
 ) -> FastAPI:
     app = FastAPI(
@@ -186,6 +192,15 @@ def create_app(
     created = int(settings.catalog.stat().st_mtime)
     limit = settings.max_body_bytes
     cache = ResponseCache(max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s)
+    control = control or ControlPlane.disabled(settings)
+    metering = control.metering
+
+    async def admit(request: Request, entry: ModelEntry, task: str, max_input_tokens: int):
+        principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
+        return await metering.admit(
+            principal, entry, task, _route_label(request.url.path), request.state.request_id,
+            max_input_tokens=max_input_tokens,
+        )
 
     async def embed(model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
         if coalescer is not None:
@@ -275,8 +290,11 @@ def create_app(
             raise invalid("token-id arrays are not supported as `input`; send text", param="input")
         texts, _ = hf_tasks.texts(body.input, "input")
         hf_tasks.check_dimensions(entry, body.dimensions)
-        # OpenAI refuses over-long input rather than cutting it.
-        result = await embed(entry.id, texts, tasks_pb2.TaskParameters(truncate=False))
+        metered = await admit(request, entry, "feature-extraction", text_token_bound(entry, texts))
+        async with metering.track(metered):
+            # OpenAI refuses over-long input rather than cutting it.
+            result = await embed(entry.id, texts, tasks_pb2.TaskParameters(truncate=False))
+            metered.add(input_tokens=result.input_tokens, items=len(texts), compute_s=result.compute_s)
         vectors = result.vectors
         if body.encoding_format == "base64":
             values = [base64.b64encode(row.tobytes()).decode() for row in vectors]  # little-endian float32
@@ -289,7 +307,8 @@ def create_app(
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
                 "model": entry.id,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+            },
+            headers=metered.headers(),
         )
 
     # -- HF task API ---------------------------------------------------------------------------
@@ -318,20 +337,24 @@ def create_app(
         parsed = hf_tasks.PARSERS[task](entry, body["inputs"], params, extra)
         return parsed, parse(HFOptions, options or {}, where="options")
 
-    async def execute_hf(entry: ModelEntry, task: str, req: hf_tasks.HFRequest, wait: bool, dialect):
-        if task == "feature-extraction":
-            values = list(req.inputs.text.texts)
-            if wait:  # the coalescer does not wait for cold models: run this request on its own
-                prediction = await pipeline.predict(entry.id, task, req.inputs, req.parameters, wait_for_model=True)
-                vectors = Embedded.of(prediction).vectors
-            else:
-                vectors = (await embed(entry.id, values, req.parameters)).vectors
-            return vectors[0] if req.single else vectors
-        if task in COALESCED_TASKS and coalescer is not None and not wait:
+    async def execute_hf(entry: ModelEntry, task: str, req: hf_tasks.HFRequest, wait: bool, dialect, metered):
+        """Run one parsed HF request; records its usage on `metered`; returns the JSON content."""
+        items = {"text": lambda i: len(i.text.texts), "images": lambda i: len(i.images.images)}.get(
+            req.inputs.WhichOneof("kind"), lambda i: 1
+        )(req.inputs)
+        coalesce = task in COALESCED_TASKS and coalescer is not None and not wait
+        if coalesce:  # merged with concurrent requests (the coalescer does not wait for cold models)
             share = await coalescer.run(entry.id, task, list(req.inputs.text.texts), req.parameters)
+            metered.add(input_tokens=share.input_tokens, items=items, compute_s=share.compute_s)
+            if task == "feature-extraction":
+                return share.vectors[0] if req.single else share.vectors
             result = tasks_pb2.TaskResult(classifications=tasks_pb2.Classifications(items=share.items))
         else:
             prediction = await pipeline.predict(entry.id, task, req.inputs, req.parameters, wait_for_model=wait)
+            metered.add(input_tokens=prediction.usage.input_tokens, items=items, compute_s=prediction.compute_s)
+            if task == "feature-extraction":
+                vectors = Embedded.of(prediction).vectors
+                return vectors[0] if req.single else vectors
             result = prediction.result
         return hf_tasks.RENDERERS[task](result, req, dialect)
 
@@ -349,14 +372,19 @@ def create_app(
         use_cache = header_flag(request, "x-use-cache", options.use_cache, default=True)
         wait = header_flag(request, "x-wait-for-model", options.wait_for_model, default=False)
         dialect = hf_tasks.Dialect.from_user_agent(request.headers.get("user-agent", ""))
-        key = cache_key(entry.id, task, req.inputs, req.parameters, dialect.key)
-        if use_cache:
-            cached = cache.get(entry.id, key)
+        metered = await admit(request, entry, task, token_bound(entry, req.inputs, req.parameters))
+        async with metering.track(metered):
+            key = cache_key(entry.id, task, req.inputs, req.parameters, dialect.key)
+            cached = cache.get(entry.id, key) if use_cache else None
             if cached is not None:
-                return Response(cached, 200, {"X-Cache": "HIT"}, media_type="application/json")
-        content = orjson.dumps(await execute_hf(entry, task, req, wait, dialect), option=JSON_OPTS)
-        cache.put(key, content)
-        return Response(content, 200, {"X-Cache": "MISS" if use_cache else "BYPASS"}, media_type="application/json")
+                state = "HIT"
+                content = cached
+            else:
+                state = "MISS" if use_cache else "BYPASS"
+                content = orjson.dumps(await execute_hf(entry, task, req, wait, dialect, metered), option=JSON_OPTS)
+                cache.put(key, content)
+        headers = {"X-Cache": state, **metered.headers()}
+        return Response(content, 200, headers, media_type="application/json")
 
     hf_body = {
         "requestBody": {
@@ -406,6 +434,8 @@ def create_app(
             raise StarletteHTTPException(404)
         return await run_hf_task(request, model_path.removesuffix("/predict"), None)
 
+    admin_api.register(app, control, lambda content, status=200: json_response(content, status), read_json)
+
     @app.post("/", include_in_schema=False)
     @app.post("/v1", include_in_schema=False)
     async def no_model(request: Request):
@@ -417,6 +447,8 @@ def create_app(
     return app
 
 
-def wrap(app: FastAPI, settings: GatewaySettings):
-    """The ASGI app that is served: the request-context middleware around FastAPI."""
-    return RequestContextMiddleware(app, settings.request_timeout_s)
+def wrap(app: FastAPI, settings: GatewaySettings, auth: Authenticator | None = None):
+    """The ASGI app that is served: request context (id, deadline, metrics) outermost, then
+    authentication (so a 401 carries X-Request-Id and is counted), then FastAPI."""
+    inner = AuthMiddleware(app, auth, error_response) if auth is not None and auth.enabled else app
+    return RequestContextMiddleware(inner, settings.request_timeout_s)

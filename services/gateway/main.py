@@ -18,7 +18,9 @@ from services.common import grpc_server, tracing
 from services.common.catalog import Catalog
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.logs import setup_logging
+from services.gateway.auth import GrpcAuthInterceptor
 from services.gateway.coalescer import RequestCoalescer
+from services.gateway.control import ControlPlane
 from services.gateway.core import Pipeline
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
@@ -45,20 +47,25 @@ class Gateway:
         self.settings = settings
         provider = tracing.setup_tracing("gateway")  # before the clients: they take its interceptors
         self.pipeline = build_pipeline(settings)
+        self.control = (
+            ControlPlane.from_settings(settings) if settings.auth or settings.ledger else ControlPlane.disabled(settings)
+        )
         self.draining = False
         coalescer = (
             RequestCoalescer(self.pipeline, timeout_s=settings.request_timeout_s, max_rows=settings.coalesce_max_rows)
             if settings.coalesce
             else None
         )
-        app = create_app(settings, self.pipeline, coalescer=coalescer, is_draining=lambda: self.draining)
+        app = create_app(
+            settings, self.pipeline, coalescer=coalescer, control=self.control, is_draining=lambda: self.draining
+        )
         if provider is not None:
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
             FastAPIInstrumentor.instrument_app(
                 app, tracer_provider=provider, excluded_urls="health,healthz,readyz,metrics"
             )
-        self.app = wrap(app, settings)
+        self.app = wrap(app, settings, self.control.auth)
         config = uvicorn.Config(
             self.app,
             host=settings.host,
@@ -75,13 +82,13 @@ class Gateway:
         self.grpc: grpc_server.RunningServer | None = None
 
     async def start_grpc(self) -> int:
-        binding = grpc_server.Binding(
-            gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(self.pipeline), SERVICE_NAME
-        )
+        servicer = GatewayServicer(self.pipeline, self.control.metering)
+        binding = grpc_server.Binding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)
         grpc_settings = grpc_server.GrpcServiceSettings(
             host=self.settings.host, grpc_port=self.settings.grpc_port, metrics_port=-1
         )
-        self.grpc = await grpc_server.create_server(grpc_settings, "gateway", [binding])
+        inner = [GrpcAuthInterceptor(self.control.auth)] if self.control.auth.enabled else []
+        self.grpc = await grpc_server.create_server(grpc_settings, "gateway", [binding], inner_interceptors=inner)
         return self.grpc.port
 
     async def run(self) -> None:
@@ -90,6 +97,7 @@ class Gateway:
         # gRPC server has drained and the upstream channels are closed.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self.http, "should_exit", True))
+        await self.control.start(self.settings)
         await self.start_grpc()
         http = asyncio.create_task(self.http.serve())
         while not self.http.should_exit and not http.done():  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
@@ -98,6 +106,7 @@ class Gateway:
         log.info("shutting down: draining in-flight requests")
         stop_grpc = asyncio.create_task(self.grpc.stop(self.settings.shutdown_grace_s))
         await asyncio.gather(http, stop_grpc, return_exceptions=True)
+        await self.control.close()  # flushes the usage ledger: every acknowledged request has its row
         await self.pipeline.close()
         tracing.shutdown_tracing()
         log.info("stopped")

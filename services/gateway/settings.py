@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings, UpstreamSettings
@@ -25,6 +25,20 @@ class GatewaySettings(CommonSettings):
     cache_ttl_s: float = Field(600.0, description="How long a cached HF response is reused.")
     readiness_cache_s: float = Field(1.0, description="How long a /readyz result is reused.")
     shutdown_grace_s: float = Field(20.0, description="How long in-flight requests may finish after SIGTERM.")
+
+    auth: bool = Field(False, description="Require API keys (false: --no-auth, for experiments only).")
+    admin_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("MESHSERVE_ADMIN_TOKEN", "MESHSERVE_GATEWAY_ADMIN_TOKEN"),
+        description="Token of the bootstrap admin key; unset: generated into MESHSERVE_HOME/admin-token.",
+    )
+    metrics_public: bool = Field(True, description="Serve /metrics without a token (false: needs `read`).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of keys + usage ledger (default sqlite:///$MESHSERVE_HOME/gateway.db)."
+    )
+    redis_url: str | None = Field(None, description="Redis for rate-limit and budget state shared by replicas.")
+    ledger: bool = Field(False, description="Write one usage row per request.")
+    key_refresh_s: float = Field(0.25, description="How often a replica checks the database for key changes.")
 
     def upstream(self, address: str) -> UpstreamSettings:
         return UpstreamSettings(address=address, timeout_s=self.request_timeout_s, max_attempts=self.upstream_attempts)

@@ -1,0 +1,106 @@
+"""Admin REST for API keys (`/admin/keys`) and the usage report (`/v1/usage`), over the control
+plane. Scopes are enforced before routing (auth.REST_SCOPES): /admin needs `admin`, /v1/usage `read`
+(a non-admin key sees only its own usage)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from fastapi import FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.errors import ErrorCode, MeshError
+from services.gateway.auth import Authenticator
+from services.gateway.control import ControlPlane
+from services.gateway.schemas import parse
+
+
+class KeyRequest(BaseModel):
+    """`POST /admin/keys`: a new API key."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=200)
+    scopes: list[Literal["inference", "read", "admin"]] = Field(["inference", "read"])
+    models: list[str] = Field([], description="Models the key may use; empty: all.")
+    tasks: list[str] = Field([], description="Tasks the key may run; empty: all.")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    concurrent_requests: int | None = Field(None, ge=1)
+    budget_usd: float | None = Field(None, ge=0)
+    budget_period: Literal["day", "month", "total"] | None = None
+    expires_in_s: float | None = Field(None, gt=0, description="Lifetime; unset: no expiry.")
+
+
+def _date(value: str | None, field: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise MeshError(ErrorCode.INVALID_INPUT, f"`{field}` must be an ISO date or time", param=field) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def register(app: FastAPI, control: ControlPlane, render, read_json) -> None:
+    """Add the admin and usage routes; `render(content, status)` builds a JSON response and
+    `read_json(request, limit)` reads a bounded JSON body."""
+
+    def keys():
+        if control.keys is None:
+            raise MeshError(ErrorCode.NOT_IMPLEMENTED, "authentication is off (--no-auth): there are no API keys")
+        return control.keys
+
+    @app.post("/admin/keys", tags=["admin"], summary="Create an API key (the token is shown once)")
+    async def create_key(request: Request):
+        spec = parse(KeyRequest, await read_json(request, 64 * 1024))
+        expires = datetime.now(UTC) + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None
+        key, token = await asyncio.to_thread(
+            keys().create,
+            spec.name,
+            list(spec.scopes),
+            models=spec.models,
+            tasks=spec.tasks,
+            requests_per_minute=spec.requests_per_minute,
+            tokens_per_minute=spec.tokens_per_minute,
+            concurrent_requests=spec.concurrent_requests,
+            budget_usd=spec.budget_usd,
+            budget_period=spec.budget_period,
+            expires_at=expires,
+        )
+        await keys().reload()
+        return render({**key.public(), "token": token}, 201)
+
+    @app.get("/admin/keys", tags=["admin"], summary="List API keys (never their tokens)")
+    async def list_keys():
+        return render({"object": "list", "data": [k.public() for k in await asyncio.to_thread(keys().all)]})
+
+    @app.delete("/admin/keys/{key_id}", tags=["admin"], summary="Revoke an API key")
+    async def revoke_key(key_id: str):
+        key = await asyncio.to_thread(keys().revoke, key_id)
+        await keys().reload()
+        return render(key.public())
+
+    @app.get("/v1/usage", tags=["usage"], summary="Usage and cost: your key's, or everyone's for admins")
+    async def usage(
+        request: Request,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        by: Literal["day", "model", "key"] = "day",
+        limit: int = Query(100, ge=0, le=10_000),
+    ):
+        if control.ledger is None:
+            raise MeshError(ErrorCode.NOT_IMPLEMENTED, "the usage ledger is off (MESHSERVE_GATEWAY_LEDGER=false)")
+        principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
+        if not principal.key.has_scope("admin"):
+            if key_id not in (None, principal.key_id):
+                raise MeshError(ErrorCode.PERMISSION_DENIED, "a non-admin key sees only its own usage", param="key_id")
+            key_id = principal.key_id
+        filters = {"key_id": key_id, "model": model, "since": _date(since, "since"), "until": _date(until, "until")}
+        await control.ledger.flush()  # a caller reading right after a request sees it
+        rows = await control.ledger.query(**filters, limit=limit)
+        totals = await control.ledger.totals(by=by, **filters)
+        return render({"object": "list", "data": rows, "totals": {"by": by, "groups": totals}})

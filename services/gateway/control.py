@@ -1,0 +1,94 @@
+"""The gateway's control plane, assembled from settings: keys and authentication, rate limits,
+budgets, the usage ledger, and the metering that ties them to each request."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.gateway.auth import Authenticator
+from services.gateway.metering import Metering
+from services.gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from services.gateway.budgets import BudgetBook
+    from services.gateway.keys import KeyStore
+    from services.gateway.ledger import UsageLedger
+    from services.gateway.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def admin_token(settings: GatewaySettings) -> str:
+    """MESHSERVE_ADMIN_TOKEN, else the token saved in MESHSERVE_HOME/admin-token, else a new one
+    written there (mode 0600) so that `make up` can print it and later runs keep it."""
+    if settings.admin_token:
+        return settings.admin_token.get_secret_value()
+    path = Path(settings.home) / ADMIN_TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = "msk_admin_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+@dataclass
+class ControlPlane:
+    auth: Authenticator
+    metering: Metering
+    keys: KeyStore | None = None
+    ledger: UsageLedger | None = None
+    limiter: RateLimiter | None = None
+    budgets: BudgetBook | None = None
+
+    @classmethod
+    def disabled(cls, settings: GatewaySettings) -> ControlPlane:
+        """No authentication, limits, budgets or ledger (tests of the pipeline alone)."""
+        return cls(Authenticator(None, enabled=False, metrics_public=True), Metering(None, None, None, timeout_s=0))
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> ControlPlane:
+        from services.gateway.budgets import BudgetBook
+        from services.gateway.db import default_url, make_engine
+        from services.gateway.keys import KeyStore
+        from services.gateway.ledger import UsageLedger
+        from services.gateway.ratelimit import RateLimiter
+
+        engine = make_engine(settings.database_url or default_url(Path(settings.home)))
+        keys = KeyStore(engine, refresh_s=settings.key_refresh_s) if settings.auth else None
+        storage = settings.redis_url or "memory://"
+        limiter = RateLimiter(storage) if settings.auth else None
+        budgets = BudgetBook(storage) if settings.auth else None
+        ledger = UsageLedger(engine) if settings.ledger else None
+        metering = Metering(limiter, budgets, ledger, timeout_s=settings.request_timeout_s)
+        auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public)
+        return cls(auth, metering, keys, ledger, limiter, budgets)
+
+    async def start(self, settings: GatewaySettings) -> None:
+        if self.keys is not None:
+            await self.keys.start()
+            import asyncio
+
+            await asyncio.to_thread(self.keys.ensure_admin, admin_token(settings))
+            await self.keys.reload()
+        else:
+            log.warning("AUTHENTICATION IS OFF (--no-auth): anyone who reaches this gateway can use and administer it")
+        if self.ledger is not None:
+            await self.ledger.start()
+
+    async def close(self) -> None:
+        """Flush the ledger (nothing acknowledged is lost), then close the stores."""
+        if self.ledger is not None:
+            await self.ledger.close()
+        for part in (self.keys, self.limiter, self.budgets):
+            if part is not None:
+                await part.close()

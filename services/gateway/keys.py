@@ -1,0 +1,289 @@
+"""API keys: creation, verification, revocation, and an in-process view shared by replicas.
+
+A token is `msk_<id>_<secret>`: the id finds the key without a scan, the secret (32 random bytes)
+is checked against its SHA-256 with a constant-time comparison. Only the hash is stored; the
+token is shown once, at creation. A long random secret needs no slow hash (a password would):
+guessing 256 bits is not a brute-force problem.
+
+Every replica keeps all keys in memory (authentication is a dict lookup, no I/O on the request
+path) and reloads them when the shared `key_version` row changes, polled every `refresh_s`; a
+replica that creates or revokes a key reloads at once. So a revoked key stops working on the
+replica that revoked it immediately and on the others within `refresh_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from services.common.errors import ErrorCode, MeshError
+from services.gateway.db import metadata
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("inference", "read", "admin")
+PERIODS = ("day", "month", "total")
+TOKEN_PREFIX = "msk_"
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    sa.Column("models", sa.JSON, nullable=False),  # [] = every model
+    sa.Column("tasks", sa.JSON, nullable=False),  # [] = every task
+    sa.Column("requests_per_minute", sa.Integer),
+    sa.Column("tokens_per_minute", sa.Integer),
+    sa.Column("concurrent_requests", sa.Integer),
+    sa.Column("budget_usd", sa.Float),
+    sa.Column("budget_period", sa.String(8)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+key_version = sa.Table("key_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored key, without its secret."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    models: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+    budget_usd: float | None = None
+    budget_period: str | None = None
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    secret_sha256: str = field(default="", repr=False)
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+    def active(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or _aware(self.expires_at) > now)
+
+    def public(self) -> dict:
+        """The key as shown to admins: everything but the secret's hash."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "models": list(self.models),
+            "tasks": list(self.tasks),
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+            "concurrent_requests": self.concurrent_requests,
+            "budget_usd": self.budget_usd,
+            "budget_period": self.budget_period,
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "revoked_at": _iso(self.revoked_at),
+        }
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def _iso(value: datetime | None) -> str | None:
+    return _aware(value).isoformat() if value else None
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _row_to_key(row) -> ApiKey:
+    m = row._mapping
+    return ApiKey(
+        id=m["id"],
+        name=m["name"],
+        scopes=tuple(m["scopes"]),
+        models=tuple(m["models"]),
+        tasks=tuple(m["tasks"]),
+        requests_per_minute=m["requests_per_minute"],
+        tokens_per_minute=m["tokens_per_minute"],
+        concurrent_requests=m["concurrent_requests"],
+        budget_usd=m["budget_usd"],
+        budget_period=m["budget_period"],
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        revoked_at=m["revoked_at"],
+        secret_sha256=m["secret_sha256"],
+    )
+
+
+def validate_spec(scopes, models, tasks, budget_usd, budget_period) -> None:
+    unknown = [s for s in scopes if s not in SCOPES]
+    if not scopes or unknown:
+        raise MeshError(ErrorCode.INVALID_INPUT, f"`scopes` must be a non-empty subset of {list(SCOPES)}", param="scopes")
+    if budget_period is not None and budget_period not in PERIODS:
+        raise MeshError(ErrorCode.INVALID_INPUT, f"`budget_period` must be one of {list(PERIODS)}", param="budget_period")
+    if budget_usd is not None and budget_usd < 0:
+        raise MeshError(ErrorCode.INVALID_INPUT, "`budget_usd` must be >= 0", param="budget_usd")
+
+
+class KeyStore:
+    """Keys in the gateway database, mirrored in memory for request-time checks."""
+
+    def __init__(self, engine: sa.Engine, *, refresh_s: float = 0.25) -> None:
+        self.engine = engine
+        self.refresh_s = refresh_s
+        self._keys: dict[str, ApiKey] = {}
+        self._version = -1
+        self._task: asyncio.Task | None = None
+        # Compared against when the id is unknown, so a miss costs the same as a hit.
+        self._decoy = _sha256(secrets.token_urlsafe(32))
+
+    # -- synchronous database operations (the CLI uses them directly) ---------------------------
+    def init_schema(self) -> None:
+        metadata.create_all(self.engine, tables=[api_keys, key_version])
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(key_version)).scalar_one() == 0:
+                conn.execute(key_version.insert().values(version=0))
+
+    def _bump(self, conn) -> None:
+        conn.execute(key_version.update().values(version=key_version.c.version + 1))
+
+    def create(
+        self,
+        name: str,
+        scopes: list[str],
+        *,
+        models: list[str] | None = None,
+        tasks: list[str] | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        concurrent_requests: int | None = None,
+        budget_usd: float | None = None,
+        budget_period: str | None = None,
+        expires_at: datetime | None = None,
+        key_id: str | None = None,
+        token: str | None = None,
+    ) -> tuple[ApiKey, str]:
+        """Store a new key; returns it and its token (the only time the token exists)."""
+        validate_spec(scopes, models or [], tasks or [], budget_usd, budget_period)
+        key_id = key_id or secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        token = token or f"{TOKEN_PREFIX}{key_id}_{secret}"
+        values = {
+            "id": key_id,
+            "name": name,
+            "secret_sha256": _sha256(token),
+            "scopes": list(dict.fromkeys(scopes)),
+            "models": list(models or []),
+            "tasks": list(tasks or []),
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "concurrent_requests": concurrent_requests,
+            "budget_usd": budget_usd,
+            "budget_period": budget_period or ("month" if budget_usd is not None else None),
+            "created_at": datetime.now(UTC),
+            "expires_at": expires_at,
+            "revoked_at": None,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(api_keys.insert().values(**values))
+            self._bump(conn)
+        return _row_to_key(_Row(values)), token
+
+    def revoke(self, key_id: str) -> ApiKey:
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            ).rowcount
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
+            if row is None:
+                raise MeshError(ErrorCode.NOT_FOUND, f"no API key with id {key_id!r}", param="id")
+            if done:
+                self._bump(conn)
+        return _row_to_key(row)
+
+    def all(self) -> list[ApiKey]:
+        with self.engine.connect() as conn:
+            return [_row_to_key(r) for r in conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))]
+
+    def ensure_admin(self, token: str) -> None:
+        """The bootstrap admin key (id `admin`) takes the configured admin token."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == "admin")).first()
+        if row is not None and hmac.compare_digest(row._mapping["secret_sha256"], _sha256(token)):
+            return
+        with self.engine.begin() as conn:
+            conn.execute(api_keys.delete().where(api_keys.c.id == "admin"))
+            self._bump(conn)
+        self.create("admin (bootstrap)", ["admin"], key_id="admin", token=token)
+
+    def _load(self) -> tuple[int, dict[str, ApiKey]]:
+        with self.engine.connect() as conn:
+            version = conn.execute(sa.select(key_version.c.version)).scalar_one()
+            keys = {k.id: k for k in (_row_to_key(r) for r in conn.execute(sa.select(api_keys)))}
+        return version, keys
+
+    def _version_now(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(key_version.c.version)).scalar_one()
+
+    # -- the in-memory view ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self.init_schema)
+        await self.reload()
+        self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def reload(self) -> None:
+        self._version, self._keys = await asyncio.to_thread(self._load)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                if await asyncio.to_thread(self._version_now) != self._version:
+                    await self.reload()
+            except Exception:  # the database is briefly unavailable: keep the last view
+                log.warning("API key refresh failed", exc_info=True)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def authenticate(self, token: str) -> ApiKey:
+        """The active key of a token; UNAUTHENTICATED otherwise. Never echoes the token."""
+        key = None
+        if token.startswith(TOKEN_PREFIX):
+            key = self._keys.get(token[len(TOKEN_PREFIX) :].split("_", 1)[0])
+        if key is None:
+            key = self._keys.get("admin")
+        stored = key.secret_sha256 if key is not None else self._decoy
+        if not hmac.compare_digest(stored, _sha256(token)) or key is None:
+            raise MeshError(ErrorCode.UNAUTHENTICATED, "invalid API key")
+        if not key.active(datetime.now(UTC)):
+            raise MeshError(ErrorCode.UNAUTHENTICATED, "this API key was revoked or has expired")
+        return key
+
+
+class _Row:
+    """Adapter so a dict of column values reads like a result row."""
+
+    def __init__(self, values: dict) -> None:
+        self._mapping = values
