@@ -49,8 +49,8 @@ def _up(args) -> int:
         replicas = {}
         for item in args.replicas:
             stage, _, count = item.partition("=")
-            if stage not in ("preprocess", "inference", "postprocess") or not count.isdigit():
-                print(f"meshserve: --replicas takes STAGE=N with a stage of the mesh, not {item!r}", file=sys.stderr)
+            if stage not in ("gateway", "preprocess", "inference", "postprocess") or not count.isdigit():
+                print(f"meshserve: --replicas takes SERVICE=N with a mesh service, not {item!r}", file=sys.stderr)
                 return 2
             replicas[stage] = int(count)
         os.environ["MESHSERVE_SUPERVISOR_REPLICAS"] = json.dumps(replicas)
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "--replicas",
         action="append",
         default=[],
-        metavar="STAGE=N",
-        help="run N replicas of a stage (preprocess, inference, postprocess) behind a real Envoy",
+        metavar="SERVICE=N",
+        help="run N replicas of a service (gateway, preprocess, inference, postprocess) behind a real Envoy",
     )
     up.set_defaults(func=_up)
     serve = sub.add_parser("serve", help="run one service in the foreground")

@@ -1,8 +1,8 @@
 """`meshserve up`: runs the four services as supervised child processes.
 
 Children start in their own session (a terminal's Ctrl-C reaches only the supervisor, which then
-stops them in order: gateway first so in-flight requests finish, then the stages) and die with
-the supervisor if it is killed (PR_SET_PDEATHSIG). A child that exits unexpectedly is restarted
+stops them in order: gateway(s) first so in-flight requests finish, then the stages, then Envoy)
+and die with the supervisor if it is killed (PR_SET_PDEATHSIG). A child that exits unexpectedly is restarted
 with exponential backoff, and the supervisor says so.
 """
 
@@ -83,15 +83,17 @@ class SupervisorSettings(BaseSettings):
     restart_max_backoff_s: float = Field(30.0, description="Restart delay cap (it doubles per restart).")
     replicas: dict[str, int] = Field(
         default_factory=dict,
-        description='Replicas per stage, e.g. {"inference": 2}; more than one puts a real Envoy between the stages.',
+        description='Replicas per service, e.g. {"inference": 2, "gateway": 2}; more than one of a stage puts a real '
+        "Envoy between the stages, more than one gateway puts them behind Envoy's front port (then the REST entry point).",
     )
     envoy_admin_port: int = Field(9901, description="Envoy admin (loopback) when stages are replicated.")
     envoy_front_port: int = Field(
-        10000, description="Envoy's front listener to the gateway when stages are replicated."
+        10000, description="Envoy's front listener to the gateway(s) when anything is replicated."
     )
     replica_port_offset: int = Field(
         100,
-        description="Replica i of a stage serves gRPC on the stage port + offset + i, metrics on its port + 2*offset + i.",
+        description="Replica i of a stage serves gRPC on the stage port + offset + i, metrics on its port + 2*offset + i; "
+        "gateway replica i serves HTTP on its port + offset + i, gRPC on its port + 2*offset + i.",
     )
     replica_drain_wait_s: float = Field(
         2.0, description="A replicated stage stays up this long after NOT_SERVING so Envoy's health checks notice."
@@ -103,14 +105,19 @@ STAGE_SETTINGS = {"preprocess": PreprocessSettings, "inference": InferenceSettin
 
 def plan(settings: SupervisorSettings, base: dict[str, str], home: Path) -> tuple[list[Child], GatewaySettings]:
     """The children to run. A stage with one replica is reached directly; a replicated stage gets its
-    replicas on their own ports and a real Envoy listening on the stage's port in front of them."""
+    replicas on their own ports and a real Envoy listening on the stage's port in front of them.
+    Replicated gateways get their own ports too, behind Envoy's front listener (the REST entry point)."""
     gw = GatewaySettings()
     env = {**base, "PYTHONUNBUFFERED": "1"}
     stages = {name: cls() for name, cls in STAGE_SETTINGS.items()}
     for name, stage in stages.items():
         env.setdefault(f"MESHSERVE_GATEWAY_{name.upper()}_ADDRESS", f"{stage.host}:{stage.grpc_port}")
     children: list[Child] = []
-    topology_services: dict[str, dict] = {"gateway": {"kind": "http", "replicas": [f"{gw.host}:{gw.http_port}"]}}
+    gateways = gateway_children(settings, gw, env)
+    gateway_replicas = [f"{gw.host}:{c.env['MESHSERVE_GATEWAY_HTTP_PORT']}" for c in gateways if c.name != "gateway"]
+    topology_services: dict[str, dict] = {
+        "gateway": {"kind": "http", "replicas": gateway_replicas or [f"{gw.host}:{gw.http_port}"]}
+    }
     for name, stage in stages.items():
         count = max(1, settings.replicas.get(name, 1))
         if count == 1:
@@ -135,10 +142,34 @@ def plan(settings: SupervisorSettings, base: dict[str, str], home: Path) -> tupl
             "listen": {"address": stage.host, "port": stage.grpc_port},
             "replicas": replicas,
         }
-    if len(topology_services) > 1:
+    if len(topology_services) > 1 or gateway_replicas:
         children.append(envoy_child(settings, topology_services, gw, env, home))
-    children.append(Child("gateway", env))
+    children.extend(gateways)  # built before the stage loop, so they carry no stage's port overrides
     return children, gw
+
+
+def gateway_children(settings: SupervisorSettings, gw: GatewaySettings, env: dict[str, str]) -> list[Child]:
+    """One `gateway` on its usual ports, or `gateway-<i>` replicas that Envoy's front listener balances
+    across (health-checked on /readyz): HTTP on http_port + offset + i, gRPC on grpc_port + 2*offset + i
+    (twice as far, like the stages' metrics: the default 8080/8081 are adjacent). The gateway has no
+    drain wait: on SIGTERM it stops accepting at once while in-flight requests finish
+    (shutdown_grace_s), and Envoy retries a refused or reset connection on another replica."""
+    count = max(1, settings.replicas.get("gateway", 1))
+    if count == 1:
+        return [Child("gateway", env)]
+    argv = [sys.executable, "-m", "services.gateway.main"]
+    return [
+        Child(
+            f"gateway-{i}",
+            {
+                **env,
+                "MESHSERVE_GATEWAY_HTTP_PORT": str(gw.http_port + settings.replica_port_offset + i),
+                "MESHSERVE_GATEWAY_GRPC_PORT": str(gw.grpc_port + 2 * settings.replica_port_offset + i),
+            },
+            argv,
+        )
+        for i in range(count)
+    ]
 
 
 def envoy_child(
@@ -175,8 +206,14 @@ class Supervisor:
         self._stop = asyncio.Event()
 
     @property
+    def gateways(self) -> list[Child]:
+        return [c for name, c in self.children.items() if name == "gateway" or name.startswith("gateway-")]
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.gateway.host}:{self.gateway.http_port}"
+        """The REST entry point: the gateway, or Envoy's front listener when the gateway is replicated."""
+        port = self.gateway.http_port if "gateway" in self.children else self.settings.envoy_front_port
+        return f"http://{self.gateway.host}:{port}"
 
     async def _watch(self, child: Child) -> None:
         """Restart a child that exits while the mesh is running, with exponential backoff."""
@@ -199,14 +236,20 @@ class Supervisor:
             log.warning("%s restarted (pid %d)", child.name, child.process.pid)
 
     async def wait_ready(self) -> bool:
+        """/readyz of every gateway replica directly, then of the REST entry point. Replicas are asked
+        first so the startup 503s never pass through Envoy, whose outlier detection would eject them."""
+        replicas = [c for c in self.gateways if c.name != "gateway"]
+        urls = [f"http://{self.gateway.host}:{c.env['MESHSERVE_GATEWAY_HTTP_PORT']}" for c in replicas]
+        urls.append(self.base_url)
         deadline = time.monotonic() + self.settings.ready_timeout_s
         async with httpx.AsyncClient(timeout=2.0) as client:
-            while time.monotonic() < deadline and not self._stop.is_set():
+            while urls and time.monotonic() < deadline and not self._stop.is_set():
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(self.base_url + "/readyz")).status_code == 200:
-                        return True
+                    if (await client.get(urls[0] + "/readyz")).status_code == 200:
+                        urls.pop(0)
+                        continue
                 await asyncio.sleep(0.25)
-        return False
+        return not urls
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -222,11 +265,15 @@ class Supervisor:
         )
         if ready in done and ready.result():
             gw = self.gateway
+            first = self.gateways[0].env
+            grpc_api = ", ".join(
+                f"{gw.host}:{c.env.get('MESHSERVE_GATEWAY_GRPC_PORT', gw.grpc_port)}" for c in self.gateways
+            )
             print(
                 f"\nmeshserve is ready ({time.strftime('%H:%M:%S')}):\n"
                 f"  REST API   {self.base_url}   (docs {self.base_url}/docs, metrics {self.base_url}/metrics)\n"
-                f"  gRPC API   {gw.host}:{gw.grpc_port}   (meshserve.gateway.v1.GatewayService)\n"
-                f"  inference  {self.children['gateway'].env['MESHSERVE_GATEWAY_INFERENCE_ADDRESS']}   (KServe v2 / Triton gRPC)\n"
+                f"  gRPC API   {grpc_api}   (meshserve.gateway.v1.GatewayService)\n"
+                f"  inference  {first['MESHSERVE_GATEWAY_INFERENCE_ADDRESS']}   (KServe v2 / Triton gRPC)\n"
                 + (
                     f"  Envoy      http://{gw.host}:{self.settings.envoy_front_port}   (front; admin "
                     f"http://{gw.host}:{self.settings.envoy_admin_port})\n"
@@ -246,8 +293,9 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         print("meshserve: stopping (gateway first, then the stages)...", flush=True)
-        await self.children["gateway"].stop(self.gateway.shutdown_grace_s + 5)
-        stages = [c for name, c in self.children.items() if name not in ("gateway", "envoy")]
+        gateways = {c.name: c for c in self.gateways}
+        await asyncio.gather(*(c.stop(self.gateway.shutdown_grace_s + 5) for c in gateways.values()))
+        stages = [c for name, c in self.children.items() if name not in gateways and name != "envoy"]
         await asyncio.gather(*(c.stop(15) for c in stages))
         if "envoy" in self.children:
             await self.children["envoy"].stop(10)
