@@ -1,4 +1,4 @@
-"""The `meshserve` command: up, serve <service>, models build|list."""
+"""The `meshserve` command: up, serve <service>, models build|list, keys create|list|revoke, usage."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def _up(args) -> int:
     from services.supervisor import Supervisor, SupervisorSettings
 
     os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
+    if args.no_auth:
+        os.environ["MESHSERVE_GATEWAY_AUTH"] = "false"
     if args.replicas:
         import json
 
@@ -60,6 +62,56 @@ def _up(args) -> int:
             if built:
                 print(f"built {entry.id}")
     return uvloop.run(Supervisor(SupervisorSettings()).run())
+
+
+def _key_store():
+    from services.gateway import db
+    from services.gateway.keys import KeyStore
+    from services.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    store = KeyStore(db.make_engine(settings.database_url or db.default_url(settings.home)))
+    store.init_schema()
+    return store
+
+
+def _keys(args) -> int:
+    """API keys in the gateway's database; running gateways pick changes up within a second."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from services.common.errors import MeshError
+
+    store = _key_store()
+    try:
+        if args.action == "create":
+            expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+            key, token = store.create(
+                args.name,
+                [s.strip() for s in args.scopes.split(",") if s.strip()],
+                models=args.models.split(",") if args.models else None,
+                tasks=args.tasks.split(",") if args.tasks else None,
+                requests_per_minute=args.rpm,
+                tokens_per_minute=args.tpm,
+                concurrent_requests=args.concurrency,
+                budget_usd=args.budget_usd,
+                budget_period=args.budget_period,
+                expires_at=expires,
+            )
+            print(json.dumps(key.public(), indent=2))
+            print(f"token (shown once, store it now): {token}")
+        elif args.action == "list":
+            for key in store.all():
+                state = "revoked" if key.revoked_at else "active"
+                print(f"{key.id:14s} {state:8s} {','.join(key.scopes):22s} {key.name}")
+        else:
+            print(json.dumps(store.revoke(args.id).public(), indent=2))
+    except MeshError as err:
+        print(f"meshserve: {err.message}", file=sys.stderr)
+        return 2
+    finally:
+        store.engine.dispose()
+    return 0
 
 
 def _day(text: str):
@@ -124,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--backend", choices=["embedded", "triton"], default="embedded")
     up.add_argument("--no-build", action="store_true", help="do not build missing models first")
     up.add_argument(
+        "--no-auth", action="store_true", help="no API keys, rate limits or budgets: for experiments only (warns)"
+    )
+    up.add_argument(
         "--replicas",
         action="append",
         default=[],
@@ -147,6 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--by", choices=["day", "model", "key"], default="day", help="one row per day, model or key")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
+    keys = sub.add_parser("keys", help="create, list or revoke API keys")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", help="create a key and print its token (once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scopes", default="inference,read", help="comma-separated: inference, read, admin")
+    create.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
+    create.add_argument("--tasks", help="comma-separated tasks the key may run (default: all)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
+    create.add_argument("--concurrency", type=int, help="concurrent requests")
+    create.add_argument("--budget-usd", type=float, help="spending budget per period")
+    create.add_argument("--budget-period", choices=["day", "month", "total"], help="default: month")
+    create.add_argument("--expires-days", type=float, help="lifetime in days (default: no expiry)")
+    key_actions.add_parser("list", help="list keys (never their tokens)")
+    revoke = key_actions.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("id")
+    keys.set_defaults(func=_keys)
     args = parser.parse_args(argv)
     return args.func(args)
 

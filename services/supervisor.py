@@ -199,6 +199,19 @@ def envoy_child(
 
 
 class Supervisor:
+    def _auth_line(self) -> str:
+        """Where the admin token is (never the token itself: terminals get logged)."""
+        gw = self.gateway
+        if not gw.auth:
+            return "  API keys   OFF (--no-auth): anyone who reaches the gateway can use and administer it\n"
+        where = "$MESHSERVE_ADMIN_TOKEN" if gw.admin_token else str((gw.home / "admin-token").resolve())
+        return (
+            f"  API keys   on; admin token in {where}\n"
+            f"             curl -H \"Authorization: Bearer $(cat {where})\" {self.base_url}/v1/models\n"
+            if not gw.admin_token
+            else f"  API keys   on; admin token in {where}\n"
+        )
+
     def __init__(self, settings: SupervisorSettings) -> None:
         children, self.gateway = plan(settings, dict(os.environ), CommonSettings().home)
         self.children = {child.name: child for child in children}
@@ -280,6 +293,7 @@ class Supervisor:
                     if "envoy" in self.children
                     else ""
                 )
+                + self._auth_line()
                 + "  Ctrl-C stops everything.\n",
                 flush=True,
             )

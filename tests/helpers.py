@@ -156,6 +156,8 @@ def start_mesh(
         "MESHSERVE_POSTPROCESS_GRPC_PORT": str(ports["post"]),
         "MESHSERVE_POSTPROCESS_METRICS_PORT": str(ports["post_m"]),
         "HF_HUB_OFFLINE": "1",
+        # The shared test meshes run with --no-auth (tests/e2e/test_control_plane.py runs with auth).
+        "MESHSERVE_GATEWAY_AUTH": "false",
         **(extra_env or {}),
     }
     for key in (

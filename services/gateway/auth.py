@@ -99,11 +99,12 @@ class Authenticator:
         self.enabled = enabled
         self.metrics_public = metrics_public
 
-    def principal(self, token: str | None, scope: str) -> Principal:
+    async def principal(self, token: str | None, scope: str) -> Principal:
         if not self.enabled:
             return self.ANONYMOUS
         if not token:
             raise MeshError(ErrorCode.UNAUTHENTICATED, "missing API key: send `Authorization: Bearer <token>`")
+        await self.keys.refresh_for(token)
         principal = Principal(self.keys.authenticate(token))
         principal.require(scope)
         return principal
@@ -129,7 +130,7 @@ class AuthMiddleware:
                     token = bearer(value.decode("latin-1"))
                     break
             try:
-                principal = self.auth.principal(token, needed)
+                principal = await self.auth.principal(token, needed)
             except MeshError as err:
                 response = self.render_error(err, scope["path"])
                 if err.code is ErrorCode.UNAUTHENTICATED:
@@ -155,7 +156,7 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 token = bearer(value)
         try:
-            principal = self.auth.principal(token, GRPC_SCOPES.get(method, "admin"))
+            principal = await self.auth.principal(token, GRPC_SCOPES.get(method, "admin"))
         except MeshError as err:
             return _refusal(err)
         handler = await continuation(details)

@@ -149,6 +149,8 @@ class KeyStore:
         self._keys: dict[str, ApiKey] = {}
         self._version = -1
         self._task: asyncio.Task | None = None
+        self._last_miss_refresh = float("-inf")
+        self._miss_refresh: asyncio.Task | None = None
         # Compared against when the id is unknown, so a miss costs the same as a hit.
         self._decoy = _sha256(secrets.token_urlsafe(32))
 
@@ -251,6 +253,27 @@ class KeyStore:
 
     async def reload(self) -> None:
         self._version, self._keys = await asyncio.to_thread(self._load)
+
+    def knows(self, token: str) -> bool:
+        """Whether the token names a key id this view has (else it may be newer than the view)."""
+        return not token.startswith(TOKEN_PREFIX) or token[len(TOKEN_PREFIX) :].split("_", 1)[0] in self._keys
+
+    async def refresh_for(self, token: str) -> None:
+        """A token for an unknown key id may have been created on another replica a moment ago:
+        check the key version once (at most every refresh_s / 4) before refusing it."""
+        if self.knows(token):
+            return
+        if self._miss_refresh is None or self._miss_refresh.done():
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._last_miss_refresh < self.refresh_s / 4:
+                return  # just checked: an unknown id now is unknown
+            self._last_miss_refresh = loop.time()
+            self._miss_refresh = loop.create_task(self._refresh_if_changed())
+        await asyncio.shield(self._miss_refresh)  # concurrent misses share one check
+
+    async def _refresh_if_changed(self) -> None:
+        if await asyncio.to_thread(self._version_now) != self._version:
+            await self.reload()
 
     async def _poll(self) -> None:
         while True:

@@ -267,7 +267,7 @@ class UsageLedger:
             .limit(limit)
             .offset(offset)
         )
-        return [dict(row) for row in await self._read(stmt)]
+        return [{str(k): v for k, v in row.items()} for row in await self._read(stmt)]  # plain str keys (orjson)
 
     async def totals(
         self,

@@ -121,7 +121,26 @@ class Metering:
         max_input_tokens: int,
         max_output_tokens: int = 0,
     ) -> Metered:
-        """Key restrictions, then rate limits, then the budget reservation; raises the refusal."""
+        """Key restrictions, then rate limits, then the budget reservation; raises the refusal
+        (which gets its own ledger row, with its status and no cost)."""
+        try:
+            return await self._admit(principal, entry, task, route, request_id, max_input_tokens, max_output_tokens)
+        except MeshError as err:
+            if self.ledger is not None:
+                refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
+                self.ledger.record(self._record(refused, err.code.http_status))
+            raise
+
+    async def _admit(
+        self,
+        principal: Principal,
+        entry: ModelEntry,
+        task: str,
+        route: str,
+        request_id: str,
+        max_input_tokens: int,
+        max_output_tokens: int,
+    ) -> Metered:
         principal.allow(entry.id, task)
         key = principal.key
         admission = reservation = None

@@ -26,7 +26,7 @@ class GatewaySettings(CommonSettings):
     readiness_cache_s: float = Field(1.0, description="How long a /readyz result is reused.")
     shutdown_grace_s: float = Field(20.0, description="How long in-flight requests may finish after SIGTERM.")
 
-    auth: bool = Field(False, description="Require API keys (false: --no-auth, for experiments only).")
+    auth: bool = Field(True, description="Require API keys (false: --no-auth, for experiments only).")
     admin_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("MESHSERVE_ADMIN_TOKEN", "MESHSERVE_GATEWAY_ADMIN_TOKEN"),
@@ -37,7 +37,7 @@ class GatewaySettings(CommonSettings):
         None, description="SQLAlchemy URL of keys + usage ledger (default sqlite:///$MESHSERVE_HOME/gateway.db)."
     )
     redis_url: str | None = Field(None, description="Redis for rate-limit and budget state shared by replicas.")
-    ledger: bool = Field(False, description="Write one usage row per request.")
+    ledger: bool = Field(True, description="Write one usage row per request.")
     key_refresh_s: float = Field(0.25, description="How often a replica checks the database for key changes.")
 
     def upstream(self, address: str) -> UpstreamSettings:
