@@ -10,6 +10,7 @@ list of problems (empty = fine), so that a test can show a broken manifest is ca
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,7 +77,7 @@ def pods_selected(docs: list[dict], selector: dict) -> list[dict]:
 
 
 def reference_problems(docs: list[dict]) -> list[str]:
-    """Selectors, HPA targets, Service target ports, volumes and ConfigMaps resolve."""
+    """Selectors (NetworkPolicies' too), HPA targets, Service target ports, volumes and ConfigMaps resolve."""
     problems = []
     configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     for d in deployments(docs):
@@ -101,6 +102,14 @@ def reference_problems(docs: list[dict]) -> list[str]:
             problems.append(f"{name_of(d)}: selects no pods")
         elif d["kind"] == "Service":
             problems += _service_problems(docs, d)
+        elif d["kind"] == "NetworkPolicy":
+            selectors = [d["spec"]["podSelector"].get("matchLabels", {})] + [
+                peer["podSelector"].get("matchLabels", {})
+                for rule in d["spec"].get("ingress", [])
+                for peer in rule.get("from", [])
+                if "podSelector" in peer
+            ]
+            problems += [f"{name_of(d)}: {s} selects no pods" for s in selectors if not pods_selected(docs, s)]
     return problems
 
 
@@ -247,4 +256,136 @@ def topology_problems(docs: list[dict], topology) -> list[str]:
         got = env.get(f"MESHSERVE_GATEWAY_{name.upper()}_ADDRESS")
         if got != wanted:
             problems.append(f"gateway: reaches {name} at {got}, not through Envoy at {wanted}")
+    return problems
+
+
+# --- the gateway's control plane: secrets, database, Redis --------------------------------------
+
+# The Secrets the gateway reads, which the operator creates (the manifests ship none): name -> key.
+EXTERNAL_SECRETS = {"meshserve-admin": "token", "meshserve-database": "url"}
+# Settings that carry credentials: only ever from a Secret, never a literal `value`.
+SECRET_ENV = {
+    "MESHSERVE_ADMIN_TOKEN": ("meshserve-admin", "token"),
+    "MESHSERVE_GATEWAY_ADMIN_TOKEN": None,  # the setting's other name: must not be set at all
+    "MESHSERVE_GATEWAY_DATABASE_URL": ("meshserve-database", "url"),
+}
+# A real-looking API token (the placeholder `msk_admin_$(openssl rand -hex 32)` is not one), and a
+# URL with a password that is neither a ${VARIABLE} nor an upper-case placeholder such as PASSWORD.
+TOKEN_RE = re.compile(r"msk_[A-Za-z0-9]+_[A-Za-z0-9_-]{16,}")
+CREDENTIAL_URL_RE = re.compile(r"\b[a-z][a-z0-9+]*://[^/\s:@'\"]+:(?!\$\{)(?![A-Z_]+@)([^@\s'\"]+)@")
+REDIS_URL_RE = re.compile(r"^redis://([a-z0-9-]+):(\d+)/(\d+)$")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _strings(node) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def secret_problems(docs: list[dict]) -> list[str]:
+    """No Secret in the render; credentials only through secretKeyRef to the Secrets the operator
+    creates (not optional: a pod without them must not start); no token or password anywhere."""
+    problems = [f"{name_of(d)}: a Secret is shipped; the operator creates them" for d in docs if d["kind"] == "Secret"]
+    for d in deployments(docs):
+        for c in containers(d["spec"]["template"]["spec"]):
+            where = f"{name_of(d)}/{c['name']}"
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref is not None:
+                    if EXTERNAL_SECRETS.get(ref.get("name")) != ref.get("key"):
+                        problems.append(f"{where}: {e['name']} reads {ref}, not one of the Secrets {EXTERNAL_SECRETS}")
+                    if ref.get("optional"):
+                        problems.append(f"{where}: {e['name']} is optional: pods would start without it")
+                if e["name"] in SECRET_ENV and "value" in e:
+                    problems.append(f"{where}: {e['name']} is a literal value, not a secretKeyRef")
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    problems.append(f"{where}: envFrom a ConfigMap could carry credentials in the clear")
+    for d in docs:
+        for text in _strings(d):
+            if TOKEN_RE.search(text):
+                problems.append(f"{name_of(d)}: holds an API token")
+            if CREDENTIAL_URL_RE.search(text):
+                problems.append(f"{name_of(d)}: holds a URL with a password")
+            if d["kind"] != "Deployment" and any(name in text for name in SECRET_ENV):
+                problems.append(f"{name_of(d)}: names {text[:60]!r} outside a Deployment's env")
+    return problems
+
+
+def committed_secret_problems(paths: list[Path]) -> list[str]:
+    """The files themselves (comments included): no token, no password in a URL, no secretGenerator."""
+    problems = []
+    for path in paths:
+        text = path.read_text()
+        if TOKEN_RE.search(text):
+            problems.append(f"{path}: holds an API token")
+        if CREDENTIAL_URL_RE.search(text):
+            problems.append(f"{path}: holds a URL with a password")
+        if path.name == "kustomization.yaml" and "secretGenerator" in (yaml.safe_load(text) or {}):
+            problems.append(f"{path}: a secretGenerator puts the secret's value in the repository")
+    return problems
+
+
+def control_plane_problems(docs: list[dict]) -> list[str]:
+    """Every gateway replica shares one admin token (Secret), one database (Secret) and one Redis (a
+    Service of the render that selects one Redis pod, on its port); authentication is on, and
+    /metrics stays public while the pods are scraped by annotation."""
+    problems = []
+    gateways = [
+        d
+        for d in deployments(docs)
+        if any(c.get("args") == ["serve", "gateway"] for c in containers(d["spec"]["template"]["spec"]))
+    ]
+    if not gateways:
+        return ["no gateway Deployment"]
+    for d in gateways:
+        c = next(c for c in d["spec"]["template"]["spec"]["containers"] if c.get("args") == ["serve", "gateway"])
+        env = _env(c)
+        for name, wanted in SECRET_ENV.items():
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            if wanted is None:
+                if name in env:
+                    problems.append(f"{name_of(d)}: sets {name}; use MESHSERVE_ADMIN_TOKEN")
+            elif (ref.get("name"), ref.get("key")) != wanted:
+                problems.append(f"{name_of(d)}: {name} is {env.get(name)}, not secret {wanted[0]} key {wanted[1]}")
+        if env.get("MESHSERVE_GATEWAY_AUTH", {}).get("value", "true").lower() != "true":
+            problems.append(f"{name_of(d)}: authentication is off")
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        public = env.get("MESHSERVE_GATEWAY_METRICS_PUBLIC", {}).get("value", "true").lower() == "true"
+        if annotations.get("prometheus.io/scrape") == "true" and not public:
+            problems.append(f"{name_of(d)}: scraped by annotation without a token, but /metrics needs one")
+        problems += _redis_problems(docs, name_of(d), env.get("MESHSERVE_GATEWAY_REDIS_URL", {}).get("value"))
+    return problems
+
+
+def _redis_problems(docs: list[dict], where: str, url: str | None) -> list[str]:
+    match = REDIS_URL_RE.match(url or "")
+    if match is None:
+        return [f"{where}: MESHSERVE_GATEWAY_REDIS_URL is {url!r}, not redis://<service>:<port>/<db>"]
+    host, port = match.group(1), int(match.group(2))
+    service = find(docs, "Service", host)
+    if service is None or port not in [p["port"] for p in service["spec"]["ports"]]:
+        return [f"{where}: {url}: no Service {host} with port {port}"]
+    problems = []
+    for target in pods_selected(docs, service["spec"].get("selector", {})):
+        pod = target["spec"]["template"]["spec"]
+        redis = [c for c in pod["containers"] if c["image"].split("/")[-1].startswith("redis:")]
+        if not redis:
+            problems.append(f"{where}: {url}: {name_of(target)} runs no Redis")
+            continue
+        if target["spec"].get("replicas") != 1 or target["spec"].get("strategy", {}).get("type") != "Recreate":
+            problems.append(f"{name_of(target)}: not one pod at a time: replicas would count in different stores")
+        mounts = {m["mountPath"] for m in redis[0].get("volumeMounts", [])}
+        if "/data" not in mounts:
+            problems.append(f"{name_of(target)}: /data is not a volume (read-only root filesystem)")
     return problems

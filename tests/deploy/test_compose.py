@@ -4,20 +4,26 @@ docker-compose (1.29) or promtool is on PATH, the real tool validates the file a
 
 from __future__ import annotations
 
+import copy
+import os
 import re
 import shutil
 import subprocess
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from deploy.envoy.generate import Topology
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
 from services.postprocess.settings import PostprocessSettings
 from services.preprocess.settings import PreprocessSettings
-from tests.deploy.manifests import MESH, REPO
+from tests.deploy.manifests import MESH, REPO, committed_secret_problems
 
 DOCKER = REPO / "deploy" / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
@@ -134,14 +140,35 @@ def _tool(name: str) -> str:
     return path
 
 
-def test_docker_compose_accepts_the_file():
-    out = subprocess.run(
-        [_tool("docker-compose"), "-f", str(DOCKER / "compose.yaml"), "config", "-q"],
+def _compose_config(empty: Path, **env: str) -> subprocess.CompletedProcess:
+    # --env-file of an empty file: a developer's deploy/docker/.env must not decide the outcome.
+    (empty / "empty.env").write_text("")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MESHSERVE_")}
+    return subprocess.run(
+        [
+            _tool("docker-compose"),
+            "--env-file",
+            str(empty / "empty.env"),
+            "-f",
+            str(DOCKER / "compose.yaml"),
+            "config",
+            "-q",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
+        env=clean | env,
     )
+
+
+def test_docker_compose_accepts_the_file(tmp_path):
+    out = _compose_config(tmp_path, MESHSERVE_ADMIN_TOKEN="msk_admin_test")
     assert out.returncode == 0, out.stderr
+
+
+def test_docker_compose_refuses_to_start_without_an_admin_token(tmp_path):
+    out = _compose_config(tmp_path)
+    assert out.returncode != 0 and "MESHSERVE_ADMIN_TOKEN" in out.stderr, out.stderr
 
 
 def test_promtool_accepts_the_scrape_config():
@@ -225,3 +252,165 @@ def test_cpu_image_installs_cpu_torch_first_at_the_pinned_version():
     assert pin in installs[0].split() and "--index-url https://download.pytorch.org/whl/cpu" in installs[0]
     final = stages(instructions(DOCKER / "Dockerfile"))[-1][1]
     assert ("ENTRYPOINT", '["meshserve"]') in final
+
+
+# --- the gateway's control plane ----------------------------------------------------------------
+
+REQUIRED = re.compile(r"^\$\{(MESHSERVE_ADMIN_TOKEN):\?[^}]+\}$")  # ${VAR:?message}: no default, required
+PASSWORD = re.compile(r"^\$\{(MESHSERVE_POSTGRES_PASSWORD):-([^}]*dev-only[^}]*)\}$")  # a marked dev default
+DATABASE = re.compile(r"^postgresql\+psycopg://([^:@/]+):([^@]+)@([a-z0-9-]+):(\d+)/(\w+)$")
+REDIS = re.compile(r"^redis://([a-z0-9-]+):(\d+)/(\d+)$")
+CONTROL_PLANE_ENV = ("MESHSERVE_ADMIN_TOKEN", "MESHSERVE_GATEWAY_DATABASE_URL", "MESHSERVE_GATEWAY_REDIS_URL")
+
+
+def _exposes(compose: dict, host: str, port: str) -> bool:
+    return host in compose["services"] and port in compose["services"][host].get("expose", [])
+
+
+def control_plane_problems(compose: dict) -> list[str]:
+    """The gateway: a required admin token from the environment, Postgres and Redis services of this
+    file (healthy before it starts), credentials only as ${VARIABLES}; no other service gets them."""
+    services = compose["services"]
+    gateway = services.get("gateway", {})
+    env = gateway.get("environment", {})
+    problems = []
+    if not REQUIRED.match(str(env.get("MESHSERVE_ADMIN_TOKEN", ""))):
+        problems.append(f"gateway: MESHSERVE_ADMIN_TOKEN is {env.get('MESHSERVE_ADMIN_TOKEN')!r}, not ${{...:?...}}")
+    if str(env.get("MESHSERVE_GATEWAY_AUTH", "true")).lower() != "true":
+        problems.append("gateway: authentication is off")
+    database = DATABASE.match(str(env.get("MESHSERVE_GATEWAY_DATABASE_URL", "")))
+    postgres = services.get("postgres", {})
+    pg_env = postgres.get("environment", {})
+    if database is None:
+        problems.append(
+            f"gateway: database URL {env.get('MESHSERVE_GATEWAY_DATABASE_URL')!r} is not postgresql+psycopg"
+        )
+    else:
+        user, password, host, port, db = database.groups()
+        if not _exposes(compose, host, port) or not postgres.get("image", "").startswith("postgres:"):
+            problems.append(f"gateway: database {host}:{port} is not this file's Postgres")
+        if (user, db) != (pg_env.get("POSTGRES_USER"), pg_env.get("POSTGRES_DB")):
+            problems.append(f"gateway: database user/db {user}/{db} are not Postgres' own")
+        if not PASSWORD.match(password) or password != pg_env.get("POSTGRES_PASSWORD"):
+            problems.append(f"gateway: database password {password!r} is not Postgres' ${{...:-...dev-only...}}")
+    if not any(volume.split(":")[-1] == "/var/lib/postgresql/data" for volume in postgres.get("volumes", [])):
+        problems.append("postgres: its data is not on a named volume")
+    redis = REDIS.match(str(env.get("MESHSERVE_GATEWAY_REDIS_URL", "")))
+    if redis is None or not _exposes(compose, redis.group(1), redis.group(2)):
+        problems.append(f"gateway: Redis URL {env.get('MESHSERVE_GATEWAY_REDIS_URL')!r} is not a service of this file")
+    depends = gateway.get("depends_on", {})
+    for name in ("postgres", "redis"):
+        if not isinstance(depends, dict) or depends.get(name) != {"condition": "service_healthy"}:
+            problems.append(f"gateway: does not wait for {name} to be healthy")
+        if "healthcheck" not in services.get(name, {}):
+            problems.append(f"{name}: no healthcheck")
+    for name, service in services.items():
+        if name != "gateway" and isinstance(service.get("environment"), dict):
+            problems += [f"{name}: gets {v}" for v in CONTROL_PLANE_ENV if v in service["environment"]]
+    scraped = any(host == "gateway" for host, _, _ in scrape_targets(PROMETHEUS))
+    if scraped and str(env.get("MESHSERVE_GATEWAY_METRICS_PUBLIC", "true")).lower() != "true":
+        problems.append("gateway: Prometheus scrapes /metrics without a token, but it needs one")
+    return problems
+
+
+def test_gateway_gets_a_required_admin_token_postgres_and_redis():
+    assert control_plane_problems(COMPOSE) == []
+    assert SERVICES["postgres"]["image"].startswith("postgres:16")
+    assert SERVICES["redis"]["image"].startswith("redis:7")
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+
+
+def _gateway_env(compose: dict) -> dict:
+    return compose["services"]["gateway"]["environment"]
+
+
+COMPOSE_BREAKS = {
+    "no-admin-token": lambda c: _gateway_env(c).pop("MESHSERVE_ADMIN_TOKEN"),
+    "literal-admin-token": lambda c: _gateway_env(c).update(MESHSERVE_ADMIN_TOKEN="msk_admin_0123456789abcdef"),
+    "defaulted-admin-token": lambda c: _gateway_env(c).update(MESHSERVE_ADMIN_TOKEN="${MESHSERVE_ADMIN_TOKEN:-x}"),
+    "sqlite": lambda c: _gateway_env(c).update(MESHSERVE_GATEWAY_DATABASE_URL="sqlite:////var/lib/meshserve/g.db"),
+    "literal-password": lambda c: _gateway_env(c).update(
+        MESHSERVE_GATEWAY_DATABASE_URL="postgresql+psycopg://meshserve:hunter2@postgres:5432/meshserve"
+    ),
+    "unmarked-default": lambda c: c["services"]["postgres"]["environment"].update(
+        POSTGRES_PASSWORD="${MESHSERVE_POSTGRES_PASSWORD:-meshserve}"
+    ),
+    "no-postgres-volume": lambda c: c["services"]["postgres"].pop("volumes"),
+    "no-redis": lambda c: _gateway_env(c).pop("MESHSERVE_GATEWAY_REDIS_URL"),
+    "redis-unknown-host": lambda c: _gateway_env(c).update(MESHSERVE_GATEWAY_REDIS_URL="redis://cache:6379/0"),
+    "no-wait": lambda c: c["services"]["gateway"].update(depends_on=["envoy", "redis", "postgres"]),
+    "no-healthcheck": lambda c: c["services"]["redis"].pop("healthcheck"),
+    "token-to-a-stage": lambda c: c["services"]["inference"]["environment"].update(MESHSERVE_ADMIN_TOKEN="x"),
+    "auth-off": lambda c: _gateway_env(c).update(MESHSERVE_GATEWAY_AUTH="false"),
+    "metrics-private": lambda c: _gateway_env(c).update(MESHSERVE_GATEWAY_METRICS_PUBLIC="false"),
+}
+
+
+@pytest.mark.parametrize("case", COMPOSE_BREAKS, ids=str)
+def test_a_gateway_without_its_control_plane_or_with_a_literal_secret_is_caught(case):
+    compose = copy.deepcopy(COMPOSE)
+    COMPOSE_BREAKS[case](compose)
+    assert control_plane_problems(compose) != []
+
+
+def test_no_credential_is_committed_in_the_docker_files_and_env_files_stay_out():
+    files = [p for p in DOCKER.rglob("*") if p.is_file() and p.suffix != ".json" and p.name != ".env"]
+    assert committed_secret_problems(files) == []
+    example = dict(
+        line.split("=", 1)
+        for line in (DOCKER / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert example == {"MESHSERVE_ADMIN_TOKEN": "", "MESHSERVE_POSTGRES_PASSWORD": ""}
+    # Never committed, never in an image (both Dockerfiles copy deploy/ into the image).
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+    for name in ("Dockerfile", "Dockerfile.triton"):
+        assert "**/.env" in (DOCKER / f"{name}.dockerignore").read_text().split()
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line and not line.startswith("-"):
+            name, version = line.split(";")[0].split("==")
+            pins[canonicalize_name(name.split("[")[0])] = version.strip()
+    return pins
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Every distribution the requirements pull in, extras included (markers of this interpreter)."""
+    seen: set[tuple[str, frozenset]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        for text in metadata.distribution(req.name).requires or []:
+            dep = Requirement(text)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def test_the_image_installs_the_control_planes_dependencies_pinned_by_the_lock():
+    """The Dockerfile installs pyproject's dependencies with requirements.lock as constraints: the
+    control plane's (SQLAlchemy, psycopg with its binary build, limits, redis, cachetools) are among
+    them, and every distribution they pull in has a pin, so the image gets the tested versions."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    direct = {canonicalize_name(Requirement(d).name): Requirement(d) for d in dependencies}
+    lock = _lock()
+    for name in ("sqlalchemy", "psycopg", "limits", "redis", "cachetools"):
+        assert name in direct, f"{name} is not in pyproject's dependencies"
+        pinned = str(direct[name].specifier).removeprefix("==")
+        assert lock.get(name) == pinned, f"{name}: pyproject {pinned}, lock {lock.get(name)}"
+    assert "binary" in direct["psycopg"].extras and lock.get("psycopg-binary") == lock["psycopg"]
+    closure = _closure(dependencies)
+    assert {"sqlalchemy", "psycopg-binary", "limits", "redis", "cachetools"} <= closure
+    # setuptools: pip-compile leaves it out of a lock, and `python -m venv` already installs it.
+    assert sorted(closure - set(lock) - {"setuptools"}) == []
+    installs = [args for op, args in instructions(DOCKER / "Dockerfile") if op == "RUN" and "pip install" in args]
+    assert any("['project']['dependencies']" in a and "-c /opt/meshserve/requirements.lock" in a for a in installs)

@@ -23,13 +23,16 @@ from tests.deploy.manifests import (
     OVERLAYS,
     REPO,
     catalog_problems,
+    committed_secret_problems,
     containers,
+    control_plane_problems,
     find,
     hardening_problems,
     mesh_container,
     probe_problems,
     reference_problems,
     schema_problems,
+    secret_problems,
     topology_problems,
 )
 from tests.deploy.manifests import (
@@ -129,6 +132,13 @@ REFERENCE_BREAKS = {
         lambda d: d["spec"]["template"]["spec"]["volumes"][0]["configMap"].update(name="nope"),
     ),
     "pdb-selector": ("PodDisruptionBudget", "envoy", lambda d: d["spec"]["selector"]["matchLabels"].update(x="y")),
+    "networkpolicy-peer": (
+        "NetworkPolicy",
+        "redis",
+        lambda d: d["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].update(
+            {"app.kubernetes.io/component": "gatway"}
+        ),
+    ),
 }
 
 
@@ -241,3 +251,154 @@ def test_gpu_overlay_serves_the_generated_repository_with_the_launchers_argument
     assert next(v for v in pod["volumes"] if v["name"] == "home")["emptyDir"] is not None
     assert any(m["mountPath"] == "/dev/shm" for m in triton["volumeMounts"])
     assert {c["name"] for c in containers(pod)} == {"models", "triton-repository", "inference"}
+
+
+def _gateway_env(docs: list[dict]) -> dict[str, dict]:
+    return {e["name"]: e for e in mesh_container(docs, "gateway")["env"]}
+
+
+def test_gateway_replicas_share_the_admin_token_database_and_redis(rendered):
+    _, docs = rendered
+    assert control_plane_problems(docs) == []
+    env = _gateway_env(docs)
+    assert env["MESHSERVE_ADMIN_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "meshserve-admin", "key": "token"}}
+    assert env["MESHSERVE_GATEWAY_DATABASE_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "meshserve-database", "key": "url"}
+    }
+    assert env["MESHSERVE_GATEWAY_REDIS_URL"]["value"] == "redis://redis:6379/0"
+    # The field the gateway reads them into (pydantic-settings aliases), so a rename fails here.
+    fields = GatewaySettings.model_fields
+    assert "MESHSERVE_ADMIN_TOKEN" in fields["admin_token"].validation_alias.choices
+    assert {"database_url", "redis_url", "auth", "metrics_public"} <= set(fields)
+    redis = find(docs, "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+    # Ephemeral by design (README "Secrets, database and Redis" says what losing it means).
+    args = redis["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+
+
+def _pop_env(name):
+    def breaks(d):
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        c["env"] = [e for e in c["env"] if e["name"] != name]
+
+    return breaks
+
+
+def _replace_env(name, **entry):
+    def breaks(d):
+        _pop_env(name)(d)
+        d["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": name, **entry})
+
+    return breaks
+
+
+CONTROL_PLANE_BREAKS = {
+    "no-admin-token": ("Deployment", "gateway", _pop_env("MESHSERVE_ADMIN_TOKEN")),
+    "no-database": ("Deployment", "gateway", _pop_env("MESHSERVE_GATEWAY_DATABASE_URL")),
+    "no-redis": ("Deployment", "gateway", _pop_env("MESHSERVE_GATEWAY_REDIS_URL")),
+    "redis-in-process": ("Deployment", "gateway", _replace_env("MESHSERVE_GATEWAY_REDIS_URL", value="memory://")),
+    "redis-unknown-host": (
+        "Deployment",
+        "gateway",
+        _replace_env("MESHSERVE_GATEWAY_REDIS_URL", value="redis://cache:6379/0"),
+    ),
+    "redis-wrong-port": ("Service", "redis", lambda d: d["spec"]["ports"][0].update(port=6380)),
+    "redis-two-pods": ("Deployment", "redis", lambda d: d["spec"].update(replicas=2)),
+    "redis-no-data-volume": (
+        "Deployment",
+        "redis",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("volumeMounts"),
+    ),
+    "auth-off": ("Deployment", "gateway", _replace_env("MESHSERVE_GATEWAY_AUTH", value="false")),
+    "metrics-private-but-scraped": (
+        "Deployment",
+        "gateway",
+        _replace_env("MESHSERVE_GATEWAY_METRICS_PUBLIC", value="false"),
+    ),
+    "other-secret": (
+        "Deployment",
+        "gateway",
+        _replace_env("MESHSERVE_ADMIN_TOKEN", valueFrom={"secretKeyRef": {"name": "admin", "key": "token"}}),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CONTROL_PLANE_BREAKS, ids=str)
+def test_a_gateway_without_the_shared_control_plane_is_caught(rendered, case):
+    _, docs = rendered
+    kind, name, breaks = CONTROL_PLANE_BREAKS[case]
+    assert control_plane_problems(_broken(docs, kind, name, breaks)) != []
+
+
+def test_no_secret_is_shipped_and_credentials_come_from_secrets(rendered):
+    _, docs = rendered
+    assert secret_problems(docs) == []
+    assert not any(d["kind"] == "Secret" for d in docs)
+
+
+SECRET_BREAKS = {
+    "literal-admin-token": _replace_env("MESHSERVE_ADMIN_TOKEN", value="correct-horse-battery-staple"),
+    "literal-database-url": _replace_env("MESHSERVE_GATEWAY_DATABASE_URL", value="sqlite:////tmp/gateway.db"),
+    "password-in-url": _replace_env("MESHSERVE_GATEWAY_REDIS_URL", value="redis://default:hunter2hunter2@redis:6379/0"),
+    "token-in-args": lambda d: d["spec"]["template"]["spec"]["containers"][0]["args"].append(
+        "--token=msk_admin_3f9a0c1d2e4b5a6978c0d1e2f3a4b5c6"
+    ),
+    "typo-secret": _replace_env(
+        "MESHSERVE_GATEWAY_DATABASE_URL", valueFrom={"secretKeyRef": {"name": "meshserve-db", "key": "url"}}
+    ),
+    "optional-secret": _replace_env(
+        "MESHSERVE_ADMIN_TOKEN",
+        valueFrom={"secretKeyRef": {"name": "meshserve-admin", "key": "token", "optional": True}},
+    ),
+    "other-alias": _replace_env("MESHSERVE_GATEWAY_ADMIN_TOKEN", value="x"),
+    "env-from-configmap": lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
+        envFrom=[{"configMapRef": {"name": "gateway-env"}}]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SECRET_BREAKS, ids=str)
+def test_a_committed_credential_is_caught(rendered, case):
+    _, docs = rendered
+    assert secret_problems(_broken(docs, "Deployment", "gateway", SECRET_BREAKS[case])) != []
+
+
+def test_a_shipped_secret_or_a_token_in_a_configmap_is_caught(rendered):
+    _, docs = rendered
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "meshserve-admin", "namespace": "meshserve"},
+        "stringData": {"token": "change-me"},
+    }
+    assert secret_problems([*docs, secret]) != []
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "gateway-env", "namespace": "meshserve"},
+        "data": {"MESHSERVE_ADMIN_TOKEN": "change-me"},
+    }
+    assert secret_problems([*docs, configmap]) != []
+
+
+K8S_FILES = sorted((REPO / "deploy" / "k8s").rglob("*.yaml"))
+
+
+def test_no_credential_is_committed_in_the_k8s_files():
+    assert K8S_FILES and committed_secret_problems(K8S_FILES) == []
+
+
+def test_a_committed_token_password_or_secret_generator_is_caught(tmp_path):
+    cases = {
+        "token.yaml": "# MESHSERVE_ADMIN_TOKEN=msk_admin_Zm9vYmFyYmF6cXV4cXV1eA\n",
+        "url.yaml": "url: postgresql+psycopg://meshserve:s3cret-pw@db:5432/meshserve\n",
+        "kustomization.yaml": "secretGenerator:\n  - name: meshserve-admin\n    literals: [token=change-me]\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        assert committed_secret_problems([tmp_path / name]) != [], name
+    placeholder = tmp_path / "placeholder.yaml"
+    placeholder.write_text(
+        'token="msk_admin_$(openssl rand -hex 32)" url=postgresql+psycopg://meshserve:PASSWORD@HOST:5432/meshserve\n'
+    )
+    assert committed_secret_problems([placeholder]) == []
