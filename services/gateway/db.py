@@ -36,6 +36,14 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
-def create_tables(engine: sa.Engine) -> None:
-    """Create every table registered on `metadata` that does not exist yet."""
-    metadata.create_all(engine)
+def create_tables(engine: sa.Engine, tables: list[sa.Table] | None = None) -> None:
+    """Create the tables (default: every table on `metadata`) that do not exist yet. Replicas that
+    start together race between "does it exist" and CREATE: the loser sees "already exists" and
+    checks again."""
+    for attempt in range(5):
+        try:
+            metadata.create_all(engine, tables=tables)
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as err:
+            if "already exists" not in str(err) or attempt == 4:
+                raise

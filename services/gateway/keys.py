@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.db import metadata
+from services.gateway.db import create_tables, metadata
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,13 @@ api_keys = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True)),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
 )
-key_version = sa.Table("key_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+# One row (id 1): replicas starting together on an empty database must not insert two.
+key_version = sa.Table(
+    "key_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -156,10 +162,13 @@ class KeyStore:
 
     # -- synchronous database operations (the CLI uses them directly) ---------------------------
     def init_schema(self) -> None:
-        metadata.create_all(self.engine, tables=[api_keys, key_version])
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(sa.func.count()).select_from(key_version)).scalar_one() == 0:
-                conn.execute(key_version.insert().values(version=0))
+        create_tables(self.engine, [api_keys, key_version])
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(sa.select(sa.func.count()).select_from(key_version)).scalar_one() == 0:
+                    conn.execute(key_version.insert().values(id=1, version=0))
+        except sa.exc.IntegrityError:
+            pass  # another replica inserted the row first
 
     def _bump(self, conn) -> None:
         conn.execute(key_version.update().values(version=key_version.c.version + 1))
@@ -225,7 +234,16 @@ class KeyStore:
             return [_row_to_key(r) for r in conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))]
 
     def ensure_admin(self, token: str) -> None:
-        """The bootstrap admin key (id `admin`) takes the configured admin token."""
+        """The bootstrap admin key (id `admin`) takes the configured admin token. Replicas that
+        start together may race here: the loser finds the key in place and retries."""
+        for attempt in range(5):
+            try:
+                return self._ensure_admin(token)
+            except sa.exc.IntegrityError:
+                if attempt == 4:
+                    raise
+
+    def _ensure_admin(self, token: str) -> None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == "admin")).first()
         if row is not None and hmac.compare_digest(row._mapping["secret_sha256"], _sha256(token)):

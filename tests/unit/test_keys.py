@@ -1,0 +1,67 @@
+"""The key store on a real SQLite file: hashing, verification, revocation, expiry, and replicas
+initialising the same database at once."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from services.common.errors import ErrorCode, MeshError
+from services.gateway.db import make_engine
+from services.gateway.keys import KeyStore, api_keys
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = KeyStore(make_engine(f"sqlite:///{tmp_path / 'keys.db'}"))
+    store.init_schema()
+    yield store
+    store.engine.dispose()
+
+
+async def test_token_is_stored_only_as_a_hash_and_verifies(store):
+    key, token = store.create("team", ["inference"])
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(api_keys)).one()._mapping
+    assert token not in str(dict(row)) and token.split("_")[-1] not in str(dict(row))
+    await store.reload()
+    assert store.authenticate(token).id == key.id
+    for wrong in (token + "x", token[:-1], f"msk_{key.id}_nope", "nope"):
+        with pytest.raises(MeshError) as err:
+            store.authenticate(wrong)
+        assert err.value.code is ErrorCode.UNAUTHENTICATED and wrong not in err.value.message
+
+
+async def test_revoked_and_expired_keys_are_refused(store):
+    _, revoked = store.create("a", ["read"])
+    _, expired = store.create("b", ["read"], expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    store.revoke(revoked.split("_")[1])
+    await store.reload()
+    for token in (revoked, expired):
+        with pytest.raises(MeshError, match="revoked or has expired"):
+            store.authenticate(token)
+
+
+def test_replicas_initialising_one_database_together(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    stores = [KeyStore(make_engine(url)) for _ in range(4)]
+    errors = []
+
+    def start(s):
+        try:
+            s.init_schema()
+            s.ensure_admin("the-admin-token")
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert stores[0]._version_now() >= 0  # exactly one version row: scalar_one() does not raise
+    assert [k.id for k in stores[0].all()] == ["admin"]
