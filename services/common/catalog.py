@@ -88,7 +88,7 @@ class PreprocessSpec(_Strict):
 
 class InferenceSpec(_Strict):
     name: str = Field(..., description="Model name on the inference service (no '/', Triton rules).")
-    runtime: Literal["sentence_embedding", "embedding_classifier", "image_classifier"]
+    runtime: Literal["sentence_embedding", "embedding_classifier", "image_classifier", "causal_lm"]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 32

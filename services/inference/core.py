@@ -15,6 +15,7 @@ from services.common.errors import MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.tensors import NP_DTYPES
 from services.inference.batcher import Timing
+from services.inference.generation import GenerationStream, SamplingParams
 from services.inference.repository import ModelRepository
 
 QUEUE_SECONDS = Histogram(
@@ -133,6 +134,8 @@ class InferenceCore:
         received = time.monotonic_ns()
         slot = self.repository.ready(model, version)
         spec = slot.entry.inference
+        if spec.runtime == "causal_lm":  # Triton's answer for a decoupled model
+            raise invalid(f"ModelInfer RPC doesn't support models with decoupled transaction policy ('{model}')")
         arrays, rows = self._decode(model, spec, inputs)
         try:
             slot.batcher.runtime.validate(arrays)
@@ -165,6 +168,26 @@ class InferenceCore:
             [InferOutput(n, by_name[n].datatype, tuple(outputs[n].shape), outputs[n]) for n in names],
         )
 
+    def generate(self, model: str, version: str, inputs: list[InferInput], parameters) -> GenerationStream:
+        """Start one generation (ModelStreamInfer on a decoupled model): a stream of tokens."""
+        slot = self.repository.ready(model, version)
+        if slot.entry.inference.runtime != "causal_lm":
+            raise invalid(f"model '{model}' does not generate tokens")
+        by_name = {i.name: i for i in inputs}
+        unknown = set(by_name) - {"input_ids", "stop_token_ids"}
+        if unknown or "input_ids" not in by_name:
+            raise invalid(f"model '{model}' takes inputs 'input_ids' (INT64 [n]) and optional 'stop_token_ids'")
+        arrays = {}
+        for name, item in by_name.items():
+            if item.datatype != "INT64" or any(d < 0 for d in item.shape) or len(item.shape) > 2:
+                raise invalid(f"inference input '{name}' must be INT64 [n] or [1, n] for model '{model}'")
+            expected = int(np.prod(item.shape, dtype=np.int64)) * 8
+            if len(item.raw) != expected:
+                raise invalid(f"input byte size mismatch for input '{name}' for model '{model}'")
+            arrays[name] = np.frombuffer(item.raw, dtype="<i8").reshape(-1).tolist()
+        params = sampling_of(parameters, arrays.get("stop_token_ids", []))
+        return slot.batcher.submit(arrays["input_ids"], params)
+
     def _observe(self, model: str, t: Timing) -> None:
         QUEUE_SECONDS.labels(model).observe((t.started_ns - t.enqueued_ns) / 1e9)
         EXECUTE_SECONDS.labels(model).observe((t.ended_ns - t.started_ns) / 1e9)
@@ -181,3 +204,28 @@ class InferenceCore:
             attributes={"model": model, "batch_size": t.batch_size},
         )
         run.end(end_time=t.ended_ns + offset)
+
+
+def sampling_of(parameters, stop_token_ids: list[int]) -> SamplingParams:
+    """SamplingParams from a KServe request's `parameters` map (Triton's per-request parameters)."""
+
+    def number(name: str, default, kind):
+        if name not in parameters:
+            return default
+        p = parameters[name]
+        which = p.WhichOneof("parameter_choice")
+        value = getattr(p, which) if which else default
+        if isinstance(value, str) or isinstance(value, bool):
+            raise invalid(f"request parameter '{name}' must be a number", param=name)
+        return kind(value)
+
+    seed = number("seed", None, int)
+    return SamplingParams(
+        max_new_tokens=number("max_tokens", 64, int),
+        temperature=number("temperature", 1.0, float),
+        top_p=number("top_p", 1.0, float),
+        top_k=number("top_k", 0, int),
+        seed=seed,
+        repetition_penalty=number("repetition_penalty", 1.0, float),
+        stop_token_ids=tuple(stop_token_ids),
+    )

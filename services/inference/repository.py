@@ -14,6 +14,7 @@ from services.common.catalog import Catalog, ModelEntry
 from services.common.errors import ErrorCode, MeshError
 from services.common.modelstore import is_built, model_dir
 from services.inference.batcher import DynamicBatcher
+from services.inference.generation import GenerationScheduler
 from services.inference.runtime import load_runtime, set_torch_threads
 from services.inference.stats import ModelStats
 
@@ -34,7 +35,7 @@ class ModelSlot:
     entry: ModelEntry
     state: ModelState = ModelState.UNAVAILABLE
     reason: str = "unloaded"
-    batcher: DynamicBatcher | None = None
+    batcher: DynamicBatcher | GenerationScheduler | None = None
     stats: ModelStats = field(default_factory=ModelStats)
     version: str = "1"
 
@@ -86,7 +87,10 @@ class ModelRepository:
                 log.exception("model load failed", extra={"fields": {"model": name}})
                 slot.state, slot.reason = ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}"
                 raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"failed to load '{name}'") from exc
-            slot.batcher = DynamicBatcher(name, runtime, entry.inference, slot.stats)
+            if entry.inference.runtime == "causal_lm":
+                slot.batcher = GenerationScheduler(name, runtime, entry.inference, slot.stats)
+            else:
+                slot.batcher = DynamicBatcher(name, runtime, entry.inference, slot.stats)
             slot.state, slot.reason = ModelState.READY, ""
             log.info(
                 "model ready", extra={"fields": {"model": name, "load_s": round(time.perf_counter() - started, 2)}}

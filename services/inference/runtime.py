@@ -168,7 +168,14 @@ class ImageClassifierRuntime(Runtime):
             return {"logits": self.model(pixels).to(torch.float32).cpu().numpy()}
 
 
+def _causal_lm(model_dir: Path):
+    from services.inference.generation import CausalLMRuntime
+
+    return CausalLMRuntime(model_dir)
+
+
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
+    "causal_lm": _causal_lm,  # served by the GenerationScheduler (ModelStreamInfer), not a batcher
     "sentence_embedding": SentenceEmbeddingRuntime,
     "embedding_classifier": EmbeddingClassifierRuntime,
     "image_classifier": ImageClassifierRuntime,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
@@ -89,6 +91,8 @@ def model_config_pb(entry: ModelEntry) -> model_config_pb2.ModelConfig:
     )
     cfg.parameters["threads"].string_value = str(spec.threads)
     cfg.parameters["runtime"].string_value = spec.runtime
+    if spec.runtime == "causal_lm":  # one response per token: Triton's decoupled transaction policy
+        cfg.model_transaction_policy.decoupled = True
     return cfg
 
 
@@ -223,11 +227,81 @@ def _unimplemented(method: str):
     return handler
 
 
+def _final_flag(response: service_pb2.ModelInferResponse, final: bool) -> None:
+    response.parameters["triton_final_response"].bool_param = final
+
+
+def token_response(request, version: str, event) -> service_pb2.ModelStreamInferResponse:
+    """One decoupled response: a token, or the empty final response with the finish reason."""
+    response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    if event.final:
+        response.parameters["finish_reason"].string_param = event.finish_reason or ""
+        response.parameters["prompt_tokens"].int64_param = event.prompt_tokens
+        response.parameters["completion_tokens"].int64_param = event.completion_tokens
+        if event.error:
+            return service_pb2.ModelStreamInferResponse(error_message=event.error, infer_response=response)
+    else:
+        response.outputs.add(name="token_id", datatype="INT64", shape=[1])
+        response.raw_output_contents.append(int(event.token_id).to_bytes(8, "little", signed=True))
+    _final_flag(response, event.final)
+    return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+
 async def _model_stream_infer(self, request_iterator, context):
-    raise MeshError(
-        ErrorCode.NOT_IMPLEMENTED, "ModelStreamInfer is not supported by the meshserve embedded inference server"
-    )
-    yield  # an async generator: the method is bidirectional streaming
+    """Bidirectional streaming, as Triton: a decoupled (generation) model answers each request with
+    one response per token and an empty final response (`triton_final_response`); any other model
+    answers each request with one response. A failed request gets a response with `error_message`;
+    the stream goes on. A client that goes away cancels every generation it started."""
+    out: asyncio.Queue = asyncio.Queue()
+    streams = []
+    pumps: set[asyncio.Task] = set()
+
+    async def pump(request, stream) -> None:
+        async for event in stream:
+            await out.put(token_response(request, "1", event))
+
+    async def unary(request) -> None:
+        try:
+            await out.put(service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context)))
+        except MeshError as err:
+            await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
+
+    async def read() -> None:
+        async for request in request_iterator:
+            try:
+                slot = self.repository.ready(request.model_name, request.model_version)
+                if slot.entry.inference.runtime == "causal_lm":
+                    stream = self.core.generate(
+                        request.model_name, request.model_version, inputs_from_pb(request), request.parameters
+                    )
+                    streams.append(stream)
+                    task = asyncio.create_task(pump(request, stream))
+                else:
+                    task = asyncio.create_task(unary(request))
+            except MeshError as err:
+                await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
+                continue
+            pumps.add(task)
+            task.add_done_callback(pumps.discard)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            if out.empty() and reader.done() and not pumps:
+                reader.result()  # surface a broken request stream
+                return
+            getter = asyncio.create_task(out.get())
+            done, _ = await asyncio.wait({getter, reader, *pumps}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
+    finally:
+        reader.cancel()
+        for stream in streams:
+            stream.cancel()  # the client went away (or the stream ended): stop generating
+        for task in list(pumps):
+            task.cancel()
 
 
 InferenceServicer.ModelStreamInfer = _model_stream_infer

@@ -70,6 +70,8 @@ def generate(catalog: Catalog, models_dir: Path, out: Path, *, gpu: bool | None 
     gpu = gpu_visible() if gpu is None else gpu
     shutil.rmtree(out, ignore_errors=True)
     for entry in catalog.models:
+        if entry.inference.runtime == "causal_lm":
+            continue  # generation runs on the embedded backend only so far (no decoupled Python model yet)
         folder = out / entry.inference.name
         (folder / "1").mkdir(parents=True)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(model_config(entry, models_dir, gpu=gpu)))

@@ -1,0 +1,424 @@
+"""Token generation with continuous batching: every running sequence advances one token per
+decode step, new sequences join between steps and finished or cancelled ones leave.
+
+The KV cache of the running batch is one left-padded tensor pair per layer ([batch, kv_heads,
+time, dim]); a newcomer is prefilled alone and its cache merged in (left-padded to the batch's
+length), a leaver's rows are dropped, and columns that became padding for every row are trimmed.
+Attention masks and explicit position ids make the padded batch compute exactly what each
+sequence would alone (tested against unbatched decoding). Works with any Hugging Face causal LM
+whose forward takes `attention_mask`, `position_ids` and a `DynamicCache` (Llama, Qwen2, Mistral,
+GPT-2 families).
+
+All torch work (prefill, decode, sampling) runs in one worker thread; the event loop only admits,
+emits tokens and drops sequences. A cancelled sequence leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.catalog import InferenceSpec
+from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.metrics import LATENCY_BUCKETS
+
+log = logging.getLogger(__name__)
+
+DECODE_BATCH = Histogram(
+    "meshserve_inference_decode_batch_size",
+    "Sequences advanced by one decode step.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64),
+)
+RUNNING = Gauge("meshserve_inference_running_sequences", "Sequences in the decode batch.", ["model"])
+WAITING = Gauge("meshserve_inference_waiting_sequences", "Sequences waiting to join the batch.", ["model"])
+TTFT = Histogram(
+    "meshserve_inference_time_to_first_token_seconds", "Submission to first token.", ["model"], buckets=LATENCY_BUCKETS
+)
+TPOT = Histogram(
+    "meshserve_inference_time_per_output_token_seconds",
+    "Mean time between a sequence's tokens after the first.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TOKENS = Counter("meshserve_inference_generated_tokens_total", "Tokens generated.", ["model"])
+PROMPT_TOKENS = Counter("meshserve_inference_prompt_tokens_total", "Prompt tokens prefilled.", ["model"])
+FINISHED = Counter("meshserve_inference_sequences_total", "Finished sequences by reason.", ["model", "reason"])
+DECODE_STEPS = Counter("meshserve_inference_decode_steps_total", "Decode steps run.", ["model"])
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise invalid("`max_tokens` must be at least 1", param="max_tokens")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise invalid("`temperature` must be in [0, 100]", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise invalid("`top_p` must be in (0, 1]", param="top_p")
+        if self.top_k < 0:
+            raise invalid("`top_k` must be >= 0", param="top_k")
+        if self.repetition_penalty <= 0.0:
+            raise invalid("`repetition_penalty` must be > 0", param="repetition_penalty")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a sequence's output: a token, or the final event (token None) with the reason."""
+
+    token_id: int | None
+    final: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class CausalLMRuntime:
+    """A Hugging Face causal LM with the three operations continuous batching needs."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        from services.inference.runtime import torch_device
+
+        self._torch = torch
+        self.device = torch_device()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval().to(self.device)
+        config = self.model.config
+        self.vocab_size = int(config.vocab_size)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        eos: set[int] = set()
+        try:
+            generation = GenerationConfig.from_pretrained(str(model_dir))
+            ids = generation.eos_token_id
+            eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        except OSError:
+            pass
+        if config.eos_token_id is not None:
+            eos.update(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
+        self.eos_token_ids = frozenset(eos)
+
+    def prefill(self, ids: list[int]):
+        """(last-position logits [vocab], per-layer (k, v) of the prompt)."""
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            return out.logits[0, -1].float(), layers
+
+    def decode(self, tokens: list[int], mask, positions, layers):
+        """One step for a left-padded batch: (logits [batch, vocab], grown layers)."""
+        from transformers import DynamicCache
+
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
+                attention_mask=mask,
+                position_ids=positions.unsqueeze(1),
+                past_key_values=DynamicCache(ddp_cache_data=layers),
+                use_cache=True,
+            )
+            return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation request inside the scheduler."""
+
+    prompt: list[int]
+    params: SamplingParams
+    events: asyncio.Queue
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False  # the consumer has read the final event
+    final_sent: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: object = None
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (the client went away)."""
+        self.cancelled = True
+
+
+class GenerationStream:
+    """The consumer's side of a sequence: `async for event in stream`; `cancel()` when abandoned."""
+
+    def __init__(self, sequence: Sequence) -> None:
+        self.sequence = sequence
+
+    def cancel(self) -> None:
+        self.sequence.cancel()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self.sequence.done and self.sequence.events.empty():
+            raise StopAsyncIteration
+        event = await self.sequence.events.get()
+        if event.final:
+            self.sequence.done = True
+        return event
+
+
+class _Batch:
+    """The running sequences and their left-padded KV cache and attention mask."""
+
+    def __init__(self) -> None:
+        self.sequences: list[Sequence] = []
+        self.layers: list | None = None  # per layer (k, v): [batch, heads, time, dim]
+        self.mask = None  # [batch, time] of 0/1
+        self.last: list[int] = []  # the token each sequence feeds into the next step
+
+
+class GenerationScheduler:
+    """Continuous batching for one loaded causal LM (the `batcher` of a generation model)."""
+
+    def __init__(self, name: str, runtime: CausalLMRuntime, spec: InferenceSpec, stats=None) -> None:
+        import torch
+
+        self._torch = torch
+        self.name = name
+        self.runtime = runtime
+        self.spec = spec
+        self.stats = stats
+        self.max_running = spec.max_batch_size
+        self._waiting: deque[Sequence] = deque()
+        self._batch = _Batch()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{name}")
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._closed = False
+
+    @property
+    def queued_rows(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> GenerationStream:
+        """Queue a sequence; its tokens arrive on the returned stream."""
+        if self._closed:
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"model '{self.name}' is unloading")
+        params.validate()
+        if not prompt:
+            raise invalid(f"input 'input_ids' has no tokens (model '{self.name}')")
+        if min(prompt) < 0 or max(prompt) >= self.runtime.vocab_size:
+            raise invalid(f"input 'input_ids' holds token ids outside [0, {self.runtime.vocab_size})")
+        if len(prompt) >= self.runtime.max_context:
+            raise invalid(
+                f"the prompt has {len(prompt)} tokens; model '{self.name}' has a context of {self.runtime.max_context}"
+            )
+        if len(self._waiting) >= self.spec.max_queue_size:
+            raise MeshError(ErrorCode.OVERLOADED, f"model '{self.name}' has {len(self._waiting)} sequences waiting")
+        sequence = Sequence(list(prompt), params, asyncio.Queue())
+        generator = self._torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        sequence.generator = generator
+        self._waiting.append(sequence)
+        WAITING.labels(self.name).set(len(self._waiting))
+        self._wake.set()
+        return GenerationStream(sequence)
+
+    async def close(self) -> None:
+        self._closed = True
+        for sequence in [*self._waiting, *self._batch.sequences]:
+            sequence.cancel()
+        self._wake.set()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        for sequence in [*self._waiting, *self._batch.sequences]:
+            self._finish(sequence, "cancelled")
+        self._executor.shutdown(wait=False)
+
+    # -- the scheduling loop --------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting and not self._batch.sequences:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                await self._admit(loop)
+                if self._batch.sequences:
+                    await self._step(loop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving: fail the sequences in flight, not the model
+                log.exception("generation step failed", extra={"fields": {"model": self.name}})
+                for sequence in [*self._batch.sequences]:
+                    self._finish(sequence, "error", error=f"generation failed: {type(exc).__name__}")
+                self._batch = _Batch()
+            RUNNING.labels(self.name).set(len(self._batch.sequences))
+            WAITING.labels(self.name).set(len(self._waiting))
+
+    async def _admit(self, loop) -> None:
+        while self._waiting and len(self._batch.sequences) < self.max_running:
+            sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                self._finish(sequence, "cancelled")
+                continue
+            token, layers = await loop.run_in_executor(self._executor, self._prefill, sequence)
+            PROMPT_TOKENS.labels(self.name).inc(len(sequence.prompt))
+            if self._emit(sequence, token):
+                self._join(sequence, token, layers)
+
+    def _prefill(self, sequence: Sequence):
+        logits, layers = self.runtime.prefill(sequence.prompt)
+        return self._sample(logits, sequence), layers
+
+    def _join(self, sequence: Sequence, token: int, layers) -> None:
+        torch = self._torch
+        batch = self._batch
+        length = layers[0][0].shape[2]
+        own_mask = torch.ones((1, length), dtype=torch.long, device=layers[0][0].device)
+        if batch.layers is None:
+            batch.layers, batch.mask = layers, own_mask
+        else:
+            width = max(length, batch.mask.shape[1])
+            pad = _left_pad
+            batch.layers = [
+                (torch.cat([pad(bk, width), pad(k, width)]), torch.cat([pad(bv, width), pad(v, width)]))
+                for (bk, bv), (k, v) in zip(batch.layers, layers, strict=True)
+            ]
+            batch.mask = torch.cat([_left_pad_mask(batch.mask, width), _left_pad_mask(own_mask, width)])
+        batch.sequences.append(sequence)
+        batch.last.append(token)
+
+    async def _step(self, loop) -> None:
+        self._drop([s for s in self._batch.sequences if s.cancelled], "cancelled")
+        if not self._batch.sequences:
+            return
+        DECODE_BATCH.labels(self.name).observe(len(self._batch.sequences))
+        DECODE_STEPS.labels(self.name).inc()
+        tokens = await loop.run_in_executor(self._executor, self._decode)
+        finished = [s for s, t in zip(self._batch.sequences, tokens, strict=True) if not self._emit(s, t)]
+        self._batch.last = list(tokens)
+        self._drop(finished, None)
+
+    def _decode(self) -> list[int]:
+        torch = self._torch
+        batch = self._batch
+        mask = torch.cat([batch.mask, torch.ones((batch.mask.shape[0], 1), dtype=batch.mask.dtype, device=batch.mask.device)], 1)
+        positions = batch.mask.sum(dim=1)  # each sequence's own next position
+        logits, batch.layers = self.runtime.decode(batch.last, mask, positions, batch.layers)
+        batch.mask = mask
+        return [self._sample(logits[i], s) for i, s in enumerate(batch.sequences)]
+
+    def _drop(self, leaving: list[Sequence], reason: str | None) -> None:
+        """Remove sequences from the batch (their rows of the cache) and trim shared padding."""
+        if not leaving:
+            return
+        batch = self._batch
+        for sequence in leaving:
+            if reason is not None:
+                self._finish(sequence, reason)
+        keep = [i for i, s in enumerate(batch.sequences) if s not in leaving]
+        if not keep:
+            self._batch = _Batch()
+            return
+        torch = self._torch
+        index = torch.tensor(keep, device=batch.mask.device)
+        mask = batch.mask.index_select(0, index)
+        start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns padding for every row
+        batch.mask = mask[:, start:]
+        batch.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in batch.layers]
+        batch.sequences = [batch.sequences[i] for i in keep]
+        batch.last = [batch.last[i] for i in keep]
+
+    # -- per-token bookkeeping --------------------------------------------------------------------
+    def _emit(self, sequence: Sequence, token: int) -> bool:
+        """Record a sampled token; False when the sequence has ended (and was finished)."""
+        if sequence.cancelled:
+            self._finish(sequence, "cancelled")
+            return False
+        if token in self.runtime.eos_token_ids or token in sequence.params.stop_token_ids:
+            self._finish(sequence, "stop")
+            return False
+        now = time.perf_counter()
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+            TTFT.labels(self.name).observe(now - sequence.submitted)
+        sequence.generated.append(token)
+        TOKENS.labels(self.name).inc()
+        sequence.events.put_nowait(TokenEvent(token))
+        total = len(sequence.prompt) + len(sequence.generated)
+        if len(sequence.generated) >= sequence.params.max_new_tokens or total >= self.runtime.max_context:
+            self._finish(sequence, "length")
+            return False
+        return True
+
+    def _finish(self, sequence: Sequence, reason: str, *, error: str | None = None) -> None:
+        if sequence.final_sent:
+            return
+        sequence.final_sent = True
+        FINISHED.labels(self.name, reason).inc()
+        n = len(sequence.generated)
+        if n > 1 and sequence.first_token_at is not None:
+            TPOT.labels(self.name).observe((time.perf_counter() - sequence.first_token_at) / (n - 1))
+        sequence.events.put_nowait(
+            TokenEvent(None, True, reason, len(sequence.prompt), n, error)
+        )
+
+    def _sample(self, logits, sequence: Sequence) -> int:
+        torch = self._torch
+        p = sequence.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(sequence.prompt + sequence.generated)), device=logits.device)
+            values = logits.index_select(0, seen)
+            logits = logits.clone()
+            logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if p.temperature == 0.0:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, 0)
+            cut = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
+            sorted_probs[cut] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs.cpu(), 1, generator=sequence.generator))
+
+
+def _left_pad(tensor, width: int):
+    import torch
+
+    missing = width - tensor.shape[2]
+    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, missing, 0))
+
+
+def _left_pad_mask(mask, width: int):
+    import torch
+
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))

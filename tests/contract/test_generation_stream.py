@@ -1,0 +1,173 @@
+"""ModelStreamInfer on the embedded server with a decoupled generation model, driven by
+tritonclient.grpc.aio: one response per token, an empty final response with
+`triton_final_response`, concurrent streams in one decode batch, cancellation, per-request errors.
+
+The model is a tiny randomly initialised Llama saved in Hugging Face format by the test (the
+server path does not depend on what the weights learnt); the catalog is the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+import yaml
+from tritonclient.grpc import InferInput
+from tritonclient.grpc.aio import InferenceServerClient
+
+from services.common.catalog import Catalog
+from services.common.modelstore import build_all
+from services.inference.main import create
+from services.inference.settings import InferenceSettings
+
+MODEL = "tiny-llama"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(tmp_path_factory):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("generation")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=96, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp / "src")
+    GenerationConfig(eos_token_id=96, pad_token_id=0).save_pretrained(tmp / "src")
+    entry = {
+        "id": "test/tiny-llama",
+        "tasks": ["feature-extraction"],  # gateway tasks for generation come with the chat routes
+        "source": {"kind": "path", "path": str(tmp / "src")},
+        "inference": {
+            "name": MODEL,
+            "runtime": "causal_lm",
+            "inputs": [{"name": "input_ids", "datatype": "INT64", "dims": [-1]}],
+            "outputs": [{"name": "token_id", "datatype": "INT64", "dims": [1]}],
+            "max_batch_size": 8,
+        },
+    }
+    (tmp / "catalog.yaml").write_text(yaml.safe_dump({"models": [entry]}))
+    build_all(Catalog.load(tmp / "catalog.yaml"), tmp / "home" / "models")
+    settings = InferenceSettings(home=tmp / "home", catalog=tmp / "catalog.yaml", grpc_port=0, metrics_port=-1)
+    running, repository = await create(settings)
+    yield f"127.0.0.1:{running.port}", repository
+    await running.stop(grace_s=2)
+
+
+def request(prompt: list[int], request_id: str, **parameters) -> dict:
+    ids = InferInput("input_ids", [len(prompt)], "INT64")
+    ids.set_data_from_numpy(np.array(prompt, dtype=np.int64))
+    return {"model_name": MODEL, "inputs": [ids], "request_id": request_id, "parameters": parameters}
+
+
+async def run_stream(url: str, requests: list[dict], *, cancel_after: int | None = None):
+    """Send the requests on one stream; collect (tokens, final parameters) per request id."""
+    client = InferenceServerClient(url)
+
+    async def send():
+        for r in requests:
+            yield r
+
+    tokens: dict[str, list[int]] = {r["request_id"]: [] for r in requests}
+    finals: dict[str, dict] = {}
+    errors: list[str] = []
+    responses = client.stream_infer(send())
+    try:
+        async for result, error in responses:
+            if error is not None:
+                errors.append(error.message())
+                continue
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param:
+                finals[response.id] = {k: v for k, v in response.parameters.items()}
+            else:
+                tokens[response.id].append(int(result.as_numpy("token_id")[0]))
+            if cancel_after is not None and sum(map(len, tokens.values())) >= cancel_after:
+                responses.cancel()
+                break
+            if len(finals) + len(errors) == len(requests):
+                break
+    finally:
+        await client.close()
+    return tokens, finals, errors
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_greedy_stream_matches_generate_and_ends_with_a_final_response(server):
+    url, repository = server
+    tokens, finals, errors = await run_stream(url, [request([5, 6, 7], "a", max_tokens=10, temperature=0.0)])
+    assert not errors
+    runtime = repository.slots[MODEL].batcher.runtime
+    with torch.inference_mode():
+        expected = runtime.model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, do_sample=False)[0, 3:]
+    expected = expected.tolist()
+    expected = expected[: expected.index(96)] if 96 in expected else expected
+    assert tokens["a"] == expected
+    final = finals["a"]
+    assert final["finish_reason"].string_param in ("length", "stop")
+    assert final["completion_tokens"].int64_param == len(expected)
+    assert final["prompt_tokens"].int64_param == 3
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_concurrent_streams_share_decode_steps(server):
+    from services.inference.generation import DECODE_BATCH
+
+    url, _ = server
+    before = [s for s in DECODE_BATCH.collect()[0].samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"]
+    ones_before = before[0].value if before else 0
+    requests = [request([10 + i, 11 + i], str(i), max_tokens=20, temperature=0.8, seed=i) for i in range(4)]
+    clients = [run_stream(url, [r]) for r in requests]
+    results = await asyncio.gather(*clients)
+    assert all(not errors and len(finals) == 1 for _, finals, errors in results)
+    samples = {s.labels["le"]: s.value for s in DECODE_BATCH.collect()[0].samples if s.name.endswith("_bucket")}
+    count = next(s.value for s in DECODE_BATCH.collect()[0].samples if s.name.endswith("_count"))
+    assert count - samples["1.0"] > 0, "some decode steps ran more than one sequence"
+    assert samples["1.0"] >= ones_before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_client_cancel_stops_generation(server):
+    from services.inference.generation import FINISHED
+
+    url, _ = server
+
+    def cancelled() -> float:
+        return FINISHED.labels(MODEL, "cancelled")._value.get()
+
+    before = cancelled()
+    await run_stream(url, [request([3, 4], "c", max_tokens=100, temperature=1.0, seed=3)], cancel_after=3)
+    for _ in range(100):
+        if cancelled() > before:
+            break
+        await asyncio.sleep(0.02)
+    assert cancelled() == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_bad_requests_get_an_error_response_and_the_stream_goes_on(server):
+    url, _ = server
+    bad = request([500], "bad", max_tokens=5)  # token id outside the vocabulary
+    wrong = request([1, 2], "wrong", top_p="x")
+    good = request([1, 2], "good", max_tokens=3, temperature=0.0)
+    tokens, finals, errors = await run_stream(url, [bad, wrong, good])
+    assert len(errors) == 2 and any("outside" in e for e in errors) and any("number" in e for e in errors)
+    assert "good" in finals and len(tokens["good"]) <= 3
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_unary_infer_is_refused_for_a_decoupled_model(server):
+    url, _ = server
+    client = InferenceServerClient(url)
+    try:
+        ids = InferInput("input_ids", [1, 2], "INT64")
+        ids.set_data_from_numpy(np.array([[1, 2]], dtype=np.int64))
+        with pytest.raises(Exception, match="decoupled"):
+            await client.infer(MODEL, [ids])
+        config = await client.get_model_config(MODEL, as_json=True)
+        assert config["config"]["model_transaction_policy"]["decoupled"] is True
+    finally:
+        await client.close()

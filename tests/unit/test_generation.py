@@ -1,0 +1,154 @@
+"""Continuous batching against Hugging Face's own generate(): same tokens, shared decode steps,
+cancellation within one step, stop conditions, seeded sampling. A tiny random Llama, saved in HF
+format, stands in for a trained model (the scheduler only needs the architecture)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from services.common.catalog import InferenceSpec, TensorSpec
+from services.common.errors import MeshError
+from services.inference.generation import DECODE_BATCH, CausalLMRuntime, GenerationScheduler, SamplingParams
+
+SPEC = InferenceSpec(
+    name="tiny-llama",
+    runtime="causal_lm",
+    inputs=(TensorSpec(name="input_ids", datatype="INT64", dims=(-1,)),),
+    outputs=(TensorSpec(name="token_id", datatype="INT64", dims=(1,)),),
+    max_batch_size=8,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=96, eos_token_id=96, bos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    GenerationConfig(eos_token_id=96, pad_token_id=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runtime(model_dir):
+    return CausalLMRuntime(model_dir)
+
+
+def reference(runtime: CausalLMRuntime, prompt: list[int], n: int) -> list[int]:
+    """HF generate(), greedy, one sequence alone."""
+    with torch.inference_mode():
+        out = runtime.model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+async def collect(stream) -> tuple[list[int], str]:
+    tokens, reason = [], None
+    async for event in stream:
+        if event.final:
+            reason = event.finish_reason
+        else:
+            tokens.append(event.token_id)
+    return tokens, reason
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23], [30]]
+
+
+async def test_concurrent_sequences_match_generate_alone(runtime):
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    steps_before = DECODE_BATCH.labels("tiny-llama")._sum.get()
+    try:
+        params = SamplingParams(max_new_tokens=12, temperature=0.0)
+        streams = [scheduler.submit(p, params) for p in PROMPTS]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+    finally:
+        await scheduler.close()
+    for prompt, (tokens, reason) in zip(PROMPTS, results, strict=True):
+        expected = reference(runtime, prompt, 12)
+        if 96 in expected:  # our scheduler stops at EOS; generate() was told not to
+            expected = expected[: expected.index(96)]
+        assert tokens == expected
+        assert reason == ("length" if len(tokens) == 12 else "stop")
+    # The four sequences shared decode steps: more rows were decoded than steps were run.
+    assert DECODE_BATCH.labels("tiny-llama")._sum.get() - steps_before > 12
+
+
+async def test_a_sequence_joining_mid_generation_is_exact(runtime):
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    try:
+        params = SamplingParams(max_new_tokens=16, temperature=0.0)
+        first = scheduler.submit(PROMPTS[0], params)
+        seen = []
+        async for event in first:  # let it run a few steps alone, then add a second sequence
+            seen.append(event)
+            if len(seen) == 4:
+                second = asyncio.create_task(collect(scheduler.submit(PROMPTS[2], params)))
+        late, _ = await second
+    finally:
+        await scheduler.close()
+    expected = reference(runtime, PROMPTS[2], 16)
+    assert late == (expected[: expected.index(96)] if 96 in expected else expected)
+    early = [e.token_id for e in seen if not e.final]
+    expected_first = reference(runtime, PROMPTS[0], 16)
+    assert early == (expected_first[: expected_first.index(96)] if 96 in expected_first else expected_first)
+
+
+async def test_cancelled_sequence_leaves_within_one_step(runtime):
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    try:
+        keep = scheduler.submit(PROMPTS[1], SamplingParams(max_new_tokens=40, temperature=1.0, seed=1))
+        stream = scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=1.0, seed=2))
+        events = []
+        async for event in stream:
+            events.append(event)
+            if len(events) == 3:
+                stream.cancel()
+        other, _ = await collect(keep)
+    finally:
+        await scheduler.close()
+    tokens = [e for e in events if not e.final]
+    assert events[-1].final and events[-1].finish_reason == "cancelled"
+    assert len(tokens) <= 4  # at most the token of the step already running
+    assert len(other) > 4  # the other sequence went on
+
+
+async def test_stop_token_ids_and_max_tokens(runtime):
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    try:
+        greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+        tokens, _ = await collect(scheduler.submit(PROMPTS[3], greedy))
+        stop_at = tokens[3]
+        stopped, why = await collect(
+            scheduler.submit(PROMPTS[3], SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=(stop_at,)))
+        )
+        short, length = await collect(scheduler.submit(PROMPTS[3], SamplingParams(max_new_tokens=2, temperature=0.0)))
+    finally:
+        await scheduler.close()
+    assert stopped == tokens[: tokens.index(stop_at)] and why == "stop"
+    assert short == tokens[:2] and length == "length"
+
+
+async def test_seeded_sampling_repeats_and_bad_requests_are_refused(runtime):
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    try:
+        params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=7, repetition_penalty=1.2)
+        a, _ = await collect(scheduler.submit(PROMPTS[0], params))
+        b, _ = await collect(scheduler.submit(PROMPTS[0], params))
+        for prompt, params in (([], SamplingParams()), ([500], SamplingParams()), ([1] * 96, SamplingParams())):
+            with pytest.raises(MeshError, match=r"input_ids|context"):
+                scheduler.submit(prompt, params)
+        with pytest.raises(MeshError, match="top_p"):
+            scheduler.submit([1], SamplingParams(top_p=0.0))
+    finally:
+        await scheduler.close()
+    assert a == b and len(a) > 0
