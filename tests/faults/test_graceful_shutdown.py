@@ -58,7 +58,10 @@ def test_sigterm_to_the_mesh_lets_in_flight_requests_finish(mesh):
     results = asyncio.run(load(f"{mesh.url}/models/{MODEL_ID}", total=400, concurrency=16, on_progress=progress))
     assert sent_at, "the load finished before SIGTERM was sent"
     t_sig = sent_at[0]
-    in_flight = [r for r in results if r["started"] < t_sig - 0.05]
+    # In flight = reached the server before the signal. A request that was still opening its
+    # connection (ConnectError: refused at connect, nothing half-done) was not; on a loaded CI
+    # machine one started 50 ms before the signal and was still connecting.
+    in_flight = [r for r in results if r["started"] < t_sig - 0.05 and r.get("error") != "ConnectError"]
     assert len(in_flight) > 40  # the 40 done plus those the server was still working on
     assert all(r["status"] == 200 for r in in_flight), [r for r in in_flight if r["status"] != 200][:3]
     # Nothing answered with a server error: later requests were refused at connect, never half-done.
