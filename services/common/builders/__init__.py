@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BUILDERS = ("sentiment", "digits")
+BUILDERS = ("sentiment", "digits", "tinylm")
 
 
 def get(name: str) -> ModuleType:
