@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run_embeddings
 	$(PY) -m bench.run_backends
 	$(PY) -m bench.run_classification
+	$(PY) -m bench.run_control_plane
 
 clean:
 	rm -rf $(VENV) .meshserve
