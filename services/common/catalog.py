@@ -22,7 +22,10 @@ TASKS = (
     "text-classification",
     "zero-shot-classification",
     "image-classification",
+    "text-generation",
 )
+# Tasks served token by token (chat and completions routes, gRPC Generate), not by Predict.
+GENERATION_TASKS = frozenset({"text-generation"})
 # Tasks whose inputs are images (raw bytes or base64), not text.
 IMAGE_TASKS = frozenset({"image-classification"})
 
@@ -83,6 +86,11 @@ class PreprocessSpec(_Strict):
     max_items: int = Field(128, description="Most texts (or images) in one request.")
     max_chars: int = Field(100_000, description="Longest text accepted before tokenizing.")
     max_candidate_labels: int = Field(64, description="Most candidate labels of one zero-shot request.")
+    # Generation: prompt tokens at most (max_length is the model's context), prompt + new tokens at
+    # most, and the new tokens a request gets when it names none.
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    default_max_new_tokens: int = 256
     image: ImageSpec | None = None
 
 

@@ -91,6 +91,11 @@ class PreprocessClient(UpstreamClient):
     async def preprocess(self, request: preprocess_pb2.PreprocessRequest) -> preprocess_pb2.PreprocessResponse:
         return await self._call(self._stub.Preprocess, request)
 
+    async def prepare_generation(
+        self, request: preprocess_pb2.PrepareGenerationRequest
+    ) -> preprocess_pb2.PrepareGenerationResponse:
+        return await self._call(self._stub.PrepareGeneration, request)
+
 
 class PostprocessClient(UpstreamClient):
     name = "postprocess"
@@ -101,6 +106,10 @@ class PostprocessClient(UpstreamClient):
 
     async def postprocess(self, request: postprocess_pb2.PostprocessRequest) -> postprocess_pb2.PostprocessResponse:
         return await self._call(self._stub.Postprocess, request)
+
+    def detokenize(self):
+        """A Detokenize stream (write DetokenizeRequest, read DetokenizeResponse); cancel() ends it."""
+        return self._stub.Detokenize(timeout=deadlines.timeout_for(self.settings.timeout_s))
 
 
 class InferenceClient(UpstreamClient):
@@ -114,6 +123,10 @@ class InferenceClient(UpstreamClient):
 
     async def model_infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         return await self._call(self._stub.ModelInfer, request)
+
+    def stream_infer(self):
+        """A ModelStreamInfer stream (decoupled generation); cancel() stops every request on it."""
+        return self._stub.ModelStreamInfer(timeout=deadlines.timeout_for(self.settings.timeout_s))
 
     async def load_model(self, name: str, timeout_s: float = 300.0) -> None:
         """Ask the server to load (or reload) a model: RepositoryModelLoad, explicit model control."""

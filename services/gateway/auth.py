@@ -40,6 +40,7 @@ GRPC_SCOPES = {
     "/meshserve.gateway.v1.GatewayService/Predict": "inference",
     "/meshserve.gateway.v1.GatewayService/ListModels": "read",
     "/meshserve.gateway.v1.GatewayService/GetModel": "read",
+    "/meshserve.gateway.v1.GatewayService/Generate": "inference",
 }
 GRPC_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -173,18 +174,31 @@ def _refusal(err: MeshError):
 
 
 def _with_principal(handler, principal: Principal):
-    """Run a unary handler with the principal in a contextvar (the servicer reads it)."""
-    if handler is None or handler.unary_unary is None:
+    """Run the handler with the principal in a contextvar (the servicer reads it)."""
+    if handler is None:
         return handler
-    inner = handler.unary_unary
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
 
-    async def call(request, context):
-        token = PRINCIPAL.set(principal)
-        try:
-            return await inner(request, context)
-        finally:
-            PRINCIPAL.reset(token)
+        async def call(request, context):
+            token = PRINCIPAL.set(principal)
+            try:
+                return await inner(request, context)
+            finally:
+                PRINCIPAL.reset(token)
 
-    return grpc.unary_unary_rpc_method_handler(
-        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def stream(request, context):
+            PRINCIPAL.set(principal)  # this generator runs in its own task: no reset needed
+            async for item in inner_stream(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+    raise MeshError(ErrorCode.NOT_IMPLEMENTED, "streaming requests are not authenticated here")

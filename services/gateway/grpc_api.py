@@ -5,11 +5,14 @@ from __future__ import annotations
 import uuid
 
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from meshserve.tasks.v1 import tasks_pb2
 
-from services.common.catalog import ModelEntry
+from services.common.catalog import GENERATION_TASKS, ModelEntry
+from services.common.errors import ErrorCode, MeshError
 from services.common.tasks import task_from_pb, task_to_pb
 from services.gateway.auth import PRINCIPAL, Authenticator
 from services.gateway.core import Pipeline
+from services.gateway.generation import GenerationRequest, Generator
 from services.gateway.metering import Metering, token_bound
 
 
@@ -30,6 +33,48 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, pipeline: Pipeline, metering: Metering | None = None) -> None:
         self.pipeline = pipeline
         self.metering = metering or Metering(None, None, None, timeout_s=0)
+        self.generator = Generator(pipeline.preprocess, pipeline.inference, pipeline.postprocess)
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context):
+        entry = self.pipeline.catalog.get(request.model_id)
+        if not GENERATION_TASKS & set(entry.tasks):
+            raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"Model {entry.id!r} does not generate text", param="model_id")
+        p = request.parameters
+        gen = GenerationRequest(
+            messages=[(m.role, m.content) for m in request.messages] or None,
+            prompt=request.prompt,
+            max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+            temperature=p.temperature if p.HasField("temperature") else None,
+            top_p=p.top_p if p.HasField("top_p") else None,
+            top_k=p.top_k if p.HasField("top_k") else None,
+            seed=p.seed if p.HasField("seed") else None,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+            stop=list(p.stop),
+        )
+        prepared = await self.generator.prepare(entry, gen)
+        metered = await self.metering.admit(
+            PRINCIPAL.get() or Authenticator.ANONYMOUS,
+            entry,
+            "text-generation",
+            "grpc:Generate",
+            uuid.uuid4().hex,
+            max_input_tokens=prepared.prompt_tokens,
+            max_output_tokens=prepared.max_new_tokens,
+        )
+        metered.add(input_tokens=prepared.prompt_tokens, items=1)
+        async with self.metering.track(metered):
+            async for step in self.generator.stream(entry, prepared, gen):
+                if step.final:
+                    yield gateway_pb2.GenerateResponse(
+                        text=step.text,
+                        finish_reason=step.finish_reason or "",
+                        usage=tasks_pb2.Usage(
+                            input_tokens=step.prompt_tokens, output_tokens=step.completion_tokens, items=1
+                        ),
+                    )
+                else:
+                    metered.add(output_tokens=1)
+                    yield gateway_pb2.GenerateResponse(text=step.text, token_id=step.token_id)
 
     async def Predict(self, request: gateway_pb2.PredictRequest, context) -> gateway_pb2.PredictResponse:
         entry, task = self.pipeline.resolve(request.model_id, task_from_pb(request.task))

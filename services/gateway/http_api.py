@@ -20,15 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common import deadlines
-from services.common.catalog import IMAGE_TASKS, ModelEntry
+from services.common.catalog import GENERATION_TASKS, IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
-from services.gateway import admin_api, hf_tasks
+from services.gateway import admin_api, hf_tasks, openai_api
 from services.gateway.auth import Authenticator, AuthMiddleware
 from services.gateway.cache import ResponseCache, cache_key
 from services.gateway.coalescer import COALESCED_TASKS, Embedded, RequestCoalescer
 from services.gateway.control import ControlPlane
 from services.gateway.core import Pipeline, Prediction
+from services.gateway.generation import Generator
 from services.gateway.metering import text_token_bound, token_bound
 from services.gateway.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
 from services.gateway.settings import GatewaySettings
@@ -116,6 +117,8 @@ def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> di
 def _route_label(path: str) -> str:
     for prefix in (
         "/admin",
+        "/v1/chat/completions",
+        "/v1/completions",
         "/v1/usage",
         "/v1/embeddings",
         "/v1/models",
@@ -195,12 +198,27 @@ def create_app(
     control = control or ControlPlane.disabled(settings)
     metering = control.metering
 
-    async def admit(request: Request, entry: ModelEntry, task: str, max_input_tokens: int):
+    async def admit(request: Request, entry: ModelEntry, task: str, max_input_tokens: int, max_output_tokens: int = 0):
         principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
         return await metering.admit(
-            principal, entry, task, _route_label(request.url.path), request.state.request_id,
+            principal,
+            entry,
+            task,
+            _route_label(request.url.path),
+            request.state.request_id,
             max_input_tokens=max_input_tokens,
+            max_output_tokens=max_output_tokens,
         )
+
+    generation = openai_api.register(
+        app,
+        catalog,
+        Generator(pipeline.preprocess, pipeline.inference, pipeline.postprocess),
+        admit,
+        metering,
+        read_json,
+        lambda content, status=200, headers=None: json_response(content, status, headers),
+    )
 
     async def embed(model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
         if coalescer is not None:
@@ -361,6 +379,8 @@ def create_app(
     async def run_hf_task(request: Request, model_id: str, task: str | None):
         entry, task = pipeline.resolve(model_id, task)
         request.state.model = entry.id
+        if task in GENERATION_TASKS:  # the TGI dialect: {"inputs": prompt, "parameters", "stream"}
+            return await generation["text_generation"](request, entry, await read_json(request, limit))
         if task not in hf_tasks.PARSERS:
             raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"task {task!r} is not served over REST yet", param="task")
         body = await read_hf_body(request, task)
@@ -400,12 +420,8 @@ def create_app(
         openapi_extra=hf_body,
     )
     async def hf_model(request: Request, model_path: str):
-        if model_path.endswith("/v1/chat/completions"):
-            model_id = model_path.removesuffix("/v1/chat/completions")
-            entry = catalog.get(model_id)
-            raise MeshError(
-                ErrorCode.UNSUPPORTED_TASK, f"Model {entry.id!r} does not serve chat completions", param="model"
-            )
+        if model_path.endswith("/v1/chat/completions"):  # huggingface_hub's chat_completion on a model URL
+            return await generation["chat"](request, model_path.removesuffix("/v1/chat/completions"))
         if "/pipeline/" in model_path:
             model_id, task = model_path.rsplit("/pipeline/", 1)
             return await run_hf_task(request, model_id, task)

@@ -82,6 +82,10 @@ class Metered:
         self.items += items
         self.compute_s += compute_s
 
+    def rate_headers(self) -> dict[str, str]:
+        """Only the rate-limit state (what a stream can send before its usage is known)."""
+        return dict(self.admission.headers) if self.admission else {}
+
     def headers(self) -> dict[str, str]:
         """Usage and cost of this request, plus its rate-limit state, for the response."""
         headers = dict(self.admission.headers) if self.admission else {}
@@ -167,7 +171,9 @@ class Metering:
         if metered.finished:
             return
         metered.finished = True
-        metered.cost_usd = metered.cost_of() if status < 400 else 0.0
+        # Failed requests cost nothing; a request the caller abandoned (499, a closed stream) pays for
+        # what it consumed up to then.
+        metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
         try:
             if metered.reservation is not None:
                 await self.budgets.settle(metered.reservation, metered.cost_usd)

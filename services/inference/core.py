@@ -229,3 +229,25 @@ def sampling_of(parameters, stop_token_ids: list[int]) -> SamplingParams:
         repetition_penalty=number("repetition_penalty", 1.0, float),
         stop_token_ids=tuple(stop_token_ids),
     )
+
+
+def sampling_from_json(parameters: str, stop_token_ids: list[int]) -> SamplingParams:
+    """SamplingParams from Triton's request parameters as the Python backend hands them (JSON)."""
+    import json
+
+    values = json.loads(parameters or "{}")
+    for name, value in values.items():
+        if name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty") and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise invalid(f"request parameter '{name}' must be a number", param=name)
+    seed = values.get("seed")
+    return SamplingParams(
+        max_new_tokens=int(values.get("max_tokens", 64)),
+        temperature=float(values.get("temperature", 1.0)),
+        top_p=float(values.get("top_p", 1.0)),
+        top_k=int(values.get("top_k", 0)),
+        seed=int(seed) if seed is not None else None,
+        repetition_penalty=float(values.get("repetition_penalty", 1.0)),
+        stop_token_ids=tuple(stop_token_ids),
+    )

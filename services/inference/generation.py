@@ -91,6 +91,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprob: float = 0.0  # log-probability of the token under the sampling distribution
 
 
 class CausalLMRuntime:
@@ -283,9 +284,9 @@ class GenerationScheduler:
             if sequence.cancelled:
                 self._finish(sequence, "cancelled")
                 continue
-            token, layers = await loop.run_in_executor(self._executor, self._prefill, sequence)
+            (token, logprob), layers = await loop.run_in_executor(self._executor, self._prefill, sequence)
             PROMPT_TOKENS.labels(self.name).inc(len(sequence.prompt))
-            if self._emit(sequence, token):
+            if self._emit(sequence, token, logprob):
                 self._join(sequence, token, layers)
 
     def _prefill(self, sequence: Sequence):
@@ -316,12 +317,12 @@ class GenerationScheduler:
             return
         DECODE_BATCH.labels(self.name).observe(len(self._batch.sequences))
         DECODE_STEPS.labels(self.name).inc()
-        tokens = await loop.run_in_executor(self._executor, self._decode)
-        finished = [s for s, t in zip(self._batch.sequences, tokens, strict=True) if not self._emit(s, t)]
-        self._batch.last = list(tokens)
+        sampled = await loop.run_in_executor(self._executor, self._decode)
+        finished = [s for s, (t, lp) in zip(self._batch.sequences, sampled, strict=True) if not self._emit(s, t, lp)]
+        self._batch.last = [t for t, _ in sampled]
         self._drop(finished, None)
 
-    def _decode(self) -> list[int]:
+    def _decode(self) -> list[tuple[int, float]]:
         torch = self._torch
         batch = self._batch
         mask = torch.cat([batch.mask, torch.ones((batch.mask.shape[0], 1), dtype=batch.mask.dtype, device=batch.mask.device)], 1)
@@ -352,7 +353,7 @@ class GenerationScheduler:
         batch.last = [batch.last[i] for i in keep]
 
     # -- per-token bookkeeping --------------------------------------------------------------------
-    def _emit(self, sequence: Sequence, token: int) -> bool:
+    def _emit(self, sequence: Sequence, token: int, logprob: float = 0.0) -> bool:
         """Record a sampled token; False when the sequence has ended (and was finished)."""
         if sequence.cancelled:
             self._finish(sequence, "cancelled")
@@ -366,7 +367,7 @@ class GenerationScheduler:
             TTFT.labels(self.name).observe(now - sequence.submitted)
         sequence.generated.append(token)
         TOKENS.labels(self.name).inc()
-        sequence.events.put_nowait(TokenEvent(token))
+        sequence.events.put_nowait(TokenEvent(token, logprob=logprob))
         total = len(sequence.prompt) + len(sequence.generated)
         if len(sequence.generated) >= sequence.params.max_new_tokens or total >= self.runtime.max_context:
             self._finish(sequence, "length")
@@ -385,7 +386,7 @@ class GenerationScheduler:
             TokenEvent(None, True, reason, len(sequence.prompt), n, error)
         )
 
-    def _sample(self, logits, sequence: Sequence) -> int:
+    def _sample(self, logits, sequence: Sequence) -> tuple[int, float]:
         torch = self._torch
         p = sequence.params
         if p.repetition_penalty != 1.0:
@@ -394,7 +395,8 @@ class GenerationScheduler:
             logits = logits.clone()
             logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if p.temperature == 0.0:
-            return int(logits.argmax())
+            token = int(logits.argmax())
+            return token, float(torch.log_softmax(logits, -1)[token])
         logits = logits / p.temperature
         if p.top_k > 0:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
@@ -407,7 +409,8 @@ class GenerationScheduler:
             sorted_probs[cut] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
             probs = probs / probs.sum()
-        return int(torch.multinomial(probs.cpu(), 1, generator=sequence.generator))
+        token = int(torch.multinomial(probs.cpu(), 1, generator=sequence.generator))
+        return token, float(torch.log(probs[token].clamp(min=1e-30)))
 
 
 def _left_pad(tensor, width: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
@@ -243,6 +244,8 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
     else:
         response.outputs.add(name="token_id", datatype="INT64", shape=[1])
         response.raw_output_contents.append(int(event.token_id).to_bytes(8, "little", signed=True))
+        response.outputs.add(name="logprob", datatype="FP32", shape=[1])
+        response.raw_output_contents.append(struct.pack("<f", event.logprob))
     _final_flag(response, event.final)
     return service_pb2.ModelStreamInferResponse(infer_response=response)
 

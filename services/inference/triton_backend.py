@@ -19,12 +19,21 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         set_torch_threads(int(params.get("TORCH_THREADS", "1")))
+        self.generation = None
+        if params["MESHSERVE_RUNTIME"] == "causal_lm":
+            self.generation = _GenerationHost(params)
+            return
         self.runtime = load_runtime(params["MESHSERVE_RUNTIME"], Path(params["MESHSERVE_MODEL_DIR"]))
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
+
+        if self.generation is not None:  # decoupled: responses go through each request's sender
+            for request in requests:
+                self.generation.start(request, pb_utils)
+            return None
 
         arrays = [
             {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs} for r in requests
@@ -65,4 +74,79 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        if self.generation is not None:
+            self.generation.close()
         self.runtime = None
+
+
+class _GenerationHost:
+    """Our GenerationScheduler on an asyncio loop in a thread of the Python stub process; each
+    Triton request becomes a sequence whose tokens are sent through the request's response sender
+    as they come, then the final flag. A request Triton reports cancelled leaves the batch."""
+
+    def __init__(self, params: dict) -> None:
+        import asyncio
+        import threading
+
+        from services.common.catalog import InferenceSpec, TensorSpec
+        from services.inference.generation import CausalLMRuntime, GenerationScheduler
+
+        runtime = CausalLMRuntime(Path(params["MESHSERVE_MODEL_DIR"]))
+        spec = InferenceSpec(
+            name="generation",
+            runtime="causal_lm",
+            inputs=(TensorSpec(name="input_ids", datatype="INT64", dims=(-1,)),),
+            outputs=(TensorSpec(name="token_id", datatype="INT64", dims=(1,)),),
+            max_batch_size=int(params.get("MAX_RUNNING", "32")),
+            max_queue_size=int(params.get("MAX_WAITING", "256")),
+        )
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="meshserve-generation", daemon=True).start()
+
+        async def make():
+            return GenerationScheduler("generation", runtime, spec)
+
+        self.scheduler = asyncio.run_coroutine_threadsafe(make(), self.loop).result()
+
+    def start(self, request, pb_utils) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._serve(request, pb_utils), self.loop)
+
+    async def _serve(self, request, pb_utils) -> None:
+        import numpy as np
+
+        from services.common.errors import MeshError
+        from services.inference.core import sampling_from_json
+
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
+            stop = pb_utils.get_input_tensor_by_name(request, "stop_token_ids")
+            params = sampling_from_json(request.parameters(), stop.as_numpy().reshape(-1).tolist() if stop else [])
+            stream = self.scheduler.submit(ids, params)
+        except (MeshError, ValueError) as exc:
+            message = exc.message if isinstance(exc, MeshError) else str(exc)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=final)
+            return
+        async for event in stream:
+            if sender.is_cancelled():
+                stream.cancel()
+            if event.final:
+                sender.send(flags=final)
+                return
+            sender.send(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("token_id", np.array([event.token_id], dtype=np.int64)),
+                        pb_utils.Tensor("logprob", np.array([event.logprob], dtype=np.float32)),
+                    ]
+                )
+            )
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.scheduler.close(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)

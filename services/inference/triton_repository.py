@@ -32,8 +32,41 @@ def _dtype(datatype: str) -> int:
     return mc.DataType.Value("TYPE_" + ("STRING" if datatype == "BYTES" else datatype))
 
 
+def generation_config(entry: ModelEntry, models_dir: Path, *, gpu: bool) -> mc.ModelConfig:
+    """A decoupled Python model (one response per token) that runs our continuous-batching
+    scheduler inside Triton: Triton hands requests over as they come, the scheduler batches them."""
+    spec = entry.inference
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config = mc.ModelConfig(
+        name=spec.name,
+        backend="python",
+        max_batch_size=0,
+        input=[
+            mc.ModelInput(name="input_ids", data_type=mc.TYPE_INT64, dims=[-1]),
+            mc.ModelInput(name="stop_token_ids", data_type=mc.TYPE_INT64, dims=[-1], optional=True),
+        ],
+        output=[
+            mc.ModelOutput(name="token_id", data_type=mc.TYPE_INT64, dims=[1]),
+            mc.ModelOutput(name="logprob", data_type=mc.TYPE_FP32, dims=[1]),
+        ],
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+        instance_group=[mc.ModelInstanceGroup(count=1, kind=kind)],
+    )
+    for key, value in {
+        "MESHSERVE_RUNTIME": spec.runtime,
+        "MESHSERVE_MODEL_DIR": str(model_dir(entry, models_dir).resolve()),
+        "TORCH_THREADS": str(spec.threads),
+        "MAX_RUNNING": str(spec.max_batch_size),
+        "MAX_WAITING": str(spec.max_queue_size),
+    }.items():
+        config.parameters[key].string_value = value
+    return config
+
+
 def model_config(entry: ModelEntry, models_dir: Path, *, gpu: bool) -> mc.ModelConfig:
     spec = entry.inference
+    if spec.runtime == "causal_lm":
+        return generation_config(entry, models_dir, gpu=gpu)
     config = mc.ModelConfig(
         name=spec.name,
         backend="python",
@@ -70,8 +103,6 @@ def generate(catalog: Catalog, models_dir: Path, out: Path, *, gpu: bool | None 
     gpu = gpu_visible() if gpu is None else gpu
     shutil.rmtree(out, ignore_errors=True)
     for entry in catalog.models:
-        if entry.inference.runtime == "causal_lm":
-            continue  # generation runs on the embedded backend only so far (no decoupled Python model yet)
         folder = out / entry.inference.name
         (folder / "1").mkdir(parents=True)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(model_config(entry, models_dir, gpu=gpu)))

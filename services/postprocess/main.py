@@ -9,6 +9,7 @@ from services.common.catalog import Catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.postprocess.core import Postprocessor
+from services.postprocess.detokenize import Detokenizers
 from services.postprocess.servicer import PostprocessServicer
 from services.postprocess.settings import PostprocessSettings
 
@@ -16,10 +17,9 @@ SERVICE_NAME = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"]
 
 
 async def create(settings: PostprocessSettings) -> grpc_server.RunningServer:
-    core = Postprocessor(Catalog.load(settings.catalog))
-    binding = grpc_server.Binding(
-        postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server, PostprocessServicer(core), SERVICE_NAME
-    )
+    catalog = Catalog.load(settings.catalog)
+    servicer = PostprocessServicer(Postprocessor(catalog), Detokenizers(catalog, settings.models_dir))
+    binding = grpc_server.Binding(postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server, servicer, SERVICE_NAME)
     return await grpc_server.create_server(settings, "postprocess", [binding])
 
 

@@ -9,6 +9,7 @@ from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import from_pb, to_pb
 from services.postprocess.core import Labelled, Postprocessor
+from services.postprocess.detokenize import Detokenizers
 
 ACTIVATION_OF = {
     tasks_pb2.FUNCTION_TO_APPLY_SOFTMAX: "softmax",
@@ -29,8 +30,23 @@ def classifications_pb(items: list[Labelled]) -> tasks_pb2.Classifications:
 
 
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
-    def __init__(self, core: Postprocessor) -> None:
+    def __init__(self, core: Postprocessor, detokenizers: Detokenizers | None = None) -> None:
         self.core = core
+        self.detokenizers = detokenizers
+
+    async def Detokenize(self, request_iterator, context):
+        state = None
+        async for request in request_iterator:
+            kind = request.WhichOneof("kind")
+            if kind == "start":
+                if self.detokenizers is None:
+                    raise invalid("this postprocess service has no generation models")
+                state = self.detokenizers.start(request.start.model_id, list(request.start.stop))
+                continue
+            if state is None:
+                raise invalid("a detokenization stream must begin with `start`")
+            text, per_token, stopped = state.feed(list(request.tokens.token_ids), last=request.tokens.last)
+            yield postprocess_pb2.DetokenizeResponse(text=text, token_texts=per_token, stopped=stopped)
 
     async def Postprocess(self, request: postprocess_pb2.PostprocessRequest, context):
         task = task_from_pb(request.task)

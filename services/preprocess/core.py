@@ -15,9 +15,10 @@ from prometheus_client import Counter
 from tokenizers import Tokenizer
 
 from services.common import images, tracing
-from services.common.catalog import Catalog, ModelEntry
+from services.common.catalog import GENERATION_TASKS, Catalog, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.modelstore import model_dir
+from services.preprocess.generation import GenerationPreprocessor, Prompt
 
 TOKENS = Counter("meshserve_preprocess_tokens_total", "Input tokens produced, after truncation.", ["model"])
 TRUNCATED = Counter("meshserve_preprocess_truncated_total", "Texts cut to the model's token limit.", ["model"])
@@ -116,7 +117,14 @@ class Preprocessor:
     def __init__(self, catalog: Catalog, models_dir: Path) -> None:
         self.catalog = catalog
         self._text = {
-            e.id: TextPreprocessor(e, model_dir(e, models_dir)) for e in catalog.models if e.preprocess.kind == "text"
+            e.id: TextPreprocessor(e, model_dir(e, models_dir))
+            for e in catalog.models
+            if e.preprocess.kind == "text" and not GENERATION_TASKS & set(e.tasks)
+        }
+        self._generation = {
+            e.id: GenerationPreprocessor(e, model_dir(e, models_dir))
+            for e in catalog.models
+            if GENERATION_TASKS & set(e.tasks)
         }
         self._image = {e.id: ImagePreprocessor(e) for e in catalog.models if e.preprocess.kind == "image"}
 
@@ -134,6 +142,17 @@ class Preprocessor:
             if sum(len(d) for d in data) <= INLINE_IMAGE_BYTES:
                 return pre.encode(data, field=field)
             return await asyncio.to_thread(pre.encode, data, field=field)
+
+    async def prepare_generation(
+        self, model_id: str, messages: list[tuple[str, str]] | None, text: str | None, max_new_tokens: int | None
+    ) -> Prompt:
+        entry = self._model(model_id, "text-generation", "text")
+        pre = self._generation[entry.id]
+        with tracing.span("tokenize", model=model_id) as span:
+            ids = pre.chat_ids(messages) if messages is not None else pre.text_ids(text or "")
+            span.set_attribute("tokens", len(ids))
+        TOKENS.labels(entry.id).inc(len(ids))
+        return pre.prompt(ids, max_new_tokens)
 
     async def encode_zero_shot(
         self, model_id: str, texts: list[str], labels: list[str], template: str | None, *, truncate: bool

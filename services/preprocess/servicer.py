@@ -63,3 +63,14 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
                 input_tokens=encoded.input_tokens, items=encoded.items, item_input_tokens=encoded.item_tokens
             ),
         )
+
+    async def PrepareGeneration(self, request: preprocess_pb2.PrepareGenerationRequest, context):
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise invalid("a generation request needs `messages` or a `prompt`", param="messages")
+        messages = [(m.role, m.content) for m in request.messages.messages] if kind == "messages" else None
+        max_new = request.max_new_tokens if request.HasField("max_new_tokens") else None
+        prompt = await self.core.prepare_generation(request.model_id, messages, request.text, max_new)
+        return preprocess_pb2.PrepareGenerationResponse(
+            input_ids=prompt.input_ids, max_new_tokens=prompt.max_new_tokens, stop_token_ids=prompt.stop_token_ids
+        )

@@ -27,6 +27,8 @@ from tests.helpers import MODEL_ID, REPO, free_port, start_mesh
 pytestmark = pytest.mark.xdist_group("control")
 
 PRICE = 0.001  # USD per sentiment request in this suite's catalog
+TOKEN_PRICE = 0.001  # USD per generated token of the LM in this suite's catalog
+LM = "meshserve/tiny-llama-chat"
 ADMIN = "msk_admin_test-admin-token-0123456789abcdefghijklmnopqrstuvwxyz"
 SENTIMENT = "meshserve/sentiment-minilm"
 
@@ -82,6 +84,8 @@ def cp(tmp_path_factory, models_dir, redis_url, receiver):  # noqa: F811
     for model in catalog["models"]:
         if model["id"] == SENTIMENT:
             model["pricing"] = {"per_request_usd": PRICE}
+        if model["id"] == LM:
+            model["pricing"] = {"output_per_1k_tokens_usd": TOKEN_PRICE * 1000}
     (tmp / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     env = {
         "MESHSERVE_CATALOG": str(tmp / "catalog.yaml"),
@@ -371,3 +375,41 @@ def test_grpc_api_needs_a_token_and_reports_usage(cp):
         assert reply.result.classifications.items[0].labels[0].label == "POSITIVE"
         trailers = dict(call.trailing_metadata())
         assert float(trailers["x-usage-cost-usd"]) == pytest.approx(PRICE)
+
+
+def test_concurrent_streams_never_overspend_and_a_closed_stream_pays_what_it_used(cp):
+    mesh, second, db = cp
+    budget, max_tokens = 0.05, 20  # each stream reserves 20 tokens = $0.02: two fit at a time
+    key = create_key(mesh.url, budget_usd=budget, budget_period="day")
+    body = {"model": LM, "messages": [{"role": "user", "content": "Tell me about json."}], "max_tokens": max_tokens,
+            "temperature": 1.0, "stream": True}  # fmt: skip
+
+    async def stream(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=bearer(key["token"])) as r:
+            return r.status_code, "".join([line async for line in r.aiter_lines()])
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(stream(client, (mesh.url, second.url)[i % 2]) for i in range(8)))
+
+    results = asyncio.run(burst())
+    ok = [text for status, text in results if status == 200]
+    assert ok and len(ok) < 8, [status for status, _ in results]
+    assert all(text.endswith("data: [DONE]") for text in ok)
+    assert {status for status, _ in results} <= {200, 429}
+    # A stream the client closes after a few tokens is charged for those tokens only.
+    with httpx.stream("POST", mesh.url + "/v1/chat/completions", json={**body, "max_tokens": 200, "temperature": 1.0},
+                      headers=bearer(create_key(mesh.url)["token"]), timeout=30) as response:  # fmt: skip
+        closed_id = response.headers["x-request-id"]
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 4:
+                break
+    time.sleep(0.5)
+    for url in (mesh.url, second.url):
+        admin(url).get("/v1/usage", params={"limit": 0})
+    with sqlite3.connect(db) as conn:
+        spent = conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
+        closed = conn.execute("SELECT status, output_tokens, cost_usd FROM usage WHERE request_id = ?", (closed_id,)).fetchone()
+    assert spent <= budget + 1e-12
+    status, tokens, cost = closed
+    assert status == 499 and 0 < tokens < 200 and cost == pytest.approx(tokens * TOKEN_PRICE)

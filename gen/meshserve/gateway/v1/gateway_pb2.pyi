@@ -17,6 +17,30 @@ MODEL_STATUS_UNSPECIFIED: ModelStatus
 MODEL_STATUS_READY: ModelStatus
 MODEL_STATUS_UNAVAILABLE: ModelStatus
 
+class GenerateRequest(_message.Message):
+    __slots__ = ("model_id", "messages", "prompt", "parameters")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.ChatMessage]
+    prompt: str
+    parameters: _tasks_pb2.GenerationParameters
+    def __init__(self, model_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_tasks_pb2.ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., parameters: _Optional[_Union[_tasks_pb2.GenerationParameters, _Mapping]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "token_id", "finish_reason", "usage")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_id: int
+    finish_reason: str
+    usage: _tasks_pb2.Usage
+    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_tasks_pb2.Usage, _Mapping]] = ...) -> None: ...
+
 class PredictRequest(_message.Message):
     __slots__ = ("model_id", "task", "inputs", "parameters")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

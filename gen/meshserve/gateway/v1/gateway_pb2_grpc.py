@@ -52,6 +52,11 @@ class GatewayServiceStub:
                 request_serializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/meshserve.gateway.v1.GatewayService/Generate',
+                request_serializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -81,6 +86,14 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Generate streams generated text: one response per token, the last with the finish reason and
+        the usage. Cancelling the call stops the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +111,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GetModelRequest.FromString,
                     response_serializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GetModelResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
+                    response_serializer=meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +202,33 @@ class GatewayService:
             '/meshserve.gateway.v1.GatewayService/GetModel',
             meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
             meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.gateway.v1.GatewayService/Generate',
+            meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+            meshserve_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

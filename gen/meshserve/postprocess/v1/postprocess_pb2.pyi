@@ -7,6 +7,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DetokenizeStart(_message.Message):
+    __slots__ = ("model_id", "stop")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TokenChunk(_message.Message):
+    __slots__ = ("token_ids", "last")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    last: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class DetokenizeRequest(_message.Message):
+    __slots__ = ("start", "tokens")
+    START_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    start: DetokenizeStart
+    tokens: TokenChunk
+    def __init__(self, start: _Optional[_Union[DetokenizeStart, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ...) -> None: ...
+
+class DetokenizeResponse(_message.Message):
+    __slots__ = ("text", "token_texts", "stopped")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_texts: _containers.RepeatedScalarFieldContainer[str]
+    stopped: bool
+    def __init__(self, text: _Optional[str] = ..., token_texts: _Optional[_Iterable[str]] = ..., stopped: _Optional[bool] = ...) -> None: ...
+
 class PostprocessRequest(_message.Message):
     __slots__ = ("model_id", "task", "outputs", "parameters")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

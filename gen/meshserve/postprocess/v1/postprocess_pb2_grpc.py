@@ -41,6 +41,11 @@ class PostprocessServiceStub:
                 request_serializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.PostprocessRequest.SerializeToString,
                 response_deserializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.PostprocessResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.stream_stream(
+                '/meshserve.postprocess.v1.PostprocessService/Detokenize',
+                request_serializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class PostprocessServiceServicer:
@@ -56,6 +61,15 @@ class PostprocessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detokenize(self, request_iterator, context):
+        """Detokenize turns a stream of generated token ids into text deltas, correct at multi-byte and
+        sub-word boundaries, and detects stop strings across token boundaries. The first message
+        must be `start`; each `tokens` message is answered with one response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PostprocessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +77,11 @@ def add_PostprocessServiceServicer_to_server(servicer, server):
                     servicer.Postprocess,
                     request_deserializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.PostprocessRequest.FromString,
                     response_serializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.PostprocessResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.stream_stream_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeRequest.FromString,
+                    response_serializer=meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +113,33 @@ class PostprocessService:
             '/meshserve.postprocess.v1.PostprocessService/Postprocess',
             meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.PostprocessRequest.SerializeToString,
             meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.PostprocessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshserve.postprocess.v1.PostprocessService/Detokenize',
+            meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeRequest.SerializeToString,
+            meshserve_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ChatMessages(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[_tasks_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class PrepareGenerationRequest(_message.Message):
+    __slots__ = ("model_id", "messages", "text", "max_new_tokens")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    messages: ChatMessages
+    text: str
+    max_new_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class PrepareGenerationResponse(_message.Message):
+    __slots__ = ("input_ids", "max_new_tokens", "stop_token_ids")
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    input_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_new_tokens: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class PreprocessRequest(_message.Message):
     __slots__ = ("model_id", "task", "inputs", "parameters")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

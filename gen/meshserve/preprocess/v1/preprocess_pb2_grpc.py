@@ -41,6 +41,11 @@ class PreprocessServiceStub:
                 request_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PreprocessRequest.SerializeToString,
                 response_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PreprocessResponse.FromString,
                 _registered_method=True)
+        self.PrepareGeneration = channel.unary_unary(
+                '/meshserve.preprocess.v1.PreprocessService/PrepareGeneration',
+                request_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationRequest.SerializeToString,
+                response_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationResponse.FromString,
+                _registered_method=True)
 
 
 class PreprocessServiceServicer:
@@ -56,6 +61,15 @@ class PreprocessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareGeneration(self, request, context):
+        """PrepareGeneration renders a chat (with the model's chat template) or takes a plain prompt,
+        tokenizes it and checks the model's token limits. Errors: INVALID_ARGUMENT when the prompt
+        or prompt + max_new_tokens exceeds the limits (never a silent truncation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreprocessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +77,11 @@ def add_PreprocessServiceServicer_to_server(servicer, server):
                     servicer.Preprocess,
                     request_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PreprocessRequest.FromString,
                     response_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PreprocessResponse.SerializeToString,
+            ),
+            'PrepareGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareGeneration,
+                    request_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationRequest.FromString,
+                    response_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +113,33 @@ class PreprocessService:
             '/meshserve.preprocess.v1.PreprocessService/Preprocess',
             meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PreprocessRequest.SerializeToString,
             meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PreprocessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.preprocess.v1.PreprocessService/PrepareGeneration',
+            meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationRequest.SerializeToString,
+            meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationResponse.FromString,
             options,
             channel_credentials,
             insecure,

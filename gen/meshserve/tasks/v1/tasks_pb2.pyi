@@ -15,6 +15,7 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_TEXT_CLASSIFICATION: _ClassVar[Task]
     TASK_ZERO_SHOT_CLASSIFICATION: _ClassVar[Task]
     TASK_IMAGE_CLASSIFICATION: _ClassVar[Task]
+    TASK_TEXT_GENERATION: _ClassVar[Task]
 
 class FunctionToApply(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +29,7 @@ TASK_SENTENCE_SIMILARITY: Task
 TASK_TEXT_CLASSIFICATION: Task
 TASK_ZERO_SHOT_CLASSIFICATION: Task
 TASK_IMAGE_CLASSIFICATION: Task
+TASK_TEXT_GENERATION: Task
 FUNCTION_TO_APPLY_UNSPECIFIED: FunctionToApply
 FUNCTION_TO_APPLY_SOFTMAX: FunctionToApply
 FUNCTION_TO_APPLY_SIGMOID: FunctionToApply
@@ -140,3 +142,29 @@ class Usage(_message.Message):
     items: int
     item_input_tokens: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., items: _Optional[int] = ..., item_input_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class GenerationParameters(_message.Message):
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop")
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    repetition_penalty: float
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...

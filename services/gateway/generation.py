@@ -1,0 +1,156 @@
+"""Streaming generation through the mesh: preprocess renders and tokenizes the prompt, inference
+generates on a decoupled ModelStreamInfer (one response per token), postprocess turns tokens into
+text deltas and finds stop strings, and the caller gets one Step per token, then a final Step.
+
+Transport-neutral: the OpenAI, TGI and gRPC front ends render the same Steps. Closing the
+iterator (a client that went away, a stop string) cancels both streams, and the inference service
+drops the sequence from its batch at the next decode step.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from meshserve.postprocess.v1 import postprocess_pb2
+from meshserve.preprocess.v1 import preprocess_pb2
+from meshserve.tasks.v1 import tasks_pb2
+from tritonclient.grpc import service_pb2
+
+from services.common.catalog import ModelEntry
+from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
+from services.common.errors import ErrorCode, MeshError
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: a chat (messages) or a plain prompt, and how."""
+
+    messages: list[tuple[str, str]] | None = None
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The tokenized prompt and its limits (what admission and budgets need)."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    stop_token_ids: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token (text may be empty while held back), or the final step."""
+
+    text: str
+    token_id: int = 0
+    token_text: str = ""
+    logprob: float = 0.0
+    final: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Generator:
+    def __init__(self, preprocess: PreprocessClient, inference: InferenceClient, postprocess: PostprocessClient) -> None:
+        self.preprocess = preprocess
+        self.inference = inference
+        self.postprocess = postprocess
+
+    async def prepare(self, entry: ModelEntry, request: GenerationRequest) -> Prepared:
+        pb = preprocess_pb2.PrepareGenerationRequest(model_id=entry.id)
+        if request.messages is not None:
+            pb.messages.messages.extend(tasks_pb2.ChatMessage(role=r, content=c) for r, c in request.messages)
+        else:
+            pb.text = request.prompt or ""
+        if request.max_new_tokens is not None:
+            pb.max_new_tokens = request.max_new_tokens
+        reply = await self.preprocess.prepare_generation(pb)
+        return Prepared(list(reply.input_ids), reply.max_new_tokens, list(reply.stop_token_ids))
+
+    def _infer_request(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest):
+        pb = service_pb2.ModelInferRequest(model_name=entry.inference.name, id="0")
+        pb.inputs.add(name="input_ids", datatype="INT64", shape=[prepared.prompt_tokens])
+        pb.raw_input_contents.append(struct.pack(f"<{prepared.prompt_tokens}q", *prepared.input_ids))
+        if prepared.stop_token_ids:
+            pb.inputs.add(name="stop_token_ids", datatype="INT64", shape=[len(prepared.stop_token_ids)])
+            pb.raw_input_contents.append(struct.pack(f"<{len(prepared.stop_token_ids)}q", *prepared.stop_token_ids))
+        pb.parameters["max_tokens"].int64_param = prepared.max_new_tokens
+        # Triton sends the flagged empty final response of a decoupled model only when asked.
+        pb.parameters["triton_enable_empty_final_response"].bool_param = True
+        for name, value in (
+            ("temperature", request.temperature),
+            ("top_p", request.top_p),
+            ("repetition_penalty", request.repetition_penalty),
+        ):
+            if value is not None:
+                pb.parameters[name].double_param = value
+        if request.top_k is not None:
+            pb.parameters["top_k"].int64_param = request.top_k
+        if request.seed is not None:
+            pb.parameters["seed"].int64_param = request.seed
+        return pb
+
+    async def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:
+        """Generate; yields a Step per token and a final Step. Cancels both streams when closed."""
+        infer = self.inference.stream_infer()
+        detok = self.postprocess.detokenize()
+        completion = 0
+        try:
+            await infer.write(self._infer_request(entry, prepared, request))
+            await infer.done_writing()
+            await detok.write(
+                postprocess_pb2.DetokenizeRequest(
+                    start=postprocess_pb2.DetokenizeStart(model_id=entry.id, stop=request.stop)
+                )
+            )
+            async for response in infer:
+                if response.error_message:
+                    raise MeshError(ErrorCode.INVALID_INPUT, response.error_message)
+                out = response.infer_response
+                if out.parameters["triton_final_response"].bool_param:
+                    reason = out.parameters["finish_reason"].string_param or "stop"
+                    tail = await self._detokenize(detok, [], last=True)
+                    yield Step(tail.text, final=True, finish_reason=reason, prompt_tokens=prepared.prompt_tokens,
+                               completion_tokens=completion)  # fmt: skip
+                    return
+                token = struct.unpack("<q", out.raw_output_contents[0])[0]
+                logprob = struct.unpack("<f", out.raw_output_contents[1])[0] if len(out.raw_output_contents) > 1 else 0.0
+                completion += 1
+                piece = await self._detokenize(detok, [token], last=False)
+                if piece.stopped:  # a stop string: end here, the text stops before it
+                    yield Step(piece.text, final=True, finish_reason="stop", prompt_tokens=prepared.prompt_tokens,
+                               completion_tokens=completion)  # fmt: skip
+                    return
+                yield Step(piece.text, token, piece.token_texts[0] if piece.token_texts else "", logprob)
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the inference stream ended without a final response")
+        except grpc.aio.AioRpcError as err:
+            raise MeshError.from_rpc_error(err, upstream="inference") from err
+        finally:
+            infer.cancel()
+            detok.cancel()
+
+    async def _detokenize(self, detok, tokens: list[int], *, last: bool) -> postprocess_pb2.DetokenizeResponse:
+        try:
+            await detok.write(postprocess_pb2.DetokenizeRequest(tokens=postprocess_pb2.TokenChunk(token_ids=tokens, last=last)))
+            reply = await detok.read()
+        except grpc.aio.AioRpcError as err:
+            raise MeshError.from_rpc_error(err, upstream="postprocess") from err
+        if reply is grpc.aio.EOF:
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the detokenization stream ended early")
+        return reply
