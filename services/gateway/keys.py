@@ -162,6 +162,9 @@ class KeyStore:
 
     # -- synchronous database operations (the CLI uses them directly) ---------------------------
     def init_schema(self) -> None:
+        inspector = sa.inspect(self.engine)
+        if inspector.has_table("key_version") and "id" not in {c["name"] for c in inspector.get_columns("key_version")}:
+            key_version.drop(self.engine)  # the pre-release form without a key: it only holds a counter
         create_tables(self.engine, [api_keys, key_version])
         try:
             with self.engine.begin() as conn:
