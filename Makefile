@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run_backends
 	$(PY) -m bench.run_classification
 	$(PY) -m bench.run_control_plane
+	$(PY) -m bench.run_generation
 
 clean:
 	rm -rf $(VENV) .meshserve

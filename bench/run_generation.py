@@ -1,0 +1,614 @@
+"""Generation benchmark, in one run on this machine: streaming chat with `meshserve/tiny-llama-chat`
+through the full mesh against raw in-process Hugging Face `generate()` of the same folder.
+
+  raw   transformers AutoModelForCausalLM.from_pretrained(folder), 2 torch threads, `generate()`
+        greedy with max_new_tokens = min_new_tokens = 64 (the length is fixed), prompts rendered with
+        the folder's tokenizer and chat template; batch 1 (one fixed prompt: the single-stream rate)
+        and batch 8 / 32 (left padding: the raw batched limit at that size).
+  mesh  `POST /v1/chat/completions` with `stream: true`, `stream_options: {include_usage: true}`,
+        max_tokens 64, temperature 0.8, a per-request seed, closed loop at 1 / 8 / 32 streams
+        (httpx.AsyncClient). Tokens are counted from the last chunk's `usage.completion_tokens`
+        (the model may stop early at its end token; content chunks are not tokens one to one).
+        Aggregate tokens/s = sum(completion_tokens) of the streams that end in the window / window;
+        TTFT = request start -> first non-empty `delta.content`; ITL = gaps between content chunks.
+        The inference service's Prometheus metrics are read at the window's edges: the mean decode
+        batch (continuous batching at work), generated tokens, server-side TTFT and time per token.
+
+Ratios: each mesh point / raw single-stream tokens/s, and / raw batched generate() at the same batch
+size. The issue's target: at 32 streams, aggregate tokens/s >= 5x the single-stream rate (mesh c=32 /
+mesh c=1). Writes bench/results/generation.json and bench/results/generation.png, prints a summary.
+
+    python -m bench.run_generation               # 8 s per point (BENCH_SECONDS if set), ~2.5 minutes
+    python -m bench.run_generation --seconds 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    MAX_RAW_BATCHES,
+    MAX_REQUESTS,
+    QUIET_FOREIGN_CORES,
+    REPO,
+    REQUEST_TIMEOUT_S,
+    RESULTS,
+    SECONDS,
+    WARMUP_S,
+    HttpStatusError,
+    Probe,
+    closed_loop,
+    git_info,
+    machine_info,
+    percentiles_ms,
+    time_batches,
+    write_atomic,
+)
+from tests.helpers import Mesh, meshserve_home, start_mesh
+
+MODEL = "meshserve/tiny-llama-chat"
+MAX_TOKENS = 64  # per request, mesh and raw
+TEMPERATURE = 0.8  # mesh requests (raw is greedy with a forced length)
+RAW_THREADS = 2
+CONCURRENCY = (1, 8, 32)  # mesh streams; the raw batch sizes are the same
+TARGET_SPEEDUP = 5.0  # c=32 aggregate tokens/s >= 5x single-stream (the issue's target)
+PREFILL_REPEATS = 30  # raw prompt forward passes timed for the TTFT floor
+# Short chats, cycled (request i sends PROMPTS[i % len]); the raw single stream uses the first.
+PROMPTS = [
+    "What does the json module do?",
+    "How do I read a file line by line?",
+    "Explain what a generator is.",
+    "What is the difference between a list and a tuple?",
+    "How can I sort a dictionary by value?",
+    "What does the os.path module provide?",
+    "Tell me about regular expressions.",
+    "How do I start a thread?",
+]
+
+
+def chat(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+# -- raw in-process generate() ---------------------------------------------------------------------
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """As preprocess does: the folder's chat template rendered, then encoded without extra specials."""
+    rendered = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def bench_raw(folder: Path, seconds: float) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate() warns on every call that max_new_tokens overrides max_length
+    torch.set_num_threads(RAW_THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = [prompt_ids(tokenizer, p) for p in PROMPTS]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+
+    def batch_of(size: int) -> dict[str, Any]:
+        rows = [ids[k % len(ids)] for k in range(size)]
+        return tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+
+    def generate(inputs, *, sample: bool = False):
+        with torch.inference_mode():
+            return model.generate(
+                **inputs,
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,  # the end tokens are masked: every run makes exactly 64
+                do_sample=sample,
+                pad_token_id=pad_id,
+            )
+
+    # The TTFT floor: one forward of the fixed prompt (what a mesh prefill computes).
+    one = torch.tensor([ids[0]])
+    with torch.inference_mode():
+        model(input_ids=one)
+        prefill = []
+        for _ in range(PREFILL_REPEATS):
+            t0 = time.perf_counter()
+            model(input_ids=one, use_cache=True)
+            prefill.append(time.perf_counter() - t0)
+    prefill_p50 = percentiles_ms(prefill)["p50_ms"]
+
+    points = []
+    for size in CONCURRENCY:
+        inputs = batch_of(size)
+        out = generate(inputs)
+        new = out.shape[1] - inputs["input_ids"].shape[1]
+        if new != MAX_TOKENS:
+            raise RuntimeError(f"raw generate() made {new} tokens per row at batch {size}, expected {MAX_TOKENS}")
+        if size == 1:
+            greedy_text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
+            greedy_ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        point = time_batches(
+            lambda _step, inputs=inputs: generate(inputs), size, seconds=seconds, rate_key="sequences_per_s"
+        )
+        point["tokens_per_s"] = round(point["sequences_per_s"] * MAX_TOKENS, 1)
+        point["step_ms_p50"] = round(point["p50_ms"] / MAX_TOKENS, 2)  # mean time per decode step of a generate()
+        point["prompt_tokens"] = [len(ids[k % len(ids)]) for k in range(size)]
+        point["padded_length"] = int(inputs["input_ids"].shape[1])
+        points.append(point)
+        print(
+            f"  raw generate() b={size:<3} {point['tokens_per_s']:7.1f} tok/s  {point['p50_ms']} ms per generate "
+            f"({point['step_ms_p50']} ms/step)  foreign {point['cpu']['foreign_cores']} cores",
+            flush=True,
+        )
+    return {
+        "how": (
+            "AutoModelForCausalLM.from_pretrained(folder).generate(greedy, max_new_tokens=min_new_tokens="
+            f"{MAX_TOKENS}), left padding, torch.set_num_threads({RAW_THREADS})"
+        ),
+        "threads": RAW_THREADS,
+        "points": points,
+        "single_stream_tokens_per_s": points[0]["tokens_per_s"],
+        "prefill_p50_ms": prefill_p50,
+        "prefill_prompt_tokens": len(ids[0]),
+        "greedy_ids_prompt0": greedy_ids,
+        "greedy_text_prompt0": greedy_text,
+    }
+
+
+# -- the inference service's Prometheus metrics ----------------------------------------------------
+METRICS = (
+    "meshserve_inference_decode_batch_size_sum",
+    "meshserve_inference_decode_batch_size_count",
+    "meshserve_inference_decode_steps_total",
+    "meshserve_inference_generated_tokens_total",
+    "meshserve_inference_prompt_tokens_total",
+    "meshserve_inference_time_to_first_token_seconds_sum",
+    "meshserve_inference_time_to_first_token_seconds_count",
+    "meshserve_inference_time_per_output_token_seconds_sum",
+    "meshserve_inference_time_per_output_token_seconds_count",
+    "meshserve_inference_sequences_total",
+)
+
+
+async def scrape(http, url: str, model_name: str) -> dict[str, float]:
+    """The generation metrics of one model (sequences_total per reason as `..._total{reason}`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = await http.get(url)
+    reply.raise_for_status()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            if sample.name in METRICS and sample.labels.get("model") == model_name:
+                key = sample.name + (f"{{{sample.labels['reason']}}}" if "reason" in sample.labels else "")
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def mean(prefix: str, scale: float = 1.0) -> float | None:
+        count = d(prefix + "_count")
+        return round(d(prefix + "_sum") / count * scale, 2) if count else None
+
+    prefix = "meshserve_inference_sequences_total{"
+    reasons = {k[len(prefix) : -1]: int(d(k)) for k in sorted(set(before) | set(after)) if k.startswith(prefix)}
+    return {
+        "mean_decode_batch": mean("meshserve_inference_decode_batch_size"),
+        "decode_steps": int(d("meshserve_inference_decode_steps_total")),
+        "decode_steps_per_s": round(d("meshserve_inference_decode_steps_total") / seconds, 1),
+        "generated_tokens": int(d("meshserve_inference_generated_tokens_total")),
+        "generated_tokens_per_s": round(d("meshserve_inference_generated_tokens_total") / seconds, 1),
+        "prompt_tokens": int(d("meshserve_inference_prompt_tokens_total")),
+        "mean_ttft_ms": mean("meshserve_inference_time_to_first_token_seconds", 1000.0),
+        "mean_time_per_output_token_ms": mean("meshserve_inference_time_per_output_token_seconds", 1000.0),
+        "sequences_finished": {k: v for k, v in reasons.items() if v},
+    }
+
+
+class GenerationProbe(Probe):
+    """Probe (ModelStatistics + CPU at the window's edges) that also scrapes the inference metrics
+    and keeps each edge's time, so the streams that ended inside the window can be picked out."""
+
+    def __init__(self, mesh: Mesh, model_name: str, http) -> None:
+        super().__init__(mesh.inference_target, model_name, mesh.process.pid)
+        self.http = http  # its own client: the scrape never queues behind the load
+        self.url = f"http://127.0.0.1:{mesh.ports['inf_m']}/metrics"
+        self.edges: list[float] = []
+        self.metrics: list[dict[str, float]] = []
+        self.sample_s: list[float] = []  # how long each edge took: a starved server answers late
+
+    async def sample(self):
+        t0 = time.perf_counter()
+        metrics, (stats, cpu) = await asyncio.gather(scrape(self.http, self.url, self.model_name), super().sample())
+        self.metrics.append(metrics)
+        self.edges.append(cpu.at)
+        self.sample_s.append(round(time.perf_counter() - t0, 3))
+        return stats, cpu
+
+
+# -- the mesh --------------------------------------------------------------------------------------
+class StreamError(Exception):
+    pass
+
+
+async def stream_chat(client, url: str, index: int) -> dict[str, Any]:
+    """One streaming chat; returns its timings and its usage from the last chunk."""
+    import orjson
+
+    body = {
+        "model": MODEL,
+        "messages": chat(PROMPTS[index % len(PROMPTS)]),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": MAX_TOKENS,
+        "temperature": TEMPERATURE,
+        "seed": index,
+    }
+    t0 = time.perf_counter()
+    chunks: list[float] = []  # arrival of each non-empty content delta
+    usage, finish, done = None, None, False
+    async with client.stream("POST", url, json=body) as reply:
+        if reply.status_code != 200:
+            raise HttpStatusError(f"{reply.status_code} {(await reply.aread())[:120]!r}")
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                done = True
+                break
+            event = orjson.loads(data)
+            if "error" in event:
+                raise StreamError(str(event["error"])[:160])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or ():
+                if choice.get("delta", {}).get("content"):
+                    chunks.append(time.perf_counter())
+                finish = choice.get("finish_reason") or finish
+    if not done or usage is None:
+        raise StreamError(f"stream ended without {'usage' if done else '[DONE]'}")
+    return {
+        "end": time.perf_counter(),
+        "tokens": int(usage["completion_tokens"]),
+        "prompt_tokens": int(usage["prompt_tokens"]),
+        "content_chunks": len(chunks),
+        "ttft": chunks[0] - t0 if chunks else None,
+        "gaps": np.diff(chunks).tolist() if len(chunks) > 1 else [],
+        "finish_reason": finish,
+    }
+
+
+async def check_greedy(client, url: str, raw: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """One greedy mesh request for the raw single stream's prompt: its text must be the raw greedy
+    text of the same length (raw forces 64 tokens; the mesh may stop at the end token)."""
+    body = {"model": MODEL, "messages": chat(PROMPTS[0]), "max_tokens": MAX_TOKENS, "temperature": 0}
+    reply = await client.post(url, json=body)
+    reply.raise_for_status()
+    data = reply.json()
+    text = data["choices"][0]["message"]["content"]
+    n = data["usage"]["completion_tokens"]
+    expected = tokenizer.decode(raw["greedy_ids_prompt0"][:n], skip_special_tokens=True)
+    return {
+        "completion_tokens": n,
+        "finish_reason": data["choices"][0]["finish_reason"],
+        "text_equals_raw_greedy": text == expected,
+        "mesh_text": text[:200],
+    }
+
+
+def summarize_point(point: dict[str, Any], records: list[dict[str, Any]], probe: GenerationProbe) -> None:
+    """Per-stream numbers of the streams that ended inside the window, and the metrics' deltas."""
+    start, end = probe.edges[-2], probe.edges[-1]
+    window = max(end - start, 1e-9)
+    inside = [r for r in records if start <= r["end"] <= end]
+    tokens = sum(r["tokens"] for r in inside)
+    ttft = [r["ttft"] for r in inside if r["ttft"] is not None]
+    gaps = [g for r in inside for g in r["gaps"]]
+    point["streams"] = len(inside)
+    point["completion_tokens"] = tokens
+    point["tokens_per_s"] = round(tokens / window, 1)
+    point["mean_completion_tokens"] = round(tokens / len(inside), 1) if inside else None
+    point["content_chunks_per_token"] = round(sum(r["content_chunks"] for r in inside) / tokens, 3) if tokens else None
+    point["finish_reasons"] = dict(Counter(r["finish_reason"] for r in inside))
+    point["ttft"] = percentiles_ms(ttft)
+    point["itl"] = percentiles_ms(gaps)
+    point["inference_metrics"] = metrics_delta(probe.metrics[-2], probe.metrics[-1], window)
+    point["probe_sample_s"] = probe.sample_s[-2:]
+    # closed_loop's rps / p50 are per stream (request start -> [DONE]); keep them, named.
+    point["stream_latency"] = {k: point.pop(k) for k in ("p50_ms", "p90_ms", "p99_ms")}
+    point["streams_per_s"] = point.pop("rps")
+
+
+async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, model_name: str, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    url = f"{mesh.url}/v1/chat/completions"
+    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=timeout) as client,
+        httpx.AsyncClient(timeout=10.0) as metrics_http,
+    ):
+        probe = GenerationProbe(mesh, model_name, metrics_http)
+        try:
+            check = await check_greedy(client, url, raw, tokenizer)
+            print(f"  greedy check vs raw generate(): {check}", flush=True)
+            points = []
+            for concurrency in CONCURRENCY:
+                records: list[dict[str, Any]] = []
+
+                async def call(index: int, records=records) -> None:
+                    records.append(await stream_chat(client, url, index))
+
+                point = await closed_loop(call, concurrency, probe, seconds=seconds)
+                summarize_point(point, records, probe)
+                m = point["inference_metrics"]
+                print(
+                    f"  mesh c={concurrency:<3} {point['tokens_per_s']:7.1f} tok/s ({point['streams']} streams, "
+                    f"{point['mean_completion_tokens']} tok each)  TTFT p50 {point['ttft']['p50_ms']} p99 "
+                    f"{point['ttft']['p99_ms']} ms  ITL p50 {point['itl']['p50_ms']} p99 {point['itl']['p99_ms']} ms  "
+                    f"decode batch {m['mean_decode_batch']}  server {m['generated_tokens_per_s']} tok/s  "
+                    f"errors {point['errors']}  client/server/foreign {point['cpu']['client_cores']}/"
+                    f"{point['cpu']['server_cores']}/{point['cpu']['foreign_cores']} cores",
+                    flush=True,
+                )
+                points.append(point)
+        finally:
+            await probe.close()
+    return {"check_vs_raw": check, "points": points}
+
+
+def add_ratios(points: list[dict[str, Any]], raw: dict[str, Any]) -> dict[str, Any]:
+    single = raw["single_stream_tokens_per_s"]
+    by_batch = {p["batch"]: p["tokens_per_s"] for p in raw["points"]}
+    for p in points:
+        p["ratio_to_raw_single_stream"] = round(p["tokens_per_s"] / single, 3)
+        p["ratio_to_raw_batched_same_size"] = round(p["tokens_per_s"] / by_batch[p["concurrency"]], 3)
+    c1 = next(p for p in points if p["concurrency"] == 1)
+    c32 = next(p for p in points if p["concurrency"] == max(CONCURRENCY))
+    speedup = round(c32["tokens_per_s"] / c1["tokens_per_s"], 2) if c1["tokens_per_s"] else None
+    return {
+        "target": f"at {c32['concurrency']} streams, aggregate tokens/s >= {TARGET_SPEEDUP:g}x the single-stream rate",
+        "mesh_c1_tokens_per_s": c1["tokens_per_s"],
+        f"mesh_c{c32['concurrency']}_tokens_per_s": c32["tokens_per_s"],
+        "speedup": speedup,
+        "met": bool(speedup is not None and speedup >= TARGET_SPEEDUP),
+        "raw_batched_speedup_same_sizes": round(by_batch[c32["concurrency"]] / by_batch[1], 2),
+    }
+
+
+# -- output ----------------------------------------------------------------------------------------
+def noisy_points(result: dict[str, Any]) -> int:
+    points = [*result["raw"]["points"], *result["mesh"]["points"]]
+    return sum(p["cpu"]["foreign_cores"] >= QUIET_FOREIGN_CORES for p in points)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw, points, target = result["raw"], result["mesh"]["points"], result["target"]
+    xs = [p["concurrency"] for p in points]
+    fig, (tput, ttft, itl) = plt.subplots(1, 3, figsize=(17, 5.2))
+
+    tput.plot(xs, [p["tokens_per_s"] for p in points], marker="o", label="full mesh, streaming chat (client count)")
+    tput.plot(
+        xs,
+        [p["inference_metrics"]["generated_tokens_per_s"] for p in points],
+        marker="x",
+        linestyle=":",
+        label="full mesh, inference metrics (generated_tokens_total)",
+    )
+    tput.plot(
+        [p["batch"] for p in raw["points"]],
+        [p["tokens_per_s"] for p in raw["points"]],
+        marker="s",
+        color="black",
+        label=f"raw generate() at batch = streams ({raw['threads']} thr)",
+    )
+    tput.axhline(
+        raw["single_stream_tokens_per_s"], color="grey", linestyle="--",
+        label=f"raw single stream {raw['single_stream_tokens_per_s']:.0f} tok/s",
+    )  # fmt: skip
+    tput.axhline(
+        TARGET_SPEEDUP * target["mesh_c1_tokens_per_s"], color="tab:red", linestyle="-.",
+        label=f"target {TARGET_SPEEDUP:g}x mesh c=1 ({'met' if target['met'] else 'not met'}: {target['speedup']}x)",
+    )  # fmt: skip
+    for p in points:
+        note = "" if p["streams"] else "\nno stream ended in the window"
+        tput.annotate(
+            f"{p['ratio_to_raw_batched_same_size']:.2f}x raw b={p['concurrency']}\n"
+            f"decode batch {p['inference_metrics']['mean_decode_batch']}{note}",
+            (p["concurrency"], p["tokens_per_s"]), fontsize=7, textcoords="offset points", xytext=(5, -18),
+        )  # fmt: skip
+    tput.set_ylabel("aggregate tokens/s")
+    tput.set_title("throughput", fontsize=10)
+
+    ttft.plot(xs, [p["ttft"]["p50_ms"] for p in points], marker="o", label="mesh TTFT p50 (client)")
+    ttft.plot(xs, [p["ttft"]["p99_ms"] for p in points], marker="s", linestyle=":", label="mesh TTFT p99 (client)")
+    ttft.plot(
+        xs, [p["inference_metrics"]["mean_ttft_ms"] for p in points], marker="x", linestyle="--",
+        label="inference service mean TTFT (metrics)",
+    )  # fmt: skip
+    ttft.axhline(
+        raw["prefill_p50_ms"], color="black", linestyle="--", label=f"raw prefill p50 {raw['prefill_p50_ms']} ms"
+    )
+    ttft.set_ylabel("time to first token, ms (log)")
+    ttft.set_yscale("log")
+    ttft.set_title("time to first token", fontsize=10)
+
+    itl.plot(xs, [p["itl"]["p50_ms"] for p in points], marker="o", label="mesh ITL p50 (content chunks)")
+    itl.plot(xs, [p["itl"]["p99_ms"] for p in points], marker="s", linestyle=":", label="mesh ITL p99")
+    itl.plot(
+        [p["batch"] for p in raw["points"]], [p["step_ms_p50"] for p in raw["points"]], marker="s", color="black",
+        label="raw generate() ms/step at batch = streams",
+    )  # fmt: skip
+    itl.set_ylabel("inter-token latency, ms (log)")
+    itl.set_yscale("log")
+    itl.set_title("inter-token latency", fontsize=10)
+
+    for ax in (tput, ttft, itl):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
+        ax.set_xlabel("concurrent streams (closed loop) / raw batch size")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    machine = result["machine"]
+    fig.suptitle(
+        f"{MODEL} streaming chat through the mesh @ {result['git']['commit']}, {machine['nproc']} cores "
+        f"({machine['cpu_model']}), {result['config']['bench_seconds']:g} s/point, max_tokens {MAX_TOKENS}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def summary(result: dict[str, Any]) -> str:
+    raw, mesh, target = result["raw"], result["mesh"], result["target"]
+    lines = [
+        f"**{MODEL}**: raw single stream {raw['single_stream_tokens_per_s']} tok/s, raw prefill p50 "
+        f"{raw['prefill_p50_ms']} ms; greedy mesh text equals raw generate(): "
+        f"{mesh['check_vs_raw']['text_equals_raw_greedy']}",
+        "",
+        "| path | streams / batch | tok/s | x raw single | x raw batched same size | TTFT p50 / p99 ms | "
+        "ITL p50 / p99 ms | decode batch | tok/stream | errors | client / server / foreign cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    single = raw["single_stream_tokens_per_s"]
+    for p in raw["points"]:
+        lines.append(
+            f"| raw generate() | b={p['batch']} | {p['tokens_per_s']} | {p['tokens_per_s'] / single:.2f} | 1 | - | "
+            f"{p['step_ms_p50']} / - (per step) | {p['batch']} | {MAX_TOKENS} | 0 | "
+            f"{p['cpu']['client_cores']} / - / {p['cpu']['foreign_cores']} |"
+        )
+    for p in mesh["points"]:
+        cpu, m = p["cpu"], p["inference_metrics"]
+        lines.append(
+            f"| mesh SSE | c={p['concurrency']} | {p['tokens_per_s']} | {p['ratio_to_raw_single_stream']:.2f} | "
+            f"{p['ratio_to_raw_batched_same_size']:.2f} | {p['ttft']['p50_ms']} / {p['ttft']['p99_ms']} | "
+            f"{p['itl']['p50_ms']} / {p['itl']['p99_ms']} | {m['mean_decode_batch']} | "
+            f"{p['mean_completion_tokens']} | {p['errors']} | "
+            f"{cpu['client_cores']} / {cpu['server_cores']} / {cpu['foreign_cores']} |"
+        )
+    lines += [
+        "",
+        f"**Target** ({target['target']}): {target['speedup']}x -> **{'met' if target['met'] else 'not met'}** "
+        f"(raw generate() at the same sizes: {target['raw_batched_speedup_same_sizes']}x)",
+    ]
+    if result["noisy_points"]:
+        lines.append(
+            f"**{result['noisy_points']} point(s) shared the CPU with other processes** (foreign cores >= "
+            f"{QUIET_FOREIGN_CORES}); their numbers are low. Rerun on an idle machine."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    from services.common.catalog import Catalog
+    from services.common.modelstore import model_dir
+
+    parser = argparse.ArgumentParser(prog="python -m bench.run_generation", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--seconds", type=float, default=SECONDS, help="measurement window per point (default %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for generation.{json,png} (default bench/results)"
+    )
+    args = parser.parse_args(argv)
+    if args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+    seconds = args.seconds
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
+    catalog = Catalog.load(REPO / "catalog.yaml")
+    entry = catalog.get(MODEL)
+    folder = model_dir(entry, meshserve_home() / "models")
+    if not folder.is_dir():
+        sys.exit(f"{folder} is missing; run `meshserve models build` (or `make models`) first")
+
+    started = time.time()
+    info = machine_info()
+    print(f"raw in-process generate() ({folder}), {WARMUP_S:g}+{seconds:g} s per batch size", flush=True)
+    raw = bench_raw(folder, seconds)  # before the mesh starts: nothing else of ours on the cores
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+    print("starting the mesh (meshserve up)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="meshserve-bench-") as tmp:
+        t0 = time.perf_counter()
+        mesh = start_mesh(Path(tmp))
+        startup_s = round(time.perf_counter() - t0, 1)
+        try:
+            import uvloop  # the client shares the cores with the mesh, so its per-request CPU matters
+
+            mesh_result = uvloop.run(bench_mesh(mesh, raw, tokenizer, entry.inference.name, seconds))
+        except BaseException:
+            print(f"mesh log tail:\n{mesh.log()[-3000:]}", file=sys.stderr)
+            raise
+        finally:
+            mesh.stop()
+
+    target = add_ratios(mesh_result["points"], raw)
+    result = {
+        "benchmark": "generation",
+        "model": MODEL,
+        "inference_model": entry.inference.name,
+        "endpoint": "POST /v1/chat/completions (stream, stream_options.include_usage)",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "git": git_info(),
+        "machine": info,
+        "config": {
+            "bench_seconds": seconds,
+            "warmup_s": WARMUP_S,
+            "max_requests_per_point": MAX_REQUESTS,
+            "max_raw_batches_per_point": MAX_RAW_BATCHES,
+            "request_timeout_s": REQUEST_TIMEOUT_S,
+            "concurrency": list(CONCURRENCY),
+            "max_tokens": MAX_TOKENS,
+            "temperature": TEMPERATURE,
+            "seed": "the request's index in its point",
+            "prompts": PROMPTS,
+            "client": f"httpx.AsyncClient, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
+            "tokens_per_s": "sum(usage.completion_tokens) of streams ending inside the window / window",
+            "ttft": "request start -> first chunk with non-empty delta.content",
+            "itl": "gaps between consecutive content chunks of a stream (all streams pooled)",
+            "mesh_startup_s": startup_s,
+            "catalog_inference": entry.inference.model_dump(mode="json"),
+            "catalog_preprocess": entry.preprocess.model_dump(mode="json"),
+        },
+        "raw": raw,
+        "mesh": mesh_result,
+        "target": target,
+    }
+    result["noisy_points"] = noisy_points(result)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "generation.json", (json.dumps(result, indent=2) + "\n").encode())
+    plot(result, out / "generation.png")
+    print()
+    print(summary(result))
+    print(f"\nwrote {out / 'generation.json'} and {out / 'generation.png'} in {result['duration_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
