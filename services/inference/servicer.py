@@ -250,60 +250,80 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
     return service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
+_STARTED, _PUMP_DONE, _READ_DONE = object(), object(), object()  # markers on the response queue
+
+
 async def _model_stream_infer(self, request_iterator, context):
     """Bidirectional streaming, as Triton: a decoupled (generation) model answers each request with
     one response per token and an empty final response (`triton_final_response`); any other model
     answers each request with one response. A failed request gets a response with `error_message`;
-    the stream goes on. A client that goes away cancels every generation it started."""
+    the stream goes on. A client that goes away cancels every generation it started.
+
+    One queue carries responses and completion markers, so the loop sleeps in `Queue.get()` until
+    there is something to send (no polling: a spinning loop would hold the GIL that the decode
+    thread needs)."""
     out: asyncio.Queue = asyncio.Queue()
     streams = []
-    pumps: set[asyncio.Task] = set()
+    tasks: set[asyncio.Task] = set()
 
     async def pump(request, stream) -> None:
-        async for event in stream:
-            await out.put(token_response(request, "1", event))
+        try:
+            async for event in stream:
+                await out.put(token_response(request, "1", event))
+        finally:
+            out.put_nowait(_PUMP_DONE)
 
     async def unary(request) -> None:
         try:
             await out.put(service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context)))
         except MeshError as err:
             await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
+        finally:
+            out.put_nowait(_PUMP_DONE)
+
+    def spawn(coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def read() -> None:
-        async for request in request_iterator:
-            try:
-                slot = self.repository.ready(request.model_name, request.model_version)
-                if slot.entry.inference.runtime == "causal_lm":
-                    stream = self.core.generate(
-                        request.model_name, request.model_version, inputs_from_pb(request), request.parameters
-                    )
-                    streams.append(stream)
-                    task = asyncio.create_task(pump(request, stream))
-                else:
-                    task = asyncio.create_task(unary(request))
-            except MeshError as err:
-                await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
-                continue
-            pumps.add(task)
-            task.add_done_callback(pumps.discard)
+        try:
+            async for request in request_iterator:
+                try:
+                    slot = self.repository.ready(request.model_name, request.model_version)
+                    if slot.entry.inference.runtime == "causal_lm":
+                        stream = self.core.generate(
+                            request.model_name, request.model_version, inputs_from_pb(request), request.parameters
+                        )
+                        streams.append(stream)
+                        spawn(pump(request, stream))
+                    else:
+                        spawn(unary(request))
+                    out.put_nowait(_STARTED)  # queued before its task can queue _PUMP_DONE
+                except MeshError as err:
+                    await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
+        finally:
+            out.put_nowait(_READ_DONE)
 
     reader = asyncio.create_task(read())
+    reading, running = True, 0
     try:
-        while True:
-            if out.empty() and reader.done() and not pumps:
+        while reading or running:
+            item = await out.get()
+            if item is _READ_DONE:
+                reading = False
                 reader.result()  # surface a broken request stream
-                return
-            getter = asyncio.create_task(out.get())
-            done, _ = await asyncio.wait({getter, reader, *pumps}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield getter.result()
+            elif item is _PUMP_DONE:
+                running -= 1
+            elif item is _STARTED:
+                running += 1
             else:
-                getter.cancel()
+                yield item
     finally:
         reader.cancel()
         for stream in streams:
             stream.cancel()  # the client went away (or the stream ended): stop generating
-        for task in list(pumps):
+        for task in list(tasks):
             task.cancel()
 
 
