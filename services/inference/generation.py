@@ -128,6 +128,26 @@ class CausalLMRuntime:
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             return out.logits[0, -1].float(), layers
 
+    def prefill_batch(self, prompts: list[list[int]]):
+        """Several prompts in one forward, left-padded: (last-position logits [k, vocab], per-layer
+        (k, v) [k, heads, longest, dim], mask [k, longest]); the same numbers as one at a time."""
+        if len(prompts) == 1:
+            logits, layers = self.prefill(prompts[0])
+            mask = self._torch.ones((1, len(prompts[0])), dtype=self._torch.long, device=self.device)
+            return logits.unsqueeze(0), layers, mask
+        torch = self._torch
+        width = max(map(len, prompts))
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=self.device)
+            mask[row, width - len(prompt) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            return out.logits[:, -1].float(), layers, mask
+
     def decode(self, tokens: list[int], mask, positions, layers):
         """One step for a left-padded batch: (logits [batch, vocab], grown layers)."""
         from transformers import DynamicCache
@@ -279,37 +299,44 @@ class GenerationScheduler:
             WAITING.labels(self.name).set(len(self._waiting))
 
     async def _admit(self, loop) -> None:
-        while self._waiting and len(self._batch.sequences) < self.max_running:
+        """Prefill every sequence that fits, in one left-padded forward, and join them."""
+        joining: list[Sequence] = []
+        while self._waiting and len(self._batch.sequences) + len(joining) < self.max_running:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
                 self._finish(sequence, "cancelled")
-                continue
-            (token, logprob), layers = await loop.run_in_executor(self._executor, self._prefill, sequence)
-            PROMPT_TOKENS.labels(self.name).inc(len(sequence.prompt))
-            if self._emit(sequence, token, logprob):
-                self._join(sequence, token, layers)
+            else:
+                joining.append(sequence)
+        if not joining:
+            return
+        sampled, layers, mask = await loop.run_in_executor(self._executor, self._prefill, joining)
+        PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt) for s in joining))
+        keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if self._emit(s, t, lp)]
+        if keep:
+            index = self._torch.tensor(keep, device=mask.device)
+            layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
+            self._join([joining[i] for i in keep], [sampled[i][0] for i in keep], layers, mask.index_select(0, index))
 
-    def _prefill(self, sequence: Sequence):
-        logits, layers = self.runtime.prefill(sequence.prompt)
-        return self._sample(logits, sequence), layers
+    def _prefill(self, sequences: list[Sequence]):
+        logits, layers, mask = self.runtime.prefill_batch([s.prompt for s in sequences])
+        return self._sample_rows(logits, sequences), layers, mask
 
-    def _join(self, sequence: Sequence, token: int, layers) -> None:
+    def _join(self, sequences: list[Sequence], tokens: list[int], layers, mask) -> None:
+        """Merge newcomers (their left-padded cache and mask) into the running batch."""
         torch = self._torch
         batch = self._batch
-        length = layers[0][0].shape[2]
-        own_mask = torch.ones((1, length), dtype=torch.long, device=layers[0][0].device)
         if batch.layers is None:
-            batch.layers, batch.mask = layers, own_mask
+            batch.layers, batch.mask = layers, mask
         else:
-            width = max(length, batch.mask.shape[1])
+            width = max(mask.shape[1], batch.mask.shape[1])
             pad = _left_pad
             batch.layers = [
                 (torch.cat([pad(bk, width), pad(k, width)]), torch.cat([pad(bv, width), pad(v, width)]))
                 for (bk, bv), (k, v) in zip(batch.layers, layers, strict=True)
             ]
-            batch.mask = torch.cat([_left_pad_mask(batch.mask, width), _left_pad_mask(own_mask, width)])
-        batch.sequences.append(sequence)
-        batch.last.append(token)
+            batch.mask = torch.cat([_left_pad_mask(batch.mask, width), _left_pad_mask(mask, width)])
+        batch.sequences.extend(sequences)
+        batch.last.extend(tokens)
 
     async def _step(self, loop) -> None:
         self._drop([s for s in self._batch.sequences if s.cancelled], "cancelled")
@@ -329,7 +356,33 @@ class GenerationScheduler:
         positions = batch.mask.sum(dim=1)  # each sequence's own next position
         logits, batch.layers = self.runtime.decode(batch.last, mask, positions, batch.layers)
         batch.mask = mask
-        return [self._sample(logits[i], s) for i, s in enumerate(batch.sequences)]
+        return self._sample_rows(logits, batch.sequences)
+
+    def _sample_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
+        """Sample every row. Temperature and softmax run once for the whole batch; only rows that
+        ask for top-k, top-p or a repetition penalty take the per-row path. Each row still draws
+        with its own generator, so a seeded request repeats whatever it is batched with."""
+        torch = self._torch
+        plain = [
+            i for i, s in enumerate(sequences)
+            if s.params.top_k == 0 and s.params.top_p >= 1.0 and s.params.repetition_penalty == 1.0
+        ]  # fmt: skip
+        results: list[tuple[int, float] | None] = [None] * len(sequences)
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            rows = logits.index_select(0, index)
+            temps = torch.tensor([sequences[i].params.temperature for i in plain], device=logits.device)
+            greedy = temps == 0
+            log_probs = torch.log_softmax(rows / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
+            choice = log_probs.argmax(dim=-1)
+            probs = log_probs.exp().cpu()
+            for j, i in enumerate(plain):
+                token = int(choice[j]) if greedy[j] else int(torch.multinomial(probs[j], 1, generator=sequences[i].generator))
+                results[i] = (token, float(log_probs[j, token]))
+        for i, sequence in enumerate(sequences):
+            if results[i] is None:
+                results[i] = self._sample(logits[i], sequence)
+        return results
 
     def _drop(self, leaving: list[Sequence], reason: str | None) -> None:
         """Remove sequences from the batch (their rows of the cache) and trim shared padding."""
