@@ -204,12 +204,12 @@ class Supervisor:
         gw = self.gateway
         if not gw.auth:
             return "  API keys   OFF (--no-auth): anyone who reaches the gateway can use and administer it\n"
-        where = "$MESHSERVE_ADMIN_TOKEN" if gw.admin_token else str((gw.home / "admin-token").resolve())
+        if gw.admin_token:
+            return "  API keys   on; admin token in $MESHSERVE_ADMIN_TOKEN\n"
+        where = (gw.home / "admin-token").resolve()
         return (
             f"  API keys   on; admin token in {where}\n"
             f"             curl -H \"Authorization: Bearer $(cat {where})\" {self.base_url}/v1/models\n"
-            if not gw.admin_token
-            else f"  API keys   on; admin token in {where}\n"
         )
 
     def __init__(self, settings: SupervisorSettings) -> None:

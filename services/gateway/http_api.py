@@ -217,7 +217,7 @@ def create_app(
         admit,
         metering,
         read_json,
-        lambda content, status=200, headers=None: json_response(content, status, headers),
+        json_response,
     )
 
     async def embed(model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
@@ -450,7 +450,7 @@ def create_app(
             raise StarletteHTTPException(404)
         return await run_hf_task(request, model_path.removesuffix("/predict"), None)
 
-    admin_api.register(app, control, lambda content, status=200: json_response(content, status), read_json)
+    admin_api.register(app, control, json_response, read_json)
 
     @app.post("/", include_in_schema=False)
     @app.post("/v1", include_in_schema=False)

@@ -88,7 +88,7 @@ class Metered:
 
     def headers(self) -> dict[str, str]:
         """Usage and cost of this request, plus its rate-limit state, for the response."""
-        headers = dict(self.admission.headers) if self.admission else {}
+        headers = self.rate_headers()
         headers.update(
             {
                 "X-Usage-Input-Tokens": str(self.input_tokens),
@@ -135,16 +135,7 @@ class Metering:
                 self.ledger.record(self._record(refused, err.code.http_status))
             raise
 
-    async def _admit(
-        self,
-        principal: Principal,
-        entry: ModelEntry,
-        task: str,
-        route: str,
-        request_id: str,
-        max_input_tokens: int,
-        max_output_tokens: int,
-    ) -> Metered:
+    async def _admit(self, principal, entry, task, route, request_id, max_input_tokens, max_output_tokens) -> Metered:
         principal.allow(entry.id, task)
         key = principal.key
         admission = reservation = None

@@ -148,8 +148,11 @@ class Preprocessor:
     ) -> Prompt:
         entry = self._model(model_id, "text-generation", "text")
         pre = self._generation[entry.id]
+        chars = sum(len(c) for _, c in messages) if messages is not None else len(text or "")
         with tracing.span("tokenize", model=model_id) as span:
-            ids = pre.chat_ids(messages) if messages is not None else pre.text_ids(text or "")
+            tokenize = (lambda: pre.chat_ids(messages)) if messages is not None else (lambda: pre.text_ids(text or ""))
+            # Long prompts are rendered and tokenized in a thread, as texts are: the loop stays free.
+            ids = tokenize() if chars <= INLINE_CHARS else await asyncio.to_thread(tokenize)
             span.set_attribute("tokens", len(ids))
         TOKENS.labels(entry.id).inc(len(ids))
         return pre.prompt(ids, max_new_tokens)
