@@ -38,6 +38,7 @@ from bench.common import (
     closed_loop,
     git_info,
     machine_info,
+    save_figure,
     time_batches,
     write_atomic,
 )
@@ -289,10 +290,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -52,6 +52,7 @@ from bench.common import (
     git_info,
     machine_info,
     percentiles_ms,
+    save_figure,
     time_batches,
     write_atomic,
 )
@@ -475,10 +476,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def summary(result: dict[str, Any]) -> str:
