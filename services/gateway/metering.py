@@ -208,7 +208,7 @@ class Metering:
         except MeshError as err:
             status = err.code.http_status
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away (a closed stream)
             status = 499
             raise
         finally:

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Literal
 
 import orjson
@@ -195,26 +196,29 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
     async def steps(entry, prepared, gen, metered) -> AsyncIterator[Step]:
         """Generator steps, recording completion tokens and time on the metered request."""
         started = time.perf_counter()
-        async for step in generator.stream(entry, prepared, gen):
-            if not step.final:
-                metered.add(output_tokens=1)
-            else:
-                metered.compute_s = time.perf_counter() - started
-            yield step
+        async with aclosing(generator.stream(entry, prepared, gen)) as stream:
+            async for step in stream:
+                if not step.final:
+                    metered.add(output_tokens=1)
+                else:
+                    metered.compute_s = time.perf_counter() - started
+                yield step
 
-    def streaming(body_events, metered) -> StreamingResponse:
-        """SSE response whose body settles the metered request when it ends, however it ends."""
+    def streaming(body_events, metered, source) -> StreamingResponse:
+        """SSE response whose body settles the metered request when it ends, however it ends.
+        Every generator of the chain is closed explicitly (a client that left must stop the
+        generation now, not when the garbage collector finalizes a suspended generator)."""
 
         async def body():
-            async with metering.track(metered):
+            async with metering.track(metered), aclosing(source), aclosing(body_events) as events:
                 try:
-                    async for chunk in body_events:
+                    async for chunk in events:
                         yield chunk
                 except MeshError as err:
                     yield error_event(err)
                     raise
 
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             _swallow(body()), media_type="text/event-stream", headers={**SSE_HEADERS, **metered.rate_headers()}
         )
 
@@ -238,7 +242,8 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         head = {"id": ident, "created": created, "model": entry.id, "system_fingerprint": "meshserve"}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return streaming(_chat_events(steps(entry, prepared, gen, metered), head, include_usage), metered)
+            source = steps(entry, prepared, gen, metered)
+            return streaming(_chat_events(source, head, include_usage), metered, source)
         async with metering.track(metered):
             text, last = await _collect(steps(entry, prepared, gen, metered))
         return json_response(
@@ -285,7 +290,8 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return streaming(_completion_events(steps(entry, prepared, gen, metered), head, include_usage), metered)
+            source = steps(entry, prepared, gen, metered)
+            return streaming(_completion_events(source, head, include_usage), metered, source)
         async with metering.track(metered):
             text, last = await _collect(steps(entry, prepared, gen, metered))
         return json_response(
@@ -321,8 +327,8 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         prepared, metered = await start(request, entry, gen)
         prefix = body["inputs"] if p.return_full_text else ""
         if body.get("stream"):
-            events = _tgi_events(steps(entry, prepared, gen, metered), prefix, p.seed, prepared.prompt_tokens)
-            return streaming(events, metered)
+            source = steps(entry, prepared, gen, metered)
+            return streaming(_tgi_events(source, prefix, p.seed, prepared.prompt_tokens), metered, source)
         async with metering.track(metered):
             tokens, text, last = [], "", None
             async for step in steps(entry, prepared, gen, metered):
@@ -345,11 +351,23 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
     return {"chat": chat, "text_generation": text_generation}
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator however the response ends (Starlette
+    stops iterating on a disconnect but leaves the generator suspended)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 async def _swallow(body):
     """End the SSE body quietly after an error event was sent (the status line is long gone)."""
     try:
-        async for chunk in body:
-            yield chunk
+        async with aclosing(body) as chunks:
+            async for chunk in chunks:
+                yield chunk
     except MeshError:
         return
 
