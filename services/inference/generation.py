@@ -54,6 +54,12 @@ TOKENS = Counter("meshserve_inference_generated_tokens_total", "Tokens generated
 PROMPT_TOKENS = Counter("meshserve_inference_prompt_tokens_total", "Prompt tokens prefilled.", ["model"])
 FINISHED = Counter("meshserve_inference_sequences_total", "Finished sequences by reason.", ["model", "reason"])
 DECODE_STEPS = Counter("meshserve_inference_decode_steps_total", "Decode steps run.", ["model"])
+CANCEL_TAIL = Histogram(
+    "meshserve_inference_tokens_after_cancel",
+    "Tokens a sequence still generated after its cancellation reached the scheduler.",
+    ["model"],
+    buckets=(0, 1, 2, 4, 8, 16),
+)
 
 
 @dataclass(frozen=True)
@@ -179,10 +185,12 @@ class Sequence:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: object = None
+    cancelled_at: int = 0  # tokens generated when the cancellation arrived
 
     def cancel(self) -> None:
         """Leave the batch at the next step (the client went away)."""
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled, self.cancelled_at = True, len(self.generated)
 
 
 class GenerationStream:
@@ -433,6 +441,8 @@ class GenerationScheduler:
         sequence.final_sent = True
         FINISHED.labels(self.name, reason).inc()
         n = len(sequence.generated)
+        if reason == "cancelled":
+            CANCEL_TAIL.labels(self.name).observe(n - sequence.cancelled_at)
         if n > 1 and sequence.first_token_at is not None:
             TPOT.labels(self.name).observe((time.perf_counter() - sequence.first_token_at) / (n - 1))
         sequence.events.put_nowait(
