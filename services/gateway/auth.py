@@ -99,6 +99,7 @@ class Authenticator:
         self.keys = keys
         self.enabled = enabled
         self.metrics_public = metrics_public
+        self._principals: dict[str, Principal] = {}  # key id -> the Principal of its current view
 
     async def principal(self, token: str | None, scope: str) -> Principal:
         if not self.enabled:
@@ -106,7 +107,10 @@ class Authenticator:
         if not token:
             raise MeshError(ErrorCode.UNAUTHENTICATED, "missing API key: send `Authorization: Bearer <token>`")
         await self.keys.refresh_for(token)
-        principal = Principal(self.keys.authenticate(token))
+        key = self.keys.authenticate(token)
+        principal = self._principals.get(key.id)
+        if principal is None or principal.key is not key:  # new, or the key changed: a new view
+            principal = self._principals[key.id] = Principal(key)
         principal.require(scope)
         return principal
 

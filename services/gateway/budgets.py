@@ -14,14 +14,15 @@ overspent, releasing it could.
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import itertools
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -36,27 +37,38 @@ KEY_PREFIX = "meshserve:budget"
 EXPIRE_AFTER_PERIOD = timedelta(days=7)
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
     """Money held for one request until it is settled."""
 
     key_id: str
     period: str  # the period it counts against, e.g. "day:2026-12-01"
     amount_usd: float
-    reservation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    reservation_id: str
+
+
+# Reservation ids: unique across replicas (a random prefix per process) and cheap (uuid4 per request
+# showed in profiles of the cached path).
+_PROCESS = uuid.uuid4().hex[:16]
+_SERIAL = itertools.count()
 
 
 def period_key(period: str, now: datetime) -> str:
     """The current period of a budget: "day:2026-12-01", "month:2026-12" or "total"."""
-    if period == "day":
-        return f"day:{now:%Y-%m-%d}"
-    if period == "month":
-        return f"month:{now:%Y-%m}"
     if period == "total":
         return "total"
+    return _period_key(period, now.year, now.month, now.day if period == "day" else 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _period_key(period: str, year: int, month: int, day: int) -> str:
+    if period == "day":
+        return f"day:{year:04d}-{month:02d}-{day:02d}"
+    if period == "month":
+        return f"month:{year:04d}-{month:02d}"
     raise ValueError(f"unknown budget period {period!r}: use one of {', '.join(PERIODS)}")
 
 
+@functools.lru_cache(maxsize=64)
 def period_end(key: str) -> datetime | None:
     """When a period ends (UTC); None for "total"."""
     kind, _, start = key.partition(":")
@@ -66,6 +78,13 @@ def period_end(key: str) -> datetime | None:
         first = datetime.strptime(start, "%Y-%m").replace(tzinfo=UTC)
         return (first + timedelta(days=32)).replace(day=1)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _expire_at(key: str) -> int:
+    """When the store may drop a period's keys (unix s; 0 = never)."""
+    end = period_end(key)
+    return int((end + EXPIRE_AFTER_PERIOD).timestamp()) if end else 0
 
 
 def to_micro(usd: float) -> int:
@@ -79,45 +98,63 @@ def usd(micro: float) -> str:
     return f"${whole}.{cents.ljust(2, '0')}"
 
 
-class _MemoryBudgets:
-    """One process's budgets: dicts under an asyncio.Lock."""
+class _Account:
+    """One budget period of one key in process: what is spent, and the open holds in the order they
+    were made (all leases are equally long, so that is also the order in which they run out)."""
+
+    __slots__ = ("held", "reserved", "spent")
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self._spent: dict[tuple[str, str], int] = {}
-        self._held: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}  # id -> (micro, deadline)
+        self.spent = 0
+        self.reserved = 0
+        self.held: dict[str, tuple[int, float]] = {}  # id -> (micro, monotonic deadline)
 
-    def _sweep(self, account: tuple[str, str]) -> None:
-        now = time.time()
-        held = self._held.get(account, {})
-        for res_id, (amount, deadline) in list(held.items()):
-            if deadline <= now:
-                del held[res_id]
-                self._spent[account] = self._spent.get(account, 0) + amount
+    def sweep(self, now: float) -> None:
+        """Charge in full the holds whose lease ran out (their replica never settled them)."""
+        held = self.held
+        while held:
+            res_id, (amount, deadline) = next(iter(held.items()))
+            if deadline > now:
+                return
+            del held[res_id]
+            self.reserved -= amount
+            self.spent += amount
 
-    def _totals(self, account: tuple[str, str]) -> tuple[int, int]:
-        self._sweep(account)
-        return self._spent.get(account, 0), sum(amount for amount, _ in self._held.get(account, {}).values())
+
+class _MemoryBudgets:
+    """One process's budgets. Nothing awaits between a check and its update, so each operation is
+    atomic on the event loop without a lock."""
+
+    def __init__(self) -> None:
+        self._accounts: dict[tuple[str, str], _Account] = {}
+
+    def _account(self, account: tuple[str, str]) -> _Account:
+        found = self._accounts.get(account)
+        if found is None:
+            found = self._accounts[account] = _Account()
+        found.sweep(time.monotonic())
+        return found
 
     async def reserve(self, account, res_id: str, amount: int, budget: int, lease_s: float, _expire_at: int):
-        async with self._lock:
-            spent, reserved = self._totals(account)
-            if spent + reserved + amount > budget:
-                return False, spent, reserved
-            self._held.setdefault(account, {})[res_id] = (amount, time.time() + lease_s)
-            return True, spent, reserved + amount
+        acc = self._account(account)
+        if acc.spent + acc.reserved + amount > budget:
+            return False, acc.spent, acc.reserved
+        acc.held[res_id] = (amount, time.monotonic() + lease_s)
+        acc.reserved += amount
+        return True, acc.spent, acc.reserved
 
     async def settle(self, account, res_id: str, actual: int) -> bool:
-        async with self._lock:
-            held = self._held.get(account, {}).pop(res_id, None)
-            if held is None:
-                return False
-            self._spent[account] = self._spent.get(account, 0) + min(actual, held[0])
-            return True
+        acc = self._accounts.get(account)
+        held = acc.held.pop(res_id, None) if acc is not None else None  # None: swept (charged in full)
+        if held is None:
+            return False
+        acc.reserved -= held[0]
+        acc.spent += min(actual, held[0])
+        return True
 
     async def totals(self, account) -> tuple[int, int]:
-        async with self._lock:
-            return self._totals(account)
+        acc = self._account(account)
+        return acc.spent, acc.reserved
 
     async def close(self) -> None:
         pass
@@ -230,6 +267,7 @@ class BudgetBook:
         else:
             raise ValueError(f"unsupported budget storage {storage_uri!r}: use memory:// or redis://")
         self._lease_s = reservation_lease_s
+        self.remote = isinstance(self._store, _RedisBudgets)  # whether its calls wait on a store
         self._clock = clock
 
     async def reserve(self, key_id: str, budget_usd: float, period: str, amount_usd: float) -> Reservation:
@@ -238,16 +276,14 @@ class BudgetBook:
             raise ValueError("budget and amount must not be negative")
         now = self._clock()
         key = period_key(period, now)
-        end = period_end(key)
-        expire_at = int((end + EXPIRE_AFTER_PERIOD).timestamp()) if end else 0
-        reservation = Reservation(key_id, key, amount_usd)
+        reservation = Reservation(key_id, key, amount_usd, f"{_PROCESS}{next(_SERIAL):x}")
         amount, budget = to_micro(amount_usd), to_micro(budget_usd)
         with store_errors("budget"):
             ok, spent, reserved = await self._store.reserve(
-                (key_id, key), reservation.reservation_id, amount, budget, self._lease_s, expire_at
+                (key_id, key), reservation.reservation_id, amount, budget, self._lease_s, _expire_at(key)
             )
         if not ok:
-            raise self._exceeded(period, key, budget, spent, reserved, amount, end, now)
+            raise self._exceeded(period, key, budget, spent, reserved, amount, period_end(key), now)
         return reservation
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:

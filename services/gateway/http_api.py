@@ -152,12 +152,12 @@ class RequestContextMiddleware:
         request_id = request_id or uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
         started = time.perf_counter()
-        status, started = 500, False
+        status, responded = 500, False
 
         async def send_with_id(message):
-            nonlocal status, started
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status, started = message["status"], True
+                status, responded = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
@@ -167,7 +167,7 @@ class RequestContextMiddleware:
         except Exception:
             # Starlette re-raises after its Exception handler has logged the error and answered a
             # generic 500 in the caller's dialect; only answer if nothing was sent yet.
-            if not started:
+            if not responded:
                 log.exception("unhandled error before the response started")
                 response = error_response(MeshError(ErrorCode.INTERNAL, "internal error"), scope["path"])
                 await response(scope, receive, send_with_id)
@@ -190,6 +190,10 @@ def create_app(
         title="meshserve",
         version="0.1.0",
         description="Self-hosted inference API: Hugging Face task API and OpenAI-compatible routes.",
+        # Traces come from opentelemetry-instrumentation-fastapi (gateway/main.py) when tracing is on.
+        # FastAPI's own telemetry would add a second server span, and while no provider is set it
+        # looks one up in os.environ on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     catalog = pipeline.catalog
     created = int(settings.catalog.stat().st_mtime)

@@ -321,7 +321,7 @@ class KeyStore:
         stored = key.secret_sha256 if key is not None else self._decoy
         if not hmac.compare_digest(stored, _sha256(token)) or key is None:
             raise MeshError(ErrorCode.UNAUTHENTICATED, "invalid API key")
-        if not key.active(datetime.now(UTC)):
+        if key.revoked_at is not None or (key.expires_at is not None and not key.active(datetime.now(UTC))):
             raise MeshError(ErrorCode.UNAUTHENTICATED, "this API key was revoked or has expired")
         return key
 

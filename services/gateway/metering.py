@@ -26,6 +26,7 @@ from opentelemetry import trace
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
 from services.gateway.auth import Principal
+from services.gateway.ratelimit import KeyLimits
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook, Reservation
@@ -110,6 +111,8 @@ class Metering:
         self.budgets = budgets
         self.ledger = ledger
         self.timeout_s = timeout_s
+        # Whether finishing awaits a store (Redis); in process it completes without suspending.
+        self._finish_awaits = any(part is not None and part.remote for part in (limiter, budgets))
 
     def max_cost(self, entry: ModelEntry, max_input_tokens: int, max_output_tokens: int) -> float:
         return entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s)
@@ -139,16 +142,20 @@ class Metering:
         principal.allow(entry.id, task)
         key = principal.key
         admission = reservation = None
-        limited = (key.requests_per_minute, key.tokens_per_minute, key.concurrent_requests)
-        if self.limiter is not None and any(v is not None for v in limited):
-            from services.gateway.ratelimit import KeyLimits
-
-            limits = KeyLimits(*limited)
+        if self.limiter is not None and (
+            key.requests_per_minute is not None
+            or key.tokens_per_minute is not None
+            or key.concurrent_requests is not None
+        ):
+            limits = KeyLimits(key.requests_per_minute, key.tokens_per_minute, key.concurrent_requests)
             admission = await self.limiter.admit(key.id, limits, tokens_hint=max_input_tokens + max_output_tokens)
         if self.budgets is not None and key.budget_usd is not None:
             try:
                 reservation = await self.budgets.reserve(
-                    key.id, key.budget_usd, key.budget_period or "month", self.max_cost(entry, max_input_tokens, max_output_tokens)
+                    key.id,
+                    key.budget_usd,
+                    key.budget_period or "month",
+                    self.max_cost(entry, max_input_tokens, max_output_tokens),
                 )
             except BaseException:
                 if admission is not None:
@@ -200,7 +207,8 @@ class Metering:
     @contextlib.asynccontextmanager
     async def track(self, metered: Metered):
         """Finish `metered` with the status the block ended in (a MeshError's, 499 if the caller
-        went away, 500 for anything else); the finish itself cannot be cancelled."""
+        went away, 500 for anything else); the finish itself cannot be cancelled (it is shielded
+        when it awaits a store or the caller is already gone)."""
         status = 500
         try:
             yield metered
@@ -212,4 +220,7 @@ class Metering:
             status = 499
             raise
         finally:
-            await asyncio.shield(self.finish(metered, status))
+            if self._finish_awaits or status == 499:
+                await asyncio.shield(self.finish(metered, status))
+            else:  # nothing in it can be interrupted: no task for a shield
+                await self.finish(metered, status)

@@ -6,8 +6,7 @@ carrying `Retry-After` and the same headers, the refusing limit first: huggingfa
 the first item of each header and prints "Retry after N seconds (r/q requests remaining in current
 w s window)" from it; openai retries a 429 whose Retry-After is at most 120 s.
 
-Windows come from the `limits` library, in process (`memory://`) or in Redis (`redis://…`, shared
-by every gateway replica):
+Two window kinds, with the same arithmetic in both stores:
 - requests per minute use a **moving window**: exact (the last 60 s, no burst of 2x the limit at a
   window boundary), at the cost of one stored timestamp per request, which is fine for request
   counts;
@@ -17,6 +16,14 @@ by every gateway replica):
   checks the room for `tokens_hint` and `Admission.done(tokens)` charges what was used; a request
   that used more than was left saturates the window (the overshoot is not carried over).
 
+In Redis (`redis://…`, shared by every gateway replica) the windows are the `limits` library's.
+In process (`memory://`, the default) they are kept here, because `limits`' in-memory storage
+costs about 20 µs per request (async locks, an expiry timer rescheduled on every hit, and a moving
+window that inserts at the front of a list: O(n) in the requests of the last minute), which is
+most of what a cached response costs. The in-process moving window is a deque of timestamps
+(append and expire at the ends: O(1) amortized), and the counter is `limits`' own formula over
+windows aligned to the minute, so both stores admit and refuse alike (one test suite runs on both).
+
 Concurrency is a set of leased slots, not a bare INCR/DECR counter: in Redis a sorted set per key
 (member = slot, score = lease deadline in Redis server time), updated by one Lua script. A replica
 that crashes holding slots leaks them only until their lease ends, even while the key stays busy
@@ -25,17 +32,16 @@ that crashes holding slots leaks them only until their lease ends, even while th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from services.common.errors import ErrorCode, MeshError
@@ -47,8 +53,7 @@ MAX_RETRY_AFTER_S = 120  # openai gives up on a Retry-After above this
 KEY_PREFIX = "meshserve:ratelimit"
 
 
-@dataclass(frozen=True)
-class KeyLimits:
+class KeyLimits(NamedTuple):
     """One API key's limits; None = unlimited."""
 
     requests_per_minute: int | None = None
@@ -56,8 +61,7 @@ class KeyLimits:
     concurrent_requests: int | None = None
 
 
-@dataclass(frozen=True)
-class _Window:
+class _Window(NamedTuple):
     """The state of one limit as the RateLimit headers describe it."""
 
     name: str  # the header's quoted resource name: a \w+ word (huggingface_hub's regex)
@@ -72,8 +76,8 @@ def rate_limit_headers(windows: list[_Window]) -> dict[str, str]:
     if not windows:
         return {}
     return {
-        "RateLimit": ", ".join(f'"{w.name}";r={w.remaining};t={w.reset_s}' for w in windows),
-        "RateLimit-Policy": ", ".join(f'"{w.name}";q={w.limit};w={w.window_s}' for w in windows),
+        "RateLimit": ", ".join([f'"{w.name}";r={w.remaining};t={w.reset_s}' for w in windows]),
+        "RateLimit-Policy": ", ".join([f'"{w.name}";q={w.limit};w={w.window_s}' for w in windows]),
     }
 
 
@@ -98,14 +102,123 @@ def tokens_wait_s(
     return rolls_in + max(0.0, WINDOW_S - (limit - needed) * WINDOW_S / cur_count)
 
 
-@contextlib.contextmanager
-def store_errors(what: str) -> Iterator[None]:
-    """A Redis outage refuses the request as retryable (503), never as an internal error."""
-    try:
-        yield
-    except aioredis.RedisError as exc:
-        log.warning("%s store unavailable: %r", what, exc)
-        raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"{what} store is unavailable") from exc
+class store_errors:
+    """A Redis outage refuses the request as retryable (503), never as an internal error.
+    (A class: it is entered on every request, and a generator-based one costs several times more.)"""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, _tb) -> bool:
+        if kind is not None and issubclass(kind, aioredis.RedisError):
+            log.warning("%s store unavailable: %r", self.what, exc)
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"{self.what} store is unavailable") from exc
+        return False
+
+
+class _MemoryWindows:
+    """One process's windows (see the module docstring); nothing awaits, so every check-and-update
+    is atomic on the event loop."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, deque[float]] = {}
+        self._tokens: dict[str, list] = {}  # key -> [window index, previous count, current count]
+
+    def _moving(self, key_id: str, now: float) -> deque[float]:
+        times = self._requests.get(key_id)
+        if times is None:
+            times = self._requests[key_id] = deque()
+        horizon = now - WINDOW_S
+        while times and times[0] <= horizon:
+            times.popleft()
+        return times
+
+    async def hit_requests(self, key_id: str, limit: int) -> tuple[bool, int, float]:
+        now = time.time()
+        times = self._moving(key_id, now)
+        admitted = len(times) < limit
+        if admitted:
+            times.append(now)
+        return admitted, max(0, limit - len(times)), (times[0] + WINDOW_S - now) if times else 0.0
+
+    async def requests_window(self, key_id: str, limit: int) -> tuple[int, float]:
+        now = time.time()
+        times = self._moving(key_id, now)
+        return max(0, limit - len(times)), (times[0] + WINDOW_S - now) if times else 0.0
+
+    def _counter(self, key_id: str, now: float) -> list:
+        index = int(now // WINDOW_S)
+        counter = self._tokens.get(key_id)
+        if counter is None:
+            counter = self._tokens[key_id] = [index, 0, 0]
+        elif counter[0] != index:  # roll: the current window becomes the previous one (or both go)
+            counter[:] = [index, counter[2] if counter[0] == index - 1 else 0, 0]
+        return counter
+
+    async def sliding_window(self, key_id: str, limit: int) -> tuple[int, float, int, float]:
+        """(previous count, its ttl, current count, its ttl), as `limits`' storages answer."""
+        now = time.time()
+        _, previous, current = self._counter(key_id, now)
+        into = now % WINDOW_S
+        return previous, (WINDOW_S - into) if previous else 0.0, current, 2 * WINDOW_S - into
+
+    async def charge_tokens(self, key_id: str, limit: int, cost: int) -> bool:
+        now = time.time()
+        counter = self._counter(key_id, now)
+        weighted = counter[1] * (WINDOW_S - now % WINDOW_S) / WINDOW_S + counter[2]
+        if cost > limit or math.floor(weighted) + cost > limit:
+            return False
+        counter[2] += cost
+        return True
+
+
+class _LimitsWindows:
+    """The windows in a store shared by replicas, through the `limits` library."""
+
+    def __init__(self, storage: RedisStorage) -> None:
+        self._storage = storage
+        self._rpm = MovingWindowRateLimiter(storage)
+        self._tpm = SlidingWindowCounterRateLimiter(storage)
+
+    @staticmethod
+    def _requests_item(limit: int) -> RateLimitItemPerMinute:
+        return RateLimitItemPerMinute(limit, namespace="requests")
+
+    @staticmethod
+    def _tokens_item(limit: int) -> RateLimitItemPerMinute:
+        return RateLimitItemPerMinute(limit, namespace="tokens")
+
+    async def hit_requests(self, key_id: str, limit: int) -> tuple[bool, int, float]:
+        admitted = await self._rpm.hit(self._requests_item(limit), key_id)
+        return (admitted, *await self.requests_window(key_id, limit))
+
+    async def requests_window(self, key_id: str, limit: int) -> tuple[int, float]:
+        stats = await self._rpm.get_window_stats(self._requests_item(limit), key_id)
+        return max(0, stats.remaining), max(0.0, stats.reset_time - time.time())
+
+    async def sliding_window(self, key_id: str, limit: int) -> tuple[int, float, int, float]:
+        return await self._storage.get_sliding_window(self._tokens_item(limit).key_for(key_id), WINDOW_S)
+
+    async def charge_tokens(self, key_id: str, limit: int, cost: int) -> bool:
+        return await self._tpm.hit(self._tokens_item(limit), key_id, cost=cost)
+
+
+def sliding_stats(limit: int, window: tuple[int, float, int, float]) -> tuple[int, float]:
+    """(remaining, seconds until a use leaves) of a sliding-window counter, as `limits` computes them."""
+    previous, previous_ttl, current, current_ttl = window
+    remaining = max(0, limit - math.floor(previous * previous_ttl / WINDOW_S + current))
+    resets = [math.inf]
+    if previous:
+        resets.append(previous_ttl % (WINDOW_S / previous))
+    if current:
+        resets.append(current_ttl % WINDOW_S)
+    reset = min(resets)
+    return remaining, 0.0 if reset == math.inf else reset
 
 
 class _MemorySlots:
@@ -119,7 +232,7 @@ class _MemorySlots:
         if count >= limit:
             return None, count
         self._in_flight[key_id] = count + 1
-        return uuid.uuid4().hex, count + 1
+        return "local", count + 1  # a count, not a set: every slot of a key is alike
 
     async def release(self, key_id: str, slot: str) -> None:
         count = self._in_flight.get(key_id, 0) - 1
@@ -212,7 +325,7 @@ class RateLimiter:
         holding it; a request running longer than this stops counting against the limit."""
         self._client: aioredis.Redis | None = None
         if storage_uri.startswith("memory://"):
-            storage = MemoryStorage()
+            self._windows: _MemoryWindows | _LimitsWindows = _MemoryWindows()
             self._slots: _MemorySlots | _RedisSlots = _MemorySlots()
         elif storage_uri.startswith(("redis://", "rediss://")):
             self._pool = aioredis.ConnectionPool.from_url(storage_uri)
@@ -220,12 +333,11 @@ class RateLimiter:
             storage = RedisStorage(
                 f"async+{storage_uri}", implementation="redispy", key_prefix=KEY_PREFIX, connection_pool=self._pool
             )
+            self._windows = _LimitsWindows(storage)
             self._slots = _RedisSlots(self._client, slot_lease_s)
         else:
             raise ValueError(f"unsupported rate-limit storage {storage_uri!r}: use memory:// or redis://")
-        self._storage = storage
-        self._rpm = MovingWindowRateLimiter(storage)
-        self._tpm = SlidingWindowCounterRateLimiter(storage)
+        self.remote = self._client is not None  # whether its calls wait on a store
 
     async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
         """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
@@ -256,22 +368,17 @@ class RateLimiter:
             await self._pool.aclose()
 
     # -- requests per minute (moving window) ----------------------------------------------------
-    @staticmethod
-    def _requests_item(limit: int) -> RateLimitItemPerMinute:
-        return RateLimitItemPerMinute(limit, namespace="requests")
-
     async def _requests_window(self, key_id: str, limit: int) -> _Window:
-        stats = await self._rpm.get_window_stats(self._requests_item(limit), key_id)
-        return _Window("requests", limit, max(0, stats.remaining), max(0, math.ceil(stats.reset_time - time.time())))
+        remaining, reset_s = await self._windows.requests_window(key_id, limit)
+        return _Window("requests", limit, remaining, math.ceil(reset_s))
 
     async def _hit_requests(self, key_id: str, limits: KeyLimits) -> _Window:
         limit = limits.requests_per_minute
-        admitted = await self._rpm.hit(self._requests_item(limit), key_id)
-        window = await self._requests_window(key_id, limit)
+        admitted, remaining, reset_s = await self._windows.hit_requests(key_id, limit)
         if admitted:
-            return window
+            return _Window("requests", limit, remaining, math.ceil(reset_s))
         # The moving window's reset is when its oldest request leaves: exactly when one fits again.
-        wait = _retry_after(window.reset_s)
+        wait = _retry_after(reset_s)
         refused = _Window("requests", limit, 0, wait)
         others = (
             [await self._tokens_window(key_id, limits.tokens_per_minute)]
@@ -286,20 +393,17 @@ class RateLimiter:
         )
 
     # -- tokens per minute (sliding-window counter) ----------------------------------------------
-    @staticmethod
-    def _tokens_item(limit: int) -> RateLimitItemPerMinute:
-        return RateLimitItemPerMinute(limit, namespace="tokens")
-
     async def _tokens_window(self, key_id: str, limit: int) -> _Window:
-        stats = await self._tpm.get_window_stats(self._tokens_item(limit), key_id)
-        return _Window("tokens", limit, max(0, stats.remaining), max(0, math.ceil(stats.reset_time - time.time())))
+        remaining, reset_s = sliding_stats(limit, await self._windows.sliding_window(key_id, limit))
+        return _Window("tokens", limit, remaining, math.ceil(reset_s))
 
     async def _check_tokens(self, key_id: str, limits: KeyLimits, tokens_hint: int) -> _Window:
         limit = limits.tokens_per_minute
         needed = max(1, tokens_hint)  # a hint of 0 is refused only when the window is exhausted
-        window = await self._tokens_window(key_id, limit)
-        if window.remaining >= needed:
-            return window
+        counts = await self._windows.sliding_window(key_id, limit)
+        remaining, reset_s = sliding_stats(limit, counts)
+        if remaining >= needed:
+            return _Window("tokens", limit, remaining, math.ceil(reset_s))
         others = (
             [await self._requests_window(key_id, limits.requests_per_minute)]
             if limits.requests_per_minute is not None
@@ -317,13 +421,11 @@ class RateLimiter:
                     "x-should-retry": "false",
                 },
             )
-        item_key = self._tokens_item(limit).key_for(key_id)
-        prev_count, prev_ttl, cur_count, cur_ttl = await self._storage.get_sliding_window(item_key, WINDOW_S)
-        wait = _retry_after(tokens_wait_s(limit, needed, prev_count, prev_ttl, cur_count, cur_ttl))
+        wait = _retry_after(tokens_wait_s(limit, needed, *counts))
         hint = f", this request needs about {tokens_hint}" if tokens_hint else ""
         raise MeshError(
             ErrorCode.RATE_LIMITED,
-            f"rate limit reached: this API key may use {limit} tokens per minute ({window.remaining} left{hint}); "
+            f"rate limit reached: this API key may use {limit} tokens per minute ({remaining} left{hint}); "
             f"retry after {wait} s",
             retry_after_s=wait,
             headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *others]),
@@ -331,12 +433,11 @@ class RateLimiter:
 
     async def _charge_tokens(self, key_id: str, limit: int, tokens: int) -> None:
         """Charge what a finished request used; beyond the room left, the window saturates."""
-        item = self._tokens_item(limit)
         cost = min(tokens, limit)
         for _ in range(3):  # another replica may take the room between the two calls: try again
-            if await self._tpm.hit(item, key_id, cost=cost):
+            if await self._windows.charge_tokens(key_id, limit, cost):
                 return
-            cost = min(cost, (await self._tpm.get_window_stats(item, key_id)).remaining)
+            cost = min(cost, sliding_stats(limit, await self._windows.sliding_window(key_id, limit))[0])
             if cost <= 0:
                 return
 
