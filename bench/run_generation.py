@@ -6,9 +6,11 @@ through the full mesh against raw in-process Hugging Face `generate()` of the sa
         the folder's tokenizer and chat template; batch 1 (one fixed prompt: the single-stream rate)
         and batch 8 / 32 (left padding: the raw batched limit at that size).
   mesh  `POST /v1/chat/completions` with `stream: true`, `stream_options: {include_usage: true}`,
-        max_tokens 64, temperature 0.8, a per-request seed, closed loop at 1 / 8 / 32 streams
-        (httpx.AsyncClient). Tokens are counted from the last chunk's `usage.completion_tokens`
-        (the model may stop early at its end token; content chunks are not tokens one to one).
+        max_tokens = min_tokens = 64 (vLLM's `min_tokens`: the end token is masked until then, so
+        every stream makes exactly 64 tokens, like raw; `--stop-at-eos` lets the model end early,
+        ~13 tokens a stream, which makes the per-request cost dominate), temperature 0.8, a
+        per-request seed, closed loop at 1 / 8 / 32 streams (httpx.AsyncClient). Tokens are counted
+        from the last chunk's `usage.completion_tokens` (content chunks are not tokens one to one).
         Aggregate tokens/s = sum(completion_tokens) of the streams that end in the window / window;
         TTFT = request start -> first non-empty `delta.content`; ITL = gaps between content chunks.
         The inference service's Prometheus metrics are read at the window's edges: the mean decode
@@ -60,6 +62,7 @@ from tests.helpers import Mesh, meshserve_home, start_mesh
 
 MODEL = "meshserve/tiny-llama-chat"
 MAX_TOKENS = 64  # per request, mesh and raw
+FIXED_LENGTH = True  # mesh streams send min_tokens = MAX_TOKENS (--stop-at-eos: False)
 TEMPERATURE = 0.8  # mesh requests (raw is greedy with a forced length)
 RAW_THREADS = 2
 CONCURRENCY = (1, 8, 32)  # mesh streams; the raw batch sizes are the same
@@ -257,6 +260,8 @@ async def stream_chat(client, url: str, index: int) -> dict[str, Any]:
         "temperature": TEMPERATURE,
         "seed": index,
     }
+    if FIXED_LENGTH:
+        body["min_tokens"] = MAX_TOKENS
     t0 = time.perf_counter()
     chunks: list[float] = []  # arrival of each non-empty content delta
     usage, finish, done = None, None, False
@@ -532,10 +537,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="folder for generation.{json,png} (default bench/results)"
     )
+    parser.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="let mesh streams end at the model's end token instead of making exactly max_tokens",
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
     seconds = args.seconds
+    global FIXED_LENGTH
+    FIXED_LENGTH = not args.stop_at_eos
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
     catalog = Catalog.load(REPO / "catalog.yaml")
     entry = catalog.get(MODEL)
@@ -582,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             "request_timeout_s": REQUEST_TIMEOUT_S,
             "concurrency": list(CONCURRENCY),
             "max_tokens": MAX_TOKENS,
+            "min_tokens": MAX_TOKENS if FIXED_LENGTH else None,
             "temperature": TEMPERATURE,
             "seed": "the request's index in its point",
             "prompts": PROMPTS,

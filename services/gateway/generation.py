@@ -31,6 +31,7 @@ class GenerationRequest:
     messages: list[tuple[str, str]] | None = None
     prompt: str | None = None
     max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -104,6 +105,8 @@ class Generator:
             pb.parameters["top_k"].int64_param = request.top_k
         if request.seed is not None:
             pb.parameters["seed"].int64_param = request.seed
+        if request.min_new_tokens:
+            pb.parameters["min_tokens"].int64_param = request.min_new_tokens
         return pb
 
     async def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:
@@ -124,7 +127,11 @@ class Generator:
                     raise MeshError(ErrorCode.INVALID_INPUT, response.error_message)
                 out = response.infer_response
                 if out.parameters["triton_final_response"].bool_param:
-                    reason = out.parameters["finish_reason"].string_param or "stop"
+                    # Triton's final response of a decoupled model carries no parameters: there the
+                    # reason follows from the count (a generation stops short only at an end token).
+                    reason = out.parameters["finish_reason"].string_param or (
+                        "length" if completion >= prepared.max_new_tokens else "stop"
+                    )
                     tail = await self._detokenize(detok, [], last=True)
                     yield Step(tail.text, final=True, finish_reason=reason, prompt_tokens=prepared.prompt_tokens,
                                completion_tokens=completion)  # fmt: skip

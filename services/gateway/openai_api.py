@@ -64,6 +64,9 @@ class _Sampling(_Open):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(
+        None, ge=0, description="vLLM's extension: no end or stop token before this many tokens (fixed-length runs)."
+    )
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
@@ -189,6 +192,12 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
 
     async def start(request: Request, entry: ModelEntry, gen: GenerationRequest):
         prepared = await generator.prepare(entry, gen)
+        if gen.min_new_tokens and gen.min_new_tokens > prepared.max_new_tokens:
+            raise invalid(
+                f"`min_tokens` ({gen.min_new_tokens}) is more than the {prepared.max_new_tokens} tokens this request "
+                "may generate",
+                param="min_tokens",
+            )
         metered = await admit(request, entry, "text-generation", prepared.prompt_tokens, prepared.max_new_tokens)
         metered.add(input_tokens=prepared.prompt_tokens, items=1)
         return prepared, metered
@@ -232,6 +241,7 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         gen = GenerationRequest(
             messages=messages,
             max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            min_new_tokens=body.min_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
@@ -281,6 +291,7 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         gen = GenerationRequest(
             prompt=prompts[0],
             max_new_tokens=body.max_tokens or 16,  # OpenAI's default for completions
+            min_new_tokens=body.min_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,

@@ -222,6 +222,7 @@ def sampling_of(parameters, stop_token_ids: list[int]) -> SamplingParams:
     seed = number("seed", None, int)
     return SamplingParams(
         max_new_tokens=number("max_tokens", 64, int),
+        min_new_tokens=number("min_tokens", 0, int),
         temperature=number("temperature", 1.0, float),
         top_p=number("top_p", 1.0, float),
         top_k=number("top_k", 0, int),
@@ -237,13 +238,14 @@ def sampling_from_json(parameters: str, stop_token_ids: list[int]) -> SamplingPa
 
     values = json.loads(parameters or "{}")
     for name, value in values.items():
-        if name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty") and (
+        if name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty") and (
             isinstance(value, bool) or not isinstance(value, int | float)
         ):
             raise invalid(f"request parameter '{name}' must be a number", param=name)
     seed = values.get("seed")
     return SamplingParams(
         max_new_tokens=int(values.get("max_tokens", 64)),
+        min_new_tokens=int(values.get("min_tokens", 0)),
         temperature=float(values.get("temperature", 1.0)),
         top_p=float(values.get("top_p", 1.0)),
         top_k=int(values.get("top_k", 0)),

@@ -67,6 +67,7 @@ class SamplingParams:
     """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
 
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # the end and stop tokens are masked until this many were generated
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -77,6 +78,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise invalid("`max_tokens` must be at least 1", param="max_tokens")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise invalid("`min_tokens` must be in [0, max_tokens]", param="min_tokens")
         if not 0.0 <= self.temperature <= 100.0:
             raise invalid("`temperature` must be in [0, 100]", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -317,7 +320,15 @@ class GenerationScheduler:
                 joining.append(sequence)
         if not joining:
             return
-        sampled, layers, mask = await loop.run_in_executor(self._executor, self._prefill, joining)
+        try:
+            sampled, layers, mask = await loop.run_in_executor(self._executor, self._prefill, joining)
+        except BaseException as exc:  # they left the queue and never joined: end them here
+            for sequence in joining:
+                if isinstance(exc, Exception):
+                    self._finish(sequence, "error", error=f"generation failed: {type(exc).__name__}")
+                else:
+                    self._finish(sequence, "cancelled")
+            raise
         PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt) for s in joining))
         keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if self._emit(s, t, lp)]
         if keep:
@@ -367,30 +378,54 @@ class GenerationScheduler:
         return self._sample_rows(logits, batch.sequences)
 
     def _sample_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
-        """Sample every row. Temperature and softmax run once for the whole batch; only rows that
-        ask for top-k, top-p or a repetition penalty take the per-row path. Each row still draws
-        with its own generator, so a seeded request repeats whatever it is batched with."""
+        """Sample every row. Temperature, softmax and the draw run once for the whole batch (inverse
+        CDF: one uniform per row, then one searchsorted); only rows that ask for top-k, top-p or a
+        repetition penalty take the per-row path. Each row's uniform comes from its own generator,
+        so a seeded request repeats whatever it is batched with."""
         torch = self._torch
+        self._mask_early_ends(logits, sequences)
         plain = [
             i for i, s in enumerate(sequences)
             if s.params.top_k == 0 and s.params.top_p >= 1.0 and s.params.repetition_penalty == 1.0
         ]  # fmt: skip
         results: list[tuple[int, float] | None] = [None] * len(sequences)
         if plain:
-            index = torch.tensor(plain, device=logits.device)
-            rows = logits.index_select(0, index)
+            rows = logits if len(plain) == len(sequences) else logits.index_select(0, torch.tensor(plain))
             temps = torch.tensor([sequences[i].params.temperature for i in plain], device=logits.device)
             greedy = temps == 0
             log_probs = torch.log_softmax(rows / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
-            choice = log_probs.argmax(dim=-1)
-            probs = log_probs.exp().cpu()
-            for j, i in enumerate(plain):
-                token = int(choice[j]) if greedy[j] else int(torch.multinomial(probs[j], 1, generator=sequences[i].generator))
-                results[i] = (token, float(log_probs[j, token]))
+            uniforms = torch.tensor(
+                [0.0 if sequences[i].params.temperature == 0 else torch.rand(1, generator=sequences[i].generator).item()
+                 for i in plain]
+            )  # fmt: skip
+            cdf = log_probs.exp().cumsum(dim=-1)
+            # The smallest token whose cumulative probability reaches u (a zero-probability token is
+            # never picked: the target is above every flat stretch it would start).
+            target = (uniforms.to(cdf.device) * cdf[:, -1]).clamp(min=1e-12).unsqueeze(1)
+            drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[1] - 1)
+            tokens = torch.where(greedy, log_probs.argmax(dim=-1), drawn)
+            chosen = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            for i, token, logprob in zip(plain, tokens.tolist(), chosen.tolist(), strict=True):
+                results[i] = (token, logprob)
         for i, sequence in enumerate(sequences):
             if results[i] is None:
                 results[i] = self._sample(logits[i], sequence)
         return results
+
+    def _mask_early_ends(self, logits, sequences: list[Sequence]) -> None:
+        """Rows that have not reached their `min_new_tokens` cannot pick an end or stop token
+        (in place, one indexed write per distinct set of stop ids)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, sequence in enumerate(sequences):
+            if len(sequence.generated) < sequence.params.min_new_tokens:
+                groups.setdefault(sequence.params.stop_token_ids, []).append(i)
+        torch = self._torch
+        for stop_ids, rows in groups.items():
+            ends = sorted(self.runtime.eos_token_ids.union(stop_ids))
+            if ends:
+                index = torch.tensor(rows, device=logits.device).unsqueeze(1)
+                with torch.inference_mode():  # the logits are an inference tensor
+                    logits[index, torch.tensor(ends, device=logits.device).unsqueeze(0)] = float("-inf")
 
     def _drop(self, leaving: list[Sequence], reason: str | None) -> None:
         """Remove sequences from the batch (their rows of the cache) and trim shared padding."""

@@ -11,6 +11,7 @@ import time
 
 import grpc
 import httpx
+import openai
 import pytest
 from huggingface_hub import InferenceClient
 from meshserve.gateway.v1 import gateway_pb2
@@ -74,6 +75,17 @@ def test_openai_completions_and_stop_strings(mesh, openai_client):
         assert stopped.choices[0].text == text[: text.index(stop)]
     stream = list(openai_client.completions.create(model=LM, prompt="The module", max_tokens=20, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_min_tokens_makes_fixed_length_generations(mesh, openai_client):
+    """vLLM's `min_tokens` (what fixed-length benchmarks send): the end token waits until then."""
+    reply = openai_client.chat.completions.create(
+        model=LM, messages=HELLO, max_tokens=40, temperature=0, extra_body={"min_tokens": 40}
+    )
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.chat.completions.create(model=LM, messages=HELLO, max_tokens=8, extra_body={"min_tokens": 9})
+    assert refused.value.body["param"] == "min_tokens"
 
 
 def test_hf_chat_completion_stream(mesh):

@@ -152,3 +152,78 @@ async def test_seeded_sampling_repeats_and_bad_requests_are_refused(runtime):
     finally:
         await scheduler.close()
     assert a == b and len(a) > 0
+
+
+async def test_min_new_tokens_masks_the_end_until_reached(runtime):
+    """vLLM's `min_tokens`: a greedy sequence that would stop early (EOS made likely by a bias on
+    its logit) runs on to min_new_tokens; the stop ids are masked too, and only until then."""
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    original = runtime.model.lm_head.bias
+    runtime.model.lm_head.bias = torch.nn.Parameter(torch.zeros(97))
+    runtime.model.lm_head.bias.data[96] = 1e4  # the end token wins every greedy step
+    try:
+        alone, why = await collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=20, temperature=0.0)))
+        held, held_why = await collect(
+            scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=20, min_new_tokens=7, temperature=0.0))
+        )
+        sampled, _ = await collect(
+            scheduler.submit(
+                PROMPTS[1], SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=1.0, seed=3, top_k=5)
+            )
+        )
+        with pytest.raises(MeshError, match="min_tokens"):
+            scheduler.submit([1], SamplingParams(max_new_tokens=4, min_new_tokens=5))
+    finally:
+        runtime.model.lm_head.bias = original
+        await scheduler.close()
+    assert alone == [] and why == "stop"
+    assert len(held) == 7 and 96 not in held and held_why == "stop"  # the end came as soon as it could
+    assert len(sampled) == 12 and 96 not in sampled
+
+
+async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(runtime, monkeypatch):
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    real = runtime.prefill_batch
+
+    def broken(prompts):
+        raise RuntimeError("out of memory")
+
+    try:
+        monkeypatch.setattr(runtime, "prefill_batch", broken)
+        tokens, why = await asyncio.wait_for(collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))), 10)
+        monkeypatch.setattr(runtime, "prefill_batch", real)
+        after, _ = await asyncio.wait_for(
+            collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0.0))), 10
+        )
+    finally:
+        await scheduler.close()
+    assert tokens == [] and why == "error"
+    assert len(after) > 0
+
+
+def test_batched_sampling_follows_the_distribution(runtime):
+    """The batched inverse-CDF draw: frequencies match the softmax, zero-probability tokens are
+    never drawn, greedy rows pick the argmax, and a row's seed alone decides its draw."""
+    from services.inference.generation import Sequence
+
+    scheduler = GenerationScheduler.__new__(GenerationScheduler)
+    scheduler._torch, scheduler.runtime = torch, runtime
+    probs = torch.zeros(97)
+    probs[[3, 40, 90]] = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().expand(400, 97).clone()
+
+    def rows(seed0: int, temperature: float = 1.0) -> list[Sequence]:
+        out = []
+        for k in range(400):
+            seq = Sequence([1], SamplingParams(temperature=temperature), asyncio.Queue())
+            seq.generator = torch.Generator().manual_seed(seed0 + k)
+            out.append(seq)
+        return out
+
+    drawn = [t for t, _ in scheduler._sample_rows(logits.clone(), rows(0))]
+    counts = {t: drawn.count(t) / len(drawn) for t in set(drawn)}
+    assert set(counts) <= {3, 40, 90}
+    assert abs(counts[3] - 0.5) < 0.08 and abs(counts[40] - 0.3) < 0.08 and abs(counts[90] - 0.2) < 0.08
+    assert [t for t, _ in scheduler._sample_rows(logits.clone(), rows(0))] == drawn  # same seeds, same draws
+    greedy = scheduler._sample_rows(logits.clone(), rows(0, temperature=0.0))
+    assert {t for t, _ in greedy} == {3} and abs(greedy[0][1] - float(torch.tensor(0.5).log())) < 1e-5
