@@ -82,6 +82,13 @@ class Generator:
         if request.max_new_tokens is not None:
             pb.max_new_tokens = request.max_new_tokens
         reply = await self.preprocess.prepare_generation(pb)
+        if request.min_new_tokens and request.min_new_tokens > reply.max_new_tokens:
+            raise MeshError(
+                ErrorCode.INVALID_INPUT,
+                f"`min_tokens` ({request.min_new_tokens}) is more than the {reply.max_new_tokens} tokens this request "
+                "may generate",
+                param="min_tokens",
+            )
         return Prepared(list(reply.input_ids), reply.max_new_tokens, list(reply.stop_token_ids))
 
     def _infer_request(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest):

@@ -44,6 +44,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             messages=[(m.role, m.content) for m in request.messages] or None,
             prompt=request.prompt,
             max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+            min_new_tokens=p.min_new_tokens if p.HasField("min_new_tokens") else None,
             temperature=p.temperature if p.HasField("temperature") else None,
             top_p=p.top_p if p.HasField("top_p") else None,
             top_k=p.top_k if p.HasField("top_k") else None,

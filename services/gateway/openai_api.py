@@ -192,12 +192,6 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
 
     async def start(request: Request, entry: ModelEntry, gen: GenerationRequest):
         prepared = await generator.prepare(entry, gen)
-        if gen.min_new_tokens and gen.min_new_tokens > prepared.max_new_tokens:
-            raise invalid(
-                f"`min_tokens` ({gen.min_new_tokens}) is more than the {prepared.max_new_tokens} tokens this request "
-                "may generate",
-                param="min_tokens",
-            )
         metered = await admit(request, entry, "text-generation", prepared.prompt_tokens, prepared.max_new_tokens)
         metered.add(input_tokens=prepared.prompt_tokens, items=1)
         return prepared, metered

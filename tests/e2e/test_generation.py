@@ -123,6 +123,26 @@ def test_grpc_generate_streams_tokens(mesh):
     assert responses[-1].usage.output_tokens == len(responses) - 1
 
 
+def test_grpc_generate_takes_min_new_tokens(mesh):
+    from meshserve.gateway.v1 import gateway_pb2_grpc
+
+    def generate(**parameters):
+        request = gateway_pb2.GenerateRequest(
+            model_id=LM,
+            messages=[tasks_pb2.ChatMessage(role="user", content="Hello")],
+            parameters=tasks_pb2.GenerationParameters(temperature=0, **parameters),
+        )
+        return list(stub.Generate(request))
+
+    with grpc.insecure_channel(mesh.grpc_target) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        responses = generate(max_new_tokens=24, min_new_tokens=24)
+        with pytest.raises(grpc.RpcError) as refused:
+            generate(max_new_tokens=4, min_new_tokens=5)
+    assert responses[-1].usage.output_tokens == 24 and responses[-1].finish_reason == "length"
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in refused.value.details()
+
+
 def skip_on_triton(mesh) -> None:
     if mesh.backend == "triton":
         pytest.skip("the scheduler runs inside Triton's Python stub there; its metrics are not on Triton's endpoint")
