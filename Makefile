@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: up install test test-fast proto proto-check lint bench models clean
+.PHONY: up install test proto proto-check lint bench models clean
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone so
 # that pip takes the local CPU wheel (torch==2.13.0) and never pulls a CUDA build.

@@ -11,9 +11,9 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r gen "$tmp/gen.before"
 scripts/proto.sh
-if ! diff -r "$tmp/gen.before" gen >/dev/null; then
+if ! diff -r -x __pycache__ "$tmp/gen.before" gen >/dev/null; then
   echo "generated stubs are stale: run 'make proto' and commit gen/" >&2
-  diff -r "$tmp/gen.before" gen | head -20 >&2
+  diff -r -x __pycache__ "$tmp/gen.before" gen | head -20 >&2
   exit 1
 fi
 echo "proto-check: lint, format, breaking and drift OK"

@@ -51,8 +51,8 @@ def _up(args) -> int:
         replicas = {}
         for item in args.replicas:
             stage, _, count = item.partition("=")
-            if stage not in ("gateway", "preprocess", "inference", "postprocess") or not count.isdigit():
-                print(f"meshserve: --replicas takes SERVICE=N with a mesh service, not {item!r}", file=sys.stderr)
+            if stage not in ("gateway", "preprocess", "inference", "postprocess") or not count.isdigit() or int(count) < 1:
+                print(f"meshserve: --replicas takes SERVICE=N (N >= 1) with a mesh service, not {item!r}", file=sys.stderr)
                 return 2
             replicas[stage] = int(count)
         os.environ["MESHSERVE_SUPERVISOR_REPLICAS"] = json.dumps(replicas)

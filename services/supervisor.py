@@ -24,7 +24,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.settings import CommonSettings
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import ADMIN_TOKEN_FILE, GatewaySettings
 from services.inference.settings import InferenceSettings
 from services.postprocess.settings import PostprocessSettings
 from services.preprocess.settings import PreprocessSettings
@@ -206,7 +206,7 @@ class Supervisor:
             return "  API keys   OFF (--no-auth): anyone who reaches the gateway can use and administer it\n"
         if gw.admin_token:
             return "  API keys   on; admin token in $MESHSERVE_ADMIN_TOKEN\n"
-        where = (gw.home / "admin-token").resolve()
+        where = (gw.home / ADMIN_TOKEN_FILE).resolve()
         return (
             f"  API keys   on; admin token in {where}\n"
             f"             curl -H \"Authorization: Bearer $(cat {where})\" {self.base_url}/v1/models\n"

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.gateway.auth import Authenticator
 from services.gateway.metering import Metering
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import ADMIN_TOKEN_FILE, GatewaySettings
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADMIN_TOKEN_FILE = "admin-token"
 
 
 def admin_token(settings: GatewaySettings) -> str:
@@ -34,10 +34,18 @@ def admin_token(settings: GatewaySettings) -> str:
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole to a private file, then linked into place: gateway replicas starting together on
+    # one home all end up with the one token that won the link, never a half-written file.
     token = "msk_admin_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    fd, draft = tempfile.mkstemp(prefix=".admin-token-", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.link(draft, path)
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        os.unlink(draft)
     return token
 
 

@@ -293,8 +293,11 @@ class KeyStore:
         await asyncio.shield(self._miss_refresh)  # concurrent misses share one check
 
     async def _refresh_if_changed(self) -> None:
-        if await asyncio.to_thread(self._version_now) != self._version:
-            await self.reload()
+        try:
+            if await asyncio.to_thread(self._version_now) != self._version:
+                await self.reload()
+        except Exception:  # the database is briefly unavailable: judge the token by the last view (401)
+            log.warning("API key refresh failed", exc_info=True)
 
     async def _poll(self) -> None:
         while True:

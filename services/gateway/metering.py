@@ -26,11 +26,11 @@ from opentelemetry import trace
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
 from services.gateway.auth import Principal
+from services.gateway.ledger import UsageLedger, UsageRecord
 from services.gateway.ratelimit import KeyLimits
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook, Reservation
-    from services.gateway.ledger import UsageLedger
     from services.gateway.ratelimit import Admission, RateLimiter
 
 log = logging.getLogger(__name__)
@@ -175,16 +175,18 @@ class Metering:
         try:
             if metered.reservation is not None:
                 await self.budgets.settle(metered.reservation, metered.cost_usd)
-            if metered.admission is not None:
-                await metered.admission.done(metered.input_tokens + metered.output_tokens)
+        except Exception:  # on the way out: a store outage must not replace the response
+            log.exception("could not settle the budget hold of request %s", metered.request_id)
         finally:
-            if self.ledger is not None:
-                self.ledger.record(self._record(metered, status))
+            try:
+                if metered.admission is not None:
+                    await metered.admission.done(metered.input_tokens + metered.output_tokens)  # never raises
+            finally:
+                if self.ledger is not None:
+                    self.ledger.record(self._record(metered, status))
 
     @staticmethod
-    def _record(m: Metered, status: int):
-        from services.gateway.ledger import UsageRecord
-
+    def _record(m: Metered, status: int) -> UsageRecord:
         span = trace.get_current_span().get_span_context()
         return UsageRecord(
             request_id=m.request_id,

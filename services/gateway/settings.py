@@ -7,6 +7,8 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings, UpstreamSettings
 
+ADMIN_TOKEN_FILE = "admin-token"  # in MESHSERVE_HOME, when MESHSERVE_ADMIN_TOKEN is not set
+
 
 class GatewaySettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="MESHSERVE_GATEWAY_", extra="ignore")

@@ -322,12 +322,14 @@ class GenerationScheduler:
             return
         try:
             sampled, layers, mask = await loop.run_in_executor(self._executor, self._prefill, joining)
-        except BaseException as exc:  # they left the queue and never joined: end them here
+        except Exception as exc:  # they left the queue and never joined: end them; the batch goes on
+            log.exception("prefill failed", extra={"fields": {"model": self.name, "sequences": len(joining)}})
             for sequence in joining:
-                if isinstance(exc, Exception):
-                    self._finish(sequence, "error", error=f"generation failed: {type(exc).__name__}")
-                else:
-                    self._finish(sequence, "cancelled")
+                self._finish(sequence, "error", error=f"generation failed: {type(exc).__name__}")
+            return
+        except BaseException:  # the scheduler is closing
+            for sequence in joining:
+                self._finish(sequence, "cancelled")
             raise
         PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt) for s in joining))
         keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if self._emit(s, t, lp)]
@@ -390,7 +392,7 @@ class GenerationScheduler:
         ]  # fmt: skip
         results: list[tuple[int, float] | None] = [None] * len(sequences)
         if plain:
-            rows = logits if len(plain) == len(sequences) else logits.index_select(0, torch.tensor(plain))
+            rows = logits if len(plain) == len(sequences) else logits.index_select(0, torch.tensor(plain, device=logits.device))
             temps = torch.tensor([sequences[i].params.temperature for i in plain], device=logits.device)
             greedy = temps == 0
             log_probs = torch.log_softmax(rows / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)

@@ -189,9 +189,12 @@ async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(run
         raise RuntimeError("out of memory")
 
     try:
+        running = scheduler.submit(PROMPTS[1], SamplingParams(max_new_tokens=30, min_new_tokens=30, temperature=0.0))
+        first = await asyncio.wait_for(running.__anext__(), 10)  # it is in the batch now
         monkeypatch.setattr(runtime, "prefill_batch", broken)
         tokens, why = await asyncio.wait_for(collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))), 10)
         monkeypatch.setattr(runtime, "prefill_batch", real)
+        rest, running_why = await asyncio.wait_for(collect(running), 10)
         after, _ = await asyncio.wait_for(
             collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0.0))), 10
         )
@@ -199,6 +202,8 @@ async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(run
         await scheduler.close()
     assert tokens == [] and why == "error"
     assert len(after) > 0
+    # The newcomer's failure did not touch the running batch: that sequence ran to its end.
+    assert first.token_id is not None and len(rest) == 29 and running_why == "length"
 
 
 def test_batched_sampling_follows_the_distribution(runtime):

@@ -302,3 +302,28 @@ async def test_an_unreachable_redis_refuses_as_retryable_unavailable():
     finally:
         await limiter.close()
         await book.close()
+
+
+async def test_a_store_failure_while_settling_still_frees_the_slot_and_answers(limiter, book, monkeypatch):
+    """Finishing runs on the way out of a request that already succeeded: a budget store that fails
+    to settle is logged, the concurrency slot is still freed and the request keeps its status."""
+    from pathlib import Path
+
+    from services.common.catalog import Catalog
+    from services.gateway.auth import Principal
+    from services.gateway.keys import ApiKey
+    from services.gateway.metering import Metering
+
+    entry = Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
+    key = ApiKey(id=f"k{uuid.uuid4().hex[:8]}", name="t", scopes=("inference",), concurrent_requests=1, budget_usd=1.0)
+    metering = Metering(limiter, book, None, timeout_s=1.0)
+
+    async def broken_settle(*args):
+        raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "budget store is unavailable")
+
+    monkeypatch.setattr(book, "settle", broken_settle)
+    metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
+    async with metering.track(metered):
+        pass  # the request succeeded; finishing must not turn it into an error
+    again = await metering.admit(Principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5)
+    await metering.finish(again, 200)  # the one slot was free again
