@@ -58,7 +58,7 @@ lint: $(STAMP)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
 
-## bench: raw torch limit, inference service alone, full mesh; JSON + PNG in bench/results/.
+## bench: every benchmark (embeddings, backends, classification, control plane, generation); JSON + PNG in bench/results/.
 bench: $(STAMP)
 	$(VENV)/bin/meshserve models build
 	$(PY) -m bench.run_embeddings
