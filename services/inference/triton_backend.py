@@ -130,20 +130,31 @@ class _GenerationHost:
             message = exc.message if isinstance(exc, MeshError) else str(exc)
             sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=final)
             return
-        async for event in stream:
-            if sender.is_cancelled():
-                stream.cancel()
-            if event.final:
-                sender.send(flags=final)
-                return
-            sender.send(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("token_id", np.array([event.token_id], dtype=np.int64)),
-                        pb_utils.Tensor("logprob", np.array([event.logprob], dtype=np.float32)),
-                    ]
+        def fail(message: str) -> None:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=final)
+
+        try:
+            async for event in stream:
+                if sender.is_cancelled():
+                    stream.cancel()  # it leaves at the next step; its final event ends this loop
+                    continue
+                if event.final:
+                    if event.error:  # a failed step: an error, not a normal end the gateway would count
+                        fail(event.error)
+                    else:
+                        sender.send(flags=final)
+                    return
+                sender.send(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[
+                            pb_utils.Tensor("token_id", np.array([event.token_id], dtype=np.int64)),
+                            pb_utils.Tensor("logprob", np.array([event.logprob], dtype=np.float32)),
+                        ]
+                    )
                 )
-            )
+        except Exception as exc:  # this coroutine's future is not awaited: end the stream here, or it hangs
+            stream.cancel()
+            fail(f"generation failed: {type(exc).__name__}")
 
     def close(self) -> None:
         import asyncio
