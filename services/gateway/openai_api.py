@@ -225,6 +225,24 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
             _swallow(body()), media_type="text/event-stream", headers={**SSE_HEADERS, **metered.rate_headers()}
         )
 
+    async def respond(request: Request, entry: ModelEntry, gen: GenerationRequest, stream: bool, events, render):
+        """Admit and run one generation: an SSE stream of `events(steps, prepared)`, or one JSON body
+        `render(text, last, tokens)` (`tokens`: the steps' TGI token objects)."""
+        prepared, metered = await start(request, entry, gen)
+        if stream:
+            source = steps(entry, prepared, gen, metered)
+            return streaming(events(source, prepared), metered, source)
+        async with metering.track(metered):
+            text, last, tokens = await _collect(steps(entry, prepared, gen, metered))
+        return json_response(render(text, last, tokens), headers=metered.headers())
+
+    def sampling(body: _Sampling, **what) -> GenerationRequest:
+        """The OpenAI routes' sampling fields; `what`: the messages or prompt and max_new_tokens."""
+        return GenerationRequest(
+            min_new_tokens=body.min_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            stop=body.stops(), **what,
+        )  # fmt: skip
+
     # -- OpenAI chat ----------------------------------------------------------------------------
     async def chat(request: Request, model_id: str | None):
         body = parse(ChatCompletionRequest, await read_json(request, 8 * 1024 * 1024))
@@ -232,39 +250,24 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         entry = generation_entry(model_id or body.model)
         request.state.model = entry.id
         messages = [(m.role if m.role != "developer" else "system", m.text(i)) for i, m in enumerate(body.messages)]
-        gen = GenerationRequest(
-            messages=messages,
-            max_new_tokens=body.max_completion_tokens or body.max_tokens,
-            min_new_tokens=body.min_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stops(),
-        )
-        prepared, metered = await start(request, entry, gen)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": ident, "created": created, "model": entry.id, "system_fingerprint": "meshserve"}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            source = steps(entry, prepared, gen, metered)
-            return streaming(_chat_events(source, head, include_usage), metered, source)
-        async with metering.track(metered):
-            text, last = await _collect(steps(entry, prepared, gen, metered))
-        return json_response(
-            {
+        gen = sampling(body, messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id,
+            "system_fingerprint": "meshserve",
+        }  # fmt: skip
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def render(text: str, last: Step, _tokens) -> dict:
+            message = {"role": "assistant", "content": text, "refusal": None}
+            return {
                 **head,
                 "object": "chat.completion",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": last.finish_reason,
-                    }
-                ],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}],
                 "usage": _usage(last),
-            },
-            headers=metered.headers(),
+            }
+
+        return await respond(
+            request, entry, gen, bool(body.stream), lambda source, _: _chat_events(source, head, include_usage), render
         )
 
     @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completions (OpenAI), stream or not")
@@ -282,32 +285,22 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
             raise invalid("`prompt` must be one string (one completion per request)", param="prompt")
         entry = generation_entry(body.model)
         request.state.model = entry.id
-        gen = GenerationRequest(
-            prompt=prompts[0],
-            max_new_tokens=body.max_tokens or 16,  # OpenAI's default for completions
-            min_new_tokens=body.min_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stops(),
-        )
-        prepared, metered = await start(request, entry, gen)
+        gen = sampling(body, prompt=prompts[0], max_new_tokens=body.max_tokens or 16)  # OpenAI's default: 16
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            source = steps(entry, prepared, gen, metered)
-            return streaming(_completion_events(source, head, include_usage), metered, source)
-        async with metering.track(metered):
-            text, last = await _collect(steps(entry, prepared, gen, metered))
-        return json_response(
-            {
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def render(text: str, last: Step, _tokens) -> dict:
+            return {
                 **head,
                 "object": "text_completion",
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
                 "usage": _usage(last),
-            },
-            headers=metered.headers(),
-        )
+            }
+
+        return await respond(
+            request, entry, gen, bool(body.stream), lambda source, _: _completion_events(source, head, include_usage),
+            render,
+        )  # fmt: skip
 
     # -- HF / TGI text_generation ---------------------------------------------------------------
     async def text_generation(request: Request, entry: ModelEntry, body: dict):
@@ -318,40 +311,35 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
             raise invalid("`inputs` must be a non-empty string (the prompt)", param="inputs")
         p = parse(TGIParameters, body.get("parameters") or {}, where="parameters")
         p.check_supported()
-        sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_p, p.top_k))
+        sample = p.do_sample or any(v is not None for v in (p.temperature, p.top_p, p.top_k))
         gen = GenerationRequest(
             prompt=body["inputs"],
             max_new_tokens=p.max_new_tokens,
-            temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
+            temperature=(p.temperature if p.temperature is not None else 1.0) if sample else 0.0,
             top_p=p.top_p,
             top_k=p.top_k,
             seed=p.seed,
             repetition_penalty=p.repetition_penalty,
             stop=p.stop or [],
         )
-        prepared, metered = await start(request, entry, gen)
         prefix = body["inputs"] if p.return_full_text else ""
-        if body.get("stream"):
-            source = steps(entry, prepared, gen, metered)
-            return streaming(_tgi_events(source, prefix, p.seed, prepared.prompt_tokens), metered, source)
-        async with metering.track(metered):
-            tokens, text, last = [], "", None
-            async for step in steps(entry, prepared, gen, metered):
-                text += step.text
-                if step.final:
-                    last = step
-                else:
-                    tokens.append(_tgi_token(step))
-        result = {"generated_text": prefix + text}
-        if p.details:
-            result["details"] = {
-                "finish_reason": _tgi_reason(last.finish_reason),
-                "generated_tokens": last.completion_tokens,
-                "seed": p.seed,
-                "prefill": [],
-                "tokens": tokens,
-            }
-        return json_response([result], headers=metered.headers())
+
+        def render(text: str, last: Step, tokens: list[dict]) -> list[dict]:
+            result = {"generated_text": prefix + text}
+            if p.details:
+                result["details"] = {
+                    "finish_reason": _tgi_reason(last.finish_reason),
+                    "generated_tokens": last.completion_tokens,
+                    "seed": p.seed,
+                    "prefill": [],
+                    "tokens": tokens,
+                }
+            return [result]
+
+        return await respond(
+            request, entry, gen, bool(body.get("stream")),
+            lambda source, prepared: _tgi_events(source, prefix, p.seed, prepared.prompt_tokens), render,
+        )  # fmt: skip
 
     return {"chat": chat, "text_generation": text_generation}
 
@@ -377,12 +365,16 @@ async def _swallow(body):
         return
 
 
-async def _collect(steps) -> tuple[str, Step]:
-    text, last = "", None
+async def _collect(steps) -> tuple[str, Step, list[dict]]:
+    """The whole text, the final step, and each token as TGI's details list it."""
+    text, last, tokens = "", None, []
     async for step in steps:
         text += step.text
-        last = step if step.final else last
-    return text, last
+        if step.final:
+            last = step
+        else:
+            tokens.append(_tgi_token(step))
+    return text, last, tokens
 
 
 def _usage(last: Step) -> dict:
