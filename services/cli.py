@@ -78,26 +78,29 @@ def _key_store():
 def _keys(args) -> int:
     """API keys in the gateway's database; running gateways pick changes up within a second."""
     import json
-    from datetime import UTC, datetime, timedelta
 
     from services.common.errors import MeshError
+    from services.gateway.admin_api import KeyRequest, create_key
+    from services.gateway.schemas import parse
 
     store = _key_store()
     try:
         if args.action == "create":
-            expires = datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
-            key, token = store.create(
-                args.name,
-                [s.strip() for s in args.scopes.split(",") if s.strip()],
-                models=args.models.split(",") if args.models else None,
-                tasks=args.tasks.split(",") if args.tasks else None,
-                requests_per_minute=args.rpm,
-                tokens_per_minute=args.tpm,
-                concurrent_requests=args.concurrency,
-                budget_usd=args.budget_usd,
-                budget_period=args.budget_period,
-                expires_at=expires,
-            )
+            def items(text: str | None) -> list[str]:
+                return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+            # The REST route's validation and creation, so that both refuse and store alike.
+            spec = parse(
+                KeyRequest,
+                {
+                    "name": args.name, "scopes": items(args.scopes), "models": items(args.models),
+                    "tasks": items(args.tasks), "requests_per_minute": args.rpm, "tokens_per_minute": args.tpm,
+                    "concurrent_requests": args.concurrency, "budget_usd": args.budget_usd,
+                    "budget_period": args.budget_period,
+                    "expires_in_s": args.expires_days * 86400 if args.expires_days else None,
+                },
+            )  # fmt: skip
+            key, token = create_key(store, spec)
             print(json.dumps(key.public(), indent=2))
             print(f"token (shown once, store it now): {token}")
         elif args.action == "list":

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.auth import Authenticator
 from services.gateway.control import ControlPlane
+from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.schemas import parse
 
 
@@ -31,6 +32,24 @@ class KeyRequest(BaseModel):
     budget_usd: float | None = Field(None, ge=0)
     budget_period: Literal["day", "month", "total"] | None = None
     expires_in_s: float | None = Field(None, gt=0, description="Lifetime; unset: no expiry.")
+
+
+def create_key(store: KeyStore, spec: KeyRequest) -> tuple[ApiKey, str]:
+    """Store the key a spec describes; returns it and its token (`POST /admin/keys` and
+    `meshserve keys create`)."""
+    expires = datetime.now(UTC) + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None
+    return store.create(
+        spec.name,
+        list(spec.scopes),
+        models=spec.models,
+        tasks=spec.tasks,
+        requests_per_minute=spec.requests_per_minute,
+        tokens_per_minute=spec.tokens_per_minute,
+        concurrent_requests=spec.concurrent_requests,
+        budget_usd=spec.budget_usd,
+        budget_period=spec.budget_period,
+        expires_at=expires,
+    )
 
 
 def _date(value: str | None, field: str) -> datetime | None:
@@ -53,22 +72,9 @@ def register(app: FastAPI, control: ControlPlane, render, read_json) -> None:
         return control.keys
 
     @app.post("/admin/keys", tags=["admin"], summary="Create an API key (the token is shown once)")
-    async def create_key(request: Request):
+    async def post_key(request: Request):
         spec = parse(KeyRequest, await read_json(request, 64 * 1024))
-        expires = datetime.now(UTC) + timedelta(seconds=spec.expires_in_s) if spec.expires_in_s else None
-        key, token = await asyncio.to_thread(
-            keys().create,
-            spec.name,
-            list(spec.scopes),
-            models=spec.models,
-            tasks=spec.tasks,
-            requests_per_minute=spec.requests_per_minute,
-            tokens_per_minute=spec.tokens_per_minute,
-            concurrent_requests=spec.concurrent_requests,
-            budget_usd=spec.budget_usd,
-            budget_period=spec.budget_period,
-            expires_at=expires,
-        )
+        key, token = await asyncio.to_thread(create_key, keys(), spec)
         await keys().reload()
         return render({**key.public(), "token": token}, 201)
 
