@@ -382,8 +382,10 @@ def test_concurrent_streams_never_overspend_and_a_closed_stream_pays_what_it_use
     mesh, second, db = cp
     budget, max_tokens = 0.05, 20  # each stream reserves 20 tokens = $0.02: two fit at a time
     key = create_key(mesh.url, budget_usd=budget, budget_period="day")
+    # min_tokens: every stream really costs what it reserved, so at most two are ever paid for (a
+    # stream that ended early would free budget for more, and all 8 could pass one after another).
     body = {"model": LM, "messages": [{"role": "user", "content": "Tell me about json."}], "max_tokens": max_tokens,
-            "temperature": 1.0, "stream": True}  # fmt: skip
+            "min_tokens": max_tokens, "temperature": 1.0, "stream": True}  # fmt: skip
 
     async def stream(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
         async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=bearer(key["token"])) as r:
@@ -401,7 +403,8 @@ def test_concurrent_streams_never_overspend_and_a_closed_stream_pays_what_it_use
     # A stream the client closes after a few tokens is charged for those tokens only.
     # Temperature 2 flattens the tiny model's distribution: it rarely picks its end token, so the
     # stream is still running when the client leaves.
-    with httpx.stream("POST", mesh.url + "/v1/chat/completions", json={**body, "max_tokens": 200, "temperature": 2.0},
+    with httpx.stream("POST", mesh.url + "/v1/chat/completions",
+                      json={**body, "max_tokens": 200, "min_tokens": 0, "temperature": 2.0},
                       headers=bearer(create_key(mesh.url)["token"]), timeout=30) as response:  # fmt: skip
         closed_id = response.headers["x-request-id"]
         for i, _ in enumerate(response.iter_lines()):
