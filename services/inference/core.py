@@ -206,50 +206,42 @@ class InferenceCore:
         run.end(end_time=t.ended_ns + offset)
 
 
+# Request parameter -> (SamplingParams field, type); unset ones keep SamplingParams' defaults.
+_SAMPLING = {
+    "max_tokens": ("max_new_tokens", int),
+    "min_tokens": ("min_new_tokens", int),
+    "temperature": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "seed": ("seed", int),
+    "repetition_penalty": ("repetition_penalty", float),
+}
+
+
+def sampling_from_values(values: dict, stop_token_ids: list[int]) -> SamplingParams:
+    """SamplingParams from request parameters given as plain values (other names are ignored)."""
+    fields = {}
+    for name, (field_name, kind) in _SAMPLING.items():
+        if name in values:
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise invalid(f"request parameter '{name}' must be a number", param=name)
+            fields[field_name] = kind(value)
+    return SamplingParams(**fields, stop_token_ids=tuple(stop_token_ids))
+
+
 def sampling_of(parameters, stop_token_ids: list[int]) -> SamplingParams:
     """SamplingParams from a KServe request's `parameters` map (Triton's per-request parameters)."""
-
-    def number(name: str, default, kind):
-        if name not in parameters:
-            return default
-        p = parameters[name]
-        which = p.WhichOneof("parameter_choice")
-        value = getattr(p, which) if which else default
-        if isinstance(value, str) or isinstance(value, bool):
-            raise invalid(f"request parameter '{name}' must be a number", param=name)
-        return kind(value)
-
-    seed = number("seed", None, int)
-    return SamplingParams(
-        max_new_tokens=number("max_tokens", 64, int),
-        min_new_tokens=number("min_tokens", 0, int),
-        temperature=number("temperature", 1.0, float),
-        top_p=number("top_p", 1.0, float),
-        top_k=number("top_k", 0, int),
-        seed=seed,
-        repetition_penalty=number("repetition_penalty", 1.0, float),
-        stop_token_ids=tuple(stop_token_ids),
-    )
+    values = {}
+    for name in _SAMPLING.keys() & parameters.keys():
+        which = parameters[name].WhichOneof("parameter_choice")
+        if which:
+            values[name] = getattr(parameters[name], which)
+    return sampling_from_values(values, stop_token_ids)
 
 
 def sampling_from_json(parameters: str, stop_token_ids: list[int]) -> SamplingParams:
     """SamplingParams from Triton's request parameters as the Python backend hands them (JSON)."""
     import json
 
-    values = json.loads(parameters or "{}")
-    for name, value in values.items():
-        if name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty") and (
-            isinstance(value, bool) or not isinstance(value, int | float)
-        ):
-            raise invalid(f"request parameter '{name}' must be a number", param=name)
-    seed = values.get("seed")
-    return SamplingParams(
-        max_new_tokens=int(values.get("max_tokens", 64)),
-        min_new_tokens=int(values.get("min_tokens", 0)),
-        temperature=float(values.get("temperature", 1.0)),
-        top_p=float(values.get("top_p", 1.0)),
-        top_k=int(values.get("top_k", 0)),
-        seed=int(seed) if seed is not None else None,
-        repetition_penalty=float(values.get("repetition_penalty", 1.0)),
-        stop_token_ids=tuple(stop_token_ids),
-    )
+    return sampling_from_values(json.loads(parameters or "{}"), stop_token_ids)
