@@ -9,11 +9,12 @@ Moved here unchanged from bench/run_embeddings.py (which imports it back), so th
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,29 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(path)
+
+
+def count_noisy(points: Iterable[dict[str, Any]]) -> int:
+    """Points whose window shared the CPU with processes that are not ours."""
+    return sum(p["cpu"]["foreign_cores"] >= QUIET_FOREIGN_CORES for p in points)
+
+
+def noisy_warning(noisy: int, advice: str = "their numbers are low. Rerun on an idle machine.") -> str:
+    return f"**{noisy} point(s) shared the CPU with other processes** (foreign cores >= {QUIET_FOREIGN_CORES}); {advice}"
+
+
+def write_results(
+    out: Path,
+    name: str,
+    result: dict[str, Any],
+    plot: Callable[[dict[str, Any], Path], None],
+    summary: Callable[[dict[str, Any]], str],
+) -> None:
+    """The end of every benchmark: `<name>.json` (atomically), `<name>.png`, the markdown summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    write_atomic(json_path, (json.dumps(result, indent=2) + "\n").encode())
+    plot(result, png_path)
+    print()
+    print(summary(result))
+    print(f"\nwrote {json_path} and {png_path} in {result['duration_s']} s")

@@ -17,19 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run_embeddings import (
-    CONCURRENCY,
-    RAW_THREADS,
-    RESULTS,
-    SECONDS,
-    RawEncoder,
-    add_ratios,
-    bench_raw,
-    bench_services,
-    git_info,
-    machine_info,
-    write_atomic,
-)
+from bench.common import RESULTS, SECONDS, git_info, machine_info, save_figure, write_atomic
+from bench.run_embeddings import CONCURRENCY, RAW_THREADS, RawEncoder, add_ratios, bench_raw, bench_services
 from tests.helpers import MODEL_ID, REPO, TRITON_SUPPORTED, meshserve_home, start_mesh
 
 BACKENDS = ("embedded", "triton") if TRITON_SUPPORTED else ("embedded",)
@@ -73,7 +62,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("requests/s")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -37,7 +37,6 @@ import numpy as np
 from bench.common import (
     MAX_RAW_BATCHES,
     MAX_REQUESTS,
-    QUIET_FOREIGN_CORES,
     REPO,
     REQUEST_TIMEOUT_S,
     RESULTS,
@@ -45,11 +44,13 @@ from bench.common import (
     HttpStatusError,
     Probe,
     closed_loop,
+    count_noisy,
     git_info,
     machine_info,
+    noisy_warning,
     save_figure,
     time_batches,
-    write_atomic,
+    write_results,
 )
 from bench.run_embeddings import CONCURRENCY
 from tests.helpers import Mesh, meshserve_home, start_mesh
@@ -303,7 +304,7 @@ def all_points(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def noisy_points(result: dict[str, Any]) -> int:
-    return sum(p["cpu"]["foreign_cores"] >= QUIET_FOREIGN_CORES for p in all_points(result))
+    return count_noisy(all_points(result))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -404,12 +405,8 @@ def summary(result: dict[str, Any]) -> str:
                 f"{cpu['client_cores']} / {cpu['server_cores']} / {cpu['foreign_cores']} |"
             )
         lines.append("")
-    noisy = result["noisy_points"]
-    if noisy:
-        lines.append(
-            f"**{noisy} point(s) shared the CPU with other processes** (foreign cores >= {QUIET_FOREIGN_CORES}); "
-            "their numbers are low. Rerun on an idle machine."
-        )
+    if result["noisy_points"]:
+        lines.append(noisy_warning(result["noisy_points"]))
     return "\n".join(lines)
 
 
@@ -504,13 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": results,
     }
     result["noisy_points"] = noisy_points(result)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "classification.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot(result, out / "classification.png")
-    print()
-    print(summary(result))
-    print(f"\nwrote {out / 'classification.json'} and {out / 'classification.png'} in {result['duration_s']} s")
+    write_results(args.out, "classification", result, plot, summary)
     return 0
 
 

@@ -53,10 +53,12 @@ from bench.common import (
     HttpStatusError,
     Probe,
     closed_loop,
+    count_noisy,
     git_info,
     machine_info,
+    noisy_warning,
     save_figure,
-    write_atomic,
+    write_results,
 )
 from tests.helpers import Mesh, start_mesh, start_redis, stop_redis
 
@@ -271,6 +273,11 @@ def _diff(off: float | None, on: float | None) -> float | None:
     return None if off is None or on is None else round(on - off, 3)
 
 
+def _num(value: float | None, spec: str) -> str:
+    """A number for the plot and the table; n/a where a point had no successful requests."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def compare(off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for workload in WORKLOADS:
@@ -341,9 +348,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             color = STYLE.get(name, ("black",))[0]
             for row, p in zip(rows[workload], ons, strict=True):
                 ok = "ok" if row["meets_both"] else "MISS"
-                tput.annotate(f"{row['throughput_ratio']:.3f}x {ok}", (p["concurrency"], p["rps"]), fontsize=7,
+                tput.annotate(f"{_num(row['throughput_ratio'], '.3f')}x {ok}", (p["concurrency"], p["rps"]), fontsize=7,
                               color=color, textcoords="offset points", xytext=(4, -11))  # fmt: skip
-                lat.annotate(f"{row['added_p50_ms']:+.2f} ms", (p["concurrency"], p["p50_ms"]), fontsize=7,
+                lat.annotate(f"{_num(row['added_p50_ms'], '+.2f')} ms", (p["concurrency"], p["p50_ms"]), fontsize=7,
                              color=color, textcoords="offset points", xytext=(4, 4))  # fmt: skip
         for ax, title, ylabel in (
             (
@@ -390,8 +397,8 @@ def summary(result: dict[str, Any]) -> str:
                 )  # fmt: skip
                 lines.append(
                     f"| {workload} | {r['concurrency']} | {r['off_rps']} | {r['off_p50_ms']} / {r['off_p99_ms']} | "
-                    f"{name} | {r['on_rps']} | {r['on_p50_ms']} / {r['on_p99_ms']} | {r['added_p50_ms']:+.3f} | "
-                    f"{r['throughput_ratio']:.3f} | {verdict}{' (noisy)' if r['noisy'] else ''} |"
+                    f"{name} | {r['on_rps']} | {r['on_p50_ms']} / {r['on_p99_ms']} | {_num(r['added_p50_ms'], '+.3f')} | "
+                    f"{_num(r['throughput_ratio'], '.3f')} | {verdict}{' (noisy)' if r['noisy'] else ''} |"
                 )
     lines.append("")
     for name, verdict in result["targets"]["met"].items():
@@ -403,12 +410,8 @@ def summary(result: dict[str, Any]) -> str:
     errors = sum(p["errors"] for p in all_points(result))
     if errors:
         lines.append(f"**{errors} request(s) failed** (see error_samples in the JSON).")
-    noisy = result["noisy_points"]
-    if noisy:
-        lines.append(
-            f"**{noisy} point(s) shared the CPU with other processes** (foreign cores >= {QUIET_FOREIGN_CORES}); "
-            "rerun on an idle machine before quoting them."
-        )
+    if result["noisy_points"]:
+        lines.append(noisy_warning(result["noisy_points"], "rerun on an idle machine before quoting them."))
     return "\n".join(lines)
 
 
@@ -483,15 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": comparison,
         "configs": runs,
     }
-    result["noisy_points"] = sum(p["cpu"]["foreign_cores"] >= QUIET_FOREIGN_CORES for p in all_points(result))
+    result["noisy_points"] = count_noisy(all_points(result))
     result["duration_s"] = round(time.time() - started, 1)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "control_plane.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot(result, out / "control_plane.png")
-    print()
-    print(summary(result))
-    print(f"\nwrote {out / 'control_plane.json'} and {out / 'control_plane.png'} in {result['duration_s']} s")
+    write_results(args.out, "control_plane", result, plot, summary)
     return 0
 
 

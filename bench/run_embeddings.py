@@ -26,7 +26,6 @@ import numpy as np
 
 from bench.common import (
     MAX_REQUESTS,
-    QUIET_FOREIGN_CORES,
     REPO,
     REQUEST_TIMEOUT_S,
     RESULTS,
@@ -36,11 +35,13 @@ from bench.common import (
     HttpStatusError,
     Probe,
     closed_loop,
+    count_noisy,
     git_info,
     machine_info,
+    noisy_warning,
     save_figure,
     time_batches,
-    write_atomic,
+    write_results,
 )
 from tests.helpers import MODEL_ID, Mesh, meshserve_home, start_mesh
 
@@ -316,16 +317,14 @@ def summary(result: dict[str, Any]) -> str:
                 f"{p['p90_ms']} | {p['p99_ms']} | {delta} | {p['errors']} | {p['model_stats']['avg_batch']} | "
                 f"{p['cpu']['foreign_cores']} |"
             )
-    noisy = noisy_points(result)
-    if noisy:
-        warning = f"**{noisy} point(s) shared the CPU with other processes** (foreign cores >= {QUIET_FOREIGN_CORES})"
-        lines += ["", warning + "; their numbers are low. Rerun on an idle machine."]
+    if result["noisy_points"]:
+        lines += ["", noisy_warning(result["noisy_points"])]
     return "\n".join(lines)
 
 
 def noisy_points(result: dict[str, Any]) -> int:
     points = [*result["raw"]["points"], *result["inference_grpc"], *result["mesh_rest"]]
-    return sum(p["cpu"]["foreign_cores"] >= QUIET_FOREIGN_CORES for p in points)
+    return count_noisy(points)
 
 
 def main() -> int:
@@ -388,12 +387,7 @@ def main() -> int:
         **services,
     }
     result["noisy_points"] = noisy_points(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "embeddings.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot(result, RESULTS / "embeddings.png")
-    print()
-    print(summary(result))
-    print(f"\nwrote {RESULTS / 'embeddings.json'} and {RESULTS / 'embeddings.png'} in {result['duration_s']} s")
+    write_results(RESULTS, "embeddings", result, plot, summary)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -42,7 +41,6 @@ import numpy as np
 from bench.common import (
     MAX_RAW_BATCHES,
     MAX_REQUESTS,
-    QUIET_FOREIGN_CORES,
     REPO,
     REQUEST_TIMEOUT_S,
     RESULTS,
@@ -51,12 +49,14 @@ from bench.common import (
     HttpStatusError,
     Probe,
     closed_loop,
+    count_noisy,
     git_info,
     machine_info,
+    noisy_warning,
     percentiles_ms,
     save_figure,
     time_batches,
-    write_atomic,
+    write_results,
 )
 from tests.helpers import Mesh, meshserve_home, start_mesh
 
@@ -399,7 +399,7 @@ def add_ratios(points: list[dict[str, Any]], raw: dict[str, Any]) -> dict[str, A
 # -- output ----------------------------------------------------------------------------------------
 def noisy_points(result: dict[str, Any]) -> int:
     points = [*result["raw"]["points"], *result["mesh"]["points"]]
-    return sum(p["cpu"]["foreign_cores"] >= QUIET_FOREIGN_CORES for p in points)
+    return count_noisy(points)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -517,10 +517,7 @@ def summary(result: dict[str, Any]) -> str:
         f"(raw generate() at the same sizes: {target['raw_batched_speedup_same_sizes']}x)",
     ]
     if result["noisy_points"]:
-        lines.append(
-            f"**{result['noisy_points']} point(s) shared the CPU with other processes** (foreign cores >= "
-            f"{QUIET_FOREIGN_CORES}); their numbers are low. Rerun on an idle machine."
-        )
+        lines.append(noisy_warning(result["noisy_points"]))
     return "\n".join(lines)
 
 
@@ -611,13 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": target,
     }
     result["noisy_points"] = noisy_points(result)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "generation.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot(result, out / "generation.png")
-    print()
-    print(summary(result))
-    print(f"\nwrote {out / 'generation.json'} and {out / 'generation.png'} in {result['duration_s']} s")
+    write_results(args.out, "generation", result, plot, summary)
     return 0
 
 
