@@ -121,6 +121,11 @@ _FROM_GRPC: dict[grpc.StatusCode, ErrorCode] = {
 _BY_SLUG = {code.slug: code for code in ErrorCode}
 
 
+def code_of(slug: str, default: ErrorCode) -> ErrorCode:
+    """The code a slug names (as ErrorInfo reasons and stream error responses carry it)."""
+    return _BY_SLUG.get(slug, default)
+
+
 class MeshError(Exception):
     """A failure with a catalog code and a message that is safe to show the caller.
 

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2
 
 from services.common.catalog import ModelEntry
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
-from services.common.errors import ErrorCode, MeshError
+from services.common.errors import ErrorCode, MeshError, code_of
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,10 @@ class Generator:
             )
             async for response in infer:
                 if response.error_message:
-                    raise MeshError(ErrorCode.INVALID_INPUT, response.error_message)
+                    # Our inference service names the code; Triton's own errors are bare messages,
+                    # most often a request it refused.
+                    slug = response.infer_response.parameters["error_code"].string_param
+                    raise MeshError(code_of(slug, ErrorCode.INVALID_INPUT), response.error_message)
                 out = response.infer_response
                 if out.parameters["triton_final_response"].bool_param:
                     # Triton's final response of a decoupled model carries no parameters: there the

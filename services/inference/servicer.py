@@ -232,6 +232,14 @@ def _final_flag(response: service_pb2.ModelInferResponse, final: bool) -> None:
     response.parameters["triton_final_response"].bool_param = final
 
 
+def stream_error(request, err: MeshError) -> service_pb2.ModelStreamInferResponse:
+    """A failed request on the stream: Triton's `error_message`, and our code as a response
+    parameter so that the gateway answers with the right status (a full queue is not a 400)."""
+    response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+    response.parameters["error_code"].string_param = err.code.slug
+    return service_pb2.ModelStreamInferResponse(error_message=err.message, infer_response=response)
+
+
 def token_response(request, version: str, event) -> service_pb2.ModelStreamInferResponse:
     """One decoupled response: a token, or the empty final response with the finish reason."""
     response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
@@ -239,7 +247,8 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
         response.parameters["finish_reason"].string_param = event.finish_reason or ""
         response.parameters["prompt_tokens"].int64_param = event.prompt_tokens
         response.parameters["completion_tokens"].int64_param = event.completion_tokens
-        if event.error:
+        if event.error:  # a failed decode step: the server's fault
+            response.parameters["error_code"].string_param = ErrorCode.INTERNAL.slug
             return service_pb2.ModelStreamInferResponse(error_message=event.error, infer_response=response)
     else:
         response.outputs.add(name="token_id", datatype="INT64", shape=[1])
@@ -277,7 +286,7 @@ async def _model_stream_infer(self, request_iterator, context):
         try:
             await out.put(service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context)))
         except MeshError as err:
-            await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
+            await out.put(stream_error(request, err))
         finally:
             out.put_nowait(_PUMP_DONE)
 
@@ -301,7 +310,7 @@ async def _model_stream_infer(self, request_iterator, context):
                         spawn(unary(request))
                     out.put_nowait(_STARTED)  # queued before its task can queue _PUMP_DONE
                 except MeshError as err:
-                    await out.put(service_pb2.ModelStreamInferResponse(error_message=err.message))
+                    await out.put(stream_error(request, err))
         finally:
             out.put_nowait(_READ_DONE)
 

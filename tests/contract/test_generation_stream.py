@@ -159,6 +159,28 @@ async def test_bad_requests_get_an_error_response_and_the_stream_goes_on(server)
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_stream_error_names_its_code(server):
+    """Besides Triton's `error_message`, the error response carries our code, so the gateway can
+    answer a full queue with 503, not with the 400 of a bad request."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    url, _ = server
+    bad = service_pb2.ModelInferRequest(model_name=MODEL, id="bad")
+    bad.inputs.add(name="input_ids", datatype="INT64", shape=[1])
+    bad.raw_input_contents.append(np.array([500], dtype="<i8").tobytes())  # outside the vocabulary
+
+    async def one():
+        yield bad
+
+    async with grpc.aio.insecure_channel(url) as channel:
+        responses = [r async for r in service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(one())]
+    assert len(responses) == 1 and "outside" in responses[0].error_message
+    assert responses[0].infer_response.id == "bad"
+    assert responses[0].infer_response.parameters["error_code"].string_param == "invalid_input"
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_unary_infer_is_refused_for_a_decoupled_model(server):
     url, _ = server
     client = InferenceServerClient(url)
