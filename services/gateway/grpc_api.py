@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -63,19 +64,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             max_output_tokens=prepared.max_new_tokens,
         )
         metered.add(input_tokens=prepared.prompt_tokens, items=1)
+        started = time.perf_counter()
         async with self.metering.track(metered):
-            async for step in self.generator.stream(entry, prepared, gen):
-                if step.final:
-                    yield gateway_pb2.GenerateResponse(
-                        text=step.text,
-                        finish_reason=step.finish_reason or "",
-                        usage=tasks_pb2.Usage(
-                            input_tokens=step.prompt_tokens, output_tokens=step.completion_tokens, items=1
-                        ),
-                    )
-                else:
-                    metered.add(output_tokens=1)
-                    yield gateway_pb2.GenerateResponse(text=step.text, token_id=step.token_id)
+            try:
+                async for step in self.generator.stream(entry, prepared, gen):
+                    if step.final:
+                        yield gateway_pb2.GenerateResponse(
+                            text=step.text,
+                            finish_reason=step.finish_reason or "",
+                            usage=tasks_pb2.Usage(
+                                input_tokens=step.prompt_tokens, output_tokens=step.completion_tokens, items=1
+                            ),
+                        )
+                    else:
+                        metered.add(output_tokens=1)
+                        yield gateway_pb2.GenerateResponse(text=step.text, token_id=step.token_id)
+            finally:  # the compute this request held, however it ended (cost per compute second)
+                metered.compute_s = time.perf_counter() - started
 
     async def Predict(self, request: gateway_pb2.PredictRequest, context) -> gateway_pb2.PredictResponse:
         entry, task = self.pipeline.resolve(request.model_id, task_from_pb(request.task))

@@ -197,15 +197,17 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         return prepared, metered
 
     async def steps(entry, prepared, gen, metered) -> AsyncIterator[Step]:
-        """Generator steps, recording completion tokens and time on the metered request."""
+        """Generator steps, recording completion tokens and time on the metered request (the time
+        however the generation ends: a closed or failed stream pays for what it ran)."""
         started = time.perf_counter()
-        async with aclosing(generator.stream(entry, prepared, gen)) as stream:
-            async for step in stream:
-                if not step.final:
-                    metered.add(output_tokens=1)
-                else:
-                    metered.compute_s = time.perf_counter() - started
-                yield step
+        try:
+            async with aclosing(generator.stream(entry, prepared, gen)) as stream:
+                async for step in stream:
+                    if not step.final:
+                        metered.add(output_tokens=1)
+                    yield step
+        finally:
+            metered.compute_s = time.perf_counter() - started
 
     def streaming(body_events, metered, source) -> StreamingResponse:
         """SSE response whose body settles the metered request when it ends, however it ends.
