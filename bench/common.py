@@ -339,3 +339,15 @@ def write_results(
     print()
     print(summary(result))
     print(f"\nwrote {json_path} and {png_path} in {result['duration_s']} s")
+
+
+def finish_figure(fig, path: Path, result: dict[str, Any], what: str, extra: str = "") -> None:
+    """Title a benchmark's figure with what it shows, the commit, the machine and the window; save it."""
+    machine = result["machine"]
+    fig.suptitle(
+        f"{what} @ {result['git']['commit']}, {machine['nproc']} cores ({machine['cpu_model']}), "
+        f"{result['config']['bench_seconds']:g} s/point{extra}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -45,10 +45,10 @@ from bench.common import (
     Probe,
     closed_loop,
     count_noisy,
+    finish_figure,
     git_info,
     machine_info,
     noisy_warning,
-    save_figure,
     time_batches,
     write_results,
 )
@@ -367,14 +367,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-    machine = result["machine"]
-    fig.suptitle(
-        f"classification through the mesh @ {result['git']['commit']}, {machine['nproc']} cores "
-        f"({machine['cpu_model']}), {result['config']['bench_seconds']:g} s/point; labels: ratio to raw limit",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, path, result, "classification through the mesh", "; labels: ratio to raw limit")
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -54,10 +54,10 @@ from bench.common import (
     Probe,
     closed_loop,
     count_noisy,
+    finish_figure,
     git_info,
     machine_info,
     noisy_warning,
-    save_figure,
     write_results,
 )
 from tests.helpers import Mesh, start_mesh, start_redis, stop_redis
@@ -368,14 +368,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_title(f"{title}\n{WORKLOADS[workload]}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-    machine = result["machine"]
-    fig.suptitle(
-        f"gateway control plane ON vs OFF, POST /models/{MODEL} @ {result['git']['commit']}, {machine['nproc']} cores "
-        f"({machine['cpu_model']}), {result['config']['bench_seconds']:g} s/point",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, path, result, f"gateway control plane ON vs OFF, POST /models/{MODEL}")
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -36,10 +36,10 @@ from bench.common import (
     Probe,
     closed_loop,
     count_noisy,
+    finish_figure,
     git_info,
     machine_info,
     noisy_warning,
-    save_figure,
     time_batches,
     write_results,
 )
@@ -285,13 +285,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     tput.set_ylim(bottom=0)
     lat.set_yscale("log")
-    fig.suptitle(
-        f"{result['model']} @ {result['git']['commit']}, {result['machine']['nproc']} cores "
-        f"({result['machine']['cpu_model']}), {result['config']['bench_seconds']:g} s/point",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, path, result, result["model"])
 
 
 def summary(result: dict[str, Any]) -> str:

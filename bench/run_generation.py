@@ -50,11 +50,11 @@ from bench.common import (
     Probe,
     closed_loop,
     count_noisy,
+    finish_figure,
     git_info,
     machine_info,
     noisy_warning,
     percentiles_ms,
-    save_figure,
     time_batches,
     write_results,
 )
@@ -474,14 +474,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("concurrent streams (closed loop) / raw batch size")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    machine = result["machine"]
-    fig.suptitle(
-        f"{MODEL} streaming chat through the mesh @ {result['git']['commit']}, {machine['nproc']} cores "
-        f"({machine['cpu_model']}), {result['config']['bench_seconds']:g} s/point, max_tokens {MAX_TOKENS}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, path, result, f"{MODEL} streaming chat through the mesh", f", max_tokens {MAX_TOKENS}")
 
 
 def summary(result: dict[str, Any]) -> str:
