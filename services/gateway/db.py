@@ -17,19 +17,21 @@ def default_url(home: Path) -> str:
 
 def make_engine(url: str) -> sa.Engine:
     """An engine for the URL; SQLite gets WAL (readers never block the writer), a busy timeout
-    (several processes write the same file) and NORMAL sync (WAL keeps it crash-safe)."""
+    (several processes write the same file: 30 s, or the URL's `?timeout=<seconds>`) and NORMAL
+    sync (WAL keeps it crash-safe)."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        parsed = sa.make_url(url)
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        timeout_s = float(parsed.query.get("timeout", 30))
+        engine = sa.create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False})
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
             cursor.close()
 
         return engine

@@ -410,12 +410,16 @@ def test_concurrent_streams_never_overspend_and_a_closed_stream_pays_what_it_use
         for i, _ in enumerate(response.iter_lines()):
             if i >= 4:
                 break
-    time.sleep(0.5)
-    for url in (mesh.url, second.url):
-        admin(url).get("/v1/usage", params={"limit": 0})
-    with sqlite3.connect(db) as conn:
-        spent = conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
-        closed = conn.execute("SELECT status, output_tokens, cost_usd FROM usage WHERE request_id = ?", (closed_id,)).fetchone()
+    deadline = time.monotonic() + 30  # the gateway notices the closed stream, then records it
+    closed = None
+    while closed is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        for url in (mesh.url, second.url):
+            admin(url).get("/v1/usage", params={"limit": 0})  # flushes the ledger
+        with sqlite3.connect(db) as conn:
+            spent = conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
+            closed = conn.execute("SELECT status, output_tokens, cost_usd FROM usage WHERE request_id = ?", (closed_id,)).fetchone()
+    assert closed is not None, "the closed stream never got its ledger row"
     assert spent <= budget + 1e-12
     status, tokens, cost = closed
     assert status == 499 and 0 < tokens < 200 and cost == pytest.approx(tokens * TOKEN_PRICE)
