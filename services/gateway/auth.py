@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextvars
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
 
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.ratelimit import KeyLimits
 
 # (method, path regex) -> scope; None = public. First match wins; no match = "admin".
 REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(
@@ -68,6 +70,12 @@ class Principal:
     """The authenticated caller of one request."""
 
     key: ApiKey
+    limits: KeyLimits | None = field(init=False, repr=False)  # None: no rate limit on this key
+
+    def __post_init__(self) -> None:
+        key = self.key
+        limits = KeyLimits(key.requests_per_minute, key.tokens_per_minute, key.concurrent_requests)
+        object.__setattr__(self, "limits", limits if limits != (None, None, None) else None)
 
     @property
     def key_id(self) -> str:
@@ -85,6 +93,8 @@ class Principal:
             raise MeshError(ErrorCode.PERMISSION_DENIED, f"this API key may not run task {task!r}", param="task")
 
 
+_UNKNOWN = object()
+
 # The principal of the gRPC call being handled (set by GrpcAuthInterceptor).
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("meshserve_principal", default=None)
 
@@ -95,11 +105,43 @@ class Authenticator:
 
     ANONYMOUS = Principal(ApiKey(id="", name="anonymous (auth off)", scopes=("admin",)))
 
+    # Most credentials remember() keeps (a full cache is emptied: only valid tokens get in).
+    MAX_REMEMBERED = 10_000
+
     def __init__(self, keys: KeyStore | None, *, enabled: bool, metrics_public: bool) -> None:
         self.keys = keys
         self.enabled = enabled
         self.metrics_public = metrics_public
         self._principals: dict[str, Principal] = {}  # key id -> the Principal of its current view
+        # The credentials (Authorization values as sent) authenticated with the key view `_view`.
+        self._remembered: dict[str | bytes, Principal] = {}
+        self._view: object = None
+
+    def remembered(self, credential: str | bytes | None, scope: str) -> Principal | None:
+        """The principal of a credential already authenticated with the current key view, if it
+        has `scope` and has not expired: one dict lookup instead of parsing, hashing and comparing
+        the token again (what the cached path can afford). None: call `principal()`."""
+        if not self.enabled:
+            return self.ANONYMOUS
+        if self.keys.view is not self._view:  # keys were created, changed or revoked: start over
+            self._view = self.keys.view
+            self._remembered.clear()
+            return None
+        principal = self._remembered.get(credential)
+        if principal is None or not principal.key.has_scope(scope):
+            return None
+        key = principal.key
+        if key.expires_at is not None and not key.active(datetime.now(UTC)):
+            return None
+        return principal
+
+    def remember(self, credential: str | bytes | None, principal: Principal) -> None:
+        """Keep a credential that `principal()` just authenticated (with the view it used)."""
+        if not self.enabled or credential is None or self.keys.view is not self._view:
+            return
+        if len(self._remembered) >= self.MAX_REMEMBERED:
+            self._remembered.clear()
+        self._remembered[credential] = principal
 
     async def principal(self, token: str | None, scope: str) -> Principal:
         if not self.enabled:
@@ -119,28 +161,40 @@ class AuthMiddleware:
     """Pure ASGI: authenticates before routing, so unknown paths and every registered route are
     covered alike; puts the Principal into the request state."""
 
+    MAX_ROUTES = 4096  # (method, path) -> scope answers kept
+
     def __init__(self, app, auth: Authenticator, render_error) -> None:
         self.app = app
         self.auth = auth
         self.render_error = render_error
+        self._scopes: dict[tuple[str, str], str | None] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        needed = rest_scope(scope["method"], scope["path"], metrics_public=self.auth.metrics_public)
+        route = (scope["method"], scope["path"])
+        needed = self._scopes.get(route, _UNKNOWN)
+        if needed is _UNKNOWN:
+            needed = rest_scope(*route, metrics_public=self.auth.metrics_public)
+            if len(self._scopes) >= self.MAX_ROUTES:  # paths are the caller's: bounded
+                self._scopes.clear()
+            self._scopes[route] = needed
         if needed is not None:
-            token = None
+            credential = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
-                    token = bearer(value.decode("latin-1"))
+                    credential = value
                     break
-            try:
-                principal = await self.auth.principal(token, needed)
-            except MeshError as err:
-                response = self.render_error(err, scope["path"])
-                if err.code is ErrorCode.UNAUTHENTICATED:
-                    response.headers["WWW-Authenticate"] = 'Bearer realm="meshserve"'
-                return await response(scope, receive, send)
+            principal = self.auth.remembered(credential, needed)
+            if principal is None:
+                try:
+                    principal = await self.auth.principal(bearer(credential.decode("latin-1")) if credential else None, needed)
+                except MeshError as err:
+                    response = self.render_error(err, scope["path"])
+                    if err.code is ErrorCode.UNAUTHENTICATED:
+                        response.headers["WWW-Authenticate"] = 'Bearer realm="meshserve"'
+                    return await response(scope, receive, send)
+                self.auth.remember(credential, principal)
             scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)
 
@@ -156,14 +210,18 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if method.startswith(GRPC_PUBLIC_PREFIXES) or not self.auth.enabled:
             return await continuation(details)
-        token = None
+        credential = None
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                token = bearer(value)
-        try:
-            principal = await self.auth.principal(token, GRPC_SCOPES.get(method, "admin"))
-        except MeshError as err:
-            return _refusal(err)
+                credential = value
+        needed = GRPC_SCOPES.get(method, "admin")
+        principal = self.auth.remembered(credential, needed)
+        if principal is None:
+            try:
+                principal = await self.auth.principal(bearer(credential), needed)
+            except MeshError as err:
+                return _refusal(err)
+            self.auth.remember(credential, principal)
         handler = await continuation(details)
         return _with_principal(handler, principal)
 

@@ -275,6 +275,12 @@ class KeyStore:
     async def reload(self) -> None:
         self._version, self._keys = await asyncio.to_thread(self._load)
 
+    @property
+    def view(self) -> object:
+        """The current in-memory view of the keys: a new object after every reload (compare with
+        `is` to know whether anything derived from the keys is stale)."""
+        return self._keys
+
     def knows(self, token: str) -> bool:
         """Whether the token names a key id this view has (else it may be newer than the view)."""
         return not token.startswith(TOKEN_PREFIX) or token[len(TOKEN_PREFIX) :].split("_", 1)[0] in self._keys

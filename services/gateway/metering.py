@@ -13,11 +13,8 @@ coalescing stays possible; the settled cost uses the real token counts from prep
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from meshserve.tasks.v1 import tasks_pb2
@@ -26,8 +23,7 @@ from opentelemetry import trace
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
 from services.gateway.auth import Principal
-from services.gateway.ledger import UsageLedger, UsageRecord
-from services.gateway.ratelimit import KeyLimits
+from services.gateway.ledger import UsageLedger
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook, Reservation
@@ -57,25 +53,54 @@ def token_bound(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tas
     return 0  # images: no tokens
 
 
-@dataclass
 class Metered:
     """One admitted request, from admission to its ledger row."""
 
-    principal: Principal
-    entry: ModelEntry
-    task: str
-    route: str
-    request_id: str
-    admission: Admission | None
-    reservation: Reservation | None
-    started: float = field(default_factory=time.perf_counter)
-    time: datetime = field(default_factory=lambda: datetime.now(UTC))
-    input_tokens: int = 0
-    output_tokens: int = 0
-    items: int = 0
-    compute_s: float = 0.0
-    cost_usd: float = 0.0
-    finished: bool = False
+    __slots__ = (
+        "admission",
+        "compute_s",
+        "cost_usd",
+        "entry",
+        "finished",
+        "input_tokens",
+        "items",
+        "output_tokens",
+        "principal",
+        "request_id",
+        "reservation",
+        "route",
+        "started",
+        "task",
+        "time",
+    )
+
+    def __init__(
+        self,
+        principal: Principal,
+        entry: ModelEntry,
+        task: str,
+        route: str,
+        request_id: str,
+        admission: Admission | None,
+        reservation: Reservation | None,
+        *,
+        finished: bool = False,
+    ) -> None:
+        self.principal = principal
+        self.entry = entry
+        self.task = task
+        self.route = route
+        self.request_id = request_id
+        self.admission = admission
+        self.reservation = reservation
+        self.started = time.perf_counter()
+        self.time = time.time()  # when the request started (unix s; the ledger row's `time`)
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.items = 0
+        self.compute_s = 0.0
+        self.cost_usd = 0.0
+        self.finished = finished
 
     def add(self, *, input_tokens: int = 0, output_tokens: int = 0, items: int = 0, compute_s: float = 0.0) -> None:
         self.input_tokens += input_tokens
@@ -90,13 +115,9 @@ class Metered:
     def headers(self) -> dict[str, str]:
         """Usage and cost of this request, plus its rate-limit state, for the response."""
         headers = self.rate_headers()
-        headers.update(
-            {
-                "X-Usage-Input-Tokens": str(self.input_tokens),
-                "X-Usage-Output-Tokens": str(self.output_tokens),
-                "X-Usage-Cost-USD": f"{self.cost_of():.9f}",
-            }
-        )
+        headers["X-Usage-Input-Tokens"] = str(self.input_tokens)
+        headers["X-Usage-Output-Tokens"] = str(self.output_tokens)
+        headers["X-Usage-Cost-USD"] = f"{self.cost_of():.9f}"
         return headers
 
     def cost_of(self) -> float:
@@ -129,43 +150,39 @@ class Metering:
         max_output_tokens: int = 0,
     ) -> Metered:
         """Key restrictions, then rate limits, then the budget reservation; raises the refusal
-        (which gets its own ledger row, with its status and no cost)."""
-        try:
-            return await self._admit(principal, entry, task, route, request_id, max_input_tokens, max_output_tokens)
-        except MeshError as err:
-            if self.ledger is not None:
-                refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
-                self.ledger.record(self._record(refused, err.code.http_status))
-            raise
+        (which gets its own ledger row, with its status and no cost).
 
-    async def _admit(self, principal, entry, task, route, request_id, max_input_tokens, max_output_tokens) -> Metered:
-        principal.allow(entry.id, task)
+        In process each store first tries its synchronous `*_now` form, which admits without a
+        coroutine or answers None (nothing changed) when it would refuse; the awaited form then
+        decides and raises. The cached path pays for every Python call here."""
         key = principal.key
         admission = reservation = None
-        if self.limiter is not None and (
-            key.requests_per_minute is not None
-            or key.tokens_per_minute is not None
-            or key.concurrent_requests is not None
-        ):
-            limits = KeyLimits(key.requests_per_minute, key.tokens_per_minute, key.concurrent_requests)
-            admission = await self.limiter.admit(key.id, limits, tokens_hint=max_input_tokens + max_output_tokens)
-        if self.budgets is not None and key.budget_usd is not None:
-            try:
-                reservation = await self.budgets.reserve(
-                    key.id,
-                    key.budget_usd,
-                    key.budget_period or "month",
-                    self.max_cost(entry, max_input_tokens, max_output_tokens),
+        try:
+            principal.allow(entry.id, task)
+            limits = principal.limits
+            if self.limiter is not None and limits is not None:
+                hint = max_input_tokens + max_output_tokens
+                admission = self.limiter.admit_now(key.id, limits, tokens_hint=hint) or await self.limiter.admit(
+                    key.id, limits, tokens_hint=hint
                 )
-            except BaseException:
-                if admission is not None:
-                    await admission.done(0)
-                raise
+            if self.budgets is not None and key.budget_usd is not None:
+                period = key.budget_period or "month"
+                amount = self.max_cost(entry, max_input_tokens, max_output_tokens)
+                reservation = self.budgets.reserve_now(key.id, key.budget_usd, period, amount) or await self.budgets.reserve(
+                    key.id, key.budget_usd, period, amount
+                )
+        except BaseException as err:
+            if admission is not None and not admission.done_now(0):
+                await admission.done(0)
+            if isinstance(err, MeshError) and self.ledger is not None:
+                refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
+                self.ledger.append(self._row(refused, err.code.http_status))
+            raise
         return Metered(principal, entry, task, route, request_id, admission, reservation)
 
     async def finish(self, metered: Metered, status: int) -> None:
         """Settle the reservation with the real cost, release the rate-limit slot, write the ledger
-        row. Failed requests cost nothing. Idempotent."""
+        row. Failed requests cost nothing. Idempotent; never raises."""
         if metered.finished:
             return
         metered.finished = True
@@ -173,56 +190,78 @@ class Metering:
         # what it consumed up to then.
         metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
         try:
-            if metered.reservation is not None:
-                await self.budgets.settle(metered.reservation, metered.cost_usd)
+            reservation = metered.reservation
+            if reservation is not None and not self.budgets.settle_now(reservation, metered.cost_usd):
+                await self.budgets.settle(reservation, metered.cost_usd)
         except Exception:  # on the way out: a store outage must not replace the response
             log.exception("could not settle the budget hold of request %s", metered.request_id)
         finally:
             try:
-                if metered.admission is not None:
-                    await metered.admission.done(metered.input_tokens + metered.output_tokens)  # never raises
+                admission = metered.admission
+                if admission is not None:
+                    tokens = metered.input_tokens + metered.output_tokens
+                    if not admission.done_now(tokens):
+                        await admission.done(tokens)  # never raises
             finally:
                 if self.ledger is not None:
-                    self.ledger.record(self._record(metered, status))
+                    self.ledger.append(self._row(metered, status))
 
     @staticmethod
-    def _record(m: Metered, status: int) -> UsageRecord:
+    def _row(m: Metered, status: int) -> tuple:
+        """The ledger row, as UsageLedger.append() takes it: the trace id as its int and the time
+        as unix seconds (the writer process formats both)."""
         span = trace.get_current_span().get_span_context()
-        return UsageRecord(
-            request_id=m.request_id,
-            key_id=m.principal.key_id or None,
-            model=m.entry.id,
-            task=m.task,
-            provider="local",
-            input_tokens=m.input_tokens,
-            output_tokens=m.output_tokens,
-            items=m.items,
-            compute_s=round(m.compute_s, 6),
-            cost_usd=m.cost_usd,
-            status=status,
-            latency_s=round(time.perf_counter() - m.started, 6),
-            trace_id=format(span.trace_id, "032x") if span.is_valid else None,
-            time=m.time,
-            route=m.route,
+        return (
+            m.request_id,
+            m.principal.key.id or None,
+            m.entry.id,
+            m.task,
+            "local",
+            m.input_tokens,
+            m.output_tokens,
+            m.items,
+            m.compute_s,
+            m.cost_usd,
+            status,
+            time.perf_counter() - m.started,
+            span.trace_id if span.is_valid else None,
+            m.time,
+            m.route,
         )
 
-    @contextlib.asynccontextmanager
-    async def track(self, metered: Metered):
-        """Finish `metered` with the status the block ended in (a MeshError's, 499 if the caller
-        went away, 500 for anything else); the finish itself cannot be cancelled (it is shielded
-        when it awaits a store or the caller is already gone)."""
-        status = 500
-        try:
-            yield metered
+    def track(self, metered: Metered) -> _Tracked:
+        """`async with metering.track(metered):` finishes `metered` with the status the block
+        ended in (a MeshError's, 499 if the caller went away, 500 for anything else); the finish
+        itself cannot be cancelled (it is shielded when it awaits a store or the caller is already
+        gone)."""
+        return _Tracked(self, metered)
+
+
+class _Tracked:
+    """Metering.track()'s context manager (a class: it is entered on every request, and a
+    generator-based one costs several times more)."""
+
+    __slots__ = ("_metered", "_metering")
+
+    def __init__(self, metering: Metering, metered: Metered) -> None:
+        self._metering = metering
+        self._metered = metered
+
+    async def __aenter__(self) -> Metered:
+        return self._metered
+
+    async def __aexit__(self, kind, exc, _tb) -> bool:
+        if kind is None:
             status = 200
-        except MeshError as err:
-            status = err.code.http_status
-            raise
-        except (asyncio.CancelledError, GeneratorExit):  # the caller went away (a closed stream)
+        elif issubclass(kind, MeshError):
+            status = exc.code.http_status
+        elif issubclass(kind, (asyncio.CancelledError, GeneratorExit)):  # the caller went away
             status = 499
-            raise
-        finally:
-            if self._finish_awaits or status == 499:
-                await asyncio.shield(self.finish(metered, status))
-            else:  # nothing in it can be interrupted: no task for a shield
-                await self.finish(metered, status)
+        else:
+            status = 500
+        metering = self._metering
+        if metering._finish_awaits or status == 499:
+            await asyncio.shield(metering.finish(self._metered, status))
+        else:  # nothing in it can be interrupted: no task for a shield
+            await metering.finish(self._metered, status)
+        return False

@@ -32,6 +32,7 @@ that crashes holding slots leaks them only until their lease ends, even while th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -77,8 +78,14 @@ def rate_limit_headers(windows: list[_Window]) -> dict[str, str]:
         return {}
     return {
         "RateLimit": ", ".join([f'"{w.name}";r={w.remaining};t={w.reset_s}' for w in windows]),
-        "RateLimit-Policy": ", ".join([f'"{w.name}";q={w.limit};w={w.window_s}' for w in windows]),
+        "RateLimit-Policy": _policy(tuple([(w.name, w.limit, w.window_s) for w in windows])),
     }
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(items: tuple[tuple[str, int, int], ...]) -> str:
+    """The RateLimit-Policy value: it changes only with the key's limits."""
+    return ", ".join([f'"{name}";q={limit};w={window_s}' for name, limit, window_s in items])
 
 
 def _retry_after(seconds: float) -> int:
@@ -123,7 +130,8 @@ class store_errors:
 
 class _MemoryWindows:
     """One process's windows (see the module docstring); nothing awaits, so every check-and-update
-    is atomic on the event loop."""
+    is atomic on the event loop. The `*_now` methods are the synchronous forms that
+    `RateLimiter.admit_now()` uses; the coroutines are the store interface shared with Redis."""
 
     def __init__(self) -> None:
         self._requests: dict[str, deque[float]] = {}
@@ -138,13 +146,16 @@ class _MemoryWindows:
             times.popleft()
         return times
 
-    async def hit_requests(self, key_id: str, limit: int) -> tuple[bool, int, float]:
-        now = time.time()
+    def hit_requests_now(self, key_id: str, limit: int, now: float) -> tuple[bool, int, float]:
+        """Count one request if it fits (nothing changes when it does not)."""
         times = self._moving(key_id, now)
         admitted = len(times) < limit
         if admitted:
             times.append(now)
         return admitted, max(0, limit - len(times)), (times[0] + WINDOW_S - now) if times else 0.0
+
+    async def hit_requests(self, key_id: str, limit: int) -> tuple[bool, int, float]:
+        return self.hit_requests_now(key_id, limit, time.time())
 
     async def requests_window(self, key_id: str, limit: int) -> tuple[int, float]:
         now = time.time()
@@ -160,14 +171,16 @@ class _MemoryWindows:
             counter[:] = [index, counter[2] if counter[0] == index - 1 else 0, 0]
         return counter
 
-    async def sliding_window(self, key_id: str, limit: int) -> tuple[int, float, int, float]:
-        """(previous count, its ttl, current count, its ttl), as `limits`' storages answer."""
-        now = time.time()
+    def sliding_window_now(self, key_id: str, now: float) -> tuple[int, float, int, float]:
         _, previous, current = self._counter(key_id, now)
         into = now % WINDOW_S
         return previous, (WINDOW_S - into) if previous else 0.0, current, 2 * WINDOW_S - into
 
-    async def charge_tokens(self, key_id: str, limit: int, cost: int) -> bool:
+    async def sliding_window(self, key_id: str, limit: int) -> tuple[int, float, int, float]:
+        """(previous count, its ttl, current count, its ttl), as `limits`' storages answer."""
+        return self.sliding_window_now(key_id, time.time())
+
+    def charge_tokens_now(self, key_id: str, limit: int, cost: int) -> bool:
         now = time.time()
         counter = self._counter(key_id, now)
         weighted = counter[1] * (WINDOW_S - now % WINDOW_S) / WINDOW_S + counter[2]
@@ -175,6 +188,9 @@ class _MemoryWindows:
             return False
         counter[2] += cost
         return True
+
+    async def charge_tokens(self, key_id: str, limit: int, cost: int) -> bool:
+        return self.charge_tokens_now(key_id, limit, cost)
 
 
 class _LimitsWindows:
@@ -227,19 +243,25 @@ class _MemorySlots:
     def __init__(self) -> None:
         self._in_flight: dict[str, int] = {}
 
-    async def acquire(self, key_id: str, limit: int) -> tuple[str | None, int]:
+    def acquire_now(self, key_id: str, limit: int) -> tuple[str | None, int]:
         count = self._in_flight.get(key_id, 0)
         if count >= limit:
             return None, count
         self._in_flight[key_id] = count + 1
         return "local", count + 1  # a count, not a set: every slot of a key is alike
 
-    async def release(self, key_id: str, slot: str) -> None:
+    async def acquire(self, key_id: str, limit: int) -> tuple[str | None, int]:
+        return self.acquire_now(key_id, limit)
+
+    def release_now(self, key_id: str) -> None:
         count = self._in_flight.get(key_id, 0) - 1
         if count > 0:
             self._in_flight[key_id] = count
         else:
             self._in_flight.pop(key_id, None)
+
+    async def release(self, key_id: str, slot: str) -> None:
+        self.release_now(key_id)
 
     async def close(self) -> None:
         pass
@@ -285,7 +307,10 @@ class _RedisSlots:
 
 
 class Admission:
-    """An admitted request. The caller MUST call `done(tokens)` exactly once (extra calls are no-ops)."""
+    """An admitted request. The caller MUST call `done(tokens)` (or `done_now(tokens)`) exactly once
+    (extra calls are no-ops)."""
+
+    __slots__ = ("_done", "_key_id", "_limiter", "_limits", "_slot", "headers")
 
     def __init__(self, limiter: RateLimiter, key_id: str, limits: KeyLimits, slot: str | None, headers: dict) -> None:
         self.headers: dict[str, str] = headers
@@ -294,6 +319,21 @@ class Admission:
         self._limits = limits
         self._slot = slot
         self._done = False
+
+    def done_now(self, tokens: int) -> bool:
+        """`done()` without a coroutine when the limiter's state is in process; False (nothing done)
+        when it is remote: then await `done()`."""
+        if self._limiter.remote:
+            return False
+        if self._done:
+            return True
+        self._done = True
+        tpm = self._limits.tokens_per_minute
+        if tpm is not None and tokens > 0:
+            self._limiter._charge_tokens_now(self._key_id, tpm, tokens)
+        if self._slot is not None:
+            self._limiter._slots.release_now(self._key_id)
+        return True
 
     async def done(self, tokens: int) -> None:
         """Charge `tokens` (prompt + completion) to the tokens-per-minute window, free the slot.
@@ -338,6 +378,31 @@ class RateLimiter:
         else:
             raise ValueError(f"unsupported rate-limit storage {storage_uri!r}: use memory:// or redis://")
         self.remote = self._client is not None  # whether its calls wait on a store
+
+    def admit_now(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission | None:
+        """`admit()` without a coroutine, for the in-process store and a request that every limit
+        admits: the common case, kept to a few dict and deque operations because the cached path
+        pays for every Python call here. None, with nothing changed, when the store is remote or a
+        limit would refuse: then await `admit()`, which decides (and raises the refusal)."""
+        if self.remote:
+            return None
+        windows, now = self._windows, time.time()
+        admitted: list[_Window] = []
+        tpm, rpm, concurrent = limits.tokens_per_minute, limits.requests_per_minute, limits.concurrent_requests
+        if tpm is not None:
+            remaining, reset_s = sliding_stats(tpm, windows.sliding_window_now(key_id, now))
+            if remaining < max(1, tokens_hint):
+                return None
+            admitted.append(_Window("tokens", tpm, remaining, math.ceil(reset_s)))
+        if concurrent is not None and self._slots._in_flight.get(key_id, 0) >= concurrent:
+            return None
+        if rpm is not None:
+            hit, remaining, reset_s = windows.hit_requests_now(key_id, rpm, now)
+            if not hit:
+                return None
+            admitted.insert(0, _Window("requests", rpm, remaining, math.ceil(reset_s)))
+        slot = self._slots.acquire_now(key_id, concurrent)[0] if concurrent is not None else None
+        return Admission(self, key_id, limits, slot, rate_limit_headers(admitted))
 
     async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
         """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
@@ -430,6 +495,15 @@ class RateLimiter:
             retry_after_s=wait,
             headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *others]),
         )
+
+    def _charge_tokens_now(self, key_id: str, limit: int, tokens: int) -> None:
+        """`_charge_tokens` in process (where nothing can take the room between the two calls)."""
+        windows = self._windows
+        cost = min(tokens, limit)
+        if not windows.charge_tokens_now(key_id, limit, cost):
+            cost = min(cost, sliding_stats(limit, windows.sliding_window_now(key_id, time.time()))[0])
+            if cost > 0:
+                windows.charge_tokens_now(key_id, limit, cost)
 
     async def _charge_tokens(self, key_id: str, limit: int, tokens: int) -> None:
         """Charge what a finished request used; beyond the room left, the window saturates."""

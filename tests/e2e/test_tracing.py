@@ -109,6 +109,11 @@ def test_one_trace_id_spans_http_and_all_four_services(traced_mesh, receiver):
     # The HTTP server span continues the caller's traceparent.
     roots = [s for _, s in spans if s.parent_span_id.hex() == parent]
     assert roots, "the gateway's server span must be a child of the caller's span"
+    # The request's usage row names the same trace (what links a bill to its trace).
+    usage = httpx.get(f"{traced_mesh.url}/v1/usage", params={"limit": 1000}, timeout=30).json()["data"]
+    row = next(r for r in usage if r["request_id"] == reply.headers["x-request-id"])
+    assert row["trace_id"] == trace_id and row["status"] == 200 and row["input_tokens"] > 0
+    assert 0 < row["latency_s"] < 30 and row["time"].endswith("+00:00")
     # Health checks are not traced.
     assert not any("Health" in s.name for _, s in collector.spans)
 

@@ -65,3 +65,33 @@ def test_replicas_initialising_one_database_together(tmp_path):
     assert not errors
     assert stores[0]._version_now() >= 0  # exactly one version row: scalar_one() does not raise
     assert [k.id for k in stores[0].all()] == ["admin"]
+
+
+async def test_a_remembered_credential_is_forgotten_when_the_keys_change_or_it_expires(store):
+    """The authenticator remembers credentials it verified (a dict lookup instead of hashing the
+    token on every request); a revocation, any other key change, or the key's expiry ends that."""
+    from services.gateway.auth import Authenticator
+
+    auth = Authenticator(store, enabled=True, metrics_public=True)
+    key, token = store.create("team", ["inference"])
+    soon_key, soon = store.create("brief", ["inference"], expires_at=datetime.now(UTC) + timedelta(seconds=1))
+    await store.reload()
+    credential = f"Bearer {token}".encode()
+    assert auth.remembered(credential, "inference") is None  # never verified
+    principal = await auth.principal(token, "inference")
+    auth.remember(credential, principal)
+    assert auth.remembered(credential, "inference") is principal
+    assert auth.remembered(credential, "admin") is None  # a scope the key lacks: verify (and refuse)
+    assert auth.remembered(f"Bearer {token}x".encode(), "inference") is None
+    soon_credential = f"Bearer {soon}".encode()
+    auth.remember(soon_credential, await auth.principal(soon, "inference"))
+    assert auth.remembered(soon_credential, "inference").key.id == soon_key.id
+    threading.Event().wait(1.1)
+    assert auth.remembered(soon_credential, "inference") is None  # expired
+    with pytest.raises(MeshError, match="revoked or has expired"):
+        await auth.principal(soon, "inference")
+    store.revoke(key.id)
+    await store.reload()  # what every replica does when the key version changes
+    assert auth.remembered(credential, "inference") is None
+    with pytest.raises(MeshError, match="revoked or has expired"):
+        await auth.principal(token, "inference")

@@ -32,17 +32,58 @@ def storage_uri(request):
     return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
 
-@pytest.fixture
-async def limiter(storage_uri):
+class NowFirst:
+    """A limiter or budget book used as Metering uses it: the synchronous in-process form first
+    (`admit_now`, `done_now`, `reserve_now`, `settle_now`), awaiting the coroutine when it answers
+    None or False. Every test of the `limiter` and `book` fixtures runs both ways, so the fast path
+    must admit, refuse, count and report exactly as the awaited one."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0):
+        inner = self.inner
+        admission = inner.admit_now(key_id, limits, tokens_hint=tokens_hint)
+        return _NowFirstAdmission(admission or await inner.admit(key_id, limits, tokens_hint=tokens_hint))
+
+    async def reserve(self, key_id: str, budget_usd: float, period: str, amount_usd: float):
+        inner = self.inner
+        return inner.reserve_now(key_id, budget_usd, period, amount_usd) or await inner.reserve(
+            key_id, budget_usd, period, amount_usd
+        )
+
+    async def settle(self, reservation, actual_usd: float) -> None:
+        if not self.inner.settle_now(reservation, actual_usd):
+            await self.inner.settle(reservation, actual_usd)
+
+
+class _NowFirstAdmission:
+    def __init__(self, admission) -> None:
+        self.admission = admission
+        self.headers = admission.headers
+
+    def __getattr__(self, name):
+        return getattr(self.admission, name)
+
+    async def done(self, tokens: int) -> None:
+        if not self.admission.done_now(tokens):
+            await self.admission.done(tokens)
+
+
+@pytest.fixture(params=["awaited", "now-first"])
+async def limiter(request, storage_uri):
     rate_limiter = RateLimiter(storage_uri)
-    yield rate_limiter
+    yield rate_limiter if request.param == "awaited" else NowFirst(rate_limiter)
     await rate_limiter.close()
 
 
-@pytest.fixture
-async def book(storage_uri):
+@pytest.fixture(params=["awaited", "now-first"])
+async def book(request, storage_uri):
     budget_book = BudgetBook(storage_uri)
-    yield budget_book
+    yield budget_book if request.param == "awaited" else NowFirst(budget_book)
     await budget_book.close()
 
 
@@ -318,12 +359,58 @@ async def test_a_store_failure_while_settling_still_frees_the_slot_and_answers(l
     key = ApiKey(id=f"k{uuid.uuid4().hex[:8]}", name="t", scopes=("inference",), concurrent_requests=1, budget_usd=1.0)
     metering = Metering(limiter, book, None, timeout_s=1.0)
 
-    async def broken_settle(*args):
+    def broken_settle_now(*args):
         raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "budget store is unavailable")
 
+    async def broken_settle(*args):
+        broken_settle_now()
+
     monkeypatch.setattr(book, "settle", broken_settle)
+    monkeypatch.setattr(book, "settle_now", broken_settle_now if not book.remote else lambda *args: False)
     metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
     async with metering.track(metered):
         pass  # the request succeeded; finishing must not turn it into an error
     again = await metering.admit(Principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5)
     await metering.finish(again, 200)  # the one slot was free again
+
+
+async def test_the_in_process_fast_path_changes_nothing_when_it_declines():
+    """admit_now() and reserve_now() answer None instead of refusing (the awaited forms then
+    refuse with the full error); a declined call must not count a request or hold money."""
+    limiter, book = RateLimiter(), BudgetBook()
+    key, limits = new_key(), KeyLimits(requests_per_minute=5, concurrent_requests=1)
+    first = limiter.admit_now(key, limits)
+    assert first.headers["RateLimit"].startswith('"requests";r=4;')
+    assert limiter.admit_now(key, limits) is None  # the one slot is taken
+    err = await refusal(limiter.admit(key, limits))
+    assert "1 in flight" in err.message
+    assert first.done_now(0) and first.done_now(0)  # idempotent
+    assert limiter.admit_now(key, limits).headers["RateLimit"].startswith('"requests";r=3;')  # 2 counted, not 3
+
+    held = book.reserve_now(key, 1.0, "day", 0.75)
+    assert held is not None and await book.spent(key, "day") == (0.0, 0.75)
+    assert book.reserve_now(key, 1.0, "day", 0.5) is None  # does not fit: nothing held
+    assert await book.spent(key, "day") == (0.0, 0.75)
+    err = await refusal(book.reserve(key, 1.0, "day", 0.5))
+    assert err.code is ErrorCode.QUOTA_EXCEEDED
+    assert book.settle_now(held, 0.25)
+    assert await book.spent(key, "day") == (0.25, 0.0)
+
+
+async def test_with_redis_the_fast_path_always_declines(redis_url):
+    """Shared state is only ever changed by the awaited forms (their Lua scripts are atomic)."""
+    limiter, book = RateLimiter(redis_url), BudgetBook(redis_url)
+    try:
+        key = new_key()
+        assert limiter.admit_now(key, KeyLimits(requests_per_minute=5)) is None
+        assert book.reserve_now(key, 1.0, "day", 0.1) is None
+        admission = await limiter.admit(key, KeyLimits(requests_per_minute=5))
+        assert not admission.done_now(0)
+        held = await book.reserve(key, 1.0, "day", 0.1)
+        assert not book.settle_now(held, 0.05)
+        assert await book.spent(key, "day") == (0.0, 0.1)  # the declined settle changed nothing
+        await admission.done(0)
+        await book.settle(held, 0.05)
+    finally:
+        await limiter.close()
+        await book.close()
