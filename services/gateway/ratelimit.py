@@ -72,20 +72,26 @@ class _Window(NamedTuple):
     window_s: int = WINDOW_S
 
 
+_ITEM = '"{}";r={};t={}'  # one item of the RateLimit header
+_POLICY_ITEM = '"{}";q={};w={}'  # one item of RateLimit-Policy
+
+
 def rate_limit_headers(windows: list[_Window]) -> dict[str, str]:
     """`RateLimit: "requests";r=0;t=12, "tokens";r=900;t=40` and the matching `RateLimit-Policy`."""
     if not windows:
         return {}
     return {
-        "RateLimit": ", ".join([f'"{w.name}";r={w.remaining};t={w.reset_s}' for w in windows]),
-        "RateLimit-Policy": _policy(tuple([(w.name, w.limit, w.window_s) for w in windows])),
+        "RateLimit": ", ".join([_ITEM.format(w.name, w.remaining, w.reset_s) for w in windows]),
+        "RateLimit-Policy": ", ".join([_POLICY_ITEM.format(w.name, w.limit, w.window_s) for w in windows]),
     }
 
 
 @functools.lru_cache(maxsize=1024)
-def _policy(items: tuple[tuple[str, int, int], ...]) -> str:
-    """The RateLimit-Policy value: it changes only with the key's limits."""
-    return ", ".join([f'"{name}";q={limit};w={window_s}' for name, limit, window_s in items])
+def _admitted_policy(limits: KeyLimits) -> str:
+    """RateLimit-Policy of an admitted request (requests, then tokens): it changes only with the
+    key's limits."""
+    items = [("requests", limits.requests_per_minute), ("tokens", limits.tokens_per_minute)]
+    return ", ".join([_POLICY_ITEM.format(name, limit, WINDOW_S) for name, limit in items if limit is not None])
 
 
 def _retry_after(seconds: float) -> int:
@@ -387,22 +393,24 @@ class RateLimiter:
         if self.remote:
             return None
         windows, now = self._windows, time.time()
-        admitted: list[_Window] = []
-        tpm, rpm, concurrent = limits.tokens_per_minute, limits.requests_per_minute, limits.concurrent_requests
+        rpm, tpm, concurrent = limits
+        value = ""  # the RateLimit header, built here: no _Window objects on this path
         if tpm is not None:
             remaining, reset_s = sliding_stats(tpm, windows.sliding_window_now(key_id, now))
             if remaining < max(1, tokens_hint):
                 return None
-            admitted.append(_Window("tokens", tpm, remaining, math.ceil(reset_s)))
+            value = _ITEM.format("tokens", remaining, math.ceil(reset_s))
         if concurrent is not None and self._slots._in_flight.get(key_id, 0) >= concurrent:
             return None
         if rpm is not None:
             hit, remaining, reset_s = windows.hit_requests_now(key_id, rpm, now)
             if not hit:
                 return None
-            admitted.insert(0, _Window("requests", rpm, remaining, math.ceil(reset_s)))
+            item = _ITEM.format("requests", remaining, math.ceil(reset_s))
+            value = f"{item}, {value}" if value else item
         slot = self._slots.acquire_now(key_id, concurrent)[0] if concurrent is not None else None
-        return Admission(self, key_id, limits, slot, rate_limit_headers(admitted))
+        headers = {"RateLimit": value, "RateLimit-Policy": _admitted_policy(limits)} if value else {}
+        return Admission(self, key_id, limits, slot, headers)
 
     async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
         """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
