@@ -152,9 +152,10 @@ class Metering:
         """Key restrictions, then rate limits, then the budget reservation; raises the refusal
         (which gets its own ledger row, with its status and no cost).
 
-        In process each store first tries its synchronous `*_now` form, which admits without a
-        coroutine or answers None (nothing changed) when it would refuse; the awaited form then
-        decides and raises. The cached path pays for every Python call here."""
+        In process the stores' synchronous `*_now` forms decide without a coroutine (the cached
+        path pays for every Python call here): the limiter's admits or refuses, the budget's
+        reserves or answers None (nothing held) and the awaited form raises the refusal. With
+        Redis they answer None and the awaited forms decide."""
         key = principal.key
         admission = reservation = None
         try:

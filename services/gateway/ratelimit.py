@@ -16,23 +16,34 @@ Two window kinds, with the same arithmetic in both stores:
   checks the room for `tokens_hint` and `Admission.done(tokens)` charges what was used; a request
   that used more than was left saturates the window (the overshoot is not carried over).
 
-In Redis (`redis://…`, shared by every gateway replica) the windows are the `limits` library's.
-In process (`memory://`, the default) they are kept here, because `limits`' in-memory storage
-costs about 20 µs per request (async locks, an expiry timer rescheduled on every hit, and a moving
-window that inserts at the front of a list: O(n) in the requests of the last minute), which is
-most of what a cached response costs. The in-process moving window is a deque of timestamps
-(append and expire at the ends: O(1) amortized), and the counter is `limits`' own formula over
-windows aligned to the minute, so both stores admit and refuse alike (one test suite runs on both).
+Each store takes **one atomic step per admission** (read every window, and count the request and
+take its slot only if every limit admits) and one per completion (charge the tokens, free the
+slot); `RateLimiter` turns the state the step saw into the Admission and its headers, or into the
+refusal, the same way for both stores (one test suite runs on both):
+- in process (`memory://`, the default) a deque of timestamps per key for the moving window (append
+  and expire at the ends: O(1) amortized), `[minute, previous, current]` for the counter, an
+  in-flight count; `admit_now()` / `done_now()` take the step without a coroutine, which is what
+  the gateway's cached path can afford;
+- in Redis (`redis://…`, shared by every gateway replica) one Lua script per step, in Redis server
+  time: a sorted set of admission times, a hash for the counter, a sorted set of leased slots.
+
+Hand-written rather than the `limits` library (used here before): its in-memory storage cost ~20 µs
+a request (async locks, an expiry timer rescheduled on every hit, a moving window that inserts at the
+front of a list: O(n) in the last minute's requests), and in Redis its API takes four round trips
+to check tokens, take a slot, hit the moving window and read that window's state, plus two to
+finish; every round trip costs ~100 µs of redis-py CPU in the gateway. The arithmetic is the same
+as `limits`' (its sliding-window-counter weighting, a moving window of the last 60 s).
 
 Concurrency is a set of leased slots, not a bare INCR/DECR counter: in Redis a sorted set per key
-(member = slot, score = lease deadline in Redis server time), updated by one Lua script. A replica
-that crashes holding slots leaks them only until their lease ends, even while the key stays busy
-(an INCR counter with a key-wide TTL is refreshed by every new request and would leak forever).
+(member = slot, score = lease deadline in Redis server time). A replica that crashes holding slots
+leaks them only until their lease ends, even while the key stays busy (an INCR counter with a
+key-wide TTL is refreshed by every new request and would leak forever).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -41,9 +52,6 @@ from collections import deque
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from services.common.errors import ErrorCode, MeshError
 
@@ -134,102 +142,6 @@ class store_errors:
         return False
 
 
-class _MemoryWindows:
-    """One process's windows (see the module docstring); nothing awaits, so every check-and-update
-    is atomic on the event loop. The `*_now` methods are the synchronous forms that
-    `RateLimiter.admit_now()` uses; the coroutines are the store interface shared with Redis."""
-
-    def __init__(self) -> None:
-        self._requests: dict[str, deque[float]] = {}
-        self._tokens: dict[str, list] = {}  # key -> [window index, previous count, current count]
-
-    def _moving(self, key_id: str, now: float) -> deque[float]:
-        times = self._requests.get(key_id)
-        if times is None:
-            times = self._requests[key_id] = deque()
-        horizon = now - WINDOW_S
-        while times and times[0] <= horizon:
-            times.popleft()
-        return times
-
-    def hit_requests_now(self, key_id: str, limit: int, now: float) -> tuple[bool, int, float]:
-        """Count one request if it fits (nothing changes when it does not)."""
-        times = self._moving(key_id, now)
-        admitted = len(times) < limit
-        if admitted:
-            times.append(now)
-        return admitted, max(0, limit - len(times)), (times[0] + WINDOW_S - now) if times else 0.0
-
-    async def hit_requests(self, key_id: str, limit: int) -> tuple[bool, int, float]:
-        return self.hit_requests_now(key_id, limit, time.time())
-
-    async def requests_window(self, key_id: str, limit: int) -> tuple[int, float]:
-        now = time.time()
-        times = self._moving(key_id, now)
-        return max(0, limit - len(times)), (times[0] + WINDOW_S - now) if times else 0.0
-
-    def _counter(self, key_id: str, now: float) -> list:
-        index = int(now // WINDOW_S)
-        counter = self._tokens.get(key_id)
-        if counter is None:
-            counter = self._tokens[key_id] = [index, 0, 0]
-        elif counter[0] != index:  # roll: the current window becomes the previous one (or both go)
-            counter[:] = [index, counter[2] if counter[0] == index - 1 else 0, 0]
-        return counter
-
-    def sliding_window_now(self, key_id: str, now: float) -> tuple[int, float, int, float]:
-        _, previous, current = self._counter(key_id, now)
-        into = now % WINDOW_S
-        return previous, (WINDOW_S - into) if previous else 0.0, current, 2 * WINDOW_S - into
-
-    async def sliding_window(self, key_id: str, limit: int) -> tuple[int, float, int, float]:
-        """(previous count, its ttl, current count, its ttl), as `limits`' storages answer."""
-        return self.sliding_window_now(key_id, time.time())
-
-    def charge_tokens_now(self, key_id: str, limit: int, cost: int) -> bool:
-        now = time.time()
-        counter = self._counter(key_id, now)
-        weighted = counter[1] * (WINDOW_S - now % WINDOW_S) / WINDOW_S + counter[2]
-        if cost > limit or math.floor(weighted) + cost > limit:
-            return False
-        counter[2] += cost
-        return True
-
-    async def charge_tokens(self, key_id: str, limit: int, cost: int) -> bool:
-        return self.charge_tokens_now(key_id, limit, cost)
-
-
-class _LimitsWindows:
-    """The windows in a store shared by replicas, through the `limits` library."""
-
-    def __init__(self, storage: RedisStorage) -> None:
-        self._storage = storage
-        self._rpm = MovingWindowRateLimiter(storage)
-        self._tpm = SlidingWindowCounterRateLimiter(storage)
-
-    @staticmethod
-    def _requests_item(limit: int) -> RateLimitItemPerMinute:
-        return RateLimitItemPerMinute(limit, namespace="requests")
-
-    @staticmethod
-    def _tokens_item(limit: int) -> RateLimitItemPerMinute:
-        return RateLimitItemPerMinute(limit, namespace="tokens")
-
-    async def hit_requests(self, key_id: str, limit: int) -> tuple[bool, int, float]:
-        admitted = await self._rpm.hit(self._requests_item(limit), key_id)
-        return (admitted, *await self.requests_window(key_id, limit))
-
-    async def requests_window(self, key_id: str, limit: int) -> tuple[int, float]:
-        stats = await self._rpm.get_window_stats(self._requests_item(limit), key_id)
-        return max(0, stats.remaining), max(0.0, stats.reset_time - time.time())
-
-    async def sliding_window(self, key_id: str, limit: int) -> tuple[int, float, int, float]:
-        return await self._storage.get_sliding_window(self._tokens_item(limit).key_for(key_id), WINDOW_S)
-
-    async def charge_tokens(self, key_id: str, limit: int, cost: int) -> bool:
-        return await self._tpm.hit(self._tokens_item(limit), key_id, cost=cost)
-
-
 def sliding_stats(limit: int, window: tuple[int, float, int, float]) -> tuple[int, float]:
     """(remaining, seconds until a use leaves) of a sliding-window counter, as `limits` computes them."""
     previous, previous_ttl, current, current_ttl = window
@@ -243,73 +155,221 @@ def sliding_stats(limit: int, window: tuple[int, float, int, float]) -> tuple[in
     return remaining, 0.0 if reset == math.inf else reset
 
 
-class _MemorySlots:
-    """In-flight counts per key for one process: no await between check and update, so atomic."""
+class _State(NamedTuple):
+    """One key's limits as a store sees them in one atomic step, admitting or not."""
+
+    verdict: str  # "ok" (admitted and counted), or the limit that refused: "tokens", "concurrent", "requests"
+    requests: int  # requests in the last minute (this one included when admitted)
+    requests_reset_s: float  # until the oldest of them leaves the window (0: none)
+    tokens_previous: int  # the tokens counter: the previous minute's count,
+    tokens_current: int  # this minute's,
+    into_s: float  # and how far into this minute the store's clock is
+    in_flight: int  # requests holding a concurrency slot (this one included when admitted)
+
+    def tokens_window(self) -> tuple[int, float, int, float]:
+        """(previous count, its ttl, current count, its ttl), as `sliding_stats` takes them."""
+        previous, into = self.tokens_previous, self.into_s
+        return previous, (WINDOW_S - into) if previous else 0.0, self.tokens_current, 2 * WINDOW_S - into
+
+
+def _verdict(state_tokens: bool, state_concurrent: bool, state_requests: bool) -> str:
+    return "tokens" if state_tokens else "concurrent" if state_concurrent else "requests" if state_requests else "ok"
+
+
+class _MemoryStore:
+    """One process's windows and slots (see the module docstring). Nothing awaits, so every step is
+    atomic on the event loop; `admit_now`/`done_now` are the synchronous forms the in-process fast
+    path calls, the coroutines the store interface shared with Redis."""
+
+    remote = False
 
     def __init__(self) -> None:
+        self._requests: dict[str, deque[float]] = {}
+        self._tokens: dict[str, list] = {}  # key -> [minute index, previous count, current count]
         self._in_flight: dict[str, int] = {}
 
-    def acquire_now(self, key_id: str, limit: int) -> tuple[str | None, int]:
-        count = self._in_flight.get(key_id, 0)
-        if count >= limit:
-            return None, count
-        self._in_flight[key_id] = count + 1
-        return "local", count + 1  # a count, not a set: every slot of a key is alike
+    def admit_now(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
+        rpm, tpm, concurrent = limits
+        now = time.time()
+        into = now % WINDOW_S
+        previous = current = 0
+        if tpm is not None and (counter := self._tokens.get(key_id)) is not None:
+            index = int(now // WINDOW_S)
+            if counter[0] == index:
+                previous, current = counter[1], counter[2]
+            elif counter[0] == index - 1:
+                previous = counter[2]
+        count, times = 0, None
+        if rpm is not None:
+            times = self._requests.get(key_id)
+            if times is None:
+                times = self._requests[key_id] = deque()
+            horizon = now - WINDOW_S
+            while times and times[0] <= horizon:
+                times.popleft()
+            count = len(times)
+        in_flight = self._in_flight.get(key_id, 0) if concurrent is not None else 0
+        verdict = _verdict(
+            tpm is not None and tpm - math.floor(previous * (WINDOW_S - into) / WINDOW_S + current) < needed,
+            concurrent is not None and in_flight >= concurrent,
+            rpm is not None and count >= rpm,
+        )
+        if verdict == "ok":
+            if times is not None:
+                times.append(now)
+                count += 1
+            if concurrent is not None:
+                in_flight += 1
+                self._in_flight[key_id] = in_flight
+        reset = (times[0] + WINDOW_S - now) if times else 0.0
+        return _State(verdict, count, reset, previous, current, into, in_flight)
 
-    async def acquire(self, key_id: str, limit: int) -> tuple[str | None, int]:
-        return self.acquire_now(key_id, limit)
+    async def admit(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
+        return self.admit_now(key_id, limits, needed, slot)
 
-    def release_now(self, key_id: str) -> None:
-        count = self._in_flight.get(key_id, 0) - 1
-        if count > 0:
-            self._in_flight[key_id] = count
-        else:
-            self._in_flight.pop(key_id, None)
+    def done_now(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None) -> None:
+        """Charge what a finished request used (beyond the room left, the window saturates: the
+        overshoot is not carried over) and free its slot."""
+        if tokens_per_minute is not None and tokens > 0:
+            now = time.time()
+            index = int(now // WINDOW_S)
+            counter = self._tokens.get(key_id)
+            if counter is None:
+                counter = self._tokens[key_id] = [index, 0, 0]
+            elif counter[0] != index:  # roll: the current minute becomes the previous one (or both go)
+                counter[:] = [index, counter[2] if counter[0] == index - 1 else 0, 0]
+            room = tokens_per_minute - math.floor(counter[1] * (WINDOW_S - now % WINDOW_S) / WINDOW_S + counter[2])
+            counter[2] += max(0, min(tokens, room))
+        if slot is not None:
+            count = self._in_flight.get(key_id, 0) - 1
+            if count > 0:
+                self._in_flight[key_id] = count
+            else:
+                self._in_flight.pop(key_id, None)
 
-    async def release(self, key_id: str, slot: str) -> None:
-        self.release_now(key_id)
+    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None) -> None:
+        self.done_now(key_id, tokens_per_minute, tokens, slot)
 
     async def close(self) -> None:
         pass
 
 
-# KEYS[1]: the key's in-flight set. ARGV: limit, slot id, lease in ms. Returns {admitted, in flight}.
-_ACQUIRE_SLOT = """
+# The same steps as _MemoryStore, in Redis server time, one script per step (one round trip each:
+# every command costs ~100 µs of redis-py CPU in the gateway). Keys share one hash tag (the API
+# key id): one cluster slot. Times in ms.
+#   requests  sorted set: member = request, score = when it was admitted
+#   tokens    hash: i = minute index, p = previous minute's count, c = this minute's
+#   inflight  sorted set: member = slot, score = lease deadline
+_REDIS_CLOCK = """
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local count = redis.call('ZCARD', KEYS[1])
-if count >= tonumber(ARGV[1]) then
-  return {0, count}
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = 60000
+local into = now % window
+local index = math.floor(now / window)
+local function tokens_counter()
+  local h = redis.call('HMGET', KEYS[2], 'i', 'p', 'c')
+  local stored = tonumber(h[1])
+  if stored == index then return tonumber(h[2]) or 0, tonumber(h[3]) or 0 end
+  if stored == index - 1 then return tonumber(h[3]) or 0, 0 end
+  return 0, 0
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, count + 1}
 """
+# KEYS: requests, tokens, inflight. ARGV: rpm, tpm, concurrent (-1: no limit), tokens needed, slot id,
+# slot lease ms. Returns {verdict, requests, ms until the oldest leaves, previous, current, ms into
+# the minute, in flight}.
+_ADMIT = (
+    _REDIS_CLOCK
+    + """
+local rpm, tpm, concurrent, needed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local previous, current = 0, 0
+if tpm >= 0 then previous, current = tokens_counter() end
+local count = 0
+if rpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  count = redis.call('ZCARD', KEYS[1])
+end
+local in_flight = 0
+if concurrent >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  in_flight = redis.call('ZCARD', KEYS[3])
+end
+local verdict = 'ok'
+if tpm >= 0 and tpm - math.floor(previous * (window - into) / window + current) < needed then
+  verdict = 'tokens'
+elseif concurrent >= 0 and in_flight >= concurrent then
+  verdict = 'concurrent'
+elseif rpm >= 0 and count >= rpm then
+  verdict = 'requests'
+end
+if verdict == 'ok' then
+  if rpm >= 0 then
+    redis.call('ZADD', KEYS[1], now, ARGV[5])
+    redis.call('PEXPIRE', KEYS[1], window)
+    count = count + 1
+  end
+  if concurrent >= 0 then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
+    redis.call('PEXPIRE', KEYS[3], ARGV[6])
+    in_flight = in_flight + 1
+  end
+end
+local reset = 0
+if count > 0 then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  reset = tonumber(oldest[2]) + window - now
+end
+return {verdict, count, reset, previous, current, into, in_flight}
+"""
+)
+# KEYS: tokens, inflight. ARGV: tpm (-1: no limit), tokens used, slot id ('': none).
+_DONE = (
+    _REDIS_CLOCK
+    + """
+local tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tpm >= 0 and tokens > 0 then
+  local previous, current = tokens_counter()
+  local room = tpm - math.floor(previous * (window - into) / window + current)
+  local charged = math.max(0, math.min(tokens, room))
+  redis.call('HSET', KEYS[2], 'i', index, 'p', previous, 'c', current + charged)
+  redis.call('PEXPIRE', KEYS[2], 2 * window)
+end
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
+return 1
+"""
+)
 
 
-class _RedisSlots:
-    """In-flight slots shared by every replica: a sorted set of leased slots per key."""
+class _RedisStore:
+    """The windows and slots in a Redis shared by every replica."""
 
-    def __init__(self, client: aioredis.Redis, lease_s: float) -> None:
-        self._client = client
+    remote = True
+
+    def __init__(self, storage_uri: str, lease_s: float) -> None:
+        self._client = aioredis.Redis.from_url(storage_uri)
         self._lease_ms = max(1, int(lease_s * 1000))
-        self._acquire = client.register_script(_ACQUIRE_SLOT)
+        self._admit = self._client.register_script(_ADMIT)
+        self._done = self._client.register_script(_DONE)
 
     @staticmethod
-    def _key(key_id: str) -> str:
-        return f"{KEY_PREFIX}:inflight:{{{key_id}}}"
+    def _keys(key_id: str) -> list[str]:
+        base = f"{KEY_PREFIX}:{{{key_id}}}"
+        return [f"{base}:requests", f"{base}:tokens", f"{base}:inflight"]
 
-    async def acquire(self, key_id: str, limit: int) -> tuple[str | None, int]:
-        slot = uuid.uuid4().hex
-        admitted, count = await self._acquire([self._key(key_id)], [limit, slot, self._lease_ms])
-        return (slot if admitted else None), int(count)
+    async def admit(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
+        rpm, tpm, concurrent = (-1 if limit is None else limit for limit in limits)
+        verdict, count, reset_ms, previous, current, into_ms, in_flight = await self._admit(
+            self._keys(key_id), [rpm, tpm, concurrent, needed, slot, self._lease_ms]
+        )
+        return _State(
+            verdict.decode(), int(count), reset_ms / 1000, int(previous), int(current), into_ms / 1000, int(in_flight)
+        )
 
-    async def release(self, key_id: str, slot: str) -> None:
-        await self._client.zrem(self._key(key_id), slot)
+    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None) -> None:
+        tpm = -1 if tokens_per_minute is None else tokens_per_minute
+        await self._done(self._keys(key_id), [tpm, tokens, slot or ""])
 
     async def close(self) -> None:
-        pass  # the client belongs to the RateLimiter
+        await self._client.aclose()
 
 
 class Admission:
@@ -331,14 +391,9 @@ class Admission:
         when it is remote: then await `done()`."""
         if self._limiter.remote:
             return False
-        if self._done:
-            return True
-        self._done = True
-        tpm = self._limits.tokens_per_minute
-        if tpm is not None and tokens > 0:
-            self._limiter._charge_tokens_now(self._key_id, tpm, tokens)
-        if self._slot is not None:
-            self._limiter._slots.release_now(self._key_id)
+        if not self._done:
+            self._done = True
+            self._limiter._store.done_now(self._key_id, self._limits.tokens_per_minute, tokens, self._slot)
         return True
 
     async def done(self, tokens: int) -> None:
@@ -349,193 +404,123 @@ class Admission:
         if self._done:
             return
         self._done = True
+        if self._slot is None and (self._limits.tokens_per_minute is None or tokens <= 0):
+            return  # nothing to charge or free: no round trip
         try:
-            if self._limits.tokens_per_minute is not None and tokens > 0:
-                await self._limiter._charge_tokens(self._key_id, self._limits.tokens_per_minute, tokens)
+            await self._limiter._store.done(self._key_id, self._limits.tokens_per_minute, tokens, self._slot)
         except Exception:
-            log.exception("could not charge %d tokens to key %s", tokens, self._key_id)
-        finally:
-            if self._slot is not None:
-                try:
-                    await self._limiter._slots.release(self._key_id, self._slot)
-                except Exception:
-                    log.exception("could not free a concurrency slot of key %s", self._key_id)
+            log.exception("could not charge %d tokens or free the slot of key %s", tokens, self._key_id)
 
 
 class RateLimiter:
-    """Admits or refuses requests per API key; state in process or in a Redis shared by replicas."""
+    """Admits or refuses requests per API key; state in process or in a Redis shared by replicas.
+
+    Each store takes one atomic step per admission (check every limit, count the request only if
+    all admit) and one per completion; this class turns the state a step saw into the Admission
+    and its headers, or into the refusal."""
 
     def __init__(self, storage_uri: str = "memory://", *, slot_lease_s: float = 600.0) -> None:
         """`storage_uri`: `memory://` or `redis://host:port/db` (`rediss://` for TLS).
         `slot_lease_s`: how long a concurrency slot held in Redis outlives a replica that died
         holding it; a request running longer than this stops counting against the limit."""
-        self._client: aioredis.Redis | None = None
         if storage_uri.startswith("memory://"):
-            self._windows: _MemoryWindows | _LimitsWindows = _MemoryWindows()
-            self._slots: _MemorySlots | _RedisSlots = _MemorySlots()
+            self._store: _MemoryStore | _RedisStore = _MemoryStore()
         elif storage_uri.startswith(("redis://", "rediss://")):
-            self._pool = aioredis.ConnectionPool.from_url(storage_uri)
-            self._client = aioredis.Redis(connection_pool=self._pool)
-            storage = RedisStorage(
-                f"async+{storage_uri}", implementation="redispy", key_prefix=KEY_PREFIX, connection_pool=self._pool
-            )
-            self._windows = _LimitsWindows(storage)
-            self._slots = _RedisSlots(self._client, slot_lease_s)
+            self._store = _RedisStore(storage_uri, slot_lease_s)
         else:
             raise ValueError(f"unsupported rate-limit storage {storage_uri!r}: use memory:// or redis://")
-        self.remote = self._client is not None  # whether its calls wait on a store
+        self.remote = self._store.remote  # whether its calls wait on a store
 
     def admit_now(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission | None:
-        """`admit()` without a coroutine, for the in-process store and a request that every limit
-        admits: the common case, kept to a few dict and deque operations because the cached path
-        pays for every Python call here. None, with nothing changed, when the store is remote or a
-        limit would refuse: then await `admit()`, which decides (and raises the refusal)."""
+        """`admit()` without a coroutine, for the in-process store (what the cached path can
+        afford); None when the store is remote: then await `admit()`."""
         if self.remote:
             return None
-        windows, now = self._windows, time.time()
-        rpm, tpm, concurrent = limits
-        value = ""  # the RateLimit header, built here: no _Window objects on this path
-        if tpm is not None:
-            remaining, reset_s = sliding_stats(tpm, windows.sliding_window_now(key_id, now))
-            if remaining < max(1, tokens_hint):
-                return None
-            value = _ITEM.format("tokens", remaining, math.ceil(reset_s))
-        if concurrent is not None and self._slots._in_flight.get(key_id, 0) >= concurrent:
-            return None
-        if rpm is not None:
-            hit, remaining, reset_s = windows.hit_requests_now(key_id, rpm, now)
-            if not hit:
-                return None
-            item = _ITEM.format("requests", remaining, math.ceil(reset_s))
-            value = f"{item}, {value}" if value else item
-        slot = self._slots.acquire_now(key_id, concurrent)[0] if concurrent is not None else None
-        headers = {"RateLimit": value, "RateLimit-Policy": _admitted_policy(limits)} if value else {}
-        return Admission(self, key_id, limits, slot, headers)
+        slot = f"{_PROCESS}{next(_SERIAL):x}"
+        return self._decide(key_id, limits, tokens_hint, slot, self._store.admit_now(key_id, limits, max(1, tokens_hint), slot))
 
     async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
         """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
-
-        Checks cost nothing when they refuse: tokens are only read, a concurrency slot is freed
-        again when the requests-per-minute window (the one irreversible hit) refuses."""
+        A refused request is not counted and holds no slot. (`tokens_hint`: the most tokens the
+        request can use; a hint of 0 is refused only when the window is exhausted.)"""
+        slot = f"{_PROCESS}{next(_SERIAL):x}"
         with store_errors("rate-limit"):
-            windows: list[_Window] = []
-            if limits.tokens_per_minute is not None:
-                windows.append(await self._check_tokens(key_id, limits, tokens_hint))
-            slot = None
-            if limits.concurrent_requests is not None:
-                slot, in_flight = await self._slots.acquire(key_id, limits.concurrent_requests)
-                if slot is None:
-                    await self._refuse_concurrency(key_id, limits, in_flight)
-            try:
-                if limits.requests_per_minute is not None:
-                    windows.insert(0, await self._hit_requests(key_id, limits))
-            except BaseException:
-                if slot is not None:
-                    await self._slots.release(key_id, slot)
-                raise
-        return Admission(self, key_id, limits, slot, rate_limit_headers(windows))
+            state = await self._store.admit(key_id, limits, max(1, tokens_hint), slot)
+        return self._decide(key_id, limits, tokens_hint, slot, state)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            await self._pool.aclose()
+        await self._store.close()
 
-    # -- requests per minute (moving window) ----------------------------------------------------
-    async def _requests_window(self, key_id: str, limit: int) -> _Window:
-        remaining, reset_s = await self._windows.requests_window(key_id, limit)
-        return _Window("requests", limit, remaining, math.ceil(reset_s))
-
-    async def _hit_requests(self, key_id: str, limits: KeyLimits) -> _Window:
-        limit = limits.requests_per_minute
-        admitted, remaining, reset_s = await self._windows.hit_requests(key_id, limit)
-        if admitted:
-            return _Window("requests", limit, remaining, math.ceil(reset_s))
-        # The moving window's reset is when its oldest request leaves: exactly when one fits again.
-        wait = _retry_after(reset_s)
-        refused = _Window("requests", limit, 0, wait)
-        others = (
-            [await self._tokens_window(key_id, limits.tokens_per_minute)]
-            if limits.tokens_per_minute is not None
+    def _decide(self, key_id: str, limits: KeyLimits, tokens_hint: int, slot: str, state: _State) -> Admission:
+        rpm, tpm, concurrent = limits
+        if state.verdict == "ok":  # the common case, kept short: the headers are built here
+            value = ""
+            if tpm is not None:
+                remaining, reset_s = sliding_stats(tpm, state.tokens_window())
+                value = _ITEM.format("tokens", remaining, math.ceil(reset_s))
+            if rpm is not None:
+                item = _ITEM.format("requests", max(0, rpm - state.requests), math.ceil(state.requests_reset_s))
+                value = f"{item}, {value}" if value else item
+            headers = {"RateLimit": value, "RateLimit-Policy": _admitted_policy(limits)} if value else {}
+            return Admission(self, key_id, limits, slot if concurrent is not None else None, headers)
+        requests = (
+            [_Window("requests", rpm, max(0, rpm - state.requests), math.ceil(state.requests_reset_s))]
+            if rpm is not None
             else []
         )
+        tokens = []
+        if tpm is not None:
+            remaining, reset_s = sliding_stats(tpm, state.tokens_window())
+            tokens = [_Window("tokens", tpm, remaining, math.ceil(reset_s))]
+        if state.verdict == "tokens":
+            raise self._tokens_refusal(tpm, tokens_hint, state, requests)
+        if state.verdict == "concurrent":
+            # When a slot frees is unknown: ask for a retry in a second. The item gets a 1 s
+            # "window" so that huggingface_hub's message reads "0/4 requests remaining in current 1s window".
+            raise MeshError(
+                ErrorCode.RATE_LIMITED,
+                f"too many concurrent requests: this API key may have {concurrent} in flight "
+                f"and has {state.in_flight}; retry after 1 s",
+                retry_after_s=1,
+                headers=rate_limit_headers([_Window("concurrent", concurrent, 0, 1, window_s=1), *requests, *tokens]),
+            )
+        # The moving window's reset is when its oldest request leaves: exactly when one fits again.
+        wait = _retry_after(state.requests_reset_s)
         raise MeshError(
             ErrorCode.RATE_LIMITED,
-            f"rate limit reached: this API key may send {limit} requests per minute; retry after {wait} s",
+            f"rate limit reached: this API key may send {rpm} requests per minute; retry after {wait} s",
             retry_after_s=wait,
-            headers=rate_limit_headers([refused, *others]),
+            headers=rate_limit_headers([_Window("requests", rpm, 0, wait), *tokens]),
         )
 
-    # -- tokens per minute (sliding-window counter) ----------------------------------------------
-    async def _tokens_window(self, key_id: str, limit: int) -> _Window:
-        remaining, reset_s = sliding_stats(limit, await self._windows.sliding_window(key_id, limit))
-        return _Window("tokens", limit, remaining, math.ceil(reset_s))
-
-    async def _check_tokens(self, key_id: str, limits: KeyLimits, tokens_hint: int) -> _Window:
-        limit = limits.tokens_per_minute
-        needed = max(1, tokens_hint)  # a hint of 0 is refused only when the window is exhausted
-        counts = await self._windows.sliding_window(key_id, limit)
-        remaining, reset_s = sliding_stats(limit, counts)
-        if remaining >= needed:
-            return _Window("tokens", limit, remaining, math.ceil(reset_s))
-        others = (
-            [await self._requests_window(key_id, limits.requests_per_minute)]
-            if limits.requests_per_minute is not None
-            else []
-        )
+    @staticmethod
+    def _tokens_refusal(limit: int, tokens_hint: int, state: _State, requests: list[_Window]) -> MeshError:
+        needed = max(1, tokens_hint)
         if needed > limit:
             # No wait will ever make room: say so, and tell openai not to retry.
-            raise MeshError(
+            return MeshError(
                 ErrorCode.RATE_LIMITED,
                 f"request too large: it needs about {needed} tokens, more than this API key's limit of "
                 f"{limit} tokens per minute",
                 retry_after_s=MAX_RETRY_AFTER_S,
                 headers={
-                    **rate_limit_headers([_Window("tokens", limit, 0, MAX_RETRY_AFTER_S), *others]),
+                    **rate_limit_headers([_Window("tokens", limit, 0, MAX_RETRY_AFTER_S), *requests]),
                     "x-should-retry": "false",
                 },
             )
+        counts = state.tokens_window()
+        remaining = sliding_stats(limit, counts)[0]
         wait = _retry_after(tokens_wait_s(limit, needed, *counts))
         hint = f", this request needs about {tokens_hint}" if tokens_hint else ""
-        raise MeshError(
+        return MeshError(
             ErrorCode.RATE_LIMITED,
             f"rate limit reached: this API key may use {limit} tokens per minute ({remaining} left{hint}); "
             f"retry after {wait} s",
             retry_after_s=wait,
-            headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *others]),
+            headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *requests]),
         )
 
-    def _charge_tokens_now(self, key_id: str, limit: int, tokens: int) -> None:
-        """`_charge_tokens` in process (where nothing can take the room between the two calls)."""
-        windows = self._windows
-        cost = min(tokens, limit)
-        if not windows.charge_tokens_now(key_id, limit, cost):
-            cost = min(cost, sliding_stats(limit, windows.sliding_window_now(key_id, time.time()))[0])
-            if cost > 0:
-                windows.charge_tokens_now(key_id, limit, cost)
 
-    async def _charge_tokens(self, key_id: str, limit: int, tokens: int) -> None:
-        """Charge what a finished request used; beyond the room left, the window saturates."""
-        cost = min(tokens, limit)
-        for _ in range(3):  # another replica may take the room between the two calls: try again
-            if await self._windows.charge_tokens(key_id, limit, cost):
-                return
-            cost = min(cost, sliding_stats(limit, await self._windows.sliding_window(key_id, limit))[0])
-            if cost <= 0:
-                return
-
-    # -- concurrency -------------------------------------------------------------------------------
-    async def _refuse_concurrency(self, key_id: str, limits: KeyLimits, in_flight: int) -> None:
-        # When a slot frees is unknown: ask for a retry in a second. The item gets a 1 s "window"
-        # so that huggingface_hub's message reads "0/4 requests remaining in current 1s window".
-        windows = [_Window("concurrent", limits.concurrent_requests, 0, 1, window_s=1)]
-        if limits.requests_per_minute is not None:
-            windows.append(await self._requests_window(key_id, limits.requests_per_minute))
-        if limits.tokens_per_minute is not None:
-            windows.append(await self._tokens_window(key_id, limits.tokens_per_minute))
-        raise MeshError(
-            ErrorCode.RATE_LIMITED,
-            f"too many concurrent requests: this API key may have {limits.concurrent_requests} in flight "
-            f"and has {in_flight}; retry after 1 s",
-            retry_after_s=1,
-            headers=rate_limit_headers(windows),
-        )
+# Slot and request ids: unique across replicas (a random prefix per process) and cheap.
+_PROCESS = uuid.uuid4().hex[:16]
+_SERIAL = itertools.count()

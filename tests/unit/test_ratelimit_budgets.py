@@ -374,14 +374,15 @@ async def test_a_store_failure_while_settling_still_frees_the_slot_and_answers(l
     await metering.finish(again, 200)  # the one slot was free again
 
 
-async def test_the_in_process_fast_path_changes_nothing_when_it_declines():
-    """admit_now() and reserve_now() answer None instead of refusing (the awaited forms then
-    refuse with the full error); a declined call must not count a request or hold money."""
+async def test_the_in_process_fast_path_changes_nothing_when_it_refuses_or_declines():
+    """admit_now() refuses like admit(); reserve_now() answers None instead of refusing (the
+    awaited form then refuses with the full error). Neither may count a request or hold money then."""
     limiter, book = RateLimiter(), BudgetBook()
     key, limits = new_key(), KeyLimits(requests_per_minute=5, concurrent_requests=1)
     first = limiter.admit_now(key, limits)
     assert first.headers["RateLimit"].startswith('"requests";r=4;')
-    assert limiter.admit_now(key, limits) is None  # the one slot is taken
+    with pytest.raises(MeshError, match="1 in flight"):  # the one slot is taken
+        limiter.admit_now(key, limits)
     err = await refusal(limiter.admit(key, limits))
     assert "1 in flight" in err.message
     assert first.done_now(0) and first.done_now(0)  # idempotent
