@@ -1,7 +1,7 @@
 """Control-plane overhead benchmark: what authentication + rate limits + budget + usage ledger add
 to the gateway, ON vs OFF, in one run on this machine.
 
-Configurations (one mesh each, started one after the other with tests.helpers.start_mesh):
+Configurations (one mesh each, tests.helpers.start_mesh; all up at once, see "Rounds"):
 
   off        MESHSERVE_GATEWAY_AUTH=false, MESHSERVE_GATEWAY_LEDGER=false (--no-auth: no keys, limits,
              budgets or ledger)
@@ -20,12 +20,17 @@ Workloads, each at concurrency 1, 16, 64 (closed loop, bench/common.py):
   pipeline   the same route with `X-Use-Cache: false` and the sentiment test sentences, cycled: gateway ->
              preprocess -> inference -> postprocess.
 
+Rounds: every point is measured --rounds times (default 3), the configurations taking turns in a
+rotating order, and the round with the median req/s is the point (all rounds are in the JSON). Run
+one after the other, meshes measured minutes apart drifted by ±10 % against each other on the
+pipeline workload; taking turns puts any drift of the machine on every configuration alike.
+
 Per point: req/s, p50/p90/p99; per ON point vs the OFF point of the same workload and concurrency: added
 p50 (ms) and throughput ratio, against the issue's targets (<= 0.3 ms p50 added, >= 95 % throughput).
 Writes bench/results/control_plane.json and .png and prints a markdown summary.
 
-    python -m bench.run_control_plane               # 5 s per point, ~3 minutes (--no-redis: ~2)
-    python -m bench.run_control_plane --seconds 1   # smoke run
+    python -m bench.run_control_plane                          # 3 s per point and round, ~5 minutes
+    python -m bench.run_control_plane --seconds 1 --rounds 1   # smoke run
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ from bench.common import (
 )
 from tests.helpers import Mesh, start_mesh, start_redis, stop_redis
 
-DEFAULT_SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))  # per point; keeps a run under 4 minutes
+DEFAULT_SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))  # per point and round
+DEFAULT_ROUNDS = 3  # each point measured this often, the configs taking turns: ~5 minutes in all
 CONCURRENCY = (1, 16, 64)
 MODEL = "meshserve/sentiment-minilm"
 CACHED_BODY = json.dumps({"inputs": "cached sentence"}).encode()
@@ -209,62 +215,103 @@ async def ledger_check(client: Client) -> dict[str, Any]:
     return {"ledger_rows": rows, "ok_responses": client.ok, "match": rows == client.ok, "totals": groups}
 
 
-async def bench_config(mesh: Mesh, config: Config, sentences: list[bytes], seconds: float) -> dict[str, Any]:
+def _median_point(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median req/s, with every round's req/s and p50 alongside."""
+    ranked = sorted(rounds, key=lambda p: p["rps"])
+    point = dict(ranked[len(ranked) // 2])
+    point["rounds_rps"] = [p["rps"] for p in rounds]
+    point["rounds_p50_ms"] = [p["p50_ms"] for p in rounds]
+    return point
+
+
+async def bench_all(
+    meshes: dict[str, Mesh], configs: list[Config], sentences: list[bytes], seconds: float, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Every config's mesh is up at once; each point is measured `rounds` times, the configs taking
+    turns in a rotating order, so that a drift of the machine (another process, the CPU's clock)
+    falls on every config alike instead of on whichever ran last."""
     import aiohttp
 
     from services.common.catalog import Catalog
 
     inference_name = Catalog.load(REPO / "catalog.yaml").get(MODEL).inference.name
-    connector = aiohttp.TCPConnector(limit=max(CONCURRENCY))
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        if config.auth:
-            await create_key(session, mesh, config)
-        client = Client(session, mesh, config, sentences)
-        warm = await warm_cache(client)
-        print(f"{config.label}: cache warm-up X-Cache {warm['x_cache']}", flush=True)
-        probe = Probe(mesh.inference_target, inference_name, mesh.process.pid)
-        try:
-            points = {
-                workload: [await client.point(workload, c, probe, seconds) for c in CONCURRENCY]
-                for workload in WORKLOADS
-            }
-        finally:
+    sessions, clients, probes, warmups = [], {}, {}, {}
+    try:
+        for config in configs:
+            mesh = meshes[config.name]
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(CONCURRENCY)), timeout=timeout)
+            sessions.append(session)
+            if config.auth:
+                await create_key(session, mesh, config)
+            clients[config.name] = client = Client(session, mesh, config, sentences)
+            warmups[config.name] = warm = await warm_cache(client)
+            print(f"{config.label}: cache warm-up X-Cache {warm['x_cache']}", flush=True)
+            probes[config.name] = Probe(mesh.inference_target, inference_name, mesh.process.pid)
+        measured: dict[str, dict[str, list[list[dict[str, Any]]]]] = {
+            c.name: {w: [[] for _ in CONCURRENCY] for w in WORKLOADS} for c in configs
+        }
+        for workload in WORKLOADS:
+            for i, concurrency in enumerate(CONCURRENCY):
+                for r in range(rounds):
+                    for config in configs[r % len(configs) :] + configs[: r % len(configs)]:
+                        client = clients[config.name]
+                        point = await client.point(workload, concurrency, probes[config.name], seconds)
+                        measured[config.name][workload][i].append(point)
+        out = {}
+        for config in configs:
+            client = clients[config.name]
+            ledger = await ledger_check(client) if config.auth else None
+            if ledger is not None:
+                print(f"  {config.name} ledger: {ledger.get('ledger_rows')} rows for {client.ok} OK responses", flush=True)
+            points = {w: [_median_point(rs) for rs in measured[config.name][w]] for w in WORKLOADS}
+            out[config.name] = {"warmup": warmups[config.name], "points": points, "ledger": ledger}
+        return out
+    finally:
+        for probe in probes.values():
             await probe.close()
-        ledger = await ledger_check(client) if config.auth else None
-        if ledger is not None:
-            print(f"  ledger: {ledger.get('ledger_rows')} rows for {client.ok} OK responses", flush=True)
-    return {"warmup": warm, "points": points, "ledger": ledger}
+        for session in sessions:
+            await session.close()
 
 
-def run_config(config: Config, tmp: Path, sentences: list[bytes], seconds: float) -> dict[str, Any]:
+def run_all(configs: list[Config], tmp: Path, sentences: list[bytes], seconds: float, rounds: int) -> dict[str, Any]:
     import uvloop
 
     redis = None
-    if config.redis:
-        redis, url = start_redis(tmp)
-        config.env["MESHSERVE_GATEWAY_REDIS_URL"] = url
+    meshes: dict[str, Mesh] = {}
+    startup: dict[str, float] = {}
     try:
-        started = time.perf_counter()
-        print(f"starting the mesh: {config.label}", flush=True)
-        mesh = start_mesh(tmp / config.name, config.env)
-        startup_s = round(time.perf_counter() - started, 1)
+        if any(config.redis for config in configs):
+            redis, url = start_redis(tmp)
+            for config in configs:
+                if config.redis:
+                    config.env["MESHSERVE_GATEWAY_REDIS_URL"] = url
+        for config in configs:
+            started = time.perf_counter()
+            print(f"starting the mesh: {config.label}", flush=True)
+            (tmp / config.name).mkdir()
+            meshes[config.name] = start_mesh(tmp / config.name, config.env)
+            startup[config.name] = round(time.perf_counter() - started, 1)
         try:
-            result = uvloop.run(bench_config(mesh, config, sentences, seconds))
+            results = uvloop.run(bench_all(meshes, configs, sentences, seconds, rounds))
         except BaseException:
-            print(f"mesh log tail:\n{mesh.log()[-3000:]}", file=sys.stderr)
+            for name, mesh in meshes.items():
+                print(f"{name} mesh log tail:\n{mesh.log()[-3000:]}", file=sys.stderr)
             raise
-        finally:
-            mesh.stop()
     finally:
+        for mesh in meshes.values():
+            mesh.stop()
         if redis is not None:
             stop_redis(redis)
     return {
-        "label": config.label,
-        "env": public_env(config),
-        "key": config.key or None,
-        "mesh_startup_s": startup_s,
-        **result,
+        config.name: {
+            "label": config.label,
+            "env": public_env(config),
+            "key": config.key or None,
+            "mesh_startup_s": startup[config.name],
+            **results[config.name],
+        }
+        for config in configs
     }
 
 
@@ -423,23 +470,25 @@ def main(argv: list[str] | None = None) -> int:
         "on PATH; adds ~1 minute)",
     )
     parser.add_argument(
+        "--rounds", type=int, default=DEFAULT_ROUNDS, help="measurements per point, configs in turn (default %(default)s)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=RESULTS, help="folder for control_plane.{json,png} (default bench/results)"
     )
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.redis and shutil.which("redis-server") is None:
         parser.error("--redis needs redis-server on PATH")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     info = machine_info()
     sentences = [json.dumps({"inputs": text}).encode() for text, _ in sentiment.load("test")]
-    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="meshserve-bench-cp-") as tmp_name:
         tmp = Path(tmp_name)
-        for config in configs(tmp, args.redis):
-            (tmp / config.name).mkdir()
-            runs[config.name] = run_config(config, tmp, sentences, args.seconds)
+        runs = run_all(configs(tmp, args.redis), tmp, sentences, args.seconds, args.rounds)
 
     comparison = {name: compare(runs["off"], run) for name, run in runs.items() if name != "off"}
     met = {}
@@ -460,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "config": {
             "bench_seconds": args.seconds,
+            "rounds": args.rounds,
+            "point_is": "the round with the median req/s (rounds_rps / rounds_p50_ms: every round)",
             "warmup_s": WARMUP_S,
             "max_requests_per_point": MAX_REQUESTS,
             "request_timeout_s": REQUEST_TIMEOUT_S,
@@ -469,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline_inputs": {"source": "services.common.builders.sentiment.load('test')", "count": len(sentences)},
             "key_spec": KEY_SPEC,
             "rest_client": f"aiohttp, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
-            "order": list(runs),
+            "order": "all meshes up at once; per point, rounds with the configs in rotating order",
         },
         "targets": {
             "added_p50_ms_max": TARGET_ADDED_P50_MS,
