@@ -5,9 +5,11 @@ plane. Scopes are enforced before routing (auth.REST_SCOPES): /admin needs `admi
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +17,10 @@ from services.common.errors import ErrorCode, MeshError
 from services.gateway.auth import Authenticator
 from services.gateway.control import ControlPlane
 from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.ledger_writer import LedgerWriteError
 from services.gateway.schemas import parse
+
+log = logging.getLogger(__name__)
 
 
 class KeyRequest(BaseModel):
@@ -106,7 +111,11 @@ def register(app: FastAPI, control: ControlPlane, render, read_json) -> None:
                 raise MeshError(ErrorCode.PERMISSION_DENIED, "a non-admin key sees only its own usage", param="key_id")
             key_id = principal.key_id
         filters = {"key_id": key_id, "model": model, "since": _date(since, "since"), "until": _date(until, "until")}
-        await control.ledger.flush()  # a caller reading right after a request sees it
-        rows = await control.ledger.query(**filters, limit=limit)
-        totals = await control.ledger.totals(by=by, **filters)
+        try:
+            await control.ledger.flush()  # a caller reading right after a request sees it
+            rows = await control.ledger.query(**filters, limit=limit)
+            totals = await control.ledger.totals(by=by, **filters)
+        except (LedgerWriteError, sa.exc.SQLAlchemyError, OSError) as exc:  # the database is away: retryable
+            log.warning("usage query failed: %s", type(exc).__name__)
+            raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the usage ledger's database is unavailable") from exc
         return render({"object": "list", "data": rows, "totals": {"by": by, "groups": totals}})

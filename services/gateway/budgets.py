@@ -131,9 +131,19 @@ class _MemoryBudgets:
     def _account(self, account: tuple[str, str]) -> _Account:
         found = self._accounts.get(account)
         if found is None:
+            self._prune()
             found = self._accounts[account] = _Account()
         found.sweep(time.monotonic())
         return found
+
+    def _prune(self) -> None:
+        """Forget the accounts of periods that ended and hold nothing (Redis expires them): run when
+        an account is opened, so once per key and period."""
+        now = datetime.now(UTC)
+        for account in [a for a, acc in self._accounts.items() if not acc.held]:
+            end = period_end(account[1])
+            if end is not None and end <= now:
+                del self._accounts[account]
 
     def reserve_now(self, account, res_id: str, amount: int, budget: int, lease_s: float) -> tuple[bool, int, int]:
         acc = self._account(account)

@@ -53,13 +53,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
             stop=list(p.stop),
         )
+        principal, request_id = PRINCIPAL.get() or Authenticator.ANONYMOUS, uuid.uuid4().hex
+        self.metering.allow(principal, entry, "text-generation", "grpc:Generate", request_id)  # before tokenizing
         prepared = await self.generator.prepare(entry, gen)
         metered = await self.metering.admit(
-            PRINCIPAL.get() or Authenticator.ANONYMOUS,
+            principal,
             entry,
             "text-generation",
             "grpc:Generate",
-            uuid.uuid4().hex,
+            request_id,
             max_input_tokens=prepared.prompt_tokens,
             max_output_tokens=prepared.max_new_tokens,
         )

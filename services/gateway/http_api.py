@@ -202,6 +202,10 @@ def create_app(
     control = control or ControlPlane.disabled(settings)
     metering = control.metering
 
+    def allow(request: Request, entry: ModelEntry, task: str) -> None:
+        principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
+        metering.allow(principal, entry, task, _route_label(request.url.path), request.state.request_id)
+
     async def admit(request: Request, entry: ModelEntry, task: str, max_input_tokens: int, max_output_tokens: int = 0):
         principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
         return await metering.admit(
@@ -218,6 +222,7 @@ def create_app(
         app,
         catalog,
         Generator(pipeline.preprocess, pipeline.inference, pipeline.postprocess),
+        allow,
         admit,
         metering,
         read_json,

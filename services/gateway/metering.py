@@ -138,6 +138,18 @@ class Metering:
     def max_cost(self, entry: ModelEntry, max_input_tokens: int, max_output_tokens: int) -> float:
         return entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s)
 
+    def allow(self, principal: Principal, entry: ModelEntry, task: str, route: str, request_id: str) -> None:
+        """The key's model and task restrictions alone, for a route that must check them before
+        work admit() cannot price yet (generation tokenizes the prompt first); a refusal gets its
+        ledger row, as in admit()."""
+        try:
+            principal.allow(entry.id, task)
+        except MeshError as err:
+            if self.ledger is not None:
+                refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
+                self.ledger.append(self._row(refused, err.code.http_status))
+            raise
+
     async def admit(
         self,
         principal: Principal,

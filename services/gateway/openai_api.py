@@ -175,10 +175,12 @@ def error_event(err: MeshError) -> bytes:
     return sse({"error": {"message": err.message, "type": err.code.openai_type}, "error_type": err.code.hf_type})
 
 
-def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_json, json_response) -> dict:
+def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering, read_json, json_response) -> dict:
     """Add the OpenAI generation routes; returns the handlers the HF model route dispatches to
-    (`chat` for `/models/{id}/v1/chat/completions`, `text_generation` for the TGI dialect). `admit(request, entry, task, max_input_tokens, max_output_tokens)`
-    admits a request (keys, limits, budget reservation); `metering.track` settles it."""
+    (`chat` for `/models/{id}/v1/chat/completions`, `text_generation` for the TGI dialect).
+    `allow(request, entry, task)` checks the key's model and task restrictions (before the prompt
+    is tokenized); `admit(request, entry, task, max_input_tokens, max_output_tokens)` admits a
+    request (limits, budget reservation); `metering.track` settles it."""
 
     def generation_entry(model_id: str) -> ModelEntry:
         entry = catalog.get(model_id)
@@ -191,6 +193,7 @@ def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_
         return entry
 
     async def start(request: Request, entry: ModelEntry, gen: GenerationRequest):
+        allow(request, entry, "text-generation")  # a key that may not use the model costs no tokenizing
         prepared = await generator.prepare(entry, gen)
         metered = await admit(request, entry, "text-generation", prepared.prompt_tokens, prepared.max_new_tokens)
         metered.add(input_tokens=prepared.prompt_tokens, items=1)

@@ -209,6 +209,11 @@ def test_model_and_task_restrictions(cp):
     assert ok.status_code == 200
     other = httpx.post(f"{mesh.url}/models/{MODEL_ID}", json={"inputs": "fine"}, headers=bearer(token))
     assert other.status_code == 403 and "model" in other.json()["error"]
+    # Generation checks the key before it tokenizes the prompt: a prompt too long for the model
+    # would be a 400 from preprocessing, but this key may not use the model at all.
+    chat = httpx.post(f"{mesh.url}/v1/chat/completions", headers=bearer(token), timeout=30,
+                      json={"model": LM, "messages": [{"role": "user", "content": "word " * 50_000}]})  # fmt: skip
+    assert chat.status_code == 403 and chat.json()["error"]["param"] == "model", chat.text
 
 
 def test_revoked_key_stops_on_both_replicas(cp):

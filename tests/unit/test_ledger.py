@@ -480,3 +480,33 @@ def test_usage_command_on_a_database_with_no_ledger_yet(tmp_path, monkeypatch, c
 def test_usage_table_is_registered_on_the_shared_metadata():
     assert db.metadata.tables["usage"] is usage
     assert {index.name for index in usage.indexes} == {"ix_usage_key_id_time", "ix_usage_time"}
+
+
+async def test_usage_route_answers_503_when_the_database_is_unavailable(tmp_path):
+    """GET /v1/usage flushes and reads the ledger; a locked or unreachable database is the
+    server's trouble, not the caller's: a retryable 503 in the API's error shape, never a 500."""
+    import httpx
+
+    from services.gateway.control import ControlPlane
+    from services.gateway.http_api import create_app
+    from services.gateway.main import build_pipeline
+    from services.gateway.settings import GatewaySettings
+
+    path = tmp_path / "gateway.db"
+    settings = GatewaySettings(home=str(tmp_path), database_url=f"sqlite:///{path}?timeout=0.05", auth=False)
+    control = ControlPlane.from_settings(settings)
+    await control.start(settings)
+    pipeline = build_pipeline(settings)  # channels connect lazily: nothing is dialled
+    app = create_app(settings, pipeline, control=control)
+    control.ledger.record(rec(1))
+    holder = lock_database(path)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            reply = await client.get("/v1/usage")
+        assert reply.status_code == 503, reply.text
+        assert "database is unavailable" in reply.json()["error"]["message"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await control.close()
+        await pipeline.close()

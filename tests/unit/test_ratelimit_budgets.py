@@ -415,3 +415,23 @@ async def test_with_redis_the_fast_path_always_declines(redis_url):
     finally:
         await limiter.close()
         await book.close()
+
+
+async def test_in_process_accounts_of_ended_periods_are_forgotten():
+    """A gateway that runs for months keeps one account per key and current period, not one per
+    key and every day it has seen."""
+    from datetime import timedelta
+
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    book = BudgetBook(clock=lambda: yesterday)
+    key = new_key()
+    await book.reserve(key, 1.0, "month", 0.1)  # still held: kept, whatever its period
+    held = await book.reserve(key, 1.0, "day", 0.1)
+    await book.settle(held, 0.1)
+    accounts = book._store._accounts
+    old_day, old_month = (key, period_key("day", yesterday)), (key, period_key("month", yesterday))
+    assert old_day in accounts and old_month in accounts
+    book._clock = lambda: datetime.now(UTC)  # today: the first reservation opens today's account
+    await book.reserve(key, 1.0, "day", 0.1)
+    assert old_day not in accounts and old_month in accounts
+    assert (key, period_key("day", datetime.now(UTC))) in accounts
