@@ -127,22 +127,26 @@ class _MemoryBudgets:
 
     def __init__(self) -> None:
         self._accounts: dict[tuple[str, str], _Account] = {}
+        self._periods: set[str] = set()  # the current period of each kind, as accounts were opened
 
     def _account(self, account: tuple[str, str]) -> _Account:
         found = self._accounts.get(account)
         if found is None:
-            self._prune()
+            if account[1] not in self._periods:
+                self._new_period(account[1])
             found = self._accounts[account] = _Account()
         found.sweep(time.monotonic())
         return found
 
-    def _prune(self) -> None:
-        """Forget the accounts of periods that ended and hold nothing (Redis expires them): run when
-        an account is opened, so once per key and period."""
-        now = datetime.now(UTC)
-        for account in [a for a, acc in self._accounts.items() if not acc.held]:
-            end = period_end(account[1])
-            if end is not None and end <= now:
+    def _new_period(self, period: str) -> None:
+        """A period ("day:2026-12-02") seen for the first time: forget the accounts of the earlier
+        periods of its kind that hold nothing (Redis expires them). Once per period, not per key."""
+        kind = period.partition(":")[0]
+        for old in [p for p in self._periods if p.partition(":")[0] == kind]:
+            self._periods.discard(old)
+        self._periods.add(period)
+        for account in [a for a, acc in self._accounts.items() if a[1] != period and not acc.held]:
+            if account[1].partition(":")[0] == kind:
                 del self._accounts[account]
 
     def reserve_now(self, account, res_id: str, amount: int, budget: int, lease_s: float) -> tuple[bool, int, int]:

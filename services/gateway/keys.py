@@ -273,7 +273,11 @@ class KeyStore:
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def reload(self) -> None:
-        self._version, self._keys = await asyncio.to_thread(self._load)
+        version, keys = await asyncio.to_thread(self._load)
+        # Two reloads can overlap (the poll and a revocation's own reload) and end in either order:
+        # never go back to an older view (a revoked key would work again until the next poll).
+        if version >= self._version:
+            self._version, self._keys = version, keys
 
     @property
     def view(self) -> object:

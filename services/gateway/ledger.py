@@ -13,6 +13,7 @@ may share one database (Postgres, or one SQLite file).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.gateway.db import create_tables, metadata
-from services.gateway.ledger_writer import WriterProcess
+from services.gateway.ledger_writer import LedgerWriteError, WriterProcess
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ WRITE_SECONDS = Histogram(
 WRITE_FAILURES = Counter("meshserve_gateway_ledger_write_failures_total", "Batched usage inserts that failed.")
 
 _MAX_BACKOFF_S = 5.0
+WRITE_TIMEOUT_S = 60.0  # one batch, sent until acknowledged: a hung database is given up on (and retried)
 # Errors that no retry can fix: the row itself is wrong (a NOT NULL column is None, a value too large).
 _BAD_ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)
 
@@ -183,16 +185,20 @@ class UsageLedger:
         (One attempt may itself last up to the database's busy or connect timeout.)"""
         self._closing = True
         self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._close_timeout_s
         if self._writer is not None:
-            await self._writer
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._writer  # a write hung past the deadline is cancelled: its rows stay queued
             self._writer = None
-        deadline = asyncio.get_running_loop().time() + self._close_timeout_s
         delay = self._flush_interval_s
-        while self._queue:
+        while self._queue and loop.time() < deadline:
             try:
-                await self.flush()
+                async with asyncio.timeout_at(deadline):
+                    await self.flush()
             except Exception:
-                if asyncio.get_running_loop().time() + delay > deadline:
+                if loop.time() + delay > deadline:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
@@ -233,24 +239,27 @@ class UsageLedger:
     async def _write_batch(self, size: int) -> int:
         """Write the oldest `size` queued rows in one transaction; they leave the queue only once
         the writer process acknowledged their commit, so a failure loses nothing. Returns the rows
-        consumed. (A caller cancelled mid-write leaves its rows queued though they may commit, so
-        they could be written twice: nothing here cancels the writer, close() waits for it.)"""
+        consumed. (A write cancelled or timed out kills the writer process and leaves its rows
+        queued: a commit that landed just before is written twice, the one duplicate case.)"""
         async with self._write_lock:
             batch = self._queue[:size]
             if not batch:
                 return size
             with WRITE_SECONDS.time():
                 try:
-                    written, rejected = await self._writer_process.write(batch)
-                except Exception:
+                    done, written, rejected, error = await self._writer_process.write(batch, WRITE_TIMEOUT_S)
+                except BaseException:
                     WRITE_FAILURES.inc()
                     raise
             for request_id, reason in rejected:
                 log.error("usage row of request %s rejected by the database, dropped: %s", request_id, reason)
             ROWS_WRITTEN.inc(written)
-            del self._queue[: len(batch)]
+            del self._queue[:done]
             self._gauge()
-            return len(batch)
+            if error is not None:  # the rows after `done` were not written: they stay queued
+                WRITE_FAILURES.inc()
+                raise LedgerWriteError(error)
+            return done
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -341,36 +350,52 @@ _SQLITE_COLUMNS = (*(name for name in _FIELDS if name != "time"), "time")
 _SQLITE_ROWS_PER_INSERT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 60
 
 
-def insert_rows(engine: sa.Engine, rows: Sequence[tuple]) -> tuple[int, list[tuple[str, str]]]:
-    """Insert rows (as UsageLedger.append() takes them) in one transaction: (rows written, rejected
-    rows). When the database rejects the batch as invalid, the rows are written one by one, so one
-    bad row cannot hold back the others forever: the bad ones come back as (request_id, reason) and
-    are dropped. Any other failure raises and nothing is written. Runs in the writer process.
+def insert_rows(engine: sa.Engine, rows: Sequence[tuple]) -> tuple[int, int, list[tuple[str, str]], str | None]:
+    """Insert rows (as UsageLedger.append() takes them), in one transaction if it can: (rows done
+    from the front of the batch, rows written, rejected rows, error). Runs in the writer process.
+
+    When the database rejects the batch as invalid, the rows are written one by one, so one bad row
+    cannot hold back the others forever: the bad ones come back as (request_id, reason) and are
+    dropped. A failure of another kind stops there: rows written before it count as done, the rest
+    are not done (error says why), so a retry writes nothing twice. A failure of the one
+    transaction raises: nothing is done.
 
     SQLite gets multi-row INSERTs of plain values through the driver: SQLAlchemy's executemany
     processed parameters at 14 µs a row against 5 (the stored text is the one SQLAlchemy writes
     and reads back)."""
-    rows = [_normalized(row) for row in rows]
+    rejected: list[tuple[str, str]] = []
+    normalized: list[tuple | None] = []
+    for row in rows:
+        try:
+            normalized.append(_normalized(row))
+        except (TypeError, ValueError, OverflowError, IndexError) as exc:  # a malformed row: no retry helps
+            rejected.append((str(row[_REQUEST_ID]) if row else "?", f"{type(exc).__name__}: {exc}"))
+            normalized.append(None)
+    good = [row for row in normalized if row is not None]
     try:
         with engine.begin() as conn:
             if conn.dialect.name == "sqlite":
-                for start in range(0, len(rows), _SQLITE_ROWS_PER_INSERT):
-                    chunk = rows[start : start + _SQLITE_ROWS_PER_INSERT]
+                for start in range(0, len(good), _SQLITE_ROWS_PER_INSERT):
+                    chunk = good[start : start + _SQLITE_ROWS_PER_INSERT]
                     conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(_sqlite_values(chunk)))
-            else:
-                conn.execute(usage.insert(), [dict(zip(_FIELDS, row, strict=True)) for row in rows])
-        return len(rows), []
+            elif good:
+                conn.execute(usage.insert(), [dict(zip(_FIELDS, row, strict=True)) for row in good])
+        return len(rows), len(good), rejected, None
     except _BAD_ROW_ERRORS:
         pass
-    written, rejected = 0, []
-    for row in rows:
+    written = 0
+    for done, row in enumerate(normalized):
+        if row is None:
+            continue
         try:
             with engine.begin() as conn:
                 conn.execute(usage.insert(), dict(zip(_FIELDS, row, strict=True)))
             written += 1
         except _BAD_ROW_ERRORS as exc:
             rejected.append((row[_REQUEST_ID], str(exc).splitlines()[0]))
-    return written, rejected
+        except Exception as exc:  # e.g. the database went away: what is written stays written
+            return done, written, rejected, f"{type(exc).__name__}: {exc}"
+    return len(rows), written, rejected, None
 
 
 _TRACE_ID = _FIELDS.index("trace_id")

@@ -18,9 +18,14 @@ module, over a private pipe):
 
     gateway -> writer   first {"url": <database URL>}; then (seq, rows), rows as tuples in
                         UsageRecord field order
-    writer -> gateway   (seq, written, rejected, error): rows written, [(request_id, reason)] of rows
-                        the database refused as invalid (dropped: no retry can write them), and
-                        None or "Type: message" when the batch failed and nothing of it was committed
+    writer -> gateway   (seq, done, written, rejected, error): rows done from the front of the batch
+                        (written, or refused by the database as invalid: no retry can write those),
+                        rows written, [(request_id, reason)] of the refused ones, and None or
+                        "Type: message" when the rows after `done` were not written. The writer's
+                        first message, (0, 0, 0, [], None), says it is up.
+
+The protocol has the writer's own stdout (fd 1 is pointed at stderr in the writer, so nothing that
+prints can corrupt it).
 
 The writer exits when its stdin closes: when the gateway closes the ledger, or when the gateway
 dies. It ignores SIGINT and SIGTERM, which reach it with the gateway's process group: stopping is
@@ -42,6 +47,7 @@ from typing import Any, BinaryIO
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
+STARTUP_TIMEOUT_S = 60.0  # from start to the writer's "up" (it imports SQLAlchemy and the driver)
 
 
 class LedgerWriteError(Exception):
@@ -85,14 +91,15 @@ class WriterProcess:
         )
         self._process.stdin.write(_frame({"url": self._url}))  # on argv it would show in `ps`
         try:  # its first acknowledgement (seq 0): it is up, with its signal handlers and its engine
-            await self._acknowledged(self._process, 0, None)
+            await self._acknowledged(self._process, 0, STARTUP_TIMEOUT_S)
         except BaseException:
             self._discard()
             raise
         return self._process
 
     async def _acknowledged(self, process: asyncio.subprocess.Process, seq: int, timeout_s: float | None) -> tuple:
-        """Read acknowledgements up to the one of `seq`; an earlier, abandoned write's may come first."""
+        """Read acknowledgements up to the one of `seq`. (An abandoned write kills the writer, so
+        an older acknowledgement cannot come first; the check is a guard.)"""
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
@@ -104,17 +111,20 @@ class WriterProcess:
             await process.wait()
             raise LedgerWriteError(f"the writer process is gone (exit code {process.returncode})") from exc
 
-    async def write(self, rows: list[tuple], timeout_s: float | None = None) -> tuple[int, list[tuple[str, str]]]:
-        """Send one batch and wait for its commit: (rows written, rejected rows). Raises
-        LedgerWriteError when nothing of it was committed (or, after `timeout_s`, TimeoutError:
-        it may still commit)."""
+    async def write(
+        self, rows: list[tuple], timeout_s: float | None = None
+    ) -> tuple[int, int, list[tuple[str, str]], str | None]:
+        """Send one batch and wait for its acknowledgement: (rows done, rows written, rejected rows,
+        error), as the protocol says. Raises LedgerWriteError when the writer is gone (nothing
+        acknowledged), TimeoutError after `timeout_s` (the writer is killed; the batch may have
+        committed)."""
         process = await self._started()
         self._seq += 1
         seq = self._seq
         try:
             process.stdin.write(_frame((seq, rows)))
             await process.stdin.drain()
-            _, written, rejected, error = await self._acknowledged(process, seq, timeout_s)
+            _, done, written, rejected, error = await self._acknowledged(process, seq, timeout_s)
         except ConnectionError as exc:  # its stdin: it died
             self._discard()
             raise LedgerWriteError(f"the writer process is gone (exit code {process.returncode})") from exc
@@ -123,9 +133,7 @@ class WriterProcess:
             # the next write starts a new writer.
             self._discard()
             raise
-        if error is not None:
-            raise LedgerWriteError(error)
-        return written, rejected
+        return done, written, rejected, error
 
     def _discard(self) -> None:
         process, self._process = self._process, None
@@ -165,26 +173,28 @@ def _read(stream: BinaryIO) -> Any | None:
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    protocol_out = os.fdopen(os.dup(1), "wb")  # the protocol keeps stdout; fd 1 now goes to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     from services.common.logs import setup_logging
     from services.gateway.db import make_engine
     from services.gateway.ledger import insert_rows
 
     setup_logging("gateway", os.environ.get("MESHSERVE_LOG_LEVEL", "INFO"))
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin, stdout = sys.stdin.buffer, protocol_out
     config = _read(stdin)
     if config is None:
         return 0
     engine = make_engine(config["url"])
-    stdout.write(_frame((0, 0, [], None)))  # up
+    stdout.write(_frame((0, 0, 0, [], None)))  # up
     stdout.flush()
     try:
         while (message := _read(stdin)) is not None:
             seq, rows = message
             try:
-                written, rejected = insert_rows(engine, rows)
-                ack = (seq, written, rejected, None)
-            except Exception as exc:  # the gateway keeps the rows and retries; it logs the failure
-                ack = (seq, 0, [], f"{type(exc).__name__}: {exc}")
+                ack = (seq, *insert_rows(engine, rows))
+            except Exception as exc:  # nothing written: the gateway keeps the rows, retries, logs it
+                ack = (seq, 0, 0, [], f"{type(exc).__name__}: {exc}")
             stdout.write(_frame(ack))
             stdout.flush()
     finally:

@@ -184,9 +184,9 @@ class Metering:
                 reservation = self.budgets.reserve_now(key.id, key.budget_usd, period, amount) or await self.budgets.reserve(
                     key.id, key.budget_usd, period, amount
                 )
-        except BaseException as err:
-            if admission is not None and not admission.done_now(0):
-                await admission.done(0)
+        except BaseException as err:  # refused after the limiter admitted (the budget): not counted
+            if admission is not None and not admission.refund_now():
+                await admission.refund()
             if isinstance(err, MeshError) and self.ledger is not None:
                 refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
                 self.ledger.append(self._row(refused, err.code.http_status))
@@ -199,10 +199,10 @@ class Metering:
         if metered.finished:
             return
         metered.finished = True
-        # Failed requests cost nothing; a request the caller abandoned (499, a closed stream) pays for
-        # what it consumed up to then.
-        metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
         try:
+            # Failed requests cost nothing; a request the caller abandoned (499, a closed stream)
+            # pays for what it consumed up to then.
+            metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
             reservation = metered.reservation
             if reservation is not None and not self.budgets.settle_now(reservation, metered.cost_usd):
                 await self.budgets.settle(reservation, metered.cost_usd)
@@ -215,6 +215,8 @@ class Metering:
                     tokens = metered.input_tokens + metered.output_tokens
                     if not admission.done_now(tokens):
                         await admission.done(tokens)  # never raises
+            except Exception:
+                log.exception("could not release the rate-limit state of request %s", metered.request_id)
             finally:
                 if self.ledger is not None:
                     self.ledger.append(self._row(metered, status))

@@ -42,6 +42,7 @@ key-wide TTL is refreshed by every new request and would leak forever).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -165,6 +166,7 @@ class _State(NamedTuple):
     tokens_current: int  # this minute's,
     into_s: float  # and how far into this minute the store's clock is
     in_flight: int  # requests holding a concurrency slot (this one included when admitted)
+    admitted_at: float = 0.0  # in process: this request's time in the moving window (what a refund removes)
 
     def tokens_window(self) -> tuple[int, float, int, float]:
         """(previous count, its ttl, current count, its ttl), as `sliding_stats` takes them."""
@@ -222,14 +224,20 @@ class _MemoryStore:
                 in_flight += 1
                 self._in_flight[key_id] = in_flight
         reset = (times[0] + WINDOW_S - now) if times else 0.0
-        return _State(verdict, count, reset, previous, current, into, in_flight)
+        return _State(verdict, count, reset, previous, current, into, in_flight, now)
 
     async def admit(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
         return self.admit_now(key_id, limits, needed, slot)
 
-    def done_now(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None) -> None:
+    def done_now(
+        self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund_at: float | None = None
+    ) -> None:
         """Charge what a finished request used (beyond the room left, the window saturates: the
-        overshoot is not carried over) and free its slot."""
+        overshoot is not carried over) and free its slot; `refund_at`: also take the request out of
+        the moving window (it was refused after all, by the budget)."""
+        if refund_at is not None and (times := self._requests.get(key_id)):
+            with contextlib.suppress(ValueError):  # already left the window
+                times.remove(refund_at)
         if tokens_per_minute is not None and tokens > 0:
             now = time.time()
             index = int(now // WINDOW_S)
@@ -247,8 +255,8 @@ class _MemoryStore:
             else:
                 self._in_flight.pop(key_id, None)
 
-    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None) -> None:
-        self.done_now(key_id, tokens_per_minute, tokens, slot)
+    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund) -> None:
+        self.done_now(key_id, tokens_per_minute, tokens, slot, refund)
 
     async def close(self) -> None:
         pass
@@ -321,7 +329,8 @@ end
 return {verdict, count, reset, previous, current, into, in_flight}
 """
 )
-# KEYS: tokens, inflight. ARGV: tpm (-1: no limit), tokens used, slot id ('': none).
+# KEYS: requests, tokens, inflight. ARGV: tpm (-1: no limit), tokens used, slot id ('': none), the
+# request's member in the moving window to take out ('': none; a refund).
 _DONE = (
     _REDIS_CLOCK
     + """
@@ -334,6 +343,7 @@ if tpm >= 0 and tokens > 0 then
   redis.call('PEXPIRE', KEYS[2], 2 * window)
 end
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[1], ARGV[4]) end
 return 1
 """
 )
@@ -364,36 +374,48 @@ class _RedisStore:
             verdict.decode(), int(count), reset_ms / 1000, int(previous), int(current), into_ms / 1000, int(in_flight)
         )
 
-    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None) -> None:
+    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund) -> None:
         tpm = -1 if tokens_per_minute is None else tokens_per_minute
-        await self._done(self._keys(key_id), [tpm, tokens, slot or ""])
+        await self._done(self._keys(key_id), [tpm, tokens, slot or "", refund or ""])
 
     async def close(self) -> None:
         await self._client.aclose()
 
 
 class Admission:
-    """An admitted request. The caller MUST call `done(tokens)` (or `done_now(tokens)`) exactly once
+    """An admitted request. The caller MUST call `done(tokens)` (or `done_now(tokens)`) exactly
+    once, or `refund()` (`refund_now()`) when the request was refused after all, by the budget
     (extra calls are no-ops)."""
 
-    __slots__ = ("_done", "_key_id", "_limiter", "_limits", "_slot", "headers")
+    __slots__ = ("_at", "_done", "_key_id", "_limiter", "_limits", "_member", "_slot", "headers")
 
-    def __init__(self, limiter: RateLimiter, key_id: str, limits: KeyLimits, slot: str | None, headers: dict) -> None:
+    def __init__(
+        self, limiter: RateLimiter, key_id: str, limits: KeyLimits, member: str, at: float, headers: dict
+    ) -> None:
         self.headers: dict[str, str] = headers
         self._limiter = limiter
         self._key_id = key_id
         self._limits = limits
-        self._slot = slot
+        self._member = member  # the request in Redis' window, and its concurrency slot
+        self._at = at  # the request in the in-process window
+        self._slot = member if limits.concurrent_requests is not None else None
         self._done = False
 
     def done_now(self, tokens: int) -> bool:
         """`done()` without a coroutine when the limiter's state is in process; False (nothing done)
         when it is remote: then await `done()`."""
+        return self._finish_now(tokens, None)
+
+    def refund_now(self) -> bool:
+        """`refund()` without a coroutine in process; False (nothing done) when remote."""
+        return self._finish_now(0, self._at)
+
+    def _finish_now(self, tokens: int, refund_at: float | None) -> bool:
         if self._limiter.remote:
             return False
         if not self._done:
             self._done = True
-            self._limiter._store.done_now(self._key_id, self._limits.tokens_per_minute, tokens, self._slot)
+            self._limiter._store.done_now(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, refund_at)
         return True
 
     async def done(self, tokens: int) -> None:
@@ -401,13 +423,23 @@ class Admission:
 
         Never raises: it runs on the way out of a request, where a store outage must not replace
         the response (a slot that could not be freed is reclaimed when its lease ends)."""
+        await self._finish(tokens, None)
+
+    async def refund(self) -> None:
+        """Free the slot and take the request out of the requests-per-minute window: it was refused
+        after all (its budget), so it must not use up the key's requests. Never raises."""
+        await self._finish(0, self._member)
+
+    async def _finish(self, tokens: int, refund: str | None) -> None:
         if self._done:
             return
         self._done = True
-        if self._slot is None and (self._limits.tokens_per_minute is None or tokens <= 0):
-            return  # nothing to charge or free: no round trip
+        nothing = refund is None and self._slot is None and (self._limits.tokens_per_minute is None or tokens <= 0)
+        if nothing:
+            return  # nothing to charge, free or take back: no round trip
         try:
-            await self._limiter._store.done(self._key_id, self._limits.tokens_per_minute, tokens, self._slot)
+            store = self._limiter._store
+            await store.done(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, refund)
         except Exception:
             log.exception("could not charge %d tokens or free the slot of key %s", tokens, self._key_id)
 
@@ -462,7 +494,7 @@ class RateLimiter:
                 item = _ITEM.format("requests", max(0, rpm - state.requests), math.ceil(state.requests_reset_s))
                 value = f"{item}, {value}" if value else item
             headers = {"RateLimit": value, "RateLimit-Policy": _admitted_policy(limits)} if value else {}
-            return Admission(self, key_id, limits, slot if concurrent is not None else None, headers)
+            return Admission(self, key_id, limits, slot, state.admitted_at, headers)
         requests = (
             [_Window("requests", rpm, max(0, rpm - state.requests), math.ceil(state.requests_reset_s))]
             if rpm is not None

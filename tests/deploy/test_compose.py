@@ -398,18 +398,18 @@ def _closure(requirements: list[str]) -> set[str]:
 
 def test_the_image_installs_the_control_planes_dependencies_pinned_by_the_lock():
     """The Dockerfile installs pyproject's dependencies with requirements.lock as constraints: the
-    control plane's (SQLAlchemy, psycopg with its binary build, limits, redis, cachetools) are among
+    control plane's (SQLAlchemy, psycopg with its binary build, redis with hiredis, cachetools) are among
     them, and every distribution they pull in has a pin, so the image gets the tested versions."""
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     direct = {canonicalize_name(Requirement(d).name): Requirement(d) for d in dependencies}
     lock = _lock()
-    for name in ("sqlalchemy", "psycopg", "limits", "redis", "cachetools"):
+    for name in ("sqlalchemy", "psycopg", "redis", "hiredis", "cachetools"):
         assert name in direct, f"{name} is not in pyproject's dependencies"
         pinned = str(direct[name].specifier).removeprefix("==")
         assert lock.get(name) == pinned, f"{name}: pyproject {pinned}, lock {lock.get(name)}"
     assert "binary" in direct["psycopg"].extras and lock.get("psycopg-binary") == lock["psycopg"]
     closure = _closure(dependencies)
-    assert {"sqlalchemy", "psycopg-binary", "limits", "redis", "cachetools"} <= closure
+    assert {"sqlalchemy", "psycopg-binary", "redis", "hiredis", "cachetools"} <= closure
     # setuptools: pip-compile leaves it out of a lock, and `python -m venv` already installs it.
     assert sorted(closure - set(lock) - {"setuptools"}) == []
     installs = [args for op, args in instructions(DOCKER / "Dockerfile") if op == "RUN" and "pip install" in args]

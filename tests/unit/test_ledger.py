@@ -510,3 +510,29 @@ async def test_usage_route_answers_503_when_the_database_is_unavailable(tmp_path
         holder.close()
         await control.close()
         await pipeline.close()
+
+
+def test_a_batch_that_fails_halfway_through_its_row_by_row_retry_reports_what_it_wrote(tmp_path):
+    """The writer's fallback (after an invalid row) commits row by row; when the database then
+    fails, the rows already written are reported done, so the gateway's retry does not write them
+    twice."""
+    from services.gateway.ledger import _values, create_tables, insert_rows
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    create_tables(engine)
+    inserts_seen = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _fail_the_fourth_insert(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            inserts_seen.append(statement)
+            if len(inserts_seen) == 4:  # 1: the batch; 2, 3: rows 1 and 2 (bad); 4: row 3
+                raise sa.exc.OperationalError(statement, parameters, Exception("disk I/O error"))
+
+    rows = [_values(rec(1)), _values(rec(2, model=None)), _values(rec(3)), _values(rec(4))]
+    done, written, rejected, error = insert_rows(engine, rows)
+    assert (done, written) == (2, 1) and [r for r, _ in rejected] == ["req-2"]
+    assert error and "disk I/O error" in error
+    with engine.connect() as conn:
+        assert [r[0] for r in conn.execute(sa.select(usage.c.request_id))] == ["req-1"]
+    engine.dispose()

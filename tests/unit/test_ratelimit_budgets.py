@@ -435,3 +435,28 @@ async def test_in_process_accounts_of_ended_periods_are_forgotten():
     await book.reserve(key, 1.0, "day", 0.1)
     assert old_day not in accounts and old_month in accounts
     assert (key, period_key("day", datetime.now(UTC))) in accounts
+
+
+async def test_a_request_its_budget_refuses_does_not_use_up_its_requests_per_minute(limiter, book):
+    """Admission asks the limiter first, then the budget; a request the budget refuses is taken
+    back out of the requests window, so an exhausted budget does not also exhaust the rate limit."""
+    import dataclasses
+    from pathlib import Path
+
+    from services.common.catalog import Catalog
+    from services.gateway.auth import Principal
+    from services.gateway.keys import ApiKey
+    from services.gateway.metering import Metering
+
+    entry = Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
+    broke = ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=2, concurrent_requests=1,
+                   budget_usd=0.0, budget_period="day")  # fmt: skip
+    metering = Metering(limiter, book, None, timeout_s=1.0)
+    for i in range(4):
+        err = await refusal(metering.admit(Principal(broke), entry, "text-classification", "/t", f"r{i}", max_input_tokens=5))
+        assert err.code is ErrorCode.QUOTA_EXCEEDED  # not RATE_LIMITED: the refusals were not counted
+    funded = Principal(dataclasses.replace(broke, budget_usd=1.0))
+    for i in range(2):  # the slot was given back each time, and both requests of the minute are left
+        await metering.finish(await metering.admit(funded, entry, "text-classification", "/t", f"ok{i}", max_input_tokens=5), 200)
+    err = await refusal(metering.admit(funded, entry, "text-classification", "/t", "third", max_input_tokens=5))
+    assert err.code is ErrorCode.RATE_LIMITED and "2 requests per minute" in err.message
