@@ -145,10 +145,14 @@ class Metering:
         try:
             principal.allow(entry.id, task)
         except MeshError as err:
-            if self.ledger is not None:
-                refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
-                self.ledger.append(self._row(refused, err.code.http_status))
+            self._record_refusal(principal, entry, task, route, request_id, err)
             raise
+
+    def _record_refusal(self, principal, entry, task, route, request_id, err: MeshError) -> None:
+        """A refused request's ledger row: its status, no cost."""
+        if self.ledger is not None:
+            refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
+            self.ledger.append(self._row(refused, err.code.http_status))
 
     async def admit(
         self,
@@ -187,9 +191,8 @@ class Metering:
         except BaseException as err:  # refused after the limiter admitted (the budget): not counted
             if admission is not None and not admission.refund_now():
                 await admission.refund()
-            if isinstance(err, MeshError) and self.ledger is not None:
-                refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
-                self.ledger.append(self._row(refused, err.code.http_status))
+            if isinstance(err, MeshError):
+                self._record_refusal(principal, entry, task, route, request_id, err)
             raise
         return Metered(principal, entry, task, route, request_id, admission, reservation)
 
