@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.ratelimit import MAX_RETRY_AFTER_S, store_errors
+from services.gateway.redis_steps import Step
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,9 @@ _TOTALS = _SWEEP + "sweep(now_ms())\nreturn {totals()}\n"
 class _RedisBudgets:
     """Budgets shared by every replica; one Lua script per operation."""
 
-    def __init__(self, storage_uri: str) -> None:
-        self._client = aioredis.Redis.from_url(storage_uri)
+    def __init__(self, storage_uri: str, client: aioredis.Redis | None = None) -> None:
+        self._owned = client is None  # a client passed in is closed by its owner
+        self._client = client if client is not None else aioredis.Redis.from_url(storage_uri)
         self._reserve = self._client.register_script(_RESERVE)
         self._settle = self._client.register_script(_SETTLE)
         self._totals = self._client.register_script(_TOTALS)
@@ -252,20 +254,33 @@ class _RedisBudgets:
         base = f"{KEY_PREFIX}:{{{account[0]}:{account[1]}}}"  # one hash tag: one cluster slot
         return [f"{base}:totals", f"{base}:open", f"{base}:held"]
 
-    async def reserve(self, account, res_id: str, amount: int, budget: int, lease_s: float, expire_at: int):
+    def reserve_step(self, account, res_id: str, amount: int, budget: int, lease_s: float, expire_at: int) -> Step:
         lease_ms = max(1, int(lease_s * 1000))
-        ok, spent, reserved = await self._reserve(self._keys(account), [res_id, amount, budget, lease_ms, expire_at])
+        return Step(self._reserve, self._keys(account), [res_id, amount, budget, lease_ms, expire_at])
+
+    @staticmethod
+    def reserved(reply) -> tuple[bool, int, int]:
+        ok, spent, reserved = reply
         return bool(ok), int(spent), int(reserved)
 
+    async def reserve(self, account, res_id: str, amount: int, budget: int, lease_s: float, expire_at: int):
+        step = self.reserve_step(account, res_id, amount, budget, lease_s, expire_at)
+        return self.reserved(await step.script(step.keys, step.args))
+
+    def settle_step(self, account, res_id: str, actual: int) -> Step:
+        return Step(self._settle, self._keys(account), [res_id, actual])
+
     async def settle(self, account, res_id: str, actual: int) -> bool:
-        return bool(await self._settle(self._keys(account), [res_id, actual]))
+        step = self.settle_step(account, res_id, actual)
+        return bool(await step.script(step.keys, step.args))
 
     async def totals(self, account) -> tuple[int, int]:
         spent, reserved = await self._totals(self._keys(account))
         return int(spent), int(reserved)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owned:
+            await self._client.aclose()
 
 
 class BudgetBook:
@@ -277,14 +292,16 @@ class BudgetBook:
         *,
         reservation_lease_s: float = 3600.0,
         clock: Callable[[], datetime] | None = None,
+        client: aioredis.Redis | None = None,
     ) -> None:
         """`reservation_lease_s`: how long a hold may stay unsettled before it is charged in full
         (longer than any request). `clock`: the UTC time that picks the current period (default:
-        the system's)."""
+        the system's). `client`: a Redis client to share (with the rate limiter: their steps can
+        then go in one round trip); its owner closes it."""
         if storage_uri.startswith("memory://"):
             self._store: _MemoryBudgets | _RedisBudgets = _MemoryBudgets()
         elif storage_uri.startswith(("redis://", "rediss://")):
-            self._store = _RedisBudgets(storage_uri)
+            self._store = _RedisBudgets(storage_uri, client)
         else:
             raise ValueError(f"unsupported budget storage {storage_uri!r}: use memory:// or redis://")
         self._lease_s = reservation_lease_s
@@ -334,19 +351,40 @@ class BudgetBook:
 
     async def reserve(self, key_id: str, budget_usd: float, period: str, amount_usd: float) -> Reservation:
         """Hold `amount_usd` (the most this request could cost) or raise QUOTA_EXCEEDED."""
+        call, decide = self._reservation(key_id, budget_usd, period, amount_usd)
+        with store_errors("budget"):
+            answer = await self._store.reserve(*call)
+        return decide(answer)
+
+    def reserve_step(self, key_id: str, budget_usd: float, period: str, amount_usd: float):
+        """`reserve()` as a Redis step to send with others (redis_steps.run), and the function that
+        turns its reply into the Reservation (or raises QUOTA_EXCEEDED). Remote books only."""
+        call, decide = self._reservation(key_id, budget_usd, period, amount_usd)
+        return self._store.reserve_step(*call), lambda reply: decide(self._store.reserved(reply))
+
+    def settle_step(self, reservation: Reservation, actual_usd: float) -> Step:
+        """`settle()` as a Redis step (remote books only)."""
+        held, actual = to_micro(reservation.amount_usd), to_micro(actual_usd)
+        if actual > held or actual < 0:
+            actual = self._overcharged(reservation, actual, held)
+        return self._store.settle_step((reservation.key_id, reservation.period), reservation.reservation_id, actual)
+
+    def _reservation(self, key_id: str, budget_usd: float, period: str, amount_usd: float):
         if amount_usd < 0 or budget_usd < 0:
             raise ValueError("budget and amount must not be negative")
         now = self._now()
         key = period_key(period, now)
         reservation = Reservation(key_id, key, amount_usd, f"{_PROCESS}{next(_SERIAL):x}")
         amount, budget = to_micro(amount_usd), to_micro(budget_usd)
-        with store_errors("budget"):
-            ok, spent, reserved = await self._store.reserve(
-                (key_id, key), reservation.reservation_id, amount, budget, self._lease_s, _expire_at(key)
-            )
-        if not ok:
-            raise self._exceeded(period, key, budget, spent, reserved, amount, period_end(key), now)
-        return reservation
+        call = ((key_id, key), reservation.reservation_id, amount, budget, self._lease_s, _expire_at(key))
+
+        def decide(answer: tuple[bool, int, int]) -> Reservation:
+            ok, spent, reserved = answer
+            if not ok:
+                raise self._exceeded(period, key, budget, spent, reserved, amount, period_end(key), now)
+            return reservation
+
+        return call, decide
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         """Release the hold and charge what the request cost (at most what was held); idempotent."""

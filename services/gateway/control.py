@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import redis.asyncio as aioredis
+
 from services.gateway.auth import Authenticator
 from services.gateway.metering import Metering
 from services.gateway.settings import ADMIN_TOKEN_FILE, GatewaySettings
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
     from services.gateway.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
-
 
 
 def admin_token(settings: GatewaySettings) -> str:
@@ -57,6 +58,7 @@ class ControlPlane:
     ledger: UsageLedger | None = None
     limiter: RateLimiter | None = None
     budgets: BudgetBook | None = None
+    redis: aioredis.Redis | None = None  # shared by the limiter and the budgets (closed here)
 
     @classmethod
     def disabled(cls, settings: GatewaySettings) -> ControlPlane:
@@ -74,12 +76,14 @@ class ControlPlane:
         engine = make_engine(settings.database_url or default_url(Path(settings.home)))
         keys = KeyStore(engine, refresh_s=settings.key_refresh_s) if settings.auth else None
         storage = settings.redis_url or "memory://"
-        limiter = RateLimiter(storage) if settings.auth else None
-        budgets = BudgetBook(storage) if settings.auth else None
+        # One Redis client for the limiter and the budgets: their steps share round trips.
+        redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url and settings.auth else None
+        limiter = RateLimiter(storage, client=redis) if settings.auth else None
+        budgets = BudgetBook(storage, client=redis) if settings.auth else None
         ledger = UsageLedger(engine) if settings.ledger else None
-        metering = Metering(limiter, budgets, ledger, timeout_s=settings.request_timeout_s)
+        metering = Metering(limiter, budgets, ledger, timeout_s=settings.request_timeout_s, redis=redis)
         auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public)
-        return cls(auth, metering, keys, ledger, limiter, budgets)
+        return cls(auth, metering, keys, ledger, limiter, budgets, redis)
 
     async def start(self, settings: GatewaySettings) -> None:
         if self.keys is not None:
@@ -100,3 +104,5 @@ class ControlPlane:
         for part in (self.keys, self.limiter, self.budgets):
             if part is not None:
                 await part.close()
+        if self.redis is not None:
+            await self.redis.aclose()

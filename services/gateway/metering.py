@@ -17,13 +17,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import redis.asyncio as aioredis
 from meshserve.tasks.v1 import tasks_pb2
 from opentelemetry import trace
 
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
+from services.gateway import redis_steps
 from services.gateway.auth import Principal
 from services.gateway.ledger import UsageLedger
+from services.gateway.ratelimit import store_errors
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook, Reservation
@@ -126,14 +129,23 @@ class Metered:
 
 class Metering:
     def __init__(
-        self, limiter: RateLimiter | None, budgets: BudgetBook | None, ledger: UsageLedger | None, *, timeout_s: float
+        self,
+        limiter: RateLimiter | None,
+        budgets: BudgetBook | None,
+        ledger: UsageLedger | None,
+        *,
+        timeout_s: float,
+        redis: aioredis.Redis | None = None,
     ) -> None:
+        """`redis`: the client the limiter and the budget book share, when both are in Redis:
+        their steps of a phase then go in one round trip (redis_steps)."""
         self.limiter = limiter
         self.budgets = budgets
         self.ledger = ledger
         self.timeout_s = timeout_s
         # Whether finishing awaits a store (Redis); in process it completes without suspending.
         self._finish_awaits = any(part is not None and part.remote for part in (limiter, budgets))
+        self._redis = redis if limiter is not None and limiter.remote and budgets is not None and budgets.remote else None
 
     def max_cost(self, entry: ModelEntry, max_input_tokens: int, max_output_tokens: int) -> float:
         return entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s)
@@ -177,17 +189,21 @@ class Metering:
         try:
             principal.allow(entry.id, task)
             limits = principal.limits
-            if self.limiter is not None and limits is not None:
-                hint = max_input_tokens + max_output_tokens
-                admission = self.limiter.admit_now(key.id, limits, tokens_hint=hint) or await self.limiter.admit(
-                    key.id, limits, tokens_hint=hint
-                )
-            if self.budgets is not None and key.budget_usd is not None:
-                period = key.budget_period or "month"
+            hint = max_input_tokens + max_output_tokens
+            if self._redis is not None and limits is not None and key.budget_usd is not None:
                 amount = self.max_cost(entry, max_input_tokens, max_output_tokens)
-                reservation = self.budgets.reserve_now(key.id, key.budget_usd, period, amount) or await self.budgets.reserve(
-                    key.id, key.budget_usd, period, amount
-                )
+                admission, reservation = await self._admit_together(key, limits, hint, amount)
+            else:
+                if self.limiter is not None and limits is not None:
+                    admission = self.limiter.admit_now(key.id, limits, tokens_hint=hint) or await self.limiter.admit(
+                        key.id, limits, tokens_hint=hint
+                    )
+                if self.budgets is not None and key.budget_usd is not None:
+                    period = key.budget_period or "month"
+                    amount = self.max_cost(entry, max_input_tokens, max_output_tokens)
+                    reservation = self.budgets.reserve_now(
+                        key.id, key.budget_usd, period, amount
+                    ) or await self.budgets.reserve(key.id, key.budget_usd, period, amount)
         except BaseException as err:  # refused after the limiter admitted (the budget): not counted
             if admission is not None and not admission.refund_now():
                 await admission.refund()
@@ -196,24 +212,71 @@ class Metering:
             raise
         return Metered(principal, entry, task, route, request_id, admission, reservation)
 
+    async def _admit_together(self, key, limits, hint: int, amount: float) -> tuple[Admission, Reservation]:
+        """The limiter's and the budget's admission steps in one Redis round trip; whichever went
+        through is undone when the other refuses (the limiter's refusal is the one raised, as when
+        they run one after the other)."""
+        limit_step, admitted = self.limiter.admit_step(key.id, limits, tokens_hint=hint)
+        budget_step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, key.budget_period or "month", amount)
+        with store_errors("rate-limit"):
+            replies = await redis_steps.run(self._redis, [limit_step, budget_step])
+        results: list = []
+        for decide, reply, what in zip((admitted, reserved), replies, ("rate-limit", "budget"), strict=True):
+            try:
+                with store_errors(what):
+                    if isinstance(reply, Exception):
+                        raise reply
+                    results.append(decide(reply))
+            except MeshError as err:
+                results.append(err)
+        admission, reservation = results
+        refusal = next((r for r in results if isinstance(r, MeshError)), None)
+        if refusal is None:
+            return admission, reservation
+        if not isinstance(admission, MeshError):
+            await admission.refund()  # never raises
+        if not isinstance(reservation, MeshError):
+            try:
+                await self.budgets.settle(reservation, 0.0)
+            except MeshError:  # left to its lease, then charged in full: say so
+                log.exception("could not release the budget hold of a refused request of key %s", key.id)
+        raise refusal
+
+    async def _finish_together(self, metered: Metered, reservation: Reservation, admission: Admission) -> None:
+        """Settle and release in one Redis round trip (never raises)."""
+        steps = [self.budgets.settle_step(reservation, metered.cost_usd)]
+        done = admission.done_step(metered.input_tokens + metered.output_tokens)
+        if done is not None:
+            steps.append(done)
+        try:
+            replies = await redis_steps.run(self._redis, steps)
+        except aioredis.RedisError:
+            log.exception("could not settle or release request %s", metered.request_id)
+            return
+        for reply in replies:
+            if isinstance(reply, Exception):
+                log.error("could not settle or release request %s: %r", metered.request_id, reply)
+
     async def finish(self, metered: Metered, status: int) -> None:
         """Settle the reservation with the real cost, release the rate-limit slot, write the ledger
         row. Failed requests cost nothing. Idempotent; never raises."""
         if metered.finished:
             return
         metered.finished = True
+        reservation, admission = metered.reservation, metered.admission
         try:
             # Failed requests cost nothing; a request the caller abandoned (499, a closed stream)
             # pays for what it consumed up to then.
             metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
-            reservation = metered.reservation
-            if reservation is not None and not self.budgets.settle_now(reservation, metered.cost_usd):
+            if self._redis is not None and reservation is not None and admission is not None:
+                await self._finish_together(metered, reservation, admission)
+                admission = None  # released there too
+            elif reservation is not None and not self.budgets.settle_now(reservation, metered.cost_usd):
                 await self.budgets.settle(reservation, metered.cost_usd)
         except Exception:  # on the way out: a store outage must not replace the response
             log.exception("could not settle the budget hold of request %s", metered.request_id)
         finally:
             try:
-                admission = metered.admission
                 if admission is not None:
                     tokens = metered.input_tokens + metered.output_tokens
                     if not admission.done_now(tokens):

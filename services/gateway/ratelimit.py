@@ -55,6 +55,7 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 
 from services.common.errors import ErrorCode, MeshError
+from services.gateway.redis_steps import Step
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +355,9 @@ class _RedisStore:
 
     remote = True
 
-    def __init__(self, storage_uri: str, lease_s: float) -> None:
-        self._client = aioredis.Redis.from_url(storage_uri)
+    def __init__(self, storage_uri: str, lease_s: float, client: aioredis.Redis | None = None) -> None:
+        self._owned = client is None  # a client passed in is closed by its owner
+        self._client = client if client is not None else aioredis.Redis.from_url(storage_uri)
         self._lease_ms = max(1, int(lease_s * 1000))
         self._admit = self._client.register_script(_ADMIT)
         self._done = self._client.register_script(_DONE)
@@ -365,21 +367,32 @@ class _RedisStore:
         base = f"{KEY_PREFIX}:{{{key_id}}}"
         return [f"{base}:requests", f"{base}:tokens", f"{base}:inflight"]
 
-    async def admit(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
+    def admit_step(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> Step:
         rpm, tpm, concurrent = (-1 if limit is None else limit for limit in limits)
-        verdict, count, reset_ms, previous, current, into_ms, in_flight = await self._admit(
-            self._keys(key_id), [rpm, tpm, concurrent, needed, slot, self._lease_ms]
-        )
+        return Step(self._admit, self._keys(key_id), [rpm, tpm, concurrent, needed, slot, self._lease_ms])
+
+    @staticmethod
+    def state_of(reply) -> _State:
+        verdict, count, reset_ms, previous, current, into_ms, in_flight = reply
         return _State(
             verdict.decode(), int(count), reset_ms / 1000, int(previous), int(current), into_ms / 1000, int(in_flight)
         )
 
-    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund) -> None:
+    async def admit(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
+        step = self.admit_step(key_id, limits, needed, slot)
+        return self.state_of(await step.script(step.keys, step.args))
+
+    def done_step(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund) -> Step:
         tpm = -1 if tokens_per_minute is None else tokens_per_minute
-        await self._done(self._keys(key_id), [tpm, tokens, slot or "", refund or ""])
+        return Step(self._done, self._keys(key_id), [tpm, tokens, slot or "", refund or ""])
+
+    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund) -> None:
+        step = self.done_step(key_id, tokens_per_minute, tokens, slot, refund)
+        await step.script(step.keys, step.args)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owned:
+            await self._client.aclose()
 
 
 class Admission:
@@ -418,6 +431,16 @@ class Admission:
             self._limiter._store.done_now(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, refund_at)
         return True
 
+    def done_step(self, tokens: int) -> Step | None:
+        """`done()` as a Redis step to send with others (redis_steps.run); None when there is
+        nothing to send. Marks the admission done either way (remote limiters only)."""
+        if self._done:
+            return None
+        self._done = True
+        if self._slot is None and (self._limits.tokens_per_minute is None or tokens <= 0):
+            return None
+        return self._limiter._store.done_step(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, None)
+
     async def done(self, tokens: int) -> None:
         """Charge `tokens` (prompt + completion) to the tokens-per-minute window, free the slot.
 
@@ -451,14 +474,18 @@ class RateLimiter:
     all admit) and one per completion; this class turns the state a step saw into the Admission
     and its headers, or into the refusal."""
 
-    def __init__(self, storage_uri: str = "memory://", *, slot_lease_s: float = 600.0) -> None:
+    def __init__(
+        self, storage_uri: str = "memory://", *, slot_lease_s: float = 600.0, client: aioredis.Redis | None = None
+    ) -> None:
         """`storage_uri`: `memory://` or `redis://host:port/db` (`rediss://` for TLS).
         `slot_lease_s`: how long a concurrency slot held in Redis outlives a replica that died
-        holding it; a request running longer than this stops counting against the limit."""
+        holding it; a request running longer than this stops counting against the limit.
+        `client`: a Redis client to share (with the budget book: their steps can then go in one
+        round trip); its owner closes it."""
         if storage_uri.startswith("memory://"):
             self._store: _MemoryStore | _RedisStore = _MemoryStore()
         elif storage_uri.startswith(("redis://", "rediss://")):
-            self._store = _RedisStore(storage_uri, slot_lease_s)
+            self._store = _RedisStore(storage_uri, slot_lease_s, client)
         else:
             raise ValueError(f"unsupported rate-limit storage {storage_uri!r}: use memory:// or redis://")
         self.remote = self._store.remote  # whether its calls wait on a store
@@ -479,6 +506,17 @@ class RateLimiter:
         with store_errors("rate-limit"):
             state = await self._store.admit(key_id, limits, max(1, tokens_hint), slot)
         return self._decide(key_id, limits, tokens_hint, slot, state)
+
+    def admit_step(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0):
+        """`admit()` as a Redis step to send with others (redis_steps.run), and the function that
+        turns its reply into the Admission (or raises the refusal). Remote limiters only."""
+        slot = f"{_PROCESS}{next(_SERIAL):x}"
+        step = self._store.admit_step(key_id, limits, max(1, tokens_hint), slot)
+
+        def decide(reply) -> Admission:
+            return self._decide(key_id, limits, tokens_hint, slot, self._store.state_of(reply))
+
+        return step, decide
 
     async def close(self) -> None:
         await self._store.close()

@@ -460,3 +460,80 @@ async def test_a_request_its_budget_refuses_does_not_use_up_its_requests_per_min
         await metering.finish(await metering.admit(funded, entry, "text-classification", "/t", f"ok{i}", max_input_tokens=5), 200)
     err = await refusal(metering.admit(funded, entry, "text-classification", "/t", "third", max_input_tokens=5))
     assert err.code is ErrorCode.RATE_LIMITED and "2 requests per minute" in err.message
+
+
+@pytest.fixture
+async def shared_redis(redis_url):
+    """A limiter and a budget book on one Redis client, and the Metering that sends their steps of
+    a phase in one round trip (what ControlPlane builds when a Redis URL is set)."""
+    import redis.asyncio as aioredis
+
+    from services.gateway.metering import Metering
+
+    client = aioredis.Redis.from_url(redis_url)
+    limiter, book = RateLimiter(redis_url, client=client), BudgetBook(redis_url, client=client)
+    yield Metering(limiter, book, None, timeout_s=1.0, redis=client), limiter, book, client
+    await limiter.close()
+    await book.close()
+    await client.aclose()
+
+
+def _sentiment():
+    from pathlib import Path
+
+    from services.common.catalog import Catalog
+
+    return Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
+
+
+async def test_with_one_redis_client_admission_and_completion_take_one_round_trip_each(shared_redis, monkeypatch):
+    import dataclasses
+
+    from services.gateway.auth import Principal
+    from services.gateway.keys import ApiKey
+
+    metering, _, book, client = shared_redis
+    assert metering._redis is client
+    sent = []
+    execute = type(client.pipeline()).execute
+
+    async def counted(pipe, *args, **kwargs):
+        sent.append(len(pipe.command_stack))
+        return await execute(pipe, *args, **kwargs)
+
+    entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=3,
+                                      concurrent_requests=1, budget_usd=1.0, budget_period="day")  # fmt: skip
+    monkeypatch.setattr(type(client.pipeline()), "execute", counted)
+    metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
+    assert metered.admission.headers["RateLimit"].startswith('"requests";r=2;')
+    metered.add(input_tokens=5)
+    await metering.finish(metered, 200)
+    assert sent == [2, 2]  # two scripts per round trip, one round trip per phase
+    spent, reserved = await book.spent(key.id, "day")
+    assert spent == round(entry.pricing.cost(5, 0, 0.0) * 1e6) / 1e6 and reserved == 0  # micro-dollars
+    # The slot was freed: the next request is admitted (concurrency 1).
+    await metering.finish(await metering.admit(Principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5), 200)
+    # Over the rate limit: refused by the limiter, and the budget step that went with it is undone.
+    await metering.finish(await metering.admit(Principal(key), entry, "text-classification", "/t", "r3", max_input_tokens=5), 200)
+    err = await refusal(metering.admit(Principal(key), entry, "text-classification", "/t", "r4", max_input_tokens=5))
+    assert err.code is ErrorCode.RATE_LIMITED
+    assert (await book.spent(key.id, "day"))[1] == 0  # nothing left held
+    # Over budget: refused by the budget; the request is taken back out of the limiter's window.
+    broke = Principal(dataclasses.replace(key, id=new_key(), budget_usd=0.0))
+    for i in range(5):
+        err = await refusal(metering.admit(broke, entry, "text-classification", "/t", f"b{i}", max_input_tokens=5))
+        assert err.code is ErrorCode.QUOTA_EXCEEDED
+
+
+async def test_a_redis_that_lost_its_scripts_loads_them_again(shared_redis):
+    from services.gateway.auth import Principal
+    from services.gateway.keys import ApiKey
+
+    metering, _, book, client = shared_redis
+    entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=5, budget_usd=1.0)
+    await metering.finish(await metering.admit(Principal(key), entry, "text-classification", "/t", "a", max_input_tokens=5), 200)
+    await client.script_flush()  # what a restarted Redis looks like
+    metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "b", max_input_tokens=5)
+    assert metered.admission.headers["RateLimit"].startswith('"requests";r=3;')
+    await metering.finish(metered, 200)
+    assert (await book.spent(key.id, "month"))[1] == 0
