@@ -15,11 +15,9 @@ overspent, releasing it could.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -27,7 +25,7 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.ratelimit import MAX_RETRY_AFTER_S, store_errors
+from services.gateway.ratelimit import MAX_RETRY_AFTER_S, new_id, store_errors
 from services.gateway.redis_steps import Step
 
 log = logging.getLogger(__name__)
@@ -45,12 +43,6 @@ class Reservation(NamedTuple):
     period: str  # the period it counts against, e.g. "day:2026-12-01"
     amount_usd: float
     reservation_id: str
-
-
-# Reservation ids: unique across replicas (a random prefix per process) and cheap (uuid4 per request
-# showed in profiles of the cached path).
-_PROCESS = uuid.uuid4().hex[:16]
-_SERIAL = itertools.count()
 
 
 def period_key(period: str, now: datetime) -> str:
@@ -332,7 +324,7 @@ class BudgetBook:
         if self.remote or amount_usd < 0 or budget_usd < 0:
             return None
         key = self._period_now(period)
-        reservation = Reservation(key_id, key, amount_usd, f"{_PROCESS}{next(_SERIAL):x}")
+        reservation = Reservation(key_id, key, amount_usd, new_id())
         fits, _, _ = self._store.reserve_now(
             (key_id, key), reservation.reservation_id, to_micro(amount_usd), to_micro(budget_usd), self._lease_s
         )
@@ -342,10 +334,7 @@ class BudgetBook:
         """`settle()` without a coroutine in process; False (nothing done) when the store is remote."""
         if self.remote:
             return False
-        held = to_micro(reservation.amount_usd)
-        actual = to_micro(actual_usd)
-        if actual > held or actual < 0:
-            actual = self._overcharged(reservation, actual, held)
+        actual = self._charge(reservation, actual_usd)
         self._store.settle_now((reservation.key_id, reservation.period), reservation.reservation_id, actual)
         return True
 
@@ -364,9 +353,7 @@ class BudgetBook:
 
     def settle_step(self, reservation: Reservation, actual_usd: float) -> Step:
         """`settle()` as a Redis step (remote books only)."""
-        held, actual = to_micro(reservation.amount_usd), to_micro(actual_usd)
-        if actual > held or actual < 0:
-            actual = self._overcharged(reservation, actual, held)
+        actual = self._charge(reservation, actual_usd)
         return self._store.settle_step((reservation.key_id, reservation.period), reservation.reservation_id, actual)
 
     def _reservation(self, key_id: str, budget_usd: float, period: str, amount_usd: float):
@@ -374,7 +361,7 @@ class BudgetBook:
             raise ValueError("budget and amount must not be negative")
         now = self._now()
         key = period_key(period, now)
-        reservation = Reservation(key_id, key, amount_usd, f"{_PROCESS}{next(_SERIAL):x}")
+        reservation = Reservation(key_id, key, amount_usd, new_id())
         amount, budget = to_micro(amount_usd), to_micro(budget_usd)
         call = ((key_id, key), reservation.reservation_id, amount, budget, self._lease_s, _expire_at(key))
 
@@ -388,10 +375,7 @@ class BudgetBook:
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         """Release the hold and charge what the request cost (at most what was held); idempotent."""
-        actual = to_micro(actual_usd)
-        held = to_micro(reservation.amount_usd)
-        if actual > held or actual < 0:
-            actual = self._overcharged(reservation, actual, held)
+        actual = self._charge(reservation, actual_usd)
         with store_errors("budget"):
             settled = await self._store.settle(
                 (reservation.key_id, reservation.period), reservation.reservation_id, actual
@@ -400,8 +384,12 @@ class BudgetBook:
             log.debug("reservation %s was already settled or charged in full", reservation.reservation_id)
 
     @staticmethod
-    def _overcharged(reservation: Reservation, actual: int, held: int) -> int:
-        """What to charge for a cost outside [0, held] (micro-dollars): it is clamped, and said."""
+    def _charge(reservation: Reservation, actual_usd: float) -> int:
+        """What settling charges, in micro-dollars: the cost, clamped to [0, held] (and said when
+        it had to be)."""
+        actual, held = to_micro(actual_usd), to_micro(reservation.amount_usd)
+        if 0 <= actual <= held:
+            return actual
         charged = min(max(actual, 0), held)
         log.warning("request of key %s cost %s, held %s: charging %s", reservation.key_id, *map(usd, (actual, held, charged)))
         return charged

@@ -140,7 +140,7 @@ class UsageLedger:
         self._max_batch = max_batch
         self._close_timeout_s = close_timeout_s
         self._queue: list[tuple] = []  # rows as append() takes them
-        self._gauged = 0  # rows of the queue counted in QUEUE_ROWS (record() leaves the gauge alone)
+        self._gauged = 0  # rows of the queue counted in QUEUE_ROWS (append() leaves the gauge alone)
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._writer: asyncio.Task | None = None

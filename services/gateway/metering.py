@@ -183,24 +183,25 @@ class Metering:
         In process the stores' synchronous `*_now` forms decide without a coroutine (the cached
         path pays for every Python call here): the limiter's admits or refuses, the budget's
         reserves or answers None (nothing held) and the awaited form raises the refusal. With
-        Redis they answer None and the awaited forms decide."""
+        Redis they answer None: the two steps go together in one round trip when the limiter and
+        the budget book share a client, else the awaited forms decide one after the other."""
         key = principal.key
         admission = reservation = None
         try:
             principal.allow(entry.id, task)
             limits = principal.limits
             hint = max_input_tokens + max_output_tokens
-            if self._redis is not None and limits is not None and key.budget_usd is not None:
-                amount = self.max_cost(entry, max_input_tokens, max_output_tokens)
-                admission, reservation = await self._admit_together(key, limits, hint, amount)
+            budgeted = self.budgets is not None and key.budget_usd is not None
+            amount = self.max_cost(entry, max_input_tokens, max_output_tokens) if budgeted else 0.0
+            period = key.budget_period or "month"
+            if self._redis is not None and limits is not None and budgeted:
+                admission, reservation = await self._admit_together(key, limits, hint, period, amount)
             else:
                 if self.limiter is not None and limits is not None:
                     admission = self.limiter.admit_now(key.id, limits, tokens_hint=hint) or await self.limiter.admit(
                         key.id, limits, tokens_hint=hint
                     )
-                if self.budgets is not None and key.budget_usd is not None:
-                    period = key.budget_period or "month"
-                    amount = self.max_cost(entry, max_input_tokens, max_output_tokens)
+                if budgeted:
                     reservation = self.budgets.reserve_now(
                         key.id, key.budget_usd, period, amount
                     ) or await self.budgets.reserve(key.id, key.budget_usd, period, amount)
@@ -212,12 +213,12 @@ class Metering:
             raise
         return Metered(principal, entry, task, route, request_id, admission, reservation)
 
-    async def _admit_together(self, key, limits, hint: int, amount: float) -> tuple[Admission, Reservation]:
+    async def _admit_together(self, key, limits, hint: int, period: str, amount: float) -> tuple[Admission, Reservation]:
         """The limiter's and the budget's admission steps in one Redis round trip; whichever went
         through is undone when the other refuses (the limiter's refusal is the one raised, as when
         they run one after the other)."""
         limit_step, admitted = self.limiter.admit_step(key.id, limits, tokens_hint=hint)
-        budget_step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, key.budget_period or "month", amount)
+        budget_step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, period, amount)
         with store_errors("rate-limit"):
             replies = await redis_steps.run(self._redis, [limit_step, budget_step])
         results: list = []

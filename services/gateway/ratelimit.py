@@ -104,6 +104,16 @@ def _admitted_policy(limits: KeyLimits) -> str:
     return ", ".join([_POLICY_ITEM.format(name, limit, WINDOW_S) for name, limit in items if limit is not None])
 
 
+# Ids of requests, slots and budget holds: unique across replicas (a random prefix per process) and
+# cheap (uuid4 per request showed in profiles of the cached path).
+_PROCESS = uuid.uuid4().hex[:16]
+_SERIAL = itertools.count()
+
+
+def new_id() -> str:
+    return f"{_PROCESS}{next(_SERIAL):x}"
+
+
 def _retry_after(seconds: float) -> int:
     return min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
 
@@ -196,7 +206,7 @@ class _MemoryStore:
         now = time.time()
         into = now % WINDOW_S
         previous = current = 0
-        if tpm is not None and (counter := self._tokens.get(key_id)) is not None:
+        if tpm is not None and (counter := self._tokens.get(key_id)) is not None:  # (done_now rolls it)
             index = int(now // WINDOW_S)
             if counter[0] == index:
                 previous, current = counter[1], counter[2]
@@ -263,9 +273,9 @@ class _MemoryStore:
         pass
 
 
-# The same steps as _MemoryStore, in Redis server time, one script per step (one round trip each:
-# every command costs ~100 µs of redis-py CPU in the gateway). Keys share one hash tag (the API
-# key id): one cluster slot. Times in ms.
+# The same steps as _MemoryStore, in Redis server time, one script per step (a round trip costs the
+# gateway ~70 µs of redis-py and socket time; Metering sends the budget's step along in the same
+# one, see redis_steps). Keys share one hash tag (the API key id): one cluster slot. Times in ms.
 #   requests  sorted set: member = request, score = when it was admitted
 #   tokens    hash: i = minute index, p = previous minute's count, c = this minute's
 #   inflight  sorted set: member = slot, score = lease deadline
@@ -437,9 +447,13 @@ class Admission:
         if self._done:
             return None
         self._done = True
-        if self._slot is None and (self._limits.tokens_per_minute is None or tokens <= 0):
+        if not self._anything_to_do(tokens, None):
             return None
         return self._limiter._store.done_step(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, None)
+
+    def _anything_to_do(self, tokens: int, refund: str | None) -> bool:
+        """Whether there are tokens to charge, a slot to free or a request to take back."""
+        return refund is not None or self._slot is not None or (self._limits.tokens_per_minute is not None and tokens > 0)
 
     async def done(self, tokens: int) -> None:
         """Charge `tokens` (prompt + completion) to the tokens-per-minute window, free the slot.
@@ -457,9 +471,8 @@ class Admission:
         if self._done:
             return
         self._done = True
-        nothing = refund is None and self._slot is None and (self._limits.tokens_per_minute is None or tokens <= 0)
-        if nothing:
-            return  # nothing to charge, free or take back: no round trip
+        if not self._anything_to_do(tokens, refund):
+            return  # no round trip
         try:
             store = self._limiter._store
             await store.done(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, refund)
@@ -495,14 +508,14 @@ class RateLimiter:
         afford); None when the store is remote: then await `admit()`."""
         if self.remote:
             return None
-        slot = f"{_PROCESS}{next(_SERIAL):x}"
+        slot = new_id()
         return self._decide(key_id, limits, tokens_hint, slot, self._store.admit_now(key_id, limits, max(1, tokens_hint), slot))
 
     async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
         """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
         A refused request is not counted and holds no slot. (`tokens_hint`: the most tokens the
         request can use; a hint of 0 is refused only when the window is exhausted.)"""
-        slot = f"{_PROCESS}{next(_SERIAL):x}"
+        slot = new_id()
         with store_errors("rate-limit"):
             state = await self._store.admit(key_id, limits, max(1, tokens_hint), slot)
         return self._decide(key_id, limits, tokens_hint, slot, state)
@@ -510,7 +523,7 @@ class RateLimiter:
     def admit_step(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0):
         """`admit()` as a Redis step to send with others (redis_steps.run), and the function that
         turns its reply into the Admission (or raises the refusal). Remote limiters only."""
-        slot = f"{_PROCESS}{next(_SERIAL):x}"
+        slot = new_id()
         step = self._store.admit_step(key_id, limits, max(1, tokens_hint), slot)
 
         def decide(reply) -> Admission:
@@ -590,7 +603,3 @@ class RateLimiter:
             headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *requests]),
         )
 
-
-# Slot and request ids: unique across replicas (a random prefix per process) and cheap.
-_PROCESS = uuid.uuid4().hex[:16]
-_SERIAL = itertools.count()
