@@ -18,12 +18,12 @@ Two window kinds, with the same arithmetic in both stores:
 
 Each store takes **one atomic step per admission** (read every window, and count the request and
 take its slot only if every limit admits) and one per completion (charge the tokens, free the
-slot); `RateLimiter` turns the state the step saw into the Admission and its headers, or into the
-refusal, the same way for both stores (one test suite runs on both):
-- in process (`memory://`, the default) a deque of timestamps per key for the moving window (append
-  and expire at the ends: O(1) amortized), `[minute, previous, current]` for the counter, an
-  in-flight count; `admit_now()` / `done_now()` take the step without a coroutine, which is what
-  the gateway's cached path can afford;
+slot), with the same arithmetic and the same refusals (one renderer; one test suite runs on both):
+- in process (`memory://`, the default) one object per key: a deque of timestamps for the moving
+  window (append and expire at the ends: O(1) amortized), this and the previous minute's token
+  counts, an in-flight count. The step is one function that answers the Admission and its headers
+  itself, and `admit_now()` / `done_now()` take it without a coroutine: on the gateway's cached
+  path every Python call and object per request shows;
 - in Redis (`redis://…`, shared by every gateway replica) one Lua script per step, in Redis server
   time: a sorted set of admission times, a hash for the counter, a sorted set of leased slots.
 
@@ -177,7 +177,6 @@ class _State(NamedTuple):
     tokens_current: int  # this minute's,
     into_s: float  # and how far into this minute the store's clock is
     in_flight: int  # requests holding a concurrency slot (this one included when admitted)
-    admitted_at: float = 0.0  # in process: this request's time in the moving window (what a refund removes)
 
     def tokens_window(self) -> tuple[int, float, int, float]:
         """(previous count, its ttl, current count, its ttl), as `sliding_stats` takes them."""
@@ -189,88 +188,142 @@ def _verdict(state_tokens: bool, state_concurrent: bool, state_requests: bool) -
     return "tokens" if state_tokens else "concurrent" if state_concurrent else "requests" if state_requests else "ok"
 
 
+class _KeyWindows:
+    """One key's limits in process: the moving window's admission times, the tokens counter (this
+    minute's count and the previous minute's) and the requests in flight."""
+
+    __slots__ = ("current", "in_flight", "minute", "previous", "times")
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque()
+        self.minute = 0  # the minute (index since the epoch) that `current` counts
+        self.previous = 0
+        self.current = 0
+        self.in_flight = 0
+
+
 class _MemoryStore:
     """One process's windows and slots (see the module docstring). Nothing awaits, so every step is
-    atomic on the event loop; `admit_now`/`done_now` are the synchronous forms the in-process fast
-    path calls, the coroutines the store interface shared with Redis."""
+    atomic on the event loop, and the step itself answers: an Admission with its headers, or the
+    refusal (RateLimiter._decide, from the state it saw, as for Redis). Written as one function per
+    step: on the gateway's cached path every Python call and object shows."""
 
     remote = False
 
     def __init__(self) -> None:
-        self._requests: dict[str, deque[float]] = {}
-        self._tokens: dict[str, list] = {}  # key -> [minute index, previous count, current count]
-        self._in_flight: dict[str, int] = {}
+        self._keys: dict[str, _KeyWindows] = {}
 
-    def admit_now(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
+    def take(self, limiter: RateLimiter, key_id: str, limits: KeyLimits, tokens_hint: int) -> LocalAdmission:
         rpm, tpm, concurrent = limits
+        windows = self._keys.get(key_id)
+        if windows is None:
+            windows = self._keys[key_id] = _KeyWindows()
         now = time.time()
         into = now % WINDOW_S
-        previous = current = 0
-        if tpm is not None and (counter := self._tokens.get(key_id)) is not None:  # (done_now rolls it)
-            index = int(now // WINDOW_S)
-            if counter[0] == index:
-                previous, current = counter[1], counter[2]
-            elif counter[0] == index - 1:
-                previous = counter[2]
-        count, times = 0, None
+        rest = WINDOW_S - into  # of this minute
+        previous = current = used = 0
+        if tpm is not None:
+            minute = int(now // WINDOW_S)
+            if windows.minute != minute:  # roll: this minute becomes the previous one (or both go)
+                windows.previous = windows.current if windows.minute == minute - 1 else 0
+                windows.current, windows.minute = 0, minute
+            previous, current = windows.previous, windows.current
+            used = int(previous * rest / WINDOW_S + current)  # the sliding-window counter
+        times = windows.times
         if rpm is not None:
-            times = self._requests.get(key_id)
-            if times is None:
-                times = self._requests[key_id] = deque()
             horizon = now - WINDOW_S
             while times and times[0] <= horizon:
                 times.popleft()
-            count = len(times)
-        in_flight = self._in_flight.get(key_id, 0) if concurrent is not None else 0
-        verdict = _verdict(
-            tpm is not None and tpm - math.floor(previous * (WINDOW_S - into) / WINDOW_S + current) < needed,
-            concurrent is not None and in_flight >= concurrent,
-            rpm is not None and count >= rpm,
-        )
-        if verdict == "ok":
-            if times is not None:
-                times.append(now)
-                count += 1
-            if concurrent is not None:
-                in_flight += 1
-                self._in_flight[key_id] = in_flight
-        reset = (times[0] + WINDOW_S - now) if times else 0.0
-        return _State(verdict, count, reset, previous, current, into, in_flight, now)
-
-    async def admit(self, key_id: str, limits: KeyLimits, needed: int, slot: str) -> _State:
-        return self.admit_now(key_id, limits, needed, slot)
-
-    def done_now(
-        self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund_at: float | None = None
-    ) -> None:
-        """Charge what a finished request used (beyond the room left, the window saturates: the
-        overshoot is not carried over) and free its slot; `refund_at`: also take the request out of
-        the moving window (it was refused after all, by the budget)."""
-        if refund_at is not None and (times := self._requests.get(key_id)):
-            with contextlib.suppress(ValueError):  # already left the window
-                times.remove(refund_at)
-        if tokens_per_minute is not None and tokens > 0:
-            now = time.time()
-            index = int(now // WINDOW_S)
-            counter = self._tokens.get(key_id)
-            if counter is None:
-                counter = self._tokens[key_id] = [index, 0, 0]
-            elif counter[0] != index:  # roll: the current minute becomes the previous one (or both go)
-                counter[:] = [index, counter[2] if counter[0] == index - 1 else 0, 0]
-            room = tokens_per_minute - math.floor(counter[1] * (WINDOW_S - now % WINDOW_S) / WINDOW_S + counter[2])
-            counter[2] += max(0, min(tokens, room))
-        if slot is not None:
-            count = self._in_flight.get(key_id, 0) - 1
-            if count > 0:
-                self._in_flight[key_id] = count
-            else:
-                self._in_flight.pop(key_id, None)
-
-    async def done(self, key_id: str, tokens_per_minute: int | None, tokens: int, slot: str | None, refund) -> None:
-        self.done_now(key_id, tokens_per_minute, tokens, slot, refund)
+        count = len(times)
+        in_flight = windows.in_flight
+        if (
+            (tpm is not None and tpm - used < (tokens_hint if tokens_hint > 1 else 1))
+            or (concurrent is not None and in_flight >= concurrent)
+            or (rpm is not None and count >= rpm)
+        ):
+            refused = (
+                "tokens"
+                if tpm is not None and tpm - used < max(1, tokens_hint)
+                else "concurrent"
+                if concurrent is not None and in_flight >= concurrent
+                else "requests"
+            )
+            reset = (times[0] + WINDOW_S - now) if count else 0.0
+            raise limiter._refusal(
+                limits, tokens_hint, _State(refused, count, reset, previous, current, into, in_flight)
+            )
+        # Admitted: the headers as _decide() writes them (the tokens reset is sliding_stats' for
+        # this state: when the previous minute's weight next drops a token, else the minute's end).
+        tokens = ""
+        if tpm is not None:
+            reset_s = rest % (WINDOW_S / previous) if previous else (rest % WINDOW_S if current else 0.0)
+            tokens = f'"tokens";r={tpm - used};t={math.ceil(reset_s)}'
+        if rpm is not None:
+            times.append(now)
+            value = f'"requests";r={rpm - count - 1};t={math.ceil(times[0] + WINDOW_S - now)}'
+            if tokens:
+                value = f"{value}, {tokens}"
+        else:
+            value = tokens
+        if concurrent is not None:
+            windows.in_flight = in_flight + 1
+        headers = {"RateLimit": value, "RateLimit-Policy": _admitted_policy(limits)} if value else {}
+        return LocalAdmission(windows, tpm, concurrent is not None, now if rpm is not None else None, headers)
 
     async def close(self) -> None:
         pass
+
+
+class LocalAdmission:
+    """An Admission (the same interface) of the in-process store; finishing changes the key's
+    windows directly, without a coroutine."""
+
+    __slots__ = ("_at", "_done", "_slot", "_tpm", "_windows", "headers")
+
+    def __init__(self, windows: _KeyWindows, tpm: int | None, slot: bool, at: float | None, headers: dict) -> None:
+        self.headers: dict[str, str] = headers
+        self._windows = windows
+        self._tpm = tpm
+        self._slot = slot
+        self._at = at  # the request's time in the moving window (what a refund takes out)
+        self._done = False
+
+    def done_now(self, tokens: int) -> bool:
+        """Charge the tokens (beyond the room left, the window saturates: the overshoot is not
+        carried over) and free the slot. Always True: nothing is remote."""
+        if self._done:
+            return True
+        self._done = True
+        windows, tpm = self._windows, self._tpm
+        if tpm is not None and tokens > 0:
+            now = time.time()
+            minute = int(now // WINDOW_S)
+            if windows.minute != minute:  # (the same roll as take())
+                windows.previous = windows.current if windows.minute == minute - 1 else 0
+                windows.current, windows.minute = 0, minute
+            room = tpm - int(windows.previous * (WINDOW_S - now % WINDOW_S) / WINDOW_S + windows.current)
+            charge = tokens if tokens < room else room
+            if charge > 0:
+                windows.current += charge
+        if self._slot:
+            windows.in_flight -= 1
+        return True
+
+    def refund_now(self) -> bool:
+        """Free the slot and take the request back out of the moving window."""
+        if not self._done and self._at is not None:
+            with contextlib.suppress(ValueError):  # it already left the window
+                self._windows.times.remove(self._at)
+        return self.done_now(0)
+
+    def done_step(self, tokens: int) -> None:
+        return None  # nothing to send to Redis
+
+    async def done(self, tokens: int) -> None:
+        self.done_now(tokens)
+
+    async def refund(self) -> None:
+        self.refund_now()
 
 
 # The same steps as _MemoryStore, in Redis server time, one script per step (a round trip costs the
@@ -406,40 +459,27 @@ class _RedisStore:
 
 
 class Admission:
-    """An admitted request. The caller MUST call `done(tokens)` (or `done_now(tokens)`) exactly
-    once, or `refund()` (`refund_now()`) when the request was refused after all, by the budget
-    (extra calls are no-ops)."""
+    """An admitted request of the Redis store. The caller MUST call `done(tokens)` exactly once, or
+    `refund()` when the request was refused after all, by the budget (extra calls are no-ops).
+    The in-process store's LocalAdmission has the same interface; `done_now()` / `refund_now()`
+    answer False here (nothing done: await the coroutine)."""
 
-    __slots__ = ("_at", "_done", "_key_id", "_limiter", "_limits", "_member", "_slot", "headers")
+    __slots__ = ("_done", "_key_id", "_limiter", "_limits", "_member", "_slot", "headers")
 
-    def __init__(
-        self, limiter: RateLimiter, key_id: str, limits: KeyLimits, member: str, at: float, headers: dict
-    ) -> None:
+    def __init__(self, limiter: RateLimiter, key_id: str, limits: KeyLimits, member: str, headers: dict) -> None:
         self.headers: dict[str, str] = headers
         self._limiter = limiter
         self._key_id = key_id
         self._limits = limits
         self._member = member  # the request in Redis' window, and its concurrency slot
-        self._at = at  # the request in the in-process window
         self._slot = member if limits.concurrent_requests is not None else None
         self._done = False
 
     def done_now(self, tokens: int) -> bool:
-        """`done()` without a coroutine when the limiter's state is in process; False (nothing done)
-        when it is remote: then await `done()`."""
-        return self._finish_now(tokens, None)
+        return False
 
     def refund_now(self) -> bool:
-        """`refund()` without a coroutine in process; False (nothing done) when remote."""
-        return self._finish_now(0, self._at)
-
-    def _finish_now(self, tokens: int, refund_at: float | None) -> bool:
-        if self._limiter.remote:
-            return False
-        if not self._done:
-            self._done = True
-            self._limiter._store.done_now(self._key_id, self._limits.tokens_per_minute, tokens, self._slot, refund_at)
-        return True
+        return False
 
     def done_step(self, tokens: int) -> Step | None:
         """`done()` as a Redis step to send with others (redis_steps.run); None when there is
@@ -453,7 +493,9 @@ class Admission:
 
     def _anything_to_do(self, tokens: int, refund: str | None) -> bool:
         """Whether there are tokens to charge, a slot to free or a request to take back."""
-        return refund is not None or self._slot is not None or (self._limits.tokens_per_minute is not None and tokens > 0)
+        return (
+            refund is not None or self._slot is not None or (self._limits.tokens_per_minute is not None and tokens > 0)
+        )
 
     async def done(self, tokens: int) -> None:
         """Charge `tokens` (prompt + completion) to the tokens-per-minute window, free the slot.
@@ -503,18 +545,19 @@ class RateLimiter:
             raise ValueError(f"unsupported rate-limit storage {storage_uri!r}: use memory:// or redis://")
         self.remote = self._store.remote  # whether its calls wait on a store
 
-    def admit_now(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission | None:
+    def admit_now(self, key_id: str, limits: KeyLimits, tokens_hint: int = 0) -> Admission | LocalAdmission | None:
         """`admit()` without a coroutine, for the in-process store (what the cached path can
         afford); None when the store is remote: then await `admit()`."""
         if self.remote:
             return None
-        slot = new_id()
-        return self._decide(key_id, limits, tokens_hint, slot, self._store.admit_now(key_id, limits, max(1, tokens_hint), slot))
+        return self._store.take(self, key_id, limits, tokens_hint)
 
-    async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission:
+    async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0) -> Admission | LocalAdmission:
         """Admit one request of `key_id` or raise RATE_LIMITED naming the limit that refused it.
         A refused request is not counted and holds no slot. (`tokens_hint`: the most tokens the
         request can use; a hint of 0 is refused only when the window is exhausted.)"""
+        if not self.remote:
+            return self._store.take(self, key_id, limits, tokens_hint)
         slot = new_id()
         with store_errors("rate-limit"):
             state = await self._store.admit(key_id, limits, max(1, tokens_hint), slot)
@@ -535,7 +578,7 @@ class RateLimiter:
         await self._store.close()
 
     def _decide(self, key_id: str, limits: KeyLimits, tokens_hint: int, slot: str, state: _State) -> Admission:
-        rpm, tpm, concurrent = limits
+        rpm, tpm, _ = limits
         if state.verdict == "ok":  # the common case, kept short: the headers are built here
             value = ""
             if tpm is not None:
@@ -545,7 +588,12 @@ class RateLimiter:
                 item = _ITEM.format("requests", max(0, rpm - state.requests), math.ceil(state.requests_reset_s))
                 value = f"{item}, {value}" if value else item
             headers = {"RateLimit": value, "RateLimit-Policy": _admitted_policy(limits)} if value else {}
-            return Admission(self, key_id, limits, slot, state.admitted_at, headers)
+            return Admission(self, key_id, limits, slot, headers)
+        raise self._refusal(limits, tokens_hint, state)
+
+    def _refusal(self, limits: KeyLimits, tokens_hint: int, state: _State) -> MeshError:
+        """The RATE_LIMITED error of a step that refused, the refusing limit's item first."""
+        rpm, tpm, concurrent = limits
         requests = (
             [_Window("requests", rpm, max(0, rpm - state.requests), math.ceil(state.requests_reset_s))]
             if rpm is not None
@@ -556,11 +604,11 @@ class RateLimiter:
             remaining, reset_s = sliding_stats(tpm, state.tokens_window())
             tokens = [_Window("tokens", tpm, remaining, math.ceil(reset_s))]
         if state.verdict == "tokens":
-            raise self._tokens_refusal(tpm, tokens_hint, state, requests)
+            return self._tokens_refusal(tpm, tokens_hint, state, requests)
         if state.verdict == "concurrent":
             # When a slot frees is unknown: ask for a retry in a second. The item gets a 1 s
             # "window" so that huggingface_hub's message reads "0/4 requests remaining in current 1s window".
-            raise MeshError(
+            return MeshError(
                 ErrorCode.RATE_LIMITED,
                 f"too many concurrent requests: this API key may have {concurrent} in flight "
                 f"and has {state.in_flight}; retry after 1 s",
@@ -569,7 +617,7 @@ class RateLimiter:
             )
         # The moving window's reset is when its oldest request leaves: exactly when one fits again.
         wait = _retry_after(state.requests_reset_s)
-        raise MeshError(
+        return MeshError(
             ErrorCode.RATE_LIMITED,
             f"rate limit reached: this API key may send {rpm} requests per minute; retry after {wait} s",
             retry_after_s=wait,
@@ -602,4 +650,3 @@ class RateLimiter:
             retry_after_s=wait,
             headers=rate_limit_headers([_Window("tokens", limit, 0, wait), *requests]),
         )
-
