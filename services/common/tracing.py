@@ -48,6 +48,15 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
+def current_trace_id() -> int | None:
+    """The trace id of the current span, or None. Without tracing (no provider) no span is ever
+    current, so that costs one check, not a context lookup (the usage ledger asks per request)."""
+    if _provider is None:
+        return None
+    context = trace.get_current_span().get_span_context()
+    return context.trace_id if context.is_valid else None
+
+
 def server_interceptors() -> list:
     if _provider is None:
         return []

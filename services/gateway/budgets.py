@@ -91,16 +91,30 @@ def usd(micro: float) -> str:
     return f"${whole}.{cents.ljust(2, '0')}"
 
 
+def charged(reservation: Reservation, actual_usd: float) -> int:
+    """What settling charges, in micro-dollars: the cost, clamped to [0, held] (and said when it
+    had to be)."""
+    actual, held = to_micro(actual_usd), to_micro(reservation.amount_usd)
+    if 0 <= actual <= held:
+        return actual
+    clamped = min(max(actual, 0), held)
+    log.warning(
+        "request of key %s cost %s, held %s: charging %s", reservation.key_id, *map(usd, (actual, held, clamped))
+    )
+    return clamped
+
+
 class _Account:
     """One budget period of one key in process: what is spent, and the open holds in the order they
     were made (all leases are equally long, so that is also the order in which they run out)."""
 
-    __slots__ = ("held", "reserved", "spent")
+    __slots__ = ("held", "reserved", "spent", "sweep_at")
 
     def __init__(self) -> None:
         self.spent = 0
         self.reserved = 0
         self.held: dict[str, tuple[int, float]] = {}  # id -> (micro, monotonic deadline)
+        self.sweep_at = math.inf  # no hold can have run out before then (the first hold's deadline)
 
     def sweep(self, now: float) -> None:
         """Charge in full the holds whose lease ran out (their replica never settled them)."""
@@ -108,10 +122,12 @@ class _Account:
         while held:
             res_id, (amount, deadline) = next(iter(held.items()))
             if deadline > now:
+                self.sweep_at = deadline
                 return
             del held[res_id]
             self.reserved -= amount
             self.spent += amount
+        self.sweep_at = math.inf
 
 
 class _MemoryBudgets:
@@ -128,7 +144,9 @@ class _MemoryBudgets:
             if account[1] not in self._periods:
                 self._new_period(account[1])
             found = self._accounts[account] = _Account()
-        found.sweep(time.monotonic())
+        now = time.monotonic()
+        if now >= found.sweep_at:
+            found.sweep(now)
         return found
 
     def _new_period(self, period: str) -> None:
@@ -146,9 +164,47 @@ class _MemoryBudgets:
         acc = self._account(account)
         if acc.spent + acc.reserved + amount > budget:
             return False, acc.spent, acc.reserved
-        acc.held[res_id] = (amount, time.monotonic() + lease_s)
-        acc.reserved += amount
+        self._take(acc, res_id, amount, time.monotonic() + lease_s)
         return True, acc.spent, acc.reserved
+
+    @staticmethod
+    def _take(acc: _Account, res_id: str, amount: int, deadline: float) -> None:
+        if not acc.held:
+            acc.sweep_at = deadline
+        acc.held[res_id] = (amount, deadline)
+        acc.reserved += amount
+
+    def hold(
+        self, key_id: str, period: str, amount_usd: float, budget_usd: float, lease_s: float
+    ) -> Reservation | None:
+        """reserve_now() for BudgetBook's fast path: the Reservation, or None (nothing held) when
+        it does not fit. One call for what the cached path would otherwise pay in several."""
+        account = (key_id, period)
+        acc = self._accounts.get(account)
+        if acc is None:
+            acc = self._account(account)
+        now = time.monotonic()
+        if now >= acc.sweep_at:
+            acc.sweep(now)
+        amount = round(amount_usd * MICRO)
+        if acc.spent + acc.reserved + amount > round(budget_usd * MICRO):
+            return None
+        reservation = Reservation(key_id, period, amount_usd, new_id())
+        self._take(acc, reservation.reservation_id, amount, now + lease_s)
+        return reservation
+
+    def release(self, reservation: Reservation, actual_usd: float) -> None:
+        """settle_now() for BudgetBook's fast path (the cost in USD, clamped as `charged()` says)."""
+        acc = self._accounts.get((reservation.key_id, reservation.period))
+        held = acc.held.pop(reservation.reservation_id, None) if acc is not None else None
+        if held is None:
+            return  # swept: charged in full
+        amount = held[0]
+        actual = round(actual_usd * MICRO)
+        if not 0 <= actual <= amount:
+            actual = charged(reservation, actual_usd)
+        acc.reserved -= amount
+        acc.spent += actual
 
     async def reserve(self, account, res_id: str, amount: int, budget: int, lease_s: float, _expire_at: int):
         return self.reserve_now(account, res_id, amount, budget, lease_s)
@@ -323,19 +379,15 @@ class BudgetBook:
         refuse: then await `reserve()`, which decides (and raises the refusal)."""
         if self.remote or amount_usd < 0 or budget_usd < 0:
             return None
-        key = self._period_now(period)
-        reservation = Reservation(key_id, key, amount_usd, new_id())
-        fits, _, _ = self._store.reserve_now(
-            (key_id, key), reservation.reservation_id, to_micro(amount_usd), to_micro(budget_usd), self._lease_s
-        )
-        return reservation if fits else None
+        current = self._periods.get(period)
+        key = current[0] if current is not None and time.time() < current[1] else self._period_now(period)
+        return self._store.hold(key_id, key, amount_usd, budget_usd, self._lease_s)
 
     def settle_now(self, reservation: Reservation, actual_usd: float) -> bool:
         """`settle()` without a coroutine in process; False (nothing done) when the store is remote."""
         if self.remote:
             return False
-        actual = self._charge(reservation, actual_usd)
-        self._store.settle_now((reservation.key_id, reservation.period), reservation.reservation_id, actual)
+        self._store.release(reservation, actual_usd)
         return True
 
     async def reserve(self, key_id: str, budget_usd: float, period: str, amount_usd: float) -> Reservation:
@@ -353,7 +405,7 @@ class BudgetBook:
 
     def settle_step(self, reservation: Reservation, actual_usd: float) -> Step:
         """`settle()` as a Redis step (remote books only)."""
-        actual = self._charge(reservation, actual_usd)
+        actual = charged(reservation, actual_usd)
         return self._store.settle_step((reservation.key_id, reservation.period), reservation.reservation_id, actual)
 
     def _reservation(self, key_id: str, budget_usd: float, period: str, amount_usd: float):
@@ -375,24 +427,13 @@ class BudgetBook:
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         """Release the hold and charge what the request cost (at most what was held); idempotent."""
-        actual = self._charge(reservation, actual_usd)
+        actual = charged(reservation, actual_usd)
         with store_errors("budget"):
             settled = await self._store.settle(
                 (reservation.key_id, reservation.period), reservation.reservation_id, actual
             )
         if not settled:
             log.debug("reservation %s was already settled or charged in full", reservation.reservation_id)
-
-    @staticmethod
-    def _charge(reservation: Reservation, actual_usd: float) -> int:
-        """What settling charges, in micro-dollars: the cost, clamped to [0, held] (and said when
-        it had to be)."""
-        actual, held = to_micro(actual_usd), to_micro(reservation.amount_usd)
-        if 0 <= actual <= held:
-            return actual
-        charged = min(max(actual, 0), held)
-        log.warning("request of key %s cost %s, held %s: charging %s", reservation.key_id, *map(usd, (actual, held, charged)))
-        return charged
 
     async def spent(self, key_id: str, period: str) -> tuple[float, float]:
         """(spent, reserved) in USD in the current `period` ("day", "month" or "total")."""

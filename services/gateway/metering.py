@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from meshserve.tasks.v1 import tasks_pb2
-from opentelemetry import trace
 
+from services.common import tracing
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
 from services.gateway import redis_steps
@@ -117,10 +117,13 @@ class Metered:
 
     def headers(self) -> dict[str, str]:
         """Usage and cost of this request, plus its rate-limit state, for the response."""
-        headers = self.rate_headers()
-        headers["X-Usage-Input-Tokens"] = str(self.input_tokens)
-        headers["X-Usage-Output-Tokens"] = str(self.output_tokens)
-        headers["X-Usage-Cost-USD"] = f"{self.cost_of():.9f}"
+        headers = {
+            "X-Usage-Input-Tokens": str(self.input_tokens),
+            "X-Usage-Output-Tokens": str(self.output_tokens),
+            "X-Usage-Cost-USD": f"{self.cost_of():.9f}",
+        }
+        if self.admission is not None:
+            headers.update(self.admission.headers)
         return headers
 
     def cost_of(self) -> float:
@@ -145,10 +148,9 @@ class Metering:
         self.timeout_s = timeout_s
         # Whether finishing awaits a store (Redis); in process it completes without suspending.
         self._finish_awaits = any(part is not None and part.remote for part in (limiter, budgets))
-        self._redis = redis if limiter is not None and limiter.remote and budgets is not None and budgets.remote else None
-
-    def max_cost(self, entry: ModelEntry, max_input_tokens: int, max_output_tokens: int) -> float:
-        return entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s)
+        self._redis = (
+            redis if limiter is not None and limiter.remote and budgets is not None and budgets.remote else None
+        )
 
     def allow(self, principal: Principal, entry: ModelEntry, task: str, route: str, request_id: str) -> None:
         """The key's model and task restrictions alone, for a route that must check them before
@@ -188,17 +190,19 @@ class Metering:
         key = principal.key
         admission = reservation = None
         try:
-            principal.allow(entry.id, task)
+            if key.models or key.tasks:
+                principal.allow(entry.id, task)
             limits = principal.limits
             hint = max_input_tokens + max_output_tokens
             budgeted = self.budgets is not None and key.budget_usd is not None
-            amount = self.max_cost(entry, max_input_tokens, max_output_tokens) if budgeted else 0.0
+            # The most it can cost: every token it may read and write, computing until its deadline.
+            amount = entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s) if budgeted else 0.0
             period = key.budget_period or "month"
             if self._redis is not None and limits is not None and budgeted:
                 admission, reservation = await self._admit_together(key, limits, hint, period, amount)
             else:
                 if self.limiter is not None and limits is not None:
-                    admission = self.limiter.admit_now(key.id, limits, tokens_hint=hint) or await self.limiter.admit(
+                    admission = self.limiter.admit_now(key.id, limits, hint) or await self.limiter.admit(
                         key.id, limits, tokens_hint=hint
                     )
                 if budgeted:
@@ -213,7 +217,9 @@ class Metering:
             raise
         return Metered(principal, entry, task, route, request_id, admission, reservation)
 
-    async def _admit_together(self, key, limits, hint: int, period: str, amount: float) -> tuple[Admission, Reservation]:
+    async def _admit_together(
+        self, key, limits, hint: int, period: str, amount: float
+    ) -> tuple[Admission, Reservation]:
         """The limiter's and the budget's admission steps in one Redis round trip; whichever went
         through is undone when the other refuses (the limiter's refusal is the one raised, as when
         they run one after the other)."""
@@ -292,7 +298,6 @@ class Metering:
     def _row(m: Metered, status: int) -> tuple:
         """The ledger row, as UsageLedger.append() takes it: the trace id as its int and the time
         as unix seconds (the writer process formats both)."""
-        span = trace.get_current_span().get_span_context()
         return (
             m.request_id,
             m.principal.key.id or None,
@@ -306,7 +311,7 @@ class Metering:
             m.cost_usd,
             status,
             time.perf_counter() - m.started,
-            span.trace_id if span.is_valid else None,
+            tracing.current_trace_id(),
             m.time,
             m.route,
         )
