@@ -173,6 +173,9 @@ def _read(stream: BinaryIO) -> Any | None:
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    # Below the gateway: woken by its pipe, the writer would otherwise often run on (and preempt)
+    # the gateway's core. It needs ~5 µs of CPU a row, ~3 % of a core at 6k requests/s.
+    os.nice(10)
     protocol_out = os.fdopen(os.dup(1), "wb")  # the protocol keeps stdout; fd 1 now goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
