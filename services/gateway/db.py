@@ -4,6 +4,7 @@ host). Calls are synchronous and short; request paths run them in a worker threa
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -47,5 +48,9 @@ def create_tables(engine: sa.Engine, tables: list[sa.Table] | None = None) -> No
             metadata.create_all(engine, tables=tables)
             return
         except (sa.exc.OperationalError, sa.exc.ProgrammingError) as err:
-            if "already exists" not in str(err) or attempt == 4:
+            # SQLite: create_all reads (does it exist?), then writes, in one transaction; another
+            # replica's CREATE in between fails it with "database is locked" at once (a stale
+            # snapshot), not after the busy timeout.
+            if not ("already exists" in str(err) or "database is locked" in str(err)) or attempt == 4:
                 raise
+            time.sleep(0.05 * (attempt + 1))

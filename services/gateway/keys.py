@@ -166,12 +166,15 @@ class KeyStore:
         if inspector.has_table("key_version") and "id" not in {c["name"] for c in inspector.get_columns("key_version")}:
             key_version.drop(self.engine)  # the pre-release form without a key: it only holds a counter
         create_tables(self.engine, [api_keys, key_version])
+        # Write first, not "count, then insert": in SQLite a transaction that read and then writes
+        # fails at once with "database is locked" when another replica committed in between (its
+        # snapshot is stale; the busy timeout does not wait for that), seen with 4 replicas starting
+        # together under load. An insert takes the write lock first and waits its turn.
         try:
             with self.engine.begin() as conn:
-                if conn.execute(sa.select(sa.func.count()).select_from(key_version)).scalar_one() == 0:
-                    conn.execute(key_version.insert().values(id=1, version=0))
+                conn.execute(key_version.insert().values(id=1, version=0))
         except sa.exc.IntegrityError:
-            pass  # another replica inserted the row first
+            pass  # another replica, or an earlier start, inserted the row
 
     def _bump(self, conn) -> None:
         conn.execute(key_version.update().values(version=key_version.c.version + 1))
