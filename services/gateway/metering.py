@@ -30,7 +30,7 @@ from services.gateway.ratelimit import store_errors
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook, Reservation
-    from services.gateway.ratelimit import Admission, RateLimiter
+    from services.gateway.ratelimit import Admission, LocalAdmission, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Metered:
         task: str,
         route: str,
         request_id: str,
-        admission: Admission | None,
+        admission: Admission | LocalAdmission | None,
         reservation: Reservation | None,
         *,
         finished: bool = False,

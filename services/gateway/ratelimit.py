@@ -205,7 +205,7 @@ class _KeyWindows:
 class _MemoryStore:
     """One process's windows and slots (see the module docstring). Nothing awaits, so every step is
     atomic on the event loop, and the step itself answers: an Admission with its headers, or the
-    refusal (RateLimiter._decide, from the state it saw, as for Redis). Written as one function per
+    refusal (RateLimiter._refusal, from the state it saw, as for Redis). Written as one function per
     step: on the gateway's cached path every Python call and object shows."""
 
     remote = False
@@ -236,27 +236,22 @@ class _MemoryStore:
                 times.popleft()
         count = len(times)
         in_flight = windows.in_flight
-        if (
-            (tpm is not None and tpm - used < (tokens_hint if tokens_hint > 1 else 1))
-            or (concurrent is not None and in_flight >= concurrent)
-            or (rpm is not None and count >= rpm)
-        ):
-            refused = (
-                "tokens"
-                if tpm is not None and tpm - used < max(1, tokens_hint)
-                else "concurrent"
-                if concurrent is not None and in_flight >= concurrent
-                else "requests"
-            )
+        out_of_tokens = tpm is not None and tpm - used < (tokens_hint if tokens_hint > 1 else 1)
+        busy = concurrent is not None and in_flight >= concurrent
+        full = rpm is not None and count >= rpm
+        if out_of_tokens or busy or full:
             reset = (times[0] + WINDOW_S - now) if count else 0.0
-            raise limiter._refusal(
-                limits, tokens_hint, _State(refused, count, reset, previous, current, into, in_flight)
-            )
+            state = _State(_verdict(out_of_tokens, busy, full), count, reset, previous, current, into, in_flight)
+            raise limiter._refusal(limits, tokens_hint, state)
         # Admitted: the headers as _decide() writes them (the tokens reset is sliding_stats' for
         # this state: when the previous minute's weight next drops a token, else the minute's end).
         tokens = ""
         if tpm is not None:
-            reset_s = rest % (WINDOW_S / previous) if previous else (rest % WINDOW_S if current else 0.0)
+            # sliding_stats' min over the two counts, written out: the current count's reset,
+            # rest % WINDOW_S, is `rest` itself (never below the other) except right on the minute.
+            reset_s = rest % (WINDOW_S / previous) if previous else (rest if current else 0.0)
+            if current and into == 0.0:
+                reset_s = 0.0
             tokens = f'"tokens";r={tpm - used};t={math.ceil(reset_s)}'
         if rpm is not None:
             times.append(now)
@@ -317,7 +312,8 @@ class LocalAdmission:
         return self.done_now(0)
 
     def done_step(self, tokens: int) -> None:
-        return None  # nothing to send to Redis
+        """Done here and now: nothing to send to Redis."""
+        self.done_now(tokens)
 
     async def done(self, tokens: int) -> None:
         self.done_now(tokens)
