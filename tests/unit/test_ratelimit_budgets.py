@@ -332,6 +332,25 @@ async def test_a_hold_never_settled_is_charged_in_full_when_its_lease_ends(stora
         await book.close()
 
 
+async def test_holds_whose_lease_ran_out_are_charged_in_full_on_the_fast_path_too():
+    """In process, reserve_now() only looks for run-out holds once the oldest one's lease can have
+    ended; holds settled in between, and holds made after, keep that right."""
+    book = BudgetBook(reservation_lease_s=0.2)
+    key = new_key()
+    settled = book.reserve_now(key, 1.0, "day", 0.1)
+    lost = book.reserve_now(key, 1.0, "day", 0.3)  # its request never finishes
+    assert book.settle_now(settled, 0.05)  # the oldest hold goes: the next one is still watched
+    await asyncio.sleep(0.3)
+    later = book.reserve_now(key, 1.0, "day", 0.2)  # sweeps `lost` first: charged in full
+    assert later is not None and await book.spent(key, "day") == (0.35, 0.2)
+    assert book.reserve_now(key, 1.0, "day", 0.5) is None  # 0.35 + 0.2 + 0.5 > 1
+    book.settle_now(lost, 0.0)  # too late: no-op
+    assert await book.spent(key, "day") == (0.35, 0.2)
+    await asyncio.sleep(0.3)
+    assert book.reserve_now(key, 1.0, "day", 0.4) is not None  # `later` ran out too: 0.55 spent
+    assert await book.spent(key, "day") == (0.55, 0.4)
+
+
 async def test_an_unreachable_redis_refuses_as_retryable_unavailable():
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     limiter, book = RateLimiter(url), BudgetBook(url)
@@ -396,6 +415,49 @@ async def test_the_in_process_fast_path_changes_nothing_when_it_refuses_or_decli
     assert err.code is ErrorCode.QUOTA_EXCEEDED
     assert book.settle_now(held, 0.25)
     assert await book.spent(key, "day") == (0.25, 0.0)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [KeyLimits(5, 1000, 3), KeyLimits(5, None, None), KeyLimits(None, 1000, None), KeyLimits(None, None, 2)],
+    ids=["all", "requests", "tokens", "concurrent"],
+)
+def test_in_process_admission_headers_are_the_ones_the_shared_renderer_writes(limits, monkeypatch):
+    """The in-process step writes an admitted request's headers itself (the cached path cannot
+    afford the shared renderer); they must be what RateLimiter._decide writes for the same state,
+    the Redis store's, in every phase of the tokens counter."""
+    from services.gateway import ratelimit
+
+    clock = [1_800_000_000 * 60 + 10.25]  # 10.25 s into a minute
+    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
+    limiter, key = RateLimiter(), new_key()
+    states = [
+        # (seconds later, tokens this request uses): the counter empty, then this minute's count
+        # only, then last minute's only (weighted by what is left of it), then both
+        (0.0, 0),
+        (5.5, 300),
+        (60.0, 120),
+        (7.75, 40),
+        (36.5, 5),  # right on the next minute: nothing counted in it yet
+        (0.0, 5),  # still right on it, with tokens counted in it: the reset is now
+    ]
+    for step, (later, uses) in enumerate(states):
+        clock[0] += later
+        admission = limiter.admit_now(key, limits, 10)
+        now, windows = clock[0], limiter._store._keys[key]
+        into = now % 60
+        state = ratelimit._State(
+            "ok",
+            len(windows.times),
+            windows.times[0] + 60 - now if windows.times else 0.0,
+            windows.previous if windows.minute == int(now // 60) else 0,
+            windows.current if windows.minute == int(now // 60) else 0,
+            into,
+            windows.in_flight,
+        )
+        expected = limiter._decide(key, limits, 10, "", state).headers
+        assert admission.headers == expected, step
+        admission.done_now(uses + 1)
 
 
 async def test_with_redis_the_fast_path_always_declines(redis_url):
