@@ -80,7 +80,7 @@ class ControlPlane:
         redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url and settings.auth else None
         limiter = RateLimiter(storage, client=redis) if settings.auth else None
         budgets = BudgetBook(storage, client=redis) if settings.auth else None
-        ledger = UsageLedger(engine) if settings.ledger else None
+        ledger = UsageLedger(engine, writer_nice=settings.ledger_writer_nice) if settings.ledger else None
         metering = Metering(limiter, budgets, ledger, timeout_s=settings.request_timeout_s, redis=redis)
         auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public)
         return cls(auth, metering, keys, ledger, limiter, budgets, redis)

@@ -123,7 +123,8 @@ class UsageLedger:
 
     `flush_interval_s` bounds how stale the table is; `max_batch` bounds one INSERT (a longer queue
     wakes the writer early and is written in several batches); `close_timeout_s` bounds how long
-    `close()` keeps retrying a failing database before it gives up on the rows still queued.
+    `close()` keeps retrying a failing database before it gives up on the rows still queued;
+    `writer_nice`: the writer process' CPU priority below the gateway's.
     """
 
     def __init__(
@@ -133,9 +134,10 @@ class UsageLedger:
         flush_interval_s: float = 0.2,
         max_batch: int = 1000,
         close_timeout_s: float = 10.0,
+        writer_nice: int = 10,
     ) -> None:
         self._engine = engine
-        self._writer_process = WriterProcess(engine.url.render_as_string(hide_password=False))
+        self._writer_process = WriterProcess(engine.url.render_as_string(hide_password=False), nice=writer_nice)
         self._flush_interval_s = flush_interval_s
         self._max_batch = max_batch
         self._close_timeout_s = close_timeout_s

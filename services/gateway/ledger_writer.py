@@ -64,8 +64,10 @@ class WriterProcess:
     """The gateway's handle on its writer process: started by start() or the first write, started
     again after it died. One write at a time (the ledger serializes them)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, nice: int = 10) -> None:
+        """`nice`: how far below the gateway's CPU priority the writer runs (0-19)."""
         self._url = url
+        self._nice = nice
         self._process: asyncio.subprocess.Process | None = None
         self._seq = 0
 
@@ -89,7 +91,7 @@ class WriterProcess:
             stdout=asyncio.subprocess.PIPE,
             # stderr: the gateway's, so the writer's log lines land with the gateway's
         )
-        self._process.stdin.write(_frame({"url": self._url}))  # on argv it would show in `ps`
+        self._process.stdin.write(_frame({"url": self._url, "nice": self._nice}))  # on argv it would show in `ps`
         try:  # its first acknowledgement (seq 0): it is up, with its signal handlers and its engine
             await self._acknowledged(self._process, 0, STARTUP_TIMEOUT_S)
         except BaseException:
@@ -173,9 +175,6 @@ def _read(stream: BinaryIO) -> Any | None:
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    # Below the gateway: woken by its pipe, the writer would otherwise often run on (and preempt)
-    # the gateway's core. It needs ~5 µs of CPU a row, ~3 % of a core at 6k requests/s.
-    os.nice(10)
     protocol_out = os.fdopen(os.dup(1), "wb")  # the protocol keeps stdout; fd 1 now goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -188,6 +187,9 @@ def main() -> int:
     config = _read(stdin)
     if config is None:
         return 0
+    # Below the gateway: woken by its pipe, the writer would otherwise often run on (and preempt)
+    # the gateway's core. It needs ~5 µs of CPU a row, ~3 % of a core at 6k requests/s.
+    os.nice(config["nice"])
     engine = make_engine(config["url"])
     stdout.write(_frame((0, 0, 0, [], None)))  # up
     stdout.flush()

@@ -40,6 +40,9 @@ class GatewaySettings(CommonSettings):
     )
     redis_url: str | None = Field(None, description="Redis for rate-limit and budget state shared by replicas.")
     ledger: bool = Field(True, description="Write one usage row per request.")
+    ledger_writer_nice: int = Field(
+        10, ge=0, le=19, description="CPU priority of the ledger's writer process below the gateway's (nice)."
+    )
     key_refresh_s: float = Field(0.25, description="How often a replica checks the database for key changes.")
 
     def upstream(self, address: str) -> UpstreamSettings:

@@ -263,6 +263,19 @@ async def test_the_writer_process_ignores_the_signals_of_its_process_group(engin
     assert await reader.count() == 50
 
 
+async def test_the_writer_process_runs_below_the_gateways_cpu_priority(engines):
+    """It is woken by the gateway's pipe and would often run on the gateway's core: below the
+    request path, it takes the time the request path leaves."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice in (10, 3):
+        ledger = UsageLedger(engines(), writer_nice=nice)
+        await ledger.start()
+        try:
+            assert os.getpriority(os.PRIO_PROCESS, ledger._writer_process.pid) == min(19, mine + nice)
+        finally:
+            await ledger.close()
+
+
 async def test_the_background_writer_writes_without_being_asked(engines):
     ledger = UsageLedger(engines(), flush_interval_s=0.05)
     await ledger.start()
