@@ -47,10 +47,12 @@ def create_tables(engine: sa.Engine, tables: list[sa.Table] | None = None) -> No
         try:
             metadata.create_all(engine, tables=tables)
             return
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as err:
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as err:
             # SQLite: create_all reads (does it exist?), then writes, in one transaction; another
             # replica's CREATE in between fails it with "database is locked" at once (a stale
-            # snapshot), not after the busy timeout.
-            if not ("already exists" in str(err) or "database is locked" in str(err)) or attempt == 4:
+            # snapshot), not after the busy timeout. Postgres: two CREATE TABLE of one name at once
+            # collide on the type catalog's unique index.
+            raced = ("already exists", "database is locked", "pg_type_typname_nsp_index")
+            if not any(text in str(err) for text in raced) or attempt == 4:
                 raise
             time.sleep(0.05 * (attempt + 1))
