@@ -141,7 +141,8 @@ class Metering:
         redis: aioredis.Redis | None = None,
     ) -> None:
         """`redis`: the client the limiter and the budget book share, when both are in Redis:
-        their steps of a phase then go in one round trip (redis_steps)."""
+        their steps of a phase then go in one round trip, with those of concurrent requests
+        (redis_steps.Batcher)."""
         self.limiter = limiter
         self.budgets = budgets
         self.ledger = ledger
@@ -151,6 +152,7 @@ class Metering:
         self._redis = (
             redis if limiter is not None and limiter.remote and budgets is not None and budgets.remote else None
         )
+        self._steps = redis_steps.Batcher(self._redis) if self._redis is not None else None
 
     def allow(self, principal: Principal, entry: ModelEntry, task: str, route: str, request_id: str) -> None:
         """The key's model and task restrictions alone, for a route that must check them before
@@ -226,7 +228,7 @@ class Metering:
         limit_step, admitted = self.limiter.admit_step(key.id, limits, tokens_hint=hint)
         budget_step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, period, amount)
         with store_errors("rate-limit"):
-            replies = await redis_steps.run(self._redis, [limit_step, budget_step])
+            replies = await self._steps.run([limit_step, budget_step])
         results: list = []
         for decide, reply, what in zip((admitted, reserved), replies, ("rate-limit", "budget"), strict=True):
             try:
@@ -256,7 +258,7 @@ class Metering:
         if done is not None:
             steps.append(done)
         try:
-            replies = await redis_steps.run(self._redis, steps)
+            replies = await self._steps.run(steps)
         except aioredis.RedisError:
             log.exception("could not settle or release request %s", metered.request_id)
             return

@@ -599,3 +599,72 @@ async def test_a_redis_that_lost_its_scripts_loads_them_again(shared_redis):
     assert metered.admission.headers["RateLimit"].startswith('"requests";r=3;')
     await metering.finish(metered, 200)
     assert (await book.spent(key.id, "month"))[1] == 0
+
+
+async def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answer(shared_redis, monkeypatch):
+    """While one round trip is out, the steps of the requests that come meanwhile wait and go
+    together in the next one: a burst of 20 against 10 requests a minute takes a few round trips,
+    not 30, and still admits exactly 10."""
+    from services.gateway.auth import Principal
+    from services.gateway.keys import ApiKey
+
+    metering, _, book, client = shared_redis
+    sent = []
+    execute = type(client.pipeline()).execute
+
+    async def counted(pipe, *args, **kwargs):
+        sent.append(len(pipe.command_stack))
+        return await execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(client.pipeline()), "execute", counted)
+    entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=10, budget_usd=1.0)
+
+    async def one(i: int):
+        try:
+            metered = await metering.admit(Principal(key), entry, "text-classification", "/t", f"r{i}", max_input_tokens=5)
+        except MeshError as err:
+            return err.code
+        metered.add(input_tokens=5)
+        await metering.finish(metered, 200)
+        return "ok"
+
+    results = await asyncio.gather(*(one(i) for i in range(20)))
+    assert results.count("ok") == 10 and results.count(ErrorCode.RATE_LIMITED) == 10
+    # Every admission's two steps and each finish's settlement (this key holds no slot and counts
+    # no tokens: the limiter has nothing to finish), in a few round trips where 30 went before.
+    # (Undoing a refused request's budget step is not batched: it goes alone, after the refusal.)
+    assert sum(sent) == 20 * 2 + 10 and len(sent) < 10, sent
+    spent, reserved = await book.spent(key.id, "month")
+    assert reserved == 0 and spent == pytest.approx(10 * entry.pricing.cost(5, 0, 0.0), abs=1e-5)
+
+
+async def test_a_failed_round_trip_fails_only_its_own_requests(shared_redis, monkeypatch):
+    import redis.asyncio as aioredis
+
+    from services.gateway import redis_steps
+
+    _, limiter, _, client = shared_redis
+    batcher = redis_steps.Batcher(client)
+    key = new_key()
+    step = lambda: limiter.admit_step(key, KeyLimits(requests_per_minute=100))[0]  # noqa: E731
+    real, calls = redis_steps.run, []
+
+    async def flaky(client, steps):
+        calls.append(len(steps))
+        if len(calls) == 2:  # the second round trip: the requests that waited for the first
+            raise aioredis.ConnectionError("connection reset")
+        return await real(client, steps)
+
+    monkeypatch.setattr(redis_steps, "run", flaky)
+    first = asyncio.ensure_future(batcher.run([step()]))
+    await asyncio.sleep(0)  # out: the next ones wait for it
+    waiting = [asyncio.ensure_future(batcher.run([step(), step()])) for _ in range(3)]
+    cancelled = asyncio.ensure_future(batcher.run([step()]))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    assert len(await first) == 1
+    for future in waiting:
+        with pytest.raises(aioredis.ConnectionError):
+            await future
+    assert calls == [1, 6]  # the cancelled caller's step was never sent
+    assert len(await batcher.run([step()])) == 1  # and the next round trip works
