@@ -4,10 +4,16 @@ host). Calls are synchronous and short; request paths run them in a worker threa
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 metadata = sa.MetaData()
 
@@ -39,20 +45,30 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def retry_locked(operation: Callable[[], T], attempts: int = 5) -> T:
+    """Run an idempotent start-up operation, again after SQLite's "database is locked" (replicas
+    starting together on one file: some of SQLite's lock conflicts fail at once instead of waiting
+    for the busy timeout, e.g. a transaction that read and then writes on a stale snapshot)."""
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except sa.exc.OperationalError as err:
+            if "database is locked" not in str(err) or attempt == attempts - 1:
+                raise
+            log.warning("database is locked during start-up (another replica starting?); trying again")
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def create_tables(engine: sa.Engine, tables: list[sa.Table] | None = None) -> None:
     """Create the tables (default: every table on `metadata`) that do not exist yet. Replicas that
     start together race between "does it exist" and CREATE: the loser sees "already exists" and
     checks again."""
     for attempt in range(5):
         try:
-            metadata.create_all(engine, tables=tables)
+            retry_locked(lambda: metadata.create_all(engine, tables=tables))
             return
         except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as err:
-            # SQLite: create_all reads (does it exist?), then writes, in one transaction; another
-            # replica's CREATE in between fails it with "database is locked" at once (a stale
-            # snapshot), not after the busy timeout. Postgres: two CREATE TABLE of one name at once
-            # collide on the type catalog's unique index.
-            raced = ("already exists", "database is locked", "pg_type_typname_nsp_index")
-            if not any(text in str(err) for text in raced) or attempt == 4:
+            # Postgres: two CREATE TABLE of one name at once collide on the type catalog's index.
+            if not ("already exists" in str(err) or "pg_type_typname_nsp_index" in str(err)) or attempt == 4:
                 raise
-            time.sleep(0.05 * (attempt + 1))

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.db import create_tables, metadata
+from services.gateway.db import create_tables, metadata, retry_locked
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,9 @@ class KeyStore:
 
     # -- synchronous database operations (the CLI uses them directly) ---------------------------
     def init_schema(self) -> None:
+        retry_locked(self._init_schema)
+
+    def _init_schema(self) -> None:
         inspector = sa.inspect(self.engine)
         if inspector.has_table("key_version") and "id" not in {c["name"] for c in inspector.get_columns("key_version")}:
             key_version.drop(self.engine)  # the pre-release form without a key: it only holds a counter
@@ -244,7 +247,7 @@ class KeyStore:
         start together may race here: the loser finds the key in place and retries."""
         for attempt in range(5):
             try:
-                return self._ensure_admin(token)
+                return retry_locked(lambda: self._ensure_admin(token))
             except sa.exc.IntegrityError:
                 if attempt == 4:
                     raise
