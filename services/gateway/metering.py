@@ -30,7 +30,7 @@ from services.gateway.ratelimit import store_errors
 
 if TYPE_CHECKING:
     from services.gateway.budgets import BudgetBook, Reservation
-    from services.gateway.ratelimit import Admission, LocalAdmission, RateLimiter
+    from services.gateway.ratelimit import Admission, KeyLimits, LocalAdmission, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,11 @@ class Metering:
             # The most it can cost: every token it may read and write, computing until its deadline.
             amount = entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s) if budgeted else 0.0
             period = key.budget_period or "month"
-            if self._redis is not None and limits is not None and budgeted:
-                admission, reservation = await self._admit_together(key, limits, hint, period, amount)
+            if self._steps is not None:
+                if limits is not None or budgeted:
+                    admission, reservation = await self._admit_together(
+                        key, limits, hint, period, amount if budgeted else None
+                    )
             else:
                 if self.limiter is not None and limits is not None:
                     admission = self.limiter.admit_now(key.id, limits, hint) or await self.limiter.admit(
@@ -220,17 +223,25 @@ class Metering:
         return Metered(principal, entry, task, route, request_id, admission, reservation)
 
     async def _admit_together(
-        self, key, limits, hint: int, period: str, amount: float
-    ) -> tuple[Admission, Reservation]:
-        """The limiter's and the budget's admission steps in one Redis round trip; whichever went
-        through is undone when the other refuses (the limiter's refusal is the one raised, as when
-        they run one after the other)."""
-        limit_step, admitted = self.limiter.admit_step(key.id, limits, tokens_hint=hint)
-        budget_step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, period, amount)
-        with store_errors("rate-limit"):
-            replies = await self._steps.run([limit_step, budget_step])
+        self, key, limits: KeyLimits | None, hint: int, period: str, amount: float | None
+    ) -> tuple[Admission | None, Reservation | None]:
+        """The limiter's and the budget's admission steps (`limits` None: no limiter step; `amount`
+        None: no budget step) in one Redis round trip, shared with concurrent requests; whichever
+        went through is undone when the other refused (the limiter's refusal is the one raised, as
+        when they run one after the other)."""
+        steps, deciders = [], []
+        if limits is not None:
+            step, admitted = self.limiter.admit_step(key.id, limits, tokens_hint=hint)
+            steps.append(step)
+            deciders.append((admitted, "rate-limit"))
+        if amount is not None:
+            step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, period, amount)
+            steps.append(step)
+            deciders.append((reserved, "budget"))
+        with store_errors(deciders[0][1]):
+            replies = await self._steps.run(steps)
         results: list = []
-        for decide, reply, what in zip((admitted, reserved), replies, ("rate-limit", "budget"), strict=True):
+        for (decide, what), reply in zip(deciders, replies, strict=True):
             try:
                 with store_errors(what):
                     if isinstance(reply, Exception):
@@ -238,25 +249,32 @@ class Metering:
                     results.append(decide(reply))
             except MeshError as err:
                 results.append(err)
-        admission, reservation = results
+        admission = results[0] if limits is not None else None
+        reservation = results[-1] if amount is not None else None
         refusal = next((r for r in results if isinstance(r, MeshError)), None)
         if refusal is None:
             return admission, reservation
-        if not isinstance(admission, MeshError):
+        if admission is not None and not isinstance(admission, MeshError):
             await admission.refund()  # never raises
-        if not isinstance(reservation, MeshError):
+        if reservation is not None and not isinstance(reservation, MeshError):
             try:
                 await self.budgets.settle(reservation, 0.0)
             except MeshError:  # left to its lease, then charged in full: say so
                 log.exception("could not release the budget hold of a refused request of key %s", key.id)
         raise refusal
 
-    async def _finish_together(self, metered: Metered, reservation: Reservation, admission: Admission) -> None:
-        """Settle and release in one Redis round trip (never raises)."""
-        steps = [self.budgets.settle_step(reservation, metered.cost_usd)]
-        done = admission.done_step(metered.input_tokens + metered.output_tokens)
+    async def _finish_together(
+        self, metered: Metered, reservation: Reservation | None, admission: Admission | None
+    ) -> None:
+        """Settle and release in one Redis round trip, shared with concurrent requests (never raises)."""
+        steps = []
+        if reservation is not None:
+            steps.append(self.budgets.settle_step(reservation, metered.cost_usd))
+        done = admission.done_step(metered.input_tokens + metered.output_tokens) if admission is not None else None
         if done is not None:
             steps.append(done)
+        if not steps:
+            return
         try:
             replies = await self._steps.run(steps)
         except aioredis.RedisError:
@@ -277,7 +295,7 @@ class Metering:
             # Failed requests cost nothing; a request the caller abandoned (499, a closed stream)
             # pays for what it consumed up to then.
             metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
-            if self._redis is not None and reservation is not None and admission is not None:
+            if self._steps is not None:
                 await self._finish_together(metered, reservation, admission)
                 admission = None  # released there too
             elif reservation is not None and not self.budgets.settle_now(reservation, metered.cost_usd):
