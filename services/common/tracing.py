@@ -50,7 +50,9 @@ def shutdown_tracing() -> None:
 
 def current_trace_id() -> int | None:
     """The trace id of the current span, or None. Without tracing (no provider) no span is ever
-    current, so that costs one check, not a context lookup (the usage ledger asks per request)."""
+    current, so that costs one check, not a context lookup (the usage ledger asks per request).
+    Only tracing set up here counts: under a provider installed by someone else (e.g.
+    `opentelemetry-instrument`) this answers None while log lines still carry trace ids."""
     if _provider is None:
         return None
     context = trace.get_current_span().get_span_context()
