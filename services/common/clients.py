@@ -14,8 +14,8 @@ from meshserve.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from services.common import deadlines, tracing
-from services.common.errors import MeshError
+from services.common import deadlines, service_auth, tracing
+from services.common.errors import ErrorCode, MeshError
 from services.common.settings import UpstreamSettings
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,13 @@ class UpstreamClient:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
+        # The service token goes on every call of every kind (service_auth.client_interceptors).
+        interceptors = [
+            *tracing.client_interceptors(),
+            *service_auth.client_interceptors(service_auth.configured_token(settings)),
+        ]
         self.channel = grpc.aio.insecure_channel(
-            settings.address, options=channel_options(settings), interceptors=tracing.client_interceptors()
+            settings.address, options=channel_options(settings), interceptors=interceptors
         )
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -67,6 +72,10 @@ class UpstreamClient:
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
+            if err.code() is grpc.StatusCode.UNAUTHENTICATED:
+                # The stages authenticate only us: a refusal is our misconfiguration, not the caller's fault.
+                log.error("%s refused the service token (MESHSERVE_SERVICE_TOKEN differs?)", self.name)
+                raise MeshError(ErrorCode.INTERNAL, f"{self.name} service failed") from err
             raise MeshError.from_rpc_error(err, upstream=self.name) from err
 
     async def serving(self, timeout_s: float = 1.0) -> bool:

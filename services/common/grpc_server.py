@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import deadlines, tracing
+from services.common import deadlines, service_auth, tracing
 from services.common.errors import DETAILS_KEY, ErrorCode, MeshError
 from services.common.metrics import GRPC_HANDLED, GRPC_SECONDS
 from services.common.settings import GrpcServiceSettings
@@ -256,10 +256,13 @@ async def create_server(
     *,
     serving: bool = True,
     inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    service_token: str | None = None,
 ) -> RunningServer:
     """Build and start a grpc.aio server with the production interceptor chain on settings' port.
     `inner_interceptors` run inside error mapping (e.g. authentication), so the MeshErrors they
-    raise reach the caller with their code and details like any handler's."""
+    raise reach the caller with their code and details like any handler's. With `service_token`,
+    the service-token check (services/common/service_auth.py) runs first of all, so that a call
+    without it starts no span and creates no metric series."""
     bindings = list(bindings)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -270,6 +273,7 @@ async def create_server(
     ]
     drain = Drain()
     interceptors = [
+        *service_auth.server_interceptors(service_token),
         *tracing.server_interceptors(),
         MetricsInterceptor(service),
         ErrorMappingInterceptor(drain),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +48,18 @@ class GrpcServiceSettings(CommonSettings):
     grpc_port: int = Field(0, description="gRPC listen port (0 picks a free port).")
     metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 picks a free port, -1 off).")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")
+    service_token: SecretStr | None = Field(
+        None,
+        validation_alias=_shared("service_token"),
+        description="The mesh's shared service token (MESHSERVE_SERVICE_TOKEN): when set, the stages refuse every "
+        "call without it in the x-meshserve-service-token header, except health checks. `meshserve up` sets a "
+        "random one per run.",
+    )
+    service_token_file: Path | None = Field(
+        None,
+        validation_alias=_shared("service_token_file"),
+        description="A file holding the service token (MESHSERVE_SERVICE_TOKEN_FILE), read when service_token is unset.",
+    )
 
 
 class UpstreamSettings(BaseSettings):
@@ -58,3 +70,13 @@ class UpstreamSettings(BaseSettings):
     address: str = Field(..., description="host:port of the upstream gRPC service.")
     timeout_s: float = Field(30.0, description="Default deadline of one call when the caller sets none.")
     max_attempts: int = Field(3, description="Attempts for calls that fail UNAVAILABLE (grpc retry policy).")
+    service_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("service_token", "MESHSERVE_SERVICE_TOKEN"),
+        description="The token sent to the upstream in x-meshserve-service-token (env MESHSERVE_SERVICE_TOKEN).",
+    )
+    service_token_file: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("service_token_file", "MESHSERVE_SERVICE_TOKEN_FILE"),
+        description="A file holding that token, read when service_token is unset (env MESHSERVE_SERVICE_TOKEN_FILE).",
+    )

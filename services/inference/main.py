@@ -6,7 +6,7 @@ import logging
 
 from tritonclient.grpc import service_pb2_grpc
 
-from services.common import grpc_server, tracing
+from services.common import grpc_server, service_auth, tracing
 from services.common.catalog import Catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
@@ -24,7 +24,8 @@ async def create(settings: InferenceSettings) -> tuple[grpc_server.RunningServer
     repository = ModelRepository(Catalog.load(settings.catalog), settings.models_dir)
     servicer = InferenceServicer(InferenceCore(repository), repository, strict_readiness=settings.strict_readiness)
     binding = grpc_server.Binding(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
-    running = await grpc_server.create_server(settings, "inference", [binding], serving=False)
+    token = service_auth.configured_token(settings)
+    running = await grpc_server.create_server(settings, "inference", [binding], serving=False, service_token=token)
     running.on_stop.append(repository.close)
     names = settings.models or list(repository.slots)
     for name in names:

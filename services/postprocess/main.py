@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meshserve.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 
-from services.common import grpc_server, tracing
+from services.common import grpc_server, service_auth, tracing
 from services.common.catalog import Catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
@@ -20,7 +20,9 @@ async def create(settings: PostprocessSettings) -> grpc_server.RunningServer:
     catalog = Catalog.load(settings.catalog)
     servicer = PostprocessServicer(Postprocessor(catalog), Detokenizers(catalog, settings.models_dir))
     binding = grpc_server.Binding(postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server, servicer, SERVICE_NAME)
-    return await grpc_server.create_server(settings, "postprocess", [binding])
+    return await grpc_server.create_server(
+        settings, "postprocess", [binding], service_token=service_auth.configured_token(settings)
+    )
 
 
 async def amain(settings: PostprocessSettings) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
-from services.common import grpc_server, tracing
+from services.common import grpc_server, service_auth, tracing
 from services.common.catalog import Catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
@@ -20,7 +20,9 @@ async def create(settings: PreprocessSettings) -> grpc_server.RunningServer:
     binding = grpc_server.Binding(
         preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server, PreprocessServicer(core), SERVICE_NAME
     )
-    return await grpc_server.create_server(settings, "preprocess", [binding])
+    return await grpc_server.create_server(
+        settings, "preprocess", [binding], service_token=service_auth.configured_token(settings)
+    )
 
 
 async def amain(settings: PreprocessSettings) -> None:
