@@ -4,13 +4,17 @@ Shared by preprocess (serving) and the digits builder (training), so a model is 
 exactly the pixels it is served. Safety: the format is sniffed from magic bytes (HF clients send
 raw bytes with no Content-Type), only PNG, JPEG, GIF, WebP and BMP decoders are allowed, and the
 pixel count is checked from the header *before* any pixel is decoded, so a decompression bomb
-costs a header parse, not gigabytes of memory.
+costs a header parse, not gigabytes of memory: per image (`ImageSpec.max_pixels`) and per request
+(`MAX_REQUEST_PIXELS`: sixteen images just under the per-image cap still decode to gigabytes).
+`check_sizes` does the per-request check from the headers alone; the gateway runs it before
+admission and preprocess again before decoding.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +31,9 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"BM", "BMP"),
 )
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+# Pixels one request may decode in all (four images at the default per-image cap of 4096 x 4096):
+# what an 8-bit RGB decode of them takes is ~200 MB, and decoding is the costly step.
+MAX_REQUEST_PIXELS = 4 * 4096 * 4096
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
@@ -54,6 +61,54 @@ def _unsupported(field: str) -> MeshError:
     )
 
 
+def _too_many_pixels(field: str, width: int, height: int, cap: int) -> MeshError:
+    return MeshError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"`{field}` is {width}x{height} pixels; this model takes at most {cap} pixels per image",
+        param=field,
+    )
+
+
+def header_size(data: bytes, *, field: str = "inputs") -> tuple[int, int]:
+    """(width, height) from the image's header, decoding no pixel (Image.open is lazy); refuses
+    unsupported formats and headers Pillow cannot read."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise _unsupported(field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller compares sizes
+            with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        raise MeshError(
+            ErrorCode.PAYLOAD_TOO_LARGE, f"`{field}` decodes to too many pixels (decompression bomb)", param=field
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise invalid(f"`{field}` is a corrupt or truncated {fmt} image ({type(exc).__name__})", param=field) from None
+
+
+def check_sizes(data: Sequence[bytes], spec: ImageSpec, *, field: str = "inputs") -> int:
+    """Refuse, from the headers alone, a request whose images are over `spec.max_pixels` each or
+    over `MAX_REQUEST_PIXELS` (at least `spec.max_pixels`) in all; returns the total pixels."""
+    per_request = max(MAX_REQUEST_PIXELS, spec.max_pixels)
+    total = 0
+    for i, raw in enumerate(data):
+        where = field if len(data) == 1 else f"{field}[{i}]"
+        width, height = header_size(raw, field=where)
+        if width * height > spec.max_pixels:
+            raise _too_many_pixels(where, width, height, spec.max_pixels)
+        total += width * height
+        if total > per_request:
+            raise MeshError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"`{field}` has more than {per_request} pixels in all (over {i + 1} images); "
+                f"the limit is {per_request} pixels per request",
+                param=field,
+            )
+    return total
+
+
 def open_image(data: bytes, spec: ImageSpec, *, field: str = "inputs") -> Image.Image:
     """Open and fully decode one image, refusing unsupported formats, corrupt data and images
     over `spec.max_pixels` (checked before decoding)."""
@@ -66,11 +121,7 @@ def open_image(data: bytes, spec: ImageSpec, *, field: str = "inputs") -> Image.
             image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size
             if width * height > spec.max_pixels:
-                raise MeshError(
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"`{field}` is {width}x{height} pixels; this model takes at most {spec.max_pixels} pixels",
-                    param=field,
-                )
+                raise _too_many_pixels(field, width, height, spec.max_pixels)
             if fmt == "JPEG":
                 # Let the JPEG decoder scale down by up to 8x while decoding: far less work for
                 # large photos, same result after the resize below.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from meshserve.tasks.v1 import tasks_pb2
 
+from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
 from services.gateway.schemas import (
@@ -128,8 +129,10 @@ def parse_zero_shot(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFR
         raise invalid("zero-shot-classification needs `parameters.candidate_labels`", param="parameters.candidate_labels")
     p = parse(ZeroShotParameters, params, where="parameters")
     values, single = texts(inputs)
+    labels = p.labels()
+    caps.check_zero_shot(entry, len(values), labels, p.hypothesis_template)  # before anything is built
     parameters = tasks_pb2.TaskParameters(
-        candidate_labels=p.labels(),
+        candidate_labels=labels,
         hypothesis_template=p.hypothesis_template,
         multi_label=p.multi_label,
         truncate=p.truncate,

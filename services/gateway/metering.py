@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 from meshserve.tasks.v1 import tasks_pb2
 
-from services.common import tracing
+from services.common import caps, tracing
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
 from services.gateway import redis_steps
@@ -41,14 +41,26 @@ def text_token_bound(entry: ModelEntry, texts) -> int:
     return sum(min(limit, len(t.encode()) + 2) for t in texts)
 
 
+def zero_shot_token_bound(entry: ModelEntry, texts, labels, template: str | None) -> int:
+    """Most tokens of a zero-shot request: each text, and per text one hypothesis per label (the
+    template with the label in place of its one `{}`). Arithmetic on the UTF-8 lengths: no
+    hypothesis is built (a list of them costs labels x template bytes, here before admission)."""
+    limit = entry.preprocess.max_length
+    template = template or entry.postprocess.zero_shot.hypothesis_template
+    around = len(template.encode())  # the template less its `{}` (2 bytes), plus 2 special tokens
+    per_text = sum(min(limit, around + len(label.encode())) for label in labels)
+    return text_token_bound(entry, texts) + len(texts) * per_text
+
+
 def token_bound(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tasks_pb2.TaskParameters) -> int:
+    """Most input tokens of a task request, after refusing it if it is over an input cap
+    (caps.check_task_inputs: counts, lengths, image headers), on REST and gRPC alike."""
+    caps.check_task_inputs(entry, inputs, parameters)
     kind = inputs.WhichOneof("kind")
     if kind == "text":
-        texts = list(inputs.text.texts)
+        texts = inputs.text.texts
         if parameters.candidate_labels:  # zero-shot: each text and one hypothesis per label
-            template = parameters.hypothesis_template or entry.postprocess.zero_shot.hypothesis_template
-            hypotheses = [template.replace("{}", label) for label in parameters.candidate_labels]
-            return text_token_bound(entry, texts) + len(texts) * text_token_bound(entry, hypotheses)
+            return zero_shot_token_bound(entry, texts, parameters.candidate_labels, parameters.hypothesis_template)
         return text_token_bound(entry, texts)
     if kind == "sentence_similarity":
         sim = inputs.sentence_similarity
@@ -372,3 +384,8 @@ class _Tracked:
         else:  # nothing in it can be interrupted: no task for a shield
             await metering.finish(self._metered, status)
         return False
+
+    async def fail(self, exc: BaseException) -> None:
+        """Finish the request as failed by `exc` (work after admission that raised outside the
+        `async with`, e.g. tokenizing a prompt before its stream starts)."""
+        await self.__aexit__(type(exc), exc, exc.__traceback__)

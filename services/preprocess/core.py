@@ -14,7 +14,7 @@ import numpy as np
 from prometheus_client import Counter
 from tokenizers import Tokenizer
 
-from services.common import images, tracing
+from services.common import caps, images, tracing
 from services.common.catalog import GENERATION_TASKS, Catalog, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.modelstore import model_dir
@@ -100,12 +100,7 @@ class ImagePreprocessor:
     def encode(self, data: list[bytes], *, field: str) -> Encoded:
         if not data:
             raise invalid(f"`{field}` must contain at least one image", param=field)
-        if len(data) > self.entry.preprocess.max_items:
-            raise MeshError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"`{field}` has {len(data)} images; this model takes at most {self.entry.preprocess.max_items}",
-                param=field,
-            )
+        caps.check_images(self.entry, data, field=field)  # count and pixels, from the headers alone
         where = (lambda i: field) if len(data) == 1 else (lambda i: f"{field}[{i}]")
         pixels = np.stack([images.decode(raw, self.spec, field=where(i)) for i, raw in enumerate(data)])
         return Encoded({self.entry.inference.inputs[0].name: pixels}, 0, len(data), [0] * len(data))
@@ -149,6 +144,13 @@ class Preprocessor:
         entry = self._model(model_id, "text-generation", "text")
         pre = self._generation[entry.id]
         chars = sum(len(c) for _, c in messages) if messages is not None else len(text or "")
+        if chars > entry.preprocess.max_chars:  # before rendering or tokenizing anything
+            field = "messages" if messages is not None else "prompt"
+            raise MeshError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"`{field}` has {chars} characters; model {model_id!r} takes at most {entry.preprocess.max_chars}",
+                param=field,
+            )
         with tracing.span("tokenize", model=model_id) as span:
             tokenize = (lambda: pre.chat_ids(messages)) if messages is not None else (lambda: pre.text_ids(text or ""))
             # Long prompts are rendered and tokenized in a thread, as texts are: the loop stays free.
@@ -181,32 +183,12 @@ class Preprocessor:
 def zero_shot_texts(entry: ModelEntry, texts: list[str], labels: list[str], template: str | None) -> list[str]:
     """The rows a zero-shot request embeds: per text, the text then one hypothesis per label
     (the template with the label in it). Postprocess compares each text with its hypotheses."""
+    caps.check_zero_shot(entry, len(texts), labels, template)  # counts and lengths: before building rows
     template = template or entry.postprocess.zero_shot.hypothesis_template
-    limit = entry.preprocess.max_candidate_labels
-    if not labels:
-        raise invalid("`parameters.candidate_labels` must name at least one label", param="parameters.candidate_labels")
-    if len(labels) > limit:
-        raise invalid(
-            f"`parameters.candidate_labels` has {len(labels)} labels; the limit is {limit}",
-            param="parameters.candidate_labels",
-        )
     for i, label in enumerate(labels):
         if not label.strip():
             raise invalid(f"`parameters.candidate_labels[{i}]` is empty", param="parameters.candidate_labels")
     if len(set(labels)) != len(labels):
         raise invalid("`parameters.candidate_labels` has duplicates", param="parameters.candidate_labels")
-    if template.count("{}") != 1:
-        raise invalid(
-            "`parameters.hypothesis_template` must contain `{}` exactly once (where the label goes)",
-            param="parameters.hypothesis_template",
-        )
-    rows = len(texts) * (1 + len(labels))
-    if rows > entry.preprocess.max_items:
-        raise MeshError(
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"{len(texts)} texts x {len(labels)} candidate labels need {rows} rows; "
-            f"this model takes at most {entry.preprocess.max_items} per request",
-            param="parameters.candidate_labels",
-        )
     hypotheses = [template.replace("{}", label) for label in labels]
     return [row for text in texts for row in (text, *hypotheses)]
