@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,6 +26,8 @@ from services.common.metrics import GRPC_HANDLED, GRPC_SECONDS
 from services.common.settings import GrpcServiceSettings
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_METHOD = "unknown"  # the metrics label of every call to a method this server does not serve
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
@@ -157,17 +160,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts calls by final status code and times them. Health checks are not counted."""
+    """Counts calls by final status code and times them. Health checks are not counted.
 
-    def __init__(self, service: str) -> None:
+    The method label is a method of a service registered on this server (from its descriptor) or
+    "unknown": a caller's made-up method name never becomes a label, so probing cannot grow the
+    series without bound. A made-up method no interceptor answers for is not counted at all.
+    """
+
+    def __init__(self, service: str, methods: dict[str, str] | None = None) -> None:
         self.service = service
+        self.methods = methods or {}
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if method.startswith("/grpc."):
+        if method.startswith("/grpc.") or handler is None:
             return handler
-        short = method.rsplit("/", 1)[-1]
+        short = self.methods.get(method, UNKNOWN_METHOD)
         seconds = GRPC_SECONDS.labels(self.service, short)
 
         def record(context, started: float, failed: BaseException | None) -> None:
@@ -210,6 +219,20 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return wrapper
 
         return _wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def method_labels(service_names: Iterable[str]) -> dict[str, str]:
+    """'/package.Service/Method' -> 'Method' for the methods of these services, read from the
+    protobuf descriptors their generated modules registered (a service without one has none)."""
+    pool = descriptor_pool.Default()
+    labels = {}
+    for name in service_names:
+        try:
+            methods = pool.FindServiceByName(name).methods
+        except KeyError:
+            continue
+        labels.update({f"/{name}/{m.name}": m.name for m in methods})
+    return labels
 
 
 @dataclass
@@ -275,7 +298,7 @@ async def create_server(
     interceptors = [
         *service_auth.server_interceptors(service_token),
         *tracing.server_interceptors(),
-        MetricsInterceptor(service),
+        MetricsInterceptor(service, method_labels(b.service_name for b in bindings)),
         ErrorMappingInterceptor(drain),
         *inner_interceptors,
     ]
