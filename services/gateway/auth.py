@@ -4,6 +4,10 @@ Secure by default: a route needs a valid token unless it is listed as public her
 this table does not know needs the `admin` scope, so a new route is locked down until someone
 decides otherwise (the route-walk test covers every route the app registers). Keys may also be
 limited to some models and tasks; those are checked where the model is resolved.
+
+Every authenticated call counts against its key's requests per minute: inference routes in
+metering's admission (with their tokens, budget and concurrency), every other route (reads, admin)
+here, right after authentication, in the same window (`Authenticator.count_request`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import grpc
 
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.keys import ApiKey, KeyStore
-from services.gateway.ratelimit import KeyLimits
+from services.gateway.ratelimit import KeyLimits, RateLimiter
 
 # (method, path regex) -> scope; None = public. First match wins; no match = "admin".
 REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(
@@ -71,11 +75,15 @@ class Principal:
 
     key: ApiKey
     limits: KeyLimits | None = field(init=False, repr=False)  # None: no rate limit on this key
+    # What a route that is not metered (reads, admin) counts: one request, no tokens, no slot.
+    request_limits: KeyLimits | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         key = self.key
         limits = KeyLimits(key.requests_per_minute, key.tokens_per_minute, key.concurrent_requests)
         object.__setattr__(self, "limits", limits if limits != (None, None, None) else None)
+        rpm = key.requests_per_minute
+        object.__setattr__(self, "request_limits", KeyLimits(rpm) if rpm is not None else None)
 
     @property
     def key_id(self) -> str:
@@ -108,10 +116,13 @@ class Authenticator:
     # Most credentials remember() keeps (a full cache is emptied: only valid tokens get in).
     MAX_REMEMBERED = 10_000
 
-    def __init__(self, keys: KeyStore | None, *, enabled: bool, metrics_public: bool) -> None:
+    def __init__(
+        self, keys: KeyStore | None, *, enabled: bool, metrics_public: bool, limiter: RateLimiter | None = None
+    ) -> None:
         self.keys = keys
         self.enabled = enabled
         self.metrics_public = metrics_public
+        self.limiter = limiter  # counts the routes metering does not admit (count_request)
         self._principals: dict[str, Principal] = {}  # key id -> the Principal of its current view
         # The credentials (Authorization values as sent) authenticated with the key view `_view`.
         self._remembered: dict[str | bytes, Principal] = {}
@@ -156,6 +167,18 @@ class Authenticator:
         principal.require(scope)
         return principal
 
+    async def count_request(self, principal: Principal, scope: str) -> dict[str, str]:
+        """Count a call of a route that metering does not admit (any scope but `inference`)
+        against the key's requests per minute; raises RATE_LIMITED once they are spent. Returns
+        the RateLimit headers to send. Such a call takes no tokens and no concurrency slot, so
+        nothing needs releasing afterwards."""
+        limits = principal.request_limits
+        if scope == "inference" or limits is None or self.limiter is None:
+            return {}
+        key_id = principal.key_id
+        admission = self.limiter.admit_now(key_id, limits) or await self.limiter.admit(key_id, limits)
+        return admission.headers
+
 
 class AuthMiddleware:
     """Pure ASGI: authenticates before routing, so unknown paths and every registered route are
@@ -188,7 +211,9 @@ class AuthMiddleware:
             principal = self.auth.remembered(credential, needed)
             if principal is None:
                 try:
-                    principal = await self.auth.principal(bearer(credential.decode("latin-1")) if credential else None, needed)
+                    principal = await self.auth.principal(
+                        bearer(credential.decode("latin-1")) if credential else None, needed
+                    )
                 except MeshError as err:
                     response = self.render_error(err, scope["path"])
                     if err.code is ErrorCode.UNAUTHENTICATED:
@@ -196,7 +221,26 @@ class AuthMiddleware:
                     return await response(scope, receive, send)
                 self.auth.remember(credential, principal)
             scope.setdefault("state", {})["principal"] = principal
+            if needed != "inference" and principal.request_limits is not None:  # (no coroutine on the hot path)
+                try:
+                    counted = await self.auth.count_request(principal, needed)
+                except MeshError as err:
+                    return await self.render_error(err, scope["path"])(scope, receive, send)
+                if counted:
+                    send = _with_headers(send, counted)
         return await self.app(scope, receive, send)
+
+
+def _with_headers(send, headers: dict[str, str]):
+    """`send` that adds headers to the response's start."""
+    extra = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+    async def send_with_headers(message):
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), *extra]
+        await send(message)
+
+    return send_with_headers
 
 
 class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -222,6 +266,10 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
             except MeshError as err:
                 return _refusal(err)
             self.auth.remember(credential, principal)
+        try:
+            await self.auth.count_request(principal, needed)
+        except MeshError as err:
+            return _refusal(err)
         handler = await continuation(details)
         return _with_principal(handler, principal)
 

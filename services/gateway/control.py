@@ -82,7 +82,7 @@ class ControlPlane:
         budgets = BudgetBook(storage, client=redis) if settings.auth else None
         ledger = UsageLedger(engine, writer_nice=settings.ledger_writer_nice) if settings.ledger else None
         metering = Metering(limiter, budgets, ledger, timeout_s=settings.request_timeout_s, redis=redis)
-        auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public)
+        auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public, limiter=limiter)
         return cls(auth, metering, keys, ledger, limiter, budgets, redis)
 
     async def start(self, settings: GatewaySettings) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import time
-import uuid
 
 import orjson
 from fastapi import FastAPI, Request
@@ -31,6 +30,7 @@ from services.gateway.control import ControlPlane
 from services.gateway.core import Pipeline, Prediction
 from services.gateway.generation import Generator
 from services.gateway.metering import text_token_bound, token_bound
+from services.gateway.ratelimit import new_id
 from services.gateway.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
 from services.gateway.settings import GatewaySettings
 
@@ -135,7 +135,12 @@ def _route_label(path: str) -> str:
 
 
 class RequestContextMiddleware:
-    """Pure ASGI: X-Request-Id on every response, per-request deadline, metrics."""
+    """Pure ASGI: X-Request-Id on every response, per-request deadline, metrics.
+
+    The request id is the gateway's own (unique across replicas, the ledger row's id): a caller's
+    id could be forged or reused, so it is kept beside ours (`client_request_id` in the ledger)
+    and echoed as X-Client-Request-Id. The caller may send it as X-Client-Request-Id (OpenAI's
+    name) or X-Request-Id."""
 
     def __init__(self, app, timeout_s: float) -> None:
         self.app = app
@@ -144,13 +149,17 @@ class RequestContextMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = None
+        client_id = None
         for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                request_id = value[:128]
-                break
-        request_id = request_id or uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
+            if key == b"x-client-request-id" or (key == b"x-request-id" and client_id is None):
+                client_id = value[:128]
+        request_id = new_id().encode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id.decode()
+        state["client_request_id"] = client_id.decode("latin-1") if client_id else None
+        id_headers = [(b"x-request-id", request_id)]
+        if client_id:
+            id_headers.append((b"x-client-request-id", client_id))
         started = time.perf_counter()
         status, responded = 500, False
 
@@ -158,7 +167,7 @@ class RequestContextMiddleware:
             nonlocal status, responded
             if message["type"] == "http.response.start":
                 status, responded = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", []), *id_headers]
             await send(message)
 
         token = deadlines.set_absolute(time.monotonic() + self.timeout_s)
@@ -198,13 +207,19 @@ def create_app(
     catalog = pipeline.catalog
     created = int(settings.catalog.stat().st_mtime)
     limit = settings.max_body_bytes
-    cache = ResponseCache(max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s)
+    cache = ResponseCache(
+        max_bytes=settings.cache_max_bytes,
+        max_entry_bytes=settings.cache_max_entry_bytes,
+        ttl_s=settings.cache_ttl_s,
+        shared=settings.cache_shared,
+    )
     control = control or ControlPlane.disabled(settings)
     metering = control.metering
 
     def allow(request: Request, entry: ModelEntry, task: str) -> None:
         principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
-        metering.allow(principal, entry, task, _route_label(request.url.path), request.state.request_id)
+        route = _route_label(request.url.path)
+        metering.allow(principal, entry, task, route, request.state.request_id, request.state.client_request_id)
 
     async def admit(request: Request, entry: ModelEntry, task: str, max_input_tokens: int, max_output_tokens: int = 0):
         principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
@@ -216,6 +231,7 @@ def create_app(
             request.state.request_id,
             max_input_tokens=max_input_tokens,
             max_output_tokens=max_output_tokens,
+            client_request_id=request.state.client_request_id,
         )
 
     generation = openai_api.register(
@@ -403,7 +419,8 @@ def create_app(
         dialect = hf_tasks.Dialect.from_user_agent(request.headers.get("user-agent", ""))
         metered = await admit(request, entry, task, token_bound(entry, req.inputs, req.parameters))
         async with metering.track(metered):
-            key = cache_key(entry.id, task, req.inputs, req.parameters, dialect.key)
+            scope = cache.scope_of(metered.principal.key_id)  # a key never sees another's entries
+            key = cache_key(entry.id, task, req.inputs, req.parameters, dialect.key, scope)
             cached = cache.get(entry.id, key) if use_cache else None
             if cached is not None:
                 state = "HIT"

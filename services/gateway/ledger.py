@@ -27,7 +27,7 @@ from typing import Literal
 import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.gateway.db import create_tables, metadata
+from services.gateway.db import create_tables, metadata, retry_locked
 from services.gateway.ledger_writer import LedgerWriteError, WriterProcess
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,12 @@ usage = sa.Table(
     sa.Column("latency_s", sa.Float, nullable=False),
     sa.Column("trace_id", sa.String(32), nullable=True),
     sa.Column("time", UTCDateTime, nullable=False, comment="when the request started (UTC)"),
+    sa.Column(
+        "client_request_id",
+        sa.String(128),
+        nullable=True,
+        comment="the caller's X-Request-Id (not unique, not trusted)",
+    ),
     sa.Index("ix_usage_key_id_time", "key_id", "time"),
     sa.Index("ix_usage_time", "time"),
 )
@@ -111,6 +117,7 @@ class UsageRecord:
     trace_id: str | None
     time: datetime  # UTC, timezone-aware; when the request started
     route: str = ""  # e.g. "/v1/embeddings", "grpc:Predict"
+    client_request_id: str | None = None  # the id the caller sent, as it sent it (request_id is the gateway's)
 
 
 Grouping = Literal["day", "model", "key"]
@@ -155,7 +162,7 @@ class UsageLedger:
         """Create the tables if needed and start the writer process and the task that feeds it."""
         if self._engine.url.get_backend_name() == "sqlite" and self._engine.url.database in (None, "", ":memory:"):
             raise ValueError("the usage ledger needs a database file or server: an in-memory SQLite is per connection")
-        await asyncio.to_thread(create_tables, self._engine)
+        await asyncio.to_thread(create_usage_table, self._engine)
         await self._writer_process.start()
         self._writer = asyncio.create_task(self._run_writer(), name="usage-ledger-writer")
 
@@ -342,13 +349,37 @@ class UsageLedger:
             return list(conn.execute(stmt).mappings())
 
 
+def create_usage_table(engine: sa.Engine) -> None:
+    """Create the tables, and add the columns a ledger of an older release lacks (idempotent:
+    replicas starting together may both try; the loser finds the column there)."""
+    create_tables(engine)
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("usage")}
+    for column in (usage.c.client_request_id,):
+        if column.name in columns:
+            continue
+        ddl = f"ALTER TABLE usage ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+        if engine.dialect.name == "postgresql":
+            ddl = ddl.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
+        try:
+            retry_locked(lambda ddl=ddl: _execute(engine, ddl))
+        except sa.exc.OperationalError as err:  # SQLite: another replica added it first
+            if "duplicate column" not in str(err):
+                raise
+        log.info("usage ledger: added column %s", column.name)
+
+
+def _execute(engine: sa.Engine, ddl: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ddl)
+
+
 _FIELDS = tuple(field.name for field in dataclasses.fields(UsageRecord))
 _values = operator.attrgetter(*_FIELDS)  # a record as the tuple the writer process receives
 _TIME = _FIELDS.index("time")
 _REQUEST_ID = _FIELDS.index("request_id")
 # SQLite rows: every field but the time as it is, then the time as text (the column order is free).
 _SQLITE_COLUMNS = (*(name for name in _FIELDS if name != "time"), "time")
-# Bound variables per statement: 32766 since SQLite 3.32, 999 before (15 per row).
+# Bound variables per statement: 32766 since SQLite 3.32, 999 before (16 per row).
 _SQLITE_ROWS_PER_INSERT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 60
 
 

@@ -73,6 +73,7 @@ class Metered:
 
     __slots__ = (
         "admission",
+        "client_request_id",
         "compute_s",
         "cost_usd",
         "entry",
@@ -100,8 +101,10 @@ class Metered:
         reservation: Reservation | None,
         *,
         finished: bool = False,
+        client_request_id: str | None = None,
     ) -> None:
         self.principal = principal
+        self.client_request_id = client_request_id  # the caller's X-Request-Id (request_id is ours)
         self.entry = entry
         self.task = task
         self.route = route
@@ -166,20 +169,31 @@ class Metering:
         )
         self._steps = redis_steps.Batcher(self._redis) if self._redis is not None else None
 
-    def allow(self, principal: Principal, entry: ModelEntry, task: str, route: str, request_id: str) -> None:
+    def allow(
+        self,
+        principal: Principal,
+        entry: ModelEntry,
+        task: str,
+        route: str,
+        request_id: str,
+        client_request_id: str | None = None,
+    ) -> None:
         """The key's model and task restrictions alone, for a route that must check them before
         work admit() cannot price yet (generation tokenizes the prompt first); a refusal gets its
         ledger row, as in admit()."""
         try:
             principal.allow(entry.id, task)
         except MeshError as err:
-            self._record_refusal(principal, entry, task, route, request_id, err)
+            self._record_refusal(principal, entry, task, route, request_id, err, client_request_id)
             raise
 
-    def _record_refusal(self, principal, entry, task, route, request_id, err: MeshError) -> None:
+    def _record_refusal(
+        self, principal, entry, task, route, request_id, err: MeshError, client_request_id: str | None = None
+    ) -> None:
         """A refused request's ledger row: its status, no cost."""
         if self.ledger is not None:
             refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
+            refused.client_request_id = client_request_id
             self.ledger.append(self._row(refused, err.code.http_status))
 
     async def admit(
@@ -192,6 +206,7 @@ class Metering:
         *,
         max_input_tokens: int,
         max_output_tokens: int = 0,
+        client_request_id: str | None = None,
     ) -> Metered:
         """Key restrictions, then rate limits, then the budget reservation; raises the refusal
         (which gets its own ledger row, with its status and no cost).
@@ -230,9 +245,11 @@ class Metering:
             if admission is not None and not admission.refund_now():
                 await admission.refund()
             if isinstance(err, MeshError):
-                self._record_refusal(principal, entry, task, route, request_id, err)
+                self._record_refusal(principal, entry, task, route, request_id, err, client_request_id)
             raise
-        return Metered(principal, entry, task, route, request_id, admission, reservation)
+        return Metered(
+            principal, entry, task, route, request_id, admission, reservation, client_request_id=client_request_id
+        )
 
     async def _admit_together(
         self, key, limits: KeyLimits | None, hint: int, period: str, amount: float | None
@@ -346,6 +363,7 @@ class Metering:
             tracing.current_trace_id(),
             m.time,
             m.route,
+            m.client_request_id,
         )
 
     def track(self, metered: Metered) -> _Tracked:

@@ -23,7 +23,15 @@ class GatewaySettings(CommonSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest request body accepted (413 above).")
     coalesce: bool = Field(True, description="Merge concurrent embeddings requests into shared pipeline calls.")
     coalesce_max_rows: int = Field(32, description="Most texts in one merged call.")
-    cache_max_entries: int = Field(4096, description="HF `use_cache` response cache size in entries; 0 turns it off.")
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="HF `use_cache` response cache size in bytes; 0 turns it off."
+    )
+    cache_max_entry_bytes: int = Field(1024 * 1024, ge=0, description="Largest response the cache keeps.")
+    cache_shared: bool = Field(
+        False,
+        description="One response cache for every API key (public data only: a key's X-Cache HIT then tells "
+        "it that another key sent the same input); default: a cache per key.",
+    )
     cache_ttl_s: float = Field(600.0, description="How long a cached HF response is reused.")
     readiness_cache_s: float = Field(1.0, description="How long a /readyz result is reused.")
     shutdown_grace_s: float = Field(20.0, description="How long in-flight requests may finish after SIGTERM.")

@@ -109,9 +109,10 @@ def test_unnormalized_embeddings_on_request(mesh):
     assert norm > 1.5  # raw mean-pooled MiniLM vectors are far from unit length
 
 
-def test_request_id_is_echoed_when_the_caller_sends_one(mesh):
+def test_request_id_is_the_gateways_and_the_callers_comes_back_beside_it(mesh):
     reply = httpx.post(mesh.url + HF, json={"inputs": "x"}, headers={"X-Request-Id": "req-42"})
-    assert reply.headers["x-request-id"] == "req-42"
+    assert reply.headers["x-client-request-id"] == "req-42"
+    assert reply.headers["x-request-id"] not in ("", "req-42")  # made by the gateway, unique
 
 
 def test_mesh_keeps_serving_after_every_bad_request(mesh):

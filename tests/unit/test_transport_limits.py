@@ -1,0 +1,251 @@
+"""Transport limits through real servers: metric labels only from served methods (a caller's
+made-up gRPC method name never becomes a series), HTTP header size and header/idle timeouts on
+the gateway's uvicorn server, gRPC message sizes on the gateway's API and between services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import grpc
+import pytest
+from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from meshserve.tasks.v1 import tasks_pb2
+from prometheus_client import REGISTRY
+
+from services.common import grpc_server
+from services.common.clients import channel_options
+from services.common.settings import GrpcServiceSettings, UpstreamSettings
+from services.gateway.main import SERVICE_NAME, Gateway
+from services.gateway.settings import GatewaySettings
+
+ADMIN_TOKEN = "msk_admin_" + "transport-limits-test-token-0123456789"
+HEADER_LIMIT = 16 * 1024
+SHORT_S = 0.5  # the test gateway's header and keep-alive timeouts
+PATIENCE_S = 20.0  # how long a test waits for the server to close a connection (>> SHORT_S)
+MiB = 1024 * 1024
+
+
+def series(service: str) -> set[tuple[str, ...]]:
+    """(metric, method, code) of every gRPC server series of one service label."""
+    found = set()
+    for metric in REGISTRY.collect():
+        if not metric.name.startswith("meshserve_grpc_server_"):
+            continue
+        for sample in metric.samples:
+            if sample.labels.get("service") == service:
+                found.add((metric.name, sample.labels["method"], sample.labels.get("code", "")))
+    return found
+
+
+async def call_made_up_methods(channel: grpc.aio.Channel, count: int, metadata=()) -> set[grpc.StatusCode]:
+    codes = set()
+    for i in range(count):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary(f"/x.Y/Made{i}")(b"", metadata=metadata, timeout=10)
+        codes.add(err.value.code())
+    return codes
+
+
+# -- metrics labels --------------------------------------------------------------------------------
+
+
+async def test_made_up_grpc_methods_create_no_metric_series():
+    service = "limits-plain"
+    running = await grpc_server.create_server(
+        GrpcServiceSettings(grpc_port=0, metrics_port=-1),
+        service,
+        [
+            grpc_server.Binding(
+                gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+                gateway_pb2_grpc.GatewayServiceServicer(),
+                SERVICE_NAME,
+            )
+        ],
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            assert await call_made_up_methods(channel, 20) == {grpc.StatusCode.UNIMPLEMENTED}
+            with pytest.raises(grpc.aio.AioRpcError):  # a served method, unimplemented by the base servicer
+                await channel.unary_unary(f"/{SERVICE_NAME}/ListModels")(b"", timeout=10)
+    finally:
+        await running.stop(0)
+    methods = {method for _, method, _ in series(service)}
+    assert methods == {"ListModels"}
+
+
+@pytest.fixture(scope="module")
+async def gateway(tmp_path_factory):
+    """The gateway built as main() builds it (auth on), HTTP and gRPC on free loopback ports; no
+    upstreams (their channels connect lazily)."""
+    settings = GatewaySettings(
+        home=str(tmp_path_factory.mktemp("gateway")),
+        grpc_port=0,
+        admin_token=ADMIN_TOKEN,
+        ledger=False,
+        max_header_bytes=HEADER_LIMIT,
+        header_timeout_s=SHORT_S,
+        keep_alive_timeout_s=SHORT_S,
+    )
+    gw = Gateway(settings)
+    await gw.control.start(settings)
+    await gw.start_grpc()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    serving = asyncio.create_task(gw.http.serve(sockets=[sock]))
+    while not gw.http.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+        await asyncio.sleep(0.01)
+    gw.http_port = sock.getsockname()[1]
+    yield gw
+    gw.http.should_exit = True
+    await serving
+    await gw.grpc.stop(0)
+    await gw.control.close()
+    await gw.pipeline.close()
+    sock.close()
+
+
+async def test_made_up_methods_on_the_gateways_authenticated_port_share_one_label(gateway):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc.port}") as channel:
+        assert await call_made_up_methods(channel, 20) == {grpc.StatusCode.UNAUTHENTICATED}
+        admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+        assert await call_made_up_methods(channel, 20, admin) == {grpc.StatusCode.UNIMPLEMENTED}
+    found = series("gateway")
+    assert not [s for s in found if "Made" in s[1]]
+    unknown = [s for s in found if s[1] == grpc_server.UNKNOWN_METHOD]
+    assert sorted(unknown) == [
+        ("meshserve_grpc_server_handled", "unknown", "UNAUTHENTICATED"),
+        ("meshserve_grpc_server_handling_seconds", "unknown", ""),
+    ]
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def connection(gw: Gateway):
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), PATIENCE_S)
+    status = int(head.split(b" ", 2)[1])
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+    )
+    return status, await asyncio.wait_for(reader.readexactly(length), PATIENCE_S)
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """True when the server closes the connection (EOF or reset) while we wait, patiently."""
+    try:
+        return await asyncio.wait_for(reader.read(1), PATIENCE_S) == b""
+    except ConnectionResetError:
+        return True
+
+
+def get(path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: gw", *headers, "", ""]).encode()
+
+
+async def test_a_normal_request_passes_and_its_connection_is_kept_alive(gateway):
+    async with connection(gateway) as (reader, writer):
+        for _ in range(3):
+            writer.write(get("/health", "X-Fill: " + "a" * (HEADER_LIMIT // 2)))
+            status, body = await read_response(reader)
+            assert status == 200, body
+
+
+async def test_a_large_body_after_small_headers_is_not_taken_for_headers(gateway):
+    body = b'{"inputs": "' + b"x" * (4 * HEADER_LIMIT) + b'"}'
+    head = f"POST /models/no/such-model HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n"
+    head += f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n\r\n"
+    async with connection(gateway) as (reader, writer):
+        writer.write(head.encode() + body)  # one write: headers and body share the server's reads
+        status, reply = await read_response(reader)
+    assert status == 404, reply
+
+
+@pytest.mark.parametrize("size", [HEADER_LIMIT + 1024, 4 * MiB], ids=["just-over", "4MiB"])
+async def test_oversized_headers_are_refused_with_431(gateway, size):
+    async with connection(gateway) as (reader, writer):
+        writer.write(get("/v1/models", "X-Big: " + "a" * size))
+        status, body = await read_response(reader)
+        assert status == 431
+        assert b"exceed the limit of 16384 bytes" in body
+        assert b'"type"' in body  # an OpenAI route: the OpenAI error shape
+        assert await closed_by_server(reader)
+
+
+async def test_headers_sent_in_part_are_cut_off_after_the_header_timeout(gateway):
+    async with connection(gateway) as (reader, writer):
+        writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Slow: abc")
+        assert await closed_by_server(reader)
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(gateway):
+    async with connection(gateway) as (reader, _writer):
+        assert await closed_by_server(reader)
+
+
+async def test_an_idle_keep_alive_connection_is_closed(gateway):
+    async with connection(gateway) as (reader, writer):
+        writer.write(get("/health"))
+        status, _ = await read_response(reader)
+        assert status == 200
+        assert await closed_by_server(reader)
+
+
+# -- gRPC message sizes ---------------------------------------------------------------------------
+
+
+def predict(image_bytes: int) -> gateway_pb2.PredictRequest:
+    inputs = tasks_pb2.TaskInputs(images=tasks_pb2.ImageInputs(images=[b"\0" * image_bytes]))
+    return gateway_pb2.PredictRequest(model_id="no/such-model", inputs=inputs)
+
+
+async def test_the_gateways_grpc_api_takes_messages_as_large_as_rest_bodies_and_no_larger(gateway):
+    limit = gateway.settings.max_body_bytes
+    admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc.port}") as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(predict(limit - 1024), metadata=admin, timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # it reached the gateway: no such model
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(predict(limit + 1), metadata=admin, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _add_echo(servicer, server) -> None:
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshserve.test.Echo", {"Echo": handler})])
+
+
+async def test_internal_hops_carry_a_largest_rest_body_but_have_a_limit():
+    """A REST body of the largest size crosses gateway -> preprocess with framing around it (and
+    preprocess answers with tensors as large): the services' default limit has room for both."""
+    running = await grpc_server.create_server(
+        GrpcServiceSettings(grpc_port=0, metrics_port=-1), "limits-echo", [grpc_server.Binding(_add_echo, None, "x")]
+    )
+    upstream = UpstreamSettings(address=f"127.0.0.1:{running.port}")
+    try:
+        async with grpc.aio.insecure_channel(upstream.address, options=channel_options(upstream)) as channel:
+            echo = channel.unary_unary("/meshserve.test.Echo/Echo")
+            largest = b"\0" * (GatewaySettings().max_body_bytes + MiB)
+            assert await echo(largest, timeout=30) == largest
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await echo(b"\0" * (upstream.max_message_bytes + 1), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await running.stop(0)
