@@ -215,6 +215,7 @@ _SAMPLING = {
     "top_k": ("top_k", int),
     "seed": ("seed", int),
     "repetition_penalty": ("repetition_penalty", float),
+    "prompt_logprobs": ("prompt_logprobs", bool),
 }
 
 
@@ -224,7 +225,10 @@ def sampling_from_values(values: dict, stop_token_ids: list[int]) -> SamplingPar
     for name, (field_name, kind) in _SAMPLING.items():
         if name in values:
             value = values[name]
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise invalid(f"request parameter '{name}' must be a boolean", param=name)
+            elif isinstance(value, bool) or not isinstance(value, int | float):
                 raise invalid(f"request parameter '{name}' must be a number", param=name)
             fields[field_name] = kind(value)
     return SamplingParams(**fields, stop_token_ids=tuple(stop_token_ids))

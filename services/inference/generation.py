@@ -74,6 +74,9 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    # Also score the prompt (TGI's decoder_input_details): before its first token the sequence
+    # emits each prompt token's log-probability, read from the prefill's own forward pass.
+    prompt_logprobs: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -101,6 +104,10 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     logprob: float = 0.0  # log-probability of the token under the sampling distribution
+    # The prompt event (token None, not final; first, and only when asked for): per prompt token
+    # its log-probability given the tokens before it under the model (no sampling transform),
+    # NaN for the first token, which nothing precedes.
+    prompt_logprobs: tuple[float, ...] | None = None
 
 
 class CausalLMRuntime:
@@ -129,21 +136,33 @@ class CausalLMRuntime:
             eos.update(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
         self.eos_token_ids = frozenset(eos)
 
-    def prefill(self, ids: list[int]):
-        """(last-position logits [vocab], per-layer (k, v) of the prompt)."""
+    def prefill(self, ids: list[int], scored: bool = False):
+        """(last-position logits [vocab], per-layer (k, v) of the prompt, the prompt's
+        log-probabilities when `scored`, else None)."""
         torch = self._torch
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            return out.logits[0, -1].float(), layers
+            scores = self.prompt_logprobs(out.logits[0], ids) if scored else None
+            return out.logits[0, -1].float(), layers, scores
 
-    def prefill_batch(self, prompts: list[list[int]]):
+    def prompt_logprobs(self, logits, ids: list[int]) -> list[float]:
+        """Each prompt token's log-probability given the tokens before it, from the prompt's
+        logits at every position ([n, vocab]); NaN for the first token (nothing precedes it)."""
+        torch = self._torch
+        targets = torch.tensor(ids[1:], device=logits.device).unsqueeze(1)
+        scores = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, targets).squeeze(1)
+        return [float("nan"), *scores.tolist()]
+
+    def prefill_batch(self, prompts: list[list[int]], scored: list[bool] | None = None):
         """Several prompts in one forward, left-padded: (last-position logits [k, vocab], per-layer
-        (k, v) [k, heads, longest, dim], mask [k, longest]); the same numbers as one at a time."""
+        (k, v) [k, heads, longest, dim], mask [k, longest], per prompt its log-probabilities if
+        `scored` says so, else None); the same numbers as one at a time."""
+        scored = scored or [False] * len(prompts)
         if len(prompts) == 1:
-            logits, layers = self.prefill(prompts[0])
+            logits, layers, scores = self.prefill(prompts[0], scored[0])
             mask = self._torch.ones((1, len(prompts[0])), dtype=self._torch.long, device=self.device)
-            return logits.unsqueeze(0), layers, mask
+            return logits.unsqueeze(0), layers, mask, [scores]
         torch = self._torch
         width = max(map(len, prompts))
         ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
@@ -155,7 +174,11 @@ class CausalLMRuntime:
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            return out.logits[:, -1].float(), layers, mask
+            scores = [
+                self.prompt_logprobs(out.logits[row, width - len(prompt) :], prompt) if wanted else None
+                for row, (prompt, wanted) in enumerate(zip(prompts, scored, strict=True))
+            ]
+            return out.logits[:, -1].float(), layers, mask, scores
 
     def decode(self, tokens: list[int], mask, positions, layers):
         """One step for a left-padded batch: (logits [batch, vocab], grown layers)."""
@@ -321,7 +344,7 @@ class GenerationScheduler:
         if not joining:
             return
         try:
-            sampled, layers, mask = await loop.run_in_executor(self._executor, self._prefill, joining)
+            sampled, layers, mask, scores = await loop.run_in_executor(self._executor, self._prefill, joining)
         except Exception as exc:  # they left the queue and never joined: end them; the batch goes on
             log.exception("prefill failed", extra={"fields": {"model": self.name, "sequences": len(joining)}})
             for sequence in joining:
@@ -332,6 +355,9 @@ class GenerationScheduler:
                 self._finish(sequence, "cancelled")
             raise
         PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt) for s in joining))
+        for sequence, prompt_logprobs in zip(joining, scores, strict=True):
+            if prompt_logprobs is not None and not sequence.cancelled:
+                sequence.events.put_nowait(TokenEvent(None, prompt_logprobs=tuple(prompt_logprobs)))
         keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if self._emit(s, t, lp)]
         if keep:
             index = self._torch.tensor(keep, device=mask.device)
@@ -339,8 +365,10 @@ class GenerationScheduler:
             self._join([joining[i] for i in keep], [sampled[i][0] for i in keep], layers, mask.index_select(0, index))
 
     def _prefill(self, sequences: list[Sequence]):
-        logits, layers, mask = self.runtime.prefill_batch([s.prompt for s in sequences])
-        return self._sample_rows(logits, sequences), layers, mask
+        logits, layers, mask, scores = self.runtime.prefill_batch(
+            [s.prompt for s in sequences], [s.params.prompt_logprobs for s in sequences]
+        )
+        return self._sample_rows(logits, sequences), layers, mask, scores
 
     def _join(self, sequences: list[Sequence], tokens: list[int], layers, mask) -> None:
         """Merge newcomers (their left-padded cache and mask) into the running batch."""

@@ -241,7 +241,8 @@ def stream_error(request, err: MeshError) -> service_pb2.ModelStreamInferRespons
 
 
 def token_response(request, version: str, event) -> service_pb2.ModelStreamInferResponse:
-    """One decoupled response: a token, or the empty final response with the finish reason."""
+    """One decoupled response: a token, the prompt's log-probabilities (when asked for), or the
+    empty final response with the finish reason."""
     response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     if event.final:
         response.parameters["finish_reason"].string_param = event.finish_reason or ""
@@ -250,6 +251,10 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
         if event.error:  # a failed decode step: the server's fault
             response.parameters["error_code"].string_param = ErrorCode.INTERNAL.slug
             return service_pb2.ModelStreamInferResponse(error_message=event.error, infer_response=response)
+    elif event.prompt_logprobs is not None:  # the prompt's scores, before its first token
+        scores = event.prompt_logprobs
+        response.outputs.add(name="prompt_logprobs", datatype="FP32", shape=[len(scores)])
+        response.raw_output_contents.append(struct.pack(f"<{len(scores)}f", *scores))
     else:
         response.outputs.add(name="token_id", datatype="INT64", shape=[1])
         response.raw_output_contents.append(int(event.token_id).to_bytes(8, "little", signed=True))

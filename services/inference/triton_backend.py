@@ -144,14 +144,14 @@ class _GenerationHost:
                     else:
                         sender.send(flags=final)
                     return
-                sender.send(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[
-                            pb_utils.Tensor("token_id", np.array([event.token_id], dtype=np.int64)),
-                            pb_utils.Tensor("logprob", np.array([event.logprob], dtype=np.float32)),
-                        ]
-                    )
-                )
+                if event.prompt_logprobs is not None:  # the prompt's scores, before its first token
+                    tensors = [pb_utils.Tensor("prompt_logprobs", np.array(event.prompt_logprobs, dtype=np.float32))]
+                else:
+                    tensors = [
+                        pb_utils.Tensor("token_id", np.array([event.token_id], dtype=np.int64)),
+                        pb_utils.Tensor("logprob", np.array([event.logprob], dtype=np.float32)),
+                    ]
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
         except Exception as exc:  # this coroutine's future is not awaited: end the stream here, or it hangs
             stream.cancel()
             fail(f"generation failed: {type(exc).__name__}")

@@ -48,6 +48,7 @@ def generation_config(entry: ModelEntry, models_dir: Path, *, gpu: bool) -> mc.M
         output=[
             mc.ModelOutput(name="token_id", data_type=mc.TYPE_INT64, dims=[1]),
             mc.ModelOutput(name="logprob", data_type=mc.TYPE_FP32, dims=[1]),
+            mc.ModelOutput(name="prompt_logprobs", data_type=mc.TYPE_FP32, dims=[-1]),  # when asked for
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
         instance_group=[mc.ModelInstanceGroup(count=1, kind=kind)],

@@ -185,7 +185,7 @@ async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(run
     scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
     real = runtime.prefill_batch
 
-    def broken(prompts):
+    def broken(prompts, scored=None):
         raise RuntimeError("out of memory")
 
     try:
