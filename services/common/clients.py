@@ -21,7 +21,7 @@ from services.common.settings import UpstreamSettings
 log = logging.getLogger(__name__)
 
 
-def channel_options(settings: UpstreamSettings, max_message_bytes: int = 64 * 1024 * 1024) -> list:
+def channel_options(settings: UpstreamSettings) -> list:
     service_config = {
         "methodConfig": [
             {
@@ -39,8 +39,8 @@ def channel_options(settings: UpstreamSettings, max_message_bytes: int = 64 * 10
     return [
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.enable_retries", 1),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         # Reconnect quickly after an upstream restarts (grpc's default backoff grows to 120 s).

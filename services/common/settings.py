@@ -13,6 +13,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# Largest gRPC message between the services (the gateway's own gRPC API takes REST's 8 MiB body
+# limit instead). Twice that external limit: an 8 MiB image body crosses gateway -> preprocess as
+# one bytes field plus a few fields of framing, and preprocess answers with int64 ids + mask, 16
+# bytes a token, up to max_items x max_length of the catalog (2048 x 256 x 16 = 8 MiB for
+# all-MiniLM-L6-v2) plus tensor framing; inference and postprocess messages are chunks or pooled
+# outputs of those, smaller still.
+INTERNAL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 
 def _shared(name: str) -> AliasChoices:
     """Env name of a field every service reads from the same variable (MESHSERVE_<NAME>), whatever
@@ -47,7 +55,9 @@ class GrpcServiceSettings(CommonSettings):
 
     grpc_port: int = Field(0, description="gRPC listen port (0 picks a free port).")
     metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 picks a free port, -1 off).")
-    max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")
+    max_message_bytes: int = Field(
+        INTERNAL_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED over)."
+    )
     service_token: SecretStr | None = Field(
         None,
         validation_alias=_shared("service_token"),
@@ -70,6 +80,9 @@ class UpstreamSettings(BaseSettings):
     address: str = Field(..., description="host:port of the upstream gRPC service.")
     timeout_s: float = Field(30.0, description="Default deadline of one call when the caller sets none.")
     max_attempts: int = Field(3, description="Attempts for calls that fail UNAVAILABLE (grpc retry policy).")
+    max_message_bytes: int = Field(
+        INTERNAL_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message sent to or accepted from the upstream."
+    )
     service_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("service_token", "MESHSERVE_SERVICE_TOKEN"),

@@ -46,57 +46,63 @@ def _refusal(path: str, limit: int) -> bytes:
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header size limit and a header timeout.
 
-    Bytes are counted while a request's headers are awaited: on the wire as they arrive (this
-    bounds what httptools buffers of a header still incomplete to the limit plus one read), and
-    exactly, field by field, once they are complete, before the app sees the request. A refused
-    request gets a 431 and the connection is half-closed; what the client still sends is read and
-    dropped (so that the 431 is not lost to a TCP reset) until it closes or the header timeout.
-    The timer runs from the connection's start, or from the first byte of a later request, until
-    the headers are complete; when it fires the connection is closed.
+    Header bytes are counted on the wire while a request's headers are incomplete (this bounds
+    what httptools buffers of an unfinished header to the limit plus one read), and exactly, URL
+    and fields, once they are complete, before the app sees the request. A refused request gets a
+    431 and the connection is half-closed; what the client still sends is read and dropped (so the
+    431 is not lost to a TCP reset) until it closes or the header timeout. The timer runs from the
+    connection's start, or from a read that leaves a request's headers unfinished, until they are
+    complete; then the connection is closed. Headers that arrive whole in one read, the common
+    case, arm no timer at all.
     """
 
     limits: HttpLimits = HttpLimits(64 * 1024, 10.0)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._awaiting_headers = True
-        self._wire_bytes = 0  # bytes read while awaiting headers
-        self._header_bytes = 0  # URL + header names and values of the request being parsed
+        self._in_headers = False  # between a request's first byte and the end of its headers
+        self._in_body = False  # between the end of a request's headers and the end of its body
+        self._wire_bytes = 0  # bytes read since the last request's body ended
+        self._requests_begun = 0
         self._refused = False
         self._header_timer: TimerHandle | None = None
-        self._arm_header_timer()
+        self._arm_header_timer()  # the first request's headers are due from the connection's start
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._awaiting_headers:
+        if not self._in_body:
             self._wire_bytes += len(data)
-            self._arm_header_timer()
-        super().data_received(data)
-        if self._awaiting_headers and self._wire_bytes > self.limits.max_header_bytes:
-            self._refuse()
+        begun = self._requests_begun
+        super().data_received(data)  # uvicorn stops its keep-alive timer on any byte
+        if self._in_headers:
+            if self._wire_bytes > self.limits.max_header_bytes:
+                self._refuse()
+            else:
+                self._arm_header_timer()
+        elif not self._in_body:
+            self._wire_bytes = 0
+            if self._requests_begun == begun and (self.cycle is None or self.cycle.response_complete):
+                self._arm_header_timer()  # bytes that begin no request (blank lines) keep nothing open
 
-    def on_url(self, url: bytes) -> None:
-        self._header_bytes += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        super().on_header(name, value)
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._requests_begun += 1
 
     def on_headers_complete(self) -> None:
-        if self._header_bytes > self.limits.max_header_bytes:
+        size = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
+        if size > self.limits.max_header_bytes:
             self._refuse()
             raise _HeadersTooLarge
-        self._awaiting_headers = False
-        self._header_bytes = 0
-        self._cancel_header_timer()
+        self._in_headers, self._in_body, self._wire_bytes = False, True, 0
+        if self._header_timer is not None:
+            self._cancel_header_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._awaiting_headers = True
-        self._wire_bytes = 0
+        self._in_body = False
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a refusal stops the parser with an error; its 431 is already sent
@@ -110,7 +116,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self.transport.is_closing():
             return
         self._refused = True
-        path = self.url.decode("latin-1") if getattr(self, "url", b"") else "/"
+        path = self.url.decode("latin-1") if self._in_headers else "/"
         self.transport.write(_refusal(path, self.limits.max_header_bytes))
         if self.transport.can_write_eof():
             self.transport.write_eof()

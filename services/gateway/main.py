@@ -24,6 +24,7 @@ from services.gateway.control import ControlPlane
 from services.gateway.core import Pipeline
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
+from services.gateway.http_limits import HttpLimits, protocol_class
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,13 @@ class Gateway:
             host=settings.host,
             port=settings.http_port,
             loop="none",
-            http="httptools",
+            http=protocol_class(HttpLimits(settings.max_header_bytes, settings.header_timeout_s)),
             lifespan="off",
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
-            timeout_keep_alive=30,
+            timeout_keep_alive=settings.keep_alive_timeout_s,
+            limit_concurrency=settings.max_connections,
         )
         self.http = uvicorn.Server(config)
         self.grpc: grpc_server.RunningServer | None = None
@@ -85,7 +87,10 @@ class Gateway:
         servicer = GatewayServicer(self.pipeline, self.control.metering)
         binding = grpc_server.Binding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)
         grpc_settings = grpc_server.GrpcServiceSettings(
-            host=self.settings.host, grpc_port=self.settings.grpc_port, metrics_port=-1
+            host=self.settings.host,
+            grpc_port=self.settings.grpc_port,
+            metrics_port=-1,
+            max_message_bytes=self.settings.max_body_bytes,  # callers' messages: REST's body limit
         )
         inner = [GrpcAuthInterceptor(self.control.auth)] if self.control.auth.enabled else []
         self.grpc = await grpc_server.create_server(grpc_settings, "gateway", [binding], inner_interceptors=inner)

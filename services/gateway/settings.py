@@ -52,6 +52,19 @@ class GatewaySettings(CommonSettings):
         10, ge=0, le=19, description="CPU priority of the ledger's writer process below the gateway's (nice)."
     )
     key_refresh_s: float = Field(0.25, description="How often a replica checks the database for key changes.")
+    max_header_bytes: int = Field(
+        64 * 1024, gt=0, description="Largest request line + headers of one HTTP request (431 and close above)."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a request's headers may take to arrive, from the connection's start or the "
+        "request's first byte; the connection is closed after it (slow or idle clients).",
+    )
+    keep_alive_timeout_s: float = Field(30.0, gt=0, description="An idle keep-alive HTTP connection closes after it.")
+    max_connections: int = Field(
+        1024, gt=0, description="Most HTTP connections (or requests in progress) at once; a request beyond gets 503."
+    )
 
     def upstream(self, address: str) -> UpstreamSettings:
         return UpstreamSettings(address=address, timeout_s=self.request_timeout_s, max_attempts=self.upstream_attempts)

@@ -203,6 +203,15 @@ async def test_an_idle_keep_alive_connection_is_closed(gateway):
         assert await closed_by_server(reader)
 
 
+async def test_blank_lines_after_a_response_do_not_keep_the_connection_open(gateway):
+    async with connection(gateway) as (reader, writer):
+        writer.write(get("/health"))
+        status, _ = await read_response(reader)
+        assert status == 200
+        writer.write(b"\r\n")  # any byte stops uvicorn's keep-alive timer; it begins no request
+        assert await closed_by_server(reader)
+
+
 # -- gRPC message sizes ---------------------------------------------------------------------------
 
 
