@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -109,6 +110,10 @@ def plan(settings: SupervisorSettings, base: dict[str, str], home: Path) -> tupl
     Replicated gateways get their own ports too, behind Envoy's front listener (the REST entry point)."""
     gw = GatewaySettings()
     env = {**base, "PYTHONUNBUFFERED": "1"}
+    if not env.get("MESHSERVE_SERVICE_TOKEN") and not env.get("MESHSERVE_SERVICE_TOKEN_FILE"):
+        # A fresh service token per run, in every child's environment only (never on disk or in
+        # argv, except Triton's): the stages answer the gateway and no one else on this host.
+        env["MESHSERVE_SERVICE_TOKEN"] = secrets.token_urlsafe(32)
     stages = {name: cls() for name, cls in STAGE_SETTINGS.items()}
     for name, stage in stages.items():
         env.setdefault(f"MESHSERVE_GATEWAY_{name.upper()}_ADDRESS", f"{stage.host}:{stage.grpc_port}")
@@ -180,7 +185,7 @@ def envoy_child(
     from deploy.envoy.generate import Topology, build
 
     spec: dict = {
-        "admin": {"address": gw.host, "port": settings.envoy_admin_port},
+        "admin": {"address": "127.0.0.1", "port": settings.envoy_admin_port},  # never beyond this host
         "front": {"address": gw.host, "port": settings.envoy_front_port},
         "services": services,
     }
@@ -209,7 +214,7 @@ class Supervisor:
         where = (gw.home / ADMIN_TOKEN_FILE).resolve()
         return (
             f"  API keys   on; admin token in {where}\n"
-            f"             curl -H \"Authorization: Bearer $(cat {where})\" {self.base_url}/v1/models\n"
+            f'             curl -H "Authorization: Bearer $(cat {where})" {self.base_url}/v1/models\n'
         )
 
     def __init__(self, settings: SupervisorSettings) -> None:
@@ -286,10 +291,11 @@ class Supervisor:
                 f"\nmeshserve is ready ({time.strftime('%H:%M:%S')}):\n"
                 f"  REST API   {self.base_url}   (docs {self.base_url}/docs, metrics {self.base_url}/metrics)\n"
                 f"  gRPC API   {grpc_api}   (meshserve.gateway.v1.GatewayService)\n"
-                f"  inference  {first['MESHSERVE_GATEWAY_INFERENCE_ADDRESS']}   (KServe v2 / Triton gRPC)\n"
+                f"  inference  {first['MESHSERVE_GATEWAY_INFERENCE_ADDRESS']}   (KServe v2 / Triton gRPC; send "
+                f"x-meshserve-service-token: set MESHSERVE_SERVICE_TOKEN before `meshserve up` to choose it)\n"
                 + (
                     f"  Envoy      http://{gw.host}:{self.settings.envoy_front_port}   (front; admin "
-                    f"http://{gw.host}:{self.settings.envoy_admin_port})\n"
+                    f"http://127.0.0.1:{self.settings.envoy_admin_port})\n"
                     if "envoy" in self.children
                     else ""
                 )

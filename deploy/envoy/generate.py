@@ -11,8 +11,11 @@ What it emits (the settings measured in reference/deploy-tooling.md):
   unavailable / reset / connect-failure / refused-stream with a per-try timeout, a raised
   `max_retries` circuit breaker (the default of 3 concurrent retries overflows when a busy host
   dies), `healthy_panic_threshold: 0`, and route timeouts;
-- the admin interface on loopback; OpenTelemetry tracing to an OTLP/gRPC collector with a short
-  flush interval when the topology names one.
+- the admin interface on loopback, always (it can drain listeners, change log levels and quit
+  Envoy: a topology that puts it elsewhere is refused), and when the topology asks for it a `stats`
+  listener that serves only `GET /stats/prometheus` from it, for Prometheus on other hosts;
+- OpenTelemetry tracing to an OTLP/gRPC collector with a short flush interval when the topology
+  names one.
 
 Replica addresses are `host:port`; a cluster whose addresses are host names is STRICT_DNS (use a
 headless Kubernetes Service, so Envoy sees, health-checks and balances every pod), else STATIC.
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -61,12 +64,20 @@ class Tracing(_Strict):
 
 class Topology(_Strict):
     admin: Address = Address(port=9901)
+    stats: Address | None = Field(None, description="a listener serving only /stats/prometheus (Prometheus)")
     front: Address = Address(port=10000)
     route_timeout_s: float = 60.0
     per_try_timeout_s: float = 30.0
     num_retries: int = 3
     tracing: Tracing | None = None
     services: dict[str, Service]
+
+    @field_validator("admin")
+    @classmethod
+    def _admin_on_loopback(cls, admin: Address) -> Address:
+        if not _is_loopback(admin.address):
+            raise ValueError(f"the admin interface must listen on loopback, not {admin.address!r} (use `stats`)")
+        return admin
 
 
 def _socket(host_port: str) -> dict[str, Any]:
@@ -86,6 +97,15 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _duration(seconds: float) -> str:
@@ -196,6 +216,43 @@ def listener(name: str, address: Address, route: dict[str, Any], topo: Topology,
     }
 
 
+def stats_listener(topo: Topology) -> dict[str, Any]:
+    """Only GET /stats/prometheus, proxied to the loopback admin interface; every other path is a 404."""
+    route = {
+        "match": {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "route": {"cluster": "envoy_admin", "timeout": "5s"},
+    }
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": "stats",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "stats",
+            "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": [route]}],
+        },
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    return {
+        "name": "stats",
+        "address": {"socket_address": {"address": topo.stats.address, "port_value": topo.stats.port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+
+
+def _static_cluster(name: str, host_port: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host_port)}}]}],
+        },
+    }
+
+
 def build(topo: Topology) -> dict[str, Any]:
     """The Envoy bootstrap as plain dicts (dumped with pyyaml)."""
     if "gateway" not in topo.services or topo.services["gateway"].kind != "http":
@@ -228,6 +285,9 @@ def build(topo: Topology) -> dict[str, Any]:
         }
         listeners.append(listener(name, svc.listen, route, topo, grpc=True))
     clusters = [cluster(name, svc) for name, svc in topo.services.items()]
+    if topo.stats is not None:
+        listeners.append(stats_listener(topo))
+        clusters.append(_static_cluster("envoy_admin", f"{topo.admin.address}:{topo.admin.port}"))
     config: dict[str, Any] = {
         "admin": {"address": {"socket_address": {"address": topo.admin.address, "port_value": topo.admin.port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common import service_auth
 from services.common.catalog import Catalog
 from services.inference.settings import InferenceSettings
 from services.inference.triton_repository import generate
@@ -88,6 +89,7 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
         f"--log-verbose={settings.triton_log_verbose}",
         f"--exit-timeout-secs={settings.triton_exit_timeout_s}",
     ]
+    cmd += restricted_protocol_flags(service_auth.configured_token(settings))
     if settings.triton_trace_url:
         cmd += [
             "--trace-config=mode=opentelemetry",
@@ -97,6 +99,17 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
             "--trace-config=opentelemetry,resource=service.name=meshserve-triton",
         ]
     return cmd
+
+
+def restricted_protocol_flags(token: str | None) -> list[str]:
+    """Triton's own check of our service token: every protocol group but `health` (ServerLive,
+    ServerReady, ModelReady and grpc.health.v1 stay open for probes) needs the header our clients
+    send. Triton takes the value only on its command line, so the token is visible in this host's
+    process list to users who may read it (the other stages get it from the environment)."""
+    if not token:
+        return []
+    groups = ",".join(service_auth.TRITON_RESTRICTED)
+    return [f"--grpc-restricted-protocol={groups}:{service_auth.HEADER}={token}"]
 
 
 async def server_ready(target: str) -> bool:

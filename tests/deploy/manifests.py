@@ -107,7 +107,7 @@ def reference_problems(docs: list[dict]) -> list[str]:
                 peer["podSelector"].get("matchLabels", {})
                 for rule in d["spec"].get("ingress", [])
                 for peer in rule.get("from", [])
-                if "podSelector" in peer
+                if "podSelector" in peer and "namespaceSelector" not in peer  # others: pods of other namespaces
             ]
             problems += [f"{name_of(d)}: {s} selects no pods" for s in selectors if not pods_selected(docs, s)]
     return problems
@@ -262,12 +262,13 @@ def topology_problems(docs: list[dict], topology) -> list[str]:
 # --- the gateway's control plane: secrets, database, Redis --------------------------------------
 
 # The Secrets the gateway reads, which the operator creates (the manifests ship none): name -> key.
-EXTERNAL_SECRETS = {"meshserve-admin": "token", "meshserve-database": "url"}
+EXTERNAL_SECRETS = {"meshserve-admin": "token", "meshserve-database": "url", "meshserve-service-token": "token"}
 # Settings that carry credentials: only ever from a Secret, never a literal `value`.
 SECRET_ENV = {
     "MESHSERVE_ADMIN_TOKEN": ("meshserve-admin", "token"),
     "MESHSERVE_GATEWAY_ADMIN_TOKEN": None,  # the setting's other name: must not be set at all
     "MESHSERVE_GATEWAY_DATABASE_URL": ("meshserve-database", "url"),
+    "MESHSERVE_SERVICE_TOKEN": ("meshserve-service-token", "token"),
 }
 # A real-looking API token (the placeholder `msk_admin_$(openssl rand -hex 32)` is not one), and a
 # URL with a password that is neither a ${VARIABLE} nor an upper-case placeholder such as PASSWORD.
@@ -388,4 +389,73 @@ def _redis_problems(docs: list[dict], where: str, url: str | None) -> list[str]:
         mounts = {m["mountPath"] for m in redis[0].get("volumeMounts", [])}
         if "/data" not in mounts:
             problems.append(f"{name_of(target)}: /data is not a volume (read-only root filesystem)")
+    return problems
+
+
+# --- service-to-service access: NetworkPolicies and the service token ----------------------------
+
+STAGES = ("preprocess", "inference", "postprocess")
+SERVICE_TOKEN_REF = {"name": "meshserve-service-token", "key": "token"}
+
+
+def _component(pod_labels: dict) -> str | None:
+    return pod_labels.get("app.kubernetes.io/component")
+
+
+def _pod_components(docs: list[dict], selector: dict) -> set[str]:
+    return {_component(d["spec"]["template"]["metadata"].get("labels", {})) for d in pods_selected(docs, selector)}
+
+
+def _covers(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports)
+
+
+def network_policy_problems(docs: list[dict], allowed: dict[tuple[str, int], set[str]]) -> list[str]:
+    """`allowed`: (component, port) -> the components whose pods may connect to it. Every such port
+    must be behind an Ingress NetworkPolicy, and every rule that admits traffic to it may name only
+    pods of this namespace of those components (no empty `from`, no ipBlock, no other namespace)."""
+    problems = []
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for (component, port), callers in allowed.items():
+        mine = [
+            p
+            for p in policies
+            if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+            and component in _pod_components(docs, p["spec"]["podSelector"].get("matchLabels", {}))
+        ]
+        if not mine:
+            problems.append(f"{component}: no NetworkPolicy: any pod may connect to port {port}")
+        for policy in mine:
+            for rule in policy["spec"].get("ingress", []):
+                if not _covers(rule, port):
+                    continue
+                peers = rule.get("from") or []
+                if not peers:
+                    problems.append(f"{name_of(policy)}: admits anyone to {component}:{port}")
+                for peer in peers:
+                    if "ipBlock" in peer or "namespaceSelector" in peer:
+                        problems.append(f"{name_of(policy)}: admits {peer} to {component}:{port}")
+                        continue
+                    extra = _pod_components(docs, peer.get("podSelector", {}).get("matchLabels", {})) - callers
+                    if extra:
+                        problems.append(f"{name_of(policy)}: admits {sorted(extra)} to {component}:{port}")
+    return problems
+
+
+def service_token_problems(docs: list[dict]) -> list[str]:
+    """The stages and the gateway read MESHSERVE_SERVICE_TOKEN from the Secret (required); a Triton
+    inference container also has Triton check it on every protocol but health."""
+    from services.common.service_auth import HEADER, TRITON_RESTRICTED
+
+    problems = []
+    for stage in ("gateway", *STAGES):
+        c = mesh_container(docs, stage)
+        ref = _env(c).get("MESHSERVE_SERVICE_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        if ref != SERVICE_TOKEN_REF:
+            problems.append(f"{stage}: MESHSERVE_SERVICE_TOKEN is {ref}, not the Secret {SERVICE_TOKEN_REF}")
+        if c.get("command") == ["tritonserver"]:
+            wanted = f"--grpc-restricted-protocol={','.join(TRITON_RESTRICTED)}:{HEADER}=$(MESHSERVE_SERVICE_TOKEN)"
+            if wanted not in c.get("args", []):
+                problems.append(f"{stage}: tritonserver does not check the service token ({wanted})")
     return problems

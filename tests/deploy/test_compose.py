@@ -42,7 +42,7 @@ METRICS = {
     "preprocess": (_default(PreprocessSettings, "metrics_port"), "/metrics"),
     "inference": (_default(InferenceSettings, "metrics_port"), "/metrics"),
     "postprocess": (_default(PostprocessSettings, "metrics_port"), "/metrics"),
-    "envoy": (TOPOLOGY.admin.port, "/stats/prometheus"),
+    "envoy": (TOPOLOGY.stats.port, "/stats/prometheus"),  # the stats listener: admin is loopback-only
 }
 
 
@@ -162,13 +162,28 @@ def _compose_config(empty: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_docker_compose_accepts_the_file(tmp_path):
-    out = _compose_config(tmp_path, MESHSERVE_ADMIN_TOKEN="msk_admin_test")
+    out = _compose_config(tmp_path, MESHSERVE_ADMIN_TOKEN="msk_admin_test", MESHSERVE_SERVICE_TOKEN="test")
     assert out.returncode == 0, out.stderr
 
 
 def test_docker_compose_refuses_to_start_without_an_admin_token(tmp_path):
-    out = _compose_config(tmp_path)
+    out = _compose_config(tmp_path, MESHSERVE_SERVICE_TOKEN="test")
     assert out.returncode != 0 and "MESHSERVE_ADMIN_TOKEN" in out.stderr, out.stderr
+
+
+def test_docker_compose_refuses_to_start_without_a_service_token(tmp_path):
+    out = _compose_config(tmp_path, MESHSERVE_ADMIN_TOKEN="msk_admin_test")
+    assert out.returncode != 0 and "MESHSERVE_SERVICE_TOKEN" in out.stderr, out.stderr
+
+
+def test_every_stage_requires_the_service_token_and_envoy_admin_stays_on_loopback():
+    wanted = "${MESHSERVE_SERVICE_TOKEN:?set MESHSERVE_SERVICE_TOKEN, see the top of this file}"
+    for name in MESH:
+        assert SERVICES[name]["environment"]["MESHSERVE_SERVICE_TOKEN"] == wanted, name
+    assert TOPOLOGY.admin.address == "127.0.0.1"
+    envoy = yaml.safe_load((DOCKER / "envoy.yaml").read_text())
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert str(TOPOLOGY.admin.port) not in SERVICES["envoy"]["expose"]
 
 
 def test_promtool_accepts_the_scrape_config():
@@ -362,7 +377,7 @@ def test_no_credential_is_committed_in_the_docker_files_and_env_files_stay_out()
         for line in (DOCKER / ".env.example").read_text().splitlines()
         if "=" in line and not line.startswith("#")
     )
-    assert example == {"MESHSERVE_ADMIN_TOKEN": "", "MESHSERVE_POSTGRES_PASSWORD": ""}
+    assert example == {"MESHSERVE_ADMIN_TOKEN": "", "MESHSERVE_SERVICE_TOKEN": "", "MESHSERVE_POSTGRES_PASSWORD": ""}
     # Never committed, never in an image (both Dockerfiles copy deploy/ into the image).
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
     for name in ("Dockerfile", "Dockerfile.triton"):

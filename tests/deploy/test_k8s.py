@@ -15,7 +15,7 @@ import yaml
 from deploy.envoy.generate import Topology, render
 from services.gateway.settings import GatewaySettings
 from services.inference.settings import InferenceSettings
-from services.inference.triton_launcher import command
+from services.inference.triton_launcher import command, restricted_protocol_flags
 from services.postprocess.settings import PostprocessSettings
 from services.preprocess.settings import PreprocessSettings
 from tests.deploy.manifests import (
@@ -29,10 +29,12 @@ from tests.deploy.manifests import (
     find,
     hardening_problems,
     mesh_container,
+    network_policy_problems,
     probe_problems,
     reference_problems,
     schema_problems,
     secret_problems,
+    service_token_problems,
     topology_problems,
 )
 from tests.deploy.manifests import (
@@ -214,7 +216,7 @@ def test_envoy_configmap_is_the_generators_output_for_the_k8s_topology(rendered)
 
 def test_cpu_overlay_runs_the_embedded_backend_without_gpus():
     docs = kustomize(OVERLAYS / "cpu")
-    env = {e["name"]: e["value"] for e in mesh_container(docs, "inference")["env"]}
+    env = {e["name"]: e.get("value") for e in mesh_container(docs, "inference")["env"]}
     assert env["MESHSERVE_INFERENCE_BACKEND"] == "embedded"
     assert mesh_container(docs, "inference")["args"] == ["serve", "inference"]
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
@@ -402,3 +404,113 @@ def test_a_committed_token_password_or_secret_generator_is_caught(tmp_path):
         'token="msk_admin_$(openssl rand -hex 32)" url=postgresql+psycopg://meshserve:PASSWORD@HOST:5432/meshserve\n'
     )
     assert committed_secret_problems([placeholder]) == []
+
+
+# --- issue 14 finding 2: each stage accepts only its callers, and only with the service token -----
+
+# (component, port) -> who may connect: the stages only through Envoy, Envoy's stage listeners only
+# from the gateway (deploy/envoy/topology.k8s.yaml: the gateway calls the stages through Envoy).
+CALLERS = {
+    **{(stage, GRPC_PORTS[stage]): {"envoy"} for stage in ("preprocess", "inference", "postprocess")},
+    **{
+        ("envoy", TOPOLOGY.services[stage].listen.port): {"gateway"}
+        for stage in ("preprocess", "inference", "postprocess")
+    },
+}
+
+
+def test_every_grpc_stage_and_envoys_stage_listeners_accept_only_their_callers(rendered):
+    _, docs = rendered
+    assert network_policy_problems(docs, CALLERS) == []
+    # Prometheus (another namespace) reaches only the metrics ports, never a gRPC port.
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        for rule in policy["spec"]["ingress"]:
+            if any("namespaceSelector" in peer for peer in rule.get("from", [])):
+                assert {p["port"] for p in rule["ports"]} <= {9101, 8002, 9102, 9902}, policy["metadata"]["name"]
+
+
+def _open_rule(d):
+    d["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8001}]})
+
+
+POLICY_BREAKS = {
+    "no-policy": lambda docs: [d for d in docs if (d["kind"], d["metadata"]["name"]) != ("NetworkPolicy", "inference")],
+    "open-rule": lambda docs: _broken(docs, "NetworkPolicy", "inference", _open_rule),
+    "all-ports-to-gateway": lambda docs: _broken(
+        docs,
+        "NetworkPolicy",
+        "preprocess",
+        lambda d: d["spec"]["ingress"].append(
+            {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]}
+        ),
+    ),
+    "ip-block": lambda docs: _broken(
+        docs,
+        "NetworkPolicy",
+        "envoy",
+        lambda d: d["spec"]["ingress"][1]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+    ),
+    "any-namespace": lambda docs: _broken(
+        docs,
+        "NetworkPolicy",
+        "postprocess",
+        lambda d: d["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", POLICY_BREAKS, ids=str)
+def test_a_stage_open_to_other_callers_is_caught(rendered, case):
+    _, docs = rendered
+    assert network_policy_problems(POLICY_BREAKS[case](docs), CALLERS) != []
+
+
+def test_every_stage_and_the_gateway_read_the_service_token_from_the_secret(rendered):
+    _, docs = rendered
+    assert service_token_problems(docs) == []
+    assert secret_problems(docs) == []
+
+
+TOKEN_BREAKS = {
+    "missing": ("postprocess", _pop_env("MESHSERVE_SERVICE_TOKEN")),
+    "literal": ("preprocess", _replace_env("MESHSERVE_SERVICE_TOKEN", value="change-me")),
+    "other-secret": (
+        "gateway",
+        _replace_env(
+            "MESHSERVE_SERVICE_TOKEN", valueFrom={"secretKeyRef": {"name": "meshserve-admin", "key": "token"}}
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TOKEN_BREAKS, ids=str)
+def test_a_stage_without_the_service_token_is_caught(rendered, case):
+    _, docs = rendered
+    name, breaks = TOKEN_BREAKS[case]
+    broken = _broken(docs, "Deployment", name, breaks)
+    assert service_token_problems(broken) != [] or secret_problems(broken) != []
+
+
+def test_triton_checks_the_service_token_with_the_launchers_flag():
+    docs = kustomize(OVERLAYS / "gpu")
+    triton = mesh_container(docs, "inference")
+    assert restricted_protocol_flags("$(MESHSERVE_SERVICE_TOKEN)")[0] in triton["args"]
+    assert service_token_problems(docs) == []
+    without = _broken(
+        docs,
+        "Deployment",
+        "inference",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["args"].pop(),
+    )
+    assert service_token_problems(without) != []
+
+
+def test_envoy_admin_listens_on_loopback_and_prometheus_gets_only_the_stats_listener(rendered):
+    _, docs = rendered
+    config = yaml.safe_load(find(docs, "ConfigMap", next(
+        d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("envoy-config")
+    ))["data"]["envoy.yaml"])  # fmt: skip
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    envoy = find(docs, "Deployment", "envoy")["spec"]["template"]
+    assert envoy["metadata"]["annotations"]["prometheus.io/port"] == str(TOPOLOGY.stats.port)
+    assert TOPOLOGY.admin.port not in {p["containerPort"] for p in envoy["spec"]["containers"][0]["ports"]}
