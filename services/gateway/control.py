@@ -4,6 +4,7 @@ budgets, the usage ledger, and the metering that ties them to each request."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -26,15 +27,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+ADMIN_TOKEN_MIN_CHARS = 32
+ADMIN_TOKEN_MIN_BITS = 128
+
+
+class WeakAdminToken(ValueError):
+    """The operator's admin token is too easy to guess: the gateway refuses to start with it."""
+
+
+def check_admin_token(token: str, where: str) -> None:
+    """Refuse an admin token shorter than 32 characters or below 128 bits by a generous estimate
+    (length x log2 of its distinct characters: an upper bound, so it only catches tokens that are
+    surely weak, like a word, a short phrase or a repeated pattern). The admin token opens every
+    key, budget and usage row; unlike a generated key it is chosen by a person."""
+    bits = len(token) * math.log2(len(set(token))) if len(set(token)) > 1 else 0.0
+    if len(token) < ADMIN_TOKEN_MIN_CHARS or bits < ADMIN_TOKEN_MIN_BITS:
+        raise WeakAdminToken(
+            f"the admin token in {where} is too weak ({len(token)} characters, at most {bits:.0f} bits; needed: "
+            f"{ADMIN_TOKEN_MIN_CHARS} characters and {ADMIN_TOKEN_MIN_BITS} bits): use a random one, e.g. "
+            f'MESHSERVE_ADMIN_TOKEN="msk_admin_$(openssl rand -hex 32)", or unset it to have one generated '
+            f"into $MESHSERVE_HOME/{ADMIN_TOKEN_FILE}"
+        )
+
+
 def admin_token(settings: GatewaySettings) -> str:
     """MESHSERVE_ADMIN_TOKEN, else the token saved in MESHSERVE_HOME/admin-token, else a new one
-    written there (mode 0600) so that `make up` can print it and later runs keep it."""
+    written there (mode 0600; the folder 0700 when created here) so that `make up` can print it and
+    later runs keep it. A token the operator chose must pass check_admin_token."""
     if settings.admin_token:
-        return settings.admin_token.get_secret_value()
+        token = settings.admin_token.get_secret_value()
+        check_admin_token(token, "MESHSERVE_ADMIN_TOKEN")
+        return token
     path = Path(settings.home) / ADMIN_TOKEN_FILE
     if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+        token = path.read_text().strip()
+        check_admin_token(token, str(path))
+        return token
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Written whole to a private file, then linked into place: gateway replicas starting together on
     # one home all end up with the one token that won the link, never a half-written file.
     token = "msk_admin_" + secrets.token_urlsafe(32)
@@ -73,6 +102,8 @@ class ControlPlane:
         from services.gateway.ledger import UsageLedger
         from services.gateway.ratelimit import RateLimiter
 
+        if settings.auth and settings.admin_token:  # refused before anything starts
+            check_admin_token(settings.admin_token.get_secret_value(), "MESHSERVE_ADMIN_TOKEN")
         engine = make_engine(settings.database_url or default_url(Path(settings.home)))
         keys = KeyStore(engine, refresh_s=settings.key_refresh_s) if settings.auth else None
         storage = settings.redis_url or "memory://"

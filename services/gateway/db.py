@@ -4,7 +4,9 @@ host). Calls are synchronous and short; request paths run them in a worker threa
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +27,11 @@ def default_url(home: Path) -> str:
 def make_engine(url: str) -> sa.Engine:
     """An engine for the URL; SQLite gets WAL (readers never block the writer), a busy timeout
     (several processes write the same file: 30 s, or the URL's `?timeout=<seconds>`) and NORMAL
-    sync (WAL keeps it crash-safe)."""
+    sync (WAL keeps it crash-safe), and a private file (private_sqlite_file)."""
     if url.startswith("sqlite"):
         parsed = sa.make_url(url)
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(Path(parsed.database))
         timeout_s = float(parsed.query.get("timeout", 30))
         engine = sa.create_engine(url, connect_args={"timeout": timeout_s, "check_same_thread": False})
 
@@ -43,6 +45,44 @@ def make_engine(url: str) -> sa.Engine:
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Make the database file (API key hashes, everyone's usage) readable by its owner only: its
+    folder is created 0700, the file created or narrowed to 0600 before SQLite opens it. SQLite
+    creates its -wal and -shm files with the database file's permissions; ones left from before
+    are narrowed too."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):  # another owner's file: theirs to fix
+            if part.stat().st_mode & 0o077:
+                part.chmod(0o600)
+
+
+def add_missing_columns(engine: sa.Engine, table: sa.Table) -> None:
+    """Add the columns of `table` that an older release's table lacks (nullable ones only: rows
+    already there get NULL). Idempotent, and safe for replicas starting together: Postgres says
+    IF NOT EXISTS, SQLite's loser sees "duplicate column" and is done."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in have:
+            continue
+        ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+        if engine.dialect.name == "postgresql":
+            ddl = ddl.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
+
+        def add(ddl: str = ddl) -> None:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+
+        try:
+            retry_locked(add)
+        except sa.exc.OperationalError as err:
+            if "duplicate column" not in str(err):
+                raise
+        log.info("table %s: added column %s", table.name, column.name)
 
 
 def retry_locked(operation: Callable[[], T], attempts: int = 5) -> T:

@@ -1,9 +1,16 @@
 """API keys: creation, verification, revocation, and an in-process view shared by replicas.
 
-A token is `msk_<id>_<secret>`: the id finds the key without a scan, the secret (32 random bytes)
-is checked against its SHA-256 with a constant-time comparison. Only the hash is stored; the
-token is shown once, at creation. A long random secret needs no slow hash (a password would):
-guessing 256 bits is not a brute-force problem.
+A token is `msk_<id>_<secret>`: the id finds the key without a scan (an O(1) lookup, so a salt
+per key costs nothing), the secret (32 random bytes) is checked against its hash with a
+constant-time comparison. Only the hash is stored, HMAC-SHA256 keyed by a random salt of the key's
+own: equal tokens never store equal hashes and no table precomputed for SHA-256 applies. The token
+is shown once, at creation. A long random secret needs no slow hash (a password would): guessing
+256 bits is not a brute-force problem; the one token an operator chooses, the admin token, gets a
+strength check at start (control.check_admin_token).
+
+Rows of older releases hold the token's plain SHA-256 and no salt: they still verify, and the
+first successful verification rehashes the row (the admin key's at start, others' by the poll
+that follows; replicas see the new row at their next reload).
 
 Every replica keeps all keys in memory (authentication is a dict lookup, no I/O on the request
 path) and reloads them when the shared `key_version` row changes, polled every `refresh_s`; a
@@ -25,7 +32,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.db import create_tables, metadata, retry_locked
+from services.gateway.db import add_missing_columns, create_tables, metadata, retry_locked
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,9 @@ api_keys = sa.Table(
     metadata,
     sa.Column("id", sa.String(16), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
+    # HMAC-SHA256(key=secret_salt, token) in hex; rows of older releases: SHA-256(token), no salt.
     sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("secret_salt", sa.String(32), nullable=True),
     sa.Column("scopes", sa.JSON, nullable=False),
     sa.Column("models", sa.JSON, nullable=False),  # [] = every model
     sa.Column("tasks", sa.JSON, nullable=False),  # [] = every task
@@ -78,6 +87,7 @@ class ApiKey:
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     secret_sha256: str = field(default="", repr=False)
+    secret_salt: str | None = field(default=None, repr=False)  # None: a row of an older release
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -113,7 +123,20 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _sha256(secret: str) -> str:
+    """The hash of rows of older releases (no salt)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def token_hash(token: str, salt: str | None) -> str:
+    """What a row stores for a token: HMAC-SHA256 keyed by the row's salt (hex), or the plain
+    SHA-256 of a row of an older release (no salt)."""
+    if salt is None:
+        return _sha256(token)
+    return hmac.new(bytes.fromhex(salt), token.encode(), hashlib.sha256).hexdigest()
+
+
+def new_salt() -> str:
+    return secrets.token_hex(16)
 
 
 def _row_to_key(row) -> ApiKey:
@@ -133,15 +156,20 @@ def _row_to_key(row) -> ApiKey:
         expires_at=m["expires_at"],
         revoked_at=m["revoked_at"],
         secret_sha256=m["secret_sha256"],
+        secret_salt=m["secret_salt"],
     )
 
 
 def validate_spec(scopes, models, tasks, budget_usd, budget_period) -> None:
     unknown = [s for s in scopes if s not in SCOPES]
     if not scopes or unknown:
-        raise MeshError(ErrorCode.INVALID_INPUT, f"`scopes` must be a non-empty subset of {list(SCOPES)}", param="scopes")
+        raise MeshError(
+            ErrorCode.INVALID_INPUT, f"`scopes` must be a non-empty subset of {list(SCOPES)}", param="scopes"
+        )
     if budget_period is not None and budget_period not in PERIODS:
-        raise MeshError(ErrorCode.INVALID_INPUT, f"`budget_period` must be one of {list(PERIODS)}", param="budget_period")
+        raise MeshError(
+            ErrorCode.INVALID_INPUT, f"`budget_period` must be one of {list(PERIODS)}", param="budget_period"
+        )
     if budget_usd is not None and budget_usd < 0:
         raise MeshError(ErrorCode.INVALID_INPUT, "`budget_usd` must be >= 0", param="budget_usd")
 
@@ -158,7 +186,9 @@ class KeyStore:
         self._last_miss_refresh = float("-inf")
         self._miss_refresh: asyncio.Task | None = None
         # Compared against when the id is unknown, so a miss costs the same as a hit.
-        self._decoy = _sha256(secrets.token_urlsafe(32))
+        self._decoy_salt = new_salt()
+        self._decoy = token_hash(secrets.token_urlsafe(32), self._decoy_salt)
+        self._legacy: dict[str, str] = {}  # key id -> its token, verified against an unsalted row
 
     # -- synchronous database operations (the CLI uses them directly) ---------------------------
     def init_schema(self) -> None:
@@ -169,6 +199,7 @@ class KeyStore:
         if inspector.has_table("key_version") and "id" not in {c["name"] for c in inspector.get_columns("key_version")}:
             key_version.drop(self.engine)  # the pre-release form without a key: it only holds a counter
         create_tables(self.engine, [api_keys, key_version])
+        add_missing_columns(self.engine, api_keys)  # secret_salt, on a database of an older release
         # Write first, not "count, then insert": in SQLite a transaction that read and then writes
         # fails at once with "database is locked" when another replica committed in between (its
         # snapshot is stale; the busy timeout does not wait for that), seen with 4 replicas starting
@@ -203,10 +234,12 @@ class KeyStore:
         key_id = key_id or secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         token = token or f"{TOKEN_PREFIX}{key_id}_{secret}"
+        salt = new_salt()
         values = {
             "id": key_id,
             "name": name,
-            "secret_sha256": _sha256(token),
+            "secret_sha256": token_hash(token, salt),
+            "secret_salt": salt,
             "scopes": list(dict.fromkeys(scopes)),
             "models": list(models or []),
             "tasks": list(tasks or []),
@@ -255,12 +288,43 @@ class KeyStore:
     def _ensure_admin(self, token: str) -> None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == "admin")).first()
-        if row is not None and hmac.compare_digest(row._mapping["secret_sha256"], _sha256(token)):
-            return
+        if row is not None:
+            stored, salt = row._mapping["secret_sha256"], row._mapping["secret_salt"]
+            if hmac.compare_digest(stored, token_hash(token, salt)):
+                if salt is None:
+                    self._rehash("admin", token)
+                return
         with self.engine.begin() as conn:
             conn.execute(api_keys.delete().where(api_keys.c.id == "admin"))
             self._bump(conn)
         self.create("admin (bootstrap)", ["admin"], key_id="admin", token=token)
+
+    def _rehash(self, key_id: str, token: str) -> bool:
+        """Replace an unsalted row's hash of `token` by a salted one (only if the row still holds
+        that unsalted hash: another replica may have done it first)."""
+        salt = new_salt()
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.secret_salt.is_(None))
+                .where(api_keys.c.secret_sha256 == _sha256(token))
+                .values(secret_sha256=token_hash(token, salt), secret_salt=salt)
+            ).rowcount
+            if done:
+                self._bump(conn)
+        if done:
+            log.info("API key %s: its hash was upgraded to a salted HMAC-SHA256", key_id)
+        return bool(done)
+
+    async def rehash_legacy(self) -> None:
+        """Rehash the unsalted rows whose tokens were verified since the last call (the poll calls
+        it), then reload the view."""
+        pending, self._legacy = self._legacy, {}
+        changed = False
+        for key_id, token in pending.items():
+            changed |= await asyncio.to_thread(self._rehash, key_id, token)
+        if changed:
+            await self.reload()
 
     def _load(self) -> tuple[int, dict[str, ApiKey]]:
         with self.engine.connect() as conn:
@@ -319,6 +383,8 @@ class KeyStore:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
+                if self._legacy:
+                    await self.rehash_legacy()
                 if await asyncio.to_thread(self._version_now) != self._version:
                     await self.reload()
             except Exception:  # the database is briefly unavailable: keep the last view
@@ -337,9 +403,14 @@ class KeyStore:
             key = self._keys.get(token[len(TOKEN_PREFIX) :].split("_", 1)[0])
         if key is None:
             key = self._keys.get("admin")
-        stored = key.secret_sha256 if key is not None else self._decoy
-        if not hmac.compare_digest(stored, _sha256(token)) or key is None:
+        if key is not None:
+            stored, salt = key.secret_sha256, key.secret_salt
+        else:
+            stored, salt = self._decoy, self._decoy_salt
+        if not hmac.compare_digest(stored, token_hash(token, salt)) or key is None:
             raise MeshError(ErrorCode.UNAUTHENTICATED, "invalid API key")
+        if salt is None and len(self._legacy) < 10_000:  # verified against an unsalted row: rehash it
+            self._legacy[key.id] = token
         if key.revoked_at is not None or (key.expires_at is not None and not key.active(datetime.now(UTC))):
             raise MeshError(ErrorCode.UNAUTHENTICATED, "this API key was revoked or has expired")
         return key

@@ -27,7 +27,7 @@ from typing import Literal
 import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.gateway.db import create_tables, metadata, retry_locked
+from services.gateway.db import add_missing_columns, create_tables, metadata
 from services.gateway.ledger_writer import LedgerWriteError, WriterProcess
 
 log = logging.getLogger(__name__)
@@ -350,27 +350,9 @@ class UsageLedger:
 
 
 def create_usage_table(engine: sa.Engine) -> None:
-    """Create the tables, and add the columns a ledger of an older release lacks (idempotent:
-    replicas starting together may both try; the loser finds the column there)."""
+    """Create the tables, and add the columns a ledger of an older release lacks (idempotent)."""
     create_tables(engine)
-    columns = {c["name"] for c in sa.inspect(engine).get_columns("usage")}
-    for column in (usage.c.client_request_id,):
-        if column.name in columns:
-            continue
-        ddl = f"ALTER TABLE usage ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-        if engine.dialect.name == "postgresql":
-            ddl = ddl.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
-        try:
-            retry_locked(lambda ddl=ddl: _execute(engine, ddl))
-        except sa.exc.OperationalError as err:  # SQLite: another replica added it first
-            if "duplicate column" not in str(err):
-                raise
-        log.info("usage ledger: added column %s", column.name)
-
-
-def _execute(engine: sa.Engine, ddl: str) -> None:
-    with engine.begin() as conn:
-        conn.exec_driver_sql(ddl)
+    add_missing_columns(engine, usage)
 
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(UsageRecord))
