@@ -50,7 +50,7 @@ def check_zero_shot(entry: ModelEntry, texts: int, labels: Sequence[str], templa
     for i, label in enumerate(labels):
         if len(label) > MAX_LABEL_CHARS:
             raise invalid(f"`{LABELS}[{i}]` has {len(label)} characters; the limit is {MAX_LABEL_CHARS}", param=LABELS)
-    if template is not None:
+    if template:  # empty or None: the model's default
         if len(template) > MAX_TEMPLATE_CHARS:
             raise invalid(
                 f"`{TEMPLATE}` has {len(template)} characters; the limit is {MAX_TEMPLATE_CHARS}", param=TEMPLATE

@@ -2,6 +2,12 @@
 generates on a decoupled ModelStreamInfer (one response per token), postprocess turns tokens into
 text deltas and finds stop strings, and the caller gets one Step per token, then a final Step.
 
+Admission first (`Generator.start`): the key's restrictions, rate limits and a budget hold sized
+from the request's declared bounds (the prompt's UTF-8 bytes or the model's prompt limit,
+max_tokens or the model's default) come before the prompt's length cap and before preprocess
+renders and tokenizes it; the model's token limits are checked by preprocess on the real counts,
+and settlement charges those.
+
 Transport-neutral: the OpenAI, TGI and gRPC front ends render the same Steps. Closing the
 iterator (a client that went away, a stop string) cancels both streams, and the inference service
 drops the sequence from its batch at the next decode step.
@@ -10,8 +16,9 @@ drops the sequence from its batch at the next decode step.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from meshserve.postprocess.v1 import postprocess_pb2
@@ -22,6 +29,12 @@ from tritonclient.grpc import service_pb2
 from services.common.catalog import ModelEntry
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.errors import ErrorCode, MeshError, code_of
+
+if TYPE_CHECKING:
+    from services.gateway.metering import Metered, Metering
+
+# Tokens a plain prompt may have beyond one per UTF-8 byte: BOS/EOS and a tokenizer's prefix space.
+PROMPT_EXTRA_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,41 @@ class GenerationRequest:
     seed: int | None = None
     repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_field(self) -> str:
+        return "messages" if self.messages is not None else "prompt"
+
+    def chars(self) -> int:
+        """Characters of the prompt or of every message (len() of a str is O(1))."""
+        if self.messages is not None:
+            return sum(len(content) for _, content in self.messages)
+        return len(self.prompt or "")
+
+    def token_bounds(self, entry: ModelEntry) -> tuple[int, int]:
+        """(most prompt tokens, most new tokens) without a tokenizer: what admission reserves.
+        A prompt over the model's prompt limit is refused after tokenizing, so that limit bounds
+        every prompt; a plain prompt has at most a token per UTF-8 byte (plus special tokens), a
+        chat's rendered template adds text the gateway cannot see, so a chat gets the limit. New
+        tokens: max_tokens (at most the model's total), else the model's default."""
+        spec = entry.preprocess
+        max_input = spec.max_input_tokens or spec.max_length
+        max_total = spec.max_total_tokens or spec.max_length
+        prompt = max_input
+        if self.messages is None:
+            prompt = min(max_input, len((self.prompt or "").encode()) + PROMPT_EXTRA_TOKENS)
+        new = min(self.max_new_tokens, max_total) if self.max_new_tokens is not None else spec.default_max_new_tokens
+        return prompt, new
+
+    def check_length(self, entry: ModelEntry) -> None:
+        """The prompt's character cap (the model's `max_chars`), before anything renders it."""
+        chars, limit = self.chars(), entry.preprocess.max_chars
+        if chars > limit:
+            raise MeshError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"`{self.prompt_field}` has {chars} characters; model {entry.id!r} takes at most {limit}",
+                param=self.prompt_field,
+            )
 
 
 @dataclass(frozen=True)
@@ -72,6 +120,26 @@ class Generator:
         self.preprocess = preprocess
         self.inference = inference
         self.postprocess = postprocess
+
+    async def start(
+        self,
+        entry: ModelEntry,
+        request: GenerationRequest,
+        admit: Callable[[int, int], Awaitable[Metered]],
+        metering: Metering,
+    ) -> tuple[Prepared, Metered]:
+        """Admit (`admit(max_input_tokens, max_output_tokens)`: key, limits, budget hold), then
+        check the prompt's length and tokenize it; a refusal after admission finishes the metered
+        request with its status (no cost)."""
+        metered = await admit(*request.token_bounds(entry))
+        try:
+            request.check_length(entry)
+            prepared = await self.prepare(entry, request)
+        except BaseException as err:
+            await metering.track(metered).fail(err)
+            raise
+        metered.add(input_tokens=prepared.prompt_tokens, items=1)
+        return prepared, metered
 
     async def prepare(self, entry: ModelEntry, request: GenerationRequest) -> Prepared:
         pb = preprocess_pb2.PrepareGenerationRequest(model_id=entry.id)

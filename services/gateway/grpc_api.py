@@ -54,18 +54,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             stop=list(p.stop),
         )
         principal, request_id = PRINCIPAL.get() or Authenticator.ANONYMOUS, uuid.uuid4().hex
-        self.metering.allow(principal, entry, "text-generation", "grpc:Generate", request_id)  # before tokenizing
-        prepared = await self.generator.prepare(entry, gen)
-        metered = await self.metering.admit(
-            principal,
+        prepared, metered = await self.generator.start(  # admitted before the prompt is tokenized
             entry,
-            "text-generation",
-            "grpc:Generate",
-            request_id,
-            max_input_tokens=prepared.prompt_tokens,
-            max_output_tokens=prepared.max_new_tokens,
+            gen,
+            lambda max_in, max_out: self.metering.admit(
+                principal,
+                entry,
+                "text-generation",
+                "grpc:Generate",
+                request_id,
+                max_input_tokens=max_in,
+                max_output_tokens=max_out,
+            ),
+            self.metering,
         )
-        metered.add(input_tokens=prepared.prompt_tokens, items=1)
         started = time.perf_counter()
         async with self.metering.track(metered):
             try:

@@ -18,7 +18,7 @@ from meshserve.tasks.v1 import tasks_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.common import deadlines
+from services.common import caps, deadlines
 from services.common.catalog import GENERATION_TASKS, IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
@@ -332,6 +332,7 @@ def create_app(
         if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
             raise invalid("token-id arrays are not supported as `input`; send text", param="input")
         texts, _ = hf_tasks.texts(body.input, "input")
+        caps.check_texts(entry, texts, field="input")
         hf_tasks.check_dimensions(entry, body.dimensions)
         metered = await admit(request, entry, "feature-extraction", text_token_bound(entry, texts))
         async with metering.track(metered):

@@ -193,11 +193,10 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
         return entry
 
     async def start(request: Request, entry: ModelEntry, gen: GenerationRequest):
-        allow(request, entry, "text-generation")  # a key that may not use the model costs no tokenizing
-        prepared = await generator.prepare(entry, gen)
-        metered = await admit(request, entry, "text-generation", prepared.prompt_tokens, prepared.max_new_tokens)
-        metered.add(input_tokens=prepared.prompt_tokens, items=1)
-        return prepared, metered
+        # Admitted (key, limits, budget hold from the declared bounds) before the prompt is tokenized.
+        return await generator.start(
+            entry, gen, lambda max_in, max_out: admit(request, entry, "text-generation", max_in, max_out), metering
+        )
 
     async def steps(entry, prepared, gen, metered) -> AsyncIterator[Step]:
         """Generator steps, recording completion tokens and time on the metered request (the time

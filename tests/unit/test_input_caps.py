@@ -21,6 +21,7 @@ from services.common import caps, grpc_server, images
 from services.common.catalog import ImageSpec
 from services.common.errors import ErrorCode, MeshError
 from services.common.settings import GrpcServiceSettings
+from services.gateway.control import ControlPlane
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
 from services.gateway.main import SERVICE_NAME, build_pipeline
@@ -185,3 +186,37 @@ def test_image_headers_give_sizes_and_caps_without_decoding(big_png):
     with pytest.raises(MeshError) as err:
         images.check_sizes([big_png], small)
     assert "4096x4096" in err.value.message and "at most 1000 pixels per image" in err.value.message
+
+
+# -- generation: admitted before its prompt is tokenized ------------------------------------------
+@pytest.fixture
+async def authed_gateway(tmp_path):
+    """(REST client, key store) of a gateway with auth and the in-process limiter; stages unreachable."""
+    settings = GatewaySettings(
+        home=str(tmp_path), auth=True, ledger=False, coalesce=False, upstream_attempts=1,
+        admin_token="msk_admin_input-caps-0123456789abcdefghijklmnopqrstuvwxyz",
+        database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        preprocess_address=NOWHERE, inference_address=NOWHERE, postprocess_address=NOWHERE,
+    )  # fmt: skip
+    control = ControlPlane.from_settings(settings)
+    await control.start(settings)
+    pipeline = build_pipeline(settings)
+    app = wrap(create_app(settings, pipeline, control=control), settings, control.auth)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        yield client, control.keys
+    await pipeline.close()
+    await control.close()
+
+
+async def test_a_key_at_its_request_limit_is_refused_before_preprocess_is_called(authed_gateway):
+    client, keys = authed_gateway
+    _, token = keys.create("limited", ["inference"], requests_per_minute=1)
+    await keys.reload()
+    auth = {"authorization": f"Bearer {token}"}
+    chat = {"model": "meshserve/tiny-llama-chat", "messages": [{"role": "user", "content": "Hi"}]}
+    first = await client.post("/v1/chat/completions", json=chat, headers=auth)
+    assert first.status_code == 503  # admitted (its request counted), then preprocess is unreachable
+    long = {**chat, "messages": [{"role": "user", "content": "word " * 40_000}]}
+    second = await client.post("/v1/chat/completions", json=long, headers=auth)
+    assert second.status_code == 429, second.text  # had preprocess been called: 503 again
+    assert second.json()["error"]["code"] == "rate_limited"
