@@ -6,6 +6,7 @@ tested, not the model)."""
 
 from __future__ import annotations
 
+import grpc
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -158,3 +159,39 @@ def test_an_older_ledger_gains_the_client_request_id_column(tmp_path):
     columns = {c["name"] for c in sa.inspect(engine).get_columns("usage")}
     assert "client_request_id" in columns
     engine.dispose()
+
+
+async def test_grpc_list_models_counts_against_the_keys_requests_per_minute(tmp_path):
+    """The same on the typed gRPC API: ListModels is a read, and reads take from the window."""
+    from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    from services.gateway.main import Gateway
+
+    settings = GatewaySettings(
+        home=str(tmp_path),
+        admin_token=ADMIN_TOKEN,
+        grpc_port=0,
+        http_port=0,
+        ledger=False,
+        inference_address="127.0.0.1:1",  # nothing there: models read as not ready
+        upstream_attempts=1,
+    )
+    gw = Gateway(settings)
+    await gw.control.start(settings)
+    port = await gw.start_grpc()
+    try:
+        _, token = gw.control.keys.create("reader", ["read"], requests_per_minute=2)
+        await gw.control.keys.reload()
+        metadata = (("authorization", f"Bearer {token}"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for _ in range(2):
+                await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=metadata)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "requests per minute" in refused.value.details()
+    finally:
+        await gw.grpc.stop(0)
+        await gw.control.close()
+        await gw.pipeline.close()
