@@ -10,11 +10,14 @@ so the exact code survives every hop (a bare gRPC status maps back to the closes
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+log = logging.getLogger(__name__)
 
 DETAILS_KEY = "grpc-status-details-bin"
 DOMAIN = "meshserve"
@@ -197,8 +200,10 @@ class MeshError(Exception):
                     )
         code = _FROM_GRPC.get(code_grpc, ErrorCode.INTERNAL)
         if code is ErrorCode.UPSTREAM_UNAVAILABLE:
-            # Connection failures carry grpc-internal text; say which hop instead.
-            message = f"{upstream or 'upstream'} service is unavailable: {message}"
+            # Connection failures carry grpc-internal text (target addresses, channel errors): it goes
+            # to our log, and the caller learns only which hop failed.
+            log.warning("%s service unavailable: %s", upstream or "upstream", message)
+            message = f"{upstream or 'upstream'} service is unavailable"
         elif code is ErrorCode.INTERNAL:
             message = f"{upstream or 'upstream'} service failed"
         elif code is ErrorCode.DEADLINE_EXCEEDED:

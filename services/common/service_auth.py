@@ -2,8 +2,9 @@
 
 The stages (preprocess, inference, postprocess) answer only callers that present the mesh's service
 token in the `x-meshserve-service-token` metadata header; the gateway's clients send it on every
-call. One header name for both inference backends: a real Triton checks the same header itself
-(`--grpc-restricted-protocol`, see services/inference/triton_launcher.py).
+call. A real Triton checks the token itself (`--grpc-restricted-protocol`, see
+services/inference/triton_launcher.py) under the name Triton derives from our key,
+`triton-grpc-protocol-x-meshserve-service-token`, so our clients send the token under both names.
 
 Open without the token, so that probes and balancers need no secret:
 - `grpc.health.v1.Health` (Kubernetes gRPC probes, Envoy's health checks);
@@ -32,6 +33,8 @@ from services.common.errors import DETAILS_KEY, ErrorCode, MeshError
 log = logging.getLogger(__name__)
 
 HEADER = "x-meshserve-service-token"
+# Triton prefixes the key of --grpc-restricted-protocol=<groups>:<key>=<value> with this (tritonserver 2.51).
+TRITON_HEADER = f"triton-grpc-protocol-{HEADER}"
 # Methods any caller may use: liveness and readiness only (Triton's `health` protocol group).
 OPEN_METHODS = frozenset(
     {
@@ -112,6 +115,7 @@ def server_interceptors(token: str | None) -> list[grpc.aio.ServerInterceptor]:
 def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     metadata[HEADER] = token
+    metadata[TRITON_HEADER] = token
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )
@@ -150,8 +154,9 @@ def client_interceptors(token: str | None) -> list[grpc.aio.ClientInterceptor]:
 
 
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """The call metadata that carries the token (for stubs and tools outside our clients)."""
-    return ((HEADER, token),) if token else ()
+    """The call metadata that carries the token to our stages and to Triton (for stubs and tools
+    outside our clients)."""
+    return ((HEADER, token), (TRITON_HEADER, token)) if token else ()
 
 
 def configured_token(settings) -> str | None:

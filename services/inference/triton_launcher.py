@@ -104,7 +104,8 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
 def restricted_protocol_flags(token: str | None) -> list[str]:
     """Triton's own check of our service token: every protocol group but `health` (ServerLive,
     ServerReady, ModelReady and grpc.health.v1 stay open for probes) needs the header our clients
-    send. Triton takes the value only on its command line, so the token is visible in this host's
+    send (Triton expects it as `triton-grpc-protocol-<key>` and answers UNAVAILABLE without it).
+    Triton takes the value only on its command line, so the token is visible in this host's
     process list to users who may read it (the other stages get it from the environment)."""
     if not token:
         return []

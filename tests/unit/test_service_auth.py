@@ -8,12 +8,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from meshserve.preprocess.v1 import preprocess_pb2
 from prometheus_client import REGISTRY, generate_latest
 
 from services.common import grpc_server, service_auth
-from services.common.clients import UpstreamClient
+from services.common.clients import PreprocessClient, UpstreamClient
 from services.common.errors import ErrorCode, MeshError
 from services.common.settings import GrpcServiceSettings, UpstreamSettings
+from tests.helpers import free_port
 
 TOKEN = "test-service-token-0123456789"
 SERVICE = "meshserve.test.Guarded"
@@ -180,3 +182,16 @@ def test_only_probe_methods_are_open():
         "/grpc.health.v1.HealthX/Check",
     ):
         assert not service_auth.is_open(method), method
+
+
+async def test_an_unreachable_upstream_is_reported_without_transport_details(caplog):
+    port = free_port()  # nothing listens there
+    client = PreprocessClient(UpstreamSettings(address=f"127.0.0.1:{port}", timeout_s=5, service_token=TOKEN))
+    try:
+        with pytest.raises(MeshError) as err:
+            await client.preprocess(preprocess_pb2.PreprocessRequest(model_id="m"))
+    finally:
+        await client.close()
+    assert err.value.code is ErrorCode.UPSTREAM_UNAVAILABLE
+    assert err.value.message == "preprocess service is unavailable"  # no address, no channel error
+    assert str(port) in caplog.text  # the details are in our log
