@@ -24,15 +24,22 @@ class SumRuntime(Runtime):
         self.gate = gate
         self.fail = fail
         self.batches: list[int] = []
+        self.entered = threading.Event()  # set once a batch is executing (the only instance is busy)
 
     def execute(self, inputs):
+        self.entered.set()
         if self.gate is not None:
-            self.gate.wait(5)
+            self.gate.wait(60)
         if self.fail:
             raise RuntimeError("boom")
         x = inputs["x"]
         self.batches.append(x.shape[0])
         return {"sum": x.sum(axis=1), "width": np.full(x.shape[0], x.shape[1])}
+
+
+async def executing(runtime: SumRuntime) -> None:
+    """Wait until the runtime is executing a batch (however loaded the machine is)."""
+    assert await asyncio.to_thread(runtime.entered.wait, 60), "no batch started executing"
 
 
 def spec(**overrides) -> InferenceSpec:
@@ -63,7 +70,7 @@ async def test_requests_queued_while_busy_run_as_one_padded_batch_with_their_own
     runtime = SumRuntime(gate)
     batcher = DynamicBatcher("sum", runtime, spec(), ModelStats())
     first = batcher.submit({"x": row(1)}, 1)  # occupies the only instance
-    await asyncio.sleep(0.05)
+    await executing(runtime)
     rest = [batcher.submit({"x": row(*range(1, n + 2))}, 1) for n in range(5)]
     gate.set()
     await first
@@ -92,7 +99,7 @@ async def test_batches_are_cut_at_the_largest_preferred_size_that_is_full():
     runtime = SumRuntime(gate)
     batcher = DynamicBatcher("sum", runtime, spec(max_batch_size=8, preferred_batch_sizes=(2, 4)), ModelStats())
     futures = [batcher.submit({"x": row(9)}, 1)]
-    await asyncio.sleep(0.05)
+    await executing(runtime)
     futures += [batcher.submit({"x": row(i)}, 1) for i in range(7)]
     gate.set()
     await asyncio.gather(*futures)
@@ -105,7 +112,7 @@ async def test_cancelled_requests_are_dropped_before_execution():
     runtime = SumRuntime(gate)
     batcher = DynamicBatcher("sum", runtime, spec(), ModelStats())
     busy = batcher.submit({"x": row(1)}, 1)
-    await asyncio.sleep(0.05)
+    await executing(runtime)
     doomed = batcher.submit({"x": row(2)}, 1)
     kept = batcher.submit({"x": row(3)}, 1)
     doomed.cancel()
@@ -119,9 +126,10 @@ async def test_cancelled_requests_are_dropped_before_execution():
 
 async def test_full_queue_refuses_with_overloaded():
     gate = threading.Event()
-    batcher = DynamicBatcher("sum", SumRuntime(gate), spec(max_queue_size=3), ModelStats())
+    runtime = SumRuntime(gate)
+    batcher = DynamicBatcher("sum", runtime, spec(max_queue_size=3), ModelStats())
     futures = [batcher.submit({"x": row(1)}, 1)]
-    await asyncio.sleep(0.05)  # the first one is executing, the queue is empty again
+    await executing(runtime)  # the first one is executing, the queue is empty again
     futures += [batcher.submit({"x": row(1)}, 1) for _ in range(3)]
     with pytest.raises(MeshError) as err:
         batcher.submit({"x": row(1)}, 1)
@@ -145,9 +153,12 @@ async def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_serving(
 
 async def test_queue_delay_waits_for_more_requests_when_idle():
     runtime = SumRuntime()
-    batcher = DynamicBatcher("sum", runtime, spec(max_queue_delay_us=100_000, preferred_batch_sizes=(4,)), ModelStats())
+    # A delay far longer than a loaded machine can stall: the batch is cut when it is full, not when
+    # the delay ends, so the test waits only as long as the scheduler needs.
+    delay_us = 60_000_000
+    batcher = DynamicBatcher("sum", runtime, spec(max_queue_delay_us=delay_us, preferred_batch_sizes=(4,)), ModelStats())
     first = batcher.submit({"x": row(1)}, 1)
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # the scheduler has taken the first one and is waiting for more
     others = [batcher.submit({"x": row(1)}, 1) for _ in range(3)]
     await asyncio.gather(first, *others)
     assert runtime.batches == [4]

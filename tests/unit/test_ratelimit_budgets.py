@@ -229,16 +229,21 @@ async def test_two_replicas_on_one_redis_share_every_limit(redis_url):
 
 
 async def test_a_slot_leaked_by_a_dead_replica_is_reclaimed_when_its_lease_ends(redis_url):
-    dead, alive = RateLimiter(redis_url, slot_lease_s=0.2), RateLimiter(redis_url)
+    # Two dead replicas: one whose lease cannot end during the test (its slot stays taken however slow
+    # the machine is) and one whose lease ends after 0.2 s (only a lower bound on time is assumed).
+    held, dead, alive = RateLimiter(redis_url), RateLimiter(redis_url, slot_lease_s=0.2), RateLimiter(redis_url)
     try:
-        key, limits = new_key(), KeyLimits(concurrent_requests=1)
-        await dead.admit(key, limits)  # never done(): the replica "crashed"
-        await refusal(alive.admit(key, limits))
+        limits = KeyLimits(concurrent_requests=1)
+        kept, leaked = new_key(), new_key()
+        await held.admit(kept, limits)  # never done(): the replica "crashed"
+        await refusal(alive.admit(kept, limits))
+        await dead.admit(leaked, limits)  # never done() either, with a short lease
         await asyncio.sleep(0.4)
-        await (await alive.admit(key, limits)).done(0)
+        await (await alive.admit(leaked, limits)).done(0)
+        await refusal(alive.admit(kept, limits))  # the long lease still holds
     finally:
-        await dead.close()
-        await alive.close()
+        for limiter in (held, dead, alive):
+            await limiter.close()
 
 
 # -- budgets -----------------------------------------------------------------------------------------
@@ -335,18 +340,20 @@ async def test_a_hold_never_settled_is_charged_in_full_when_its_lease_ends(stora
 async def test_holds_whose_lease_ran_out_are_charged_in_full_on_the_fast_path_too():
     """In process, reserve_now() only looks for run-out holds once the oldest one's lease can have
     ended; holds settled in between, and holds made after, keep that right."""
-    book = BudgetBook(reservation_lease_s=0.2)
+    # The lease is long enough that no stall between two lines of this test outlasts it, and the
+    # sleeps outlast it: only lower bounds on elapsed time are assumed.
+    book = BudgetBook(reservation_lease_s=1.0)
     key = new_key()
     settled = book.reserve_now(key, 1.0, "day", 0.1)
     lost = book.reserve_now(key, 1.0, "day", 0.3)  # its request never finishes
     assert book.settle_now(settled, 0.05)  # the oldest hold goes: the next one is still watched
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.1)
     later = book.reserve_now(key, 1.0, "day", 0.2)  # sweeps `lost` first: charged in full
     assert later is not None and await book.spent(key, "day") == (0.35, 0.2)
     assert book.reserve_now(key, 1.0, "day", 0.5) is None  # 0.35 + 0.2 + 0.5 > 1
     book.settle_now(lost, 0.0)  # too late: no-op
     assert await book.spent(key, "day") == (0.35, 0.2)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.1)
     assert book.reserve_now(key, 1.0, "day", 0.4) is not None  # `later` ran out too: 0.55 spent
     assert await book.spent(key, "day") == (0.55, 0.4)
 
