@@ -18,6 +18,7 @@ from services.gateway.control import ControlPlane, WeakAdminToken
 from services.gateway.db import make_engine
 from services.gateway.keys import KeyStore, api_keys
 from services.gateway.settings import GatewaySettings
+from tests.unit.test_ledger import database_url, postgres_server  # noqa: F401  (SQLite and Postgres)
 
 
 def _mode(path) -> int:
@@ -84,8 +85,8 @@ async def test_a_row_of_an_older_release_still_authenticates_and_is_rehashed(sto
         store.authenticate(token + "x")
 
 
-async def test_a_database_of_an_older_release_gains_the_salt_column(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+async def test_a_database_of_an_older_release_gains_the_salt_column(database_url):  # noqa: F811
+    engine = make_engine(database_url)
     old = sa.MetaData()
     table = sa.Table("api_keys", old, *(c.copy() for c in api_keys.columns if c.name != "secret_salt"))
     old.create_all(engine)

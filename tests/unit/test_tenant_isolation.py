@@ -20,6 +20,7 @@ from services.gateway.http_api import create_app, wrap
 from services.gateway.ledger import create_usage_table, usage
 from services.gateway.main import build_pipeline
 from services.gateway.settings import GatewaySettings
+from tests.unit.test_ledger import database_url, postgres_server  # noqa: F401  (SQLite and Postgres)
 
 SENTIMENT = "/models/meshserve/sentiment-minilm"
 ADMIN_TOKEN = "msk_admin_" + "tenant-isolation-test-0123456789abcdefghijklmnop"
@@ -149,8 +150,8 @@ async def test_request_ids_are_the_gateways_and_the_clients_id_has_its_own_colum
     assert plain.headers["x-request-id"] not in ids and "x-client-request-id" not in plain.headers
 
 
-def test_an_older_ledger_gains_the_client_request_id_column(tmp_path):
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+def test_an_older_ledger_gains_the_client_request_id_column(database_url):  # noqa: F811
+    engine = db.make_engine(database_url)
     old = sa.MetaData()
     sa.Table("usage", old, *(c.copy() for c in usage.columns if c.name != "client_request_id"))
     old.create_all(engine)
