@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 # Tokens a plain prompt may have beyond one per UTF-8 byte: BOS/EOS and a tokenizer's prefix space.
 PROMPT_EXTRA_TOKENS = 4
+# What a chat template typically adds per message (role markers, separators): only for the
+# tokens-per-minute estimate; the budget holds the model's prompt limit for a chat.
+CHAT_TOKENS_PER_MESSAGE = 8
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,15 @@ class GenerationRequest:
             prompt = min(max_input, len((self.prompt or "").encode()) + PROMPT_EXTRA_TOKENS)
         new = min(self.max_new_tokens, max_total) if self.max_new_tokens is not None else spec.default_max_new_tokens
         return prompt, new
+
+    def tokens_estimate(self, entry: ModelEntry) -> int:
+        """Prompt + new tokens for the tokens-per-minute room check (the window charges the real
+        count): the prompt's UTF-8 bytes, plus a chat template's usual overhead, within the bounds."""
+        prompt, new = self.token_bounds(entry)
+        if self.messages is not None:
+            size = sum(len(content.encode()) + CHAT_TOKENS_PER_MESSAGE for _, content in self.messages)
+            prompt = min(prompt, size + PROMPT_EXTRA_TOKENS)
+        return prompt + new
 
     def check_length(self, entry: ModelEntry) -> None:
         """The prompt's character cap (the model's `max_chars`), before anything renders it."""
@@ -125,13 +137,16 @@ class Generator:
         self,
         entry: ModelEntry,
         request: GenerationRequest,
-        admit: Callable[[int, int], Awaitable[Metered]],
+        admit: Callable[..., Awaitable[Metered]],
         metering: Metering,
     ) -> tuple[Prepared, Metered]:
-        """Admit (`admit(max_input_tokens, max_output_tokens)`: key, limits, budget hold), then
-        check the prompt's length and tokenize it; a refusal after admission finishes the metered
-        request with its status (no cost)."""
-        metered = await admit(*request.token_bounds(entry))
+        """Admit (`admit(max_input_tokens=, max_output_tokens=, tokens_hint=)`: key, limits, the
+        budget hold), then check the prompt's length and tokenize it; a refusal after admission
+        finishes the metered request with its status (no cost)."""
+        max_input, max_output = request.token_bounds(entry)
+        metered = await admit(
+            max_input_tokens=max_input, max_output_tokens=max_output, tokens_hint=request.tokens_estimate(entry)
+        )
         try:
             request.check_length(entry)
             prepared = await self.prepare(entry, request)

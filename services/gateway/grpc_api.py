@@ -57,14 +57,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         prepared, metered = await self.generator.start(  # admitted before the prompt is tokenized
             entry,
             gen,
-            lambda max_in, max_out: self.metering.admit(
-                principal,
-                entry,
-                "text-generation",
-                "grpc:Generate",
-                request_id,
-                max_input_tokens=max_in,
-                max_output_tokens=max_out,
+            lambda **bounds: self.metering.admit(
+                principal, entry, "text-generation", "grpc:Generate", request_id, **bounds
             ),
             self.metering,
         )

@@ -221,7 +221,14 @@ def create_app(
         route = _route_label(request.url.path)
         metering.allow(principal, entry, task, route, request.state.request_id, request.state.client_request_id)
 
-    async def admit(request: Request, entry: ModelEntry, task: str, max_input_tokens: int, max_output_tokens: int = 0):
+    async def admit(
+        request: Request,
+        entry: ModelEntry,
+        task: str,
+        max_input_tokens: int,
+        max_output_tokens: int = 0,
+        tokens_hint: int | None = None,
+    ):
         principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
         return await metering.admit(
             principal,
@@ -231,6 +238,7 @@ def create_app(
             request.state.request_id,
             max_input_tokens=max_input_tokens,
             max_output_tokens=max_output_tokens,
+            tokens_hint=tokens_hint,
             client_request_id=request.state.client_request_id,
         )
 

@@ -207,6 +207,7 @@ class Metering:
         max_input_tokens: int,
         max_output_tokens: int = 0,
         client_request_id: str | None = None,
+        tokens_hint: int | None = None,
     ) -> Metered:
         """Key restrictions, then rate limits, then the budget reservation; raises the refusal
         (which gets its own ledger row, with its status and no cost).
@@ -222,7 +223,9 @@ class Metering:
             if key.models or key.tasks:
                 principal.allow(entry.id, task)
             limits = principal.limits
-            hint = max_input_tokens + max_output_tokens
+            # The tokens-per-minute room to look for: an estimate (the window charges the real
+            # count afterwards); by default the bound the budget holds.
+            hint = max_input_tokens + max_output_tokens if tokens_hint is None else tokens_hint
             budgeted = self.budgets is not None and key.budget_usd is not None
             # The most it can cost: every token it may read and write, computing until its deadline.
             amount = entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s) if budgeted else 0.0

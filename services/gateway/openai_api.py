@@ -195,7 +195,7 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
     async def start(request: Request, entry: ModelEntry, gen: GenerationRequest):
         # Admitted (key, limits, budget hold from the declared bounds) before the prompt is tokenized.
         return await generator.start(
-            entry, gen, lambda max_in, max_out: admit(request, entry, "text-generation", max_in, max_out), metering
+            entry, gen, lambda **bounds: admit(request, entry, "text-generation", **bounds), metering
         )
 
     async def steps(entry, prepared, gen, metered) -> AsyncIterator[Step]:

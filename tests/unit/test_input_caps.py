@@ -22,6 +22,7 @@ from services.common.catalog import ImageSpec
 from services.common.errors import ErrorCode, MeshError
 from services.common.settings import GrpcServiceSettings
 from services.gateway.control import ControlPlane
+from services.gateway.generation import GenerationRequest
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
 from services.gateway.main import SERVICE_NAME, build_pipeline
@@ -220,3 +221,22 @@ async def test_a_key_at_its_request_limit_is_refused_before_preprocess_is_called
     second = await client.post("/v1/chat/completions", json=long, headers=auth)
     assert second.status_code == 429, second.text  # had preprocess been called: 503 again
     assert second.json()["error"]["code"] == "rate_limited"
+
+
+def test_generation_bounds_hold_the_most_a_prompt_can_cost_and_estimate_the_tokens(catalog):
+    entry = catalog.get("meshserve/tiny-llama-chat")  # prompt <= 448 tokens, prompt + new <= 512
+    prompt = GenerationRequest(prompt="héllo", max_new_tokens=10)
+    assert prompt.token_bounds(entry) == (len("héllo".encode()) + 4, 10)
+    assert GenerationRequest(prompt="x" * 10_000).token_bounds(entry) == (448, 128)  # the model's default
+    chat = GenerationRequest(messages=[("system", "Be brief."), ("user", "Hi")], max_new_tokens=1000)
+    assert chat.token_bounds(entry) == (448, 512)  # a template the gateway cannot see: the prompt limit
+    assert chat.tokens_estimate(entry) == len("Be brief.") + len("Hi") + 2 * 8 + 4 + 512
+
+
+async def test_a_short_chat_fits_a_tokens_per_minute_limit_below_the_prompt_limit(authed_gateway):
+    client, keys = authed_gateway
+    _, token = keys.create("small", ["inference"], tokens_per_minute=100)
+    await keys.reload()
+    chat = {"model": "meshserve/tiny-llama-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    reply = await client.post("/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {token}"})
+    assert reply.status_code == 503, reply.text  # admitted (not 429 "request too large"); no preprocess here
