@@ -13,7 +13,7 @@ import time
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from meshserve.tasks.v1 import tasks_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +51,29 @@ def json_response(content, status: int = 200, headers: dict | None = None) -> Re
 
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
+
+
+# What every route may answer besides its success, as the schema documents it (`error_response`).
+ERROR_RESPONSES = {
+    status: {
+        "description": "An error in the route's dialect: OpenAI's `{error: {message, type, code, param}}` under "
+        "/v1, the HF API's `{error, error_type}` elsewhere.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "anyOf": [{"type": "string"}, {"type": "object", "required": ["message", "type", "code"]}]
+                        }
+                    },
+                }
+            }
+        },
+    }
+    for status in ("4XX", "5XX")
+}
 
 
 def error_response(err: MeshError, path: str) -> Response:
@@ -203,6 +226,7 @@ def create_app(
         # FastAPI's own telemetry would add a second server span, and while no provider is set it
         # looks one up in os.environ on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        responses=ERROR_RESPONSES,
     )
     catalog = pipeline.catalog
     created = int(settings.catalog.stat().st_mtime)
@@ -286,7 +310,12 @@ def create_app(
     async def health():
         return json_response({"status": "ok"})
 
-    @app.get("/readyz", tags=["operations"], summary="Readiness of every downstream hop")
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness of every downstream hop",
+        responses={503: {"description": "Not ready, or draining: `{status, checks}` as for 200"}},
+    )
     async def readyz():
         if is_draining():
             return json_response({"status": "draining"}, 503, {"Retry-After": "1"})
@@ -297,7 +326,7 @@ def create_app(
             {"status": "ready" if readiness.ready else "unavailable", "checks": readiness.checks}, status, headers
         )
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
