@@ -258,3 +258,40 @@ async def test_internal_hops_carry_a_largest_rest_body_but_have_a_limit():
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         await running.stop(0)
+
+
+async def test_the_largest_text_request_crosses_the_preprocess_hop_with_default_limits(tmp_path):
+    """The catalog's largest tokenized output (max_items texts padded to max_length, int64 ids and
+    mask) is the biggest message between services: it fits the services' default limit. A real
+    preprocess server (as `create` builds it) over a one-model catalog; the gateway's client."""
+    import yaml
+    from meshserve.preprocess.v1 import preprocess_pb2
+
+    from services.common.catalog import Catalog
+    from services.common.clients import PreprocessClient
+    from services.common.modelstore import build_entry
+    from services.common.settings import REPO_ROOT
+    from services.preprocess.main import create
+    from services.preprocess.settings import PreprocessSettings
+    from tests.helpers import MODEL_ID, meshserve_home
+
+    entries = yaml.safe_load((REPO_ROOT / "catalog.yaml").read_text())["models"]
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({"models": [e for e in entries if e["id"] == MODEL_ID]}))
+    catalog = Catalog.load(tmp_path / "catalog.yaml")
+    build_entry(catalog.get(MODEL_ID), meshserve_home() / "models", catalog=catalog)  # cached: a no-op when built
+    spec = catalog.get(MODEL_ID).preprocess
+    inputs = tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=["word " * spec.max_length] * spec.max_items))
+    request = preprocess_pb2.PreprocessRequest(model_id=MODEL_ID, task=tasks_pb2.TASK_FEATURE_EXTRACTION, inputs=inputs)
+    assert request.ByteSize() < GatewaySettings().max_body_bytes  # a body the gateway accepts
+    settings = PreprocessSettings(
+        home=meshserve_home(), catalog=tmp_path / "catalog.yaml", grpc_port=0, metrics_port=-1
+    )
+    running = await create(settings)
+    client = PreprocessClient(UpstreamSettings(address=f"127.0.0.1:{running.port}"))
+    try:
+        reply = await client.preprocess(request)
+    finally:
+        await client.close()
+        await running.stop(0)
+    assert [tuple(t.shape) for t in reply.tensors] == [(spec.max_items, spec.max_length)] * 2
+    assert reply.ByteSize() > GatewaySettings().max_body_bytes  # larger than what callers may send
