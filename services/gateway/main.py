@@ -78,7 +78,7 @@ class Gateway:
             log_config=None,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
             timeout_keep_alive=settings.keep_alive_timeout_s,
-            limit_concurrency=settings.max_connections,
+            limit_concurrency=settings.max_connections + 1,  # uvicorn counts the asking connection too
         )
         self.http = uvicorn.Server(config)
         self.grpc: grpc_server.RunningServer | None = None

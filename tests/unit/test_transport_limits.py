@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -75,6 +76,26 @@ async def test_made_up_grpc_methods_create_no_metric_series():
     assert methods == {"ListModels"}
 
 
+class Served(NamedTuple):
+    gw: Gateway
+    http_port: int
+
+
+@contextlib.asynccontextmanager
+async def serve_http(gw: Gateway):
+    """The gateway's uvicorn server on a free loopback port, until the block ends."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        serving = asyncio.create_task(gw.http.serve(sockets=[sock]))
+        while not gw.http.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+            await asyncio.sleep(0.01)
+        try:
+            yield sock.getsockname()[1]
+        finally:
+            gw.http.should_exit = True
+            await serving
+
+
 @pytest.fixture(scope="module")
 async def gateway(tmp_path_factory):
     """The gateway built as main() builds it (auth on), HTTP and gRPC on free loopback ports; no
@@ -91,23 +112,15 @@ async def gateway(tmp_path_factory):
     gw = Gateway(settings)
     await gw.control.start(settings)
     await gw.start_grpc()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    serving = asyncio.create_task(gw.http.serve(sockets=[sock]))
-    while not gw.http.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
-        await asyncio.sleep(0.01)
-    gw.http_port = sock.getsockname()[1]
-    yield gw
-    gw.http.should_exit = True
-    await serving
+    async with serve_http(gw) as port:
+        yield Served(gw, port)
     await gw.grpc.stop(0)
     await gw.control.close()
     await gw.pipeline.close()
-    sock.close()
 
 
 async def test_made_up_methods_on_the_gateways_authenticated_port_share_one_label(gateway):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc.port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.gw.grpc.port}") as channel:
         assert await call_made_up_methods(channel, 20) == {grpc.StatusCode.UNAUTHENTICATED}
         admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
         assert await call_made_up_methods(channel, 20, admin) == {grpc.StatusCode.UNIMPLEMENTED}
@@ -124,8 +137,8 @@ async def test_made_up_methods_on_the_gateways_authenticated_port_share_one_labe
 
 
 @contextlib.asynccontextmanager
-async def connection(gw: Gateway):
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+async def connection(served: Served):
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.http_port)
     try:
         yield reader, writer
     finally:
@@ -212,6 +225,22 @@ async def test_blank_lines_after_a_response_do_not_keep_the_connection_open(gate
         assert await closed_by_server(reader)
 
 
+async def test_a_request_beyond_the_connection_cap_gets_503(tmp_path):
+    settings = GatewaySettings(home=str(tmp_path), auth=False, ledger=False, max_connections=2)
+    gw = Gateway(settings)
+    async with serve_http(gw) as port:
+        served = Served(gw, port)
+        async with connection(served), connection(served) as (reader, writer):
+            writer.write(get("/health"))
+            assert (await read_response(reader))[0] == 200  # two connections: both served
+            async with connection(served) as (third_reader, third):
+                third.write(get("/health"))
+                assert (await read_response(third_reader))[0] == 503
+            writer.write(get("/health"))
+            assert (await read_response(reader))[0] == 200
+    await gw.pipeline.close()
+
+
 # -- gRPC message sizes ---------------------------------------------------------------------------
 
 
@@ -221,9 +250,9 @@ def predict(image_bytes: int) -> gateway_pb2.PredictRequest:
 
 
 async def test_the_gateways_grpc_api_takes_messages_as_large_as_rest_bodies_and_no_larger(gateway):
-    limit = gateway.settings.max_body_bytes
+    limit = gateway.gw.settings.max_body_bytes
     admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc.port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.gw.grpc.port}") as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Predict(predict(limit - 1024), metadata=admin, timeout=30)
