@@ -116,6 +116,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self.transport.is_closing():
             return
         self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined request while a response is going out: no room for a 431
+            return
         path = self.url.decode("latin-1") if self._in_headers else "/"
         self.transport.write(_refusal(path, self.limits.max_header_bytes))
         if self.transport.can_write_eof():
