@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.auth import Authenticator
+from services.gateway.budgets import MAX_BUDGET_USD
 from services.gateway.control import ControlPlane
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.ledger_writer import LedgerWriteError
@@ -22,21 +23,26 @@ from services.gateway.schemas import parse
 
 log = logging.getLogger(__name__)
 
+MAX_LIMIT = 10**9  # rate limits per key (they fit every database's INTEGER column)
+MAX_EXPIRES_IN_S = 10 * 365.25 * 86400  # a key's lifetime: 10 years (a datetime overflows near 1e11 s)
+
 
 class KeyRequest(BaseModel):
     """`POST /admin/keys`: a new API key."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(..., min_length=1, max_length=200)
     scopes: list[Literal["inference", "read", "admin"]] = Field(["inference", "read"])
     models: list[str] = Field([], description="Models the key may use; empty: all.")
     tasks: list[str] = Field([], description="Tasks the key may run; empty: all.")
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    concurrent_requests: int | None = Field(None, ge=1)
-    budget_usd: float | None = Field(None, ge=0)
+    requests_per_minute: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    tokens_per_minute: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    concurrent_requests: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    budget_usd: float | None = Field(None, ge=0, le=MAX_BUDGET_USD, description="At most 1e9 (USD per period).")
     budget_period: Literal["day", "month", "total"] | None = None
-    expires_in_s: float | None = Field(None, gt=0, description="Lifetime; unset: no expiry.")
+    expires_in_s: float | None = Field(
+        None, gt=0, le=MAX_EXPIRES_IN_S, description="Lifetime, at most 10 years; unset: no expiry."
+    )
 
 
 def create_key(store: KeyStore, spec: KeyRequest) -> tuple[ApiKey, str]:

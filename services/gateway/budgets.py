@@ -34,6 +34,10 @@ PERIODS = ("day", "month", "total")
 MICRO = 1_000_000
 KEY_PREFIX = "meshserve:budget"
 EXPIRE_AFTER_PERIOD = timedelta(days=7)
+# The largest budget a key may have: 1e15 micro-dollars still counts exactly in a double (Redis Lua
+# numbers are doubles, exact to 2**53 ~ 9e15); far larger ones overflowed to infinity and failed
+# every request of the key.
+MAX_BUDGET_USD = 1e9
 
 
 class Reservation(NamedTuple):
@@ -81,7 +85,9 @@ def _expire_at(key: str) -> int:
 
 
 def to_micro(usd: float) -> int:
-    return round(usd * MICRO)
+    """USD in integer micro-dollars, at most MAX_BUDGET_USD (a key stored with a larger budget
+    before that cap existed counts as having the cap, not as a failure on each request)."""
+    return round(min(usd, MAX_BUDGET_USD) * MICRO)
 
 
 def usd(micro: float) -> str:
@@ -187,7 +193,7 @@ class _MemoryBudgets:
         if now >= acc.sweep_at:
             acc.sweep(now)
         amount = round(amount_usd * MICRO)
-        if acc.spent + acc.reserved + amount > round(budget_usd * MICRO):
+        if acc.spent + acc.reserved + amount > to_micro(budget_usd):
             return None
         reservation = Reservation(key_id, period, amount_usd, new_id())
         self._take(acc, reservation.reservation_id, amount, now + lease_s)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import invalid
 
+# Ranges of the numbers a request may carry, checked where the request is parsed (REST schemas here
+# and in openai_api/admin_api, the typed gRPC API in grpc_api): each number must fit the proto field
+# it goes into downstream, and stay within what the product can do; out of range is a 400 naming
+# the field, never an overflow deeper in the mesh (a 500, or a broken stream).
+UINT32_MAX = 2**32 - 1  # top_k, max_new_tokens, min_new_tokens (uint32 in tasks.proto)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seed: an int64 KServe parameter downstream
+MAX_STOP_STRINGS = 16  # stop strings per generation (postprocess refuses more)
+MAX_STOP_CHARS = 256  # characters per stop string (each is matched on every token)
+MAX_TEMPERATURE = 100.0  # the inference service's sampler refuses more
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class HFOptions(BaseModel):
@@ -41,7 +52,7 @@ class SentenceSimilarityParameters(_Body):
 class TextClassificationParameters(_Body):
     """text-classification parameters (HF Inference API)."""
 
-    top_k: int | None = Field(None, ge=1, description="Only the k best labels (default: all).")
+    top_k: int | None = Field(None, ge=1, le=UINT32_MAX, description="Only the k best labels (default: all).")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
         None, description="Activation over the logits (default: the model's, softmax here)."
     )
@@ -65,7 +76,7 @@ class ZeroShotParameters(_Body):
 class ImageClassificationParameters(_Body):
     """image-classification parameters (HF Inference API)."""
 
-    top_k: int | None = Field(None, ge=1, description="Only the k best labels (default: 5).")
+    top_k: int | None = Field(None, ge=1, le=UINT32_MAX, description="Only the k best labels (default: 5).")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
 
 
@@ -110,3 +121,31 @@ def parse(model: type[BaseModel], data, *, where: str = ""):
             allowed = ", ".join(model.model_fields)
             msg = f"unknown parameter (accepted: {allowed})"
         raise invalid(f"`{field}`: {msg}" if field else msg, param=field or None) from None
+
+
+def check_stops(stops: list[str], param: str = "stop") -> list[str]:
+    """Stop strings within the caps: at most MAX_STOP_STRINGS, each of 1 to MAX_STOP_CHARS
+    characters (REST and gRPC alike; postprocess would refuse more only after the stream began)."""
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"`{param}` takes at most {MAX_STOP_STRINGS} strings ({len(stops)} given)", param=param)
+    if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise invalid(f"`{param}`: each stop string must have 1 to {MAX_STOP_CHARS} characters", param=param)
+    return stops
+
+
+def check_generation_pb(p) -> None:
+    """The typed gRPC API's GenerationParameters (tasks.proto): the proto types bound most
+    integers already; these are the ranges beyond them (INVALID_ARGUMENT naming the field)."""
+
+    def refuse(name: str, rule: str):
+        raise invalid(f"`parameters.{name}` {rule}", param=f"parameters.{name}")
+
+    if p.HasField("seed") and p.seed > INT64_MAX:
+        refuse("seed", f"must be at most {INT64_MAX} (2**63 - 1)")
+    if p.HasField("temperature") and not 0 <= p.temperature <= MAX_TEMPERATURE:
+        refuse("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
+    if p.HasField("top_p") and not 0 < p.top_p <= 1:
+        refuse("top_p", "must be in (0, 1]")
+    if p.HasField("repetition_penalty") and not 0 < p.repetition_penalty < math.inf:
+        refuse("repetition_penalty", "must be a finite number > 0")
+    check_stops(list(p.stop), "parameters.stop")
