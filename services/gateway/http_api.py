@@ -13,6 +13,7 @@ import time
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from meshserve.tasks.v1 import tasks_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -298,6 +299,15 @@ def create_app(
         response = error_response(MeshError(code, f"{message}: {request.method} {request.url.path}"), request.url.path)
         response.status_code = exc.status_code
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_parameter(request: Request, exc: RequestValidationError):
+        # FastAPI's own check of query and path parameters (GET /v1/usage?limit=x): a caller's mistake,
+        # answered 400 in the caller's dialect like every other, not FastAPI's 422 {"detail": [...]}.
+        first = (exc.errors() or [{}])[0]
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        err = invalid(f"`{param}`: {first.get('msg', 'invalid value')}", param=param)
+        return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
