@@ -43,6 +43,10 @@ def _refusal(path: str, limit: int) -> bytes:
     )
 
 
+def _header_bytes(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + sum(len(name) + len(value) for name, value in headers)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header size limit and a header timeout.
 
@@ -64,6 +68,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False  # between the end of a request's headers and the end of its body
         self._wire_bytes = 0  # bytes read since the last request's body ended
         self._requests_begun = 0
+        self._read_began_in_body = self._count_exactly = False
         self._refused = False
         self._header_timer: TimerHandle | None = None
         self._arm_header_timer()  # the first request's headers are due from the connection's start
@@ -71,6 +76,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._read_began_in_body = self._in_body
         if not self._in_body:
             self._wire_bytes += len(data)
         begun = self._requests_begun
@@ -89,10 +95,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_headers = True
         self._requests_begun += 1
+        # Pipelined after a body in the same read: its bytes were not counted on the wire.
+        self._count_exactly = self._read_began_in_body
 
     def on_headers_complete(self) -> None:
-        size = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
-        if size > self.limits.max_header_bytes:
+        limit = self.limits.max_header_bytes
+        # No more bytes on the wire than the limit: the headers are within it (no need to count them).
+        if (self._count_exactly or self._wire_bytes > limit) and _header_bytes(self.url, self.headers) > limit:
             self._refuse()
             raise _HeadersTooLarge
         self._in_headers, self._in_body, self._wire_bytes = False, True, 0
