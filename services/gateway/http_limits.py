@@ -52,7 +52,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     Header bytes are counted on the wire while a request's headers are incomplete (this bounds
     what httptools buffers of an unfinished header to the limit plus one read), and exactly, URL
-    and fields, once they are complete, before the app sees the request. A refused request gets a
+    and fields, once they are complete, before the app sees the request, where the wire count
+    exceeds the limit or misses part of the request (pipelining). A refused request gets a
     431 and the connection is half-closed; what the client still sends is read and dropped (so the
     431 is not lost to a TCP reset) until it closes or the header timeout. The timer runs from the
     connection's start, or from a read that leaves a request's headers unfinished, until they are
@@ -67,7 +68,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False  # between a request's first byte and the end of its headers
         self._in_body = False  # between the end of a request's headers and the end of its body
         self._wire_bytes = 0  # bytes read since the last request's body ended
-        self._requests_begun = 0
+        self._requests_begun = self._begun_before_read = 0
         self._read_began_in_body = self._count_exactly = False
         self._refused = False
         self._header_timer: TimerHandle | None = None
@@ -76,10 +77,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._read_began_in_body = self._in_body
+        self._read_began_in_body, self._begun_before_read = self._in_body, self._requests_begun
         if not self._in_body:
             self._wire_bytes += len(data)
-        begun = self._requests_begun
         super().data_received(data)  # uvicorn stops its keep-alive timer on any byte
         if self._in_headers:
             if self._wire_bytes > self.limits.max_header_bytes:
@@ -88,15 +88,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm_header_timer()
         elif not self._in_body:
             self._wire_bytes = 0
-            if self._requests_begun == begun and (self.cycle is None or self.cycle.response_complete):
+            if self._requests_begun == self._begun_before_read and (self.cycle is None or self.cycle.response_complete):
                 self._arm_header_timer()  # bytes that begin no request (blank lines) keep nothing open
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        # Pipelined behind another request in the same read: its bytes are not all on the wire count.
+        self._count_exactly = self._read_began_in_body or self._requests_begun != self._begun_before_read
         self._requests_begun += 1
-        # Pipelined after a body in the same read: its bytes were not counted on the wire.
-        self._count_exactly = self._read_began_in_body
 
     def on_headers_complete(self) -> None:
         limit = self.limits.max_header_bytes
@@ -126,7 +126,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refused = True
         if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()  # a pipelined request while a response is going out: no room for a 431
+            self.cycle.keep_alive = False  # pipelined: the response going out ends, then uvicorn closes
             return
         path = self.url.decode("latin-1") if self._in_headers else "/"
         self.transport.write(_refusal(path, self.limits.max_header_bytes))

@@ -197,6 +197,13 @@ async def test_oversized_headers_are_refused_with_431(gateway, size):
         assert await closed_by_server(reader)
 
 
+async def test_oversized_headers_pipelined_behind_a_request_are_refused(gateway):
+    async with connection(gateway) as (reader, writer):
+        writer.write(get("/health") + get("/health", "X-Big: " + "a" * (HEADER_LIMIT + 1024)))  # one write
+        assert (await read_response(reader))[0] == 200  # the response going out ends; no second one
+        assert await closed_by_server(reader)
+
+
 async def test_headers_sent_in_part_are_cut_off_after_the_header_timeout(gateway):
     async with connection(gateway) as (reader, writer):
         writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Slow: abc")
