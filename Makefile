@@ -58,7 +58,7 @@ lint: $(STAMP)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
 
-## bench: every benchmark (embeddings, backends, classification, control plane, generation); JSON + PNG in bench/results/.
+## bench: every benchmark (embeddings, backends, classification, control plane, generation, a 30-minute soak); JSON + PNG in bench/results/.
 bench: $(STAMP)
 	$(VENV)/bin/meshserve models build
 	$(PY) -m bench.run_embeddings
@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run_classification
 	$(PY) -m bench.run_control_plane
 	$(PY) -m bench.run_generation
+	$(PY) -m bench.run_soak
 
 clean:
 	rm -rf $(VENV) .meshserve
