@@ -156,13 +156,16 @@ class ModelStats:
 class Probe:
     """Reads the inference service's ModelStatistics and everyone's CPU at a point's window edges."""
 
-    def __init__(self, target: str, model_name: str, mesh_pid: int) -> None:
+    def __init__(self, target: str, model_name: str, mesh_pid: int, service_token: str | None = None) -> None:
         import grpc
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+        from services.common import service_auth
+
         self.pb = service_pb2
+        self.service_token = service_token  # the stages refuse calls without it (mesh.service_token)
         # Its own channel, so the statistics call never queues behind the load on the bench channel.
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = grpc.aio.insecure_channel(target, interceptors=service_auth.client_interceptors(service_token))
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.model_name = model_name
         self.mesh_pid = mesh_pid

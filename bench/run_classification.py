@@ -273,7 +273,7 @@ async def bench_mesh(mesh: Mesh, tasks: list[Task], seconds: float) -> dict[str,
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for task in tasks:
             endpoint = f"{mesh.url}/models/{task.entry.id}"
-            probe = Probe(mesh.inference_target, task.entry.inference.name, mesh.process.pid)
+            probe = Probe(mesh.inference_target, task.entry.inference.name, mesh.process.pid, mesh.service_token)
             try:
                 print(f"(c) full mesh, POST /models/{task.entry.id} (X-Use-Cache: false)", flush=True)
                 check = await check_vs_raw(session, endpoint, task)

@@ -247,7 +247,7 @@ async def bench_all(
             clients[config.name] = client = Client(session, mesh, config, sentences)
             warmups[config.name] = warm = await warm_cache(client)
             print(f"{config.label}: cache warm-up X-Cache {warm['x_cache']}", flush=True)
-            probes[config.name] = Probe(mesh.inference_target, inference_name, mesh.process.pid)
+            probes[config.name] = Probe(mesh.inference_target, inference_name, mesh.process.pid, mesh.service_token)
         measured: dict[str, dict[str, list[list[dict[str, Any]]]]] = {
             c.name: {w: [[] for _ in CONCURRENCY] for w in WORKLOADS} for c in configs
         }

@@ -187,7 +187,10 @@ async def bench_inference(
             request.raw_input_contents.append(np.asarray([values], dtype="<i8").tobytes())
         requests.append(request)
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    from services.common import service_auth
+
+    interceptors = service_auth.client_interceptors(probe.service_token)
+    async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         # One checked call first: the service must compute what (a) computes, or the ratio is meaningless.
         reply = await stub.ModelInfer(requests[0], timeout=REQUEST_TIMEOUT_S)
@@ -226,7 +229,7 @@ async def bench_mesh(url: str, encoder: RawEncoder, probe: Probe) -> tuple[list[
 
 
 async def bench_services(mesh: Mesh, model_name: str, encoder: RawEncoder) -> dict[str, Any]:
-    probe = Probe(mesh.inference_target, model_name, mesh.process.pid)
+    probe = Probe(mesh.inference_target, model_name, mesh.process.pid, mesh.service_token)
     try:
         print("(b) inference service alone, KServe v2 ModelInfer over gRPC", flush=True)
         grpc_points, grpc_cos = await bench_inference(mesh.inference_target, model_name, encoder, probe)

@@ -226,7 +226,7 @@ class GenerationProbe(Probe):
     and keeps each edge's time, so the streams that ended inside the window can be picked out."""
 
     def __init__(self, mesh: Mesh, model_name: str, http) -> None:
-        super().__init__(mesh.inference_target, model_name, mesh.process.pid)
+        super().__init__(mesh.inference_target, model_name, mesh.process.pid, mesh.service_token)
         self.http = http  # its own client: the scrape never queues behind the load
         self.url = f"http://127.0.0.1:{mesh.ports['inf_m']}/metrics"
         self.edges: list[float] = []

@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +18,9 @@ from pathlib import Path
 import httpx
 import psutil
 from meshserve.tasks.v1 import tasks_pb2
+from tritonclient.grpc import InferenceServerClientPlugin
+
+from services.common import service_auth
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_SUPPORTED = sys.platform == "linux" and platform.machine() == "x86_64"
@@ -84,6 +88,22 @@ class Mesh:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def service_token(self) -> str:
+        """The token the stages require: the test's own, or the one `meshserve up` generated for this
+        run (read from a stage's environment, the only place the supervisor puts it)."""
+        return self.env.get("MESHSERVE_SERVICE_TOKEN") or self.child("preprocess").environ()["MESHSERVE_SERVICE_TOKEN"]
+
+    @property
+    def service_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC call metadata that carries the service token, for raw stubs of the stages."""
+        return service_auth.metadata(self.service_token)
+
+    def authorize(self, client):
+        """A tritonclient (sync or aio) that sends the service token on every call."""
+        client.register_plugin(ServiceTokenPlugin(self.service_token))
+        return client
+
     def children(self, service: str) -> list[psutil.Process]:
         """The live processes of one service (module services.<service>.main), oldest first."""
         found = []
@@ -126,6 +146,16 @@ class Mesh:
         return self.process.returncode
 
 
+class ServiceTokenPlugin(InferenceServerClientPlugin):
+    """tritonclient's hook for request headers: the mesh's service token on every call."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __call__(self, request) -> None:
+        request.headers.update(service_auth.metadata(self.token))
+
+
 MESH_PORTS = ("http", "grpc", "pre", "pre_m", "inference", "inf_m", "post", "post_m")
 
 
@@ -158,6 +188,9 @@ def start_mesh(
         "HF_HUB_OFFLINE": "1",
         # The shared test meshes run with --no-auth (tests/e2e/test_control_plane.py runs with auth).
         "MESHSERVE_GATEWAY_AUTH": "false",
+        # The stages' service token, chosen here (`meshserve up` would generate one) so that every
+        # process a test starts from mesh.env (an extra gateway) can call the stages.
+        "MESHSERVE_SERVICE_TOKEN": secrets.token_urlsafe(32),
         **(extra_env or {}),
     }
     for key in (

@@ -135,7 +135,8 @@ def test_every_grpc_port_has_health_and_reflection(mesh):
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                metadata=mesh.service_metadata,  # the stages' reflection needs the service token
             )
             names = {s.name for s in next(replies).list_services_response.service}
             assert "grpc.health.v1.Health" in names and len(names) >= 3

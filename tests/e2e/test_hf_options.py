@@ -47,7 +47,7 @@ def test_use_cache_false_recomputes_in_body_and_header_form(mesh):
 
 
 def _unload(mesh, name: str) -> triton.InferenceServerClient:
-    client = triton.InferenceServerClient(mesh.inference_target)
+    client = mesh.authorize(triton.InferenceServerClient(mesh.inference_target))
     client.unload_model(name)
     deadline = time.monotonic() + 30
     while client.is_model_ready(name) and time.monotonic() < deadline:  # Triton unloads in the background

@@ -84,6 +84,7 @@ def test_sigterm_to_inference_drains_its_in_flight_batches(mesh, models_dir):
     tok = Tokenizer.from_file(str(models_dir / MODEL_ID / "model" / "tokenizer.json"))
     tok.no_padding()
     inference = mesh.child("inference")
+    metadata = mesh.service_metadata
 
     def request(i: int) -> service_pb2.ModelInferRequest:
         enc = tok.encode(f"sentence {i} sent straight to the inference service")
@@ -105,7 +106,7 @@ def test_sigterm_to_inference_drains_its_in_flight_batches(mesh, models_dir):
                     i = pending.pop()
                     entry = {"started": time.monotonic()}
                     try:
-                        await stub.ModelInfer(request(i), timeout=60)
+                        await stub.ModelInfer(request(i), timeout=60, metadata=metadata)
                         entry["code"] = "OK"
                     except grpc.aio.AioRpcError as err:
                         entry["code"] = err.code().name

@@ -195,3 +195,18 @@ async def test_an_unreachable_upstream_is_reported_without_transport_details(cap
     assert err.value.code is ErrorCode.UPSTREAM_UNAVAILABLE
     assert err.value.message == "preprocess service is unavailable"  # no address, no channel error
     assert str(port) in caplog.text  # the details are in our log
+
+
+def test_meshserve_up_gives_all_its_children_one_fresh_token_per_run(tmp_path, monkeypatch):
+    from services.supervisor import SupervisorSettings, plan
+
+    monkeypatch.delenv("MESHSERVE_SERVICE_TOKEN", raising=False)
+    settings = SupervisorSettings(replicas={"inference": 2})  # with Envoy between the stages
+    children, _ = plan(settings, {}, tmp_path)
+    assert {c.name for c in children} >= {"gateway", "preprocess", "inference-0", "inference-1", "envoy"}
+    tokens = {c.env["MESHSERVE_SERVICE_TOKEN"] for c in children}
+    assert len(tokens) == 1 and len(next(iter(tokens))) >= 32
+    again, _ = plan(settings, {}, tmp_path)
+    assert {c.env["MESHSERVE_SERVICE_TOKEN"] for c in again} != tokens
+    chosen, _ = plan(settings, {"MESHSERVE_SERVICE_TOKEN": "operator-chosen"}, tmp_path)
+    assert {c.env["MESHSERVE_SERVICE_TOKEN"] for c in chosen} == {"operator-chosen"}
