@@ -54,6 +54,8 @@ class GenerationRequest:
     seed: int | None = None
     repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+    # TGI's decoder_input_details: the final Step lists the prompt's tokens and their logprobs.
+    prompt_logprobs: bool = False
 
     @property
     def prompt_field(self) -> str:
@@ -114,6 +116,16 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class PrefillToken:
+    """A prompt token as TGI's prefill details list it: its own text, and its log-probability
+    given the tokens before it (None for the first, which nothing precedes)."""
+
+    id: int
+    text: str
+    logprob: float | None
+
+
+@dataclass(frozen=True)
 class Step:
     """One generated token (text may be empty while held back), or the final step."""
 
@@ -125,6 +137,7 @@ class Step:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prefill: tuple[PrefillToken, ...] = ()  # the final step's, when the request asked for them
 
 
 class Generator:
@@ -197,13 +210,15 @@ class Generator:
             pb.parameters["seed"].int64_param = request.seed
         if request.min_new_tokens:
             pb.parameters["min_tokens"].int64_param = request.min_new_tokens
+        if request.prompt_logprobs:
+            pb.parameters["prompt_logprobs"].bool_param = True
         return pb
 
     async def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:
         """Generate; yields a Step per token and a final Step. Cancels both streams when closed."""
         infer = self.inference.stream_infer()
         detok = self.postprocess.detokenize()
-        completion = 0
+        completion, prefill = 0, ()
         try:
             await infer.write(self._infer_request(entry, prepared, request))
             await infer.done_writing()
@@ -219,6 +234,11 @@ class Generator:
                     slug = response.infer_response.parameters["error_code"].string_param
                     raise MeshError(code_of(slug, ErrorCode.INVALID_INPUT), response.error_message)
                 out = response.infer_response
+                if out.outputs and out.outputs[0].name == "prompt_logprobs":  # first, when asked for
+                    prefill = await self._prefill(detok, prepared.input_ids, out.raw_output_contents[0])
+                    continue
+                if request.prompt_logprobs and not prefill:
+                    raise MeshError(ErrorCode.INTERNAL, "the inference service did not return the prompt's logprobs")
                 if out.parameters["triton_final_response"].bool_param:
                     # Triton's final response of a decoupled model carries no parameters: there the
                     # reason follows from the count (a generation stops short only at an end token).
@@ -227,7 +247,7 @@ class Generator:
                     )
                     tail = await self._detokenize(detok, [], last=True)
                     yield Step(tail.text, final=True, finish_reason=reason, prompt_tokens=prepared.prompt_tokens,
-                               completion_tokens=completion)  # fmt: skip
+                               completion_tokens=completion, prefill=prefill)  # fmt: skip
                     return
                 token = struct.unpack("<q", out.raw_output_contents[0])[0]
                 logprob = struct.unpack("<f", out.raw_output_contents[1])[0] if len(out.raw_output_contents) > 1 else 0.0
@@ -235,7 +255,7 @@ class Generator:
                 piece = await self._detokenize(detok, [token], last=False)
                 if piece.stopped:  # a stop string: end here, the text stops before it
                     yield Step(piece.text, final=True, finish_reason="stop", prompt_tokens=prepared.prompt_tokens,
-                               completion_tokens=completion)  # fmt: skip
+                               completion_tokens=completion, prefill=prefill)  # fmt: skip
                     return
                 yield Step(piece.text, token, piece.token_texts[0] if piece.token_texts else "", logprob)
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the inference stream ended without a final response")
@@ -245,9 +265,27 @@ class Generator:
             infer.cancel()
             detok.cancel()
 
+    async def _prefill(self, detok, input_ids: list[int], raw: bytes) -> tuple[PrefillToken, ...]:
+        """The prompt's tokens from the inference service's scores (FP32, NaN for the first) and
+        postprocess's texts."""
+        scores = struct.unpack(f"<{len(raw) // 4}f", raw)
+        if len(scores) != len(input_ids):
+            raise MeshError(ErrorCode.INTERNAL, f"{len(scores)} prompt logprobs for {len(input_ids)} prompt tokens")
+        texts = await self._ask(
+            detok, postprocess_pb2.DetokenizeRequest(prompt=postprocess_pb2.PromptTokens(token_ids=input_ids))
+        )
+        return tuple(
+            PrefillToken(token, text, None if score != score else score)  # NaN: the first token
+            for token, text, score in zip(input_ids, texts.token_texts, scores, strict=True)
+        )
+
     async def _detokenize(self, detok, tokens: list[int], *, last: bool) -> postprocess_pb2.DetokenizeResponse:
+        chunk = postprocess_pb2.TokenChunk(token_ids=tokens, last=last)
+        return await self._ask(detok, postprocess_pb2.DetokenizeRequest(tokens=chunk))
+
+    async def _ask(self, detok, request: postprocess_pb2.DetokenizeRequest) -> postprocess_pb2.DetokenizeResponse:
         try:
-            await detok.write(postprocess_pb2.DetokenizeRequest(tokens=postprocess_pb2.TokenChunk(token_ids=tokens, last=last)))
+            await detok.write(request)
             reply = await detok.read()
         except grpc.aio.AioRpcError as err:
             raise MeshError.from_rpc_error(err, upstream="postprocess") from err

@@ -149,7 +149,6 @@ class TGIParameters(_Open):
     def check_supported(self) -> None:
         unsupported = {
             "watermark": self.watermark,
-            "decoder_input_details": self.decoder_input_details,
             "best_of": (self.best_of or 1) > 1,
             "typical_p": self.typical_p is not None and self.typical_p < 1,
             "top_n_tokens": self.top_n_tokens,
@@ -315,6 +314,11 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
             raise invalid("`inputs` must be a non-empty string (the prompt)", param="inputs")
         p = parse(TGIParameters, body.get("parameters") or {}, where="parameters")
         p.check_supported()
+        if p.decoder_input_details and body.get("stream"):  # as TGI: the prefill is in the final details only
+            raise invalid(
+                "`parameters.decoder_input_details` is not supported when streaming tokens",
+                param="parameters.decoder_input_details",
+            )
         sample = p.do_sample or any(v is not None for v in (p.temperature, p.top_p, p.top_k))
         gen = GenerationRequest(
             prompt=body["inputs"],
@@ -325,6 +329,7 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
             seed=p.seed,
             repetition_penalty=p.repetition_penalty,
             stop=p.stop or [],
+            prompt_logprobs=bool(p.details and p.decoder_input_details),
         )
         prefix = body["inputs"] if p.return_full_text else ""
 
@@ -335,7 +340,7 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
                     "finish_reason": _tgi_reason(last.finish_reason),
                     "generated_tokens": last.completion_tokens,
                     "seed": p.seed,
-                    "prefill": [],
+                    "prefill": [{"id": t.id, "text": t.text, "logprob": t.logprob} for t in last.prefill],
                     "tokens": tokens,
                 }
             return [result]

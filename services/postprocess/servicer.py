@@ -45,6 +45,9 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
                 continue
             if state is None:
                 raise invalid("a detokenization stream must begin with `start`")
+            if kind == "prompt":
+                yield postprocess_pb2.DetokenizeResponse(token_texts=state.prompt_texts(list(request.prompt.token_ids)))
+                continue
             text, per_token, stopped = state.feed(list(request.tokens.token_ids), last=request.tokens.last)
             yield postprocess_pb2.DetokenizeResponse(text=text, token_texts=per_token, stopped=stopped)
 

@@ -23,13 +23,21 @@ class TokenChunk(_message.Message):
     last: bool
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ...) -> None: ...
 
+class PromptTokens(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class DetokenizeRequest(_message.Message):
-    __slots__ = ("start", "tokens")
+    __slots__ = ("start", "tokens", "prompt")
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     start: DetokenizeStart
     tokens: TokenChunk
-    def __init__(self, start: _Optional[_Union[DetokenizeStart, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ...) -> None: ...
+    prompt: PromptTokens
+    def __init__(self, start: _Optional[_Union[DetokenizeStart, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., prompt: _Optional[_Union[PromptTokens, _Mapping]] = ...) -> None: ...
 
 class DetokenizeResponse(_message.Message):
     __slots__ = ("text", "token_texts", "stopped")
