@@ -215,3 +215,24 @@ RENDERERS: dict[str, Renderer] = {
     "zero-shot-classification": render_zero_shot,
     "image-classification": render_image_classification,
 }
+
+# -- the task of a model URL that names none ------------------------------------------------------
+# HF's API answers a model URL with the task the input's shape asks for: huggingface_hub's
+# feature_extraction and sentence_similarity both POST to the bare model URL (client-contract
+# §2.1, §2.5). Each entry: a task and a body shape that no other task's body has.
+SHAPES: dict[str, Callable[[dict], bool]] = {
+    "sentence-similarity": lambda body: isinstance(body.get("inputs"), dict) and "source_sentence" in body["inputs"],
+    "zero-shot-classification": lambda body: (
+        isinstance(body.get("parameters"), dict) and "candidate_labels" in body["parameters"]
+    ),
+}
+
+
+def task_from_shape(entry: ModelEntry, body) -> str:
+    """The task of a body sent to a model URL that names no task: the first of the model's tasks
+    whose shape the body has, else the model's default task (a string or a list of strings)."""
+    if isinstance(body, dict):
+        for task, has_shape in SHAPES.items():
+            if task in entry.tasks and has_shape(body):
+                return task
+    return entry.default_task

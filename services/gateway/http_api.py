@@ -450,6 +450,7 @@ def create_app(
         return hf_tasks.RENDERERS[task](result, req, dialect)
 
     async def run_hf_task(request: Request, model_id: str, task: str | None):
+        named = bool(task)
         entry, task = pipeline.resolve(model_id, task)
         request.state.model = entry.id
         if task in GENERATION_TASKS:  # the TGI dialect: {"inputs": prompt, "parameters", "stream"}
@@ -460,6 +461,8 @@ def create_app(
         if isinstance(body, hf_tasks.HFRequest):
             req, options = body, HFOptions()
         else:
+            if not named:  # a bare model URL: the body's shape picks among the model's tasks
+                task = hf_tasks.task_from_shape(entry, body)
             req, options = hf_request(entry, task, body)
         # The HF API takes the options in the body or, in its newer form, as headers.
         use_cache = header_flag(request, "x-use-cache", options.use_cache, default=True)

@@ -70,13 +70,7 @@ def test_hf_sentence_similarity_matches_sentence_transformers(mesh, reference_en
     assert scores[0] > scores[1]  # the paraphrase is closer than the finance sentence
 
 
-def test_hf_sentence_similarity_on_model_url_uses_the_requested_pipeline(mesh):
-    # The model's default task is feature-extraction; the similarity body on the plain model URL
-    # is refused with a clear message rather than misread.
-    client = InferenceClient(model=f"{mesh.url}/models/{MODEL_ID}")
-    with pytest.raises(Exception) as err:
-        client.sentence_similarity("a", other_sentences=["b"])
-    assert "inputs" in str(err.value)
+# sentence_similarity on the bare model URL: tests/e2e/test_hf_contract_gaps.py
 
 
 def test_more_texts_than_one_batch_are_chunked_and_kept_in_order(mesh, reference_encoder):

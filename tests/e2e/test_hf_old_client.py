@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent(
         "zero_shot": [[e.label, e.score] for e in zs.zero_shot_classification(
             "The football team won the match after extra time.", candidate_labels=["sport", "politics", "cooking"])],
         "similarity": ss.sentence_similarity("a cat", other_sentences=["a kitten", "tax law"]),
+        "similarity_model_url": fe.sentence_similarity("a cat", other_sentences=["a kitten", "tax law"]),
         "features": list(fe.feature_extraction("hello").shape),
         "image_bytes": [e.label for e in ic.image_classification(image)],
         "image_path": [e.label for e in ic.image_classification(image_path)],
@@ -69,6 +70,7 @@ def test_huggingface_hub_0_36_every_task(mesh, tmp_path):
     assert out["zero_shot"][0][0] == "sport" and [lbl for lbl, _ in out["zero_shot"]] != []
     assert sum(score for _, score in out["zero_shot"]) == pytest.approx(1.0, abs=1e-5)
     assert out["similarity"][0] > out["similarity"][1]
+    assert out["similarity_model_url"] == pytest.approx(out["similarity"], abs=1e-6)  # dispatched by input shape
     assert out["features"] == [384]
     label = str(labels[5])
     assert out["image_bytes"][0] == out["image_path"][0] == out["image_top2"][0] == label
