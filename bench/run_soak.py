@@ -50,11 +50,13 @@ import psutil
 from bench.common import (
     REQUEST_TIMEOUT_S,
     RESULTS,
+    count_noisy,
     cpu_sample,
     cpu_usage,
     finish_figure,
     git_info,
     machine_info,
+    noisy_warning,
     percentiles_ms,
     write_results,
 )
@@ -305,7 +307,7 @@ def window_line(w: dict[str, Any]) -> str:
     rss = ", ".join(f"{name} {p['rss_mib']:.0f}" for name, p in w["processes"].items())
     return (
         f"  t={w['t_end_s']:6.0f} s  {w['requests']:4d} req  errors {w['errors']}  shed {w['shed']}  "
-        f"p50 {w['p50_ms']} ms  p99 {w['p99_ms']} ms  RSS MiB: {rss}"
+        f"p50 {w['p50_ms']} ms  p99 {w['p99_ms']} ms  foreign cores {w['cpu']['foreign_cores']}  RSS MiB: {rss}"
     )
 
 
@@ -411,6 +413,8 @@ def summary(result: dict[str, Any]) -> str:
     samples = sorted({s for w in result["windows"] for s in w["error_samples"]})[:5]
     if samples:
         lines += ["", "error samples: " + "; ".join(samples)]
+    if noisy := count_noisy(result["windows"]):
+        lines += ["", noisy_warning(noisy, "their latencies are high. Rerun on an idle machine.")]
     return "\n".join(lines)
 
 
