@@ -15,6 +15,7 @@ from services.gateway.auth import PRINCIPAL, Authenticator
 from services.gateway.core import Pipeline
 from services.gateway.generation import GenerationRequest, Generator
 from services.gateway.metering import Metering, token_bound
+from services.gateway.schemas import check_generation_pb
 
 
 def model_pb(entry: ModelEntry, ready: bool | None) -> gateway_pb2.Model:
@@ -41,6 +42,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not GENERATION_TASKS & set(entry.tasks):
             raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"Model {entry.id!r} does not generate text", param="model_id")
         p = request.parameters
+        check_generation_pb(p)
         gen = GenerationRequest(
             messages=[(m.role, m.content) for m in request.messages] or None,
             prompt=request.prompt,

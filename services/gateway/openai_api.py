@@ -25,14 +25,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.catalog import GENERATION_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.gateway.generation import GenerationRequest, Generator, Step
-from services.gateway.schemas import parse
+from services.gateway.schemas import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_TEMPERATURE,
+    UINT32_MAX,
+    check_stops,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ContentPart(BaseModel):
@@ -63,13 +70,14 @@ class _Sampling(_Open):
     model: str = Field(..., description="Catalog model id (HF clients send `dummy` on a model URL).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="At most the model's total-token limit.")
     min_tokens: int | None = Field(
-        None, ge=0, description="vLLM's extension: no end or stop token before this many tokens (fixed-length runs)."
-    )
+        None, ge=0, le=UINT32_MAX,
+        description="vLLM's extension: no end or stop token before this many tokens (fixed-length runs).",
+    )  # fmt: skip
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1)
     user: str | None = None
@@ -104,14 +112,14 @@ class _Sampling(_Open):
                 raise invalid(f"`{name}` is not supported (the TGI route takes `repetition_penalty`)", param=name)
 
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return check_stops([self.stop] if isinstance(self.stop, str) else list(self.stop or []))
 
 
 class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`."""
 
     messages: list[ChatMessageIn] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
 
 
 class CompletionRequest(_Sampling):
@@ -126,11 +134,11 @@ class CompletionRequest(_Sampling):
 class TGIParameters(_Open):
     """The TGI `parameters` object (what huggingface_hub's text_generation sends)."""
 
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=0, le=UINT32_MAX)
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
     repetition_penalty: float | None = Field(None, gt=0)
     stop: list[str] | None = None
     details: bool | None = None
@@ -170,8 +178,17 @@ DONE = b"data: [DONE]\n\n"
 
 
 def error_event(err: MeshError) -> bytes:
-    """A mid-stream failure in the form both clients raise typed errors from."""
-    return sse({"error": {"message": err.message, "type": err.code.openai_type}, "error_type": err.code.hf_type})
+    """A mid-stream failure of an OpenAI-dialect stream (chat, completions): OpenAI's error object,
+    which the openai SDK raises as APIError, plus `error_type`, from which huggingface_hub's chat
+    client raises its typed error (client-contract §5)."""
+    error = {"message": err.message, "type": err.code.openai_type, "code": err.code.slug, "param": err.param}
+    return sse({"error": error, "error_type": err.code.hf_type})
+
+
+def tgi_error_event(err: MeshError) -> bytes:
+    """A mid-stream failure of a TGI stream: TGI's own `{"error": str, "error_type": str}` event,
+    which huggingface_hub's text_generation raises as a typed error."""
+    return sse({"error": err.message, "error_type": err.code.hf_type})
 
 
 def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering, read_json, json_response) -> dict:
@@ -210,10 +227,12 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
         finally:
             metered.compute_s = time.perf_counter() - started
 
-    def streaming(body_events, metered, source) -> StreamingResponse:
+    def streaming(body_events, metered, source, on_error) -> StreamingResponse:
         """SSE response whose body settles the metered request when it ends, however it ends.
         Every generator of the chain is closed explicitly (a client that left must stop the
-        generation now, not when the garbage collector finalizes a suspended generator)."""
+        generation now, not when the garbage collector finalizes a suspended generator). A failure
+        after the 200 went out ends the stream with `on_error(err)`'s event and then a clean end of
+        the body, never a cut connection; the cause goes to the log."""
 
         async def body():
             async with metering.track(metered), aclosing(source), aclosing(body_events) as events:
@@ -221,20 +240,31 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
                     async for chunk in events:
                         yield chunk
                 except MeshError as err:
-                    yield error_event(err)
+                    log.warning("stream of request %s failed mid-way: %s: %s", metered.request_id, err.code.slug,
+                                err.message)  # fmt: skip
+                    yield on_error(err)
                     raise
+                except Exception as exc:  # a bug: the caller gets a generic error, the log the traceback
+                    log.exception("stream of request %s failed mid-way", metered.request_id)
+                    err = MeshError(ErrorCode.INTERNAL, "internal error")
+                    yield on_error(err)
+                    raise err from exc
 
         return ClosingStreamingResponse(
             _swallow(body()), media_type="text/event-stream", headers={**SSE_HEADERS, **metered.rate_headers()}
         )
 
-    async def respond(request: Request, entry: ModelEntry, gen: GenerationRequest, stream: bool, events, render):
-        """Admit and run one generation: an SSE stream of `events(steps, prepared)`, or one JSON body
-        `render(text, last, tokens)` (`tokens`: the steps' TGI token objects)."""
+    async def respond(
+        request: Request, entry: ModelEntry, gen: GenerationRequest, stream: bool, events, render,
+        on_error=error_event,
+    ):  # fmt: skip
+        """Admit and run one generation: an SSE stream of `events(steps, prepared)` (a failure
+        mid-way: `on_error(err)`'s event), or one JSON body `render(text, last, tokens)` (`tokens`:
+        the steps' TGI token objects)."""
         prepared, metered = await start(request, entry, gen)
         if stream:
             source = steps(entry, prepared, gen, metered)
-            return streaming(events(source, prepared), metered, source)
+            return streaming(events(source, prepared), metered, source, on_error)
         async with metering.track(metered):
             text, last, tokens = await _collect(steps(entry, prepared, gen, metered))
         return json_response(render(text, last, tokens), headers=metered.headers())
@@ -328,7 +358,7 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
             top_k=p.top_k,
             seed=p.seed,
             repetition_penalty=p.repetition_penalty,
-            stop=p.stop or [],
+            stop=check_stops(p.stop or [], "parameters.stop"),
             prompt_logprobs=bool(p.details and p.decoder_input_details),
         )
         prefix = body["inputs"] if p.return_full_text else ""
@@ -348,6 +378,7 @@ def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering
         return await respond(
             request, entry, gen, bool(body.get("stream")),
             lambda source, prepared: _tgi_events(source, prefix, p.seed, prepared.prompt_tokens), render,
+            tgi_error_event,
         )  # fmt: skip
 
     return {"chat": chat, "text_generation": text_generation}

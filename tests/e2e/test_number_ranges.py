@@ -1,0 +1,230 @@
+"""Out-of-range numbers and too many stop strings are a 400 (INVALID_ARGUMENT on gRPC) that names
+the field, in the caller's dialect, on every route that parses them, never a 500 from an overflow
+deeper in the mesh; a key's budget is capped so no key can break its own requests; a stream that
+fails after its 200 ends with an error event the real clients raise, never a cut connection."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import OverloadedError
+from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from meshserve.tasks.v1 import tasks_pb2
+
+from services.gateway.keys import KeyStore
+from tests.helpers import REPO, free_port, start_mesh
+
+pytestmark = pytest.mark.xdist_group("number-ranges")
+
+ADMIN = "msk_admin_ranges-admin-token-0123456789abcdefghijklmnopqrstuvwxyz"
+LM = "meshserve/tiny-llama-chat"
+SENTIMENT = "meshserve/sentiment-minilm"
+CHAT = {"model": LM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+STOPS_17 = [f"stop{i}" for i in range(17)]
+
+
+class Gateway:
+    """A second gateway over the mesh's preprocess and inference whose postprocess address has
+    nothing listening: a generation gets its 200 and first event, then fails at the first token."""
+
+    def __init__(self, mesh, log_path) -> None:
+        self.port = free_port()
+        env = {
+            **mesh.env,
+            "MESHSERVE_GATEWAY_HTTP_PORT": str(self.port),
+            "MESHSERVE_GATEWAY_GRPC_PORT": str(free_port()),
+            "MESHSERVE_GATEWAY_PREPROCESS_ADDRESS": f"127.0.0.1:{mesh.ports['pre']}",
+            "MESHSERVE_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{mesh.ports['inference']}",
+            "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS": f"127.0.0.1:{free_port()}",
+        }
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.gateway.main"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # /health: /readyz is 503 with postprocess away
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            assert self.process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError("second gateway not ready")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def ranges(tmp_path_factory, models_dir):
+    """A mesh with auth on (keys in a throwaway SQLite file, budgets in process), an inference key,
+    and the gateway whose postprocess is away."""
+    tmp = tmp_path_factory.mktemp("ranges")
+    db = tmp / "gateway.db"
+    env = {
+        "MESHSERVE_GATEWAY_AUTH": "true",
+        "MESHSERVE_GATEWAY_LEDGER": "false",
+        "MESHSERVE_ADMIN_TOKEN": ADMIN,
+        "MESHSERVE_GATEWAY_DATABASE_URL": f"sqlite:///{db}",
+    }
+    mesh = start_mesh(tmp, env)
+    try:
+        token = create_key(mesh.url).json()["token"]
+        broken = Gateway(mesh, tmp / "gateway-no-postprocess.log")
+    except BaseException:
+        mesh.stop()
+        raise
+    yield mesh, token, broken, db
+    broken.stop()
+    mesh.stop()
+
+
+def create_key(url: str, **spec) -> httpx.Response:
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    return httpx.post(url + "/admin/keys", json={"name": "ranges", **spec}, headers=headers, timeout=30)
+
+
+# (route, body, the field the error must name). Each was a 500 before these checks.
+OPENAI_CASES = [
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2**32}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 2**32}, "max_completion_tokens"),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**63}, "seed"),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**63, "stream": True}, "seed"),
+    ("/v1/chat/completions", {**CHAT, "stop": STOPS_17}, "stop"),
+    ("/v1/chat/completions", {**CHAT, "stop": STOPS_17, "stream": True}, "stop"),
+    ("/v1/completions", {"model": LM, "prompt": "hi", "max_tokens": 2**32}, "max_tokens"),
+    ("/v1/completions", {"model": LM, "prompt": "hi", "seed": 2**63, "stream": True}, "seed"),
+]
+HF_CASES = [
+    (f"/models/{LM}", {"inputs": "hi", "parameters": {"max_new_tokens": 2**32}}, "parameters.max_new_tokens"),
+    (f"/models/{LM}", {"inputs": "hi", "parameters": {"top_k": 2**63}}, "parameters.top_k"),
+    (f"/models/{LM}", {"inputs": "hi", "parameters": {"seed": 2**63}}, "parameters.seed"),
+    (f"/models/{LM}", {"inputs": "hi", "parameters": {"stop": STOPS_17}}, "parameters.stop"),
+    (f"/models/{LM}", {"inputs": "hi", "stream": True, "parameters": {"top_k": 2**63}}, "parameters.top_k"),
+    (f"/models/{SENTIMENT}", {"inputs": "a fine day", "parameters": {"top_k": 2**32}}, "parameters.top_k"),
+]
+ADMIN_CASES = [
+    ({"expires_in_s": 1e20}, "expires_in_s"),
+    ({"budget_usd": 1e305, "budget_period": "total"}, "budget_usd"),
+    ({"requests_per_minute": 2**63}, "requests_per_minute"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), OPENAI_CASES, ids=[f"{p}:{f}" for p, b, f in OPENAI_CASES])
+def test_openai_routes_refuse_out_of_range_numbers_with_a_400_naming_the_field(ranges, path, body, field):
+    mesh, token, _, _ = ranges
+    reply = httpx.post(mesh.url + path, json=body, headers={"authorization": f"Bearer {token}"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == field
+    assert error["type"] == "invalid_request_error"
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), HF_CASES, ids=[f"{p}:{f}" for p, b, f in HF_CASES])
+def test_hf_routes_refuse_out_of_range_numbers_with_a_400_naming_the_field(ranges, path, body, field):
+    mesh, token, _, _ = ranges
+    reply = httpx.post(mesh.url + path, json=body, headers={"authorization": f"Bearer {token}"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error_type"] == "validation"
+    assert field in reply.json()["error"]
+
+
+@pytest.mark.parametrize(("spec", "field"), ADMIN_CASES, ids=[f for _, f in ADMIN_CASES])
+def test_admin_key_creation_refuses_out_of_range_numbers(ranges, spec, field):
+    mesh, _, _, _ = ranges
+    reply = create_key(mesh.url, **spec)
+    assert reply.status_code == 400, reply.text
+    assert field in reply.json()["error"]
+
+
+def test_a_key_stored_with_a_huge_budget_still_works(ranges):
+    """A key stored before the cap (here: straight into the store, past the API's check) counts
+    as having the largest budget, not as a failure on each of its requests."""
+    import sqlalchemy as sa
+
+    mesh, _, _, db = ranges
+    _, token = KeyStore(sa.create_engine(f"sqlite:///{db}")).create(
+        "huge", ["inference", "read"], budget_usd=1e305, budget_period="total"
+    )
+    body = {"inputs": "a fine day"}
+    deadline = time.monotonic() + 30
+    while (reply := httpx.post(f"{mesh.url}/models/{SENTIMENT}", json=body, headers={"authorization": f"Bearer {token}"}, timeout=30)).status_code == 401:  # fmt: skip
+        assert time.monotonic() < deadline, "the gateway never loaded the new key"
+        time.sleep(0.25)  # the gateway reloads keys from the database every key_refresh_s
+    assert reply.status_code == 200, reply.text
+    again = httpx.post(f"{mesh.url}/models/{SENTIMENT}", json=body, headers={"authorization": f"Bearer {token}"})
+    assert again.status_code == 200, again.text
+
+
+GRPC_CASES = [
+    (tasks_pb2.GenerationParameters(seed=2**63), "parameters.seed"),
+    (tasks_pb2.GenerationParameters(stop=STOPS_17), "parameters.stop"),
+    (tasks_pb2.GenerationParameters(stop=["x" * 257]), "parameters.stop"),
+    (tasks_pb2.GenerationParameters(temperature=float("nan")), "parameters.temperature"),
+    (tasks_pb2.GenerationParameters(top_p=float("inf")), "parameters.top_p"),
+    (tasks_pb2.GenerationParameters(repetition_penalty=float("inf")), "parameters.repetition_penalty"),
+]
+
+
+@pytest.mark.parametrize(("parameters", "field"), GRPC_CASES, ids=[f"{f}-{i}" for i, (_, f) in enumerate(GRPC_CASES)])
+def test_grpc_generate_refuses_out_of_range_parameters_with_invalid_argument(ranges, parameters, field):
+    mesh, token, _, _ = ranges
+    request = gateway_pb2.GenerateRequest(model_id=LM, prompt="hi", parameters=parameters)
+    request.parameters.max_new_tokens = 4
+    with grpc.insecure_channel(mesh.grpc_target) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request, metadata=[("authorization", f"Bearer {token}")], timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert field in err.value.details()
+
+
+def test_a_stream_that_fails_mid_way_ends_with_an_error_event_the_openai_client_raises(ranges):
+    _, token, broken, _ = ranges
+    client = openai.OpenAI(base_url=broken.url + "/v1", api_key=token, max_retries=0)
+    stream = client.chat.completions.create(**CHAT, stream=True)
+    chunks = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:  # the role chunk arrives, then the failure
+            chunks.append(chunk)
+    assert not isinstance(err.value, openai.APIConnectionError)
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"  # the 200 and a first event came
+    assert err.value.body["code"] == "upstream_unavailable"
+    assert err.value.body["type"] == "service_unavailable"
+    assert "failed mid-way: upstream_unavailable" in broken.log_path.read_text()
+
+
+def test_a_tgi_stream_that_fails_mid_way_ends_with_a_tgi_error_event(ranges):
+    _, token, broken, _ = ranges
+    with httpx.stream(
+        "POST", f"{broken.url}/models/{LM}", json={"inputs": "hi", "stream": True, "parameters": {"max_new_tokens": 4}},
+        headers={"authorization": f"Bearer {token}"}, timeout=30,
+    ) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        events = [line for line in reply.iter_lines() if line]  # a cut connection raises here
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert isinstance(last["error"], str) and last["error"]  # TGI's shape: the message itself
+    assert last["error_type"] == "overloaded"
+    client = InferenceClient(base_url=f"{broken.url}/models/{LM}", api_key=token)
+    with pytest.raises(OverloadedError):  # huggingface_hub's typed error for the event's error_type
+        list(client.text_generation("hi", max_new_tokens=4, stream=True))
