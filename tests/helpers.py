@@ -26,6 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 TRITON_SUPPORTED = sys.platform == "linux" and platform.machine() == "x86_64"
 TRITON_SKIP_REASON = "the bundled tritonserver runs on x86_64 Linux only"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# How long a started process may take to become ready before a test calls it broken. A ready process
+# ends the wait at once, so the bound only matters when something is wrong; it is generous because on
+# a loaded 2-core machine Triton's Python-backend stubs take minutes to import torch (seen: 180 s was
+# not enough at load average 16, where the embedded mesh still started in ~60 s).
+START_TIMEOUT_S = 600.0
 
 
 def texts(*values: str) -> tasks_pb2.TaskInputs:
@@ -120,7 +125,7 @@ class Mesh:
             raise LookupError(f"no running {service} process")
         return found[0]
 
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

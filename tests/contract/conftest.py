@@ -20,7 +20,7 @@ from tritonclient.grpc import InferenceServerClient
 
 from services.inference.main import create
 from services.inference.settings import InferenceSettings
-from tests.helpers import REPO, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, meshserve_home
+from tests.helpers import REPO, START_TIMEOUT_S, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, meshserve_home
 
 BACKENDS = [
     "embedded",
@@ -43,7 +43,7 @@ def start_triton(home: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
             [sys.executable, "-m", "services.inference.main"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"triton launcher exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
