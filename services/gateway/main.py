@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 import uvicorn
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -20,7 +21,7 @@ from services.common.clients import InferenceClient, PostprocessClient, Preproce
 from services.common.logs import setup_logging
 from services.gateway.auth import GrpcAuthInterceptor
 from services.gateway.coalescer import RequestCoalescer
-from services.gateway.control import ControlPlane
+from services.gateway.control import ControlPlane, WeakAdminToken
 from services.gateway.core import Pipeline
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app, wrap
@@ -126,7 +127,11 @@ def main() -> None:
         # Built inside the loop: grpc.aio channels bind to the loop that exists when they are made.
         await Gateway(settings).run()
 
-    uvloop.run(run())
+    try:
+        uvloop.run(run())
+    except WeakAdminToken as err:  # the operator's setting, not a bug: one line with the fix, no traceback
+        log.error("refusing to start: %s", err)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ still verifying (and rehashed), and an operator's weak admin token refused at st
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -154,3 +155,6 @@ def test_the_gateway_process_exits_with_the_reason(tmp_path):
     )
     assert done.returncode != 0
     assert "MESHSERVE_ADMIN_TOKEN is too weak" in done.stderr and "hunter2" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr  # the operator gets the reason, not a stack
+    [line] = [line for line in done.stderr.splitlines() if "too weak" in line]
+    assert json.loads(line)["level"] == "error"
