@@ -182,6 +182,14 @@ class ModelEntry(_Strict):
         for task in ("text-classification", "image-classification"):
             if task in self.tasks and not self.postprocess.labels:
                 raise ValueError(f"{self.id}: {task} needs postprocess.labels")
+        # A request of max_items rows (its chunks all queue at once) must fit the empty queue, or the
+        # largest accepted request is always refused as OVERLOADED, a 503 that retrying cannot fix.
+        # Generation queues one sequence per request: its max_items is not a row count.
+        if self.inference.runtime != "causal_lm" and self.preprocess.max_items > self.inference.max_queue_size:
+            raise ValueError(
+                f"{self.id}: preprocess.max_items ({self.preprocess.max_items}) exceeds inference.max_queue_size "
+                f"({self.inference.max_queue_size}): a request of max_items rows could never be queued"
+            )
         return self
 
     @property
