@@ -1,13 +1,20 @@
 """The model store under MESHSERVE_HOME/models: `meshserve models build` materializes catalog
 entries there, deterministically and cached (an entry is rebuilt only when its source changes).
+
+One build at a time per store: builds hold an exclusive flock on MODELS_DIR/.build.lock, so a second
+`models build` (another pytest worker, `make up` next to `make test`) waits for the first and then
+finds its models up to date instead of deleting the other's `<model>.building` folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,6 +24,7 @@ from services.common.catalog import Catalog, ModelEntry
 
 MANIFEST = "meshserve-build.json"
 BUILD_VERSION = 2
+LOCK_FILE = ".build.lock"
 
 
 def source_path(entry: ModelEntry) -> Path:
@@ -86,11 +94,35 @@ def _copy(entry: ModelEntry, src: Path, out: Path) -> None:
         shutil.copyfile(path, target)
 
 
+@contextlib.contextmanager
+def build_lock(models_dir: Path) -> Iterator[None]:
+    """Hold the store's build lock (waiting for another process's build to end). The kernel drops
+    it when the holder exits, however it exits: a killed build leaves no stale lock. A read-only
+    store (an image's baked models) cannot be built into either: it is checked without a lock."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(models_dir / LOCK_FILE, "a")  # closed by the with below
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_entry(
     entry: ModelEntry, models_dir: Path, *, force: bool = False, catalog: Catalog | None = None
 ) -> tuple[Path, bool]:
     """Materialize one entry; returns (store dir, whether anything was built). A trained entry
     whose `source.base` names another entry needs `catalog` and that entry built first."""
+    with build_lock(models_dir):
+        return _build_entry(entry, models_dir, force=force, catalog=catalog)
+
+
+def _build_entry(entry: ModelEntry, models_dir: Path, *, force: bool, catalog: Catalog | None) -> tuple[Path, bool]:
     dest = entry.store_dir(models_dir)
     metrics: dict | None = None
     if entry.source.kind == "build":
@@ -100,7 +132,7 @@ def build_entry(
             if catalog is None:
                 raise ValueError(f"{entry.id}: building on {entry.source.base} needs the catalog")
             base = catalog.get(entry.source.base)
-            build_entry(base, models_dir, catalog=catalog)
+            _build_entry(base, models_dir, force=False, catalog=catalog)
             base_dir, base_fingerprint = model_dir(base, models_dir), manifest(base, models_dir)["fingerprint"]
         fingerprint = _build_fingerprint(entry, builder, base_fingerprint)
     else:
@@ -126,4 +158,5 @@ def build_entry(
 
 
 def build_all(catalog: Catalog, models_dir: Path, *, force: bool = False) -> list[tuple[ModelEntry, bool]]:
-    return [(entry, build_entry(entry, models_dir, force=force, catalog=catalog)[1]) for entry in catalog.models]
+    with build_lock(models_dir):
+        return [(entry, _build_entry(entry, models_dir, force=force, catalog=catalog)[1]) for entry in catalog.models]
