@@ -1,5 +1,7 @@
 """Per-connection limits of the gateway's HTTP/1.1 server that uvicorn's httptools protocol lacks:
-the size of a request's headers and the time they may take to arrive.
+the size of a request's headers and the time they may take to arrive; and the answer beyond
+uvicorn's connection cap (`limit_concurrency`): the house OVERLOADED error with Retry-After in the
+caller's dialect instead of uvicorn's plain-text 503.
 
 uvicorn closes a keep-alive connection that stays idle after a response (`timeout_keep_alive`), but
 nothing closes a connection that never completes its headers (slowloris) or never sends a byte, and
@@ -12,6 +14,7 @@ from __future__ import annotations
 from asyncio import TimerHandle
 from dataclasses import dataclass
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.common.errors import ErrorCode, MeshError
@@ -41,6 +44,15 @@ def _refusal(path: str, limit: int) -> bytes:
             response.body,
         ]
     )
+
+
+async def _over_capacity(scope, receive, send) -> None:
+    """What a request beyond the connection cap gets, in place of uvicorn's `service_unavailable`:
+    503 OVERLOADED in the caller's dialect with Retry-After; the connection is then closed."""
+    err = MeshError(ErrorCode.OVERLOADED, "the gateway is at its connection limit; retry later")
+    response = error_response(err, scope["path"])
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _header_bytes(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -120,6 +132,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        # Every request, first or pipelined, starts here; beyond limit_concurrency uvicorn hands
+        # its own plain-text 503 app (uvicorn is pinned: tests/unit/test_transport_limits.py checks).
+        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
 
     def _refuse(self) -> None:
         if self._refused or self.transport.is_closing():

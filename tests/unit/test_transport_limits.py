@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from typing import NamedTuple
 
@@ -240,9 +241,20 @@ async def test_a_request_beyond_the_connection_cap_gets_503(tmp_path):
         async with connection(served), connection(served) as (reader, writer):
             writer.write(get("/health"))
             assert (await read_response(reader))[0] == 200  # two connections: both served
-            async with connection(served) as (third_reader, third):
-                third.write(get("/health"))
-                assert (await read_response(third_reader))[0] == 503
+            # A third: the house OVERLOADED error in the caller's dialect, Retry-After, then the close.
+            for path in ("/v1/embeddings", "/models/m"):
+                async with connection(served) as (third_reader, third):
+                    third.write(get(path))
+                    head = (await asyncio.wait_for(third_reader.readuntil(b"\r\n\r\n"), PATIENCE_S)).lower()
+                    assert head.startswith(b"http/1.1 503 ")
+                    assert b"\r\ncontent-type: application/json" in head and b"\r\nretry-after: 1\r\n" in head
+                    error = json.loads(await asyncio.wait_for(third_reader.read(), PATIENCE_S))  # read to EOF
+                    if path.startswith("/v1/"):
+                        assert error["error"]["code"] == "overloaded"
+                        assert error["error"]["type"] == "service_unavailable"
+                        assert "connection limit" in error["error"]["message"]
+                    else:
+                        assert error["error_type"] == "overloaded" and "connection limit" in error["error"]
             writer.write(get("/health"))
             assert (await read_response(reader))[0] == 200
     await gw.pipeline.close()
