@@ -15,6 +15,7 @@ drops the sequence from its batch at the next decode step.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -222,11 +223,8 @@ class Generator:
         try:
             await infer.write(self._infer_request(entry, prepared, request))
             await infer.done_writing()
-            await detok.write(
-                postprocess_pb2.DetokenizeRequest(
-                    start=postprocess_pb2.DetokenizeStart(model_id=entry.id, stop=request.stop)
-                )
-            )
+            start = postprocess_pb2.DetokenizeStart(model_id=entry.id, stop=request.stop)
+            await self._send(detok, postprocess_pb2.DetokenizeRequest(start=start))
             async for response in infer:
                 if response.error_message:
                     # Our inference service names the code; Triton's own errors are bare messages,
@@ -284,11 +282,23 @@ class Generator:
         return await self._ask(detok, postprocess_pb2.DetokenizeRequest(tokens=chunk))
 
     async def _ask(self, detok, request: postprocess_pb2.DetokenizeRequest) -> postprocess_pb2.DetokenizeResponse:
+        await self._send(detok, request)
         try:
-            await detok.write(request)
             reply = await detok.read()
         except grpc.aio.AioRpcError as err:
             raise MeshError.from_rpc_error(err, upstream="postprocess") from err
         if reply is grpc.aio.EOF:
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the detokenization stream ended early")
         return reply
+
+    @staticmethod
+    async def _send(detok, request: postprocess_pb2.DetokenizeRequest) -> None:
+        """Write to the Detokenize stream. When postprocess has already ended the call (it refused an
+        earlier message), the write cannot go out: the call's own status is the error to report, and
+        the read that follows raises it, so it is not lost as a generic failure."""
+        try:
+            await detok.write(request)
+        except asyncio.InvalidStateError:
+            pass
+        except grpc.aio.AioRpcError as err:
+            raise MeshError.from_rpc_error(err, upstream="postprocess") from err
