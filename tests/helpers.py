@@ -151,6 +151,60 @@ class Mesh:
         return self.process.returncode
 
 
+class GatewayProcess:
+    """A gateway process of its own in front of a running mesh's stages: a replica, or a gateway with
+    other settings (`env` overrides any variable, a stage's address among them). Ready once
+    `ready_path` answers 200; stop() sends SIGTERM and waits for the drain."""
+
+    def __init__(self, mesh: Mesh, log_path: Path, env: dict[str, str] | None = None, ready_path: str = "/readyz"):
+        self.port = free_port()
+        self.env = {
+            **mesh.env,  # the stages' service token among them
+            "MESHSERVE_GATEWAY_HTTP_PORT": str(self.port),
+            "MESHSERVE_GATEWAY_GRPC_PORT": str(free_port()),
+            "MESHSERVE_GATEWAY_PREPROCESS_ADDRESS": f"127.0.0.1:{mesh.ports['pre']}",
+            "MESHSERVE_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{mesh.ports['inference']}",
+            "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS": f"127.0.0.1:{mesh.ports['post']}",
+            **(env or {}),
+        }
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.gateway.main"], cwd=REPO, env=self.env, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        try:
+            self._wait_ready(ready_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, path: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"gateway not ready in {START_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
 class ServiceTokenPlugin(InferenceServerClientPlugin):
     """tritonclient's hook for request headers: the mesh's service token on every call."""
 

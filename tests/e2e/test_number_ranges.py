@@ -5,11 +5,7 @@ fails after its 200 ends with an error event the real clients raise, never a cut
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -22,7 +18,7 @@ from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
 from services.gateway.keys import KeyStore
-from tests.helpers import REPO, free_port, start_mesh
+from tests.helpers import GatewayProcess, free_port, start_mesh
 
 pytestmark = pytest.mark.xdist_group("number-ranges")
 
@@ -31,47 +27,6 @@ LM = "meshserve/tiny-llama-chat"
 SENTIMENT = "meshserve/sentiment-minilm"
 CHAT = {"model": LM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 STOPS_17 = [f"stop{i}" for i in range(17)]
-
-
-class Gateway:
-    """A second gateway over the mesh's preprocess and inference whose postprocess address has
-    nothing listening: a generation gets its 200 and first event, then fails at the first token."""
-
-    def __init__(self, mesh, log_path) -> None:
-        self.port = free_port()
-        env = {
-            **mesh.env,
-            "MESHSERVE_GATEWAY_HTTP_PORT": str(self.port),
-            "MESHSERVE_GATEWAY_GRPC_PORT": str(free_port()),
-            "MESHSERVE_GATEWAY_PREPROCESS_ADDRESS": f"127.0.0.1:{mesh.ports['pre']}",
-            "MESHSERVE_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{mesh.ports['inference']}",
-            "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS": f"127.0.0.1:{free_port()}",
-        }
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.gateway.main"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # /health: /readyz is 503 with postprocess away
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            assert self.process.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError("second gateway not ready")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +44,10 @@ def ranges(tmp_path_factory, models_dir):
     mesh = start_mesh(tmp, env)
     try:
         token = create_key(mesh.url).json()["token"]
-        broken = Gateway(mesh, tmp / "gateway-no-postprocess.log")
+        # postprocess's address has nothing listening: a generation gets its 200 and first event,
+        # then fails at the first token (/health: its /readyz is 503 with postprocess away)
+        away = {"MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS": f"127.0.0.1:{free_port()}"}
+        broken = GatewayProcess(mesh, tmp / "gateway-no-postprocess.log", away, ready_path="/health")
     except BaseException:
         mesh.stop()
         raise
