@@ -241,11 +241,6 @@ def create_app(
     control = control or ControlPlane.disabled(settings)
     metering = control.metering
 
-    def allow(request: Request, entry: ModelEntry, task: str) -> None:
-        principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
-        route = _route_label(request.url.path)
-        metering.allow(principal, entry, task, route, request.state.request_id, request.state.client_request_id)
-
     async def admit(
         request: Request,
         entry: ModelEntry,
@@ -271,7 +266,6 @@ def create_app(
         app,
         catalog,
         Generator(pipeline.preprocess, pipeline.inference, pipeline.postprocess),
-        allow,
         admit,
         metering,
         read_json,

@@ -169,24 +169,6 @@ class Metering:
         )
         self._steps = redis_steps.Batcher(self._redis) if self._redis is not None else None
 
-    def allow(
-        self,
-        principal: Principal,
-        entry: ModelEntry,
-        task: str,
-        route: str,
-        request_id: str,
-        client_request_id: str | None = None,
-    ) -> None:
-        """The key's model and task restrictions alone, for a route that must check them before
-        work admit() cannot price yet (generation tokenizes the prompt first); a refusal gets its
-        ledger row, as in admit()."""
-        try:
-            principal.allow(entry.id, task)
-        except MeshError as err:
-            self._record_refusal(principal, entry, task, route, request_id, err, client_request_id)
-            raise
-
     def _record_refusal(
         self, principal, entry, task, route, request_id, err: MeshError, client_request_id: str | None = None
     ) -> None:

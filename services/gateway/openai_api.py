@@ -191,12 +191,12 @@ def tgi_error_event(err: MeshError) -> bytes:
     return sse({"error": err.message, "error_type": err.code.hf_type})
 
 
-def register(app: FastAPI, catalog, generator: Generator, allow, admit, metering, read_json, json_response) -> dict:
+def register(app: FastAPI, catalog, generator: Generator, admit, metering, read_json, json_response) -> dict:
     """Add the OpenAI generation routes; returns the handlers the HF model route dispatches to
     (`chat` for `/models/{id}/v1/chat/completions`, `text_generation` for the TGI dialect).
-    `allow(request, entry, task)` checks the key's model and task restrictions (before the prompt
-    is tokenized); `admit(request, entry, task, max_input_tokens, max_output_tokens)` admits a
-    request (limits, budget reservation); `metering.track` settles it."""
+    `admit(request, entry, task, max_input_tokens, max_output_tokens, tokens_hint)` admits a request
+    (the key's model and task restrictions, limits, budget reservation) before its prompt is
+    rendered or tokenized; `metering.track` settles it."""
 
     def generation_entry(model_id: str) -> ModelEntry:
         entry = catalog.get(model_id)
