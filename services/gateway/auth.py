@@ -266,10 +266,11 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
             except MeshError as err:
                 return _refusal(err)
             self.auth.remember(credential, principal)
-        try:
-            await self.auth.count_request(principal, needed)
-        except MeshError as err:
-            return _refusal(err)
+        if needed != "inference" and principal.request_limits is not None:  # as in AuthMiddleware
+            try:
+                await self.auth.count_request(principal, needed)
+            except MeshError as err:
+                return _refusal(err)
         handler = await continuation(details)
         return _with_principal(handler, principal)
 
