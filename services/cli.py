@@ -66,7 +66,7 @@ def _up(args) -> int:
 
 def _key_store():
     from services.gateway import db
-    from services.gateway.keys import KeyStore
+    from services.gateway.control.keys import KeyStore
     from services.gateway.settings import GatewaySettings
 
     settings = GatewaySettings()
@@ -80,8 +80,8 @@ def _keys(args) -> int:
     import json
 
     from services.common.errors import MeshError
-    from services.gateway.admin_api import KeyRequest, create_key
-    from services.gateway.schemas import parse
+    from services.gateway.api.admin_routes import KeyRequest, create_key
+    from services.gateway.api.schemas import parse
 
     store = _key_store()
     try:
@@ -136,7 +136,7 @@ def _usage(args) -> int:
     import sqlalchemy as sa
 
     from services.gateway import db
-    from services.gateway.ledger import UsageLedger
+    from services.gateway.ledger.usage import UsageLedger
 
     engine = db.make_engine(os.environ.get("MESHSERVE_GATEWAY_DATABASE_URL") or db.default_url(CommonSettings().home))
     try:

@@ -19,13 +19,13 @@ from services.common import grpc_server, tracing
 from services.common.catalog import Catalog
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.logs import setup_logging
-from services.gateway.auth import GrpcAuthInterceptor
-from services.gateway.coalescer import RequestCoalescer
-from services.gateway.control import ControlPlane, WeakAdminToken
-from services.gateway.core import Pipeline
-from services.gateway.grpc_api import GatewayServicer
-from services.gateway.http_api import create_app, wrap
-from services.gateway.http_limits import HttpLimits, protocol_class
+from services.gateway.api.grpc_servicer import GatewayServicer
+from services.gateway.api.http_app import create_app, wrap
+from services.gateway.api.http_limits import HttpLimits, protocol_class
+from services.gateway.control.auth import GrpcAuthInterceptor
+from services.gateway.control.plane import ControlPlane, WeakAdminToken
+from services.gateway.pipeline.coalescer import RequestCoalescer
+from services.gateway.pipeline.runner import Pipeline
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from meshserve.tasks.v1 import tasks_pb2
 
 from services.common import grpc_server
 from services.common.settings import GrpcServiceSettings
-from services.gateway.auth import GrpcAuthInterceptor
-from services.gateway.control import ControlPlane
-from services.gateway.grpc_api import GatewayServicer
-from services.gateway.http_api import create_app, wrap
+from services.gateway.api.grpc_servicer import GatewayServicer
+from services.gateway.api.http_app import create_app, wrap
+from services.gateway.control.auth import GrpcAuthInterceptor
+from services.gateway.control.plane import ControlPlane
 from services.gateway.main import SERVICE_NAME, build_pipeline
 from services.gateway.settings import GatewaySettings
 

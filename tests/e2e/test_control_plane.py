@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from services.gateway.auth import rest_scope
+from services.gateway.control.auth import rest_scope
 from tests.e2e.test_tracing import otel_env, receiver  # noqa: F401  (the in-test OTLP collector fixture)
 from tests.helpers import MODEL_ID, REPO, GatewayProcess, start_mesh
 
@@ -91,7 +91,7 @@ def app_routes() -> list[tuple[str, str]]:
     so a route added later is walked without editing this test."""
     from starlette.routing import Route
 
-    from services.gateway.http_api import create_app
+    from services.gateway.api.http_app import create_app
     from services.gateway.main import build_pipeline
     from services.gateway.settings import GatewaySettings
 

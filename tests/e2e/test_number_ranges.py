@@ -17,7 +17,7 @@ from huggingface_hub.errors import OverloadedError
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
-from services.gateway.keys import KeyStore
+from services.gateway.control.keys import KeyStore
 from tests.helpers import GatewayProcess, free_port, start_mesh
 
 pytestmark = pytest.mark.xdist_group("number-ranges")

@@ -9,7 +9,7 @@ from meshserve.postprocess.v1 import postprocess_pb2
 from services.common.clients import PostprocessClient
 from services.common.errors import ErrorCode, MeshError
 from services.common.settings import REPO_ROOT, UpstreamSettings
-from services.gateway.generation import Generator
+from services.gateway.pipeline.generation import Generator
 from services.postprocess.main import create
 from services.postprocess.settings import PostprocessSettings
 

@@ -14,7 +14,7 @@ from PIL import Image
 from services.common.catalog import ImageSpec
 from services.common.errors import ErrorCode, MeshError
 from services.common.images import decode, sniff_format
-from services.gateway.hf_tasks import Dialect
+from services.gateway.api.hf_tasks import Dialect
 from services.postprocess.core import activate, ranked
 
 SPEC = ImageSpec(width=8, height=8, mode="L", mean=(0.5,), std=(0.5,), max_pixels=1_000_000)

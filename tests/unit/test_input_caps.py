@@ -21,12 +21,12 @@ from services.common import caps, grpc_server, images
 from services.common.catalog import ImageSpec
 from services.common.errors import ErrorCode, MeshError
 from services.common.settings import GrpcServiceSettings
-from services.gateway.control import ControlPlane
-from services.gateway.generation import GenerationRequest
-from services.gateway.grpc_api import GatewayServicer
-from services.gateway.http_api import create_app, wrap
+from services.gateway.api.grpc_servicer import GatewayServicer
+from services.gateway.api.http_app import create_app, wrap
+from services.gateway.control.metering import text_token_bound, zero_shot_token_bound
+from services.gateway.control.plane import ControlPlane
 from services.gateway.main import SERVICE_NAME, build_pipeline
-from services.gateway.metering import text_token_bound, zero_shot_token_bound
+from services.gateway.pipeline.generation import GenerationRequest
 from services.gateway.settings import GatewaySettings
 from services.preprocess.core import ImagePreprocessor
 from tests.helpers import MODEL_ID, texts

@@ -15,9 +15,9 @@ import pytest
 import sqlalchemy as sa
 
 from services.common.settings import REPO_ROOT
-from services.gateway.control import ControlPlane, WeakAdminToken
+from services.gateway.control.keys import KeyStore, api_keys
+from services.gateway.control.plane import ControlPlane, WeakAdminToken
 from services.gateway.db import make_engine
-from services.gateway.keys import KeyStore, api_keys
 from services.gateway.settings import GatewaySettings
 from tests.unit.test_ledger import database_url, postgres_server  # noqa: F401  (SQLite and Postgres)
 

@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from services.common.errors import ErrorCode, MeshError
+from services.gateway.control.keys import KeyStore, api_keys
 from services.gateway.db import make_engine
-from services.gateway.keys import KeyStore, api_keys
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_replicas_initialising_one_database_together(tmp_path):
 async def test_a_remembered_credential_is_forgotten_when_the_keys_change_or_it_expires(store):
     """The authenticator remembers credentials it verified (a dict lookup instead of hashing the
     token on every request); a revocation, any other key change, or the key's expiry ends that."""
-    from services.gateway.auth import Authenticator
+    from services.gateway.control.auth import Authenticator
 
     auth = Authenticator(store, enabled=True, metrics_public=True)
     key, token = store.create("team", ["inference"])

@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 
 from services import cli
 from services.gateway import db
-from services.gateway.ledger import UsageLedger, UsageRecord, usage
+from services.gateway.ledger.usage import UsageLedger, UsageRecord, usage
 
 DAY1 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DAY2 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -305,7 +305,7 @@ async def test_a_row_the_database_rejects_does_not_hold_back_the_others(engines,
     ledger.record(rec(1))
     ledger.record(rec(2, model=None))  # NOT NULL: no retry can ever write it
     ledger.record(rec(3))
-    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger"):
+    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger.usage"):
         await ledger.flush()
     assert [row["request_id"] for row in await ledger.query()] == ["req-3", "req-1"]
     assert "req-2" in caplog.text
@@ -377,7 +377,7 @@ async def test_close_gives_up_after_its_bound_and_says_how_many_rows_it_lost(tmp
     holder = lock_database(path)
     for i in range(3):
         ledger.record(rec(i))
-    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger"):
+    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger.usage"):
         await ledger.close()
     holder.execute("ROLLBACK")
     holder.close()
@@ -500,8 +500,8 @@ async def test_usage_route_answers_503_when_the_database_is_unavailable(tmp_path
     server's trouble, not the caller's: a retryable 503 in the API's error shape, never a 500."""
     import httpx
 
-    from services.gateway.control import ControlPlane
-    from services.gateway.http_api import create_app
+    from services.gateway.api.http_app import create_app
+    from services.gateway.control.plane import ControlPlane
     from services.gateway.main import build_pipeline
     from services.gateway.settings import GatewaySettings
 
@@ -529,7 +529,7 @@ def test_a_batch_that_fails_halfway_through_its_row_by_row_retry_reports_what_it
     """The writer's fallback (after an invalid row) commits row by row; when the database then
     fails, the rows already written are reported done, so the gateway's retry does not write them
     twice."""
-    from services.gateway.ledger import _values, create_tables, insert_rows
+    from services.gateway.ledger.usage import _values, create_tables, insert_rows
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
     create_tables(engine)

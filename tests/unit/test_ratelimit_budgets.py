@@ -19,8 +19,8 @@ import pytest
 from huggingface_hub.utils import parse_ratelimit_headers
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.budgets import BudgetBook, period_key
-from services.gateway.ratelimit import KeyLimits, RateLimiter, tokens_wait_s
+from services.gateway.control.budgets import BudgetBook, period_key
+from services.gateway.control.ratelimit import KeyLimits, RateLimiter, tokens_wait_s
 from tests.helpers import free_port
 
 RATELIMIT = re.compile(r'^"(\w+)";r=(\d+);t=(\d+)(, "\w+";r=\d+;t=\d+)*$')
@@ -377,9 +377,9 @@ async def test_a_store_failure_while_settling_still_frees_the_slot_and_answers(l
     from pathlib import Path
 
     from services.common.catalog import Catalog
-    from services.gateway.auth import Principal
-    from services.gateway.keys import ApiKey
-    from services.gateway.metering import Metering
+    from services.gateway.control.auth import Principal
+    from services.gateway.control.keys import ApiKey
+    from services.gateway.control.metering import Metering
 
     entry = Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
     key = ApiKey(id=f"k{uuid.uuid4().hex[:8]}", name="t", scopes=("inference",), concurrent_requests=1, budget_usd=1.0)
@@ -433,7 +433,7 @@ def test_in_process_admission_headers_are_the_ones_the_shared_renderer_writes(li
     """The in-process step writes an admitted request's headers itself (the cached path cannot
     afford the shared renderer); they must be what RateLimiter._decide writes for the same state,
     the Redis store's, in every phase of the tokens counter."""
-    from services.gateway import ratelimit
+    from services.gateway.control import ratelimit
 
     clock = [1_800_000_000 * 60 + 10.25]  # 10.25 s into a minute
     monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
@@ -513,9 +513,9 @@ async def test_a_request_its_budget_refuses_does_not_use_up_its_requests_per_min
     from pathlib import Path
 
     from services.common.catalog import Catalog
-    from services.gateway.auth import Principal
-    from services.gateway.keys import ApiKey
-    from services.gateway.metering import Metering
+    from services.gateway.control.auth import Principal
+    from services.gateway.control.keys import ApiKey
+    from services.gateway.control.metering import Metering
 
     entry = Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
     broke = ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=2, concurrent_requests=1,
@@ -537,7 +537,7 @@ async def shared_redis(redis_url):
     a phase in one round trip (what ControlPlane builds when a Redis URL is set)."""
     import redis.asyncio as aioredis
 
-    from services.gateway.metering import Metering
+    from services.gateway.control.metering import Metering
 
     client = aioredis.Redis.from_url(redis_url)
     limiter, book = RateLimiter(redis_url, client=client), BudgetBook(redis_url, client=client)
@@ -558,8 +558,8 @@ def _sentiment():
 async def test_with_one_redis_client_admission_and_completion_take_one_round_trip_each(shared_redis, monkeypatch):
     import dataclasses
 
-    from services.gateway.auth import Principal
-    from services.gateway.keys import ApiKey
+    from services.gateway.control.auth import Principal
+    from services.gateway.control.keys import ApiKey
 
     metering, _, book, client = shared_redis
     assert metering._redis is client
@@ -595,8 +595,8 @@ async def test_with_one_redis_client_admission_and_completion_take_one_round_tri
 
 
 async def test_a_redis_that_lost_its_scripts_loads_them_again(shared_redis):
-    from services.gateway.auth import Principal
-    from services.gateway.keys import ApiKey
+    from services.gateway.control.auth import Principal
+    from services.gateway.control.keys import ApiKey
 
     metering, _, book, client = shared_redis
     entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=5, budget_usd=1.0)
@@ -613,8 +613,8 @@ async def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answe
     """While one round trip is out, the steps of the requests that come meanwhile wait and go
     together in the next one: a burst of 20 against 10 requests a minute takes a few round trips,
     not 30, and still admits exactly 10."""
-    from services.gateway.auth import Principal
-    from services.gateway.keys import ApiKey
+    from services.gateway.control.auth import Principal
+    from services.gateway.control.keys import ApiKey
 
     metering, _, book, client = shared_redis
     sent = []
@@ -652,7 +652,7 @@ async def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answe
 async def test_a_failed_round_trip_fails_only_its_own_requests(shared_redis, monkeypatch):
     import redis.asyncio as aioredis
 
-    from services.gateway import redis_steps
+    from services.gateway.control import redis_steps
 
     _, limiter, _, client = shared_redis
     batcher = redis_steps.Batcher(client)

@@ -13,12 +13,12 @@ import sqlalchemy as sa
 from meshserve.tasks.v1 import tasks_pb2
 
 from services.gateway import db
-from services.gateway.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
-from services.gateway.control import ControlPlane
-from services.gateway.core import Prediction
-from services.gateway.http_api import create_app, wrap
-from services.gateway.ledger import create_usage_table, usage
+from services.gateway.api.http_app import create_app, wrap
+from services.gateway.control.plane import ControlPlane
+from services.gateway.ledger.usage import create_usage_table, usage
 from services.gateway.main import build_pipeline
+from services.gateway.pipeline.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
+from services.gateway.pipeline.runner import Prediction
 from services.gateway.settings import GatewaySettings
 from tests.unit.test_ledger import database_url, postgres_server  # noqa: F401  (SQLite and Postgres)
 

@@ -7,7 +7,7 @@ import pytest
 
 from services.common.errors import MeshError
 from services.common.tensors import from_bytes, from_pb, to_pb
-from services.gateway.core import split_rows
+from services.gateway.pipeline.runner import split_rows
 
 
 def test_tensor_round_trip_is_little_endian_and_exact():

@@ -23,14 +23,14 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common import caps, tracing
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
-from services.gateway import redis_steps
-from services.gateway.auth import Principal
-from services.gateway.ledger import UsageLedger
-from services.gateway.ratelimit import store_errors
+from services.gateway.control import redis_steps
+from services.gateway.control.auth import Principal
+from services.gateway.control.ratelimit import store_errors
+from services.gateway.ledger.usage import UsageLedger
 
 if TYPE_CHECKING:
-    from services.gateway.budgets import BudgetBook, Reservation
-    from services.gateway.ratelimit import Admission, KeyLimits, LocalAdmission, RateLimiter
+    from services.gateway.control.budgets import BudgetBook, Reservation
+    from services.gateway.control.ratelimit import Admission, KeyLimits, LocalAdmission, RateLimiter
 
 log = logging.getLogger(__name__)
 

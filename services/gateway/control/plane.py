@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
-from services.gateway.auth import Authenticator
-from services.gateway.metering import Metering
+from services.gateway.control.auth import Authenticator
+from services.gateway.control.metering import Metering
 from services.gateway.settings import ADMIN_TOKEN_FILE, GatewaySettings
 
 if TYPE_CHECKING:
-    from services.gateway.budgets import BudgetBook
-    from services.gateway.keys import KeyStore
-    from services.gateway.ledger import UsageLedger
-    from services.gateway.ratelimit import RateLimiter
+    from services.gateway.control.budgets import BudgetBook
+    from services.gateway.control.keys import KeyStore
+    from services.gateway.control.ratelimit import RateLimiter
+    from services.gateway.ledger.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,11 @@ class ControlPlane:
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> ControlPlane:
-        from services.gateway.budgets import BudgetBook
+        from services.gateway.control.budgets import BudgetBook
+        from services.gateway.control.keys import KeyStore
+        from services.gateway.control.ratelimit import RateLimiter
         from services.gateway.db import default_url, make_engine
-        from services.gateway.keys import KeyStore
-        from services.gateway.ledger import UsageLedger
-        from services.gateway.ratelimit import RateLimiter
+        from services.gateway.ledger.usage import UsageLedger
 
         if settings.auth and settings.admin_token:  # refused before anything starts
             check_admin_token(settings.admin_token.get_secret_value(), "MESHSERVE_ADMIN_TOKEN")

@@ -86,7 +86,7 @@ class WriterProcess:
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.gateway.ledger_writer",
+            "services.gateway.ledger.writer",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             # stderr: the gateway's, so the writer's log lines land with the gateway's
@@ -180,7 +180,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     from services.common.logs import setup_logging
     from services.gateway.db import make_engine
-    from services.gateway.ledger import insert_rows
+    from services.gateway.ledger.usage import insert_rows
 
     setup_logging("gateway", os.environ.get("MESHSERVE_LOG_LEVEL", "INFO"))
     stdin, stdout = sys.stdin.buffer, protocol_out

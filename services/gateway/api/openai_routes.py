@@ -24,8 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.catalog import GENERATION_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.gateway.generation import GenerationRequest, Generator, Step
-from services.gateway.schemas import (
+from services.gateway.api.schemas import (
     INT64_MAX,
     INT64_MIN,
     MAX_TEMPERATURE,
@@ -33,6 +32,7 @@ from services.gateway.schemas import (
     check_stops,
     parse,
 )
+from services.gateway.pipeline.generation import GenerationRequest, Generator, Step
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -55,7 +55,7 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.redis_steps import Step
+from services.gateway.control.redis_steps import Step
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from services.common.clients import InferenceClient, PostprocessClient, Preproce
 from services.common.errors import ErrorCode, MeshError, code_of
 
 if TYPE_CHECKING:
-    from services.gateway.metering import Metered, Metering
+    from services.gateway.control.metering import Metered, Metering
 
 # Tokens a plain prompt may have beyond one per UTF-8 byte: BOS/EOS and a tokenizer's prefix space.
 PROMPT_EXTRA_TOKENS = 4

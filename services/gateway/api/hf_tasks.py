@@ -19,7 +19,7 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
-from services.gateway.schemas import (
+from services.gateway.api.schemas import (
     FeatureExtractionParameters,
     ImageClassificationParameters,
     SentenceSimilarityInputs,

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.gateway.db import add_missing_columns, create_tables, metadata
-from services.gateway.ledger_writer import LedgerWriteError, WriterProcess
+from services.gateway.ledger.writer import LedgerWriteError, WriterProcess
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from prometheus_client import Histogram
 
 from services.common import deadlines
 from services.common.errors import MeshError
-from services.gateway.core import Pipeline
+from services.gateway.pipeline.runner import Pipeline
 
 GROUP_ROWS = Histogram(
     "meshserve_gateway_coalesced_rows", "Texts per coalesced embeddings call.", buckets=(1, 2, 4, 8, 16, 32, 64)

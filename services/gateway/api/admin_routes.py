@@ -14,12 +14,12 @@ from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.auth import Authenticator
-from services.gateway.budgets import MAX_BUDGET_USD
-from services.gateway.control import ControlPlane
-from services.gateway.keys import ApiKey, KeyStore
-from services.gateway.ledger_writer import LedgerWriteError
-from services.gateway.schemas import parse
+from services.gateway.api.schemas import parse
+from services.gateway.control.auth import Authenticator
+from services.gateway.control.budgets import MAX_BUDGET_USD
+from services.gateway.control.keys import ApiKey, KeyStore
+from services.gateway.control.plane import ControlPlane
+from services.gateway.ledger.writer import LedgerWriteError
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common.catalog import GENERATION_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError
 from services.common.tasks import task_from_pb, task_to_pb
-from services.gateway.auth import PRINCIPAL, Authenticator
-from services.gateway.core import Pipeline
-from services.gateway.generation import GenerationRequest, Generator
-from services.gateway.metering import Metering, token_bound
-from services.gateway.schemas import check_generation_pb
+from services.gateway.api.schemas import check_generation_pb
+from services.gateway.control.auth import PRINCIPAL, Authenticator
+from services.gateway.control.metering import Metering, token_bound
+from services.gateway.pipeline.generation import GenerationRequest, Generator
+from services.gateway.pipeline.runner import Pipeline
 
 
 def model_pb(entry: ModelEntry, ready: bool | None) -> gateway_pb2.Model:

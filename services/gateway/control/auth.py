@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 import grpc
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.keys import ApiKey, KeyStore
-from services.gateway.ratelimit import KeyLimits, RateLimiter
+from services.gateway.control.keys import ApiKey, KeyStore
+from services.gateway.control.ratelimit import KeyLimits, RateLimiter
 
 # (method, path regex) -> scope; None = public. First match wins; no match = "admin".
 REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(

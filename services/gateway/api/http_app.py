@@ -23,16 +23,18 @@ from services.common import caps, deadlines
 from services.common.catalog import GENERATION_TASKS, IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.metrics import LATENCY_BUCKETS
-from services.gateway import admin_api, hf_tasks, openai_api
-from services.gateway.auth import Authenticator, AuthMiddleware
-from services.gateway.cache import ResponseCache, cache_key
-from services.gateway.coalescer import COALESCED_TASKS, Embedded, RequestCoalescer
-from services.gateway.control import ControlPlane
-from services.gateway.core import Pipeline, Prediction
-from services.gateway.generation import Generator
-from services.gateway.metering import text_token_bound, token_bound
-from services.gateway.ratelimit import new_id
-from services.gateway.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
+from services.gateway.api import admin_routes as admin_api
+from services.gateway.api import hf_tasks
+from services.gateway.api import openai_routes as openai_api
+from services.gateway.api.schemas import EmbeddingsRequest, HFOptions, HFTaskRequest, parse
+from services.gateway.control.auth import Authenticator, AuthMiddleware
+from services.gateway.control.metering import text_token_bound, token_bound
+from services.gateway.control.plane import ControlPlane
+from services.gateway.control.ratelimit import new_id
+from services.gateway.pipeline.cache import ResponseCache, cache_key
+from services.gateway.pipeline.coalescer import COALESCED_TASKS, Embedded, RequestCoalescer
+from services.gateway.pipeline.generation import Generator
+from services.gateway.pipeline.runner import Pipeline, Prediction
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Keys, authentication, rate limits, budgets and metering: who may run what, and at what cost."""

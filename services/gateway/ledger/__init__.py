@@ -1,0 +1,1 @@
+"""The usage ledger: row schema, write queue, writer process, reports."""

@@ -1,0 +1,1 @@
+"""Calls to preprocess -> inference -> postprocess, the request coalescer and the response cache."""
