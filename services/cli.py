@@ -136,7 +136,7 @@ def _usage(args) -> int:
     import sqlalchemy as sa
 
     from services.gateway import db
-    from services.gateway.ledger.usage import UsageLedger
+    from services.gateway.ledger import UsageLedger
 
     engine = db.make_engine(os.environ.get("MESHSERVE_GATEWAY_DATABASE_URL") or db.default_url(CommonSettings().home))
     try:

@@ -15,7 +15,7 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.gateway import db
 from services.gateway.api.http_app import create_app, wrap
 from services.gateway.control.plane import ControlPlane
-from services.gateway.ledger.usage import create_usage_table, usage
+from services.gateway.ledger import create_usage_table, usage
 from services.gateway.main import build_pipeline
 from services.gateway.pipeline.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
 from services.gateway.pipeline.runner import Prediction

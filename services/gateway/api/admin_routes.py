@@ -19,7 +19,7 @@ from services.gateway.control.auth import Authenticator
 from services.gateway.control.budgets import MAX_BUDGET_USD
 from services.gateway.control.keys import ApiKey, KeyStore
 from services.gateway.control.plane import ControlPlane
-from services.gateway.ledger.writer import LedgerWriteError
+from services.gateway.ledger import LedgerWriteError
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common import caps, deadlines
 from services.common.catalog import GENERATION_TASKS, IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.ids import new_id
 from services.common.metrics import LATENCY_BUCKETS
 from services.gateway.api import admin_routes as admin_api
 from services.gateway.api import hf_tasks
@@ -30,7 +31,6 @@ from services.gateway.api.schemas import EmbeddingsRequest, HFOptions, HFTaskReq
 from services.gateway.control.auth import Authenticator, AuthMiddleware
 from services.gateway.control.metering import text_token_bound, token_bound
 from services.gateway.control.plane import ControlPlane
-from services.gateway.control.ratelimit import new_id
 from services.gateway.pipeline.cache import ResponseCache, cache_key
 from services.gateway.pipeline.coalescer import COALESCED_TASKS, Embedded, RequestCoalescer
 from services.gateway.pipeline.generation import Generator

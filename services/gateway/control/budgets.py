@@ -25,7 +25,8 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.control.ratelimit import MAX_RETRY_AFTER_S, new_id, store_errors
+from services.common.ids import new_id
+from services.gateway.control.ratelimit import MAX_RETRY_AFTER_S, store_errors
 from services.gateway.control.redis_steps import Step
 
 log = logging.getLogger(__name__)

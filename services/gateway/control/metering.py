@@ -26,7 +26,7 @@ from services.common.errors import MeshError
 from services.gateway.control import redis_steps
 from services.gateway.control.auth import Principal
 from services.gateway.control.ratelimit import store_errors
-from services.gateway.ledger.usage import UsageLedger
+from services.gateway.ledger import UsageLedger
 
 if TYPE_CHECKING:
     from services.gateway.control.budgets import BudgetBook, Reservation

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from services.gateway.control.budgets import BudgetBook
     from services.gateway.control.keys import KeyStore
     from services.gateway.control.ratelimit import RateLimiter
-    from services.gateway.ledger.usage import UsageLedger
+    from services.gateway.ledger import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ControlPlane:
         from services.gateway.control.keys import KeyStore
         from services.gateway.control.ratelimit import RateLimiter
         from services.gateway.db import default_url, make_engine
-        from services.gateway.ledger.usage import UsageLedger
+        from services.gateway.ledger import UsageLedger
 
         if settings.auth and settings.admin_token:  # refused before anything starts
             check_admin_token(settings.admin_token.get_secret_value(), "MESHSERVE_ADMIN_TOKEN")
