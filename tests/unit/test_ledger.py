@@ -3,6 +3,7 @@ here when its binaries are installed (the same tests, parametrized over both).""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import glob
 import json
@@ -14,6 +15,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -26,7 +28,8 @@ from prometheus_client import REGISTRY
 
 from services import cli
 from services.gateway import db
-from services.gateway.ledger.usage import UsageLedger, UsageRecord, usage
+from services.gateway import ledger as ledger_package
+from services.gateway.ledger import UsageLedger, UsageRecord, usage
 
 DAY1 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DAY2 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -305,7 +308,7 @@ async def test_a_row_the_database_rejects_does_not_hold_back_the_others(engines,
     ledger.record(rec(1))
     ledger.record(rec(2, model=None))  # NOT NULL: no retry can ever write it
     ledger.record(rec(3))
-    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger.usage"):
+    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger.queue"):
         await ledger.flush()
     assert [row["request_id"] for row in await ledger.query()] == ["req-3", "req-1"]
     assert "req-2" in caplog.text
@@ -377,7 +380,7 @@ async def test_close_gives_up_after_its_bound_and_says_how_many_rows_it_lost(tmp
     holder = lock_database(path)
     for i in range(3):
         ledger.record(rec(i))
-    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger.usage"):
+    with caplog.at_level(logging.ERROR, logger="services.gateway.ledger.queue"):
         await ledger.close()
     holder.execute("ROLLBACK")
     holder.close()
@@ -529,10 +532,11 @@ def test_a_batch_that_fails_halfway_through_its_row_by_row_retry_reports_what_it
     """The writer's fallback (after an invalid row) commits row by row; when the database then
     fails, the rows already written are reported done, so the gateway's retry does not write them
     twice."""
-    from services.gateway.ledger.usage import _values, create_tables, insert_rows
+    from services.gateway.ledger.schema import row_values
+    from services.gateway.ledger.writer import insert_rows
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
-    create_tables(engine)
+    db.create_tables(engine)
     inserts_seen = []
 
     @sa.event.listens_for(engine, "before_cursor_execute")
@@ -542,10 +546,48 @@ def test_a_batch_that_fails_halfway_through_its_row_by_row_retry_reports_what_it
             if len(inserts_seen) == 4:  # 1: the batch; 2, 3: rows 1 and 2 (bad); 4: row 3
                 raise sa.exc.OperationalError(statement, parameters, Exception("disk I/O error"))
 
-    rows = [_values(rec(1)), _values(rec(2, model=None)), _values(rec(3)), _values(rec(4))]
+    rows = [row_values(rec(1)), row_values(rec(2, model=None)), row_values(rec(3)), row_values(rec(4))]
     done, written, rejected, error = insert_rows(engine, rows)
     assert (done, written) == (2, 1) and [r for r, _ in rejected] == ["req-2"]
     assert error and "disk I/O error" in error
     with engine.connect() as conn:
         assert [r[0] for r in conn.execute(sa.select(usage.c.request_id))] == ["req-1"]
     engine.dispose()
+
+
+# --- the package -------------------------------------------------------------------------------
+
+
+def test_the_writer_process_module_runs_without_the_package_importing_it_first():
+    """`python -m services.gateway.ledger.writer` is how the gateway starts its writer: the package
+    must not import that module itself (runpy would run a second copy and warn on the gateway's
+    stderr). Given no configuration, the writer exits 0 at once."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "services.gateway.ledger.writer"],
+        input=b"",
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr == b""
+
+
+def test_the_ledger_modules_import_one_way():
+    """No import cycle inside the ledger: the writer process and the reports stand on the schema,
+    the queue on all but the writer process, and nothing imports the queue back."""
+    package = Path(ledger_package.__file__).parent
+    imports = {}
+    for module in package.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("services.gateway.ledger."):
+                found.add(node.module.rsplit(".", 1)[1])
+        imports[module.stem] = found
+    assert imports == {
+        "__init__": {"pipe", "queue", "reports", "schema"},
+        "schema": set(),
+        "pipe": set(),
+        "reports": {"schema"},
+        "writer": {"pipe", "schema"},
+        "queue": {"pipe", "reports", "schema"},
+    }

@@ -1,9 +1,22 @@
-"""The usage ledger: row schema, write queue, writer process, reports.
+"""The usage ledger: one row per request the gateway answered, queued without blocking, written by
+a process of its own, read back as reports.
 
+Modules: `schema` (the usage table and UsageRecord), `queue` (UsageLedger), `pipe` (the gateway's
+end of the writer process), `writer` (the writer process and its insert), `reports` (UsageReports).
 Other layers import from this package only (`from services.gateway.ledger import UsageLedger`).
 """
 
-from services.gateway.ledger.usage import UsageLedger, UsageRecord, create_usage_table, usage
-from services.gateway.ledger.writer import LedgerWriteError
+from services.gateway.ledger.pipe import LedgerWriteError
+from services.gateway.ledger.queue import UsageLedger
+from services.gateway.ledger.reports import Grouping, UsageReports
+from services.gateway.ledger.schema import UsageRecord, create_usage_table, usage
 
-__all__ = ["LedgerWriteError", "UsageLedger", "UsageRecord", "create_usage_table", "usage"]
+__all__ = [
+    "Grouping",
+    "LedgerWriteError",
+    "UsageLedger",
+    "UsageRecord",
+    "UsageReports",
+    "create_usage_table",
+    "usage",
+]

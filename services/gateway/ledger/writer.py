@@ -1,31 +1,13 @@
-"""The usage ledger's writer process: it receives batches of usage rows on its stdin, inserts each
-batch in one transaction, and acknowledges the batch on its stdout once it is committed.
+"""The usage ledger's writer process (`python -m services.gateway.ledger.writer`, started by the
+gateway through `pipe.WriterProcess`): it receives batches of usage rows on its stdin, inserts each
+batch in one transaction, and acknowledges the batch on its stdout once it is committed. A process
+and not a thread, so that the insert's Python work never holds the gateway's GIL (bench/README.md,
+"Usage ledger: profiling notes").
 
-Why a process and not a thread: the rows of a busy gateway (5,000 a second answered from its
-cache) cost Python work to insert: building the statement's parameters, the driver binding them,
-SQLAlchemy's connection and transaction handling. In a thread of the gateway that work holds the
-GIL the event loop needs, and the two hand it back and forth; profiles of the gateway under cached
-load had the writer thread in 12 % of samples. Here the gateway only pickles plain tuples (~0.1 µs
-a row) and writes them to a pipe.
-
-What stays true: a row leaves the gateway's queue only when this process has acknowledged its
-commit, so a failed write, a crash of this process, or a gateway stopped by SIGTERM lose nothing
-(the gateway keeps the rows, starts a new writer and retries). A writer that dies after a commit
-but before its acknowledgement can make the retry write that batch twice, as a thread could.
-
-Protocol, both directions framed as a 4-byte big-endian length and a pickle (both ends are this
-module, over a private pipe):
-
-    gateway -> writer   first {"url": <database URL>}; then (seq, rows), rows as tuples in
-                        UsageRecord field order
-    writer -> gateway   (seq, done, written, rejected, error): rows done from the front of the batch
-                        (written, or refused by the database as invalid: no retry can write those),
-                        rows written, [(request_id, reason)] of the refused ones, and None or
-                        "Type: message" when the rows after `done` were not written. The writer's
-                        first message, (0, 0, 0, [], None), says it is up.
-
-The protocol has the writer's own stdout (fd 1 is pointed at stderr in the writer, so nothing that
-prints can corrupt it).
+A row leaves the gateway's queue only when this process has acknowledged its commit, so a failed
+write, a crash of this process, or a gateway stopped by SIGTERM lose nothing (the gateway keeps the
+rows, starts a new writer and retries). A writer that dies after a commit but before its
+acknowledgement can make the retry write that batch twice.
 
 The writer exits when its stdin closes: when the gateway closes the ledger, or when the gateway
 dies. It ignores SIGINT and SIGTERM, which reach it with the gateway's process group: stopping is
@@ -34,173 +16,120 @@ the gateway's decision, taken after it has sent everything (the SIGTERM drain).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
+import functools
 import os
-import pickle
 import signal
-import struct
+import sqlite3
 import sys
-from typing import Any, BinaryIO
+from collections.abc import Sequence
 
-log = logging.getLogger(__name__)
+import sqlalchemy as sa
 
-_LENGTH = struct.Struct(">I")
-STARTUP_TIMEOUT_S = 60.0  # from start to the writer's "up" (it imports SQLAlchemy and the driver)
+from services.common.logs import setup_logging
+from services.gateway.db import make_engine
+from services.gateway.ledger.pipe import UP, Acknowledgement, frame, read_frame
+from services.gateway.ledger.schema import FIELDS, REQUEST_ID, TIME, as_utc, normalized_row, usage
+
+# Errors that no retry can fix: the row itself is wrong (a NOT NULL column is None, a value too large).
+_BAD_ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)
+# SQLite rows: every field but the time as it is, then the time as text (the column order is free).
+_SQLITE_COLUMNS = (*(name for name in FIELDS if name != "time"), "time")
+# Bound variables per statement: 32766 since SQLite 3.32, 999 before (16 per row).
+_SQLITE_ROWS_PER_INSERT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 60
 
 
-class LedgerWriteError(Exception):
-    """A batch was not committed (the database refused it, or the writer process is gone); its
-    rows stay queued in the gateway."""
+def insert_rows(engine: sa.Engine, rows: Sequence[tuple]) -> Acknowledgement:
+    """Insert rows (as UsageLedger.append() takes them), in one transaction if it can: (rows done
+    from the front of the batch, rows written, rejected rows, error).
 
-
-def _frame(message: Any) -> bytes:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(payload)) + payload
-
-
-class WriterProcess:
-    """The gateway's handle on its writer process: started by start() or the first write, started
-    again after it died. One write at a time (the ledger serializes them)."""
-
-    def __init__(self, url: str, *, nice: int = 10) -> None:
-        """`nice`: how far below the gateway's CPU priority the writer runs (0-19)."""
-        self._url = url
-        self._nice = nice
-        self._process: asyncio.subprocess.Process | None = None
-        self._seq = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    async def start(self) -> None:
-        await self._started()
-
-    async def _started(self) -> asyncio.subprocess.Process:
-        if self._process is not None and self._process.returncode is None:
-            return self._process
-        if self._process is not None:
-            log.warning("usage ledger writer process exited with %s; starting a new one", self._process.returncode)
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.gateway.ledger.writer",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            # stderr: the gateway's, so the writer's log lines land with the gateway's
-        )
-        self._process.stdin.write(_frame({"url": self._url, "nice": self._nice}))  # on argv it would show in `ps`
-        try:  # its first acknowledgement (seq 0): it is up, with its signal handlers and its engine
-            await self._acknowledged(self._process, 0, STARTUP_TIMEOUT_S)
-        except BaseException:
-            self._discard()
-            raise
-        return self._process
-
-    async def _acknowledged(self, process: asyncio.subprocess.Process, seq: int, timeout_s: float | None) -> tuple:
-        """Read acknowledgements up to the one of `seq`. (An abandoned write kills the writer, so
-        an older acknowledgement cannot come first; the check is a guard.)"""
+    When the database rejects the batch as invalid, the rows are written one by one, so one bad row
+    cannot hold back the others forever: the bad ones come back as (request_id, reason) and are
+    dropped. A failure of another kind stops there: rows written before it count as done, the rest
+    are not done (error says why), so a retry writes nothing twice. A failure of the one
+    transaction raises: nothing is done."""
+    rejected: list[tuple[str, str]] = []
+    normalized: list[tuple | None] = []
+    for row in rows:
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    (size,) = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))
-                    ack = pickle.loads(await process.stdout.readexactly(size))
-                    if ack[0] == seq:
-                        return ack
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            await process.wait()
-            raise LedgerWriteError(f"the writer process is gone (exit code {process.returncode})") from exc
-
-    async def write(
-        self, rows: list[tuple], timeout_s: float | None = None
-    ) -> tuple[int, int, list[tuple[str, str]], str | None]:
-        """Send one batch and wait for its acknowledgement: (rows done, rows written, rejected rows,
-        error), as the protocol says. Raises LedgerWriteError when the writer is gone (nothing
-        acknowledged), TimeoutError after `timeout_s` (the writer is killed; the batch may have
-        committed)."""
-        process = await self._started()
-        self._seq += 1
-        seq = self._seq
+            normalized.append(normalized_row(row))
+        except (TypeError, ValueError, OverflowError, IndexError) as exc:  # a malformed row: no retry helps
+            rejected.append((str(row[REQUEST_ID]) if row else "?", f"{type(exc).__name__}: {exc}"))
+            normalized.append(None)
+    good = [row for row in normalized if row is not None]
+    try:
+        _insert_batch(engine, good)
+        return len(rows), len(good), rejected, None
+    except _BAD_ROW_ERRORS:
+        pass
+    written = 0
+    for done, row in enumerate(normalized):
+        if row is None:
+            continue
         try:
-            process.stdin.write(_frame((seq, rows)))
-            await process.stdin.drain()
-            _, done, written, rejected, error = await self._acknowledged(process, seq, timeout_s)
-        except ConnectionError as exc:  # its stdin: it died
-            self._discard()
-            raise LedgerWriteError(f"the writer process is gone (exit code {process.returncode})") from exc
-        except BaseException:
-            # A stream read halfway (cancelled, timed out) or a dead process cannot be used again:
-            # the next write starts a new writer.
-            self._discard()
-            raise
-        return done, written, rejected, error
-
-    def _discard(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Close the writer's stdin and wait for it to exit (killed after `timeout_s`)."""
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        process.stdin.close()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await process.wait()
-        except TimeoutError:
-            log.error("usage ledger writer process did not exit in %.0f s; killed", timeout_s)
-            process.kill()
-            await process.wait()
+            with engine.begin() as conn:
+                conn.execute(usage.insert(), dict(zip(FIELDS, row, strict=True)))
+            written += 1
+        except _BAD_ROW_ERRORS as exc:
+            rejected.append((row[REQUEST_ID], str(exc).splitlines()[0]))
+        except Exception as exc:  # e.g. the database went away: what is written stays written
+            return done, written, rejected, f"{type(exc).__name__}: {exc}"
+    return len(rows), written, rejected, None
 
 
-# --- the writer process ----------------------------------------------------------------------------
+def _insert_batch(engine: sa.Engine, rows: list[tuple]) -> None:
+    """Insert normalized rows in one transaction. SQLite gets multi-row INSERTs of plain values
+    through the driver (the stored text is the one SQLAlchemy writes and reads back)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            for start in range(0, len(rows), _SQLITE_ROWS_PER_INSERT):
+                chunk = rows[start : start + _SQLITE_ROWS_PER_INSERT]
+                conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(_sqlite_values(chunk)))
+        elif rows:
+            conn.execute(usage.insert(), [dict(zip(FIELDS, row, strict=True)) for row in rows])
 
 
-def _read(stream: BinaryIO) -> Any | None:
-    head = stream.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
-        return None  # EOF: the gateway closed the ledger or died
-    (size,) = _LENGTH.unpack(head)
-    payload = stream.read(size)
-    if len(payload) < size:
-        return None
-    return pickle.loads(payload)
+@functools.lru_cache(maxsize=8)
+def _sqlite_insert(rows: int) -> str:
+    one = f"({', '.join('?' * len(_SQLITE_COLUMNS))})"
+    return f"INSERT INTO usage ({', '.join(_SQLITE_COLUMNS)}) VALUES {', '.join([one] * rows)}"
+
+
+def _sqlite_values(rows: Sequence[tuple]) -> list:
+    """Every row's values in _SQLITE_COLUMNS order, the time as the naive UTC text UTCDateTime stores."""
+    values: list = []
+    for row in rows:
+        values.extend(row[:TIME])
+        values.extend(row[TIME + 1 :])
+        values.append(as_utc(row[TIME]).replace(tzinfo=None).isoformat(" ", "microseconds"))
+    return values
 
 
 def main() -> int:
+    """Serve the gateway's pipe until it closes."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     protocol_out = os.fdopen(os.dup(1), "wb")  # the protocol keeps stdout; fd 1 now goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from services.common.logs import setup_logging
-    from services.gateway.db import make_engine
-    from services.gateway.ledger.usage import insert_rows
-
     setup_logging("gateway", os.environ.get("MESHSERVE_LOG_LEVEL", "INFO"))
     stdin, stdout = sys.stdin.buffer, protocol_out
-    config = _read(stdin)
+    config = read_frame(stdin)
     if config is None:
         return 0
     # Below the gateway: woken by its pipe, the writer would otherwise often run on (and preempt)
-    # the gateway's core. It needs ~5 µs of CPU a row, ~3 % of a core at 6k requests/s.
+    # the gateway's core.
     os.nice(config["nice"])
     engine = make_engine(config["url"])
-    stdout.write(_frame((0, 0, 0, [], None)))  # up
+    stdout.write(frame(UP))
     stdout.flush()
     try:
-        while (message := _read(stdin)) is not None:
+        while (message := read_frame(stdin)) is not None:
             seq, rows = message
             try:
                 ack = (seq, *insert_rows(engine, rows))
             except Exception as exc:  # nothing written: the gateway keeps the rows, retries, logs it
                 ack = (seq, 0, 0, [], f"{type(exc).__name__}: {exc}")
-            stdout.write(_frame(ack))
+            stdout.write(frame(ack))
             stdout.flush()
     finally:
         engine.dispose()

@@ -1,0 +1,119 @@
+"""The usage table: one row per request the gateway answered (who, which model, tokens, compute,
+cost, status), the `UsageRecord` that describes such a row, and the row's tuple form that the
+queue holds and the writer process inserts (UsageRecord's fields in order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from services.gateway.db import add_missing_columns, create_tables, metadata
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC datetime on every dialect: Postgres keeps `timestamptz`; SQLite has no
+    time zones, so values are stored as naive UTC (a fixed-width text that sorts and compares in time
+    order) and come back aware."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """The same instant in UTC; a naive datetime is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("key_id", sa.String(128), nullable=True, comment="API key id (never the token); NULL: auth off"),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("task", sa.String(64), nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("route", sa.String(256), nullable=False, server_default=""),
+    sa.Column("input_tokens", sa.Integer, nullable=False),
+    sa.Column("output_tokens", sa.Integer, nullable=False),
+    sa.Column("items", sa.Integer, nullable=False),
+    sa.Column("compute_s", sa.Float, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False, comment="HTTP status the caller got"),
+    sa.Column("latency_s", sa.Float, nullable=False),
+    sa.Column("trace_id", sa.String(32), nullable=True),
+    sa.Column("time", UTCDateTime, nullable=False, comment="when the request started (UTC)"),
+    sa.Column(
+        "client_request_id",
+        sa.String(128),
+        nullable=True,
+        comment="the caller's X-Request-Id (not unique, not trusted)",
+    ),
+    sa.Index("ix_usage_key_id_time", "key_id", "time"),
+    sa.Index("ix_usage_time", "time"),
+)
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """What one request cost. Built by the gateway after it answered, success or error."""
+
+    request_id: str
+    key_id: str | None  # API key id (never the token), None when auth is off
+    model: str
+    task: str  # e.g. "feature-extraction", "text-classification", "embeddings"
+    provider: str  # "local" for the mesh
+    input_tokens: int
+    output_tokens: int
+    items: int
+    compute_s: float  # inference time attributed to this request
+    cost_usd: float
+    status: int  # HTTP status (or the HTTP status of the gRPC error) the caller got
+    latency_s: float
+    trace_id: str | None
+    time: datetime  # UTC, timezone-aware; when the request started
+    route: str = ""  # e.g. "/v1/embeddings", "grpc:Predict"
+    client_request_id: str | None = None  # the id the caller sent, as it sent it (request_id is the gateway's)
+
+
+def create_usage_table(engine: sa.Engine) -> None:
+    """Create the tables, and add the columns a ledger of an older release lacks (idempotent)."""
+    create_tables(engine)
+    add_missing_columns(engine, usage)
+
+
+# --- a row in tuple form -----------------------------------------------------------------------
+
+FIELDS = tuple(field.name for field in dataclasses.fields(UsageRecord))
+row_values = operator.attrgetter(*FIELDS)  # a record as the tuple the queue holds and the writer receives
+TIME = FIELDS.index("time")
+REQUEST_ID = FIELDS.index("request_id")
+_TRACE_ID = FIELDS.index("trace_id")
+_ROUNDED = tuple(FIELDS.index(name) for name in ("compute_s", "latency_s"))
+
+
+def normalized_row(row: tuple) -> tuple:
+    """A row as the table stores it: the trace id as 32 hex digits (the queue may hold its int), the
+    time an aware UTC datetime (the queue may hold unix seconds), seconds rounded to the microsecond."""
+    values = list(row)
+    if isinstance(values[_TRACE_ID], int):
+        values[_TRACE_ID] = format(values[_TRACE_ID], "032x")
+    if isinstance(values[TIME], int | float):
+        values[TIME] = datetime.fromtimestamp(values[TIME], UTC)
+    for index in _ROUNDED:
+        values[index] = round(values[index], 6)
+    return tuple(values)
