@@ -34,11 +34,19 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="ignore", populate_by_name=True)
 
-    home: Path = Field(Path(".meshserve"), validation_alias=_shared("home"), description="State: models, databases.")
+    home: Path = Field(
+        Path(".meshserve"),
+        validation_alias=_shared("home"),
+        description="State: the model store, databases, the admin token, the generated Triton repository.",
+    )
     catalog: Path = Field(
         REPO_ROOT / "catalog.yaml", validation_alias=_shared("catalog"), description="The model catalog (YAML)."
     )
-    log_level: str = Field("INFO", validation_alias=_shared("log_level"), description="Root log level.")
+    log_level: str = Field(
+        "INFO",
+        validation_alias=_shared("log_level"),
+        description="Root level of the JSON logs on stderr (with trace ids).",
+    )
     host: str = Field("127.0.0.1", validation_alias=_shared("host"), description="Address the servers bind.")
     shutdown_grace_s: float = Field(10.0, description="How long in-flight calls may finish after SIGTERM.")
     drain_wait_s: float = Field(
@@ -56,7 +64,10 @@ class GrpcServiceSettings(CommonSettings):
     grpc_port: int = Field(0, description="gRPC listen port (0 picks a free port).")
     metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 picks a free port, -1 off).")
     max_message_bytes: int = Field(
-        INTERNAL_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED over)."
+        INTERNAL_MAX_MESSAGE_BYTES,
+        gt=0,
+        description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED over): twice the gateway's body limit, "
+        "room for an 8 MiB body plus framing and for the token tensors preprocess returns.",
     )
     service_token: SecretStr | None = Field(
         None,

@@ -20,7 +20,11 @@ class GatewaySettings(CommonSettings):
     postprocess_address: str = Field("127.0.0.1:50052", description="host:port of the postprocess service.")
     request_timeout_s: float = Field(60.0, description="Deadline of one request across every hop.")
     upstream_attempts: int = Field(3, description="Attempts per upstream call that fails UNAVAILABLE.")
-    max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest request body accepted (413 above).")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        description="Largest request body accepted (413 above); also the largest message of the gateway's gRPC API "
+        "(RESOURCE_EXHAUSTED above).",
+    )
     coalesce: bool = Field(True, description="Merge concurrent embeddings requests into shared pipeline calls.")
     coalesce_max_rows: int = Field(32, description="Most texts in one merged call.")
     cache_max_bytes: int = Field(
@@ -36,7 +40,11 @@ class GatewaySettings(CommonSettings):
     readiness_cache_s: float = Field(1.0, description="How long a /readyz result is reused.")
     shutdown_grace_s: float = Field(20.0, description="How long in-flight requests may finish after SIGTERM.")
 
-    auth: bool = Field(True, description="Require API keys (false: --no-auth, for experiments only).")
+    auth: bool = Field(
+        True,
+        description="Require API keys; false (what --no-auth sets) turns keys, rate limits and budgets off and logs a "
+        "warning: for experiments only.",
+    )
     admin_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("MESHSERVE_ADMIN_TOKEN", "MESHSERVE_GATEWAY_ADMIN_TOKEN"),
@@ -44,9 +52,14 @@ class GatewaySettings(CommonSettings):
     )
     metrics_public: bool = Field(True, description="Serve /metrics without a token (false: needs `read`).")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of keys + usage ledger (default sqlite:///$MESHSERVE_HOME/gateway.db)."
+        None,
+        description="SQLAlchemy URL of keys + usage ledger (default sqlite:///$MESHSERVE_HOME/gateway.db; Postgres: "
+        "postgresql+psycopg://USER:PASSWORD@HOST:5432/DB).",
     )
-    redis_url: str | None = Field(None, description="Redis for rate-limit and budget state shared by replicas.")
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0) for rate-limit and budget state shared by replicas; unset: in process.",
+    )
     ledger: bool = Field(True, description="Write one usage row per request.")
     ledger_writer_nice: int = Field(
         10, ge=0, le=19, description="CPU priority of the ledger's writer process below the gateway's (nice)."
@@ -63,7 +76,10 @@ class GatewaySettings(CommonSettings):
     )
     keep_alive_timeout_s: float = Field(30.0, gt=0, description="An idle keep-alive HTTP connection closes after it.")
     max_connections: int = Field(
-        1024, gt=0, description="Most HTTP connections (or requests in progress) at once; a request beyond gets 503."
+        1024,
+        gt=0,
+        description="Most HTTP connections (or requests in progress) at once; a request beyond gets 503 `overloaded` "
+        "(JSON, Retry-After).",
     )
 
     def upstream(self, address: str) -> UpstreamSettings:

@@ -21,7 +21,9 @@ class InferenceSettings(GrpcServiceSettings):
     )
     strict_readiness: bool = Field(True, description="ServerReady only when every model is READY (Triton's default).")
     backend: Literal["embedded", "triton"] = Field(
-        "embedded", description="embedded: our torch runtime; triton: a real tritonserver on the same ports."
+        "embedded",
+        description="embedded: our torch runtime; triton: a real tritonserver on the same ports (what "
+        "`meshserve up --backend` sets).",
     )
     triton_binary: Path | None = Field(
         None, description="tritonserver to run; default: the one in the nvidia-pytriton wheel."
