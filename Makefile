@@ -45,6 +45,8 @@ test: $(STAMP) $(OLD_HUB) $(REDIS)
 	scripts/proto-check.sh
 	$(VENV)/bin/ruff check services tests bench deploy
 	$(VENV)/bin/meshserve models build
+	$(PY) scripts/check_docs.py
+	$(PY) scripts/gen_config_docs.py --check
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider
 
 proto: $(STAMP)
@@ -57,6 +59,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench deploy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
+	$(PY) scripts/check_docs.py
+	$(PY) scripts/gen_config_docs.py --check
 
 ## bench: every benchmark (embeddings, backends, classification, control plane, generation, a 30-minute soak); JSON + PNG in bench/results/.
 bench: $(STAMP)
