@@ -3,7 +3,7 @@
     python -m deploy.k8s.triton_repository --out /var/lib/meshserve/tritonserver/models
 
 It runs in the meshserve image (which has the catalog reader and the generator,
-services/inference/triton_repository.py) into the pod's shared emptyDir; NVIDIA's Triton server in
+services/common/triton_repository.py) into the pod's shared emptyDir; NVIDIA's Triton server in
 the next container serves what it wrote. The instance kind is given, not detected: the init
 container requests no GPU, so torch would see none and the generator would choose KIND_CPU.
 The model folders the configs point to (MESHSERVE_MODEL_DIR) are under MESHSERVE_HOME/models,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from services.common.catalog import Catalog
 from services.common.settings import CommonSettings
-from services.inference.triton_repository import generate
+from services.common.triton_repository import generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common import service_auth
 from services.common.catalog import Catalog
+from services.common.triton_repository import generate
 from services.inference.settings import InferenceSettings
-from services.inference.triton_repository import generate
 
 log = logging.getLogger(__name__)
 SHM_GLOB = "triton_python_backend_shm_region_*"

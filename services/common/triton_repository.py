@@ -1,6 +1,7 @@
 """Generates a Triton model repository from the catalog: one folder per model with a
 `config.pbtxt` (built with Triton's own ModelConfig protobuf) and a Python-backend `model.py`
-that reuses our runtime code."""
+that reuses our runtime code. Shared by the inference service's Triton launcher and by the gpu
+overlay's repository writer in deploy/, which may import only services/common."""
 
 from __future__ import annotations
 
