@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
     if current == text:
-        print(f"{args.output.relative_to(ROOT)} is current")
+        print(f"{args.output} is current")
         return 0
     diff = difflib.unified_diff(current.splitlines(), text.splitlines(), "committed", "generated", lineterm="")
     print("\n".join(diff), file=sys.stderr)
