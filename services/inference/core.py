@@ -12,6 +12,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.errors import MeshError, invalid
+from services.common.generation_contract import InputTensor, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.tensors import NP_DTYPES
 from services.inference.batcher import Timing
@@ -174,9 +175,12 @@ class InferenceCore:
         if slot.entry.inference.runtime != "causal_lm":
             raise invalid(f"model '{model}' does not generate tokens")
         by_name = {i.name: i for i in inputs}
-        unknown = set(by_name) - {"input_ids", "stop_token_ids"}
-        if unknown or "input_ids" not in by_name:
-            raise invalid(f"model '{model}' takes inputs 'input_ids' (INT64 [n]) and optional 'stop_token_ids'")
+        unknown = set(by_name) - set(InputTensor)
+        if unknown or InputTensor.INPUT_IDS not in by_name:
+            raise invalid(
+                f"model '{model}' takes inputs '{InputTensor.INPUT_IDS}' (INT64 [n]) and optional "
+                f"'{InputTensor.STOP_TOKEN_IDS}'"
+            )
         arrays = {}
         for name, item in by_name.items():
             if item.datatype != "INT64" or any(d < 0 for d in item.shape) or len(item.shape) > 2:
@@ -185,8 +189,8 @@ class InferenceCore:
             if len(item.raw) != expected:
                 raise invalid(f"input byte size mismatch for input '{name}' for model '{model}'")
             arrays[name] = np.frombuffer(item.raw, dtype="<i8").reshape(-1).tolist()
-        params = sampling_of(parameters, arrays.get("stop_token_ids", []))
-        return slot.batcher.submit(arrays["input_ids"], params)
+        params = sampling_of(parameters, arrays.get(InputTensor.STOP_TOKEN_IDS, []))
+        return slot.batcher.submit(arrays[InputTensor.INPUT_IDS], params)
 
     def _observe(self, model: str, t: Timing) -> None:
         QUEUE_SECONDS.labels(model).observe((t.started_ns - t.enqueued_ns) / 1e9)
@@ -208,14 +212,14 @@ class InferenceCore:
 
 # Request parameter -> (SamplingParams field, type); unset ones keep SamplingParams' defaults.
 _SAMPLING = {
-    "max_tokens": ("max_new_tokens", int),
-    "min_tokens": ("min_new_tokens", int),
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "seed": ("seed", int),
-    "repetition_penalty": ("repetition_penalty", float),
-    "prompt_logprobs": ("prompt_logprobs", bool),
+    RequestParameter.MAX_TOKENS: ("max_new_tokens", int),
+    RequestParameter.MIN_TOKENS: ("min_new_tokens", int),
+    RequestParameter.TEMPERATURE: ("temperature", float),
+    RequestParameter.TOP_P: ("top_p", float),
+    RequestParameter.TOP_K: ("top_k", int),
+    RequestParameter.SEED: ("seed", int),
+    RequestParameter.REPETITION_PENALTY: ("repetition_penalty", float),
+    RequestParameter.PROMPT_LOGPROBS: ("prompt_logprobs", bool),
 }
 
 

@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.generation_contract import FinishReason, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -79,18 +80,20 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def validate(self) -> None:
+        """The ranges of generation.proto's GenerationRequestParameters; `param` names the key."""
+        key = RequestParameter
         if self.max_new_tokens < 1:
-            raise invalid("`max_tokens` must be at least 1", param="max_tokens")
+            raise invalid(f"`{key.MAX_TOKENS}` must be at least 1", param=key.MAX_TOKENS)
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise invalid("`min_tokens` must be in [0, max_tokens]", param="min_tokens")
+            raise invalid(f"`{key.MIN_TOKENS}` must be in [0, {key.MAX_TOKENS}]", param=key.MIN_TOKENS)
         if not 0.0 <= self.temperature <= 100.0:
-            raise invalid("`temperature` must be in [0, 100]", param="temperature")
+            raise invalid(f"`{key.TEMPERATURE}` must be in [0, 100]", param=key.TEMPERATURE)
         if not 0.0 < self.top_p <= 1.0:
-            raise invalid("`top_p` must be in (0, 1]", param="top_p")
+            raise invalid(f"`{key.TOP_P}` must be in (0, 1]", param=key.TOP_P)
         if self.top_k < 0:
-            raise invalid("`top_k` must be >= 0", param="top_k")
+            raise invalid(f"`{key.TOP_K}` must be >= 0", param=key.TOP_K)
         if self.repetition_penalty <= 0.0:
-            raise invalid("`repetition_penalty` must be > 0", param="repetition_penalty")
+            raise invalid(f"`{key.REPETITION_PENALTY}` must be > 0", param=key.REPETITION_PENALTY)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class TokenEvent:
 
     token_id: int | None
     final: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
@@ -308,7 +311,7 @@ class GenerationScheduler:
         except asyncio.CancelledError:
             pass
         for sequence in [*self._waiting, *self._batch.sequences]:
-            self._finish(sequence, "cancelled")
+            self._finish(sequence, FinishReason.CANCELLED)
         self._executor.shutdown(wait=False)
 
     # -- the scheduling loop --------------------------------------------------------------------
@@ -327,7 +330,7 @@ class GenerationScheduler:
             except Exception as exc:  # keep serving: fail the sequences in flight, not the model
                 log.exception("generation step failed", extra={"fields": {"model": self.name}})
                 for sequence in [*self._batch.sequences]:
-                    self._finish(sequence, "error", error=f"generation failed: {type(exc).__name__}")
+                    self._finish(sequence, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
                 self._batch = _Batch()
             RUNNING.labels(self.name).set(len(self._batch.sequences))
             WAITING.labels(self.name).set(len(self._waiting))
@@ -338,7 +341,7 @@ class GenerationScheduler:
         while self._waiting and len(self._batch.sequences) + len(joining) < self.max_running:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
-                self._finish(sequence, "cancelled")
+                self._finish(sequence, FinishReason.CANCELLED)
             else:
                 joining.append(sequence)
         if not joining:
@@ -348,11 +351,11 @@ class GenerationScheduler:
         except Exception as exc:  # they left the queue and never joined: end them; the batch goes on
             log.exception("prefill failed", extra={"fields": {"model": self.name, "sequences": len(joining)}})
             for sequence in joining:
-                self._finish(sequence, "error", error=f"generation failed: {type(exc).__name__}")
+                self._finish(sequence, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
             return
         except BaseException:  # the scheduler is closing
             for sequence in joining:
-                self._finish(sequence, "cancelled")
+                self._finish(sequence, FinishReason.CANCELLED)
             raise
         PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt) for s in joining))
         for sequence, prompt_logprobs in zip(joining, scores, strict=True):
@@ -388,7 +391,7 @@ class GenerationScheduler:
         batch.last.extend(tokens)
 
     async def _step(self, loop) -> None:
-        self._drop([s for s in self._batch.sequences if s.cancelled], "cancelled")
+        self._drop([s for s in self._batch.sequences if s.cancelled], FinishReason.CANCELLED)
         if not self._batch.sequences:
             return
         DECODE_BATCH.labels(self.name).observe(len(self._batch.sequences))
@@ -401,7 +404,9 @@ class GenerationScheduler:
     def _decode(self) -> list[tuple[int, float]]:
         torch = self._torch
         batch = self._batch
-        mask = torch.cat([batch.mask, torch.ones((batch.mask.shape[0], 1), dtype=batch.mask.dtype, device=batch.mask.device)], 1)
+        mask = torch.cat(
+            [batch.mask, torch.ones((batch.mask.shape[0], 1), dtype=batch.mask.dtype, device=batch.mask.device)], 1
+        )
         positions = batch.mask.sum(dim=1)  # each sequence's own next position
         logits, batch.layers = self.runtime.decode(batch.last, mask, positions, batch.layers)
         batch.mask = mask
@@ -420,7 +425,11 @@ class GenerationScheduler:
         ]  # fmt: skip
         results: list[tuple[int, float] | None] = [None] * len(sequences)
         if plain:
-            rows = logits if len(plain) == len(sequences) else logits.index_select(0, torch.tensor(plain, device=logits.device))
+            rows = (
+                logits
+                if len(plain) == len(sequences)
+                else logits.index_select(0, torch.tensor(plain, device=logits.device))
+            )
             temps = torch.tensor([sequences[i].params.temperature for i in plain], device=logits.device)
             greedy = temps == 0
             log_probs = torch.log_softmax(rows / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
@@ -457,7 +466,7 @@ class GenerationScheduler:
                 with torch.inference_mode():  # the logits are an inference tensor
                     logits[index, torch.tensor(ends, device=logits.device).unsqueeze(0)] = float("-inf")
 
-    def _drop(self, leaving: list[Sequence], reason: str | None) -> None:
+    def _drop(self, leaving: list[Sequence], reason: FinishReason | None) -> None:
         """Remove sequences from the batch (their rows of the cache) and trim shared padding."""
         if not leaving:
             return
@@ -474,7 +483,9 @@ class GenerationScheduler:
         mask = batch.mask.index_select(0, index)
         start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns padding for every row
         batch.mask = mask[:, start:]
-        batch.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in batch.layers]
+        batch.layers = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in batch.layers
+        ]
         batch.sequences = [batch.sequences[i] for i in keep]
         batch.last = [batch.last[i] for i in keep]
 
@@ -482,10 +493,10 @@ class GenerationScheduler:
     def _emit(self, sequence: Sequence, token: int, logprob: float = 0.0) -> bool:
         """Record a sampled token; False when the sequence has ended (and was finished)."""
         if sequence.cancelled:
-            self._finish(sequence, "cancelled")
+            self._finish(sequence, FinishReason.CANCELLED)
             return False
         if token in self.runtime.eos_token_ids or token in sequence.params.stop_token_ids:
-            self._finish(sequence, "stop")
+            self._finish(sequence, FinishReason.STOP)
             return False
         now = time.perf_counter()
         if sequence.first_token_at is None:
@@ -496,23 +507,21 @@ class GenerationScheduler:
         sequence.events.put_nowait(TokenEvent(token, logprob=logprob))
         total = len(sequence.prompt) + len(sequence.generated)
         if len(sequence.generated) >= sequence.params.max_new_tokens or total >= self.runtime.max_context:
-            self._finish(sequence, "length")
+            self._finish(sequence, FinishReason.LENGTH)
             return False
         return True
 
-    def _finish(self, sequence: Sequence, reason: str, *, error: str | None = None) -> None:
+    def _finish(self, sequence: Sequence, reason: FinishReason, *, error: str | None = None) -> None:
         if sequence.final_sent:
             return
         sequence.final_sent = True
         FINISHED.labels(self.name, reason).inc()
         n = len(sequence.generated)
-        if reason == "cancelled":
+        if reason == FinishReason.CANCELLED:
             CANCEL_TAIL.labels(self.name).observe(n - sequence.cancelled_at)
         if n > 1 and sequence.first_token_at is not None:
             TPOT.labels(self.name).observe((time.perf_counter() - sequence.first_token_at) / (n - 1))
-        sequence.events.put_nowait(
-            TokenEvent(None, True, reason, len(sequence.prompt), n, error)
-        )
+        sequence.events.put_nowait(TokenEvent(None, True, reason, len(sequence.prompt), n, error))
 
     def _sample(self, logits, sequence: Sequence) -> tuple[int, float]:
         torch = self._torch

@@ -10,6 +10,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.common.catalog import ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.generation_contract import OutputTensor, ResponseParameter, Tensor
 from services.common.tensors import NP_DTYPES, to_bytes
 from services.inference.core import InferenceCore, InferInput
 from services.inference.repository import ModelRepository, ModelState
@@ -229,14 +230,18 @@ def _unimplemented(method: str):
 
 
 def _final_flag(response: service_pb2.ModelInferResponse, final: bool) -> None:
-    response.parameters["triton_final_response"].bool_param = final
+    response.parameters[ResponseParameter.TRITON_FINAL_RESPONSE].bool_param = final
+
+
+def _output(response: service_pb2.ModelInferResponse, tensor: Tensor, shape: list[int]) -> None:
+    response.outputs.add(name=tensor, datatype=tensor.datatype, shape=shape)
 
 
 def stream_error(request, err: MeshError) -> service_pb2.ModelStreamInferResponse:
     """A failed request on the stream: Triton's `error_message`, and our code as a response
     parameter so that the gateway answers with the right status (a full queue is not a 400)."""
     response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
-    response.parameters["error_code"].string_param = err.code.slug
+    response.parameters[ResponseParameter.ERROR_CODE].string_param = err.code.slug
     return service_pb2.ModelStreamInferResponse(error_message=err.message, infer_response=response)
 
 
@@ -245,20 +250,20 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
     empty final response with the finish reason."""
     response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     if event.final:
-        response.parameters["finish_reason"].string_param = event.finish_reason or ""
-        response.parameters["prompt_tokens"].int64_param = event.prompt_tokens
-        response.parameters["completion_tokens"].int64_param = event.completion_tokens
+        response.parameters[ResponseParameter.FINISH_REASON].string_param = event.finish_reason or ""
+        response.parameters[ResponseParameter.PROMPT_TOKENS].int64_param = event.prompt_tokens
+        response.parameters[ResponseParameter.COMPLETION_TOKENS].int64_param = event.completion_tokens
         if event.error:  # a failed decode step: the server's fault
-            response.parameters["error_code"].string_param = ErrorCode.INTERNAL.slug
+            response.parameters[ResponseParameter.ERROR_CODE].string_param = ErrorCode.INTERNAL.slug
             return service_pb2.ModelStreamInferResponse(error_message=event.error, infer_response=response)
     elif event.prompt_logprobs is not None:  # the prompt's scores, before its first token
         scores = event.prompt_logprobs
-        response.outputs.add(name="prompt_logprobs", datatype="FP32", shape=[len(scores)])
+        _output(response, OutputTensor.PROMPT_LOGPROBS, [len(scores)])
         response.raw_output_contents.append(struct.pack(f"<{len(scores)}f", *scores))
     else:
-        response.outputs.add(name="token_id", datatype="INT64", shape=[1])
+        _output(response, OutputTensor.TOKEN_ID, [1])
         response.raw_output_contents.append(int(event.token_id).to_bytes(8, "little", signed=True))
-        response.outputs.add(name="logprob", datatype="FP32", shape=[1])
+        _output(response, OutputTensor.LOGPROB, [1])
         response.raw_output_contents.append(struct.pack("<f", event.logprob))
     _final_flag(response, event.final)
     return service_pb2.ModelStreamInferResponse(infer_response=response)

@@ -89,14 +89,15 @@ class _GenerationHost:
         import threading
 
         from services.common.catalog import InferenceSpec, TensorSpec
+        from services.common.generation_contract import InputTensor, OutputTensor
         from services.inference.generation import CausalLMRuntime, GenerationScheduler
 
         runtime = CausalLMRuntime(Path(params["MESHSERVE_MODEL_DIR"]))
         spec = InferenceSpec(
             name="generation",
             runtime="causal_lm",
-            inputs=(TensorSpec(name="input_ids", datatype="INT64", dims=(-1,)),),
-            outputs=(TensorSpec(name="token_id", datatype="INT64", dims=(1,)),),
+            inputs=(TensorSpec(name=InputTensor.INPUT_IDS, datatype=InputTensor.INPUT_IDS.datatype, dims=(-1,)),),
+            outputs=(TensorSpec(name=OutputTensor.TOKEN_ID, datatype=OutputTensor.TOKEN_ID.datatype, dims=(1,)),),
             max_batch_size=int(params.get("MAX_RUNNING", "32")),
             max_queue_size=int(params.get("MAX_WAITING", "256")),
         )
@@ -117,19 +118,23 @@ class _GenerationHost:
         import numpy as np
 
         from services.common.errors import MeshError
+        from services.common.generation_contract import InputTensor, OutputTensor
         from services.inference.core import sampling_from_json
 
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
-            stop = pb_utils.get_input_tensor_by_name(request, "stop_token_ids")
+            ids = (
+                pb_utils.get_input_tensor_by_name(request, InputTensor.INPUT_IDS.value).as_numpy().reshape(-1).tolist()
+            )
+            stop = pb_utils.get_input_tensor_by_name(request, InputTensor.STOP_TOKEN_IDS.value)
             params = sampling_from_json(request.parameters(), stop.as_numpy().reshape(-1).tolist() if stop else [])
             stream = self.scheduler.submit(ids, params)
         except (MeshError, ValueError) as exc:
             message = exc.message if isinstance(exc, MeshError) else str(exc)
             sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=final)
             return
+
         def fail(message: str) -> None:
             sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=final)
 
@@ -145,11 +150,12 @@ class _GenerationHost:
                         sender.send(flags=final)
                     return
                 if event.prompt_logprobs is not None:  # the prompt's scores, before its first token
-                    tensors = [pb_utils.Tensor("prompt_logprobs", np.array(event.prompt_logprobs, dtype=np.float32))]
+                    scores = np.array(event.prompt_logprobs, dtype=np.float32)
+                    tensors = [pb_utils.Tensor(OutputTensor.PROMPT_LOGPROBS.value, scores)]
                 else:
                     tensors = [
-                        pb_utils.Tensor("token_id", np.array([event.token_id], dtype=np.int64)),
-                        pb_utils.Tensor("logprob", np.array([event.logprob], dtype=np.float32)),
+                        pb_utils.Tensor(OutputTensor.TOKEN_ID.value, np.array([event.token_id], dtype=np.int64)),
+                        pb_utils.Tensor(OutputTensor.LOGPROB.value, np.array([event.logprob], dtype=np.float32)),
                     ]
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
         except Exception as exc:  # this coroutine's future is not awaited: end the stream here, or it hangs
