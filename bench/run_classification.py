@@ -87,7 +87,7 @@ class Task:
 def text_task(entry: Any, runtime: Any, folder: Path) -> Task:
     from tokenizers import Tokenizer
 
-    from services.common.builders import sentiment
+    from services.models.builders import sentiment
 
     # As preprocess does (services/preprocess/core.py): the catalog's truncation, and padding reset from
     # the shipped tokenizer.json's fixed 128 tokens to the longest text of the batch.
@@ -117,7 +117,7 @@ def text_task(entry: Any, runtime: Any, folder: Path) -> Task:
         bodies=[json.dumps({"inputs": text}).encode() for text in texts],
         content_type="application/json",
         input_note={
-            "source": "services.common.builders.sentiment.load('test')",
+            "source": "services.models.builders.sentiment.load('test')",
             "count": len(texts),
             "tokens_per_sentence": {"min": min(tokens), "max": max(tokens), "mean": round(float(np.mean(tokens)), 1)},
         },
@@ -126,7 +126,7 @@ def text_task(entry: Any, runtime: Any, folder: Path) -> Task:
 
 def image_task(entry: Any, runtime: Any) -> Task:
     from services.common import images
-    from services.common.builders import digits
+    from services.models.builders import digits
 
     _, _, held_out, labels = digits.split()
     pngs = [digits.render_png(image) for image in held_out]
@@ -147,7 +147,7 @@ def image_task(entry: Any, runtime: Any) -> Task:
         bodies=pngs,
         content_type="image/png",
         input_note={
-            "source": "services.common.builders.digits.split() held-out digits, digits.render_png",
+            "source": "services.models.builders.digits.split() held-out digits, digits.render_png",
             "count": len(pngs),
             "png_bytes": {"min": min(sizes), "max": max(sizes)},
             "shape": [1, spec.height, spec.width],

@@ -456,7 +456,7 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.common.builders import sentiment
+    from services.models.builders import sentiment
 
     parser = argparse.ArgumentParser(prog="python -m bench.run_control_plane", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": list(CONCURRENCY),
             "workloads": WORKLOADS,
             "cached_body": CACHED_BODY.decode(),
-            "pipeline_inputs": {"source": "services.common.builders.sentiment.load('test')", "count": len(sentences)},
+            "pipeline_inputs": {"source": "services.models.builders.sentiment.load('test')", "count": len(sentences)},
             "key_spec": KEY_SPEC,
             "rest_client": f"aiohttp, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
             "order": "all meshes up at once; per point, rounds with the configs in rotating order",

@@ -12,7 +12,8 @@ from services.common.settings import CommonSettings
 
 
 def _models(args) -> int:
-    from services.common.modelstore import build_all, is_built
+    from services.common.modelstore import is_built
+    from services.models.build import build_all
 
     settings = CommonSettings()
     catalog = Catalog.load(settings.catalog)
@@ -39,7 +40,7 @@ def _serve(args) -> int:
 def _up(args) -> int:
     import uvloop
 
-    from services.common.modelstore import build_all
+    from services.models.build import build_all
     from services.supervisor import Supervisor, SupervisorSettings
 
     os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
@@ -51,8 +52,14 @@ def _up(args) -> int:
         replicas = {}
         for item in args.replicas:
             stage, _, count = item.partition("=")
-            if stage not in ("gateway", "preprocess", "inference", "postprocess") or not count.isdigit() or int(count) < 1:
-                print(f"meshserve: --replicas takes SERVICE=N (N >= 1) with a mesh service, not {item!r}", file=sys.stderr)
+            if (
+                stage not in ("gateway", "preprocess", "inference", "postprocess")
+                or not count.isdigit()
+                or int(count) < 1
+            ):
+                print(
+                    f"meshserve: --replicas takes SERVICE=N (N >= 1) with a mesh service, not {item!r}", file=sys.stderr
+                )
                 return 2
             replicas[stage] = int(count)
         os.environ["MESHSERVE_SUPERVISOR_REPLICAS"] = json.dumps(replicas)
@@ -86,6 +93,7 @@ def _keys(args) -> int:
     store = _key_store()
     try:
         if args.action == "create":
+
             def items(text: str | None) -> list[str]:
                 return [s.strip() for s in (text or "").split(",") if s.strip()]
 

@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 from services.common.catalog import Catalog
-from services.common.modelstore import build_all
 from services.common.settings import REPO_ROOT
+from services.models.build import build_all
 from tests.helpers import (
     MODEL_ID,
     TRITON_SKIP_REASON,

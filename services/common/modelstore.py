@@ -1,48 +1,15 @@
-"""The model store under MESHSERVE_HOME/models: `meshserve models build` materializes catalog
-entries there, deterministically and cached (an entry is rebuilt only when its source changes).
-
-One build at a time per store: builds hold an exclusive flock on MODELS_DIR/.build.lock, so a second
-`models build` (another pytest worker, `make up` next to `make test`) waits for the first and then
-finds its models up to date instead of deleting the other's `<model>.building` folder.
-"""
+"""The model store under MESHSERVE_HOME/models as the services read it: where a catalog entry's
+files are and whether it is built. `meshserve models build` (services/models/build.py) writes it;
+every built entry has a build manifest (MANIFEST) beside its `model/` folder."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import importlib
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
-from services.common import builders
-from services.common.catalog import Catalog, ModelEntry
+from services.common.catalog import ModelEntry
 
 MANIFEST = "meshserve-build.json"
-BUILD_VERSION = 2
-LOCK_FILE = ".build.lock"
-
-
-def source_path(entry: ModelEntry) -> Path:
-    """The folder that holds the model's files at the source (a wheel's package data, a path)."""
-    if entry.source.kind == "build":
-        raise ValueError(f"{entry.id} is trained by a builder; it has no source folder")
-    if entry.source.kind == "wheel":
-        module = importlib.import_module(entry.source.package)
-        return Path(module.get_model_path())
-    return Path(entry.source.path).expanduser()
-
-
-def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256(f"v{BUILD_VERSION}".encode())
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}:{stat.st_size}".encode())
-    return digest.hexdigest()[:16]
 
 
 def is_built(entry: ModelEntry, models_dir: Path) -> bool:
@@ -55,108 +22,6 @@ def model_dir(entry: ModelEntry, models_dir: Path) -> Path:
     return entry.store_dir(models_dir) / "model"
 
 
-def _card(entry: ModelEntry, src: Path) -> str:
-    spec = entry.inference
-    return f"""# {entry.id}
-
-{entry.description.strip()}
-
-- Tasks: {", ".join(entry.tasks)} (default: {entry.default_task})
-- Source: {entry.source.kind} `{entry.source.package or entry.source.path}` ({src})
-- Inference: runtime `{spec.runtime}` as `{spec.name}`; max batch {spec.max_batch_size},
-  queue delay {spec.max_queue_delay_us} µs, {spec.instances} instance(s) x {spec.threads} thread(s)
-- Token limit: {entry.preprocess.max_length} (longer texts are truncated unless `truncate=false`)
-- Limits: English text; embeddings are for semantic similarity and retrieval, not for generation.
-"""
-
-
 def manifest(entry: ModelEntry, models_dir: Path) -> dict:
     """The build manifest of a built entry (id, fingerprint, and a trained model's metrics)."""
     return json.loads((entry.store_dir(models_dir) / MANIFEST).read_text())
-
-
-def _build_fingerprint(entry: ModelEntry, builder, base_fingerprint: str) -> str:
-    """What a trained model depends on: the builder's files, the entry's source and pre/post
-    settings (labels, image normalization), and the base model it starts from."""
-    digest = hashlib.sha256(f"v{BUILD_VERSION}:{base_fingerprint}".encode())
-    for path in builder.inputs():
-        digest.update(path.read_bytes())
-    for part in (entry.source, entry.preprocess, entry.postprocess.labels):
-        digest.update(json.dumps(part.model_dump() if hasattr(part, "model_dump") else part).encode())
-    return digest.hexdigest()[:16]
-
-
-def _copy(entry: ModelEntry, src: Path, out: Path) -> None:
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for path in tqdm(files, desc=f"build {entry.id}", unit="file", leave=False):
-        target = out / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-
-
-@contextlib.contextmanager
-def build_lock(models_dir: Path) -> Iterator[None]:
-    """Hold the store's build lock (waiting for another process's build to end). The kernel drops
-    it when the holder exits, however it exits: a killed build leaves no stale lock. A read-only
-    store (an image's baked models) cannot be built into either: it is checked without a lock."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = open(models_dir / LOCK_FILE, "a")  # closed by the with below
-    except OSError:
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def build_entry(
-    entry: ModelEntry, models_dir: Path, *, force: bool = False, catalog: Catalog | None = None
-) -> tuple[Path, bool]:
-    """Materialize one entry; returns (store dir, whether anything was built). A trained entry
-    whose `source.base` names another entry needs `catalog` and that entry built first."""
-    with build_lock(models_dir):
-        return _build_entry(entry, models_dir, force=force, catalog=catalog)
-
-
-def _build_entry(entry: ModelEntry, models_dir: Path, *, force: bool, catalog: Catalog | None) -> tuple[Path, bool]:
-    dest = entry.store_dir(models_dir)
-    metrics: dict | None = None
-    if entry.source.kind == "build":
-        builder = builders.get(entry.source.builder)
-        base_dir, base_fingerprint = None, ""
-        if entry.source.base:
-            if catalog is None:
-                raise ValueError(f"{entry.id}: building on {entry.source.base} needs the catalog")
-            base = catalog.get(entry.source.base)
-            _build_entry(base, models_dir, force=False, catalog=catalog)
-            base_dir, base_fingerprint = model_dir(base, models_dir), manifest(base, models_dir)["fingerprint"]
-        fingerprint = _build_fingerprint(entry, builder, base_fingerprint)
-    else:
-        src = source_path(entry)
-        fingerprint = _fingerprint(src)
-    if not force and is_built(entry, models_dir) and manifest(entry, models_dir).get("fingerprint") == fingerprint:
-        return dest, False
-    tmp = dest.with_name(dest.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if entry.source.kind == "build":
-        metrics = builder.build(entry, tmp / "model", base_dir, progress=tqdm)
-        card = builder.card(entry, metrics)
-    else:
-        _copy(entry, src, tmp / "model")
-        card = _card(entry, src)
-    (tmp / "README.md").write_text(card)
-    record = {"id": entry.id, "fingerprint": fingerprint, **({"metrics": metrics} if metrics else {})}
-    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest, True
-
-
-def build_all(catalog: Catalog, models_dir: Path, *, force: bool = False) -> list[tuple[ModelEntry, bool]]:
-    with build_lock(models_dir):
-        return [(entry, _build_entry(entry, models_dir, force=force, catalog=catalog)[1]) for entry in catalog.models]

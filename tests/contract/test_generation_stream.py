@@ -18,9 +18,9 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
 from services.common.catalog import Catalog
-from services.common.modelstore import build_all
 from services.inference.main import create
 from services.inference.settings import InferenceSettings
+from services.models.build import build_all
 
 MODEL = "tiny-llama"
 

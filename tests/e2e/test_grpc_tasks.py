@@ -7,7 +7,7 @@ import pytest
 from meshserve.gateway.v1 import gateway_pb2
 from meshserve.tasks.v1 import tasks_pb2
 
-from services.common.builders import digits
+from services.models.builders import digits
 from tests.helpers import MODEL_ID, texts
 
 pytestmark = pytest.mark.xdist_group("mesh")

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from services.common.builders import digits
+from services.models.builders import digits
 from tests.helpers import MODEL_ID, REPO
 
 pytestmark = pytest.mark.xdist_group("mesh")

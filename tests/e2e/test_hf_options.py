@@ -8,7 +8,7 @@ import httpx
 import pytest
 import tritonclient.grpc as triton
 
-from services.common.builders import digits
+from services.models.builders import digits
 
 pytestmark = pytest.mark.xdist_group("mesh")
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from services.common.builders import digits
+from services.models.builders import digits
 from tests.helpers import MODEL_ID
 
 pytestmark = pytest.mark.xdist_group("mesh")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
 
-from services.common.builders import digits, sentiment
 from services.common.modelstore import manifest
+from services.models.builders import digits, sentiment
 from tests.helpers import MODEL_ID
 
 pytestmark = pytest.mark.xdist_group("mesh")

@@ -31,7 +31,8 @@ models:
 BUILD = """\
 import json, os, sys, time, types
 from pathlib import Path
-from services.common import builders, modelstore
+from services.models import build as modelstore
+from services.models import builders
 from services.common.catalog import Catalog
 
 work, me = Path(sys.argv[1]), str(os.getpid())

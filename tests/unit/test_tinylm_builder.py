@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from services.common import builders
-from services.common.builders import tinylm
+from services.models import builders
+from services.models.builders import tinylm
 
 pytest.importorskip("transformers")
 

@@ -317,8 +317,8 @@ async def test_the_largest_text_request_crosses_the_preprocess_hop_with_default_
 
     from services.common.catalog import Catalog
     from services.common.clients import PreprocessClient
-    from services.common.modelstore import build_entry
     from services.common.settings import REPO_ROOT
+    from services.models.build import build_entry
     from services.preprocess.main import create
     from services.preprocess.settings import PreprocessSettings
     from tests.helpers import MODEL_ID, meshserve_home

@@ -17,6 +17,7 @@ import numpy as np
 from services.common.catalog import ModelEntry
 from services.common.images import decode
 
+COMMON = Path(__file__).resolve().parents[2] / "common"  # the serving code the network is trained for
 SEED = 0
 EPOCHS = 60
 TEST_FRACTION = 0.2
@@ -47,7 +48,7 @@ def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def inputs() -> list[Path]:
     """Files whose contents define the build (for the store's cache fingerprint)."""
-    return [Path(__file__), Path(__file__).parent.parent / "nets.py", Path(__file__).parent.parent / "images.py"]
+    return [Path(__file__), COMMON / "nets.py", COMMON / "images.py"]
 
 
 def _tensors(entry: ModelEntry, images: np.ndarray) -> np.ndarray:

@@ -14,4 +14,4 @@ BUILDERS = ("sentiment", "digits", "tinylm")
 def get(name: str) -> ModuleType:
     if name not in BUILDERS:
         raise ValueError(f"unknown builder {name!r}; known: {', '.join(BUILDERS)}")
-    return importlib.import_module(f"services.common.builders.{name}")
+    return importlib.import_module(f"services.models.builders.{name}")
