@@ -40,10 +40,16 @@ up: $(STAMP)
 models: $(STAMP)
 	$(VENV)/bin/meshserve models build
 
-## test: contracts (buf lint/format/breaking, stub drift), lint, then the whole pytest suite.
+# The dependency rules (.importlinter) and the function-length rule (scripts/check_code_shape.py).
+LINT_IMPORTS := $(VENV)/bin/lint-imports --no-logo --no-cache .importlinter
+CODE_SHAPE := $(PY) scripts/check_code_shape.py services
+
+## test: contracts (buf lint/format/breaking, stub drift), lint, import contracts, function lengths, then the whole pytest suite.
 test: $(STAMP) $(OLD_HUB) $(REDIS)
 	scripts/proto-check.sh
-	$(VENV)/bin/ruff check services tests bench deploy
+	$(VENV)/bin/ruff check services tests bench deploy scripts
+	$(LINT_IMPORTS)
+	$(CODE_SHAPE)
 	$(VENV)/bin/meshserve models build
 	$(PY) scripts/check_docs.py
 	$(PY) scripts/gen_config_docs.py --check
@@ -55,8 +61,11 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	scripts/proto-check.sh
 
+## lint: offline checks only: ruff, import contracts, function lengths, buf lint and format.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services tests bench deploy
+	$(VENV)/bin/ruff check services tests bench deploy scripts
+	$(LINT_IMPORTS)
+	$(CODE_SHAPE)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format -d --exit-code
 	$(PY) scripts/check_docs.py
