@@ -1,14 +1,5 @@
 """Dynamic batching: requests for one model wait in a queue and run together, Triton-style.
-
-Scheduling: a batch is formed when a model instance is free. It takes queued requests in arrival
-order until `max_batch_size` rows; if it is still below the preferred size it waits up to
-`max_queue_delay_us` for more. While every instance is busy the queue grows, so batches form by
-themselves under load and batch 1 runs with no added delay when the server is idle.
-
-Each request gets its own result or error. Variable-length inputs are padded across requests to
-the longest one. Cancelled requests are dropped before execution. A full queue refuses new work
-with OVERLOADED (gRPC UNAVAILABLE) so callers and balancers retry elsewhere. Torch runs in a
-thread pool with one thread per instance; the event loop only moves futures.
+Each request gets its own result or error; a full queue refuses new work with OVERLOADED.
 """
 
 from __future__ import annotations
@@ -51,7 +42,18 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """Queue + scheduler for one loaded model."""
+    """Queue + scheduler for one loaded model.
+
+    A batch is formed when a model instance is free. It takes queued requests in arrival order
+    until `max_batch_size` rows; if it is still below the preferred size it waits up to
+    `max_queue_delay_us` for more. While every instance is busy the queue grows, so batches form
+    by themselves under load and batch 1 runs with no added delay when the server is idle.
+
+    Variable-length inputs are padded across requests to the longest one. Cancelled requests are
+    dropped before execution. A full queue refuses with OVERLOADED (gRPC UNAVAILABLE) so callers
+    and balancers retry elsewhere. Torch runs in a thread pool with one thread per instance; the
+    event loop only moves futures.
+    """
 
     def __init__(self, name: str, runtime: Runtime, spec: InferenceSpec, stats: ModelStats) -> None:
         self.name = name

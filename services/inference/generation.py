@@ -1,16 +1,7 @@
 """Token generation with continuous batching: every running sequence advances one token per
-decode step, new sequences join between steps and finished or cancelled ones leave.
-
-The KV cache of the running batch is one left-padded tensor pair per layer ([batch, kv_heads,
-time, dim]); a newcomer is prefilled alone and its cache merged in (left-padded to the batch's
-length), a leaver's rows are dropped, and columns that became padding for every row are trimmed.
-Attention masks and explicit position ids make the padded batch compute exactly what each
-sequence would alone (tested against unbatched decoding). Works with any Hugging Face causal LM
-whose forward takes `attention_mask`, `position_ids` and a `DynamicCache` (Llama, Qwen2, Mistral,
-GPT-2 families).
-
-All torch work (prefill, decode, sampling) runs in one worker thread; the event loop only admits,
-emits tokens and drops sequences. A cancelled sequence leaves the batch at the next step.
+decode step, new sequences join between steps and finished or cancelled ones leave. Works with
+any Hugging Face causal LM whose forward takes `attention_mask`, `position_ids` and a
+`DynamicCache` (Llama, Qwen2, Mistral, GPT-2 families).
 """
 
 from __future__ import annotations
@@ -254,7 +245,17 @@ class _Batch:
 
 
 class GenerationScheduler:
-    """Continuous batching for one loaded causal LM (the `batcher` of a generation model)."""
+    """Continuous batching for one loaded causal LM (the `batcher` of a generation model).
+
+    The KV cache of the running batch is one left-padded tensor pair per layer ([batch, kv_heads,
+    time, dim]); a newcomer is prefilled alone and its cache merged in (left-padded to the batch's
+    length), a leaver's rows are dropped, and columns that became padding for every row are
+    trimmed. Attention masks and explicit position ids make the padded batch compute exactly what
+    each sequence would alone (tested against unbatched decoding).
+
+    All torch work (prefill, decode, sampling) runs in one worker thread; the event loop only
+    admits, emits tokens and drops sequences. A cancelled sequence leaves the batch at the next step.
+    """
 
     def __init__(self, name: str, runtime: CausalLMRuntime, spec: InferenceSpec, stats=None) -> None:
         import torch

@@ -272,6 +272,67 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
 _STARTED, _PUMP_DONE, _READ_DONE = object(), object(), object()  # markers on the response queue
 
 
+class _StreamCalls:
+    """The requests that one ModelStreamInfer call started: their tasks, their generations, and
+    the queue where their responses and completion markers meet."""
+
+    def __init__(self, servicer: InferenceServicer, context) -> None:
+        self.servicer = servicer
+        self.context = context
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.streams = []
+        self.tasks: set[asyncio.Task] = set()
+
+    async def read(self, request_iterator) -> None:
+        try:
+            async for request in request_iterator:
+                try:
+                    self._start(request)
+                    self.out.put_nowait(_STARTED)  # queued before its task can queue _PUMP_DONE
+                except MeshError as err:
+                    await self.out.put(stream_error(request, err))
+        finally:
+            self.out.put_nowait(_READ_DONE)
+
+    def _start(self, request) -> None:
+        slot = self.servicer.repository.ready(request.model_name, request.model_version)
+        if slot.entry.inference.runtime == "causal_lm":
+            stream = self.servicer.core.generate(
+                request.model_name, request.model_version, inputs_from_pb(request), request.parameters
+            )
+            self.streams.append(stream)
+            self._spawn(self._pump(request, stream))
+        else:
+            self._spawn(self._unary(request))
+
+    async def _pump(self, request, stream) -> None:
+        try:
+            async for event in stream:
+                await self.out.put(token_response(request, "1", event))
+        finally:
+            self.out.put_nowait(_PUMP_DONE)
+
+    async def _unary(self, request) -> None:
+        try:
+            response = await self.servicer.ModelInfer(request, self.context)
+            await self.out.put(service_pb2.ModelStreamInferResponse(infer_response=response))
+        except MeshError as err:
+            await self.out.put(stream_error(request, err))
+        finally:
+            self.out.put_nowait(_PUMP_DONE)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel()  # the client went away (or the stream ended): stop generating
+        for task in list(self.tasks):
+            task.cancel()
+
+
 async def _model_stream_infer(self, request_iterator, context):
     """Bidirectional streaming, as Triton: a decoupled (generation) model answers each request with
     one response per token and an empty final response (`triton_final_response`); any other model
@@ -281,54 +342,12 @@ async def _model_stream_infer(self, request_iterator, context):
     One queue carries responses and completion markers, so the loop sleeps in `Queue.get()` until
     there is something to send (no polling: a spinning loop would hold the GIL that the decode
     thread needs)."""
-    out: asyncio.Queue = asyncio.Queue()
-    streams = []
-    tasks: set[asyncio.Task] = set()
-
-    async def pump(request, stream) -> None:
-        try:
-            async for event in stream:
-                await out.put(token_response(request, "1", event))
-        finally:
-            out.put_nowait(_PUMP_DONE)
-
-    async def unary(request) -> None:
-        try:
-            await out.put(service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context)))
-        except MeshError as err:
-            await out.put(stream_error(request, err))
-        finally:
-            out.put_nowait(_PUMP_DONE)
-
-    def spawn(coroutine) -> None:
-        task = asyncio.create_task(coroutine)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    async def read() -> None:
-        try:
-            async for request in request_iterator:
-                try:
-                    slot = self.repository.ready(request.model_name, request.model_version)
-                    if slot.entry.inference.runtime == "causal_lm":
-                        stream = self.core.generate(
-                            request.model_name, request.model_version, inputs_from_pb(request), request.parameters
-                        )
-                        streams.append(stream)
-                        spawn(pump(request, stream))
-                    else:
-                        spawn(unary(request))
-                    out.put_nowait(_STARTED)  # queued before its task can queue _PUMP_DONE
-                except MeshError as err:
-                    await out.put(stream_error(request, err))
-        finally:
-            out.put_nowait(_READ_DONE)
-
-    reader = asyncio.create_task(read())
+    calls = _StreamCalls(self, context)
+    reader = asyncio.create_task(calls.read(request_iterator))
     reading, running = True, 0
     try:
         while reading or running:
-            item = await out.get()
+            item = await calls.out.get()
             if item is _READ_DONE:
                 reading = False
                 reader.result()  # surface a broken request stream
@@ -340,10 +359,7 @@ async def _model_stream_infer(self, request_iterator, context):
                 yield item
     finally:
         reader.cancel()
-        for stream in streams:
-            stream.cancel()  # the client went away (or the stream ended): stop generating
-        for task in list(tasks):
-            task.cancel()
+        calls.cancel()
 
 
 InferenceServicer.ModelStreamInfer = _model_stream_infer
