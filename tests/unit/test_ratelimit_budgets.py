@@ -1,4 +1,6 @@
-"""Rate limits and budgets, each test run on both storages: in process and a real redis-server.
+"""Rate limits and budgets through the ControlStore, each test run on both stores: in process and
+a real redis-server (and, for the store fixture, both ways a caller uses it: awaited, or the
+synchronous fast path first).
 
 Windows are never frozen: the requests window is a moving window (no boundary inside which a
 burst could slip), and the tests run in milliseconds, far inside a minute. The one place where a
@@ -10,6 +12,7 @@ No assertion depends on timing.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 import uuid
@@ -19,8 +22,11 @@ import pytest
 from huggingface_hub.utils import parse_ratelimit_headers
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.control.budgets import BudgetBook, period_key
-from services.gateway.control.ratelimit import KeyLimits, RateLimiter, tokens_wait_s
+from services.gateway.control.budgets import period_key
+from services.gateway.control.local_store import LocalControlStore
+from services.gateway.control.redis_store import RedisControlStore
+from services.gateway.control.store import KeyLimits, Ticket
+from services.gateway.control.windows import tokens_wait_s
 from tests.helpers import free_port
 
 RATELIMIT = re.compile(r'^"(\w+)";r=(\d+);t=(\d+)(, "\w+";r=\d+;t=\d+)*$')
@@ -32,11 +38,17 @@ def storage_uri(request):
     return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
 
+def open_store(storage_uri: str, **options):
+    if storage_uri == "memory://":
+        return LocalControlStore(**options)
+    return RedisControlStore(storage_uri, **options)
+
+
 class NowFirst:
-    """A limiter or budget book used as Metering uses it: the synchronous in-process form first
-    (`admit_now`, `done_now`, `reserve_now`, `settle_now`), awaiting the coroutine when it answers
-    None or False. Every test of the `limiter` and `book` fixtures runs both ways, so the fast path
-    must admit, refuse, count and report exactly as the awaited one."""
+    """A store used as Metering uses it: the synchronous form first (`try_admit_now`,
+    `try_finish_now`), awaiting the coroutine when it answers None or False. Every test of the
+    `store` fixture runs both ways, so the fast path must admit, refuse, count and report exactly
+    as the awaited one."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -44,47 +56,19 @@ class NowFirst:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def admit(self, key_id: str, limits: KeyLimits, *, tokens_hint: int = 0):
-        inner = self.inner
-        admission = inner.admit_now(key_id, limits, tokens_hint=tokens_hint)
-        return _NowFirstAdmission(admission or await inner.admit(key_id, limits, tokens_hint=tokens_hint))
+    async def admit(self, *args) -> Ticket:
+        return self.inner.try_admit_now(*args) or await self.inner.admit(*args)
 
-    async def reserve(self, key_id: str, budget_usd: float, period: str, amount_usd: float):
-        inner = self.inner
-        return inner.reserve_now(key_id, budget_usd, period, amount_usd) or await inner.reserve(
-            key_id, budget_usd, period, amount_usd
-        )
-
-    async def settle(self, reservation, actual_usd: float) -> None:
-        if not self.inner.settle_now(reservation, actual_usd):
-            await self.inner.settle(reservation, actual_usd)
-
-
-class _NowFirstAdmission:
-    def __init__(self, admission) -> None:
-        self.admission = admission
-        self.headers = admission.headers
-
-    def __getattr__(self, name):
-        return getattr(self.admission, name)
-
-    async def done(self, tokens: int) -> None:
-        if not self.admission.done_now(tokens):
-            await self.admission.done(tokens)
+    async def finish(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
+        if not self.inner.try_finish_now(ticket, tokens, cost_usd):
+            await self.inner.finish(ticket, tokens, cost_usd)
 
 
 @pytest.fixture(params=["awaited", "now-first"])
-async def limiter(request, storage_uri):
-    rate_limiter = RateLimiter(storage_uri)
-    yield rate_limiter if request.param == "awaited" else NowFirst(rate_limiter)
-    await rate_limiter.close()
-
-
-@pytest.fixture(params=["awaited", "now-first"])
-async def book(request, storage_uri):
-    budget_book = BudgetBook(storage_uri)
-    yield budget_book if request.param == "awaited" else NowFirst(budget_book)
-    await budget_book.close()
+async def store(request, storage_uri):
+    control_store = open_store(storage_uri)
+    yield control_store if request.param == "awaited" else NowFirst(control_store)
+    await control_store.close()
 
 
 @pytest.fixture
@@ -103,24 +87,49 @@ async def refusal(coro) -> MeshError:
     return caught.value
 
 
+# A store's two uses, spelled out: a rate-limited request (charged `tokens` when done) and a
+# budget hold (settled at its cost).
+def limit(store, key: str, limits: KeyLimits, *, tokens_hint: int = 0):
+    return store.admit(key, limits, tokens_hint)
+
+
+async def done(store, ticket: Ticket, tokens: int) -> None:
+    await store.finish(ticket, tokens, 0.0)
+
+
+async def reserve(store, key: str, budget_usd: float, period: str, amount_usd: float) -> Ticket:
+    return await store.admit(key, None, 0, budget_usd, period, amount_usd)
+
+
+async def settle(store, ticket: Ticket, cost_usd: float) -> None:
+    await store.finish(ticket, 0, cost_usd)
+
+
+def twin(ticket: Ticket) -> Ticket:
+    """The same admission as another replica would hold it (not finished there)."""
+    other = copy.copy(ticket)
+    other.finished = False
+    return other
+
+
 # -- requests per minute -----------------------------------------------------------------------------
-async def test_burst_admits_exactly_the_requests_per_minute(limiter):
+async def test_burst_admits_exactly_the_requests_per_minute(store):
     key, limits = new_key(), KeyLimits(requests_per_minute=7)
-    results = await asyncio.gather(*(limiter.admit(key, limits) for _ in range(20)), return_exceptions=True)
+    results = await asyncio.gather(*(limit(store, key, limits) for _ in range(20)), return_exceptions=True)
     admitted = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, MeshError)]
     assert len(admitted) == 7 and len(refused) == 13
     assert all(err.code is ErrorCode.RATE_LIMITED for err in refused)
-    for admission in admitted:
-        await admission.done(0)
+    for ticket in admitted:
+        await done(store, ticket, 0)
 
 
-async def test_refusal_carries_retry_after_and_ratelimit_headers_hf_can_parse(limiter):
+async def test_refusal_carries_retry_after_and_ratelimit_headers_hf_can_parse(store):
     key, limits = new_key(), KeyLimits(requests_per_minute=3)
-    admissions = [await limiter.admit(key, limits) for _ in range(3)]
+    admissions = [await limit(store, key, limits) for _ in range(3)]
     assert [a.headers["RateLimit"].split(";")[1] for a in admissions] == ["r=2", "r=1", "r=0"]
     assert admissions[0].headers["RateLimit-Policy"] == '"requests";q=3;w=60'
-    err = await refusal(limiter.admit(key, limits))
+    err = await refusal(limit(store, key, limits))
     assert err.code is ErrorCode.RATE_LIMITED and err.code.http_status == 429
     assert 1 <= err.retry_after_s <= 120 and err.retry_after_s == int(err.retry_after_s)
     assert "3 requests per minute" in err.message
@@ -131,36 +140,36 @@ async def test_refusal_carries_retry_after_and_ratelimit_headers_hf_can_parse(li
     assert (info.limit, info.window_seconds) == (3, 60)
 
 
-async def test_headers_list_every_limit_and_lead_with_the_one_that_refused(limiter, away_from_minute_boundary):
+async def test_headers_list_every_limit_and_lead_with_the_one_that_refused(store, away_from_minute_boundary):
     key, limits = new_key(), KeyLimits(requests_per_minute=10, tokens_per_minute=100)
-    admission = await limiter.admit(key, limits)
+    admission = await limit(store, key, limits)
     assert RATELIMIT.match(admission.headers["RateLimit"]) and POLICY.match(admission.headers["RateLimit-Policy"])
     assert admission.headers["RateLimit"].startswith('"requests";r=9;t=')
     assert admission.headers["RateLimit"].split(", ")[1].startswith('"tokens";r=100;t=')
     assert admission.headers["RateLimit-Policy"] == '"requests";q=10;w=60, "tokens";q=100;w=60'
-    await admission.done(100)
-    err = await refusal(limiter.admit(key, limits))
+    await done(store, admission, 100)
+    err = await refusal(limit(store, key, limits))
     assert err.headers["RateLimit"].startswith(f'"tokens";r=0;t={err.retry_after_s}, "requests";r=9;t=')
     assert err.headers["RateLimit-Policy"] == '"tokens";q=100;w=60, "requests";q=10;w=60'
     assert parse_ratelimit_headers(err.headers).resource_type == "tokens"
 
 
 # -- tokens per minute -------------------------------------------------------------------------------
-async def test_tokens_per_minute_refuses_once_charged_tokens_leave_no_room(limiter, away_from_minute_boundary):
+async def test_tokens_per_minute_refuses_once_charged_tokens_leave_no_room(store, away_from_minute_boundary):
     key, limits = new_key(), KeyLimits(tokens_per_minute=1000)
-    first = await limiter.admit(key, limits, tokens_hint=600)
-    await first.done(600)
-    err = await refusal(limiter.admit(key, limits, tokens_hint=500))
+    first = await limit(store, key, limits, tokens_hint=600)
+    await done(store, first, 600)
+    err = await refusal(limit(store, key, limits, tokens_hint=500))
     assert err.code is ErrorCode.RATE_LIMITED and "1000 tokens per minute (400 left" in err.message
     assert 1 <= err.retry_after_s <= 120
-    second = await limiter.admit(key, limits, tokens_hint=300)  # fits in what is left
-    await second.done(450)  # used more than it hinted: charged, up to the limit
-    err = await refusal(limiter.admit(key, limits))  # hint 0: refused only when exhausted
+    second = await limit(store, key, limits, tokens_hint=300)  # fits in what is left
+    await done(store, second, 450)  # used more than it hinted: charged, up to the limit
+    err = await refusal(limit(store, key, limits))  # hint 0: refused only when exhausted
     assert err.headers["RateLimit"].startswith('"tokens";r=0;')
 
 
-async def test_request_larger_than_the_tokens_limit_is_refused_without_retry(limiter):
-    err = await refusal(limiter.admit(new_key(), KeyLimits(tokens_per_minute=100), tokens_hint=101))
+async def test_request_larger_than_the_tokens_limit_is_refused_without_retry(store):
+    err = await refusal(limit(store, new_key(), KeyLimits(tokens_per_minute=100), tokens_hint=101))
     assert err.code is ErrorCode.RATE_LIMITED and "request too large" in err.message
     assert err.headers["x-should-retry"] == "false" and err.retry_after_s == 120
 
@@ -175,54 +184,56 @@ def test_tokens_wait_covers_the_previous_window_decay_and_the_current_window_rol
 
 
 # -- concurrency -------------------------------------------------------------------------------------
-async def test_concurrency_refuses_one_more_than_the_limit_and_admits_after_done(limiter):
+async def test_concurrency_refuses_one_more_than_the_limit_and_admits_after_done(store):
     key, limits = new_key(), KeyLimits(concurrent_requests=3)
-    held = [await limiter.admit(key, limits) for _ in range(3)]
-    err = await refusal(limiter.admit(key, limits))
+    held = [await limit(store, key, limits) for _ in range(3)]
+    err = await refusal(limit(store, key, limits))
     assert err.code is ErrorCode.RATE_LIMITED and "3 in flight" in err.message and err.retry_after_s == 1
     assert parse_ratelimit_headers(err.headers).resource_type == "concurrent"
-    await held[0].done(0)
-    await held[0].done(0)  # idempotent: frees one slot, not two
-    again = await limiter.admit(key, limits)
-    await refusal(limiter.admit(key, limits))
-    for admission in [*held[1:], again]:
-        await admission.done(0)
+    await done(store, held[0], 0)
+    await done(store, held[0], 0)  # idempotent: frees one slot, not two
+    again = await limit(store, key, limits)
+    await refusal(limit(store, key, limits))
+    for ticket in [*held[1:], again]:
+        await done(store, ticket, 0)
 
 
-async def test_a_refused_request_holds_no_concurrency_slot(limiter):
+async def test_a_refused_request_holds_no_concurrency_slot(store):
     key, limits = new_key(), KeyLimits(requests_per_minute=1, concurrent_requests=1)
-    await (await limiter.admit(key, limits)).done(0)
+    await done(store, await limit(store, key, limits), 0)
     for _ in range(3):  # refused by requests per minute: the slot it took is given back each time
-        err = await refusal(limiter.admit(key, limits))
+        err = await refusal(limit(store, key, limits))
         assert "requests per minute" in err.message
 
 
-async def test_done_charges_tokens_only_once(limiter, away_from_minute_boundary):
+async def test_done_charges_tokens_only_once(store, away_from_minute_boundary):
     key, limits = new_key(), KeyLimits(tokens_per_minute=100)
-    admission = await limiter.admit(key, limits)
-    await admission.done(60)
-    await admission.done(60)
-    assert (await limiter.admit(key, limits, tokens_hint=40)).headers["RateLimit"].startswith('"tokens";r=40;')
+    admission = await limit(store, key, limits)
+    await done(store, admission, 60)
+    await done(store, admission, 60)
+    assert (await limit(store, key, limits, tokens_hint=40)).headers["RateLimit"].startswith('"tokens";r=40;')
 
 
 async def test_two_replicas_on_one_redis_share_every_limit(redis_url):
-    replicas = [RateLimiter(redis_url), RateLimiter(redis_url)]
+    replicas = [RedisControlStore(redis_url), RedisControlStore(redis_url)]
     try:
         key, limits = new_key(), KeyLimits(requests_per_minute=6)
-        results = await asyncio.gather(*(replicas[i % 2].admit(key, limits) for i in range(10)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(limit(replicas[i % 2], key, limits) for i in range(10)), return_exceptions=True
+        )
         assert sum(not isinstance(r, BaseException) for r in results) == 6
-        await refusal(replicas[0].admit(key, limits))
-        await refusal(replicas[1].admit(key, limits))
+        await refusal(limit(replicas[0], key, limits))
+        await refusal(limit(replicas[1], key, limits))
 
         key, limits = new_key(), KeyLimits(concurrent_requests=2)
-        held = [await replicas[0].admit(key, limits), await replicas[1].admit(key, limits)]
-        await refusal(replicas[1].admit(key, limits))
-        await held[0].done(0)  # freed on replica 0, admitted on replica 1
-        held[0] = await replicas[1].admit(key, limits)
+        held = [await limit(replicas[0], key, limits), await limit(replicas[1], key, limits)]
+        await refusal(limit(replicas[1], key, limits))
+        await done(replicas[0], held[0], 0)  # freed on replica 0, admitted on replica 1
+        held[0] = await limit(replicas[1], key, limits)
 
         key, limits = new_key(), KeyLimits(tokens_per_minute=100)
-        await (await replicas[0].admit(key, limits)).done(100)
-        await refusal(replicas[1].admit(key, limits))
+        await done(replicas[0], await limit(replicas[0], key, limits), 100)
+        await refusal(limit(replicas[1], key, limits))
     finally:
         for replica in replicas:
             await replica.close()
@@ -231,71 +242,72 @@ async def test_two_replicas_on_one_redis_share_every_limit(redis_url):
 async def test_a_slot_leaked_by_a_dead_replica_is_reclaimed_when_its_lease_ends(redis_url):
     # Two dead replicas: one whose lease cannot end during the test (its slot stays taken however slow
     # the machine is) and one whose lease ends after 0.2 s (only a lower bound on time is assumed).
-    held, dead, alive = RateLimiter(redis_url), RateLimiter(redis_url, slot_lease_s=0.2), RateLimiter(redis_url)
+    held, dead, alive = (RedisControlStore(redis_url, slot_lease_s=lease) for lease in (600, 0.2, 600))
     try:
         limits = KeyLimits(concurrent_requests=1)
         kept, leaked = new_key(), new_key()
-        await held.admit(kept, limits)  # never done(): the replica "crashed"
-        await refusal(alive.admit(kept, limits))
-        await dead.admit(leaked, limits)  # never done() either, with a short lease
+        await limit(held, kept, limits)  # never finished: the replica "crashed"
+        await refusal(limit(alive, kept, limits))
+        await limit(dead, leaked, limits)  # never finished either, with a short lease
         await asyncio.sleep(0.4)
-        await (await alive.admit(leaked, limits)).done(0)
-        await refusal(alive.admit(kept, limits))  # the long lease still holds
+        await done(alive, await limit(alive, leaked, limits), 0)
+        await refusal(limit(alive, kept, limits))  # the long lease still holds
     finally:
-        for limiter in (held, dead, alive):
-            await limiter.close()
+        for replica in (held, dead, alive):
+            await replica.close()
 
 
 # -- budgets -----------------------------------------------------------------------------------------
-async def test_concurrent_reservations_never_overspend(book):
+async def test_concurrent_reservations_never_overspend(store):
     key = new_key()
-    results = await asyncio.gather(*(book.reserve(key, 10.0, "day", 0.30) for _ in range(50)), return_exceptions=True)
+    results = await asyncio.gather(*(reserve(store, key, 10.0, "day", 0.30) for _ in range(50)), return_exceptions=True)
     reservations = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, MeshError)]
     assert len(reservations) == 33 and len(refused) == 17  # 33 x 0.30 = 9.90; a 34th would make 10.20
     assert all(err.code is ErrorCode.QUOTA_EXCEEDED for err in refused)
-    assert await book.spent(key, "day") == (0.0, pytest.approx(9.90))
+    assert await store.spent(key, "day") == (0.0, pytest.approx(9.90))
     for reservation in reservations:
-        await book.settle(reservation, 0.10)
-    assert await book.spent(key, "day") == (pytest.approx(3.30), 0.0)
-    assert (await book.reserve(key, 10.0, "day", 6.70)).amount_usd == 6.70  # the unused part came back
-    await refusal(book.reserve(key, 10.0, "day", 0.000001))
+        await settle(store, reservation, 0.10)
+    assert await store.spent(key, "day") == (pytest.approx(3.30), 0.0)
+    assert (await reserve(store, key, 10.0, "day", 6.70)).reservation.amount_usd == 6.70  # the unused part came back
+    await refusal(reserve(store, key, 10.0, "day", 0.000001))
 
 
-async def test_quota_error_names_budget_spent_and_cost_and_has_no_retry_after(book):
+async def test_quota_error_names_budget_spent_and_cost_and_has_no_retry_after(store):
     key = new_key()
-    await book.settle(await book.reserve(key, 5.0, "month", 4.0), 3.0)
-    held = await book.reserve(key, 5.0, "month", 1.0)
-    err = await refusal(book.reserve(key, 5.0, "month", 1.5))
+    await settle(store, await reserve(store, key, 5.0, "month", 4.0), 3.0)
+    held = await reserve(store, key, 5.0, "month", 1.0)
+    err = await refusal(reserve(store, key, 5.0, "month", 1.5))
     assert err.code is ErrorCode.QUOTA_EXCEEDED and err.code.http_status == 429
     assert err.message == (
         "budget exceeded: this API key's monthly budget is $5.00; $3.00 is spent and $1.00 held by requests "
         "in flight, $1.00 is left, and this request could cost up to $1.50"
     )
     assert err.retry_after_s is None and err.headers["x-should-retry"] == "false"
-    await book.settle(held, 1.0)
+    await settle(store, held, 1.0)
 
 
 async def test_quota_error_retries_after_the_period_ends_when_that_is_soon(storage_uri):
-    book = BudgetBook(storage_uri, clock=lambda: datetime(2026, 12, 1, 23, 59, 30, tzinfo=UTC))
+    store = open_store(storage_uri, clock=lambda: datetime(2026, 12, 1, 23, 59, 30, tzinfo=UTC))
     try:
         key = new_key()
-        reservation = await book.reserve(key, 1.0, "day", 1.0)
-        assert reservation.period == "day:2026-12-01"
-        err = await refusal(book.reserve(key, 1.0, "day", 0.5))
+        reservation = await reserve(store, key, 1.0, "day", 1.0)
+        assert reservation.reservation.period == "day:2026-12-01"
+        err = await refusal(reserve(store, key, 1.0, "day", 0.5))
         assert err.retry_after_s == 30 and "x-should-retry" not in err.headers
-        await book.settle(reservation, 1.0)
+        await settle(store, reservation, 1.0)
     finally:
-        await book.close()
+        await store.close()
 
 
-async def test_settle_is_idempotent_and_clamps_to_what_was_held(book):
+async def test_settle_is_idempotent_and_clamps_to_what_was_held(store):
     key = new_key()
-    reservation = await book.reserve(key, 10.0, "total", 2.0)
-    assert reservation.period == "total"
-    await book.settle(reservation, 5.0)  # more than was held: clamped (and logged)
-    await book.settle(reservation, 5.0)
-    assert await book.spent(key, "total") == (2.0, 0.0)
+    reservation = await reserve(store, key, 10.0, "total", 2.0)
+    assert reservation.reservation.period == "total"
+    await settle(store, reservation, 5.0)  # more than was held: clamped (and logged)
+    await settle(store, reservation, 5.0)
+    await settle(store, twin(reservation), 5.0)  # the store itself knows the hold is gone
+    assert await store.spent(key, "total") == (2.0, 0.0)
 
 
 async def test_periods_are_the_utc_day_and_month():
@@ -305,123 +317,151 @@ async def test_periods_are_the_utc_day_and_month():
         period_key("week", now)
 
 
-async def test_two_books_on_one_redis_share_the_budget(redis_url):
-    books = [BudgetBook(redis_url), BudgetBook(redis_url)]
+async def test_two_replicas_on_one_redis_share_the_budget(redis_url):
+    replicas = [RedisControlStore(redis_url), RedisControlStore(redis_url)]
     try:
         key = new_key()
         results = await asyncio.gather(
-            *(books[i % 2].reserve(key, 10.0, "day", 0.30) for i in range(50)), return_exceptions=True
+            *(reserve(replicas[i % 2], key, 10.0, "day", 0.30) for i in range(50)), return_exceptions=True
         )
         reservations = [r for r in results if not isinstance(r, BaseException)]
         assert len(reservations) == 33
-        await books[0].settle(reservations[0], 0.0)
-        await books[1].settle(reservations[0], 0.0)  # already settled by the other replica: no-op
-        assert await books[1].spent(key, "day") == (0.0, pytest.approx(9.60))
-        assert await books[0].spent(key, "day") == await books[1].spent(key, "day")
+        await settle(replicas[0], reservations[0], 0.0)
+        await settle(replicas[1], twin(reservations[0]), 0.0)  # already settled by the other replica: no-op
+        assert await replicas[1].spent(key, "day") == (0.0, pytest.approx(9.60))
+        assert await replicas[0].spent(key, "day") == await replicas[1].spent(key, "day")
     finally:
-        for budget_book in books:
-            await budget_book.close()
+        for replica in replicas:
+            await replica.close()
 
 
 async def test_a_hold_never_settled_is_charged_in_full_when_its_lease_ends(storage_uri):
-    book = BudgetBook(storage_uri, reservation_lease_s=0.2)
+    store = open_store(storage_uri, reservation_lease_s=0.2)
     try:
         key = new_key()
-        reservation = await book.reserve(key, 1.0, "day", 0.75)  # its replica "crashed"
+        reservation = await reserve(store, key, 1.0, "day", 0.75)  # its replica "crashed"
         await asyncio.sleep(0.4)
-        assert await book.spent(key, "day") == (0.75, 0.0)
-        await refusal(book.reserve(key, 1.0, "day", 0.5))
-        await book.settle(reservation, 0.1)  # too late: no-op
-        assert await book.spent(key, "day") == (0.75, 0.0)
+        assert await store.spent(key, "day") == (0.75, 0.0)
+        await refusal(reserve(store, key, 1.0, "day", 0.5))
+        await settle(store, reservation, 0.1)  # too late: no-op
+        assert await store.spent(key, "day") == (0.75, 0.0)
     finally:
-        await book.close()
+        await store.close()
 
 
 async def test_holds_whose_lease_ran_out_are_charged_in_full_on_the_fast_path_too():
-    """In process, reserve_now() only looks for run-out holds once the oldest one's lease can have
+    """In process, the fast path only looks for run-out holds once the oldest one's lease can have
     ended; holds settled in between, and holds made after, keep that right."""
     # The lease is long enough that no stall between two lines of this test outlasts it, and the
     # sleeps outlast it: only lower bounds on elapsed time are assumed.
-    book = BudgetBook(reservation_lease_s=1.0)
+    store = LocalControlStore(reservation_lease_s=1.0)
     key = new_key()
-    settled = book.reserve_now(key, 1.0, "day", 0.1)
-    lost = book.reserve_now(key, 1.0, "day", 0.3)  # its request never finishes
-    assert book.settle_now(settled, 0.05)  # the oldest hold goes: the next one is still watched
+    settled = store.try_admit_now(key, None, 0, 1.0, "day", 0.1)
+    lost = store.try_admit_now(key, None, 0, 1.0, "day", 0.3)  # its request never finishes
+    assert store.try_finish_now(settled, 0, 0.05)  # the oldest hold goes: the next one is still watched
     await asyncio.sleep(1.1)
-    later = book.reserve_now(key, 1.0, "day", 0.2)  # sweeps `lost` first: charged in full
-    assert later is not None and await book.spent(key, "day") == (0.35, 0.2)
-    assert book.reserve_now(key, 1.0, "day", 0.5) is None  # 0.35 + 0.2 + 0.5 > 1
-    book.settle_now(lost, 0.0)  # too late: no-op
-    assert await book.spent(key, "day") == (0.35, 0.2)
+    later = store.try_admit_now(key, None, 0, 1.0, "day", 0.2)  # sweeps `lost` first: charged in full
+    assert later is not None and await store.spent(key, "day") == (0.35, 0.2)
+    with pytest.raises(MeshError, match="budget exceeded"):  # 0.35 + 0.2 + 0.5 > 1
+        store.try_admit_now(key, None, 0, 1.0, "day", 0.5)
+    store.try_finish_now(lost, 0, 0.0)  # too late: no-op
+    assert await store.spent(key, "day") == (0.35, 0.2)
     await asyncio.sleep(1.1)
-    assert book.reserve_now(key, 1.0, "day", 0.4) is not None  # `later` ran out too: 0.55 spent
-    assert await book.spent(key, "day") == (0.55, 0.4)
+    assert store.try_admit_now(key, None, 0, 1.0, "day", 0.4) is not None  # `later` ran out too: 0.55 spent
+    assert await store.spent(key, "day") == (0.55, 0.4)
 
 
 async def test_an_unreachable_redis_refuses_as_retryable_unavailable():
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    limiter, book = RateLimiter(url), BudgetBook(url)
+    store = RedisControlStore(url)
     try:
-        err = await refusal(limiter.admit(new_key(), KeyLimits(requests_per_minute=5)))
+        err = await refusal(limit(store, new_key(), KeyLimits(requests_per_minute=5)))
         assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE and err.message == "rate-limit store is unavailable"
-        err = await refusal(book.reserve(new_key(), 1.0, "day", 0.1))
+        err = await refusal(store.admit(new_key(), KeyLimits(5), 0, 1.0, "day", 0.1))  # the first step names it
+        assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE and err.message == "rate-limit store is unavailable"
+        err = await refusal(reserve(store, new_key(), 1.0, "day", 0.1))
         assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE and err.message == "budget store is unavailable"
+        err = await refusal(store.spent(new_key(), "day"))
+        assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE
     finally:
-        await limiter.close()
-        await book.close()
+        await store.close()
 
 
-async def test_a_store_failure_while_settling_still_frees_the_slot_and_answers(limiter, book, monkeypatch):
-    """Finishing runs on the way out of a request that already succeeded: a budget store that fails
-    to settle is logged, the concurrency slot is still freed and the request keeps its status."""
+# -- metering: the key's admission and completion through the store ----------------------------------
+def _sentiment():
     from pathlib import Path
 
     from services.common.catalog import Catalog
-    from services.gateway.control.auth import Principal
+
+    return Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
+
+
+def _key(**limits):
     from services.gateway.control.keys import ApiKey
+
+    return ApiKey(id=new_key(), name="t", scopes=("inference",), **limits)
+
+
+def _principal(key):
+    from services.gateway.control.auth import Principal
+
+    return Principal(key)
+
+
+async def test_a_store_failure_while_settling_still_frees_the_slot_and_answers(storage_uri, monkeypatch):
+    """Finishing runs on the way out of a request that already succeeded: a budget hold that fails
+    to settle is logged, the concurrency slot is still freed and the request keeps its status."""
     from services.gateway.control.metering import Metering
 
-    entry = Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
-    key = ApiKey(id=f"k{uuid.uuid4().hex[:8]}", name="t", scopes=("inference",), concurrent_requests=1, budget_usd=1.0)
-    metering = Metering(limiter, book, None, timeout_s=1.0)
+    entry, key = _sentiment(), _key(concurrent_requests=1, budget_usd=1.0)
+    store = open_store(storage_uri)
+    metering = Metering(store, None, timeout_s=1.0)
+    if isinstance(store, LocalControlStore):
 
-    def broken_settle_now(*args):
-        raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "budget store is unavailable")
+        def broken_settle(*args):
+            raise RuntimeError("the budget's books are broken")
 
-    async def broken_settle(*args):
-        broken_settle_now()
+        monkeypatch.setattr(store, "_settle", broken_settle)
+    else:  # the settlement's script fails in Redis; the release that went with it does not
+        monkeypatch.setattr(
+            store, "_settle_script", store._client.register_script("return redis.error_reply('broken')")
+        )
+    try:
+        metered = await metering.admit(_principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
+        async with metering.track(metered):
+            pass  # the request succeeded; finishing must not turn it into an error
+        again = await metering.admit(_principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5)
+        await metering.finish(again, 200)  # the one slot was free again
+    finally:
+        await store.close()
 
-    monkeypatch.setattr(book, "settle", broken_settle)
-    monkeypatch.setattr(book, "settle_now", broken_settle_now if not book.remote else lambda *args: False)
-    metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
-    async with metering.track(metered):
-        pass  # the request succeeded; finishing must not turn it into an error
-    again = await metering.admit(Principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5)
-    await metering.finish(again, 200)  # the one slot was free again
 
-
-async def test_the_in_process_fast_path_changes_nothing_when_it_refuses_or_declines():
-    """admit_now() refuses like admit(); reserve_now() answers None instead of refusing (the
-    awaited form then refuses with the full error). Neither may count a request or hold money then."""
-    limiter, book = RateLimiter(), BudgetBook()
+async def test_the_in_process_fast_path_refuses_like_the_awaited_path_and_changes_nothing_then():
+    """try_admit_now() refuses as admit() does, rate limit or budget; a refused request is not
+    counted and holds nothing (a budget refusal takes the request back out of the windows)."""
+    store = LocalControlStore()
     key, limits = new_key(), KeyLimits(requests_per_minute=5, concurrent_requests=1)
-    first = limiter.admit_now(key, limits)
+    first = store.try_admit_now(key, limits)
     assert first.headers["RateLimit"].startswith('"requests";r=4;')
     with pytest.raises(MeshError, match="1 in flight"):  # the one slot is taken
-        limiter.admit_now(key, limits)
-    err = await refusal(limiter.admit(key, limits))
+        store.try_admit_now(key, limits)
+    err = await refusal(store.admit(key, limits))
     assert "1 in flight" in err.message
-    assert first.done_now(0) and first.done_now(0)  # idempotent
-    assert limiter.admit_now(key, limits).headers["RateLimit"].startswith('"requests";r=3;')  # 2 counted, not 3
+    assert store.try_finish_now(first, 0, 0.0) and store.try_finish_now(first, 0, 0.0)  # idempotent
+    assert store.try_admit_now(key, limits).headers["RateLimit"].startswith('"requests";r=3;')  # 2 counted, not 3
 
-    held = book.reserve_now(key, 1.0, "day", 0.75)
-    assert held is not None and await book.spent(key, "day") == (0.0, 0.75)
-    assert book.reserve_now(key, 1.0, "day", 0.5) is None  # does not fit: nothing held
-    assert await book.spent(key, "day") == (0.0, 0.75)
-    err = await refusal(book.reserve(key, 1.0, "day", 0.5))
-    assert err.code is ErrorCode.QUOTA_EXCEEDED
-    assert book.settle_now(held, 0.25)
-    assert await book.spent(key, "day") == (0.25, 0.0)
+    key = new_key()
+    held = store.try_admit_now(key, limits, 0, 1.0, "day", 0.75)
+    assert held.reservation is not None and await store.spent(key, "day") == (0.0, 0.75)
+    with pytest.raises(MeshError, match="1 in flight"):  # the rate limit refuses first
+        store.try_admit_now(key, limits, 0, 1.0, "day", 0.5)
+    store.try_finish_now(held, 0, 0.25)
+    with pytest.raises(MeshError) as caught:  # does not fit: nothing held, not counted, no slot taken
+        store.try_admit_now(key, limits, 0, 1.0, "day", 0.8)
+    assert caught.value.code is ErrorCode.QUOTA_EXCEEDED
+    assert await store.spent(key, "day") == (0.25, 0.0)
+    again = store.try_admit_now(key, limits, 0, 1.0, "day", 0.5)
+    assert again.headers["RateLimit"].startswith('"requests";r=3;')  # the refused one was taken back
 
 
 @pytest.mark.parametrize(
@@ -431,13 +471,13 @@ async def test_the_in_process_fast_path_changes_nothing_when_it_refuses_or_decli
 )
 def test_in_process_admission_headers_are_the_ones_the_shared_renderer_writes(limits, monkeypatch):
     """The in-process step writes an admitted request's headers itself (the cached path cannot
-    afford the shared renderer); they must be what RateLimiter._decide writes for the same state,
-    the Redis store's, in every phase of the tokens counter."""
-    from services.gateway.control import ratelimit
+    afford the shared renderer); they must be what windows.admitted_headers writes for the same
+    state, the Redis store's, in every phase of the tokens counter."""
+    from services.gateway.control import local_store, windows
 
     clock = [1_800_000_000 * 60 + 10.25]  # 10.25 s into a minute
-    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
-    limiter, key = RateLimiter(), new_key()
+    monkeypatch.setattr(local_store.time, "time", lambda: clock[0])
+    store, key = LocalControlStore(), new_key()
     states = [
         # (seconds later, tokens this request uses): the counter empty, then this minute's count
         # only, then last minute's only (weighted by what is left of it), then both
@@ -450,40 +490,36 @@ def test_in_process_admission_headers_are_the_ones_the_shared_renderer_writes(li
     ]
     for step, (later, uses) in enumerate(states):
         clock[0] += later
-        admission = limiter.admit_now(key, limits, 10)
-        now, windows = clock[0], limiter._store._keys[key]
+        ticket = store.try_admit_now(key, limits, 10)
+        now, key_windows = clock[0], store._keys[key]
         into = now % 60
-        state = ratelimit._State(
+        state = windows.WindowState(
             "ok",
-            len(windows.times),
-            windows.times[0] + 60 - now if windows.times else 0.0,
-            windows.previous if windows.minute == int(now // 60) else 0,
-            windows.current if windows.minute == int(now // 60) else 0,
+            len(key_windows.times),
+            key_windows.times[0] + 60 - now if key_windows.times else 0.0,
+            key_windows.previous if key_windows.minute == int(now // 60) else 0,
+            key_windows.current if key_windows.minute == int(now // 60) else 0,
             into,
-            windows.in_flight,
+            key_windows.in_flight,
         )
-        expected = limiter._decide(key, limits, 10, "", state).headers
-        assert admission.headers == expected, step
-        admission.done_now(uses + 1)
+        assert ticket.headers == windows.admitted_headers(limits, state), step
+        store.try_finish_now(ticket, uses + 1, 0.0)
 
 
 async def test_with_redis_the_fast_path_always_declines(redis_url):
     """Shared state is only ever changed by the awaited forms (their Lua scripts are atomic)."""
-    limiter, book = RateLimiter(redis_url), BudgetBook(redis_url)
+    store = RedisControlStore(redis_url)
     try:
         key = new_key()
-        assert limiter.admit_now(key, KeyLimits(requests_per_minute=5)) is None
-        assert book.reserve_now(key, 1.0, "day", 0.1) is None
-        admission = await limiter.admit(key, KeyLimits(requests_per_minute=5))
-        assert not admission.done_now(0)
-        held = await book.reserve(key, 1.0, "day", 0.1)
-        assert not book.settle_now(held, 0.05)
-        assert await book.spent(key, "day") == (0.0, 0.1)  # the declined settle changed nothing
-        await admission.done(0)
-        await book.settle(held, 0.05)
+        assert store.try_admit_now(key, KeyLimits(requests_per_minute=5)) is None
+        assert store.try_admit_now(key, None, 0, 1.0, "day", 0.1) is None
+        ticket = await store.admit(key, KeyLimits(requests_per_minute=5), 0, 1.0, "day", 0.1)
+        assert not store.try_finish_now(ticket, 0, 0.05)
+        assert await store.spent(key, "day") == (0.0, 0.1)  # the declined finish changed nothing
+        await store.finish(ticket, 0, 0.05)
+        assert await store.spent(key, "day") == (0.05, 0.0)
     finally:
-        await limiter.close()
-        await book.close()
+        await store.close()
 
 
 async def test_in_process_accounts_of_ended_periods_are_forgotten():
@@ -492,77 +528,102 @@ async def test_in_process_accounts_of_ended_periods_are_forgotten():
     from datetime import timedelta
 
     yesterday = datetime.now(UTC) - timedelta(days=1)
-    book = BudgetBook(clock=lambda: yesterday)
+    today = [yesterday]
+    store = LocalControlStore(clock=lambda: today[0])
     key = new_key()
-    await book.reserve(key, 1.0, "month", 0.1)  # still held: kept, whatever its period
-    held = await book.reserve(key, 1.0, "day", 0.1)
-    await book.settle(held, 0.1)
-    accounts = book._store._accounts
+    await reserve(store, key, 1.0, "month", 0.1)  # still held: kept, whatever its period
+    await settle(store, await reserve(store, key, 1.0, "day", 0.1), 0.1)
+    accounts = store._accounts
     old_day, old_month = (key, period_key("day", yesterday)), (key, period_key("month", yesterday))
     assert old_day in accounts and old_month in accounts
-    book._clock = lambda: datetime.now(UTC)  # today: the first reservation opens today's account
-    await book.reserve(key, 1.0, "day", 0.1)
+    today[0] = datetime.now(UTC)  # today: the first reservation opens today's account
+    await reserve(store, key, 1.0, "day", 0.1)
     assert old_day not in accounts and old_month in accounts
     assert (key, period_key("day", datetime.now(UTC))) in accounts
 
 
-async def test_a_request_its_budget_refuses_does_not_use_up_its_requests_per_minute(limiter, book):
+async def test_a_request_its_budget_refuses_does_not_use_up_its_requests_per_minute(store):
     """Admission asks the limiter first, then the budget; a request the budget refuses is taken
     back out of the requests window, so an exhausted budget does not also exhaust the rate limit."""
     import dataclasses
-    from pathlib import Path
 
-    from services.common.catalog import Catalog
-    from services.gateway.control.auth import Principal
-    from services.gateway.control.keys import ApiKey
     from services.gateway.control.metering import Metering
 
-    entry = Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
-    broke = ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=2, concurrent_requests=1,
-                   budget_usd=0.0, budget_period="day")  # fmt: skip
-    metering = Metering(limiter, book, None, timeout_s=1.0)
+    entry = _sentiment()
+    broke = _key(requests_per_minute=2, concurrent_requests=1, budget_usd=0.0, budget_period="day")
+    metering = Metering(store, None, timeout_s=1.0)
     for i in range(4):
-        err = await refusal(metering.admit(Principal(broke), entry, "text-classification", "/t", f"r{i}", max_input_tokens=5))
+        err = await refusal(
+            metering.admit(_principal(broke), entry, "text-classification", "/t", f"r{i}", max_input_tokens=5)
+        )
         assert err.code is ErrorCode.QUOTA_EXCEEDED  # not RATE_LIMITED: the refusals were not counted
-    funded = Principal(dataclasses.replace(broke, budget_usd=1.0))
+    funded = _principal(dataclasses.replace(broke, budget_usd=1.0))
     for i in range(2):  # the slot was given back each time, and both requests of the minute are left
-        await metering.finish(await metering.admit(funded, entry, "text-classification", "/t", f"ok{i}", max_input_tokens=5), 200)
+        await metering.finish(
+            await metering.admit(funded, entry, "text-classification", "/t", f"ok{i}", max_input_tokens=5), 200
+        )
     err = await refusal(metering.admit(funded, entry, "text-classification", "/t", "third", max_input_tokens=5))
     assert err.code is ErrorCode.RATE_LIMITED and "2 requests per minute" in err.message
 
 
-@pytest.fixture
-async def shared_redis(redis_url):
-    """A limiter and a budget book on one Redis client, and the Metering that sends their steps of
-    a phase in one round trip (what ControlPlane builds when a Redis URL is set)."""
-    import redis.asyncio as aioredis
-
+async def test_metering_writes_a_row_per_request_and_the_usage_headers(store):
+    """One ledger row per request, refused or finished, with its status and cost; the headers
+    carry the usage and the rate-limit state; a failed request costs nothing."""
     from services.gateway.control.metering import Metering
 
-    client = aioredis.Redis.from_url(redis_url)
-    limiter, book = RateLimiter(redis_url, client=client), BudgetBook(redis_url, client=client)
-    yield Metering(limiter, book, None, timeout_s=1.0, redis=client), limiter, book, client
-    await limiter.close()
-    await book.close()
-    await client.aclose()
+    rows = []
+
+    class Ledger:
+        append = rows.append
+
+    entry, key = _sentiment(), _key(requests_per_minute=2, budget_usd=1.0)
+    metering = Metering(store, Ledger(), timeout_s=1.0)
+    metered = await metering.admit(_principal(key), entry, "text-classification", "/t", "a", max_input_tokens=5)
+    async with metering.track(metered):
+        metered.add(input_tokens=5, items=1)
+    headers = metered.headers()
+    assert headers["X-Usage-Input-Tokens"] == "5" and headers["RateLimit"].startswith('"requests";r=1;')
+    assert float(headers["X-Usage-Cost-USD"]) == pytest.approx(entry.pricing.cost(5, 0, 0.0))
+    failed = await metering.admit(_principal(key), entry, "text-classification", "/t", "b", max_input_tokens=5)
+    with pytest.raises(MeshError):
+        async with metering.track(failed):
+            failed.add(input_tokens=5)
+            raise MeshError(ErrorCode.INVALID_INPUT, "bad")
+    await refusal(metering.admit(_principal(key), entry, "text-classification", "/t", "c", max_input_tokens=5))
+    assert [(row[0], row[9], row[10]) for row in rows] == [
+        ("a", pytest.approx(entry.pricing.cost(5, 0, 0.0)), 200),
+        ("b", 0.0, 400),
+        ("c", 0.0, 429),
+    ]
+    spent, held = await store.spent(key.id, "month")
+    assert spent == pytest.approx(entry.pricing.cost(5, 0, 0.0), abs=1e-6) and held == 0
 
 
-def _sentiment():
-    from pathlib import Path
+async def test_disabled_metering_admits_everything_and_records_nothing():
+    from services.gateway.control.metering import Metering
 
-    from services.common.catalog import Catalog
+    metering = Metering.disabled()
+    metered = await metering.admit(
+        _principal(_key(requests_per_minute=1)), _sentiment(), "t", "/t", "a", max_input_tokens=5
+    )
+    async with metering.track(metered):
+        metered.add(input_tokens=3)
+    assert metered.rate_headers() == {} and metered.headers()["X-Usage-Input-Tokens"] == "3"
 
-    return Catalog.load(Path(__file__).parents[2] / "catalog.yaml").get("meshserve/sentiment-minilm")
+
+# -- Redis: one round trip per phase, shared by concurrent requests ----------------------------------
+@pytest.fixture
+async def shared_redis(redis_url):
+    """The Redis store and the Metering over it (what ControlPlane builds when a Redis URL is set)."""
+    from services.gateway.control.metering import Metering
+
+    store = RedisControlStore(redis_url)
+    yield Metering(store, None, timeout_s=1.0), store, store._client
+    await store.close()
 
 
-async def test_with_one_redis_client_admission_and_completion_take_one_round_trip_each(shared_redis, monkeypatch):
-    import dataclasses
-
-    from services.gateway.control.auth import Principal
-    from services.gateway.control.keys import ApiKey
-
-    metering, _, book, client = shared_redis
-    assert metering._redis is client
+def _counted_round_trips(client, monkeypatch) -> list[int]:
+    """The scripts of each pipelined round trip from now on."""
     sent = []
     execute = type(client.pipeline()).execute
 
@@ -570,42 +631,53 @@ async def test_with_one_redis_client_admission_and_completion_take_one_round_tri
         sent.append(len(pipe.command_stack))
         return await execute(pipe, *args, **kwargs)
 
-    entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=3,
-                                      concurrent_requests=1, budget_usd=1.0, budget_period="day")  # fmt: skip
     monkeypatch.setattr(type(client.pipeline()), "execute", counted)
-    metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
-    assert metered.admission.headers["RateLimit"].startswith('"requests";r=2;')
+    return sent
+
+
+async def test_with_redis_admission_and_completion_take_one_round_trip_each(shared_redis, monkeypatch):
+    import dataclasses
+
+    metering, store, client = shared_redis
+    entry = _sentiment()
+    key = _key(requests_per_minute=3, concurrent_requests=1, budget_usd=1.0, budget_period="day")
+    sent = _counted_round_trips(client, monkeypatch)
+    metered = await metering.admit(_principal(key), entry, "text-classification", "/t", "r1", max_input_tokens=5)
+    assert metered.rate_headers()["RateLimit"].startswith('"requests";r=2;')
     metered.add(input_tokens=5)
     await metering.finish(metered, 200)
     assert sent == [2, 2]  # two scripts per round trip, one round trip per phase
-    spent, reserved = await book.spent(key.id, "day")
+    spent, reserved = await store.spent(key.id, "day")
     assert spent == round(entry.pricing.cost(5, 0, 0.0) * 1e6) / 1e6 and reserved == 0  # micro-dollars
     # The slot was freed: the next request is admitted (concurrency 1).
-    await metering.finish(await metering.admit(Principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5), 200)
+    await metering.finish(
+        await metering.admit(_principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5), 200
+    )
     # Over the rate limit: refused by the limiter, and the budget step that went with it is undone.
-    await metering.finish(await metering.admit(Principal(key), entry, "text-classification", "/t", "r3", max_input_tokens=5), 200)
-    err = await refusal(metering.admit(Principal(key), entry, "text-classification", "/t", "r4", max_input_tokens=5))
+    await metering.finish(
+        await metering.admit(_principal(key), entry, "text-classification", "/t", "r3", max_input_tokens=5), 200
+    )
+    err = await refusal(metering.admit(_principal(key), entry, "text-classification", "/t", "r4", max_input_tokens=5))
     assert err.code is ErrorCode.RATE_LIMITED
-    assert (await book.spent(key.id, "day"))[1] == 0  # nothing left held
+    assert (await store.spent(key.id, "day"))[1] == 0  # nothing left held
     # Over budget: refused by the budget; the request is taken back out of the limiter's window.
-    broke = Principal(dataclasses.replace(key, id=new_key(), budget_usd=0.0))
+    broke = _principal(dataclasses.replace(key, id=new_key(), budget_usd=0.0))
     for i in range(5):
         err = await refusal(metering.admit(broke, entry, "text-classification", "/t", f"b{i}", max_input_tokens=5))
         assert err.code is ErrorCode.QUOTA_EXCEEDED
 
 
 async def test_a_redis_that_lost_its_scripts_loads_them_again(shared_redis):
-    from services.gateway.control.auth import Principal
-    from services.gateway.control.keys import ApiKey
-
-    metering, _, book, client = shared_redis
-    entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=5, budget_usd=1.0)
-    await metering.finish(await metering.admit(Principal(key), entry, "text-classification", "/t", "a", max_input_tokens=5), 200)
+    metering, store, client = shared_redis
+    entry, key = _sentiment(), _key(requests_per_minute=5, budget_usd=1.0)
+    await metering.finish(
+        await metering.admit(_principal(key), entry, "text-classification", "/t", "a", max_input_tokens=5), 200
+    )
     await client.script_flush()  # what a restarted Redis looks like
-    metered = await metering.admit(Principal(key), entry, "text-classification", "/t", "b", max_input_tokens=5)
-    assert metered.admission.headers["RateLimit"].startswith('"requests";r=3;')
+    metered = await metering.admit(_principal(key), entry, "text-classification", "/t", "b", max_input_tokens=5)
+    assert metered.rate_headers()["RateLimit"].startswith('"requests";r=3;')
     await metering.finish(metered, 200)
-    assert (await book.spent(key.id, "month"))[1] == 0
+    assert (await store.spent(key.id, "month"))[1] == 0
 
 
 @pytest.mark.parametrize("budget", [1.0, None], ids=["limits-and-budget", "limits-only"])
@@ -613,23 +685,15 @@ async def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answe
     """While one round trip is out, the steps of the requests that come meanwhile wait and go
     together in the next one: a burst of 20 against 10 requests a minute takes a few round trips,
     not 30, and still admits exactly 10."""
-    from services.gateway.control.auth import Principal
-    from services.gateway.control.keys import ApiKey
-
-    metering, _, book, client = shared_redis
-    sent = []
-    execute = type(client.pipeline()).execute
-
-    async def counted(pipe, *args, **kwargs):
-        sent.append(len(pipe.command_stack))
-        return await execute(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(type(client.pipeline()), "execute", counted)
-    entry, key = _sentiment(), ApiKey(id=new_key(), name="t", scopes=("inference",), requests_per_minute=10, budget_usd=budget)
+    metering, store, client = shared_redis
+    sent = _counted_round_trips(client, monkeypatch)
+    entry, key = _sentiment(), _key(requests_per_minute=10, budget_usd=budget)
 
     async def one(i: int):
         try:
-            metered = await metering.admit(Principal(key), entry, "text-classification", "/t", f"r{i}", max_input_tokens=5)
+            metered = await metering.admit(
+                _principal(key), entry, "text-classification", "/t", f"r{i}", max_input_tokens=5
+            )
         except MeshError as err:
             return err.code
         metered.add(input_tokens=5)
@@ -645,19 +709,20 @@ async def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answe
         assert sum(sent) == 20 and len(sent) < 5, sent
         return
     assert sum(sent) == 20 * 2 + 10 and len(sent) < 10, sent
-    spent, reserved = await book.spent(key.id, "month")
+    spent, reserved = await store.spent(key.id, "month")
     assert reserved == 0 and spent == pytest.approx(10 * entry.pricing.cost(5, 0, 0.0), abs=1e-5)
 
 
 async def test_a_failed_round_trip_fails_only_its_own_requests(shared_redis, monkeypatch):
     import redis.asyncio as aioredis
 
+    from services.common.ids import new_id
     from services.gateway.control import redis_steps
 
-    _, limiter, _, client = shared_redis
+    _, store, client = shared_redis
     batcher = redis_steps.Batcher(client)
     key = new_key()
-    step = lambda: limiter.admit_step(key, KeyLimits(requests_per_minute=100))[0]  # noqa: E731
+    step = lambda: store.rate_step(key, KeyLimits(requests_per_minute=100), 0, new_id())  # noqa: E731
     real, calls = redis_steps.run, []
 
     async def flaky(client, steps):

@@ -21,7 +21,7 @@ import grpc
 
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.control.keys import ApiKey, KeyStore
-from services.gateway.control.ratelimit import KeyLimits, RateLimiter
+from services.gateway.control.store import ControlStore, KeyLimits
 
 # (method, path regex) -> scope; None = public. First match wins; no match = "admin".
 REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(
@@ -117,12 +117,12 @@ class Authenticator:
     MAX_REMEMBERED = 10_000
 
     def __init__(
-        self, keys: KeyStore | None, *, enabled: bool, metrics_public: bool, limiter: RateLimiter | None = None
+        self, keys: KeyStore | None, *, enabled: bool, metrics_public: bool, store: ControlStore | None = None
     ) -> None:
         self.keys = keys
         self.enabled = enabled
         self.metrics_public = metrics_public
-        self.limiter = limiter  # counts the routes metering does not admit (count_request)
+        self.store = store  # counts the routes metering does not admit (count_request)
         self._principals: dict[str, Principal] = {}  # key id -> the Principal of its current view
         # The credentials (Authorization values as sent) authenticated with the key view `_view`.
         self._remembered: dict[str | bytes, Principal] = {}
@@ -173,11 +173,11 @@ class Authenticator:
         the RateLimit headers to send. Such a call takes no tokens and no concurrency slot, so
         nothing needs releasing afterwards."""
         limits = principal.request_limits
-        if scope == "inference" or limits is None or self.limiter is None:
+        store = self.store
+        if scope == "inference" or limits is None or store is None:
             return {}
         key_id = principal.key_id
-        admission = self.limiter.admit_now(key_id, limits) or await self.limiter.admit(key_id, limits)
-        return admission.headers
+        return (store.try_admit_now(key_id, limits) or await store.admit(key_id, limits)).headers
 
 
 class AuthMiddleware:

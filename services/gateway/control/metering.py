@@ -1,13 +1,15 @@
-"""Admission and accounting around every inference request: key restrictions, rate limits, the
-budget reservation, and afterwards the settlement, the usage ledger row and the usage headers.
+"""Admission and accounting around every inference request: the key's restrictions, then the
+control store's admission (rate limits and the budget hold, one Ticket), and afterwards the
+store's finish (the real cost settled, the slot freed), the usage ledger row and the usage headers.
 
-Budgets never overspend under concurrency because admission *reserves* the request's maximum cost
-before any work starts and completion settles the real cost, releasing the rest (the reservation
-is atomic in the BudgetBook, across replicas with Redis). The maximum is computed at the gateway
-without a tokenizer: a text never yields more tokens than its UTF-8 bytes plus the two special
-tokens, nor more than the model's token limit (longer texts are truncated or refused), and a
-request never computes longer than its deadline. So admission costs no preprocessing RPC and
-coalescing stays possible; the settled cost uses the real token counts from preprocess.
+Budgets never overspend under concurrency because admission *holds* the request's maximum cost
+before any work starts and finishing settles the real cost, releasing the rest. The maximum is
+computed at the gateway without a tokenizer: a text never yields more tokens than its UTF-8 bytes
+plus the two special tokens, nor more than the model's token limit (longer texts are truncated or
+refused), and a request never computes longer than its deadline. So admission costs no
+preprocessing RPC and coalescing stays possible; the settled cost uses the real token counts from
+preprocess. Each phase tries the store's synchronous fast path first (in process it always
+answers: the cached path pays for every coroutine), then awaits the store.
 """
 
 from __future__ import annotations
@@ -15,22 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-import redis.asyncio as aioredis
 from meshserve.tasks.v1 import tasks_pb2
 
 from services.common import caps, tracing
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
-from services.gateway.control import redis_steps
 from services.gateway.control.auth import Principal
-from services.gateway.control.ratelimit import store_errors
-from services.gateway.ledger import UsageLedger
 
 if TYPE_CHECKING:
-    from services.gateway.control.budgets import BudgetBook, Reservation
-    from services.gateway.control.ratelimit import Admission, KeyLimits, LocalAdmission, RateLimiter
+    from services.gateway.control.store import ControlStore, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +65,22 @@ def token_bound(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tas
     return 0  # images: no tokens
 
 
+class UsageSink(Protocol):
+    """Where metering writes a request's usage row (the usage ledger: UsageLedger.append)."""
+
+    def append(self, row: tuple) -> None: ...
+
+
+def _cost(metered: Metered, status: int) -> float:
+    """What a finished request costs: failed requests nothing; one the caller abandoned (499, a
+    closed stream) what it consumed up to then."""
+    return metered.cost_of() if status < 400 or status == 499 else 0.0
+
+
 class Metered:
     """One admitted request, from admission to its ledger row."""
 
     __slots__ = (
-        "admission",
         "client_request_id",
         "compute_s",
         "cost_usd",
@@ -83,10 +91,10 @@ class Metered:
         "output_tokens",
         "principal",
         "request_id",
-        "reservation",
         "route",
         "started",
         "task",
+        "ticket",
         "time",
     )
 
@@ -97,8 +105,7 @@ class Metered:
         task: str,
         route: str,
         request_id: str,
-        admission: Admission | LocalAdmission | None,
-        reservation: Reservation | None,
+        ticket: Ticket | None,
         *,
         finished: bool = False,
         client_request_id: str | None = None,
@@ -109,8 +116,7 @@ class Metered:
         self.task = task
         self.route = route
         self.request_id = request_id
-        self.admission = admission
-        self.reservation = reservation
+        self.ticket = ticket  # the control store's admission; None: nothing to finish there
         self.started = time.perf_counter()
         self.time = time.time()  # when the request started (unix s; the ledger row's `time`)
         self.input_tokens = 0
@@ -128,7 +134,7 @@ class Metered:
 
     def rate_headers(self) -> dict[str, str]:
         """Only the rate-limit state (what a stream can send before its usage is known)."""
-        return dict(self.admission.headers) if self.admission else {}
+        return dict(self.ticket.headers) if self.ticket else {}
 
     def headers(self) -> dict[str, str]:
         """Usage and cost of this request, plus its rate-limit state, for the response."""
@@ -137,8 +143,8 @@ class Metered:
             "X-Usage-Output-Tokens": str(self.output_tokens),
             "X-Usage-Cost-USD": f"{self.cost_of():.9f}",
         }
-        if self.admission is not None:
-            headers.update(self.admission.headers)
+        if self.ticket is not None:
+            headers.update(self.ticket.headers)
         return headers
 
     def cost_of(self) -> float:
@@ -146,37 +152,18 @@ class Metered:
 
 
 class Metering:
-    def __init__(
-        self,
-        limiter: RateLimiter | None,
-        budgets: BudgetBook | None,
-        ledger: UsageLedger | None,
-        *,
-        timeout_s: float,
-        redis: aioredis.Redis | None = None,
-    ) -> None:
-        """`redis`: the client the limiter and the budget book share, when both are in Redis:
-        their steps of a phase then go in one round trip, with those of concurrent requests
-        (redis_steps.Batcher)."""
-        self.limiter = limiter
-        self.budgets = budgets
+    def __init__(self, store: ControlStore | None, ledger: UsageSink | None, *, timeout_s: float) -> None:
+        """`store`: the keys' rate-limit windows and budget holds (None: nothing is limited);
+        `ledger`: where each request's usage row goes (None: nowhere); `timeout_s`: the longest a
+        request computes (what its budget hold assumes)."""
+        self.store = store
         self.ledger = ledger
         self.timeout_s = timeout_s
-        # Whether finishing awaits a store (Redis); in process it completes without suspending.
-        self._finish_awaits = any(part is not None and part.remote for part in (limiter, budgets))
-        self._redis = (
-            redis if limiter is not None and limiter.remote and budgets is not None and budgets.remote else None
-        )
-        self._steps = redis_steps.Batcher(self._redis) if self._redis is not None else None
 
-    def _record_refusal(
-        self, principal, entry, task, route, request_id, err: MeshError, client_request_id: str | None = None
-    ) -> None:
-        """A refused request's ledger row: its status, no cost."""
-        if self.ledger is not None:
-            refused = Metered(principal, entry, task, route, request_id, None, None, finished=True)
-            refused.client_request_id = client_request_id
-            self.ledger.append(self._row(refused, err.code.http_status))
+    @classmethod
+    def disabled(cls) -> Metering:
+        """No limits, budgets or ledger: every request is admitted and nothing is recorded."""
+        return cls(None, None, timeout_s=0.0)
 
     async def admit(
         self,
@@ -191,142 +178,77 @@ class Metering:
         client_request_id: str | None = None,
         tokens_hint: int | None = None,
     ) -> Metered:
-        """Key restrictions, then rate limits, then the budget reservation; raises the refusal
-        (which gets its own ledger row, with its status and no cost).
-
-        In process the stores' synchronous `*_now` forms decide without a coroutine (the cached
-        path pays for every Python call here): the limiter's admits or refuses, the budget's
-        reserves or answers None (nothing held) and the awaited form raises the refusal. With
-        Redis they answer None: the two steps go together in one round trip when the limiter and
-        the budget book share a client, else the awaited forms decide one after the other."""
+        """Key restrictions, then the store's admission (rate limits, then the budget hold); raises
+        the refusal (which gets its own ledger row, with its status and no cost)."""
         key = principal.key
-        admission = reservation = None
+        ticket = None
         try:
             if key.models or key.tasks:
                 principal.allow(entry.id, task)
-            limits = principal.limits
-            # The tokens-per-minute room to look for: an estimate (the window charges the real
-            # count afterwards); by default the bound the budget holds.
-            hint = max_input_tokens + max_output_tokens if tokens_hint is None else tokens_hint
-            budgeted = self.budgets is not None and key.budget_usd is not None
-            # The most it can cost: every token it may read and write, computing until its deadline.
-            amount = entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s) if budgeted else 0.0
-            period = key.budget_period or "month"
-            if self._steps is not None:
-                if limits is not None or budgeted:
-                    admission, reservation = await self._admit_together(
-                        key, limits, hint, period, amount if budgeted else None
-                    )
-            else:
-                if self.limiter is not None and limits is not None:
-                    admission = self.limiter.admit_now(key.id, limits, hint) or await self.limiter.admit(
-                        key.id, limits, tokens_hint=hint
-                    )
-                if budgeted:
-                    reservation = self.budgets.reserve_now(
-                        key.id, key.budget_usd, period, amount
-                    ) or await self.budgets.reserve(key.id, key.budget_usd, period, amount)
-        except BaseException as err:  # refused after the limiter admitted (the budget): not counted
-            if admission is not None and not admission.refund_now():
-                await admission.refund()
-            if isinstance(err, MeshError):
-                self._record_refusal(principal, entry, task, route, request_id, err, client_request_id)
+            store, limits, budget = self.store, principal.limits, key.budget_usd
+            if store is not None and (limits is not None or budget is not None):
+                # The tokens-per-minute room to look for: an estimate (the window charges the real
+                # count afterwards); by default the bound the budget holds.
+                hint = max_input_tokens + max_output_tokens if tokens_hint is None else tokens_hint
+                # The most it can cost: every token it may read and write, computing until its deadline.
+                amount = (
+                    0.0 if budget is None else entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s)
+                )
+                period = key.budget_period or "month"
+                ticket = store.try_admit_now(key.id, limits, hint, budget, period, amount) or await store.admit(
+                    key.id, limits, hint, budget, period, amount
+                )
+        except MeshError as err:
+            self._record_refusal(principal, entry, task, route, request_id, err, client_request_id)
             raise
-        return Metered(
-            principal, entry, task, route, request_id, admission, reservation, client_request_id=client_request_id
-        )
+        return Metered(principal, entry, task, route, request_id, ticket, client_request_id=client_request_id)
 
-    async def _admit_together(
-        self, key, limits: KeyLimits | None, hint: int, period: str, amount: float | None
-    ) -> tuple[Admission | None, Reservation | None]:
-        """The limiter's and the budget's admission steps (`limits` None: no limiter step; `amount`
-        None: no budget step) in one Redis round trip, shared with concurrent requests; whichever
-        went through is undone when the other refused (the limiter's refusal is the one raised, as
-        when they run one after the other)."""
-        steps, deciders = [], []
-        if limits is not None:
-            step, admitted = self.limiter.admit_step(key.id, limits, tokens_hint=hint)
-            steps.append(step)
-            deciders.append((admitted, "rate-limit"))
-        if amount is not None:
-            step, reserved = self.budgets.reserve_step(key.id, key.budget_usd, period, amount)
-            steps.append(step)
-            deciders.append((reserved, "budget"))
-        with store_errors(deciders[0][1]):
-            replies = await self._steps.run(steps)
-        results: list = []
-        for (decide, what), reply in zip(deciders, replies, strict=True):
-            try:
-                with store_errors(what):
-                    if isinstance(reply, Exception):
-                        raise reply
-                    results.append(decide(reply))
-            except MeshError as err:
-                results.append(err)
-        admission = results[0] if limits is not None else None
-        reservation = results[-1] if amount is not None else None
-        refusal = next((r for r in results if isinstance(r, MeshError)), None)
-        if refusal is None:
-            return admission, reservation
-        if admission is not None and not isinstance(admission, MeshError):
-            await admission.refund()  # never raises
-        if reservation is not None and not isinstance(reservation, MeshError):
-            try:
-                await self.budgets.settle(reservation, 0.0)
-            except MeshError:  # left to its lease, then charged in full: say so
-                log.exception("could not release the budget hold of a refused request of key %s", key.id)
-        raise refusal
-
-    async def _finish_together(
-        self, metered: Metered, reservation: Reservation | None, admission: Admission | None
+    def _record_refusal(
+        self, principal, entry, task, route, request_id, err: MeshError, client_request_id: str | None = None
     ) -> None:
-        """Settle and release in one Redis round trip, shared with concurrent requests (never raises)."""
-        steps = []
-        if reservation is not None:
-            steps.append(self.budgets.settle_step(reservation, metered.cost_usd))
-        done = admission.done_step(metered.input_tokens + metered.output_tokens) if admission is not None else None
-        if done is not None:
-            steps.append(done)
-        if not steps:
-            return
-        try:
-            replies = await self._steps.run(steps)
-        except aioredis.RedisError:
-            log.exception("could not settle or release request %s", metered.request_id)
-            return
-        for reply in replies:
-            if isinstance(reply, Exception):
-                log.error("could not settle or release request %s: %r", metered.request_id, reply)
+        """A refused request's ledger row: its status, no cost."""
+        if self.ledger is not None:
+            refused = Metered(principal, entry, task, route, request_id, None, finished=True)
+            refused.client_request_id = client_request_id
+            self.ledger.append(self._row(refused, err.code.http_status))
+
+    def finish_now(self, metered: Metered, status: int) -> bool:
+        """`finish()` without a coroutine, when the store finishes in place (in process): True when
+        done, False with nothing done (then await `finish()`)."""
+        if metered.finished:
+            return True
+        ticket = metered.ticket
+        cost = metered.cost_of() if status < 400 or status == 499 else 0.0  # (_cost, inline: the cached path)
+        if ticket is not None:
+            try:
+                if not self.store.try_finish_now(ticket, metered.input_tokens + metered.output_tokens, cost):
+                    return False
+            except Exception:  # on the way out: a store failure must not replace the response
+                log.exception("could not settle or release request %s", metered.request_id)
+        metered.finished = True
+        metered.cost_usd = cost
+        if self.ledger is not None:
+            self.ledger.append(self._row(metered, status))
+        return True
 
     async def finish(self, metered: Metered, status: int) -> None:
-        """Settle the reservation with the real cost, release the rate-limit slot, write the ledger
+        """Settle the budget hold with the real cost, release the rate-limit slot, write the ledger
         row. Failed requests cost nothing. Idempotent; never raises."""
-        if metered.finished:
+        if self.finish_now(metered, status):
             return
         metered.finished = True
-        reservation, admission = metered.reservation, metered.admission
+        cost = _cost(metered, status)
         try:
-            # Failed requests cost nothing; a request the caller abandoned (499, a closed stream)
-            # pays for what it consumed up to then.
-            metered.cost_usd = metered.cost_of() if status < 400 or status == 499 else 0.0
-            if self._steps is not None:
-                await self._finish_together(metered, reservation, admission)
-                admission = None  # released there too
-            elif reservation is not None and not self.budgets.settle_now(reservation, metered.cost_usd):
-                await self.budgets.settle(reservation, metered.cost_usd)
-        except Exception:  # on the way out: a store outage must not replace the response
-            log.exception("could not settle the budget hold of request %s", metered.request_id)
+            await self.store.finish(metered.ticket, metered.input_tokens + metered.output_tokens, cost)
+        except Exception:  # (a store's finish never raises; this is the last line)
+            log.exception("could not settle or release request %s", metered.request_id)
         finally:
-            try:
-                if admission is not None:
-                    tokens = metered.input_tokens + metered.output_tokens
-                    if not admission.done_now(tokens):
-                        await admission.done(tokens)  # never raises
-            except Exception:
-                log.exception("could not release the rate-limit state of request %s", metered.request_id)
-            finally:
-                if self.ledger is not None:
-                    self.ledger.append(self._row(metered, status))
+            self._record(metered, status, cost)
+
+    def _record(self, metered: Metered, status: int, cost: float) -> None:
+        metered.cost_usd = cost
+        if self.ledger is not None:
+            self.ledger.append(self._row(metered, status))
 
     @staticmethod
     def _row(m: Metered, status: int) -> tuple:
@@ -382,10 +304,9 @@ class _Tracked:
         else:
             status = 500
         metering = self._metering
-        if metering._finish_awaits or status == 499:
+        # In place when the store can (no task for a shield: nothing in it can be interrupted).
+        if status == 499 or not metering.finish_now(self._metered, status):
             await asyncio.shield(metering.finish(self._metered, status))
-        else:  # nothing in it can be interrupted: no task for a shield
-            await metering.finish(self._metered, status)
         return False
 
     async def fail(self, exc: BaseException) -> None:

@@ -1,8 +1,10 @@
-"""The gateway's control plane, assembled from settings: keys and authentication, rate limits,
-budgets, the usage ledger, and the metering that ties them to each request."""
+"""The gateway's control plane, assembled from settings: keys and authentication, the control
+store (rate limits and budgets: in process, or in Redis when a URL is set), the usage ledger, and
+the metering that ties them to each request; and the admin token's bootstrap and strength check."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -12,16 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-
 from services.gateway.control.auth import Authenticator
 from services.gateway.control.metering import Metering
 from services.gateway.settings import ADMIN_TOKEN_FILE, GatewaySettings
 
 if TYPE_CHECKING:
-    from services.gateway.control.budgets import BudgetBook
     from services.gateway.control.keys import KeyStore
-    from services.gateway.control.ratelimit import RateLimiter
+    from services.gateway.control.store import ControlStore
     from services.gateway.ledger import UsageLedger
 
 log = logging.getLogger(__name__)
@@ -79,26 +78,35 @@ def admin_token(settings: GatewaySettings) -> str:
     return token
 
 
+def control_store(url: str | None) -> ControlStore:
+    """The store a URL names: none or `memory://`, in process; `redis://…` / `rediss://…`, in Redis."""
+    if not url or url.startswith("memory://"):
+        from services.gateway.control.local_store import LocalControlStore
+
+        return LocalControlStore()
+    if url.startswith(("redis://", "rediss://")):
+        from services.gateway.control.redis_store import RedisControlStore
+
+        return RedisControlStore(url)
+    raise ValueError(f"unsupported control store {url!r}: use memory:// or redis://")
+
+
 @dataclass
 class ControlPlane:
     auth: Authenticator
     metering: Metering
     keys: KeyStore | None = None
     ledger: UsageLedger | None = None
-    limiter: RateLimiter | None = None
-    budgets: BudgetBook | None = None
-    redis: aioredis.Redis | None = None  # shared by the limiter and the budgets (closed here)
+    store: ControlStore | None = None  # rate limits and budgets (closed here)
 
     @classmethod
     def disabled(cls, settings: GatewaySettings) -> ControlPlane:
         """No authentication, limits, budgets or ledger (tests of the pipeline alone)."""
-        return cls(Authenticator(None, enabled=False, metrics_public=True), Metering(None, None, None, timeout_s=0))
+        return cls(Authenticator(None, enabled=False, metrics_public=True), Metering.disabled())
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> ControlPlane:
-        from services.gateway.control.budgets import BudgetBook
         from services.gateway.control.keys import KeyStore
-        from services.gateway.control.ratelimit import RateLimiter
         from services.gateway.db import default_url, make_engine
         from services.gateway.ledger import UsageLedger
 
@@ -106,21 +114,15 @@ class ControlPlane:
             check_admin_token(settings.admin_token.get_secret_value(), "MESHSERVE_ADMIN_TOKEN")
         engine = make_engine(settings.database_url or default_url(Path(settings.home)))
         keys = KeyStore(engine, refresh_s=settings.key_refresh_s) if settings.auth else None
-        storage = settings.redis_url or "memory://"
-        # One Redis client for the limiter and the budgets: their steps share round trips.
-        redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url and settings.auth else None
-        limiter = RateLimiter(storage, client=redis) if settings.auth else None
-        budgets = BudgetBook(storage, client=redis) if settings.auth else None
+        store = control_store(settings.redis_url) if settings.auth else None
         ledger = UsageLedger(engine, writer_nice=settings.ledger_writer_nice) if settings.ledger else None
-        metering = Metering(limiter, budgets, ledger, timeout_s=settings.request_timeout_s, redis=redis)
-        auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public, limiter=limiter)
-        return cls(auth, metering, keys, ledger, limiter, budgets, redis)
+        metering = Metering(store, ledger, timeout_s=settings.request_timeout_s)
+        auth = Authenticator(keys, enabled=settings.auth, metrics_public=settings.metrics_public, store=store)
+        return cls(auth, metering, keys, ledger, store)
 
     async def start(self, settings: GatewaySettings) -> None:
         if self.keys is not None:
             await self.keys.start()
-            import asyncio
-
             await asyncio.to_thread(self.keys.ensure_admin, admin_token(settings))
             await self.keys.reload()
         else:
@@ -132,8 +134,6 @@ class ControlPlane:
         """Flush the ledger (nothing acknowledged is lost), then close the stores."""
         if self.ledger is not None:
             await self.ledger.close()
-        for part in (self.keys, self.limiter, self.budgets):
+        for part in (self.keys, self.store):
             if part is not None:
                 await part.close()
-        if self.redis is not None:
-            await self.redis.aclose()
