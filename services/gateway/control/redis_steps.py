@@ -1,15 +1,10 @@
-"""Lua steps of the rate limiter and the budget book, sent to a shared Redis in few round trips.
+"""Round trips to a shared Redis: the control store's Lua steps, several in one pipeline.
 
-With Redis every step of the control plane is one Lua script (atomic on its own). Admission takes
-two (the limiter's and the budget's), completion two more. Measured in the gateway's process
-(redis-py asyncio with hiredis, this machine): a pipelined round trip costs ~52 µs of CPU plus
-~10 µs per script in it, most of it redis-py and the socket, not Redis. So:
-- Metering sends the two steps of a phase together in one pipeline (EVALSHA, no MULTI: each
-  script is atomic by itself, and neither depends on the other's result), then undoes whichever
-  step went through when the other refused;
-- a `Batcher` sends the steps of concurrent requests together: while one round trip is out, the
-  steps that arrive wait and then go in the next one (at most one round trip out at a time; a
-  request alone goes at once, as before).
+`run()` sends steps in one round trip (EVALSHA, no MULTI: each script is atomic by itself) and
+reloads a script Redis lost; a `Batcher` sends the steps of concurrent callers together: while one
+round trip is out, the steps that arrive wait and go in the next one (a caller alone goes at
+once). Why: a round trip's CPU in redis-py dwarfs a script's (bench/README.md, "Control plane:
+profiling notes").
 """
 
 from __future__ import annotations
