@@ -1,13 +1,8 @@
 """Image decoding for image tasks: format sniffing, safe opening, resize and normalization.
 
 Shared by preprocess (serving) and the digits builder (training), so a model is trained on
-exactly the pixels it is served. Safety: the format is sniffed from magic bytes (HF clients send
-raw bytes with no Content-Type), only PNG, JPEG, GIF, WebP and BMP decoders are allowed, and the
-pixel count is checked from the header *before* any pixel is decoded, so a decompression bomb
-costs a header parse, not gigabytes of memory: per image (`ImageSpec.max_pixels`) and per request
-(`MAX_REQUEST_PIXELS`: sixteen images just under the per-image cap still decode to gigabytes).
-`check_sizes` does the per-request check from the headers alone; the gateway runs it before
-admission and preprocess again before decoding.
+exactly the pixels it is served. Pixel counts are checked from the headers before any pixel is
+decoded, so a decompression bomb costs a header parse, not gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -22,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from services.common.catalog import ImageSpec
 from services.common.errors import ErrorCode, MeshError, invalid
 
-# Magic bytes -> Pillow format name.
+# Magic bytes -> Pillow format name. HF clients send raw bytes with no Content-Type, so the format
+# is sniffed; only the decoders in FORMATS are allowed.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -32,7 +28,10 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 # Pixels one request may decode in all (four images at the default per-image cap of 4096 x 4096):
-# what an 8-bit RGB decode of them takes is ~200 MB, and decoding is the costly step.
+# what an 8-bit RGB decode of them takes is ~200 MB, and decoding is the costly step. Without it,
+# sixteen images just under the per-image cap (`ImageSpec.max_pixels`) would decode to gigabytes.
+# `check_sizes` applies both caps from the headers; the gateway runs it before admission and
+# preprocess again before decoding.
 MAX_REQUEST_PIXELS = 4 * 4096 * 4096
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

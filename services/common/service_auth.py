@@ -1,21 +1,8 @@
 """Service-to-service authentication: one shared token that every internal gRPC call carries.
 
 The stages (preprocess, inference, postprocess) answer only callers that present the mesh's service
-token in the `x-meshserve-service-token` metadata header; the gateway's clients send it on every
-call. A real Triton checks the token itself (`--grpc-restricted-protocol`, see
-services/inference/triton_launcher.py) under the name Triton derives from our key,
-`triton-grpc-protocol-x-meshserve-service-token`, so our clients send the token under both names.
-
-Open without the token, so that probes and balancers need no secret:
-- `grpc.health.v1.Health` (Kubernetes gRPC probes, Envoy's health checks);
-- KServe `ServerLive`, `ServerReady` and `ModelReady`: Triton's `health` protocol group, which Triton
-  leaves open too, so both backends answer the same calls.
-Reflection is *not* open: it lists every method and message of the stage, which is a map for an
-attacker and nothing a probe needs; operators with the token can still use it
-(`grpcurl -H "x-meshserve-service-token: $TOKEN" ...`).
-
-The check runs outermost, before tracing, metrics and error mapping: a call without the token
-starts no span, creates no metric series and never reaches a handler.
+token in the `x-meshserve-service-token` metadata header (probes excepted); the gateway's clients
+send it on every call, under our name and under the one a real Triton checks.
 """
 
 from __future__ import annotations
@@ -33,9 +20,16 @@ from services.common.errors import DETAILS_KEY, ErrorCode, MeshError
 log = logging.getLogger(__name__)
 
 HEADER = "x-meshserve-service-token"
-# Triton prefixes the key of --grpc-restricted-protocol=<groups>:<key>=<value> with this (tritonserver 2.51).
+# A real Triton checks the token itself (`--grpc-restricted-protocol`, see
+# services/inference/triton_launcher.py) under the name it derives from our key: it prefixes the
+# key of --grpc-restricted-protocol=<groups>:<key>=<value> with this (tritonserver 2.51).
 TRITON_HEADER = f"triton-grpc-protocol-{HEADER}"
-# Methods any caller may use: liveness and readiness only (Triton's `health` protocol group).
+# Methods any caller may use, so that probes and balancers need no secret: liveness and readiness
+# only -- gRPC health (Kubernetes probes, Envoy's health checks) and KServe ServerLive, ServerReady,
+# ModelReady (Triton's `health` protocol group, which Triton leaves open too, so both backends
+# answer the same calls). Reflection is *not* open: it lists every method and message of the stage,
+# a map for an attacker and nothing a probe needs; operators with the token can still use it
+# (`grpcurl -H "x-meshserve-service-token: $TOKEN" ...`).
 OPEN_METHODS = frozenset(
     {
         "/inference.GRPCInferenceService/ServerLive",
@@ -92,7 +86,10 @@ _REFUSE_HANDLER = grpc.stream_stream_rpc_method_handler(_refuse)
 
 
 class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without the service token (UNAUTHENTICATED), except the probe methods."""
+    """Refuses every call without the service token (UNAUTHENTICATED), except the probe methods.
+
+    It runs outermost, before tracing, metrics and error mapping: a call without the token starts
+    no span, creates no metric series and never reaches a handler."""
 
     def __init__(self, token: str) -> None:
         if not token:

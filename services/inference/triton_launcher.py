@@ -1,14 +1,7 @@
-"""Runs a real NVIDIA Triton server (`tritonserver`) as the inference service.
-
-Setup facts (measured, reference/perf-baselines.md §4): the Python backend's stub is copied into
-the backend directory, the interpreter's LIBDIR and the wheel's bundled libraries go on
-LD_LIBRARY_PATH, the venv's `bin/` goes first on PATH (the stub finds its Python through it), and
-no folder or module on the way is named `triton` (torch would mistake it for OpenAI Triton). The
-work directory is `$MESHSERVE_HOME/tritonserver`.
-
-The launcher stays in the foreground: SIGTERM is passed on (Triton drains for
-`--exit-timeout-secs`), shared-memory regions left by its Python stubs are removed afterwards, and
-if Triton dies on its own the launcher exits non-zero so that the supervisor restarts it.
+"""Runs a real NVIDIA Triton server (`tritonserver`) as the inference service, in the foreground:
+SIGTERM is passed on (Triton drains for `--exit-timeout-secs`), shared-memory regions left by its
+Python stubs are removed afterwards, and if Triton dies on its own the launcher exits non-zero so
+that the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -45,7 +38,10 @@ def pytriton_root() -> Path:
 
 
 def prepare_workdir(settings: InferenceSettings) -> tuple[Path, Path, Path]:
-    """(work dir, model repository, backends dir) under MESHSERVE_HOME/tritonserver."""
+    """(work dir, model repository, backends dir) under MESHSERVE_HOME/tritonserver. The Python
+    backend's stub for this interpreter is copied into the backend directory (reference/
+    perf-baselines.md §4); no folder on the way is named `triton` (torch would mistake it for
+    OpenAI Triton)."""
     work = (settings.home / "tritonserver").resolve()
     backends = work / "backends"
     server = pytriton_root() / "tritonserver"
@@ -60,6 +56,8 @@ def prepare_workdir(settings: InferenceSettings) -> tuple[Path, Path, Path]:
 
 
 def environment() -> dict[str, str]:
+    """Triton's environment: the interpreter's LIBDIR and the wheel's bundled libraries on
+    LD_LIBRARY_PATH, the venv's `bin/` first on PATH (the stub finds its Python through it)."""
     env = dict(os.environ)
     libs = [sysconfig.get_config_var("LIBDIR") or ""]
     with contextlib.suppress(FileNotFoundError):
