@@ -139,7 +139,9 @@ class InferenceClient(UpstreamClient):
 
     async def load_model(self, name: str, timeout_s: float = 300.0) -> None:
         """Ask the server to load (or reload) a model: RepositoryModelLoad, explicit model control."""
-        await self._call(self._stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name=name), timeout_s)
+        await self._call(
+            self._stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name=name), timeout_s
+        )
 
     async def model_ready(self, name: str, timeout_s: float = 1.0) -> bool:
         try:

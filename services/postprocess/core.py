@@ -47,7 +47,9 @@ def ranked(scores: np.ndarray, labels: list[str] | tuple[str, ...], top_k: int |
     order = np.argsort(-scores, axis=1, kind="stable")
     if top_k is not None:
         order = order[:, :top_k]
-    return [Labelled([labels[j] for j in row], [float(v) for v in s[row]]) for row, s in zip(order, scores, strict=True)]
+    return [
+        Labelled([labels[j] for j in row], [float(v) for v in s[row]]) for row, s in zip(order, scores, strict=True)
+    ]
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -58,7 +58,9 @@ class DetokenizerState:
     def prompt_texts(self, token_ids: list[int]) -> list[str]:
         """Each prompt token's own text, special tokens included (TGI's prefill tokens); the
         stream's state is untouched."""
-        return [self.tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in token_ids]
+        return [
+            self.tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in token_ids
+        ]
 
     def feed(self, token_ids: list[int], *, last: bool) -> tuple[str, list[str], bool]:
         """(newly final text, each token's own text, whether a stop string was found)."""

@@ -22,7 +22,9 @@ def classifications_pb(items: list[Labelled]) -> tasks_pb2.Classifications:
     return tasks_pb2.Classifications(
         items=[
             tasks_pb2.ClassificationList(
-                labels=[tasks_pb2.Classification(label=lbl, score=sc) for lbl, sc in zip(i.labels, i.scores, strict=True)]
+                labels=[
+                    tasks_pb2.Classification(label=lbl, score=sc) for lbl, sc in zip(i.labels, i.scores, strict=True)
+                ]
             )
             for i in items
         ]
@@ -73,7 +75,10 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         elif task == "zero-shot-classification":
             p = request.parameters
             items = self.core.zero_shot(
-                request.model_id, outputs, list(p.candidate_labels), multi_label=p.HasField("multi_label") and p.multi_label
+                request.model_id,
+                outputs,
+                list(p.candidate_labels),
+                multi_label=p.HasField("multi_label") and p.multi_label,
             )
             result = tasks_pb2.TaskResult(classifications=classifications_pb(items))
         else:
