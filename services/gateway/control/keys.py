@@ -6,7 +6,7 @@ constant-time comparison. Only the hash is stored, HMAC-SHA256 keyed by a random
 own: equal tokens never store equal hashes and no table precomputed for SHA-256 applies. The token
 is shown once, at creation. A long random secret needs no slow hash (a password would): guessing
 256 bits is not a brute-force problem; the one token an operator chooses, the admin token, gets a
-strength check at start (control.check_admin_token).
+strength check at start (control.admin_token.check_admin_token).
 
 Rows of older releases hold the token's plain SHA-256 and no salt: they still verify, and the
 first successful verification rehashes the row (the admin key's at start, others' by the poll

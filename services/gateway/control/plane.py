@@ -1,81 +1,28 @@
 """The gateway's control plane, assembled from settings: keys and authentication, the control
 store (rate limits and budgets: in process, or in Redis when a URL is set), the usage ledger, and
-the metering that ties them to each request; and the admin token's bootstrap and strength check."""
+the metering that ties them to each request."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
-import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.gateway.control.admin_token import WeakAdminToken, admin_token, check_admin_token
 from services.gateway.control.auth import Authenticator
 from services.gateway.control.metering import Metering
-from services.gateway.settings import ADMIN_TOKEN_FILE, GatewaySettings
+from services.gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
     from services.gateway.control.keys import KeyStore
     from services.gateway.control.store import ControlStore
     from services.gateway.ledger import UsageLedger
 
+__all__ = ["ControlPlane", "WeakAdminToken", "control_store"]  # WeakAdminToken: what main.py catches
+
 log = logging.getLogger(__name__)
-
-
-ADMIN_TOKEN_MIN_CHARS = 32
-ADMIN_TOKEN_MIN_BITS = 128
-
-
-class WeakAdminToken(ValueError):
-    """The operator's admin token is too easy to guess: the gateway refuses to start with it."""
-
-
-def check_admin_token(token: str, where: str) -> None:
-    """Refuse an admin token shorter than 32 characters or below 128 bits by a generous estimate
-    (length x log2 of its distinct characters: an upper bound, so it only catches tokens that are
-    surely weak, like a word, a short phrase or a repeated pattern). The admin token opens every
-    key, budget and usage row; unlike a generated key it is chosen by a person."""
-    bits = len(token) * math.log2(len(set(token))) if len(set(token)) > 1 else 0.0
-    if len(token) < ADMIN_TOKEN_MIN_CHARS or bits < ADMIN_TOKEN_MIN_BITS:
-        raise WeakAdminToken(
-            f"the admin token in {where} is too weak ({len(token)} characters, at most {bits:.0f} bits; needed: "
-            f"{ADMIN_TOKEN_MIN_CHARS} characters and {ADMIN_TOKEN_MIN_BITS} bits): use a random one, e.g. "
-            f'MESHSERVE_ADMIN_TOKEN="msk_admin_$(openssl rand -hex 32)", or unset it to have one generated '
-            f"into $MESHSERVE_HOME/{ADMIN_TOKEN_FILE}"
-        )
-
-
-def admin_token(settings: GatewaySettings) -> str:
-    """MESHSERVE_ADMIN_TOKEN, else the token saved in MESHSERVE_HOME/admin-token, else a new one
-    written there (mode 0600; the folder 0700 when created here) so that `make up` can print it and
-    later runs keep it. A token the operator chose must pass check_admin_token."""
-    if settings.admin_token:
-        token = settings.admin_token.get_secret_value()
-        check_admin_token(token, "MESHSERVE_ADMIN_TOKEN")
-        return token
-    path = Path(settings.home) / ADMIN_TOKEN_FILE
-    if path.exists():
-        token = path.read_text().strip()
-        check_admin_token(token, str(path))
-        return token
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Written whole to a private file, then linked into place: gateway replicas starting together on
-    # one home all end up with the one token that won the link, never a half-written file.
-    token = "msk_admin_" + secrets.token_urlsafe(32)
-    fd, draft = tempfile.mkstemp(prefix=".admin-token-", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.link(draft, path)
-    except FileExistsError:
-        return path.read_text().strip()
-    finally:
-        os.unlink(draft)
-    return token
 
 
 def control_store(url: str | None) -> ControlStore:
@@ -93,6 +40,9 @@ def control_store(url: str | None) -> ControlStore:
 
 @dataclass
 class ControlPlane:
+    """Who may call (auth, keys), what it may use and what it spent (metering over the store and
+    the ledger); `start()` and `close()` run them with the gateway."""
+
     auth: Authenticator
     metering: Metering
     keys: KeyStore | None = None
@@ -106,6 +56,7 @@ class ControlPlane:
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> ControlPlane:
+        """Everything on unless settings turn it off; the store in Redis when `redis_url` is set."""
         from services.gateway.control.keys import KeyStore
         from services.gateway.db import default_url, make_engine
         from services.gateway.ledger import UsageLedger
