@@ -87,8 +87,8 @@ def _keys(args) -> int:
     import json
 
     from services.common.errors import MeshError
-    from services.gateway.api.admin_routes import KeyRequest, create_key
-    from services.gateway.api.schemas import parse
+    from services.gateway.service.admin import KeyRequest, create_key
+    from services.gateway.service.validation import parse
 
     store = _key_store()
     try:

@@ -26,6 +26,7 @@ from services.gateway.control.auth import GrpcAuthInterceptor
 from services.gateway.control.plane import ControlPlane, WeakAdminToken
 from services.gateway.pipeline.coalescer import RequestCoalescer
 from services.gateway.pipeline.runner import Pipeline
+from services.gateway.service import GatewayServices
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,16 @@ def build_pipeline(settings: GatewaySettings) -> Pipeline:
 
 
 class Gateway:
-    """The running gateway: HTTP + gRPC servers sharing one pipeline."""
+    """The running gateway: HTTP + gRPC servers calling the same use cases over one pipeline."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         provider = tracing.setup_tracing("gateway")  # before the clients: they take its interceptors
         self.pipeline = build_pipeline(settings)
         self.control = (
-            ControlPlane.from_settings(settings) if settings.auth or settings.ledger else ControlPlane.disabled(settings)
+            ControlPlane.from_settings(settings)
+            if settings.auth or settings.ledger
+            else ControlPlane.disabled(settings)
         )
         self.draining = False
         coalescer = (
@@ -58,9 +61,8 @@ class Gateway:
             if settings.coalesce
             else None
         )
-        app = create_app(
-            settings, self.pipeline, coalescer=coalescer, control=self.control, is_draining=lambda: self.draining
-        )
+        self.services = GatewayServices.build(settings, self.pipeline, control=self.control, coalescer=coalescer)
+        app = create_app(settings, self.services, is_draining=lambda: self.draining)
         if provider is not None:
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
@@ -85,7 +87,7 @@ class Gateway:
         self.grpc: grpc_server.RunningServer | None = None
 
     async def start_grpc(self) -> int:
-        servicer = GatewayServicer(self.pipeline, self.control.metering)
+        servicer = GatewayServicer(self.services)
         binding = grpc_server.Binding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)
         grpc_settings = grpc_server.GrpcServiceSettings(
             host=self.settings.host,

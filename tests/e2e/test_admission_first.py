@@ -23,6 +23,7 @@ from services.gateway.api.http_app import create_app, wrap
 from services.gateway.control.auth import GrpcAuthInterceptor
 from services.gateway.control.plane import ControlPlane
 from services.gateway.main import SERVICE_NAME, build_pipeline
+from services.gateway.service import GatewayServices
 from services.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.xdist_group("mesh")
@@ -54,7 +55,8 @@ async def gateway(mesh, tmp_path, monkeypatch):
     control = ControlPlane.from_settings(settings)
     await control.start(settings)
     pipeline = build_pipeline(settings)
-    servicer = GatewayServicer(pipeline, control.metering)
+    services = GatewayServices.build(settings, pipeline, control=control)
+    servicer = GatewayServicer(services)
     binding = grpc_server.Binding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer, SERVICE_NAME)
     server = await grpc_server.create_server(
         GrpcServiceSettings(host="127.0.0.1", grpc_port=0, metrics_port=-1),
@@ -62,7 +64,7 @@ async def gateway(mesh, tmp_path, monkeypatch):
         [binding],
         inner_interceptors=[GrpcAuthInterceptor(control.auth)],
     )
-    app = wrap(create_app(settings, pipeline, control=control), settings, control.auth)
+    app = wrap(create_app(settings, services), settings, control.auth)
     async with (
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=60) as client,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,

@@ -93,12 +93,13 @@ def app_routes() -> list[tuple[str, str]]:
 
     from services.gateway.api.http_app import create_app
     from services.gateway.main import build_pipeline
+    from services.gateway.service import GatewayServices
     from services.gateway.settings import GatewaySettings
 
     async def build():
         settings = GatewaySettings()
         pipeline = build_pipeline(settings)  # channels connect lazily: nothing is dialled
-        app = create_app(settings, pipeline)
+        app = create_app(settings, GatewayServices.build(settings, pipeline))
         await pipeline.close()
         return app
 

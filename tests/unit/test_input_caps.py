@@ -23,10 +23,11 @@ from services.common.errors import ErrorCode, MeshError
 from services.common.settings import GrpcServiceSettings
 from services.gateway.api.grpc_servicer import GatewayServicer
 from services.gateway.api.http_app import create_app, wrap
-from services.gateway.control.metering import text_token_bound, zero_shot_token_bound
 from services.gateway.control.plane import ControlPlane
 from services.gateway.main import SERVICE_NAME, build_pipeline
 from services.gateway.pipeline.generation import GenerationRequest
+from services.gateway.service import GatewayServices
+from services.gateway.service.bounds import text_token_bound, zero_shot_token_bound
 from services.gateway.settings import GatewaySettings
 from services.preprocess.core import ImagePreprocessor
 from tests.helpers import MODEL_ID, texts
@@ -53,13 +54,14 @@ async def gateway(tmp_path):
         preprocess_address=NOWHERE, inference_address=NOWHERE, postprocess_address=NOWHERE,
     )  # fmt: skip
     pipeline = build_pipeline(settings)
+    services = GatewayServices.build(settings, pipeline)
     binding = grpc_server.Binding(
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(pipeline), SERVICE_NAME
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server, GatewayServicer(services), SERVICE_NAME
     )
     server = await grpc_server.create_server(
         GrpcServiceSettings(host="127.0.0.1", grpc_port=0, metrics_port=-1), "gateway", [binding]
     )
-    app = wrap(create_app(settings, pipeline), settings)
+    app = wrap(create_app(settings, services), settings)
     async with (
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as client,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -202,7 +204,7 @@ async def authed_gateway(tmp_path):
     control = ControlPlane.from_settings(settings)
     await control.start(settings)
     pipeline = build_pipeline(settings)
-    app = wrap(create_app(settings, pipeline, control=control), settings, control.auth)
+    app = wrap(create_app(settings, GatewayServices.build(settings, pipeline, control=control)), settings, control.auth)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
         yield client, control.keys
     await pipeline.close()

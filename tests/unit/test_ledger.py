@@ -506,6 +506,7 @@ async def test_usage_route_answers_503_when_the_database_is_unavailable(tmp_path
     from services.gateway.api.http_app import create_app
     from services.gateway.control.plane import ControlPlane
     from services.gateway.main import build_pipeline
+    from services.gateway.service import GatewayServices
     from services.gateway.settings import GatewaySettings
 
     path = tmp_path / "gateway.db"
@@ -513,7 +514,7 @@ async def test_usage_route_answers_503_when_the_database_is_unavailable(tmp_path
     control = ControlPlane.from_settings(settings)
     await control.start(settings)
     pipeline = build_pipeline(settings)  # channels connect lazily: nothing is dialled
-    app = create_app(settings, pipeline, control=control)
+    app = create_app(settings, GatewayServices.build(settings, pipeline, control=control))
     control.ledger.record(rec(1))
     holder = lock_database(path)
     try:

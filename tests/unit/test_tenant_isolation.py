@@ -19,6 +19,7 @@ from services.gateway.ledger import create_usage_table, usage
 from services.gateway.main import build_pipeline
 from services.gateway.pipeline.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
 from services.gateway.pipeline.runner import Prediction
+from services.gateway.service import GatewayServices
 from services.gateway.settings import GatewaySettings
 from tests.unit.test_ledger import database_url, postgres_server  # noqa: F401  (SQLite and Postgres)
 
@@ -55,7 +56,7 @@ async def _gateway(tmp_path, **overrides):
         return Prediction(model_id, task, result, tasks_pb2.Usage(input_tokens=len(texts)))
 
     pipeline.predict = predict  # the upstream hop only (this instance)
-    app = wrap(create_app(settings, pipeline, control=control), settings, control.auth)
+    app = wrap(create_app(settings, GatewayServices.build(settings, pipeline, control=control)), settings, control.auth)
     return Gateway(control, pipeline, app, calls)
 
 

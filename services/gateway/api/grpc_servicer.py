@@ -1,21 +1,21 @@
-"""The typed gRPC API (meshserve.gateway.v1.GatewayService) over the same Pipeline as REST."""
+"""The typed gRPC API (meshserve.gateway.v1.GatewayService) over the same service layer as REST:
+each method converts the message to the domain's inputs, calls one use case, converts back."""
 
 from __future__ import annotations
 
-import time
 import uuid
+from contextlib import aclosing
 
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
-from services.common.catalog import GENERATION_TASKS, ModelEntry
-from services.common.errors import ErrorCode, MeshError
+from services.common.catalog import ModelEntry
 from services.common.tasks import task_from_pb, task_to_pb
 from services.gateway.api.schemas import check_generation_pb
 from services.gateway.control.auth import PRINCIPAL, Authenticator
-from services.gateway.control.metering import Metering, token_bound
-from services.gateway.pipeline.generation import GenerationRequest, Generator
-from services.gateway.pipeline.runner import Pipeline
+from services.gateway.service import GatewayServices
+from services.gateway.service.context import CallContext
+from services.gateway.service.generate import GenerationRequest, Step
 
 
 def model_pb(entry: ModelEntry, ready: bool | None) -> gateway_pb2.Model:
@@ -31,75 +31,55 @@ def model_pb(entry: ModelEntry, ready: bool | None) -> gateway_pb2.Model:
     )
 
 
+def generation_request(request: gateway_pb2.GenerateRequest) -> GenerationRequest:
+    """The message's prompt or chat and parameters (checked: INVALID_ARGUMENT naming the field)."""
+    p = request.parameters
+    check_generation_pb(p)
+    return GenerationRequest(
+        messages=[(m.role, m.content) for m in request.messages] or None,
+        prompt=request.prompt,
+        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+        min_new_tokens=p.min_new_tokens if p.HasField("min_new_tokens") else None,
+        temperature=p.temperature if p.HasField("temperature") else None,
+        top_p=p.top_p if p.HasField("top_p") else None,
+        top_k=p.top_k if p.HasField("top_k") else None,
+        seed=p.seed if p.HasField("seed") else None,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+        stop=list(p.stop),
+    )
+
+
+def generate_response(step: Step) -> gateway_pb2.GenerateResponse:
+    if not step.final:
+        return gateway_pb2.GenerateResponse(text=step.text, token_id=step.token_id)
+    usage = tasks_pb2.Usage(input_tokens=step.prompt_tokens, output_tokens=step.completion_tokens, items=1)
+    return gateway_pb2.GenerateResponse(text=step.text, finish_reason=step.finish_reason or "", usage=usage)
+
+
+def call_context(method: str) -> CallContext:
+    """The caller (GrpcAuthInterceptor's principal) and a fresh request id."""
+    return CallContext(PRINCIPAL.get() or Authenticator.ANONYMOUS, uuid.uuid4().hex, f"grpc:{method}")
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, pipeline: Pipeline, metering: Metering | None = None) -> None:
-        self.pipeline = pipeline
-        self.metering = metering or Metering(None, None, None, timeout_s=0)
-        self.generator = Generator(pipeline.preprocess, pipeline.inference, pipeline.postprocess)
+    def __init__(self, services: GatewayServices) -> None:
+        self.services = services
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context):
-        entry = self.pipeline.catalog.get(request.model_id)
-        if not GENERATION_TASKS & set(entry.tasks):
-            raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"Model {entry.id!r} does not generate text", param="model_id")
-        p = request.parameters
-        check_generation_pb(p)
-        gen = GenerationRequest(
-            messages=[(m.role, m.content) for m in request.messages] or None,
-            prompt=request.prompt,
-            max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
-            min_new_tokens=p.min_new_tokens if p.HasField("min_new_tokens") else None,
-            temperature=p.temperature if p.HasField("temperature") else None,
-            top_p=p.top_p if p.HasField("top_p") else None,
-            top_k=p.top_k if p.HasField("top_k") else None,
-            seed=p.seed if p.HasField("seed") else None,
-            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
-            stop=list(p.stop),
-        )
-        principal, request_id = PRINCIPAL.get() or Authenticator.ANONYMOUS, uuid.uuid4().hex
-        prepared, metered = await self.generator.start(  # admitted before the prompt is tokenized
-            entry,
-            gen,
-            lambda **bounds: self.metering.admit(
-                principal, entry, "text-generation", "grpc:Generate", request_id, **bounds
-            ),
-            self.metering,
-        )
-        started = time.perf_counter()
-        async with self.metering.track(metered):
-            try:
-                async for step in self.generator.stream(entry, prepared, gen):
-                    if step.final:
-                        yield gateway_pb2.GenerateResponse(
-                            text=step.text,
-                            finish_reason=step.finish_reason or "",
-                            usage=tasks_pb2.Usage(
-                                input_tokens=step.prompt_tokens, output_tokens=step.completion_tokens, items=1
-                            ),
-                        )
-                    else:
-                        metered.add(output_tokens=1)
-                        yield gateway_pb2.GenerateResponse(text=step.text, token_id=step.token_id)
-            finally:  # the compute this request held, however it ended (cost per compute second)
-                metered.compute_s = time.perf_counter() - started
+        service = self.services.generate
+        entry = service.entry(request.model_id, param="model_id", list_tasks=False)
+        gen = generation_request(request)
+        generation = await service.start(call_context("Generate"), entry, gen)  # admitted before tokenizing
+        async with generation.settled(), aclosing(generation.steps()) as steps:
+            async for step in steps:
+                yield generate_response(step)
 
     async def Predict(self, request: gateway_pb2.PredictRequest, context) -> gateway_pb2.PredictResponse:
-        entry, task = self.pipeline.resolve(request.model_id, task_from_pb(request.task))
-        principal = PRINCIPAL.get() or Authenticator.ANONYMOUS
-        metered = await self.metering.admit(
-            principal,
-            entry,
-            task,
-            "grpc:Predict",
-            uuid.uuid4().hex,
-            max_input_tokens=token_bound(entry, request.inputs, request.parameters),
+        prediction, headers = await self.services.predict.predict(
+            call_context("Predict"), request.model_id, task_from_pb(request.task), request.inputs, request.parameters
         )
-        async with self.metering.track(metered):
-            prediction = await self.pipeline.predict(entry.id, task, request.inputs, request.parameters)
-            metered.add(
-                input_tokens=prediction.usage.input_tokens, items=prediction.usage.items, compute_s=prediction.compute_s
-            )
         # Usage, cost and rate-limit state, as the REST API's headers, in the trailing metadata.
-        context.set_trailing_metadata(tuple((k.lower(), v) for k, v in metered.headers().items()))
+        context.set_trailing_metadata(tuple((k.lower(), v) for k, v in headers.items()))
         return gateway_pb2.PredictResponse(
             model_id=prediction.model_id,
             task=task_to_pb(prediction.task),
@@ -108,10 +88,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
+        models = self.services.models
         return gateway_pb2.ListModelsResponse(
-            models=[model_pb(e, await self.pipeline.model_ready(e)) for e in self.pipeline.catalog.models]
+            models=[model_pb(e, await models.ready(e)) for e in models.catalog.models]
         )
 
     async def GetModel(self, request: gateway_pb2.GetModelRequest, context) -> gateway_pb2.GetModelResponse:
-        entry = self.pipeline.catalog.get(request.model_id)
-        return gateway_pb2.GetModelResponse(model=model_pb(entry, await self.pipeline.model_ready(entry)))
+        models = self.services.models
+        entry = models.get(request.model_id)
+        return gateway_pb2.GetModelResponse(model=model_pb(entry, await models.ready(entry)))

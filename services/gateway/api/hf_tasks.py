@@ -26,8 +26,8 @@ from services.gateway.api.schemas import (
     SentenceSimilarityParameters,
     TextClassificationParameters,
     ZeroShotParameters,
-    parse,
 )
+from services.gateway.service.validation import parse
 
 FUNCTION_TO_APPLY = {
     None: tasks_pb2.FUNCTION_TO_APPLY_UNSPECIFIED,
@@ -126,7 +126,9 @@ def parse_text_classification(entry: ModelEntry, inputs, params: dict, extra: di
 def parse_zero_shot(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
     _no_extra(extra)
     if "candidate_labels" not in params:
-        raise invalid("zero-shot-classification needs `parameters.candidate_labels`", param="parameters.candidate_labels")
+        raise invalid(
+            "zero-shot-classification needs `parameters.candidate_labels`", param="parameters.candidate_labels"
+        )
     p = parse(ZeroShotParameters, params, where="parameters")
     values, single = texts(inputs)
     labels = p.labels()
@@ -164,12 +166,18 @@ def parse_image_classification(entry: ModelEntry, inputs, params: dict, extra: d
 
 def raw_image_request(data: bytes) -> HFRequest:
     """An image posted as the raw body (what the HF client sends without parameters)."""
-    return HFRequest(tasks_pb2.TaskInputs(images=tasks_pb2.ImageInputs(images=[data])), tasks_pb2.TaskParameters(), True)
+    return HFRequest(
+        tasks_pb2.TaskInputs(images=tasks_pb2.ImageInputs(images=[data])), tasks_pb2.TaskParameters(), True
+    )
 
 
 # -- renderers: (result, request, dialect) -> JSON-able -------------------------------------------
 def _labelled(items: tasks_pb2.Classifications) -> list[list[dict]]:
     return [[{"label": c.label, "score": c.score} for c in item.labels] for item in items.items]
+
+
+def render_feature_extraction(vectors, request: HFRequest, dialect: Dialect):
+    return vectors[0] if request.single else vectors
 
 
 def render_similarity(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
@@ -208,8 +216,9 @@ PARSERS: dict[str, Parser] = {
     "zero-shot-classification": parse_zero_shot,
     "image-classification": parse_image_classification,
 }
-# feature-extraction is rendered by the route from its (possibly coalesced) vectors.
+# feature-extraction's result is its (possibly coalesced) vectors, the others' a TaskResult.
 RENDERERS: dict[str, Renderer] = {
+    "feature-extraction": render_feature_extraction,
     "sentence-similarity": render_similarity,
     "text-classification": render_text_classification,
     "zero-shot-classification": render_zero_shot,

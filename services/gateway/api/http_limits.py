@@ -18,7 +18,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.api.http_app import error_response
+from services.gateway.api.errors import error_response
 
 
 @dataclass(frozen=True)

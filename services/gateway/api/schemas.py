@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import invalid
 
-# Ranges of the numbers a request may carry, checked where the request is parsed (REST schemas here
-# and in openai_api/admin_api, the typed gRPC API in grpc_api): each number must fit the proto field
-# it goes into downstream, and stay within what the product can do; out of range is a 400 naming
-# the field, never an overflow deeper in the mesh (a 500, or a broken stream).
+# Ranges of the numbers a request may carry, checked where the request is parsed (REST schemas here,
+# in generation_schemas and service/admin, the typed gRPC API in grpc_servicer): each number must
+# fit the proto field it goes into downstream, and stay within what the product can do; out of
+# range is a 400 naming the field, never an overflow deeper in the mesh (a 500, or a broken stream).
 UINT32_MAX = 2**32 - 1  # top_k, max_new_tokens, min_new_tokens (uint32 in tasks.proto)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seed: an int64 KServe parameter downstream
 MAX_STOP_STRINGS = 16  # stop strings per generation (postprocess refuses more)
@@ -106,21 +106,6 @@ class EmbeddingsRequest(_Body):
     )
     dimensions: int | None = Field(None, description="Must equal the model's dimension if given.")
     user: str | None = None
-
-
-def parse(model: type[BaseModel], data, *, where: str = ""):
-    """Validate data against a model; bad input becomes one clear INVALID_INPUT error."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        field = f"{where}.{loc}" if where and loc else (where or loc)
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            allowed = ", ".join(model.model_fields)
-            msg = f"unknown parameter (accepted: {allowed})"
-        raise invalid(f"`{field}`: {msg}" if field else msg, param=field or None) from None
 
 
 def check_stops(stops: list[str], param: str = "stop") -> list[str]:

@@ -4,7 +4,7 @@ store's finish (the real cost settled, the slot freed), the usage ledger row and
 
 Budgets never overspend under concurrency because admission *holds* the request's maximum cost
 before any work starts and finishing settles the real cost, releasing the rest. The maximum is
-computed at the gateway without a tokenizer: a text never yields more tokens than its UTF-8 bytes
+computed at the gateway without a tokenizer (service/bounds.py): a text never yields more tokens than its UTF-8 bytes
 plus the two special tokens, nor more than the model's token limit (longer texts are truncated or
 refused), and a request never computes longer than its deadline. So admission costs no
 preprocessing RPC and coalescing stays possible; the settled cost uses the real token counts from
@@ -19,9 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from meshserve.tasks.v1 import tasks_pb2
-
-from services.common import caps, tracing
+from services.common import tracing
 from services.common.catalog import ModelEntry
 from services.common.errors import MeshError
 from services.gateway.control.auth import Principal
@@ -30,39 +28,6 @@ if TYPE_CHECKING:
     from services.gateway.control.store import ControlStore, Ticket
 
 log = logging.getLogger(__name__)
-
-
-def text_token_bound(entry: ModelEntry, texts) -> int:
-    """Most tokens these texts can be encoded to (see the module docstring)."""
-    limit = entry.preprocess.max_length
-    return sum(min(limit, len(t.encode()) + 2) for t in texts)
-
-
-def zero_shot_token_bound(entry: ModelEntry, texts, labels, template: str | None) -> int:
-    """Most tokens of a zero-shot request: each text, and per text one hypothesis per label (the
-    template with the label in place of its one `{}`). Arithmetic on the UTF-8 lengths: no
-    hypothesis is built (a list of them costs labels x template bytes, here before admission)."""
-    limit = entry.preprocess.max_length
-    template = template or entry.postprocess.zero_shot.hypothesis_template
-    around = len(template.encode())  # the template less its `{}` (2 bytes), plus 2 special tokens
-    per_text = sum(min(limit, around + len(label.encode())) for label in labels)
-    return text_token_bound(entry, texts) + len(texts) * per_text
-
-
-def token_bound(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tasks_pb2.TaskParameters) -> int:
-    """Most input tokens of a task request, after refusing it if it is over an input cap
-    (caps.check_task_inputs: counts, lengths, image headers), on REST and gRPC alike."""
-    caps.check_task_inputs(entry, inputs, parameters)
-    kind = inputs.WhichOneof("kind")
-    if kind == "text":
-        texts = inputs.text.texts
-        if parameters.candidate_labels:  # zero-shot: each text and one hypothesis per label
-            return zero_shot_token_bound(entry, texts, parameters.candidate_labels, parameters.hypothesis_template)
-        return text_token_bound(entry, texts)
-    if kind == "sentence_similarity":
-        sim = inputs.sentence_similarity
-        return text_token_bound(entry, [sim.source_sentence, *sim.sentences])
-    return 0  # images: no tokens
 
 
 class UsageSink(Protocol):

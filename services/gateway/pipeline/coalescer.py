@@ -191,7 +191,9 @@ class RequestCoalescer:
     async def _retry_alone(
         self, model_id: str, task: str, member: _Member, parameters: tasks_pb2.TaskParameters
     ) -> None:
-        alone = asyncio.create_task(self._alone(model_id, task, member.texts, parameters), context=member.context.copy())
+        alone = asyncio.create_task(
+            self._alone(model_id, task, member.texts, parameters), context=member.context.copy()
+        )
         try:
             result = await alone
         except Exception as exc:

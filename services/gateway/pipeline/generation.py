@@ -2,11 +2,8 @@
 generates on a decoupled ModelStreamInfer (one response per token), postprocess turns tokens into
 text deltas and finds stop strings, and the caller gets one Step per token, then a final Step.
 
-Admission first (`Generator.start`): the key's restrictions, rate limits and a budget hold sized
-from the request's declared bounds (the prompt's UTF-8 bytes or the model's prompt limit,
-max_tokens or the model's default) come before the prompt's length cap and before preprocess
-renders and tokenizes it; the model's token limits are checked by preprocess on the real counts,
-and settlement charges those.
+`GenerationRequest.token_bounds` sizes what admission (service/generate.py) reserves before
+the prompt is tokenized; the model's token limits are checked by preprocess on the real counts.
 
 Transport-neutral: the OpenAI, TGI and gRPC front ends render the same Steps. Closing the
 iterator (a client that went away, a stop string) cancels both streams, and the inference service
@@ -17,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 from meshserve.postprocess.v1 import postprocess_pb2
@@ -30,9 +26,6 @@ from tritonclient.grpc import service_pb2
 from services.common.catalog import ModelEntry
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.errors import ErrorCode, MeshError, code_of
-
-if TYPE_CHECKING:
-    from services.gateway.control.metering import Metered, Metering
 
 # Tokens a plain prompt may have beyond one per UTF-8 byte: BOS/EOS and a tokenizer's prefix space.
 PROMPT_EXTRA_TOKENS = 4
@@ -142,33 +135,12 @@ class Step:
 
 
 class Generator:
-    def __init__(self, preprocess: PreprocessClient, inference: InferenceClient, postprocess: PostprocessClient) -> None:
+    def __init__(
+        self, preprocess: PreprocessClient, inference: InferenceClient, postprocess: PostprocessClient
+    ) -> None:
         self.preprocess = preprocess
         self.inference = inference
         self.postprocess = postprocess
-
-    async def start(
-        self,
-        entry: ModelEntry,
-        request: GenerationRequest,
-        admit: Callable[..., Awaitable[Metered]],
-        metering: Metering,
-    ) -> tuple[Prepared, Metered]:
-        """Admit (`admit(max_input_tokens=, max_output_tokens=, tokens_hint=)`: key, limits, the
-        budget hold), then check the prompt's length and tokenize it; a refusal after admission
-        finishes the metered request with its status (no cost)."""
-        max_input, max_output = request.token_bounds(entry)
-        metered = await admit(
-            max_input_tokens=max_input, max_output_tokens=max_output, tokens_hint=request.tokens_estimate(entry)
-        )
-        try:
-            request.check_length(entry)
-            prepared = await self.prepare(entry, request)
-        except BaseException as err:
-            await metering.track(metered).fail(err)
-            raise
-        metered.add(input_tokens=prepared.prompt_tokens, items=1)
-        return prepared, metered
 
     async def prepare(self, entry: ModelEntry, request: GenerationRequest) -> Prepared:
         pb = preprocess_pb2.PrepareGenerationRequest(model_id=entry.id)
@@ -248,7 +220,9 @@ class Generator:
                                completion_tokens=completion, prefill=prefill)  # fmt: skip
                     return
                 token = struct.unpack("<q", out.raw_output_contents[0])[0]
-                logprob = struct.unpack("<f", out.raw_output_contents[1])[0] if len(out.raw_output_contents) > 1 else 0.0
+                logprob = (
+                    struct.unpack("<f", out.raw_output_contents[1])[0] if len(out.raw_output_contents) > 1 else 0.0
+                )
                 completion += 1
                 piece = await self._detokenize(detok, [token], last=False)
                 if piece.stopped:  # a stop string: end here, the text stops before it

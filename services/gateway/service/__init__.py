@@ -1,1 +1,55 @@
-"""One use-case per request kind (predict, embed, generate, rerank): authorize, admit, run, settle."""
+"""The gateway's use cases, one module per request kind (predict, embed, generate, admin): the one
+place a request is authorized, admitted, run and settled. Every transport (REST routes, the gRPC
+servicer) calls them; they know nothing of HTTP or gRPC. `GatewayServices` builds them together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.gateway.control.plane import ControlPlane
+from services.gateway.pipeline.cache import ResponseCache
+from services.gateway.pipeline.coalescer import RequestCoalescer
+from services.gateway.pipeline.runner import Pipeline
+from services.gateway.service.admin import AdminService
+from services.gateway.service.embed import EmbedService
+from services.gateway.service.generate import GenerateService
+from services.gateway.service.models import ModelDirectory
+from services.gateway.service.predict import PredictService
+from services.gateway.settings import GatewaySettings
+
+
+@dataclass(frozen=True)
+class GatewayServices:
+    models: ModelDirectory
+    predict: PredictService
+    embed: EmbedService
+    generate: GenerateService
+    admin: AdminService
+
+    @classmethod
+    def build(
+        cls,
+        settings: GatewaySettings,
+        pipeline: Pipeline,
+        *,
+        control: ControlPlane | None = None,
+        coalescer: RequestCoalescer | None = None,
+    ) -> GatewayServices:
+        """The use cases over one pipeline and control plane (default: the disabled one, no keys,
+        limits or ledger); `coalescer`: merge concurrent row-wise text requests."""
+        control = control or ControlPlane.disabled(settings)
+        metering = control.metering
+        cache = ResponseCache(
+            max_bytes=settings.cache_max_bytes,
+            max_entry_bytes=settings.cache_max_entry_bytes,
+            ttl_s=settings.cache_ttl_s,
+            shared=settings.cache_shared,
+        )
+        embed = EmbedService(pipeline, metering, coalescer)
+        return cls(
+            models=ModelDirectory(pipeline),
+            predict=PredictService(pipeline, metering, cache, embed, coalescer),
+            embed=embed,
+            generate=GenerateService(pipeline, metering),
+            admin=AdminService(control),
+        )

@@ -1,6 +1,5 @@
-"""Admin REST for API keys (`/admin/keys`) and the usage report (`/v1/usage`), over the control
-plane. Scopes are enforced before routing (auth.REST_SCOPES): /admin needs `admin`, /v1/usage `read`
-(a non-admin key sees only its own usage)."""
+"""API keys and the usage report: what the admin routes (`/admin/keys`, `/v1/usage`) and the
+`meshserve keys` command do, over the control plane's key store and the usage ledger."""
 
 from __future__ import annotations
 
@@ -10,12 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import sqlalchemy as sa
-from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.api.schemas import parse
-from services.gateway.control.auth import Authenticator
+from services.gateway.control.auth import Principal
 from services.gateway.control.budgets import MAX_BUDGET_USD
 from services.gateway.control.keys import ApiKey, KeyStore
 from services.gateway.control.plane import ControlPlane
@@ -73,55 +70,51 @@ def _date(value: str | None, field: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def register(app: FastAPI, control: ControlPlane, render, read_json) -> None:
-    """Add the admin and usage routes; `render(content, status)` builds a JSON response and
-    `read_json(request, limit)` reads a bounded JSON body."""
+class AdminService:
+    """Key management and usage reports; the caller's scopes were checked before (auth.REST_SCOPES)."""
 
-    def keys():
-        if control.keys is None:
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def _keys(self) -> KeyStore:
+        if self.control.keys is None:
             raise MeshError(ErrorCode.NOT_IMPLEMENTED, "authentication is off (--no-auth): there are no API keys")
-        return control.keys
+        return self.control.keys
 
-    @app.post("/admin/keys", tags=["admin"], summary="Create an API key (the token is shown once)")
-    async def post_key(request: Request):
-        spec = parse(KeyRequest, await read_json(request, 64 * 1024))
-        key, token = await asyncio.to_thread(create_key, keys(), spec)
-        await keys().reload()
-        return render({**key.public(), "token": token}, 201)
+    async def create_key(self, spec: KeyRequest) -> tuple[ApiKey, str]:
+        """A new key, known to this replica at once; returns it and its token (shown once)."""
+        keys = self._keys()
+        key, token = await asyncio.to_thread(create_key, keys, spec)
+        await keys.reload()
+        return key, token
 
-    @app.get("/admin/keys", tags=["admin"], summary="List API keys (never their tokens)")
-    async def list_keys():
-        return render({"object": "list", "data": [k.public() for k in await asyncio.to_thread(keys().all)]})
+    async def list_keys(self) -> list[ApiKey]:
+        return await asyncio.to_thread(self._keys().all)
 
-    @app.delete("/admin/keys/{key_id}", tags=["admin"], summary="Revoke an API key")
-    async def revoke_key(key_id: str):
-        key = await asyncio.to_thread(keys().revoke, key_id)
-        await keys().reload()
-        return render(key.public())
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        keys = self._keys()
+        key = await asyncio.to_thread(keys.revoke, key_id)
+        await keys.reload()
+        return key
 
-    @app.get("/v1/usage", tags=["usage"], summary="Usage and cost: your key's, or everyone's for admins")
     async def usage(
-        request: Request,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-        by: Literal["day", "model", "key"] = "day",
-        limit: int = Query(100, ge=0, le=10_000),
-    ):
-        if control.ledger is None:
+        self, principal: Principal, *, key_id: str | None, model: str | None, since: str | None, until: str | None,
+        by: str, limit: int,
+    ) -> tuple[list, list]:  # fmt: skip
+        """(rows, totals by `by`) of the usage ledger; a non-admin key sees only its own usage."""
+        ledger = self.control.ledger
+        if ledger is None:
             raise MeshError(ErrorCode.NOT_IMPLEMENTED, "the usage ledger is off (MESHSERVE_GATEWAY_LEDGER=false)")
-        principal = getattr(request.state, "principal", None) or Authenticator.ANONYMOUS
         if not principal.key.has_scope("admin"):
             if key_id not in (None, principal.key_id):
                 raise MeshError(ErrorCode.PERMISSION_DENIED, "a non-admin key sees only its own usage", param="key_id")
             key_id = principal.key_id
         filters = {"key_id": key_id, "model": model, "since": _date(since, "since"), "until": _date(until, "until")}
         try:
-            await control.ledger.flush()  # a caller reading right after a request sees it
-            rows = await control.ledger.query(**filters, limit=limit)
-            totals = await control.ledger.totals(by=by, **filters)
+            await ledger.flush()  # a caller reading right after a request sees it
+            rows = await ledger.query(**filters, limit=limit)
+            totals = await ledger.totals(by=by, **filters)
         except (LedgerWriteError, sa.exc.SQLAlchemyError, OSError) as exc:  # the database is away: retryable
             log.warning("usage query failed: %s", type(exc).__name__)
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the usage ledger's database is unavailable") from exc
-        return render({"object": "list", "data": rows, "totals": {"by": by, "groups": totals}})
+        return rows, totals

@@ -1,0 +1,81 @@
+"""A started generation as an HTTP response: one JSON body, or an SSE stream that settles the
+request when it ends, however it ends.
+
+Every generator of a stream is closed explicitly (a client that left must stop the generation
+now, not when the garbage collector finalizes a suspended generator). A failure after the 200
+went out ends the stream with an error event and then a clean end of the body, never a cut
+connection; the cause goes to the log."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import aclosing
+
+from fastapi.responses import Response, StreamingResponse
+
+from services.common.errors import ErrorCode, MeshError
+from services.gateway.api.http_io import json_response
+from services.gateway.api.sse import error_event
+from services.gateway.service.generate import Collected, Generation
+
+log = logging.getLogger(__name__)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator however the response ends (Starlette
+    stops iterating on a disconnect but leaves the generator suspended)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _swallow(body):
+    """End the SSE body quietly after an error event was sent (the status line is long gone)."""
+    try:
+        async with aclosing(body) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    except MeshError:
+        return
+
+
+async def _stream_body(generation: Generation, events: Callable, on_error: Callable):
+    source = generation.steps()
+    request_id = generation.metered.request_id
+    async with generation.settled(), aclosing(source), aclosing(events(source)) as chunks:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except MeshError as err:
+            log.warning("stream of request %s failed mid-way: %s: %s", request_id, err.code.slug, err.message)
+            yield on_error(err)
+            raise
+        except Exception as exc:  # a bug: the caller gets a generic error, the log the traceback
+            log.exception("stream of request %s failed mid-way", request_id)
+            err = MeshError(ErrorCode.INTERNAL, "internal error")
+            yield on_error(err)
+            raise err from exc
+
+
+async def respond(
+    generation: Generation,
+    stream: bool,
+    events: Callable,
+    render: Callable[[Collected], object],
+    on_error: Callable[[MeshError], bytes] = error_event,
+) -> Response:
+    """An SSE stream of `events(steps)` (a failure mid-way: `on_error(err)`'s event), or one JSON
+    body `render(collected)` with the usage headers."""
+    if stream:
+        return ClosingStreamingResponse(
+            _swallow(_stream_body(generation, events, on_error)),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **generation.metered.rate_headers()},
+        )
+    collected = await generation.collect()
+    return json_response(render(collected), headers=generation.metered.headers())

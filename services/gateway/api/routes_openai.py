@@ -1,0 +1,167 @@
+"""The OpenAI dialect over the service layer: models, embeddings, chat completions and
+completions (stream or not). Also `chat` for huggingface_hub's chat_completion on a model URL
+(`POST /models/{id}/v1/chat/completions`, routed by routes_hf)."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+
+from services.common import caps
+from services.common.catalog import ModelEntry
+from services.common.errors import invalid
+from services.gateway.api import hf_tasks
+from services.gateway.api.deps import call_context, services_of
+from services.gateway.api.generation_responses import respond
+from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from services.gateway.api.http_io import GENERATION_BODY_BYTES, json_response, read_json
+from services.gateway.api.schemas import EmbeddingsRequest
+from services.gateway.api.sse import chat_events, completion_events, usage
+from services.gateway.service.context import CallContext
+from services.gateway.service.generate import Collected, GenerationRequest
+from services.gateway.service.validation import parse
+
+# Chat and completions come first in the schema (as they always have), the other routes after the
+# operations routes: two routers, included in that order by create_app.
+generation_router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"])
+
+EMBEDDINGS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": EmbeddingsRequest.model_json_schema()}},
+    }
+}
+
+
+def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> dict:
+    card = {
+        "id": entry.id,
+        "object": "model",
+        "created": created,
+        "owned_by": entry.owned_by,
+        "tasks": list(entry.tasks),
+    }
+    if ready is not None:
+        card["status"] = "ready" if ready else "unavailable"
+    return card
+
+
+@router.get("/v1/models", summary="List models")
+async def list_models(request: Request):
+    created = request.app.state.catalog_created
+    return json_response(
+        {"object": "list", "data": [model_card(e, created) for e in services_of(request).models.catalog.models]}
+    )
+
+
+@router.get("/v1/models/{model_path:path}", summary="Describe one model ('/' or %2F in the id)")
+async def get_model(request: Request, model_path: str):
+    models = services_of(request).models
+    entry = models.get(model_path)
+    card = model_card(entry, request.app.state.catalog_created, await models.ready(entry))
+    card["meshserve"] = {
+        "default_task": entry.default_task,
+        "inference_name": entry.inference.name,
+        "input_kind": entry.preprocess.kind,
+        "labels": list(entry.postprocess.labels),
+        "max_input_tokens": entry.preprocess.max_length,
+        "max_items": entry.preprocess.max_items,
+        "inputs": [t.model_dump() for t in entry.inference.inputs],
+        "outputs": [t.model_dump() for t in entry.inference.outputs],
+    }
+    return json_response(card)
+
+
+@router.post("/v1/embeddings", summary="Create embeddings (OpenAI)", openapi_extra=EMBEDDINGS_BODY)
+async def embeddings(request: Request, ctx: CallContext = Depends(call_context)):
+    services = services_of(request)
+    body = parse(EmbeddingsRequest, await read_json(request, request.app.state.max_body_bytes))
+    entry = services.models.get(body.model)
+    request.state.model = entry.id
+    if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
+        raise invalid("token-id arrays are not supported as `input`; send text", param="input")
+    texts, _ = hf_tasks.texts(body.input, "input")
+    caps.check_texts(entry, texts, field="input")
+    hf_tasks.check_dimensions(entry, body.dimensions)
+    result, headers = await services.embed.embeddings(ctx, entry, texts)
+    if body.encoding_format == "base64":
+        values = [base64.b64encode(row.tobytes()).decode() for row in result.vectors]  # little-endian float32
+    else:
+        values = list(result.vectors)
+    tokens = result.input_tokens
+    return json_response(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
+            "model": entry.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers=headers,
+    )
+
+
+def sampling(body: SamplingRequest, **what) -> GenerationRequest:
+    """The OpenAI routes' sampling fields; `what`: the messages or prompt and max_new_tokens."""
+    return GenerationRequest(
+        min_new_tokens=body.min_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        stop=body.stops(), **what,
+    )  # fmt: skip
+
+
+async def chat(request: Request, ctx: CallContext, model_id: str | None):
+    """`POST /v1/chat/completions`, or on a model URL (`model_id`: the URL's model)."""
+    body = parse(ChatCompletionRequest, await read_json(request, GENERATION_BODY_BYTES))
+    body.check_supported()
+    service = services_of(request).generate
+    entry = service.entry(model_id or body.model)
+    request.state.model = entry.id
+    messages = [(m.role if m.role != "developer" else "system", m.text(i)) for i, m in enumerate(body.messages)]
+    gen = sampling(body, messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id,
+        "system_fingerprint": "meshserve",
+    }  # fmt: skip
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def render(done: Collected) -> dict:
+        message = {"role": "assistant", "content": done.text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.last.finish_reason}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(done.last)}
+
+    generation = await service.start(ctx, entry, gen)
+    return await respond(generation, bool(body.stream), lambda steps: chat_events(steps, head, include_usage), render)
+
+
+@generation_router.post("/v1/chat/completions", summary="Chat completions (OpenAI), stream or not")
+async def chat_completions(request: Request, ctx: CallContext = Depends(call_context)):
+    return await chat(request, ctx, None)
+
+
+@generation_router.post("/v1/completions", summary="Completions (OpenAI legacy), stream or not")
+async def completions(request: Request, ctx: CallContext = Depends(call_context)):
+    body = parse(CompletionRequest, await read_json(request, GENERATION_BODY_BYTES))
+    body.check_supported()
+    if body.echo or body.suffix or (body.best_of or 1) > 1:
+        raise invalid("`echo`, `suffix` and `best_of` are not supported", param="echo")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise invalid("`prompt` must be one string (one completion per request)", param="prompt")
+    service = services_of(request).generate
+    entry = service.entry(body.model)
+    request.state.model = entry.id
+    gen = sampling(body, prompt=prompts[0], max_new_tokens=body.max_tokens or 16)  # OpenAI's default: 16
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def render(done: Collected) -> dict:
+        choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.last.finish_reason}
+        return {**head, "object": "text_completion", "choices": [choice], "usage": usage(done.last)}
+
+    generation = await service.start(ctx, entry, gen)
+    return await respond(
+        generation, bool(body.stream), lambda steps: completion_events(steps, head, include_usage), render
+    )

@@ -1,0 +1,62 @@
+"""Embeddings (OpenAI `/v1/embeddings`, HF feature-extraction): texts to vectors, merged with
+concurrent requests by the coalescer when one runs, else one pipeline call."""
+
+from __future__ import annotations
+
+from meshserve.tasks.v1 import tasks_pb2
+
+from services.common.catalog import ModelEntry
+from services.gateway.control.metering import Metering
+from services.gateway.pipeline.coalescer import Embedded, RequestCoalescer
+from services.gateway.pipeline.runner import Pipeline
+from services.gateway.service.bounds import text_token_bound
+from services.gateway.service.context import CallContext
+
+# OpenAI refuses over-long input rather than cutting it.
+NO_TRUNCATION = tasks_pb2.TaskParameters(truncate=False)
+
+
+class EmbedService:
+    def __init__(self, pipeline: Pipeline, metering: Metering, coalescer: RequestCoalescer | None = None) -> None:
+        self.pipeline = pipeline
+        self.metering = metering
+        self.coalescer = coalescer
+
+    async def vectors(
+        self,
+        model_id: str,
+        texts,
+        parameters: tasks_pb2.TaskParameters,
+        *,
+        inputs: tasks_pb2.TaskInputs | None = None,
+        wait: bool = False,
+    ) -> Embedded:
+        """The texts' vectors and input tokens (not metered: the caller's use case meters). The
+        coalescer does not wait for a cold model, so `wait` runs alone; `inputs`: the texts as
+        TaskInputs when the caller has them already."""
+        if self.coalescer is not None and not wait:
+            return await self.coalescer.embed(model_id, list(texts), parameters)
+        if inputs is None:
+            inputs = tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts))
+        prediction = await self.pipeline.predict(
+            model_id, "feature-extraction", inputs, parameters, wait_for_model=wait
+        )
+        return Embedded.of(prediction)
+
+    async def embeddings(self, ctx: CallContext, entry: ModelEntry, texts: list[str]) -> tuple[Embedded, dict]:
+        """OpenAI embeddings: admitted, embedded without truncation, settled; returns the vectors
+        and the usage headers."""
+        metering = self.metering
+        metered = await metering.admit(
+            ctx.principal,
+            entry,
+            "feature-extraction",
+            ctx.route,
+            ctx.request_id,
+            max_input_tokens=text_token_bound(entry, texts),
+            client_request_id=ctx.client_request_id,
+        )
+        async with metering.track(metered):
+            result = await self.vectors(entry.id, texts, NO_TRUNCATION)
+            metered.add(input_tokens=result.input_tokens, items=len(texts), compute_s=result.compute_s)
+        return result, metered.headers()
