@@ -183,7 +183,7 @@ class Metering:
         if metered.finished:
             return True
         ticket = metered.ticket
-        cost = metered.cost_of() if status < 400 or status == 499 else 0.0  # (_cost, inline: the cached path)
+        cost = _cost(metered, status)
         if ticket is not None:
             try:
                 if not self.store.try_finish_now(ticket, metered.input_tokens + metered.output_tokens, cost):
@@ -191,9 +191,7 @@ class Metering:
             except Exception:  # on the way out: a store failure must not replace the response
                 log.exception("could not settle or release request %s", metered.request_id)
         metered.finished = True
-        metered.cost_usd = cost
-        if self.ledger is not None:
-            self.ledger.append(self._row(metered, status))
+        self._record(metered, status, cost)
         return True
 
     async def finish(self, metered: Metered, status: int) -> None:
@@ -211,6 +209,7 @@ class Metering:
             self._record(metered, status, cost)
 
     def _record(self, metered: Metered, status: int, cost: float) -> None:
+        """The finished request's cost and its ledger row."""
         metered.cost_usd = cost
         if self.ledger is not None:
             self.ledger.append(self._row(metered, status))
