@@ -26,6 +26,8 @@ from tritonclient.grpc import service_pb2
 from services.common.catalog import ModelEntry
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.errors import ErrorCode, MeshError, code_of
+from services.common.generation_contract import FinishReason, InputTensor, OutputTensor, RequestParameter
+from services.common.generation_contract import ResponseParameter as Reply
 
 # Tokens a plain prompt may have beyond one per UTF-8 byte: BOS/EOS and a tokenizer's prefix space.
 PROMPT_EXTRA_TOKENS = 4
@@ -162,29 +164,32 @@ class Generator:
 
     def _infer_request(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest):
         pb = service_pb2.ModelInferRequest(model_name=entry.inference.name, id="0")
-        pb.inputs.add(name="input_ids", datatype="INT64", shape=[prepared.prompt_tokens])
+        pb.inputs.add(
+            name=InputTensor.INPUT_IDS, datatype=InputTensor.INPUT_IDS.datatype, shape=[prepared.prompt_tokens]
+        )
         pb.raw_input_contents.append(struct.pack(f"<{prepared.prompt_tokens}q", *prepared.input_ids))
         if prepared.stop_token_ids:
-            pb.inputs.add(name="stop_token_ids", datatype="INT64", shape=[len(prepared.stop_token_ids)])
+            stops = InputTensor.STOP_TOKEN_IDS
+            pb.inputs.add(name=stops, datatype=stops.datatype, shape=[len(prepared.stop_token_ids)])
             pb.raw_input_contents.append(struct.pack(f"<{len(prepared.stop_token_ids)}q", *prepared.stop_token_ids))
-        pb.parameters["max_tokens"].int64_param = prepared.max_new_tokens
+        pb.parameters[RequestParameter.MAX_TOKENS].int64_param = prepared.max_new_tokens
         # Triton sends the flagged empty final response of a decoupled model only when asked.
-        pb.parameters["triton_enable_empty_final_response"].bool_param = True
+        pb.parameters[RequestParameter.TRITON_ENABLE_EMPTY_FINAL_RESPONSE].bool_param = True
         for name, value in (
-            ("temperature", request.temperature),
-            ("top_p", request.top_p),
-            ("repetition_penalty", request.repetition_penalty),
+            (RequestParameter.TEMPERATURE, request.temperature),
+            (RequestParameter.TOP_P, request.top_p),
+            (RequestParameter.REPETITION_PENALTY, request.repetition_penalty),
         ):
             if value is not None:
                 pb.parameters[name].double_param = value
         if request.top_k is not None:
-            pb.parameters["top_k"].int64_param = request.top_k
+            pb.parameters[RequestParameter.TOP_K].int64_param = request.top_k
         if request.seed is not None:
-            pb.parameters["seed"].int64_param = request.seed
+            pb.parameters[RequestParameter.SEED].int64_param = request.seed
         if request.min_new_tokens:
-            pb.parameters["min_tokens"].int64_param = request.min_new_tokens
+            pb.parameters[RequestParameter.MIN_TOKENS].int64_param = request.min_new_tokens
         if request.prompt_logprobs:
-            pb.parameters["prompt_logprobs"].bool_param = True
+            pb.parameters[RequestParameter.PROMPT_LOGPROBS].bool_param = True
         return pb
 
     async def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:
@@ -201,19 +206,19 @@ class Generator:
                 if response.error_message:
                     # Our inference service names the code; Triton's own errors are bare messages,
                     # most often a request it refused.
-                    slug = response.infer_response.parameters["error_code"].string_param
+                    slug = response.infer_response.parameters[Reply.ERROR_CODE].string_param
                     raise MeshError(code_of(slug, ErrorCode.INVALID_INPUT), response.error_message)
                 out = response.infer_response
-                if out.outputs and out.outputs[0].name == "prompt_logprobs":  # first, when asked for
+                if out.outputs and out.outputs[0].name == OutputTensor.PROMPT_LOGPROBS:  # first, when asked for
                     prefill = await self._prefill(detok, prepared.input_ids, out.raw_output_contents[0])
                     continue
                 if request.prompt_logprobs and not prefill:
                     raise MeshError(ErrorCode.INTERNAL, "the inference service did not return the prompt's logprobs")
-                if out.parameters["triton_final_response"].bool_param:
+                if out.parameters[Reply.TRITON_FINAL_RESPONSE].bool_param:
                     # Triton's final response of a decoupled model carries no parameters: there the
                     # reason follows from the count (a generation stops short only at an end token).
-                    reason = out.parameters["finish_reason"].string_param or (
-                        "length" if completion >= prepared.max_new_tokens else "stop"
+                    reason = out.parameters[Reply.FINISH_REASON].string_param or (
+                        FinishReason.LENGTH if completion >= prepared.max_new_tokens else FinishReason.STOP
                     )
                     tail = await self._detokenize(detok, [], last=True)
                     yield Step(tail.text, final=True, finish_reason=reason, prompt_tokens=prepared.prompt_tokens,
@@ -226,7 +231,7 @@ class Generator:
                 completion += 1
                 piece = await self._detokenize(detok, [token], last=False)
                 if piece.stopped:  # a stop string: end here, the text stops before it
-                    yield Step(piece.text, final=True, finish_reason="stop", prompt_tokens=prepared.prompt_tokens,
+                    yield Step(piece.text, final=True, finish_reason=FinishReason.STOP, prompt_tokens=prepared.prompt_tokens,
                                completion_tokens=completion, prefill=prefill)  # fmt: skip
                     return
                 yield Step(piece.text, token, piece.token_texts[0] if piece.token_texts else "", logprob)
