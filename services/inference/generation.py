@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.common.generation_contract import FinishReason, RequestParameter
+from services.common.generation_contract import FinishReason, InputTensor, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -283,9 +283,9 @@ class GenerationScheduler:
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"model '{self.name}' is unloading")
         params.validate()
         if not prompt:
-            raise invalid(f"input 'input_ids' has no tokens (model '{self.name}')")
+            raise invalid(f"input '{InputTensor.INPUT_IDS}' has no tokens (model '{self.name}')")
         if min(prompt) < 0 or max(prompt) >= self.runtime.vocab_size:
-            raise invalid(f"input 'input_ids' holds token ids outside [0, {self.runtime.vocab_size})")
+            raise invalid(f"input '{InputTensor.INPUT_IDS}' holds token ids outside [0, {self.runtime.vocab_size})")
         if len(prompt) >= self.runtime.max_context:
             raise invalid(
                 f"the prompt has {len(prompt)} tokens; model '{self.name}' has a context of {self.runtime.max_context}"
