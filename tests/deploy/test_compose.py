@@ -36,7 +36,7 @@ def _default(settings, field: str) -> int:
     return settings.model_fields[field].default
 
 
-# Every metrics endpoint we promise (README "Observability"): service -> (port, path).
+# Every metrics endpoint we promise (docs/operations.md "Metrics"): service -> (port, path).
 METRICS = {
     "gateway": (_default(GatewaySettings, "http_port"), "/metrics"),
     "preprocess": (_default(PreprocessSettings, "metrics_port"), "/metrics"),

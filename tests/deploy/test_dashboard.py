@@ -135,7 +135,7 @@ def test_every_dashboard_query_uses_only_exported_metric_names(envoy_metric_name
     assert metric_names_in("rate(meshserve_gateway_request_total[1m])") - known  # a typo is caught
 
 
-# The metrics README "Observability" promises (new ones may come without a panel; these may not lack one).
+# The metrics docs/operations.md "Metrics" promises (new ones may come without a panel; these may not lack one).
 DOCUMENTED = {
     "meshserve_gateway_requests_total", "meshserve_gateway_request_seconds", "meshserve_gateway_stage_seconds",
     "meshserve_gateway_coalesced_rows", "meshserve_preprocess_tokens_total", "meshserve_preprocess_truncated_total",

@@ -273,7 +273,7 @@ def test_gateway_replicas_share_the_admin_token_database_and_redis(rendered):
     assert "MESHSERVE_ADMIN_TOKEN" in fields["admin_token"].validation_alias.choices
     assert {"database_url", "redis_url", "auth", "metrics_public"} <= set(fields)
     redis = find(docs, "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
-    # Ephemeral by design (README "Secrets, database and Redis" says what losing it means).
+    # Ephemeral by design (docs/deployment.md "Secrets, database and Redis" says what losing it means).
     args = redis["args"]
     assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
 
