@@ -54,6 +54,18 @@ class PredictService:
         self.embed = embed
         self.coalescer = coalescer
 
+    async def _admit(self, ctx: CallContext, entry: ModelEntry, task: str, inputs, parameters) -> Metered:
+        """Admit one task request, its token bound computed from its inputs (inputs over a cap are refused)."""
+        return await self.metering.admit(
+            ctx.principal,
+            entry,
+            task,
+            ctx.route,
+            ctx.request_id,
+            max_input_tokens=token_bound(entry, inputs, parameters),
+            client_request_id=ctx.client_request_id,
+        )
+
     async def answer(
         self,
         ctx: CallContext,
@@ -71,15 +83,7 @@ class PredictService:
         feature-extraction, else the TaskResult; `variant` names the rendering in the cache key
         (a client's dialect); `wait`: wait for a cold model rather than refuse it."""
         metering = self.metering
-        metered = await metering.admit(
-            ctx.principal,
-            entry,
-            task,
-            ctx.route,
-            ctx.request_id,
-            max_input_tokens=token_bound(entry, inputs, parameters),
-            client_request_id=ctx.client_request_id,
-        )
+        metered = await self._admit(ctx, entry, task, inputs, parameters)
         async with metering.track(metered):
             cache = self.cache
             scope = cache.scope_of(metered.principal.key_id)  # a key never sees another's entries
@@ -120,15 +124,7 @@ class PredictService:
         and rate-limit headers."""
         entry, task = self.pipeline.resolve(model_id, task)
         metering = self.metering
-        metered = await metering.admit(
-            ctx.principal,
-            entry,
-            task,
-            ctx.route,
-            ctx.request_id,
-            max_input_tokens=token_bound(entry, inputs, parameters),
-            client_request_id=ctx.client_request_id,
-        )
+        metered = await self._admit(ctx, entry, task, inputs, parameters)
         async with metering.track(metered):
             prediction = await self.pipeline.predict(entry.id, task, inputs, parameters)
             usage = prediction.usage
