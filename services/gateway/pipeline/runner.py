@@ -35,6 +35,9 @@ from services.common.tensors import NP_DTYPES
 
 log = logging.getLogger(__name__)
 
+# Tasks whose results quote the request's inputs (entity words, answer spans): postprocess gets them.
+QUOTING_TASKS = frozenset({"token-classification", "question-answering"})
+
 STAGE_SECONDS = Histogram(
     "meshserve_gateway_stage_seconds", "Time spent in each pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS
 )
@@ -161,7 +164,14 @@ class Pipeline:
             outputs = await self._infer(entry, list(pre.tensors))
         t2 = time.perf_counter()
         post = await self.postprocess.postprocess(
-            postprocess_pb2.PostprocessRequest(model_id=entry.id, task=task_pb, outputs=outputs, parameters=parameters)
+            postprocess_pb2.PostprocessRequest(
+                model_id=entry.id,
+                task=task_pb,
+                outputs=outputs,
+                parameters=parameters,
+                side_tensors=pre.side_tensors,
+                inputs=inputs if task in QUOTING_TASKS else None,
+            )
         )
         t3 = time.perf_counter()
         STAGE_SECONDS.labels("preprocess").observe(t1 - started)

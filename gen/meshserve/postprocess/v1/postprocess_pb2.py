@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.tasks.v1 import tasks_pb2 as meshserve_dot_tasks_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*meshserve/postprocess/v1/postprocess.proto\x12\x18meshserve.postprocess.v1\x1a\x1emeshserve/tasks/v1/tasks.proto\"1\n\x0f\x44\x65tokenizeStart\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04stop\x18\x02 \x03(\t\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x08\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"\xc9\x01\n\x11\x44\x65tokenizeRequest\x12:\n\x05start\x18\x01 \x01(\x0b\x32).meshserve.postprocess.v1.DetokenizeStartH\x00\x12\x36\n\x06tokens\x18\x02 \x01(\x0b\x32$.meshserve.postprocess.v1.TokenChunkH\x00\x12\x38\n\x06prompt\x18\x03 \x01(\x0b\x32&.meshserve.postprocess.v1.PromptTokensH\x00\x42\x06\n\x04kind\"H\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_texts\x18\x02 \x03(\t\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\"\xb3\x01\n\x12PostprocessRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor\x12\x36\n\nparameters\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TaskParameters\"E\n\x13PostprocessResponse\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskResult2\xed\x01\n\x12PostprocessService\x12j\n\x0bPostprocess\x12,.meshserve.postprocess.v1.PostprocessRequest\x1a-.meshserve.postprocess.v1.PostprocessResponse\x12k\n\nDetokenize\x12+.meshserve.postprocess.v1.DetokenizeRequest\x1a,.meshserve.postprocess.v1.DetokenizeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*meshserve/postprocess/v1/postprocess.proto\x12\x18meshserve.postprocess.v1\x1a\x1emeshserve/tasks/v1/tasks.proto\"1\n\x0f\x44\x65tokenizeStart\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04stop\x18\x02 \x03(\t\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x08\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"\xc9\x01\n\x11\x44\x65tokenizeRequest\x12:\n\x05start\x18\x01 \x01(\x0b\x32).meshserve.postprocess.v1.DetokenizeStartH\x00\x12\x36\n\x06tokens\x18\x02 \x01(\x0b\x32$.meshserve.postprocess.v1.TokenChunkH\x00\x12\x38\n\x06prompt\x18\x03 \x01(\x0b\x32&.meshserve.postprocess.v1.PromptTokensH\x00\x42\x06\n\x04kind\"H\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_texts\x18\x02 \x03(\t\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\"\x95\x02\n\x12PostprocessRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor\x12\x36\n\nparameters\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TaskParameters\x12\x30\n\x0cside_tensors\x18\x05 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor\x12.\n\x06inputs\x18\x06 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskInputs\"E\n\x13PostprocessResponse\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskResult2\xed\x01\n\x12PostprocessService\x12j\n\x0bPostprocess\x12,.meshserve.postprocess.v1.PostprocessRequest\x1a-.meshserve.postprocess.v1.PostprocessResponse\x12k\n\nDetokenize\x12+.meshserve.postprocess.v1.DetokenizeRequest\x1a,.meshserve.postprocess.v1.DetokenizeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETOKENIZERESPONSE']._serialized_start=441
   _globals['_DETOKENIZERESPONSE']._serialized_end=513
   _globals['_POSTPROCESSREQUEST']._serialized_start=516
-  _globals['_POSTPROCESSREQUEST']._serialized_end=695
-  _globals['_POSTPROCESSRESPONSE']._serialized_start=697
-  _globals['_POSTPROCESSRESPONSE']._serialized_end=766
-  _globals['_POSTPROCESSSERVICE']._serialized_start=769
-  _globals['_POSTPROCESSSERVICE']._serialized_end=1006
+  _globals['_POSTPROCESSREQUEST']._serialized_end=793
+  _globals['_POSTPROCESSRESPONSE']._serialized_start=795
+  _globals['_POSTPROCESSRESPONSE']._serialized_end=864
+  _globals['_POSTPROCESSSERVICE']._serialized_start=867
+  _globals['_POSTPROCESSSERVICE']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

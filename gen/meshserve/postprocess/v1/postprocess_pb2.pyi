@@ -50,16 +50,20 @@ class DetokenizeResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_texts: _Optional[_Iterable[str]] = ..., stopped: _Optional[bool] = ...) -> None: ...
 
 class PostprocessRequest(_message.Message):
-    __slots__ = ("model_id", "task", "outputs", "parameters")
+    __slots__ = ("model_id", "task", "outputs", "parameters", "side_tensors", "inputs")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SIDE_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     task: _tasks_pb2.Task
     outputs: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Tensor]
     parameters: _tasks_pb2.TaskParameters
-    def __init__(self, model_id: _Optional[str] = ..., task: _Optional[_Union[_tasks_pb2.Task, str]] = ..., outputs: _Optional[_Iterable[_Union[_tasks_pb2.Tensor, _Mapping]]] = ..., parameters: _Optional[_Union[_tasks_pb2.TaskParameters, _Mapping]] = ...) -> None: ...
+    side_tensors: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Tensor]
+    inputs: _tasks_pb2.TaskInputs
+    def __init__(self, model_id: _Optional[str] = ..., task: _Optional[_Union[_tasks_pb2.Task, str]] = ..., outputs: _Optional[_Iterable[_Union[_tasks_pb2.Tensor, _Mapping]]] = ..., parameters: _Optional[_Union[_tasks_pb2.TaskParameters, _Mapping]] = ..., side_tensors: _Optional[_Iterable[_Union[_tasks_pb2.Tensor, _Mapping]]] = ..., inputs: _Optional[_Union[_tasks_pb2.TaskInputs, _Mapping]] = ...) -> None: ...
 
 class PostprocessResponse(_message.Message):
     __slots__ = ("result",)

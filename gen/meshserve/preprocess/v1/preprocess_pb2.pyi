@@ -48,9 +48,11 @@ class PreprocessRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., task: _Optional[_Union[_tasks_pb2.Task, str]] = ..., inputs: _Optional[_Union[_tasks_pb2.TaskInputs, _Mapping]] = ..., parameters: _Optional[_Union[_tasks_pb2.TaskParameters, _Mapping]] = ...) -> None: ...
 
 class PreprocessResponse(_message.Message):
-    __slots__ = ("tensors", "usage")
+    __slots__ = ("tensors", "usage", "side_tensors")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    SIDE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Tensor]
     usage: _tasks_pb2.Usage
-    def __init__(self, tensors: _Optional[_Iterable[_Union[_tasks_pb2.Tensor, _Mapping]]] = ..., usage: _Optional[_Union[_tasks_pb2.Usage, _Mapping]] = ...) -> None: ...
+    side_tensors: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Tensor]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_tasks_pb2.Tensor, _Mapping]]] = ..., usage: _Optional[_Union[_tasks_pb2.Usage, _Mapping]] = ..., side_tensors: _Optional[_Iterable[_Union[_tasks_pb2.Tensor, _Mapping]]] = ...) -> None: ...
