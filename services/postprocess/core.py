@@ -8,6 +8,7 @@ normalization runs here because it depends on the caller's `normalize` parameter
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -58,8 +59,10 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 class Postprocessor:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, models_dir: Path | None = None) -> None:
         self.catalog = catalog
+        # The model store, for tasks whose results need the model's tokenizer (entity words, fills).
+        self.models_dir = models_dir
 
     def _embeddings(self, model_id: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
         entry = self.catalog.get(model_id)
