@@ -45,12 +45,21 @@ class TextPreprocessor:
 
     def __init__(self, entry: ModelEntry, folder: Path) -> None:
         self.entry = entry
+        self.folder = folder
         self.limit = entry.preprocess.max_length
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.enable_truncation(max_length=self.limit)
-        pad_id = tokenizer.token_to_id("[PAD]")
-        tokenizer.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token="[PAD]")
+        pad_token = pad_token_of(folder, tokenizer)
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
         self.tokenizer = tokenizer
+        self.input_names = tuple(t.name for t in entry.inference.inputs)
+
+    def tensors(self, encodings) -> dict[str, np.ndarray]:
+        """The model's input tensors (the catalog's inputs, in order) from padded encodings."""
+        columns = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+        return {
+            name: np.array([getattr(e, columns[name]) for e in encodings], dtype=np.int64) for name in self.input_names
+        }
 
     def validate(self, texts: list[str], *, field: str) -> None:
         spec = self.entry.preprocess
@@ -81,14 +90,27 @@ class TextPreprocessor:
                 "shorten it or allow truncation (`truncate: true`)",
                 param=field,
             )
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        per_item = mask.sum(axis=1).tolist()
+        tensors = self.tensors(encodings)
+        per_item = tensors["attention_mask"].sum(axis=1).tolist()
         tokens = sum(per_item)
         TOKENS.labels(self.entry.id).inc(tokens)
         if cut:
             TRUNCATED.labels(self.entry.id).inc(len(cut))
-        return Encoded({"input_ids": ids, "attention_mask": mask}, tokens, len(texts), per_item)
+        return Encoded(tensors, tokens, len(texts), per_item)
+
+
+def pad_token_of(folder: Path, tokenizer: Tokenizer) -> str:
+    """The folder's pad token: tokenizer_config.json / special_tokens_map.json, else BERT's [PAD]."""
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.exists():
+            token = json.loads(path.read_text()).get("pad_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+                return token
+    return "[PAD]"
 
 
 class ImagePreprocessor:
@@ -124,6 +146,14 @@ class Preprocessor:
             if GENERATION_TASKS & set(e.tasks)
         }
         self._image = {e.id: ImagePreprocessor(e) for e in catalog.models if e.preprocess.kind == "image"}
+
+    def text(self, model_id: str) -> TextPreprocessor:
+        """The text preprocessor (tokenizer, limits) of a text model; MeshError for other models."""
+        entry = self.catalog.get(model_id)
+        try:
+            return self._text[entry.id]
+        except KeyError:
+            raise invalid(f"model {model_id!r} does not take text inputs", param="inputs") from None
 
     def _model(self, model_id: str, task: str, kind: str) -> ModelEntry:
         entry = self.catalog.get(model_id)
