@@ -215,6 +215,14 @@ class ServiceTokenPlugin(InferenceServerClientPlugin):
         request.headers.update(service_auth.metadata(self.token))
 
 
+def mesh_home(home: Path) -> Path:
+    """A MESHSERVE_HOME of a mesh's own whose `models` is the shared model store."""
+    home.mkdir(parents=True, exist_ok=True)
+    (meshserve_home() / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(meshserve_home() / "models")
+    return home
+
+
 MESH_PORTS = ("http", "grpc", "pre", "pre_m", "inference", "inf_m", "post", "post_m")
 
 
@@ -224,14 +232,14 @@ def start_mesh(
     *,
     backend: str = "embedded",
     ports: dict[str, int] | None = None,
+    home: Path | None = None,
+    args: list[str] | None = None,
+    timeout_s: float = START_TIMEOUT_S,
 ) -> Mesh:
-    """`meshserve up --backend <backend>` on free ports. A Triton mesh gets its own MESHSERVE_HOME
-    (its generated repository and work dir) over the shared model store."""
-    home = meshserve_home()
-    if backend == "triton":
-        home = tmp_path / "home"
-        home.mkdir(exist_ok=True)
-        (home / "models").symlink_to(meshserve_home() / "models")
+    """`meshserve up --backend <backend> [args...]` on free ports. A Triton mesh gets its own
+    MESHSERVE_HOME (its generated repository and work dir) over the shared model store; `home`
+    replaces that choice (a home the caller prepared, e.g. with a catalog.d)."""
+    home = home or (mesh_home(tmp_path / "home") if backend == "triton" else meshserve_home())
     ports = ports or {name: free_port() for name in MESH_PORTS}
     env = {
         **os.environ,
@@ -263,7 +271,7 @@ def start_mesh(
     log_path = tmp_path / "mesh.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--no-build", "--backend", backend],
+            [sys.executable, "-m", "services.cli", "up", "--no-build", "--backend", backend, *(args or [])],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -271,7 +279,7 @@ def start_mesh(
         )
     mesh = Mesh(process, ports, log_path, env, backend)
     try:
-        mesh.wait_ready()
+        mesh.wait_ready(timeout_s)
     except BaseException:
         mesh.stop()
         raise
