@@ -174,11 +174,18 @@ def _causal_lm(model_dir: Path):
     return CausalLMRuntime(model_dir)
 
 
+def _sequence_classification(model_dir: Path):
+    from services.inference.hf_classifiers import SequenceClassificationRuntime
+
+    return SequenceClassificationRuntime(model_dir)
+
+
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "causal_lm": _causal_lm,  # served by the GenerationScheduler (ModelStreamInfer), not a batcher
     "sentence_embedding": SentenceEmbeddingRuntime,
     "embedding_classifier": EmbeddingClassifierRuntime,
     "image_classifier": ImageClassifierRuntime,
+    "sequence_classification": _sequence_classification,
 }
 
 
