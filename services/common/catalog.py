@@ -1,4 +1,5 @@
-"""The model catalog: one YAML file that every service reads, the single source of truth for models.
+"""The model catalog: the shipped YAML file plus one file per added model under
+$MESHSERVE_HOME/catalog.d, read by every service through `load_catalog`; the single source of truth.
 
 A catalog entry says which tasks a model serves (the first is its default), where its weights come
 from, and how each stage treats it. The Triton model repository is generated from the same entries.
@@ -6,14 +7,21 @@ from, and how each stage treats it. The Triton model repository is generated fro
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.errors import ErrorCode, MeshError
+
+if TYPE_CHECKING:
+    from services.common.settings import CommonSettings
+
+log = logging.getLogger(__name__)
 
 # Hugging Face task id <-> the gRPC enum value's suffix (TASK_FEATURE_EXTRACTION).
 TASKS = (
@@ -70,6 +78,13 @@ class Source(_Strict):
     builder: str | None = None
     # build: the catalog id of a model this one starts from (e.g. the encoder under a head).
     base: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Source:
+        needs = {"wheel": "package", "path": "path", "hub": "repo", "build": "builder"}[self.kind]
+        if not getattr(self, needs):
+            raise ValueError(f"source kind {self.kind!r} needs source.{needs}")
+        return self
 
 
 class ImageSpec(_Strict):
@@ -271,3 +286,77 @@ class Catalog:
                 param="task",
             )
         return task
+
+
+class CatalogFileError(ValueError):
+    """A catalog file that cannot be read or does not hold valid entries; the message names the file."""
+
+
+def _readable(exc: Exception) -> str:
+    """pydantic's validation errors as `field.path: message` lines; other errors as they are."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "entry"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_entry(path: Path) -> ModelEntry:
+    """One entry file (catalog.d): a YAML mapping that is the entry itself."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CatalogFileError(f"{path}: cannot read the entry: {exc}") from None
+    if not isinstance(data, dict):
+        raise CatalogFileError(f"{path}: a catalog entry file holds one YAML mapping (id, tasks, source, ...)")
+    try:
+        return ModelEntry.model_validate(data)
+    except ValueError as exc:
+        raise CatalogFileError(f"{path}: not a valid catalog entry:\n{_readable(exc)}") from None
+
+
+def entry_files(catalog_dir: Path | None) -> list[Path]:
+    """The entry files under a catalog.d folder (**/*.yaml, sorted); none when it does not exist."""
+    if catalog_dir is None or not catalog_dir.is_dir():
+        return []
+    return sorted(p for p in catalog_dir.rglob("*.yaml") if p.is_file())
+
+
+def read_catalog(path: Path, catalog_dir: Path | None, *, strict: bool = False) -> Catalog:
+    """The catalog file's entries plus one per catalog.d file. strict: a bad catalog.d file or a
+    duplicate id raises CatalogFileError; else it is skipped with one logged error, so that one bad
+    file added by hand does not stop the services serving the others."""
+    entries = Catalog.load(path).models
+    for file in entry_files(catalog_dir):
+        try:
+            entry = load_entry(file)
+            if any(e.id == entry.id or e.inference.name == entry.inference.name for e in entries):
+                raise CatalogFileError(
+                    f"{file}: id {entry.id!r} or inference.name {entry.inference.name!r} is already in the catalog"
+                )
+        except CatalogFileError as exc:
+            if strict:
+                raise
+            log.error("catalog entry skipped: %s", exc)
+            continue
+        entries.append(entry)
+    return Catalog(entries)
+
+
+def load_catalog(settings: CommonSettings, *, strict: bool = False) -> Catalog:
+    """The catalog every service and the CLI serve: settings.catalog plus settings.catalog_d."""
+    return read_catalog(settings.catalog, settings.catalog_d, strict=strict)
+
+
+def entry_schema() -> str:
+    """The JSON Schema of one catalog entry (schemas/catalog-entry.schema.json), as text."""
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/meshserve/meshserve/schemas/catalog-entry.schema.json",
+        **ModelEntry.model_json_schema(),
+    }
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -30,7 +30,7 @@ def _shared(name: str) -> AliasChoices:
 
 
 class CommonSettings(BaseSettings):
-    """Fields every service has. Env: MESHSERVE_HOME, MESHSERVE_CATALOG, MESHSERVE_LOG_LEVEL, MESHSERVE_HOST."""
+    """Fields every service has. Env: MESHSERVE_HOME, MESHSERVE_CATALOG, MESHSERVE_CATALOG_DIR, MESHSERVE_LOG_LEVEL, MESHSERVE_HOST."""
 
     model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="ignore", populate_by_name=True)
 
@@ -41,6 +41,12 @@ class CommonSettings(BaseSettings):
     )
     catalog: Path = Field(
         REPO_ROOT / "catalog.yaml", validation_alias=_shared("catalog"), description="The model catalog (YAML)."
+    )
+    catalog_dir: Path | None = Field(
+        None,
+        validation_alias=_shared("catalog_dir"),
+        description="Added models, one entry per YAML file (**/*.yaml), served beside the catalog; "
+        "unset: $MESHSERVE_HOME/catalog.d (`meshserve models add` writes there).",
     )
     log_level: str = Field(
         "INFO",
@@ -56,6 +62,11 @@ class CommonSettings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def catalog_d(self) -> Path:
+        """The folder of added entries: catalog_dir, else $MESHSERVE_HOME/catalog.d."""
+        return self.catalog_dir if self.catalog_dir is not None else self.home / "catalog.d"
 
 
 class GrpcServiceSettings(CommonSettings):

@@ -16,7 +16,7 @@ import uvicorn
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common import grpc_server, tracing
-from services.common.catalog import Catalog
+from services.common.catalog import load_catalog
 from services.common.clients import InferenceClient, PostprocessClient, PreprocessClient
 from services.common.logs import setup_logging
 from services.gateway.api.grpc_servicer import GatewayServicer
@@ -35,7 +35,7 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 
 def build_pipeline(settings: GatewaySettings) -> Pipeline:
     return Pipeline(
-        Catalog.load(settings.catalog),
+        load_catalog(settings),
         PreprocessClient(settings.upstream(settings.preprocess_address)),
         InferenceClient(settings.upstream(settings.inference_address)),
         PostprocessClient(settings.upstream(settings.postprocess_address)),

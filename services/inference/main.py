@@ -7,7 +7,7 @@ import logging
 from tritonclient.grpc import service_pb2_grpc
 
 from services.common import grpc_server, service_auth, tracing
-from services.common.catalog import Catalog
+from services.common.catalog import load_catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.inference.core import InferenceCore
@@ -21,7 +21,7 @@ SERVICE_NAME = "inference.GRPCInferenceService"
 
 async def create(settings: InferenceSettings) -> tuple[grpc_server.RunningServer, ModelRepository]:
     """Start the server (NOT_SERVING), then load models; SERVING once they are READY."""
-    repository = ModelRepository(Catalog.load(settings.catalog), settings.models_dir)
+    repository = ModelRepository(load_catalog(settings), settings.models_dir)
     servicer = InferenceServicer(InferenceCore(repository), repository, strict_readiness=settings.strict_readiness)
     binding = grpc_server.Binding(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE_NAME)
     token = service_auth.configured_token(settings)

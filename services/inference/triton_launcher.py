@@ -22,7 +22,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common import service_auth
-from services.common.catalog import Catalog
+from services.common.catalog import load_catalog
 from services.common.triton_repository import generate
 from services.inference.settings import InferenceSettings
 
@@ -51,7 +51,7 @@ def prepare_workdir(settings: InferenceSettings) -> tuple[Path, Path, Path]:
         shutil.rmtree(python_backend, ignore_errors=True)
         shutil.copytree(server / "backends" / "python", python_backend)
         shutil.copy2(stub / "triton_python_backend_stub", python_backend / "triton_python_backend_stub")
-    repository = generate(Catalog.load(settings.catalog), settings.models_dir, work / "models")
+    repository = generate(load_catalog(settings), settings.models_dir, work / "models")
     return work, repository, backends
 
 

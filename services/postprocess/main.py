@@ -5,7 +5,7 @@ from __future__ import annotations
 from meshserve.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 
 from services.common import grpc_server, service_auth, tracing
-from services.common.catalog import Catalog
+from services.common.catalog import load_catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.postprocess.core import Postprocessor
@@ -17,7 +17,7 @@ SERVICE_NAME = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"]
 
 
 async def create(settings: PostprocessSettings) -> grpc_server.RunningServer:
-    catalog = Catalog.load(settings.catalog)
+    catalog = load_catalog(settings)
     servicer = PostprocessServicer(Postprocessor(catalog, settings.models_dir), Detokenizers(catalog, settings.models_dir))
     binding = grpc_server.Binding(postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server, servicer, SERVICE_NAME)
     return await grpc_server.create_server(

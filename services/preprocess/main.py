@@ -5,7 +5,7 @@ from __future__ import annotations
 from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 
 from services.common import grpc_server, service_auth, tracing
-from services.common.catalog import Catalog
+from services.common.catalog import load_catalog
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.preprocess.core import Preprocessor
@@ -16,7 +16,7 @@ SERVICE_NAME = preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].f
 
 
 async def create(settings: PreprocessSettings) -> grpc_server.RunningServer:
-    core = Preprocessor(Catalog.load(settings.catalog), settings.models_dir)
+    core = Preprocessor(load_catalog(settings), settings.models_dir)
     binding = grpc_server.Binding(
         preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server, PreprocessServicer(core), SERVICE_NAME
     )
