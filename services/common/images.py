@@ -1,4 +1,5 @@
-"""Image decoding for image tasks: format sniffing, safe opening, resize and normalization.
+"""Image decoding for image tasks: format sniffing, safe opening, EXIF orientation, resize and
+normalization.
 
 Shared by preprocess (serving) and the digits builder (training), so a model is trained on
 exactly the pixels it is served. Pixel counts are checked from the headers before any pixel is
@@ -12,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.catalog import ImageSpec
 from services.common.errors import ErrorCode, MeshError, invalid
@@ -33,6 +34,8 @@ FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 # `check_sizes` applies both caps from the headers; the gateway runs it before admission and
 # preprocess again before decoding.
 MAX_REQUEST_PIXELS = 4 * 4096 * 4096
+# Per image, for models without an `ImageSpec` (their folder's image processor sizes the pixels).
+DEFAULT_MAX_PIXELS: int = ImageSpec.model_fields["max_pixels"].default
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
@@ -87,16 +90,18 @@ def header_size(data: bytes, *, field: str = "inputs") -> tuple[int, int]:
         raise invalid(f"`{field}` is a corrupt or truncated {fmt} image ({type(exc).__name__})", param=field) from None
 
 
-def check_sizes(data: Sequence[bytes], spec: ImageSpec, *, field: str = "inputs") -> int:
+def check_sizes(data: Sequence[bytes], spec: ImageSpec | None, *, field: str = "inputs") -> int:
     """Refuse, from the headers alone, a request whose images are over `spec.max_pixels` each or
-    over `MAX_REQUEST_PIXELS` (at least `spec.max_pixels`) in all; returns the total pixels."""
-    per_request = max(MAX_REQUEST_PIXELS, spec.max_pixels)
+    over `MAX_REQUEST_PIXELS` (at least `spec.max_pixels`) in all; returns the total pixels. No spec
+    (a model with its own image processor): the default per-image cap."""
+    max_pixels = spec.max_pixels if spec is not None else DEFAULT_MAX_PIXELS
+    per_request = max(MAX_REQUEST_PIXELS, max_pixels)
     total = 0
     for i, raw in enumerate(data):
         where = field if len(data) == 1 else f"{field}[{i}]"
         width, height = header_size(raw, field=where)
-        if width * height > spec.max_pixels:
-            raise _too_many_pixels(where, width, height, spec.max_pixels)
+        if width * height > max_pixels:
+            raise _too_many_pixels(where, width, height, max_pixels)
         total += width * height
         if total > per_request:
             raise MeshError(
@@ -110,7 +115,24 @@ def check_sizes(data: Sequence[bytes], spec: ImageSpec, *, field: str = "inputs"
 
 def open_image(data: bytes, spec: ImageSpec, *, field: str = "inputs") -> Image.Image:
     """Open and fully decode one image, refusing unsupported formats, corrupt data and images
-    over `spec.max_pixels` (checked before decoding)."""
+    over `spec.max_pixels` (checked before decoding). A JPEG is decoded at a reduced scale when
+    the model's size allows it (the resize in `to_pixels` follows)."""
+    return _decoded(data, spec.max_pixels, field=field, draft=(spec.mode, (spec.width, spec.height)))
+
+
+def load_oriented(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, field: str = "inputs") -> Image.Image:
+    """Bytes -> what `transformers.image_utils.load_image` makes of them, decoded as safely as
+    `open_image` (no reduced-scale JPEG decode: the model's image processor resizes): turned upright
+    by its EXIF orientation tag (`ImageOps.exif_transpose`), then converted to RGB."""
+    image = _decoded(data, max_pixels, field=field, draft=None)
+    try:
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError) as exc:  # a malformed EXIF block
+        raise invalid(f"`{field}` has unreadable EXIF data ({type(exc).__name__})", param=field) from None
+
+
+def _decoded(data: bytes, max_pixels: int, *, field: str, draft: tuple[str, tuple[int, int]] | None) -> Image.Image:
+    """Decode one image: sniffed format only, pixel cap from the header, Pillow's bomb check."""
     fmt = sniff_format(data)
     if fmt is None:
         raise _unsupported(field)
@@ -119,12 +141,12 @@ def open_image(data: bytes, spec: ImageSpec, *, field: str = "inputs") -> Image.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size
-            if width * height > spec.max_pixels:
-                raise _too_many_pixels(field, width, height, spec.max_pixels)
-            if fmt == "JPEG":
+            if width * height > max_pixels:
+                raise _too_many_pixels(field, width, height, max_pixels)
+            if fmt == "JPEG" and draft is not None:
                 # Let the JPEG decoder scale down by up to 8x while decoding: far less work for
-                # large photos, same result after the resize below.
-                image.draft(spec.mode, (spec.width, spec.height))
+                # large photos, same result after the resize to the model's size.
+                image.draft(*draft)
             image.load()
     except MeshError:
         raise
