@@ -9,10 +9,16 @@ is read from the Hugging Face cache, filled by `models add` / `models build` / `
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from services.common.catalog import ModelEntry
+from services.common.errors import ErrorCode, MeshError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "meshserve-build.json"
 IN_PLACE = frozenset({"path", "hub"})
@@ -72,3 +78,29 @@ def _hub_placeholder(entry: ModelEntry) -> Path:
 def manifest(entry: ModelEntry, models_dir: Path) -> dict:
     """The build manifest of a built entry (id, fingerprint, and a trained model's metrics)."""
     return json.loads((entry.store_dir(models_dir) / MANIFEST).read_text())
+
+
+class UnavailableModel:
+    """Stands in for a model whose files could not be read when a service started (a folder that
+    vanished, a broken tokenizer): any use of it answers a readable UNAVAILABLE (503), so that one
+    bad model never stops a service from serving the others."""
+
+    def __init__(self, entry: ModelEntry, reason: str) -> None:
+        self.entry_id = entry.id
+        self.reason = reason
+
+    def __getattr__(self, name: str) -> Any:
+        raise MeshError(
+            ErrorCode.UPSTREAM_UNAVAILABLE, f"Model {self.entry_id!r} is not available: {self.reason}", param="model"
+        )
+
+
+def load_or_stand_in(entry: ModelEntry, models_dir: Path, factory: Callable[[ModelEntry, Path], Any]) -> Any:
+    """factory(entry, model folder), or an UnavailableModel with one logged error when it fails."""
+    folder = model_dir(entry, models_dir)
+    try:
+        return factory(entry, folder)
+    except Exception as exc:  # any failure to read one model's files must not stop the service
+        reason = f"its folder {folder} is missing" if not folder.is_dir() else f"{type(exc).__name__}: {exc}"
+        log.error("model skipped: %s", reason, extra={"fields": {"model": entry.id}})
+        return UnavailableModel(entry, reason)

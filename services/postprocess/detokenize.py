@@ -15,7 +15,7 @@ from pathlib import Path
 
 from services.common.catalog import GENERATION_TASKS, Catalog
 from services.common.errors import invalid
-from services.common.modelstore import model_dir
+from services.common.modelstore import load_or_stand_in
 
 REPLACEMENT = "\ufffd"
 
@@ -93,7 +93,7 @@ class Detokenizers:
 
         self.catalog = catalog
         self._tokenizers = {
-            e.id: AutoTokenizer.from_pretrained(str(model_dir(e, models_dir)))
+            e.id: load_or_stand_in(e, models_dir, lambda _, folder: AutoTokenizer.from_pretrained(str(folder)))
             for e in catalog.models
             if GENERATION_TASKS & set(e.tasks)
         }

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from services.common import caps, images, tracing
 from services.common.catalog import GENERATION_TASKS, Catalog, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.common.modelstore import model_dir
+from services.common.modelstore import load_or_stand_in, model_dir
 from services.preprocess.generation import GenerationPreprocessor, Prompt
 
 TOKENS = Counter("meshserve_preprocess_tokens_total", "Input tokens produced, after truncation.", ["model"])
@@ -51,8 +51,22 @@ class TextPreprocessor:
         tokenizer.enable_truncation(max_length=self.limit)
         pad_token = pad_token_of(folder, tokenizer)
         tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
+        lowercase_if_configured(folder, tokenizer)
         self.tokenizer = tokenizer
         self.input_names = tuple(t.name for t in entry.inference.inputs)
+
+    def prompt(self, name: str | None) -> str:
+        """The text put before each input: the catalog's prompt `name`, else its default prompt
+        (sentence-transformers' encode(prompt_name=...)); "" when neither applies."""
+        spec = self.entry.preprocess
+        if name is None:
+            return spec.prompts.get(spec.default_prompt_name, "") if spec.default_prompt_name else ""
+        if name not in spec.prompts:
+            known = ", ".join(repr(n) for n in spec.prompts) or "none"
+            raise invalid(
+                f"unknown `prompt_name` {name!r} for {self.entry.id}; its prompts: {known}", param="prompt_name"
+            )
+        return spec.prompts[name]
 
     def tensors(self, encodings) -> dict[str, np.ndarray]:
         """The model's input tensors (the catalog's inputs, in order) from padded encodings."""
@@ -81,8 +95,8 @@ class TextPreprocessor:
                     param=field,
                 )
 
-    def encode(self, texts: list[str], *, truncate: bool, field: str) -> Encoded:
-        encodings = self.tokenizer.encode_batch(texts)
+    def encode(self, texts: list[str], *, truncate: bool, field: str, prompt: str = "") -> Encoded:
+        encodings = self.tokenizer.encode_batch([prompt + t for t in texts] if prompt else texts)
         cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut and not truncate:
             raise invalid(
@@ -97,6 +111,22 @@ class TextPreprocessor:
         if cut:
             TRUNCATED.labels(self.entry.id).inc(len(cut))
         return Encoded(tensors, tokens, len(texts), per_item)
+
+
+def lowercase_if_configured(folder: Path, tokenizer: Tokenizer) -> None:
+    """sentence_bert_config.json `do_lower_case`: lowercase first, as sentence-transformers does
+    (a Lowercase normalizer in front of the tokenizer's own, unless it has one)."""
+    import json
+
+    from tokenizers import normalizers
+
+    path = folder / "sentence_bert_config.json"
+    if not path.exists() or not json.loads(path.read_text()).get("do_lower_case"):
+        return
+    current = tokenizer.normalizer
+    if current is not None and "Lowercase" in current.__getstate__().decode(errors="replace"):
+        return
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *([current] if current else [])])
 
 
 def pad_token_of(folder: Path, tokenizer: Tokenizer) -> str:
@@ -129,23 +159,36 @@ class ImagePreprocessor:
         return Encoded({self.entry.inference.inputs[0].name: pixels}, 0, len(data), [0] * len(data))
 
 
+def image_preprocessor(entry: ModelEntry, models_dir: Path):
+    """The catalog's pixel recipe (`preprocess.image`), else the folder's own image processor."""
+    if entry.preprocess.image is not None:
+        return ImagePreprocessor(entry)
+    from services.preprocess.vision import VisionPreprocessor  # imports transformers: only when needed
+
+    return VisionPreprocessor(entry, model_dir(entry, models_dir))
+
+
 class Preprocessor:
     """All models' preprocessors, built from the catalog and the model store at start."""
 
     def __init__(self, catalog: Catalog, models_dir: Path) -> None:
         self.catalog = catalog
         self.models_dir = models_dir
-        self._text = {
-            e.id: TextPreprocessor(e, model_dir(e, models_dir))
+        self._text = {  # a model whose folder cannot be read answers 503, the others keep serving
+            e.id: load_or_stand_in(e, models_dir, TextPreprocessor)
             for e in catalog.models
             if e.preprocess.kind == "text" and not GENERATION_TASKS & set(e.tasks)
         }
         self._generation = {
-            e.id: GenerationPreprocessor(e, model_dir(e, models_dir))
+            e.id: load_or_stand_in(e, models_dir, GenerationPreprocessor)
             for e in catalog.models
             if GENERATION_TASKS & set(e.tasks)
         }
-        self._image = {e.id: ImagePreprocessor(e) for e in catalog.models if e.preprocess.kind == "image"}
+        self._image = {
+            e.id: load_or_stand_in(e, models_dir, lambda e, _: image_preprocessor(e, models_dir))
+            for e in catalog.models
+            if e.preprocess.kind == "image"
+        }
 
     def text(self, model_id: str) -> TextPreprocessor:
         """The text preprocessor (tokenizer, limits) of a text model; MeshError for other models."""
@@ -166,7 +209,7 @@ class Preprocessor:
         entry = self._model(model_id, task, "image")
         pre = self._image[entry.id]
         with tracing.span("decode_images", model=model_id, images=len(data)):
-            if sum(len(d) for d in data) <= INLINE_IMAGE_BYTES:
+            if isinstance(pre, ImagePreprocessor) and sum(len(d) for d in data) <= INLINE_IMAGE_BYTES:
                 return pre.encode(data, field=field)
             return await asyncio.to_thread(pre.encode, data, field=field)
 
@@ -199,15 +242,19 @@ class Preprocessor:
         rows = zero_shot_texts(entry, texts, labels, template)
         return await self.encode_texts(model_id, "zero-shot-classification", rows, truncate=truncate, field="inputs")
 
-    async def encode_texts(self, model_id: str, task: str, texts: list[str], *, truncate: bool, field: str) -> Encoded:
+    async def encode_texts(
+        self, model_id: str, task: str, texts: list[str], *, truncate: bool, field: str, prompt_name: str | None = None
+    ) -> Encoded:
+        """`prompt_name`: the catalog prompt put before each text (None: the model's default prompt)."""
         entry = self._model(model_id, task, "text")
         pre = self._text[entry.id]
         pre.validate(texts, field=field)
+        prompt = pre.prompt(prompt_name)
         with tracing.span("tokenize", model=model_id, texts=len(texts)) as span:
-            if sum(len(t) for t in texts) <= INLINE_CHARS:
-                encoded = pre.encode(texts, truncate=truncate, field=field)
+            if sum(len(t) for t in texts) + len(prompt) * len(texts) <= INLINE_CHARS:
+                encoded = pre.encode(texts, truncate=truncate, field=field, prompt=prompt)
             else:
-                encoded = await asyncio.to_thread(pre.encode, texts, truncate=truncate, field=field)
+                encoded = await asyncio.to_thread(pre.encode, texts, truncate=truncate, field=field, prompt=prompt)
             span.set_attribute("tokens", encoded.input_tokens)
         return encoded
 
