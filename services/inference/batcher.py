@@ -175,7 +175,8 @@ class DynamicBatcher:
         )
         offset = 0
         for item in batch:
-            sliced = {name: array[offset : offset + item.rows] for name, array in outputs.items()}
+            rows_of = {name: array[offset : offset + item.rows] for name, array in outputs.items()}
+            sliced = self.runtime.request_outputs(rows_of, item.inputs)  # per-token outputs: its own length
             offset += item.rows
             t = item.timing
             t.started_ns, t.infer_started_ns, t.infer_ended_ns, t.ended_ns = started, infer_started, infer_ended, ended

@@ -71,6 +71,11 @@ class Runtime:
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's outputs from its rows of a batch's outputs, given its own inputs (before
+        padding). Runtimes whose outputs follow the padded tokens cut them back here."""
+        return outputs
+
 
 class SentenceEmbeddingRuntime(Runtime):
     """A BERT-style encoder followed by attention-masked mean pooling (sentence-transformers'
@@ -180,12 +185,19 @@ def _sequence_classification(model_dir: Path):
     return SequenceClassificationRuntime(model_dir)
 
 
+def _token_classification(model_dir: Path):
+    from services.inference.hf_tokens import TokenClassificationRuntime
+
+    return TokenClassificationRuntime(model_dir)
+
+
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "causal_lm": _causal_lm,  # served by the GenerationScheduler (ModelStreamInfer), not a batcher
     "sentence_embedding": SentenceEmbeddingRuntime,
     "embedding_classifier": EmbeddingClassifierRuntime,
     "image_classifier": ImageClassifierRuntime,
     "sequence_classification": _sequence_classification,
+    "token_classification": _token_classification,
 }
 
 

@@ -67,8 +67,9 @@ class TritonPythonModel:
             error = pb_utils.TritonError(f"model execution failed: {type(exc).__name__}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in arrays]
         responses, offset = [], 0
-        for n in rows:
-            tensors = [pb_utils.Tensor(name, outputs[name][offset : offset + n]) for name in self.outputs]
+        for a, n in zip(arrays, rows, strict=True):
+            own = self.runtime.request_outputs({name: outputs[name][offset : offset + n] for name in self.outputs}, a)
+            tensors = [pb_utils.Tensor(name, own[name]) for name in self.outputs]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             offset += n
         return responses

@@ -13,6 +13,7 @@ from services.common.tasks import task_from_pb
 from services.common.tensors import from_pb, to_pb
 from services.postprocess.core import Labelled, Postprocessor
 from services.postprocess.detokenize import Detokenizers
+from services.postprocess.token_classification import token_classification
 
 ACTIVATION_OF = {
     tasks_pb2.FUNCTION_TO_APPLY_SOFTMAX: "softmax",
@@ -27,7 +28,9 @@ ResultBuilder = Callable[
     [Postprocessor, postprocess_pb2.PostprocessRequest, dict[str, np.ndarray], dict[str, np.ndarray]],
     tasks_pb2.TaskResult,
 ]
-TASK_RESULTS: dict[str, ResultBuilder] = {}
+TASK_RESULTS: dict[str, ResultBuilder] = {
+    "token-classification": token_classification,
+}
 
 
 def classifications_pb(items: list[Labelled]) -> tasks_pb2.Classifications:

@@ -11,6 +11,7 @@ from services.common.catalog import IMAGE_TASKS
 from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import to_pb
+from services.preprocess import token_classification
 from services.preprocess.core import Encoded, Preprocessor
 
 TEXT_TASKS = ("feature-extraction", "text-classification")
@@ -18,7 +19,9 @@ TEXT_TASKS = ("feature-extraction", "text-classification")
 # Tasks with an encoder of their own (one module each): (core, request) -> Encoded. The tasks not
 # listed here are the text and image tasks that `Preprocess` below handles.
 Encoder = Callable[[Preprocessor, preprocess_pb2.PreprocessRequest], Awaitable[Encoded]]
-TASK_ENCODERS: dict[str, Encoder] = {}
+TASK_ENCODERS: dict[str, Encoder] = {
+    "token-classification": token_classification.encode_token_classification,
+}
 
 
 def texts_of(task: str, inputs: tasks_pb2.TaskInputs) -> tuple[list[str], str]:
