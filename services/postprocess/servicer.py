@@ -13,6 +13,7 @@ from services.common.tasks import task_from_pb
 from services.common.tensors import from_pb, to_pb
 from services.postprocess.core import Labelled, Postprocessor
 from services.postprocess.detokenize import Detokenizers
+from services.postprocess.ranking import text_ranking
 from services.postprocess.token_classification import token_classification
 
 ACTIVATION_OF = {
@@ -29,6 +30,7 @@ ResultBuilder = Callable[
     tasks_pb2.TaskResult,
 ]
 TASK_RESULTS: dict[str, ResultBuilder] = {
+    "text-ranking": text_ranking,
     "token-classification": token_classification,
 }
 
