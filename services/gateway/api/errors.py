@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1"
+    return path.startswith("/v1/") or path == "/v1" or path == "/v2/rerank"
 
 
 # What every route may answer besides its success, as the schema documents it (`error_response`).

@@ -19,6 +19,8 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
+from services.gateway.api.hf_token_classification import parse_token_classification, render_token_classification
+from services.gateway.api.rerank_schemas import TextRankingParameters
 from services.gateway.api.schemas import (
     FeatureExtractionParameters,
     ImageClassificationParameters,
@@ -113,14 +115,61 @@ def parse_sentence_similarity(entry: ModelEntry, inputs, params: dict, extra: di
     )
 
 
+def _pair(value, field: str) -> tuple[str, str | None]:
+    """{"text": str, "text_pair"?: str} -> (text, text_pair or None)."""
+    if not isinstance(value, dict) or not isinstance(value.get("text"), str):
+        raise invalid(f"`{field}` must be a string or an object {{text, text_pair}}", param=field)
+    extra = set(value) - {"text", "text_pair"}
+    if extra:
+        raise invalid(f"`{field}` has unknown field(s) {sorted(extra)}; accepted: text, text_pair", param=field)
+    pair = value.get("text_pair")
+    if pair is not None and not isinstance(pair, str):
+        raise invalid(f"`{field}.text_pair` must be a string", param=f"{field}.text_pair")
+    return value["text"], pair
+
+
+def classification_inputs(inputs) -> tuple[tasks_pb2.TaskInputs, bool]:
+    """text-classification inputs as the pipeline takes them: a text, {text, text_pair}, or a
+    list of either kind; objects without text_pair are single texts."""
+    if isinstance(inputs, dict) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], dict)):
+        items = [inputs] if isinstance(inputs, dict) else inputs
+        fields = ["inputs"] if isinstance(inputs, dict) else [f"inputs[{i}]" for i in range(len(items))]
+        parsed = [_pair(v, f) for v, f in zip(items, fields, strict=True)]
+        if all(b is None for _, b in parsed):
+            return _text_inputs([a for a, _ in parsed]), isinstance(inputs, dict)
+        if any(b is None for _, b in parsed):
+            raise invalid("`inputs`: give every object a `text_pair`, or none of them", param="inputs")
+        pairs = [tasks_pb2.TextPair(text=a, text_pair=b) for a, b in parsed]
+        return tasks_pb2.TaskInputs(text_pairs=tasks_pb2.TextPairInputs(pairs=pairs)), isinstance(inputs, dict)
+    values, single = texts(inputs)
+    return _text_inputs(values), single
+
+
 def parse_text_classification(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
     _no_extra(extra)
     p = parse(TextClassificationParameters, params, where="parameters")
-    values, single = texts(inputs)
+    task_inputs, single = classification_inputs(inputs)
     parameters = tasks_pb2.TaskParameters(
         top_k=p.top_k, truncate=p.truncate, function_to_apply=FUNCTION_TO_APPLY[p.function_to_apply]
     )
-    return HFRequest(_text_inputs(values), parameters, single)
+    return HFRequest(task_inputs, parameters, single)
+
+
+def parse_text_ranking(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
+    """Our shape (HF documents none): `inputs: {query, documents: [str]}`, parameters raw_scores,
+    truncate, top_n (the top_n is applied by the renderer)."""
+    _no_extra(extra)
+    p = parse(TextRankingParameters, params, where="parameters")
+    if not isinstance(inputs, dict) or set(inputs) != {"query", "documents"}:
+        raise invalid("`inputs` must be an object {query, documents}", param="inputs")
+    query, documents = inputs["query"], inputs["documents"]
+    if not isinstance(query, str):
+        raise invalid("`inputs.query` must be a string", param="inputs.query")
+    if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+        raise invalid("`inputs.documents` must be a non-empty list of strings", param="inputs.documents")
+    ranking = tasks_pb2.TextRankingInputs(query=query, documents=documents)
+    parameters = tasks_pb2.TaskParameters(raw_scores=p.raw_scores, truncate=p.truncate, top_k=p.top_n)
+    return HFRequest(tasks_pb2.TaskInputs(text_ranking=ranking), parameters, True)
 
 
 def parse_zero_shot(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:
@@ -189,6 +238,14 @@ def render_text_classification(result: tasks_pb2.TaskResult, request: HFRequest,
     return _labelled(result.classifications)
 
 
+def render_text_ranking(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
+    # TEI's /rerank shape: [{index, score}] by descending score (ties in document order).
+    scores = list(result.similarities.scores)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    top = request.parameters.top_k if request.parameters.HasField("top_k") else None
+    return [{"index": i, "score": scores[i]} for i in order[:top]]
+
+
 def render_zero_shot(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
     if dialect.legacy_zero_shot:
         sequences = list(request.inputs.text.texts)
@@ -215,6 +272,8 @@ PARSERS: dict[str, Parser] = {
     "text-classification": parse_text_classification,
     "zero-shot-classification": parse_zero_shot,
     "image-classification": parse_image_classification,
+    "token-classification": parse_token_classification,
+    "text-ranking": parse_text_ranking,
 }
 # feature-extraction's result is its (possibly coalesced) vectors, the others' a TaskResult.
 RENDERERS: dict[str, Renderer] = {
@@ -223,6 +282,8 @@ RENDERERS: dict[str, Renderer] = {
     "text-classification": render_text_classification,
     "zero-shot-classification": render_zero_shot,
     "image-classification": render_image_classification,
+    "token-classification": render_token_classification,
+    "text-ranking": render_text_ranking,
 }
 
 # -- the task of a model URL that names none ------------------------------------------------------
@@ -234,6 +295,9 @@ SHAPES: dict[str, Callable[[dict], bool]] = {
     "zero-shot-classification": lambda body: (
         isinstance(body.get("parameters"), dict) and "candidate_labels" in body["parameters"]
     ),
+    "text-ranking": lambda body: isinstance(body.get("inputs"), dict) and "query" in body["inputs"],
+    # A cross-encoder's default task is text-ranking: texts and {text, text_pair} classify.
+    "text-classification": lambda body: isinstance(body.get("inputs"), (str, list, dict)),
 }
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, FastAPI
 
-from services.gateway.api import routes_admin, routes_hf, routes_openai, routes_ops
+from services.gateway.api import routes_admin, routes_hf, routes_openai, routes_ops, routes_rerank
 from services.gateway.api.errors import ERROR_RESPONSES, error_response, install_error_handlers
 from services.gateway.api.request_context import RequestContextMiddleware
 from services.gateway.control.auth import Authenticator, AuthMiddleware
@@ -22,6 +22,7 @@ ROUTERS = (
     routes_openai.router,
     routes_hf.router,
     routes_admin.router,
+    routes_rerank.router,
     routes_hf.no_model_router,
 )
 

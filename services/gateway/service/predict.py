@@ -36,6 +36,10 @@ def _items(inputs: tasks_pb2.TaskInputs) -> int:
         return len(inputs.text.texts)
     if kind == "images":
         return len(inputs.images.images)
+    if kind == "text_pairs":
+        return len(inputs.text_pairs.pairs)
+    if kind == "text_ranking":
+        return len(inputs.text_ranking.documents)
     return 1
 
 
@@ -104,7 +108,8 @@ class PredictService:
             embedded = await self.embed.vectors(entry.id, inputs.text.texts, parameters, inputs=inputs, wait=wait)
             metered.add(input_tokens=embedded.input_tokens, items=items, compute_s=embedded.compute_s)
             return embedded.vectors
-        if task in COALESCED_TASKS and self.coalescer is not None and not wait:
+        coalesce = task in COALESCED_TASKS and inputs.WhichOneof("kind") == "text"  # not text pairs
+        if coalesce and self.coalescer is not None and not wait:
             share = await self.coalescer.run(entry.id, task, list(inputs.text.texts), parameters)
             metered.add(input_tokens=share.input_tokens, items=items, compute_s=share.compute_s)
             return tasks_pb2.TaskResult(classifications=tasks_pb2.Classifications(items=share.items))
