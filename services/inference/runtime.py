@@ -78,25 +78,35 @@ class Runtime:
 
 
 class SentenceEmbeddingRuntime(Runtime):
-    """A BERT-style encoder followed by attention-masked mean pooling (sentence-transformers'
-    Pooling module). Pooling happens here, inside the batch, so only [batch, dim] FP32 leaves the
-    inference service instead of [batch, tokens, dim]; L2 normalization is left to postprocess,
-    where the caller's `normalize` parameter decides it.
+    """A transformers encoder followed by sentence-transformers' Pooling and Dense modules, as the
+    folder's modules.json lists them (no modules.json: attention-masked mean pooling). Pooling
+    happens here, inside the batch, so only [batch, dim] FP32 leaves the inference service instead
+    of [batch, tokens, dim]; L2 normalization is left to postprocess, where the catalog and the
+    caller's `normalize` parameter decide it. `token_type_ids` is passed on when the catalog sends it.
     """
 
-    pad_values: ClassVar[dict[str, int | float]] = {"input_ids": 0, "attention_mask": 0}
+    pad_values: ClassVar[dict[str, int | float]] = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
 
     def __init__(self, model_dir: Path) -> None:
         import torch
         from transformers import AutoModel
 
         from services.common.nets import mean_pool
+        from services.inference.sentence_modules import read_head
 
         self._torch, self._pool = torch, mean_pool
         self.device = torch_device()
-        self.model = AutoModel.from_pretrained(str(model_dir)).eval().to(self.device)
-        self.vocab_size = int(self.model.config.vocab_size)
-        self.max_tokens = int(self.model.config.max_position_embeddings)
+        head = read_head(model_dir)
+        self.model = AutoModel.from_pretrained(str(head.encoder_dir)).eval().to(self.device)
+        self.modes = head.modes
+        for layer in head.dense:
+            layer.weight = layer.weight.to(self.device)
+            layer.bias = None if layer.bias is None else layer.bias.to(self.device)
+        self.dense = head.dense
+        config = self.model.config
+        self.vocab_size = int(config.vocab_size)
+        self.max_tokens = int(getattr(config, "max_position_embeddings", 0) or 1 << 31)
+        self.type_vocab_size = int(getattr(config, "type_vocab_size", 0) or 0)
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -108,14 +118,25 @@ class SentenceEmbeddingRuntime(Runtime):
             raise ValueError(f"input 'input_ids' holds token ids outside [0, {self.vocab_size})")
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("input 'attention_mask' must hold only 0 and 1")
+        types = inputs.get("token_type_ids")
+        if types is not None and (types.min() < 0 or types.max() >= max(self.type_vocab_size, 1)):
+            raise ValueError(f"input 'token_type_ids' holds ids outside [0, {max(self.type_vocab_size, 1)})")
 
     def pooled(self, inputs: dict[str, np.ndarray]):
-        """[batch, dim] mean-pooled embeddings as a torch tensor on the model's device."""
+        """[batch, dim] sentence embeddings (pooled, then the Dense layers) as a torch tensor on the
+        model's device."""
         torch = self._torch
         ids = torch.from_numpy(_writable(inputs["input_ids"])).to(self.device)
         mask = torch.from_numpy(_writable(inputs["attention_mask"])).to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self._pool(hidden, mask).to(torch.float32)
+        extra = {}
+        if "token_type_ids" in inputs:
+            extra["token_type_ids"] = torch.from_numpy(_writable(inputs["token_type_ids"])).to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+        if self.modes == ("mean",) and not self.dense:
+            return self._pool(hidden, mask).to(torch.float32)
+        from services.inference.sentence_modules import apply_dense, pool
+
+        return apply_dense(self.dense, pool(self.modes, hidden, mask).to(torch.float32))
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
@@ -191,11 +212,18 @@ def _token_classification(model_dir: Path):
     return TokenClassificationRuntime(model_dir)
 
 
+def _vision_classification(model_dir: Path):
+    from services.inference.hf_vision import VisionClassificationRuntime
+
+    return VisionClassificationRuntime(model_dir)
+
+
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "causal_lm": _causal_lm,  # served by the GenerationScheduler (ModelStreamInfer), not a batcher
     "sentence_embedding": SentenceEmbeddingRuntime,
     "embedding_classifier": EmbeddingClassifierRuntime,
     "image_classifier": ImageClassifierRuntime,
+    "vision_classification": _vision_classification,
     "sequence_classification": _sequence_classification,
     "token_classification": _token_classification,
 }

@@ -75,9 +75,19 @@ class Postprocessor:
             )
         return array
 
-    def feature_extraction(self, model_id: str, outputs: dict[str, np.ndarray], normalize: bool | None) -> np.ndarray:
+    def feature_extraction(
+        self, model_id: str, outputs: dict[str, np.ndarray], normalize: bool | None, dimensions: int | None = None
+    ) -> np.ndarray:
+        """The embeddings, L2-normalized when `normalize` (None: the catalog's setting). `dimensions`
+        (Matryoshka): keep the first n, then normalize unless `normalize` is false, as
+        SentenceTransformer(truncate_dim=n).encode(normalize_embeddings=True) does."""
         vectors = self._embeddings(model_id, outputs)
-        if normalize is None:
+        if dimensions is not None:
+            if not 1 <= dimensions <= vectors.shape[1]:
+                raise invalid(f"`dimensions` must be in [1, {vectors.shape[1]}] for {model_id}", param="dimensions")
+            vectors = np.ascontiguousarray(vectors[:, :dimensions])
+            normalize = normalize is not False
+        elif normalize is None:
             normalize = self.catalog.get(model_id).postprocess.normalize
         return l2_normalize(vectors).astype(np.float32, copy=False) if normalize else vectors
 
