@@ -78,7 +78,8 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
             result = TASK_RESULTS[task](self.core, request, outputs, side)
         elif task == "feature-extraction":
             normalize = request.parameters.normalize if request.parameters.HasField("normalize") else None
-            vectors = self.core.feature_extraction(request.model_id, outputs, normalize)
+            dims = request.parameters.dimensions if request.parameters.HasField("dimensions") else None
+            vectors = self.core.feature_extraction(request.model_id, outputs, normalize, dims)
             result = tasks_pb2.TaskResult(embeddings=to_pb("embeddings", vectors))
         elif task == "sentence-similarity":
             scores = self.core.sentence_similarity(request.model_id, outputs)

@@ -70,7 +70,10 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
                     request.model_id, texts, list(params.candidate_labels), template, truncate=truncate
                 )
             else:
-                encoded = await self.core.encode_texts(request.model_id, task, texts, truncate=truncate, field=field)
+                prompt_name = params.prompt_name if params.HasField("prompt_name") else None
+                encoded = await self.core.encode_texts(
+                    request.model_id, task, texts, truncate=truncate, field=field, prompt_name=prompt_name
+                )
         return preprocess_pb2.PreprocessResponse(
             tensors=[to_pb(name, array) for name, array in encoded.tensors.items()],
             usage=tasks_pb2.Usage(
