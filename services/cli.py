@@ -1,4 +1,5 @@
-"""The `meshserve` command: up, serve <service>, models build|list, keys create|list|revoke, usage."""
+"""The `meshserve` command: up [--model ...], serve <service>, models build|list|add|check|schema,
+keys create|list|revoke, usage."""
 
 from __future__ import annotations
 
@@ -6,30 +7,147 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
-from services.common.catalog import Catalog
+from services.common.catalog import Catalog, load_catalog
+from services.common.modelstore import model_dir
 from services.common.settings import CommonSettings
 
 
 def _models(args) -> int:
-    from services.common.modelstore import is_built
+    """`meshserve models build|list|add|check|schema`."""
+    from services.common.catalog import CatalogFileError
+    from services.models.from_folder import FolderError
+
+    try:
+        return MODEL_ACTIONS[args.action](args, CommonSettings())
+    except (CatalogFileError, FolderError) as err:
+        print(f"meshserve: {err}", file=sys.stderr)
+        return 2
+
+
+def _models_build(args, settings: CommonSettings) -> int:
     from services.models.build import build_all
 
-    settings = CommonSettings()
-    catalog = Catalog.load(settings.catalog)
-    if args.action == "list":
-        for entry in catalog.models:
-            state = "built" if is_built(entry, settings.models_dir) else "not built"
-            print(f"{entry.id:45s} {', '.join(entry.tasks):40s} {state}")
-        return 0
-    for entry, built in build_all(catalog, settings.models_dir, force=args.force):
-        print(f"{entry.id}: {'built' if built else 'up to date'} -> {entry.store_dir(settings.models_dir)}")
+    for entry, built in build_all(load_catalog(settings, strict=True), settings.models_dir, force=args.force):
+        print(f"{entry.id}: {'built' if built else 'up to date'} -> {model_dir(entry, settings.models_dir)}")
     return 0
+
+
+def _status(entry, models_dir) -> str:
+    from services.common.modelstore import is_built
+
+    if is_built(entry, models_dir):
+        return "built"
+    return {"path": "folder missing", "hub": "not fetched"}.get(entry.source.kind, "not built")
+
+
+def _source(source) -> str:
+    where = {"wheel": source.package, "build": source.builder, "path": source.path, "hub": source.repo}[source.kind]
+    return f"{source.kind}:{where}" + (f"@{source.revision}" if source.revision else "")
+
+
+def _models_list(args, settings: CommonSettings) -> int:
+    problems: list[str] = []
+    catalog = load_catalog(settings, problems=problems)
+    rows = [("ID", "TASKS", "RUNTIME", "STATUS", "SOURCE")]
+    for entry in catalog.models:
+        status = _status(entry, settings.models_dir)
+        rows.append((entry.id, ",".join(entry.tasks), entry.inference.runtime, status, _source(entry.source)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(f"{cell:{width}s}" for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+    for problem in problems:
+        print(f"meshserve: skipped {problem}", file=sys.stderr)
+    return 0
+
+
+def _models_add(args, settings: CommonSettings) -> int:
+    from services.models.user_models import entry_file, infer, render
+
+    inferred = infer(args.model, model_id=args.id, task=args.task)
+    entry = inferred.entry
+    target = entry_file(settings.catalog_d, entry.id)
+    shipped = Catalog.load(settings.catalog)
+    if any(e.id == entry.id for e in shipped.models):
+        print(
+            f"meshserve: {entry.id!r} is in the shipped catalog ({settings.catalog}); pick another --id",
+            file=sys.stderr,
+        )
+        return 2
+    existing = [
+        e for e in load_catalog(settings).models if e.id == entry.id or e.inference.name == entry.inference.name
+    ]
+    if existing and not args.force:
+        print(
+            f"meshserve: {existing[0].id!r} is already in the catalog; --force replaces it, --id names another",
+            file=sys.stderr,
+        )
+        return 2
+    if existing:
+        _remove_entry_files(settings, {e.id for e in existing})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = render(inferred, str(args.model))
+    target.write_text(text)
+    print(text, end="")
+    print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+def _remove_entry_files(settings: CommonSettings, ids: set[str]) -> None:
+    """Delete the catalog.d files that hold these ids (before --force writes the new one)."""
+    from services.common.catalog import CatalogFileError, entry_files, load_entry
+
+    for path in entry_files(settings.catalog_d):
+        try:
+            if load_entry(path).id in ids:
+                path.unlink()
+        except CatalogFileError:
+            continue
+
+
+def _models_check(args, settings: CommonSettings) -> int:
+    import yaml
+
+    from services.common.catalog import CatalogFileError, load_entry, read_catalog
+
+    path = Path(args.file)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CatalogFileError(f"{path}: cannot read it: {exc}") from None
+    if isinstance(data, dict) and "models" in data:  # a whole catalog file
+        try:
+            entries = read_catalog(path, None, strict=True).models
+        except ValueError as exc:
+            raise CatalogFileError(f"{path}: {exc}") from None
+    else:
+        entries = [load_entry(path)]
+    for entry in entries:
+        print(f"ok: {entry.id} ({entry.inference.runtime}; tasks {', '.join(entry.tasks)})")
+    return 0
+
+
+def _models_schema(args, settings: CommonSettings) -> int:
+    from services.common.catalog import entry_schema
+
+    print(entry_schema(), end="")
+    return 0
+
+
+MODEL_ACTIONS = {
+    "build": _models_build,
+    "list": _models_list,
+    "add": _models_add,
+    "check": _models_check,
+    "schema": _models_schema,
+}
 
 
 def _serve(args) -> int:
     import importlib
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a service reads the HF cache, never the network
     if args.backend:
         os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
     module = importlib.import_module(f"services.{args.service}.main")
@@ -37,7 +155,41 @@ def _serve(args) -> int:
     return 0
 
 
+def _replicas(items: list[str]) -> dict[str, int] | None:
+    """--replicas SERVICE=N items; None (after one error line) when one is not that."""
+    replicas = {}
+    for item in items:
+        stage, _, count = item.partition("=")
+        if stage not in ("gateway", "preprocess", "inference", "postprocess") or not count.isdigit() or int(count) < 1:
+            print(f"meshserve: --replicas takes SERVICE=N (N >= 1) with a mesh service, not {item!r}", file=sys.stderr)
+            return None
+        replicas[stage] = int(count)
+    return replicas
+
+
+def _run_catalog(args, settings: CommonSettings) -> Catalog:
+    """What `up` serves: the catalog (+ catalog.d), or only the --model folders (beside the catalog
+    with --with-catalog), written to $MESHSERVE_HOME/run/catalog.yaml for the children."""
+    from services.models.user_models import infer, write_run_catalog
+
+    if not args.model:
+        return load_catalog(settings, strict=True)
+    entries = list(load_catalog(settings, strict=True).models) if args.with_catalog else []
+    for spec in args.model:
+        entry = infer(spec).entry
+        clash = next((e for e in entries if e.id == entry.id or e.inference.name == entry.inference.name), None)
+        if clash is not None:
+            raise ValueError(f"--model {spec}: id {entry.id!r} is already served ({clash.id}); name it ID={spec}")
+        entries.append(entry)
+    path = write_run_catalog(settings.home, entries)
+    os.environ["MESHSERVE_CATALOG"] = str(path.resolve())
+    os.environ["MESHSERVE_CATALOG_DIR"] = str((settings.home / "run" / "no-catalog.d").resolve())
+    return Catalog.load(path)
+
+
 def _up(args) -> int:
+    import json
+
     import uvloop
 
     from services.models.build import build_all
@@ -46,28 +198,22 @@ def _up(args) -> int:
     os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
     if args.no_auth:
         os.environ["MESHSERVE_GATEWAY_AUTH"] = "false"
-    if args.replicas:
-        import json
-
-        replicas = {}
-        for item in args.replicas:
-            stage, _, count = item.partition("=")
-            if (
-                stage not in ("gateway", "preprocess", "inference", "postprocess")
-                or not count.isdigit()
-                or int(count) < 1
-            ):
-                print(
-                    f"meshserve: --replicas takes SERVICE=N (N >= 1) with a mesh service, not {item!r}", file=sys.stderr
-                )
-                return 2
-            replicas[stage] = int(count)
+    replicas = _replicas(args.replicas)
+    if replicas is None:
+        return 2
+    if replicas:
         os.environ["MESHSERVE_SUPERVISOR_REPLICAS"] = json.dumps(replicas)
     settings = CommonSettings()
+    try:  # nothing starts unless every model can be served
+        catalog = _run_catalog(args, settings)
+    except ValueError as err:  # FolderError, CatalogFileError, duplicate ids
+        print(f"meshserve: {err}", file=sys.stderr)
+        return 2
     if not args.no_build:
-        for entry, built in build_all(Catalog.load(settings.catalog), settings.models_dir):
+        for entry, built in build_all(catalog, settings.models_dir):
             if built:
                 print(f"built {entry.id}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the services read the HF cache, never the network
     return uvloop.run(Supervisor(SupervisorSettings()).run())
 
 
@@ -176,14 +322,17 @@ def _print_usage_table(rows: list[dict], group: str) -> None:
         print(f"{row[group] or '-':45s}" + "".join(f"{value:>15}" for value in values))
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(prog="meshserve", description="Self-hosted inference API mesh.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _up_parser(sub) -> None:
     up = sub.add_parser("up", help="build models if needed and run the four services")
+    up.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[ID=]PATH_OR_REPO",
+        help="serve this model folder or Hugging Face hub repo (repeatable), alone unless --with-catalog; "
+        "default id: local/<folder name>, or the repo id",
+    )
+    up.add_argument("--with-catalog", action="store_true", help="serve the --model models beside the catalog's")
     up.add_argument("--backend", choices=["embedded", "triton"], default="embedded")
     up.add_argument("--no-build", action="store_true", help="do not build missing models first")
     up.add_argument(
@@ -197,14 +346,37 @@ def main(argv: list[str] | None = None) -> int:
         help="run N replicas of a service (gateway, preprocess, inference, postprocess) behind a real Envoy",
     )
     up.set_defaults(func=_up)
+
+
+def _models_parser(sub) -> None:
+    models = sub.add_parser("models", help="add, list, check or build the catalog's models")
+    actions = models.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="build, copy or fetch the catalog's models")
+    build.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    actions.add_parser("list", help="id, tasks, runtime, status and source of every model served")
+    add = actions.add_parser("add", help="infer a catalog entry from a model folder or hub repo (catalog.d)")
+    add.add_argument("model", metavar="PATH_OR_REPO", help="a Hugging Face model folder, or org/name[@revision]")
+    add.add_argument("--id", help="the model id (default: local/<folder name>, or the repo id)")
+    add.add_argument("--task", help="the default task, among those the model can do")
+    add.add_argument("--force", action="store_true", help="replace an entry with the same id")
+    check = actions.add_parser("check", help="validate a catalog entry file (or a whole catalog)")
+    check.add_argument("file")
+    actions.add_parser("schema", help="print the JSON Schema of a catalog entry")
+    models.set_defaults(func=_models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="meshserve", description="Self-hosted inference API mesh.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _up_parser(sub)
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=["gateway", "preprocess", "inference", "postprocess"])
     serve.add_argument("--backend", choices=["embedded", "triton"], help="inference only: the backend")
     serve.set_defaults(func=_serve)
-    models = sub.add_parser("models", help="build or list the catalog's models")
-    models.add_argument("action", choices=["build", "list"])
-    models.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    models.set_defaults(func=_models)
+    _models_parser(sub)
     usage = sub.add_parser("usage", help="usage totals from the gateway's ledger (UTC days)")
     usage.add_argument("--key", help="only this API key id")
     usage.add_argument("--model", help="only this model id")

@@ -326,10 +326,13 @@ def entry_files(catalog_dir: Path | None) -> list[Path]:
     return sorted(p for p in catalog_dir.rglob("*.yaml") if p.is_file())
 
 
-def read_catalog(path: Path, catalog_dir: Path | None, *, strict: bool = False) -> Catalog:
+def read_catalog(
+    path: Path, catalog_dir: Path | None, *, strict: bool = False, problems: list[str] | None = None
+) -> Catalog:
     """The catalog file's entries plus one per catalog.d file. strict: a bad catalog.d file or a
-    duplicate id raises CatalogFileError; else it is skipped with one logged error, so that one bad
-    file added by hand does not stop the services serving the others."""
+    duplicate id raises CatalogFileError; else it is skipped with one logged error (and its message
+    appended to `problems`), so that one bad file added by hand does not stop the services serving
+    the others."""
     entries = Catalog.load(path).models
     for file in entry_files(catalog_dir):
         try:
@@ -342,14 +345,16 @@ def read_catalog(path: Path, catalog_dir: Path | None, *, strict: bool = False) 
             if strict:
                 raise
             log.error("catalog entry skipped: %s", exc)
+            if problems is not None:
+                problems.append(str(exc))
             continue
         entries.append(entry)
     return Catalog(entries)
 
 
-def load_catalog(settings: CommonSettings, *, strict: bool = False) -> Catalog:
+def load_catalog(settings: CommonSettings, *, strict: bool = False, problems: list[str] | None = None) -> Catalog:
     """The catalog every service and the CLI serve: settings.catalog plus settings.catalog_d."""
-    return read_catalog(settings.catalog, settings.catalog_d, strict=strict)
+    return read_catalog(settings.catalog, settings.catalog_d, strict=strict, problems=problems)
 
 
 def entry_schema() -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.common.catalog import ModelEntry
+from services.common.catalog import ModelEntry, Source
 from services.common.errors import ErrorCode, MeshError
 
 log = logging.getLogger(__name__)
@@ -49,23 +49,19 @@ def hub_snapshot(entry: ModelEntry) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(
-            repo_id=entry.source.repo, revision=entry.source.revision, local_files_only=True
-        )
+        folder = snapshot_download(repo_id=entry.source.repo, revision=entry.source.revision, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
     return Path(folder)
 
 
-def fetch_hub(entry: ModelEntry) -> Path:
-    """Download (or find up to date) a hub entry's snapshot into the HF cache; HF_TOKEN is honoured.
+def fetch_hub(source: Source) -> Path:
+    """Download (or find up to date) a hub source's snapshot into the HF cache; HF_TOKEN is honoured.
     Offline (HF_HUB_OFFLINE=1) it resolves the cached snapshot only."""
     from huggingface_hub import snapshot_download
 
     return Path(
-        snapshot_download(
-            repo_id=entry.source.repo, revision=entry.source.revision, token=os.environ.get("HF_TOKEN") or None
-        )
+        snapshot_download(repo_id=source.repo, revision=source.revision, token=os.environ.get("HF_TOKEN") or None)
     )
 
 

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import importlib
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from services.common.catalog import Catalog, ModelEntry
 from services.common.modelstore import IN_PLACE, MANIFEST, fetch_hub, is_built, manifest, model_dir
 from services.models import builders
 
+log = logging.getLogger(__name__)
 BUILD_VERSION = 2
 LOCK_FILE = ".build.lock"
 
@@ -114,10 +116,10 @@ def _in_place(entry: ModelEntry, models_dir: Path) -> tuple[Path, bool]:
     """A path folder is checked, a hub repo fetched (or found up to date) into the HF cache."""
     if entry.source.kind == "hub":
         before = is_built(entry, models_dir)
-        return fetch_hub(entry), not before
+        return fetch_hub(entry.source), not before
     folder = model_dir(entry, models_dir)
-    if not folder.is_dir():
-        raise ValueError(f"{entry.id}: source.path {str(folder)!r} is not a folder")
+    if not folder.is_dir():  # the services answer 503 for it and serve the others
+        log.warning("%s: source.path %s is not a folder", entry.id, folder)
     return folder, False
 
 

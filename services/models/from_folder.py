@@ -108,7 +108,12 @@ def infer_folder(folder: Path, *, model_id: str, task: str | None = None, source
         tasks = [task, *(t for t in tasks if t != task)]
     source = source or Source(kind="path", path=str(folder.resolve()))
     architecture = (ctx.config.get("architectures") or ["sentence-transformers"])[0]
-    body["inference"] = {"name": inference_name(model_id), "runtime": runtime, **_batching(runtime), **body["inference"]}
+    body["inference"] = {
+        "name": inference_name(model_id),
+        "runtime": runtime,
+        **_batching(runtime),
+        **body["inference"],
+    }
     data = {"id": model_id, "tasks": tasks, "description": f"{architecture} ({runtime})", "source": source, **body}
     try:
         entry = ModelEntry.model_validate(data)
@@ -179,7 +184,9 @@ def _text_inputs(ctx: _Folder) -> list[dict]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ctx.path))
     except Exception as exc:  # transformers raises many kinds for a broken tokenizer
-        raise FolderError(f"{ctx.path / 'tokenizer.json'}: the tokenizer does not load ({type(exc).__name__}: {exc})") from None
+        raise FolderError(
+            f"{ctx.path / 'tokenizer.json'}: the tokenizer does not load ({type(exc).__name__}: {exc})"
+        ) from None
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
     ctx.note("tokenizer_config.json", f"inputs {', '.join(names)}")
     return [{"name": n, "datatype": "INT64", "dims": [-1]} for n in names]
