@@ -32,7 +32,7 @@ CASES = [
     ("openai-token-ids", "POST", EMB, emb(input=[[1, 2, 3]]), 400, "invalid_input"),
     ("openai-bad-encoding", "POST", EMB, emb(input="x", encoding_format="int8"), 400, "invalid_input"),
     ("openai-unknown-field", "POST", EMB, emb(input="x", temperature=1), 400, "invalid_input"),
-    ("openai-wrong-dimensions", "POST", EMB, emb(input="x", dimensions=128), 400, "invalid_input"),
+    ("openai-wrong-dimensions", "POST", EMB, emb(input="x", dimensions=385), 400, "invalid_input"),
     ("openai-over-token-limit", "POST", EMB, emb(input=LONG_TEXT), 400, "invalid_input"),
     ("openai-too-many-items", "POST", EMB, emb(input=["a"] * 2049), 413, "payload_too_large"),
     ("openai-body-too-large", "POST", EMB, emb(input="a" * (9 * 1024 * 1024)), 413, "payload_too_large"),

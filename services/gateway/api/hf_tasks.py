@@ -80,9 +80,20 @@ def texts(value, field: str = "inputs") -> tuple[list[str], bool]:
 
 
 def check_dimensions(entry: ModelEntry, dimensions: int | None) -> None:
+    """`dimensions` (Matryoshka): 1 to the model's size D; the first n are kept, then normalized."""
     dim = entry.inference.outputs[0].dims[-1]
-    if dimensions is not None and dimensions != dim:
-        raise invalid(f"`dimensions` must be {dim} for {entry.id} (it does not support shortening)", param="dimensions")
+    if dimensions is not None and not 1 <= dimensions <= dim:
+        raise invalid(f"`dimensions` must be between 1 and {dim}, the size of {entry.id}", param="dimensions")
+
+
+def check_prompt_name(entry: ModelEntry, prompt_name: str | None) -> None:
+    """A prompt the catalog defines for the model (sentence-transformers' prompt_name)."""
+    prompts = entry.preprocess.prompts
+    if prompt_name is not None and prompt_name not in prompts:
+        known = ", ".join(repr(n) for n in prompts) or "none"
+        raise invalid(
+            f"unknown `prompt_name` {prompt_name!r} for {entry.id}; its prompts: {known}", param="prompt_name"
+        )
 
 
 def _text_inputs(values: list[str]) -> tasks_pb2.TaskInputs:
@@ -99,8 +110,12 @@ def parse_feature_extraction(entry: ModelEntry, inputs, params: dict, extra: dic
     # The HF client sends feature-extraction parameters at the body's root.
     p = parse(FeatureExtractionParameters, {**extra, **params}, where="parameters")
     check_dimensions(entry, p.dimensions)
+    check_prompt_name(entry, p.prompt_name)
     values, single = texts(inputs)
-    return HFRequest(_text_inputs(values), tasks_pb2.TaskParameters(normalize=p.normalize, truncate=p.truncate), single)
+    parameters = tasks_pb2.TaskParameters(
+        normalize=p.normalize, truncate=p.truncate, dimensions=p.dimensions, prompt_name=p.prompt_name
+    )
+    return HFRequest(_text_inputs(values), parameters, single)
 
 
 def parse_sentence_similarity(entry: ModelEntry, inputs, params: dict, extra: dict) -> HFRequest:

@@ -87,7 +87,10 @@ async def embeddings(request: Request, ctx: CallContext = Depends(call_context))
     texts, _ = hf_tasks.texts(body.input, "input")
     caps.check_texts(entry, texts, field="input")
     hf_tasks.check_dimensions(entry, body.dimensions)
-    result, headers = await services.embed.embeddings(ctx, entry, texts)
+    hf_tasks.check_prompt_name(entry, body.prompt_name)
+    result, headers = await services.embed.embeddings(
+        ctx, entry, texts, dimensions=body.dimensions, prompt_name=body.prompt_name
+    )
     if body.encoding_format == "base64":
         values = [base64.b64encode(row.tobytes()).decode() for row in result.vectors]  # little-endian float32
     else:

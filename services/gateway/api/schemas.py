@@ -40,9 +40,11 @@ class FeatureExtractionParameters(_Body):
     normalize: bool | None = Field(None, description="L2-normalize (default: the model's setting, true here).")
     truncate: bool | None = Field(None, description="Cut texts over the token limit (default true); false: 400.")
     truncation_direction: Literal["right", "Right"] | None = Field(None, description="Only right truncation.")
-    dimensions: int | None = Field(None, description="Must equal the model's dimension if given.")
+    dimensions: int | None = Field(
+        None, ge=1, le=UINT32_MAX, description="Keep the first n dimensions, then L2-normalize (Matryoshka)."
+    )
     encoding_format: Literal["float"] | None = None
-    prompt_name: None = Field(None, description="Not supported: the catalog defines no prompts.")
+    prompt_name: str | None = Field(None, description="A prompt of the model's, put before each text (e.g. query).")
 
 
 class SentenceSimilarityParameters(_Body):
@@ -104,7 +106,12 @@ class EmbeddingsRequest(_Body):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32 (the openai SDK's default)."
     )
-    dimensions: int | None = Field(None, description="Must equal the model's dimension if given.")
+    dimensions: int | None = Field(
+        None, ge=1, le=UINT32_MAX, description="Keep the first n dimensions, then L2-normalize (Matryoshka)."
+    )
+    prompt_name: str | None = Field(
+        None, description="meshserve extra: a prompt of the model's (e.g. query), put before each text."
+    )
     user: str | None = None
 
 

@@ -12,9 +12,6 @@ from services.gateway.pipeline.runner import Pipeline
 from services.gateway.service.bounds import text_token_bound
 from services.gateway.service.context import CallContext
 
-# OpenAI refuses over-long input rather than cutting it.
-NO_TRUNCATION = tasks_pb2.TaskParameters(truncate=False)
-
 
 class EmbedService:
     def __init__(self, pipeline: Pipeline, metering: Metering, coalescer: RequestCoalescer | None = None) -> None:
@@ -43,9 +40,18 @@ class EmbedService:
         )
         return Embedded.of(prediction)
 
-    async def embeddings(self, ctx: CallContext, entry: ModelEntry, texts: list[str]) -> tuple[Embedded, dict]:
-        """OpenAI embeddings: admitted, embedded without truncation, settled; returns the vectors
-        and the usage headers."""
+    async def embeddings(
+        self,
+        ctx: CallContext,
+        entry: ModelEntry,
+        texts: list[str],
+        *,
+        dimensions: int | None = None,
+        prompt_name: str | None = None,
+    ) -> tuple[Embedded, dict]:
+        """OpenAI embeddings: admitted, embedded without truncation (the first `dimensions` kept,
+        the model's prompt `prompt_name` before each text), settled; returns the vectors and the
+        usage headers."""
         metering = self.metering
         metered = await metering.admit(
             ctx.principal,
@@ -57,6 +63,8 @@ class EmbedService:
             client_request_id=ctx.client_request_id,
         )
         async with metering.track(metered):
-            result = await self.vectors(entry.id, texts, NO_TRUNCATION)
+            # OpenAI refuses over-long input rather than cutting it.
+            parameters = tasks_pb2.TaskParameters(truncate=False, dimensions=dimensions, prompt_name=prompt_name)
+            result = await self.vectors(entry.id, texts, parameters)
             metered.add(input_tokens=result.input_tokens, items=len(texts), compute_s=result.compute_s)
         return result, metered.headers()
