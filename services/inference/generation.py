@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -54,17 +54,30 @@ CANCEL_TAIL = Histogram(
 )
 
 
+class Unset(float):
+    """A sampling default the request left unset: it acts as its value, and the model's
+    generation_config.json may replace it (`SamplingParams.with_defaults`)."""
+
+
+class UnsetInt(int):
+    """`Unset` for an integer parameter."""
+
+
+# The sampling parameters a folder's generation_config.json may give defaults for (vLLM's choice).
+DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0  # the end and stop tokens are masked until this many were generated
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = Unset(1.0)
+    top_p: float = Unset(1.0)
+    top_k: int = UnsetInt(0)
     seed: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = Unset(1.0)
     stop_token_ids: tuple[int, ...] = ()
     # Also score the prompt (TGI's decoder_input_details): before its first token the sequence
     # emits each prompt token's log-probability, read from the prefill's own forward pass.
@@ -85,6 +98,37 @@ class SamplingParams:
             raise invalid(f"`{key.TOP_K}` must be >= 0", param=key.TOP_K)
         if self.repetition_penalty <= 0.0:
             raise invalid(f"`{key.REPETITION_PENALTY}` must be > 0", param=key.REPETITION_PENALTY)
+
+    def with_defaults(self, defaults: dict[str, float | int]) -> SamplingParams:
+        """These parameters with the model's `defaults` in the fields the request left unset."""
+        given = {k: v for k, v in defaults.items() if isinstance(getattr(self, k), Unset | UnsetInt)}
+        return replace(self, **given) if given else self
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, float | int]:
+    """The sampling defaults of a folder's generation_config.json (temperature, top_p, top_k,
+    repetition_penalty where the file sets them, as vLLM applies them); values out of range are
+    left out rather than failing every request that sets none."""
+    import json
+
+    path = model_dir / "generation_config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    defaults: dict[str, float | int] = {}
+    for name in DEFAULTABLE:
+        value = data.get(name) if isinstance(data, dict) else None
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        value = int(value) if name == "top_k" else float(value)
+        try:
+            SamplingParams(**{name: value}).validate()
+        except MeshError:
+            log.warning("%s: ignoring %s=%r (out of range)", path, name, value)
+            continue
+        defaults[name] = value
+    return defaults
 
 
 @dataclass(frozen=True)
@@ -129,6 +173,8 @@ class CausalLMRuntime:
         if config.eos_token_id is not None:
             eos.update(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
         self.eos_token_ids = frozenset(eos)
+        # Applied to requests that set none of them (GenerationScheduler.submit).
+        self.sampling_defaults = sampling_defaults(Path(model_dir))
 
     def prefill(self, ids: list[int], scored: bool = False):
         """(last-position logits [vocab], per-layer (k, v) of the prompt, the prompt's
@@ -281,6 +327,7 @@ class GenerationScheduler:
         """Queue a sequence; its tokens arrive on the returned stream."""
         if self._closed:
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"model '{self.name}' is unloading")
+        params = params.with_defaults(self.runtime.sampling_defaults)
         params.validate()
         if not prompt:
             raise invalid(f"input '{InputTensor.INPUT_IDS}' has no tokens (model '{self.name}')")

@@ -91,8 +91,12 @@ def qwen2_chat(folder: Path) -> None:
         vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
     )  # fmt: skip
-    # Sampling off in the folder: a request that sets no temperature decodes greedily, as generate() does.
-    generation = {"eos_token_id": [2], "pad_token_id": 1, "do_sample": False, "repetition_penalty": 1.0}
+    # Qwen2.5's shape. The repetition penalty applies to greedy decoding too (generate() and here), and
+    # with tied embeddings this model repeats its last token without it.
+    generation = {
+        "eos_token_id": [2], "pad_token_id": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+        "repetition_penalty": 2.0,
+    }  # fmt: skip
     _chat_lm(folder, Qwen2ForCausalLM(config), CHATML, generation)
 
 
