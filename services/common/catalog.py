@@ -301,7 +301,7 @@ def _readable(exc: Exception) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "entry"
-        lines.append(f"  {where}: {err['msg']}")
+        lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

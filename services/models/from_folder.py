@@ -215,7 +215,8 @@ def _max_length(ctx: _Folder) -> int:
 def _labels(ctx: _Folder) -> list[str]:
     id2label = ctx.config.get("id2label")
     if not isinstance(id2label, dict) or not id2label:
-        count = _int(ctx, "config.json", ctx.config, "num_labels")
+        # transformers leaves both out for its default of 2 labels (LABEL_0, LABEL_1)
+        count = _int(ctx, "config.json", {"num_labels": 2, **ctx.config}, "num_labels")
         ctx.note("config.json", f"num_labels {count} (no id2label: LABEL_i)")
         return [f"LABEL_{i}" for i in range(count)]
     try:
