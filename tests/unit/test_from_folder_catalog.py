@@ -52,7 +52,10 @@ def test_a_bad_catalog_d_file_is_skipped_by_services_and_refused_when_strict(tmp
     problems: list[str] = []
     catalog = read_catalog(CATALOG, tmp_path / "catalog.d", problems=problems)
     assert catalog.get("a/good") and len(problems) == 1 and "bad.yaml" in problems[0]
-    with pytest.raises(CatalogFileError, match=r"bad.yaml: not a valid catalog entry:\n  tasks: unknown task 'no-such-task'.*\n  source: Field required"):
+    with pytest.raises(
+        CatalogFileError,
+        match=r"bad.yaml: not a valid catalog entry:\n  tasks: unknown task 'no-such-task'.*\n  source: Field required",
+    ):
         read_catalog(CATALOG, tmp_path / "catalog.d", strict=True)
 
 
