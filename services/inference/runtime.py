@@ -218,6 +218,18 @@ def _vision_classification(model_dir: Path):
     return VisionClassificationRuntime(model_dir)
 
 
+
+def _masked_lm(model_dir: Path):
+    from services.inference.hf_masked import MaskedLMRuntime
+
+    return MaskedLMRuntime(model_dir)
+
+
+def _question_answering(model_dir: Path):
+    from services.inference.hf_qa import QuestionAnsweringRuntime
+
+    return QuestionAnsweringRuntime(model_dir)
+
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "causal_lm": _causal_lm,  # served by the GenerationScheduler (ModelStreamInfer), not a batcher
     "sentence_embedding": SentenceEmbeddingRuntime,
@@ -226,6 +238,8 @@ RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "vision_classification": _vision_classification,
     "sequence_classification": _sequence_classification,
     "token_classification": _token_classification,
+    "masked_lm": _masked_lm,
+    "question_answering": _question_answering,
 }
 
 

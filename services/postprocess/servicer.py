@@ -13,6 +13,8 @@ from services.common.tasks import task_from_pb
 from services.common.tensors import from_pb, to_pb
 from services.postprocess.core import Labelled, Postprocessor
 from services.postprocess.detokenize import Detokenizers
+from services.postprocess.fill_mask import fill_mask
+from services.postprocess.question_answering import question_answering
 from services.postprocess.ranking import text_ranking
 from services.postprocess.token_classification import token_classification
 
@@ -32,6 +34,8 @@ ResultBuilder = Callable[
 TASK_RESULTS: dict[str, ResultBuilder] = {
     "text-ranking": text_ranking,
     "token-classification": token_classification,
+    "fill-mask": fill_mask,
+    "question-answering": question_answering,
 }
 
 

@@ -11,7 +11,7 @@ from services.common.catalog import IMAGE_TASKS
 from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import to_pb
-from services.preprocess import pairs, token_classification
+from services.preprocess import fill_mask, pairs, question_answering, token_classification
 from services.preprocess.core import Encoded, Preprocessor
 
 TEXT_TASKS = ("feature-extraction", "text-classification")
@@ -23,6 +23,8 @@ TASK_ENCODERS: dict[str, Encoder] = {
     "text-classification": pairs.encode_text_classification,
     "text-ranking": pairs.encode_text_ranking,
     "token-classification": token_classification.encode_token_classification,
+    "fill-mask": fill_mask.encode_fill_mask,
+    "question-answering": question_answering.encode_question_answering,
 }
 
 
