@@ -1,0 +1,184 @@
+"""Fixtures for users' model folders: every `folders_*.py` builder's folder (built once per machine),
+one mesh per inference backend serving all of them and nothing else, and clients aimed at it.
+
+The embedded mesh serves them the `meshserve models add` way (entries in <home>/catalog.d, read
+beside an empty catalog); the Triton mesh the `meshserve up --model ID=PATH` way. Both are
+session-scoped: test modules that use them carry `pytestmark = pytest.mark.xdist_group("usermodels")`
+so each mesh starts once, on one worker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, START_TIMEOUT_S, TRITON_SKIP_REASON, TRITON_SUPPORTED, Mesh, mesh_home, start_mesh
+from tests.usermodels.factory import all_builders, built
+
+BACKENDS = [
+    "embedded",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_SUPPORTED, reason=TRITON_SKIP_REASON)),
+]
+# One Python-backend stub per model under Triton, each importing torch and transformers, on a 2-core
+# machine: a dozen of them start far slower than the shared meshes' four models.
+USER_START_TIMEOUT_S = START_TIMEOUT_S
+
+
+def empty_catalog(folder: Path) -> Path:
+    """A catalog file with no models, so that a mesh serves only what it is given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "empty-catalog.yaml"
+    path.write_text("models: []\n")
+    return path
+
+
+def cli_env(home: Path, catalog: Path | None = None, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `meshserve` command run against `home` (and `catalog`, if given)."""
+    env = {**os.environ, "MESHSERVE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    if catalog is not None:
+        env["MESHSERVE_CATALOG"] = str(catalog)
+    return {**env, **(extra_env or {})}
+
+
+def run_cli(
+    home: Path, *args: str, catalog: Path | None = None, extra_env: dict[str, str] | None = None, timeout_s: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m services.cli ARGS` with MESHSERVE_HOME=home; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], cwd=REPO, env=cli_env(home, catalog, extra_env),
+        capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+
+
+def _write_entry(home: Path, model_id: str, folder: Path) -> subprocess.CompletedProcess:
+    """Interim, until `meshserve models add` lands: the entry from_folder infers, as catalog.d YAML."""
+    import yaml
+
+    from services.models.from_folder import FolderError, entry_from_folder
+
+    try:
+        entry = entry_from_folder(folder, model_id=model_id)
+    except FolderError as exc:
+        return subprocess.CompletedProcess([], 2, "", str(exc))
+    path = home / "catalog.d" / f"{model_id}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(entry.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+    return subprocess.CompletedProcess([], 0, "", "")
+
+
+def add_models(home: Path, folders: dict[str, Path], catalog: Path | None = None, *, strict: bool = True) -> dict:
+    """`meshserve models add PATH --id ID` for each folder (entries land in <home>/catalog.d).
+    strict: a refusal raises; else the refusals are returned (model id -> the command's output)."""
+    refused = {}
+    for model_id, folder in folders.items():
+        done = run_cli(home, "models", "add", str(folder), "--id", model_id, catalog=catalog)
+        if done.returncode == 2 and "invalid choice: 'add'" in done.stderr:
+            done = _write_entry(home, model_id, folder)
+        if done.returncode != 0:
+            refused[model_id] = f"models add {model_id} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    if strict and refused:
+        raise RuntimeError("\n".join(refused.values()))
+    return refused
+
+
+def refusals(folders: dict[str, Path]) -> dict[str, str]:
+    """The folders that cannot be served (model id -> why), checked in process in a few seconds: the
+    entry cannot be inferred, or its runtime does not load the folder. A mesh waits for every model
+    to be READY, so one such folder would otherwise hold the whole mesh unready until its timeout."""
+    from services.inference.runtime import load_runtime
+    from services.models.from_folder import FolderError, entry_from_folder
+
+    refused = {}
+    for model_id, folder in folders.items():
+        try:
+            entry = entry_from_folder(folder, model_id=model_id)
+            load_runtime(entry.inference.runtime, folder)
+        except FolderError as exc:
+            refused[model_id] = f"refused: {exc}"
+        except Exception as exc:  # the runtime's own failure, named for the test that needs the model
+            refused[model_id] = f"its runtime does not load it: {type(exc).__name__}: {exc}"
+    return refused
+
+
+def serve_folders(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    backend: str,
+    *,
+    home: Path | None = None,
+    catalog: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    strict: bool = True,
+    timeout_s: float = USER_START_TIMEOUT_S,
+) -> Mesh:
+    """A mesh serving exactly `folders` (beside `catalog`, empty by default, and what `home`'s
+    catalog.d already holds): embedded through `models add`, Triton through `up --model ID=PATH`.
+    strict=False: folders that are refused are left out and listed in the returned Mesh's `refused`
+    (model id -> why), so that one area's unfinished folder does not stop the others' tests."""
+    home = home or mesh_home(tmp_path / "home")
+    catalog = catalog or empty_catalog(tmp_path)
+    env = {"MESHSERVE_CATALOG": str(catalog), **(extra_env or {})}
+    refused = {} if strict else refusals(folders)
+    folders = {model_id: folder for model_id, folder in folders.items() if model_id not in refused}
+    if backend == "embedded" or "--model" not in run_cli(home, "up", "--help").stdout:  # interim: no --model yet
+        refused |= add_models(home, folders, catalog, strict=strict)
+        mesh = start_mesh(tmp_path, env, backend=backend, home=home, timeout_s=timeout_s)
+    else:
+        args = [item for model_id, folder in folders.items() for item in ("--model", f"{model_id}={folder}")]
+        mesh = start_mesh(tmp_path, env, backend=backend, home=home, args=args, timeout_s=timeout_s)
+    mesh.refused = refused
+    return mesh
+
+
+@pytest.fixture(scope="session")
+def user_folders() -> dict[str, Path]:
+    """Model id -> built folder, for every builder of every folders_*.py module."""
+    return {model_id: built(model_id, builder) for model_id, builder in sorted(all_builders().items())}
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def user_mesh(request, user_folders, tmp_path_factory) -> Iterator[Mesh]:
+    """One mesh per backend serving every user folder under its id (and no shipped model). A folder
+    the CLI refuses is left out and named in `user_mesh.refused`; `hf_client` fails on it."""
+    if not user_folders:
+        pytest.skip("no tests/usermodels/folders_*.py module defines a folder yet")
+    started = time.monotonic()
+    tmp_path = tmp_path_factory.mktemp(f"usermesh-{request.param}")
+    mesh = serve_folders(tmp_path, user_folders, request.param, strict=False)
+    mesh.start_s = time.monotonic() - started  # the harness's cost (test_catalog_d prints it)
+    yield mesh
+    mesh.stop()
+
+
+def served(user_mesh: Mesh, model_id: str) -> str:
+    """The model's URL on the user mesh; fails the test with the CLI's reason if it was refused."""
+    if model_id in user_mesh.refused:
+        pytest.fail(f"{model_id} is not served: {user_mesh.refused[model_id]}")
+    return f"{user_mesh.url}/models/{model_id}"
+
+
+@pytest.fixture(scope="session")
+def hf_client(user_mesh) -> Callable:
+    """`hf_client(model_id, task=None)`: huggingface_hub's InferenceClient on the model's URL
+    (`/models/<id>`, or `/models/<id>/pipeline/<task>` for a task other than its default)."""
+    from huggingface_hub import InferenceClient
+
+    def make(model_id: str, task: str | None = None) -> InferenceClient:
+        url = served(user_mesh, model_id) + (f"/pipeline/{task}" if task else "")
+        return InferenceClient(model=url, timeout=120)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def openai_client(user_mesh):
+    """The openai SDK aimed at the user mesh's `/v1` (the test meshes run without auth)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=user_mesh.url + "/v1", api_key="unused", max_retries=0, timeout=120)
