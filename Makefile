@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run_embeddings
 	$(PY) -m bench.run_backends
 	$(PY) -m bench.run_classification
+	$(PY) -m bench.run_user_models
 	$(PY) -m bench.run_control_plane
 	$(PY) -m bench.run_generation
 	$(PY) -m bench.run_soak
