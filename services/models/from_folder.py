@@ -283,9 +283,10 @@ def _embedding_dims(ctx: _Folder, modules: list[dict]) -> int:
         if _is(module, "Pooling"):
             name = f"{folder}/config.json" if folder else "config.json"
             pooling = read_json(ctx.path, name, required=True)
-            modes = sum(bool(pooling.get(mode)) for mode in POOLING_MODES) or 1
-            dims = _int(ctx, name, pooling, "word_embedding_dimension") * modes
-            ctx.note(name, f"pooling {', '.join(m[13:] for m in POOLING_MODES if pooling.get(m))}")
+            modes = _pooling_modes(pooling)
+            key = "embedding_dimension" if "embedding_dimension" in pooling else "word_embedding_dimension"
+            dims = _int(ctx, name, pooling, key) * len(modes)
+            ctx.note(name, f"pooling {', '.join(modes)}")
         elif _is(module, "Dense"):
             name = f"{folder}/config.json"
             dims = _int(ctx, name, read_json(ctx.path, name, required=True), "out_features")
@@ -293,6 +294,14 @@ def _embedding_dims(ctx: _Folder, modules: list[dict]) -> int:
     if dims is None:
         dims = _int(ctx, "config.json", ctx.config, "hidden_size")
     return dims
+
+
+def _pooling_modes(pooling: dict) -> list[str]:
+    """sentence-transformers >= 6: `pooling_mode` (a name or a list); before: pooling_mode_* flags."""
+    mode = pooling.get("pooling_mode")
+    if mode:
+        return [mode] if isinstance(mode, str) else [str(m) for m in mode]
+    return [m.removeprefix("pooling_mode_") for m in POOLING_MODES if pooling.get(m)] or ["mean"]
 
 
 def _activation(ctx: _Folder, labels: list[str]) -> str:

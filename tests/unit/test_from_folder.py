@@ -188,6 +188,14 @@ def test_cls_embedder_with_normalize_and_prompts(tmp_path):
     assert entry.preprocess.prompts == prompts and entry.preprocess.default_prompt_name == "query"
 
 
+def test_sentence_transformers_6_pooling_config(tmp_path):
+    folder = sentence_transformer(tmp_path, pooling="cls_token")
+    write(folder / "1_Pooling" / "config.json", {"embedding_dimension": 32, "pooling_mode": ["cls", "max"]})
+    notes = infer_folder(folder, model_id="m").notes
+    assert tensors(entry_from_folder(folder, model_id="m").inference.outputs) == {"embedding": ("FP32", (64,))}
+    assert "1_Pooling/config.json: pooling cls, max" in notes
+
+
 def test_last_token_embedder_dims_after_dense_and_no_normalize(tmp_path):
     entry = entry_from_folder(
         sentence_transformer(tmp_path, pooling="lasttoken", dense=16, normalize=False), model_id="m"
