@@ -19,6 +19,12 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
+from services.gateway.api.hf_fill_mask import parse_fill_mask, render_fill_mask
+from services.gateway.api.hf_question_answering import (
+    has_question_answering_shape,
+    parse_question_answering,
+    render_question_answering,
+)
 from services.gateway.api.hf_token_classification import parse_token_classification, render_token_classification
 from services.gateway.api.rerank_schemas import TextRankingParameters
 from services.gateway.api.schemas import (
@@ -289,6 +295,8 @@ PARSERS: dict[str, Parser] = {
     "image-classification": parse_image_classification,
     "token-classification": parse_token_classification,
     "text-ranking": parse_text_ranking,
+    "fill-mask": parse_fill_mask,
+    "question-answering": parse_question_answering,
 }
 # feature-extraction's result is its (possibly coalesced) vectors, the others' a TaskResult.
 RENDERERS: dict[str, Renderer] = {
@@ -299,6 +307,8 @@ RENDERERS: dict[str, Renderer] = {
     "image-classification": render_image_classification,
     "token-classification": render_token_classification,
     "text-ranking": render_text_ranking,
+    "fill-mask": render_fill_mask,
+    "question-answering": render_question_answering,
 }
 
 # -- the task of a model URL that names none ------------------------------------------------------
@@ -311,6 +321,7 @@ SHAPES: dict[str, Callable[[dict], bool]] = {
         isinstance(body.get("parameters"), dict) and "candidate_labels" in body["parameters"]
     ),
     "text-ranking": lambda body: isinstance(body.get("inputs"), dict) and "query" in body["inputs"],
+    "question-answering": has_question_answering_shape,
     # A cross-encoder's default task is text-ranking: texts and {text, text_pair} classify.
     "text-classification": lambda body: isinstance(body.get("inputs"), (str, list, dict)),
 }
