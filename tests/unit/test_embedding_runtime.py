@@ -169,3 +169,21 @@ def test_unsupported_modules_are_refused_at_load(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match="LayerNorm"):
         SentenceEmbeddingRuntime(tmp_path)
+
+
+@pytest.mark.parametrize("prompt_name", [None, "query", "document"])
+def test_admission_bound_covers_the_prompt(prompt_name):
+    from services.gateway.service.bounds import text_token_bound
+
+    served = Served("test/bert-mean", default_prompt_name="document")
+    encoded = served.pre.encode(TEXTS, truncate=True, field="inputs", prompt=served.pre.prompt(prompt_name))
+    bound = text_token_bound(served.entry, TEXTS, prompt_name)
+    assert encoded.input_tokens <= bound
+    assert text_token_bound(served.entry, TEXTS, "query") > text_token_bound(
+        served.entry.model_copy(
+            update={
+                "preprocess": served.entry.preprocess.model_copy(update={"prompts": {}, "default_prompt_name": None})
+            }
+        ),
+        TEXTS,
+    )

@@ -13,10 +13,13 @@ from services.common import caps
 from services.common.catalog import ModelEntry
 
 
-def text_token_bound(entry: ModelEntry, texts) -> int:
-    """Most tokens these texts can be encoded to (see the module docstring)."""
+def text_token_bound(entry: ModelEntry, texts, prompt_name: str | None = None) -> int:
+    """Most tokens these texts can be encoded to (see the module docstring), the model's prompt
+    (`prompt_name`, else its default prompt) before each included."""
     limit = entry.preprocess.max_length
-    return sum(min(limit, len(t.encode()) + 2) for t in texts)
+    prompts, default = entry.preprocess.prompts, entry.preprocess.default_prompt_name
+    extra = len(prompts.get(prompt_name or default or "", "").encode()) + 2
+    return sum(min(limit, len(t.encode()) + extra) for t in texts)
 
 
 def zero_shot_token_bound(entry: ModelEntry, texts, labels, template: str | None) -> int:
@@ -39,8 +42,8 @@ def token_bound(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tas
         texts = inputs.text.texts
         if parameters.candidate_labels:  # zero-shot: each text and one hypothesis per label
             return zero_shot_token_bound(entry, texts, parameters.candidate_labels, parameters.hypothesis_template)
-        return text_token_bound(entry, texts)
+        return text_token_bound(entry, texts, parameters.prompt_name or None)
     if kind == "sentence_similarity":
         sim = inputs.sentence_similarity
-        return text_token_bound(entry, [sim.source_sentence, *sim.sentences])
+        return text_token_bound(entry, [sim.source_sentence, *sim.sentences], parameters.prompt_name or None)
     return 0  # images: no tokens

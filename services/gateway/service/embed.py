@@ -59,7 +59,7 @@ class EmbedService:
             "feature-extraction",
             ctx.route,
             ctx.request_id,
-            max_input_tokens=text_token_bound(entry, texts),
+            max_input_tokens=text_token_bound(entry, texts, prompt_name),
             client_request_id=ctx.client_request_id,
         )
         async with metering.track(metered):
