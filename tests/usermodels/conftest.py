@@ -28,6 +28,7 @@ BACKENDS = [
 # One Python-backend stub per model under Triton, each importing torch and transformers, on a 2-core
 # machine: a dozen of them start far slower than the shared meshes' four models.
 USER_START_TIMEOUT_S = START_TIMEOUT_S
+ADD_CONCURRENCY = 4  # `models add` commands at once
 
 
 def empty_catalog(folder: Path) -> Path:
@@ -56,32 +57,21 @@ def run_cli(
     )  # fmt: skip
 
 
-def _write_entry(home: Path, model_id: str, folder: Path) -> subprocess.CompletedProcess:
-    """Interim, until `meshserve models add` lands: the entry from_folder infers, as catalog.d YAML."""
-    import yaml
-
-    from services.models.from_folder import FolderError, entry_from_folder
-
-    try:
-        entry = entry_from_folder(folder, model_id=model_id)
-    except FolderError as exc:
-        return subprocess.CompletedProcess([], 2, "", str(exc))
-    path = home / "catalog.d" / f"{model_id}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(entry.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
-    return subprocess.CompletedProcess([], 0, "", "")
-
-
 def add_models(home: Path, folders: dict[str, Path], catalog: Path | None = None, *, strict: bool = True) -> dict:
     """`meshserve models add PATH --id ID` for each folder (entries land in <home>/catalog.d).
     strict: a refusal raises; else the refusals are returned (model id -> the command's output)."""
-    refused = {}
-    for model_id, folder in folders.items():
-        done = run_cli(home, "models", "add", str(folder), "--id", model_id, catalog=catalog)
-        if done.returncode == 2 and "invalid choice: 'add'" in done.stderr:
-            done = _write_entry(home, model_id, folder)
-        if done.returncode != 0:
-            refused[model_id] = f"models add {model_id} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    from concurrent.futures import ThreadPoolExecutor
+
+    def add(model_id: str) -> subprocess.CompletedProcess:
+        return run_cli(home, "models", "add", str(folders[model_id]), "--id", model_id, catalog=catalog)
+
+    with ThreadPoolExecutor(ADD_CONCURRENCY) as pool:  # each command mostly imports; ids never collide
+        done = dict(zip(folders, pool.map(add, folders), strict=True))
+    refused = {
+        model_id: f"models add {model_id} exited {run.returncode}:\n{run.stdout}\n{run.stderr}"
+        for model_id, run in done.items()
+        if run.returncode != 0
+    }
     if strict and refused:
         raise RuntimeError("\n".join(refused.values()))
     return refused
@@ -126,7 +116,7 @@ def serve_folders(
     env = {"MESHSERVE_CATALOG": str(catalog), **(extra_env or {})}
     refused = {} if strict else refusals(folders)
     folders = {model_id: folder for model_id, folder in folders.items() if model_id not in refused}
-    if backend == "embedded" or "--model" not in run_cli(home, "up", "--help").stdout:  # interim: no --model yet
+    if backend == "embedded":
         refused |= add_models(home, folders, catalog, strict=strict)
         mesh = start_mesh(tmp_path, env, backend=backend, home=home, timeout_s=timeout_s)
     else:
