@@ -13,8 +13,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import grpc
+import httpx
 import numpy as np
 import pytest
+from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from meshserve.tasks.v1 import tasks_pb2
 
 pytestmark = pytest.mark.xdist_group("usermodels")
 
@@ -95,3 +99,59 @@ def assert_same_answers(got, want) -> None:
         got, want = [got], [want]
     assert [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"]) for a in want]
     assert np.allclose([a["score"] for a in got], [a["score"] for a in want], atol=1e-4)
+
+
+CASES = {
+    "default": {},
+    "top3": {"top_k": 3},
+    "impossible": {"handle_impossible_answer": True, "top_k": 2},
+    "windows": {"max_seq_len": 64, "doc_stride": 16, "top_k": 2, "align_to_words": False},
+}
+
+
+@pytest.mark.parametrize("model_id", QA_MODELS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_client_question_answering_matches_pipeline(user_mesh, user_folders, hf_client, model_id, case):
+    params = CASES[case]
+    for context in (SHORT_CONTEXT, LONG_CONTEXT):
+        got = hf_client(model_id).question_answering(question=QUESTION, context=context, **params)
+        got = dict(vars(got)) if not isinstance(got, list) else [dict(vars(a)) for a in got]
+        assert_same_answers(got, reference_answers(user_folders[model_id], QUESTION, context, **params))
+
+
+def test_bare_url_and_refusals(user_mesh, user_folders):
+    from tests.usermodels.conftest import served
+
+    url = served(user_mesh, "test/bert-qa")
+    body = {"inputs": {"question": QUESTION, "context": LONG_CONTEXT}}
+    got = httpx.post(url, json=body, timeout=120)
+    assert got.status_code == 200, got.text
+    assert_same_answers(got.json(), reference_answers(user_folders["test/bert-qa"], QUESTION, LONG_CONTEXT))
+    for bad in ({**body, "parameters": {"padding": True}}, {**body, "parameters": {"max_seq_len": 4096}},
+                {"inputs": {"question": QUESTION}}):  # fmt: skip
+        refused = httpx.post(url, json=bad, timeout=120)
+        assert refused.status_code == 400, refused.text
+
+
+def test_grpc_predict_question_answering(user_mesh, user_folders):
+    items = [(QUESTION, LONG_CONTEXT), ("When was it written?", SHORT_CONTEXT)]
+    inputs = tasks_pb2.TaskInputs(
+        question_answering=tasks_pb2.QuestionAnsweringInputs(
+            items=[tasks_pb2.QuestionAnsweringInput(question=q, context=c) for q, c in items]
+        )
+    )
+    with grpc.insecure_channel(user_mesh.grpc_target) as channel:
+        reply = gateway_pb2_grpc.GatewayServiceStub(channel).Predict(
+            gateway_pb2.PredictRequest(
+                model_id="test/bert-qa", task=tasks_pb2.TASK_QUESTION_ANSWERING, inputs=inputs,
+                parameters=tasks_pb2.TaskParameters(top_k=3),
+            ),
+            timeout=120,
+        )  # fmt: skip
+    assert reply.usage.items == 2 and reply.usage.input_tokens == sum(reply.usage.item_input_tokens)
+    for answers, (question, context) in zip(reply.result.answers.items, items, strict=True):
+        got = [{"score": a.score, "start": a.start, "end": a.end, "answer": a.answer} for a in answers.answers]
+        assert_same_answers(
+            got[0] if len(got) == 1 else got,
+            reference_answers(user_folders["test/bert-qa"], question, context, top_k=3),
+        )
