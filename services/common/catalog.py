@@ -359,9 +359,11 @@ def load_catalog(settings: CommonSettings, *, strict: bool = False, problems: li
 
 def entry_schema() -> str:
     """The JSON Schema of one catalog entry (schemas/catalog-entry.schema.json), as text."""
-    schema = {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://github.com/meshserve/meshserve/schemas/catalog-entry.schema.json",
-        **ModelEntry.model_json_schema(),
-    }
+    schema = ModelEntry.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "meshserve catalog entry"
+    schema["description"] = (
+        "One model of the catalog (a models[] item of catalog.yaml, or one file of $MESHSERVE_HOME/catalog.d); "
+        "generated from services/common/catalog.py by `meshserve models schema`."
+    )
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
