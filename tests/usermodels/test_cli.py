@@ -147,3 +147,28 @@ def test_up_refuses_two_models_under_one_id(home, folder):
 def test_up_with_a_path_that_is_neither_folder_nor_repo(home, tmp_path):
     done = meshserve(home, "up", "--model", str(tmp_path / "nowhere"), timeout=60)
     assert done.returncode == 2 and "not a model folder (nor a hub repo id like org/name)" in done.stderr
+
+
+def test_up_model_serves_its_models_alone_or_beside_the_catalog(home, folder, monkeypatch):
+    """What `up --model` hands its children: a generated catalog, catalog.d out of the way unless
+    --with-catalog (in process: the supervisor is not started)."""
+    from argparse import Namespace
+
+    from services import cli
+    from services.common.catalog import load_catalog
+    from services.common.settings import CommonSettings
+
+    monkeypatch.setenv("MESHSERVE_HOME", str(home))
+    for name in ("MESHSERVE_CATALOG", "MESHSERVE_CATALOG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert meshserve(home, "models", "add", str(folder), "--id", "acme/added").returncode == 0
+    alone = cli._run_catalog(Namespace(model=[f"acme/up={folder}"], with_catalog=False), CommonSettings())
+    assert [e.id for e in alone.models] == ["acme/up"]
+    assert os.environ["MESHSERVE_CATALOG"] == str((home / "run" / "catalog.yaml").resolve())
+    assert [e.id for e in load_catalog(CommonSettings()).models] == ["acme/up"]  # what the children read
+    monkeypatch.delenv("MESHSERVE_CATALOG")
+    monkeypatch.delenv("MESHSERVE_CATALOG_DIR")
+    beside = cli._run_catalog(Namespace(model=[f"acme/up={folder}"], with_catalog=True), CommonSettings())
+    ids = [e.id for e in load_catalog(CommonSettings()).models]
+    assert ids == [e.id for e in beside.models]
+    assert ids[-2:] == ["acme/added", "acme/up"] and "meshserve/tiny-llama-chat" in ids
