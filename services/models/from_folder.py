@@ -394,6 +394,8 @@ def _causal_lm(ctx: _Folder) -> dict:
             f"generation would never stop"
         )
     ctx.note("generation_config.json", f"eos_token_id {eos}")
+    template = "chat_template" in ctx.json("tokenizer_config.json") or (ctx.path / "chat_template.jinja").is_file()
+    ctx.note("tokenizer_config.json", "chat template: " + ("yes" if template else "none (completions only, no chat)"))
     context = _max_length(ctx)
     new_tokens = min(256, context // 4)
     return {
