@@ -114,15 +114,18 @@ def serve_folders(
     home = home or mesh_home(tmp_path / "home")
     catalog = catalog or empty_catalog(tmp_path)
     env = {"MESHSERVE_CATALOG": str(catalog), **(extra_env or {})}
+    timings, started = {}, time.monotonic()
     refused = {} if strict else refusals(folders)
     folders = {model_id: folder for model_id, folder in folders.items() if model_id not in refused}
+    timings["check_s"], started = time.monotonic() - started, time.monotonic()
+    args = [item for model_id, folder in folders.items() for item in ("--model", f"{model_id}={folder}")]
     if backend == "embedded":
         refused |= add_models(home, folders, catalog, strict=strict)
-        mesh = start_mesh(tmp_path, env, backend=backend, home=home, timeout_s=timeout_s)
-    else:
-        args = [item for model_id, folder in folders.items() for item in ("--model", f"{model_id}={folder}")]
-        mesh = start_mesh(tmp_path, env, backend=backend, home=home, args=args, timeout_s=timeout_s)
-    mesh.refused = refused
+        args = []
+    timings["add_s"], started = time.monotonic() - started, time.monotonic()
+    mesh = start_mesh(tmp_path, env, backend=backend, home=home, args=args, timeout_s=timeout_s)
+    timings["up_s"] = time.monotonic() - started
+    mesh.refused, mesh.timings = refused, timings  # timings: where the start time went (seconds)
     return mesh
 
 

@@ -94,7 +94,8 @@ def test_models_add_and_up_model_infer_the_same_entry(user_mesh, user_folders, t
 
 
 def test_every_user_folder_is_accepted(user_mesh):
-    print(f"user_mesh[{user_mesh.backend}] started in {user_mesh.start_s:.1f} s")
+    phases = ", ".join(f"{name} {value:.1f}" for name, value in user_mesh.timings.items())
+    print(f"user_mesh[{user_mesh.backend}] started in {user_mesh.start_s:.1f} s ({phases})")
     assert user_mesh.refused == {}
 
 
