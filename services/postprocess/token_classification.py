@@ -211,6 +211,11 @@ def token_classification(
     texts = list(request.inputs.text.texts)
     logits, ids, offsets, special = _arrays(entry, texts, outputs, side)
     p = request.parameters
+    if (
+        p.aggregation_strategy not in STRATEGIES
+        and p.aggregation_strategy != tasks_pb2.AGGREGATION_STRATEGY_UNSPECIFIED
+    ):
+        raise invalid(f"unknown aggregation strategy {p.aggregation_strategy}", param="parameters.aggregation_strategy")
     strategy = STRATEGIES.get(p.aggregation_strategy, entry.postprocess.aggregation_strategy)
     # Empty: the model's default (["O"]); [""] keeps every label (a repeated field has no "unset").
     ignore = set(p.ignore_labels) if p.ignore_labels else set(entry.postprocess.ignore_labels)

@@ -183,3 +183,57 @@ def test_requests_of_different_lengths_share_a_batch_and_get_their_own_length(pi
     for (outputs, _), solo in zip(results, alone, strict=True):
         assert outputs["logits"].shape == solo.shape
         np.testing.assert_allclose(outputs["logits"], solo, atol=1e-4)
+
+
+def _parse(inputs, params: dict):
+    from services.gateway.api.hf_tasks import PARSERS
+
+    return PARSERS[TASK](None, inputs, params, {})
+
+
+def test_hf_body_parses_to_typed_parameters():
+    request = _parse(["a b", "c"], {"aggregation_strategy": "max", "ignore_labels": ["O", "MISC"]})
+    assert not request.single and list(request.inputs.text.texts) == ["a b", "c"]
+    assert request.parameters.aggregation_strategy == tasks_pb2.AGGREGATION_STRATEGY_MAX
+    assert list(request.parameters.ignore_labels) == ["O", "MISC"]
+    default = _parse("a b", {})
+    assert default.single and default.parameters.aggregation_strategy == tasks_pb2.AGGREGATION_STRATEGY_UNSPECIFIED
+    assert list(default.parameters.ignore_labels) == []
+    assert list(_parse("a", {"ignore_labels": []}).parameters.ignore_labels) == [""]  # keep every label
+
+
+@pytest.mark.parametrize(
+    ("inputs", "params", "field"),
+    [
+        ("a", {"stride": 16}, "parameters.stride"),
+        ("a", {"aggregation_strategy": "longest"}, "parameters.aggregation_strategy"),
+        ("a", {"top_k": 1}, "parameters.top_k"),
+        ([], {}, "inputs"),
+        ({"text": "a"}, {}, "inputs"),
+    ],
+)
+def test_hf_body_refusals_name_the_field(inputs, params, field):
+    from services.common.errors import MeshError
+
+    with pytest.raises(MeshError) as err:
+        _parse(inputs, params)
+    assert err.value.param == field
+
+
+def test_hf_rendering_tokens_and_groups():
+    from services.gateway.api.hf_tasks import RENDERERS
+
+    token = tasks_pb2.TokenEntity(entity="B-PER", score=0.5, index=3, word="##x", start=1, end=2)
+    group = tasks_pb2.TokenEntity(entity="PER", score=0.25, word="ab", start=0, end=2)
+    result = tasks_pb2.TaskResult(
+        entities=tasks_pb2.TokenEntities(
+            items=[tasks_pb2.TokenEntityList(entities=[token]), tasks_pb2.TokenEntityList(entities=[group])]
+        )
+    )
+    rendered = RENDERERS[TASK](result, _parse(["a", "b"], {}), None)
+    assert rendered == [
+        [{"entity": "B-PER", "score": 0.5, "index": 3, "word": "##x", "start": 1, "end": 2}],
+        [{"entity_group": "PER", "score": 0.25, "word": "ab", "start": 0, "end": 2}],
+    ]
+    one = tasks_pb2.TaskResult(entities=tasks_pb2.TokenEntities(items=[tasks_pb2.TokenEntityList(entities=[group])]))
+    assert RENDERERS[TASK](one, _parse("a", {}), None) == rendered[1]
