@@ -72,8 +72,8 @@ def check_images(entry: ModelEntry, data: Sequence[bytes], *, field: str = "inpu
         raise _too_large(
             f"`{field}` has {len(data)} images; this model takes at most {entry.preprocess.max_items}", field
         )
-    if entry.preprocess.image is not None:
-        images.check_sizes(data, entry.preprocess.image, field=field)
+    # A user's vision model (no preprocess.image) gets the default per-image pixel cap.
+    images.check_sizes(data, entry.preprocess.image, field=field)
 
 
 def check_task_inputs(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tasks_pb2.TaskParameters) -> None:
@@ -89,3 +89,15 @@ def check_task_inputs(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameter
         check_texts(entry, [sim.source_sentence, *sim.sentences], field="inputs.sentences")
     elif kind == "images":
         check_images(entry, inputs.images.images)
+    elif kind == "text_pairs":
+        pairs = inputs.text_pairs.pairs
+        check_texts(entry, [p.text for p in pairs])
+        check_texts(entry, [p.text_pair for p in pairs], field="inputs.text_pair")
+    elif kind == "text_ranking":
+        ranking = inputs.text_ranking
+        check_texts(entry, [ranking.query], field="inputs.query")
+        check_texts(entry, ranking.documents, field="inputs.documents")
+    elif kind == "question_answering":
+        items = inputs.question_answering.items
+        check_texts(entry, [i.question for i in items], field="inputs.question")
+        check_texts(entry, [i.context for i in items], field="inputs.context")

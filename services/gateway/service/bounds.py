@@ -46,4 +46,28 @@ def token_bound(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameters: tas
     if kind == "sentence_similarity":
         sim = inputs.sentence_similarity
         return text_token_bound(entry, [sim.source_sentence, *sim.sentences], parameters.prompt_name or None)
+    if kind == "text_pairs":  # one row per pair: both texts and up to 4 special tokens
+        return _pairs_bound(entry, [(p.text, p.text_pair) for p in inputs.text_pairs.pairs])
+    if kind == "text_ranking":  # one row per document, with the query
+        ranking = inputs.text_ranking
+        return _pairs_bound(entry, [(ranking.query, d) for d in ranking.documents])
+    if kind == "question_answering":
+        return question_answering_bound(entry, inputs.question_answering.items, parameters)
     return 0  # images: no tokens
+
+
+def _pairs_bound(entry: ModelEntry, pairs) -> int:
+    limit = entry.preprocess.max_length
+    return sum(min(limit, len(a.encode()) + len(b.encode()) + 4) for a, b in pairs)
+
+
+def question_answering_bound(entry: ModelEntry, items, parameters: tasks_pb2.TaskParameters) -> int:
+    """A question whose context fits one window costs at most its bytes plus 4 special tokens; a
+    longer one is split into windows, at most `max_items` of `max_length` tokens per request."""
+    cap = entry.preprocess.max_items * entry.preprocess.max_length
+    window = parameters.max_seq_len if parameters.HasField("max_seq_len") else min(384, entry.preprocess.max_length)
+    total = 0
+    for item in items:
+        size = len(item.question.encode()) + len(item.context.encode()) + 4
+        total += size if size <= window else cap
+    return min(total, cap)
