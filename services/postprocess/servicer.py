@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +32,8 @@ ResultBuilder = Callable[
     [Postprocessor, postprocess_pb2.PostprocessRequest, dict[str, np.ndarray], dict[str, np.ndarray]],
     tasks_pb2.TaskResult,
 ]
+# Builders cheap enough (microseconds) to run on the event loop; the others run in a thread.
+INLINE_RESULTS = frozenset({"text-ranking"})
 TASK_RESULTS: dict[str, ResultBuilder] = {
     "text-ranking": text_ranking,
     "token-classification": token_classification,
@@ -79,7 +82,11 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         outputs = {t.name: from_pb(t) for t in request.outputs}
         if task in TASK_RESULTS:
             side = {t.name: from_pb(t) for t in request.side_tensors}
-            result = TASK_RESULTS[task](self.core, request, outputs, side)
+            build = TASK_RESULTS[task]
+            if task in INLINE_RESULTS:
+                result = build(self.core, request, outputs, side)
+            else:  # entity grouping, vocabulary softmax, span search: milliseconds, off the loop
+                result = await asyncio.to_thread(build, self.core, request, outputs, side)
         elif task == "feature-extraction":
             normalize = request.parameters.normalize if request.parameters.HasField("normalize") else None
             dims = request.parameters.dimensions if request.parameters.HasField("dimensions") else None

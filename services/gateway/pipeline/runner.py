@@ -230,6 +230,9 @@ class Pipeline:
             if out.datatype not in NP_DTYPES or len(first.raw_output_contents) <= i:
                 raise MeshError(ErrorCode.INTERNAL, f"inference returned output '{out.name}' in an unsupported form")
             shape = list(out.shape)
+            if any(list(r.outputs[i].shape[1:]) != shape[1:] for r in replies):
+                # Joining raw bytes of chunks with different row shapes would scramble them.
+                raise MeshError(ErrorCode.INTERNAL, f"inference returned chunks of output '{out.name}' that differ in shape")
             shape[0] = sum(r.outputs[i].shape[0] for r in replies)
             raw = (
                 b"".join(r.raw_output_contents[i] for r in replies)
