@@ -212,13 +212,6 @@ def _token_classification(model_dir: Path):
     return TokenClassificationRuntime(model_dir)
 
 
-def _vision_classification(model_dir: Path):
-    from services.inference.hf_vision import VisionClassificationRuntime
-
-    return VisionClassificationRuntime(model_dir)
-
-
-
 def _masked_lm(model_dir: Path):
     from services.inference.hf_masked import MaskedLMRuntime
 
@@ -229,6 +222,13 @@ def _question_answering(model_dir: Path):
     from services.inference.hf_qa import QuestionAnsweringRuntime
 
     return QuestionAnsweringRuntime(model_dir)
+
+
+def _vision_classification(model_dir: Path):
+    from services.inference.hf_vision import VisionClassificationRuntime
+
+    return VisionClassificationRuntime(model_dir)
+
 
 RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "causal_lm": _causal_lm,  # served by the GenerationScheduler (ModelStreamInfer), not a batcher
