@@ -239,6 +239,8 @@ def start_mesh(
     """`meshserve up --backend <backend> [args...]` on free ports. A Triton mesh gets its own
     MESHSERVE_HOME (its generated repository and work dir) over the shared model store; `home`
     replaces that choice (a home the caller prepared, e.g. with a catalog.d)."""
+    # The shared store's own catalog.d (what a developer added by hand) is not the tests' catalog.
+    pinned = {} if home is not None else {"MESHSERVE_CATALOG_DIR": str(tmp_path / "no-catalog.d")}
     home = home or (mesh_home(tmp_path / "home") if backend == "triton" else meshserve_home())
     ports = ports or {name: free_port() for name in MESH_PORTS}
     env = {
@@ -258,6 +260,7 @@ def start_mesh(
         # The stages' service token, chosen here (`meshserve up` would generate one) so that every
         # process a test starts from mesh.env (an extra gateway) can call the stages.
         "MESHSERVE_SERVICE_TOKEN": secrets.token_urlsafe(32),
+        **pinned,
         **(extra_env or {}),
     }
     for key in (
