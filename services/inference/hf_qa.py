@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.inference.hf_masked import EncoderRuntime
+from services.inference.hf_encoder import EncoderRuntime, cut_to_tokens
 
 
 class QuestionAnsweringRuntime(EncoderRuntime):
@@ -25,6 +25,4 @@ class QuestionAnsweringRuntime(EncoderRuntime):
         }
 
     def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A request's rows cut back from the batch's padded length to its own."""
-        tokens = inputs["input_ids"].shape[1]
-        return {name: np.ascontiguousarray(array[:, :tokens]) for name, array in outputs.items()}
+        return cut_to_tokens(outputs, inputs)
