@@ -198,6 +198,24 @@ class Preprocessor:
         except KeyError:
             raise invalid(f"model {model_id!r} does not take text inputs", param="inputs") from None
 
+    async def encode_task_texts(self, model_id: str, task: str, inputs, truncate: bool, encode) -> Encoded:
+        """A text task with an encoder of its own (`encode(pre, texts, truncate=)` -> Encoded): the
+        texts checked, then tokenized inline when short, in a thread when long."""
+        entry = self.catalog.get(model_id)
+        self.catalog.resolve_task(entry, task)
+        if inputs.WhichOneof("kind") != "text":
+            raise invalid(f"{task} takes text inputs", param="inputs")
+        texts = list(inputs.text.texts)
+        pre = self.text(model_id)
+        pre.validate(texts, field="inputs")
+        with tracing.span("tokenize", model=model_id, texts=len(texts)) as span:
+            if sum(len(t) for t in texts) <= INLINE_CHARS:
+                encoded = encode(pre, texts, truncate=truncate)
+            else:
+                encoded = await asyncio.to_thread(encode, pre, texts, truncate=truncate)
+            span.set_attribute("tokens", encoded.input_tokens)
+        return encoded
+
     def _model(self, model_id: str, task: str, kind: str) -> ModelEntry:
         entry = self.catalog.get(model_id)
         self.catalog.resolve_task(entry, task)

@@ -11,7 +11,6 @@ the text's mask tokens, and `fill_mask_pad` INT64 [1], the pad token's id (-1: n
 
 from __future__ import annotations
 
-import asyncio
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -19,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from meshserve.preprocess.v1 import preprocess_pb2
 
-from services.common import tracing
 from services.common.errors import invalid
-from services.preprocess.core import INLINE_CHARS, Encoded, Preprocessor, TextPreprocessor, pad_token_of
+from services.preprocess.core import Encoded, Preprocessor, TextPreprocessor, pad_token_of
 
 TASK = "fill-mask"
 
@@ -86,19 +84,6 @@ def encode(pre: TextPreprocessor, texts: list[str], *, truncate: bool) -> Encode
 
 async def encode_fill_mask(core: Preprocessor, request: preprocess_pb2.PreprocessRequest) -> Encoded:
     """The request's texts as model inputs plus the side tensors of fill-mask."""
-    entry = core.catalog.get(request.model_id)
-    core.catalog.resolve_task(entry, TASK)
-    if request.inputs.WhichOneof("kind") != "text":
-        raise invalid(f"{TASK} takes text inputs", param="inputs")
-    texts = list(request.inputs.text.texts)
-    pre = core.text(request.model_id)
-    pre.validate(texts, field="inputs")
     params = request.parameters
     truncate = params.truncate if params.HasField("truncate") else True
-    with tracing.span("tokenize", model=request.model_id, texts=len(texts)) as span:
-        if sum(len(t) for t in texts) <= INLINE_CHARS:
-            encoded = encode(pre, texts, truncate=truncate)
-        else:
-            encoded = await asyncio.to_thread(encode, pre, texts, truncate=truncate)
-        span.set_attribute("tokens", encoded.input_tokens)
-    return encoded
+    return await core.encode_task_texts(request.model_id, TASK, request.inputs, truncate, encode)

@@ -9,14 +9,11 @@ special and padding tokens, which are never entities).
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 from meshserve.preprocess.v1 import preprocess_pb2
 
-from services.common import tracing
 from services.common.errors import invalid
-from services.preprocess.core import INLINE_CHARS, TOKENS, TRUNCATED, Encoded, Preprocessor, TextPreprocessor
+from services.preprocess.core import TOKENS, TRUNCATED, Encoded, Preprocessor, TextPreprocessor
 
 TASK = "token-classification"
 
@@ -46,19 +43,6 @@ def encode(pre: TextPreprocessor, texts: list[str], *, truncate: bool) -> Encode
 
 async def encode_token_classification(core: Preprocessor, request: preprocess_pb2.PreprocessRequest) -> Encoded:
     """The request's texts as model inputs plus the side tensors of token-classification."""
-    entry = core.catalog.get(request.model_id)
-    core.catalog.resolve_task(entry, TASK)
-    if request.inputs.WhichOneof("kind") != "text":
-        raise invalid(f"{TASK} takes text inputs", param="inputs")
-    texts = list(request.inputs.text.texts)
-    pre = core.text(request.model_id)
-    pre.validate(texts, field="inputs")
     params = request.parameters
     truncate = params.truncate if params.HasField("truncate") else True
-    with tracing.span("tokenize", model=request.model_id, texts=len(texts)) as span:
-        if sum(len(t) for t in texts) <= INLINE_CHARS:
-            encoded = encode(pre, texts, truncate=truncate)
-        else:
-            encoded = await asyncio.to_thread(encode, pre, texts, truncate=truncate)
-        span.set_attribute("tokens", encoded.input_tokens)
-    return encoded
+    return await core.encode_task_texts(request.model_id, TASK, request.inputs, truncate, encode)
