@@ -10,8 +10,8 @@
         inference service's torch thread count, at batch 1 (latency floor) and batch 32; the raw limit is
         batch 32's rate measured just before and just after the model's mesh points (mean of the two),
         with the mesh up and idle, so that both sides of the ratio see the same shared machine
-  mesh  the folders served from a catalog that services.models.from_folder infers for them (what
-        `meshserve up --model` serves), concurrency 1 and 64, every HF request with X-Use-Cache: false;
+  mesh  `meshserve up --model ID=PATH` for each folder (the entries services.models.from_folder infers),
+        concurrency 1 and 64, every HF request with X-Use-Cache: false;
         per point req/s, p50/p99, the ratio to the raw limit and the CPU milliseconds per request of
         each service (psutil at the window's edges)
 
@@ -73,7 +73,7 @@ def texts() -> list[str]:
     return [text for text, _ in sentiment.load()]
 
 
-# -- the folders and the catalog that serves them ----------------------------------------------------
+# -- the folders, and the `meshserve up --model` arguments that serve them ---------------------------
 def build_folders() -> dict[str, Path]:
     from bench import user_folders
     from tests.usermodels.factory import built
@@ -81,68 +81,14 @@ def build_folders() -> dict[str, Path]:
     return {EMBEDDER: built(EMBEDDER, user_folders.embedder), CLASSIFIER: built(CLASSIFIER, user_folders.classifier)}
 
 
-def _inputs(folder: Path) -> list[dict[str, Any]]:
-    from transformers import AutoTokenizer
+def served_entries(folders: dict[str, Path]) -> tuple[list[str], dict[str, Any]]:
+    """`meshserve up` arguments that serve the folders (--model ID=PATH), and the entries `up` infers
+    from them (services.models.user_models.infer, the same call): their threads, labels, tensors."""
+    from services.models.user_models import infer
 
-    names = AutoTokenizer.from_pretrained(str(folder)).model_input_names
-    return [
-        {"name": name, "datatype": "INT64", "dims": [-1]}
-        for name in ("input_ids", "attention_mask", "token_type_ids")
-        if name in names
-    ]
-
-
-def hand_entry(model_id: str, folder: Path) -> dict[str, Any]:
-    """The entry layout.md's contracts say from_folder writes, for a folder it refuses (see write_catalog)."""
-    from services.models.from_folder import inference_name
-
-    inference = {
-        "name": inference_name(model_id),
-        "inputs": _inputs(folder),
-        "max_batch_size": 32,
-        "preferred_batch_sizes": [8, 16, 32],
-        "max_queue_size": 2048,
-        "instances": 1,
-        "threads": 2,
-    }
-    text = {"kind": "text", "max_length": 512, "max_items": 2048}
-    source = {"kind": "path", "path": str(folder)}
-    if model_id == EMBEDDER:
-        output = {"name": "embedding", "datatype": "FP32", "dims": [384]}
-        inference |= {"runtime": "sentence_embedding", "outputs": [output]}
-        tasks, post = ["feature-extraction", "sentence-similarity"], {"normalize": True}
-    else:
-        config = json.loads((folder / "config.json").read_text())
-        labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-        output = {"name": "logits", "datatype": "FP32", "dims": [len(labels)]}
-        inference |= {"runtime": "sequence_classification", "outputs": [output]}
-        tasks, post = ["text-classification"], {"labels": labels, "activation": "softmax"}
-    data = {"id": model_id, "tasks": tasks, "source": source, "preprocess": text, "inference": inference}
-    return data | {"postprocess": post}
-
-
-def write_catalog(home: Path, folders: dict[str, Path]) -> tuple[Path, dict[str, Any], list[str]]:
-    """A catalog of the two folders, each entry as `meshserve up --model` infers it
-    (services.models.from_folder), or written by hand where that refuses the folder (noted).
-    Returns (catalog path, entries by id, notes)."""
-    import yaml
-
-    from services.common.catalog import Catalog
-    from services.models.from_folder import FolderError, entry_from_folder
-
-    notes, entries = [], []
-    for model_id, folder in folders.items():
-        try:
-            entry = entry_from_folder(folder, model_id=model_id)
-            entries.append(entry.model_dump(mode="json", exclude_none=True))
-        except FolderError as exc:
-            notes.append(f"{model_id}: from_folder refused the folder ({exc}); entry written by hand")
-            entries.append(hand_entry(model_id, folder))
-    path = home / "catalog.yaml"
-    home.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
-    catalog = Catalog.load(path)
-    return path, {e.id: e for e in catalog.models}, notes
+    specs = [f"{model_id}={folder}" for model_id, folder in folders.items()]
+    entries = {model_id: infer(spec).entry for model_id, spec in zip(folders, specs, strict=True)}
+    return [arg for spec in specs for arg in ("--model", spec)], entries
 
 
 # -- raw: the folder in this process, with the library users load it with ---------------------------
@@ -481,7 +427,6 @@ def summary(result: dict[str, Any]) -> str:
                 f"max abs diff {check['max_abs_diff']:.2e} | | | | | | |"
             )
         lines.append("")
-    lines += [f"- catalog: {note}" for note in result["catalog_notes"]]
     if result["noisy_points"]:
         lines.append(noisy_warning(result["noisy_points"]))
     return "\n".join(lines)
@@ -525,11 +470,12 @@ def model_results(models: list[Model], raws: dict[str, Any], meshes: dict[str, A
 
 def run(seconds: float, home: Path, tmp: Path) -> dict[str, Any]:
     folders = build_folders()
-    catalog, entries, notes = write_catalog(home, folders)
+    up_args, entries = served_entries(folders)
     models = make_models(entries, folders)
     items = texts()
-    print("starting the mesh (meshserve up) on the bench catalog", flush=True)
-    mesh = start_mesh(tmp, {"MESHSERVE_CATALOG": str(catalog)}, home=home)
+    print(f"starting the mesh: meshserve up {' '.join(up_args)}", flush=True)
+    home.mkdir(parents=True, exist_ok=True)  # its own: `up --model` writes home/run/catalog.yaml
+    mesh = start_mesh(tmp, home=home, args=up_args)
     raws, meshes = {}, {}
     try:
         for model in models:
@@ -539,7 +485,7 @@ def run(seconds: float, home: Path, tmp: Path) -> dict[str, Any]:
         raise
     finally:
         mesh.stop()
-    return {"models": model_results(models, raws, meshes), "catalog_notes": notes, "texts": len(items)}
+    return {"models": model_results(models, raws, meshes), "meshserve_up": up_args, "texts": len(items)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
             "raw_batches": list(RAW_BATCHES),
             "target_ratio_at_c64": TARGET_RATIO,
             "texts": "services/models/data/sentiment.tsv, all splits, cycled",
+            # Raw and mesh inherit it: on a shared machine a run under `nice -n -10` keeps most of the
+            # cores for both sides of the ratio (README: users' models).
+            "nice": os.nice(0),
             "rest_client": f"aiohttp, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
         },
         **measured,
