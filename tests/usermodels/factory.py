@@ -26,8 +26,8 @@ DATA = Path(__file__).resolve().parents[2] / "services" / "models" / "data" / "s
 
 def corpus() -> list[str]:
     """English sentences the repository ships (the sentiment builder's data)."""
-    lines = DATA.read_text(encoding="utf-8").splitlines()
-    return [line.split("\t", 1)[-1] for line in lines if line.strip()]
+    lines = DATA.read_text(encoding="utf-8").splitlines()[1:]  # after the header: label, split, text
+    return [line.split("\t", 2)[-1] for line in lines if line.strip()]
 
 
 def wordpiece(folder: Path, *, model_max_length: int = 512) -> None:
