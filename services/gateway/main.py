@@ -57,7 +57,12 @@ class Gateway:
         )
         self.draining = False
         coalescer = (
-            RequestCoalescer(self.pipeline, timeout_s=settings.request_timeout_s, max_rows=settings.coalesce_max_rows)
+            RequestCoalescer(
+                self.pipeline,
+                timeout_s=settings.request_timeout_s,
+                max_rows=settings.coalesce_max_rows,
+                max_in_flight=settings.coalesce_max_in_flight,
+            )
             if settings.coalesce
             else None
         )
