@@ -137,18 +137,31 @@ def user_folders() -> dict[str, Path]:
     return {model_id: built(model_id, builder) for model_id, builder in sorted(all_builders().items())}
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def user_mesh(request, user_folders, tmp_path_factory) -> Iterator[Mesh]:
+@pytest.fixture(scope="session")
+def _user_meshes() -> Iterator[dict[str, Mesh]]:
+    """The user meshes started so far, by backend; all stopped when the session ends. Both stay up
+    together: a session fixture with params keeps one param alive at a time, and pytest's ordering
+    of this group's modules restarted each mesh (130 s for Triton) every time the backend changed."""
+    meshes: dict[str, Mesh] = {}
+    yield meshes
+    for mesh in meshes.values():
+        mesh.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def user_mesh(request, _user_meshes, user_folders, tmp_path_factory) -> Mesh:
     """One mesh per backend serving every user folder under its id (and no shipped model). A folder
     the CLI refuses is left out and named in `user_mesh.refused`; `hf_client` fails on it."""
     if not user_folders:
         pytest.skip("no tests/usermodels/folders_*.py module defines a folder yet")
-    started = time.monotonic()
-    tmp_path = tmp_path_factory.mktemp(f"usermesh-{request.param}")
-    mesh = serve_folders(tmp_path, user_folders, request.param, strict=False)
-    mesh.start_s = time.monotonic() - started  # the harness's cost (test_catalog_d prints it)
-    yield mesh
-    mesh.stop()
+    backend = request.param
+    if backend not in _user_meshes:
+        started = time.monotonic()
+        tmp_path = tmp_path_factory.mktemp(f"usermesh-{backend}")
+        mesh = serve_folders(tmp_path, user_folders, backend, strict=False)
+        mesh.start_s = time.monotonic() - started  # the harness's cost (test_catalog_d prints it)
+        _user_meshes[backend] = mesh
+    return _user_meshes[backend]
 
 
 def served(user_mesh: Mesh, model_id: str) -> str:
@@ -158,7 +171,7 @@ def served(user_mesh: Mesh, model_id: str) -> str:
     return f"{user_mesh.url}/models/{model_id}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def hf_client(user_mesh) -> Callable:
     """`hf_client(model_id, task=None)`: huggingface_hub's InferenceClient on the model's URL
     (`/models/<id>`, or `/models/<id>/pipeline/<task>` for a task other than its default)."""
@@ -171,7 +184,7 @@ def hf_client(user_mesh) -> Callable:
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def openai_client(user_mesh):
     """The openai SDK aimed at the user mesh's `/v1` (the test meshes run without auth)."""
     from openai import OpenAI
