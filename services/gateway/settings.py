@@ -28,7 +28,7 @@ class GatewaySettings(CommonSettings):
     coalesce: bool = Field(True, description="Merge concurrent embeddings requests into shared pipeline calls.")
     coalesce_max_rows: int = Field(32, description="Most texts in one merged call.")
     coalesce_max_in_flight: int = Field(
-        2, ge=1, description="Merged calls of one model and parameters running at once (more overlap the stages)."
+        3, ge=1, description="Merged calls of one model and parameters running at once (more overlap the stages)."
     )
     cache_max_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="HF `use_cache` response cache size in bytes; 0 turns it off."

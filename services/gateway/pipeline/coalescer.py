@@ -93,7 +93,7 @@ class _Lane:
 
 
 class RequestCoalescer:
-    def __init__(self, pipeline: Pipeline, *, timeout_s: float, max_rows: int = 32, max_in_flight: int = 2) -> None:
+    def __init__(self, pipeline: Pipeline, *, timeout_s: float, max_rows: int = 32, max_in_flight: int = 3) -> None:
         self.pipeline = pipeline
         self.timeout_s = timeout_s
         self.max_rows = max_rows
