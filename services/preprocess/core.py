@@ -96,11 +96,16 @@ class TextPreprocessor:
                 )
 
     def encode(self, texts: list[str], *, truncate: bool, field: str, prompt: str = "") -> Encoded:
-        encodings = self.tokenizer.encode_batch([prompt + t for t in texts] if prompt else texts)
+        return self.encode_items([prompt + t for t in texts] if prompt else texts, truncate=truncate, field=field)[1]
+
+    def encode_items(self, items: list, *, truncate: bool, field: str, what: str = "") -> tuple[list, Encoded]:
+        """Texts (or text pairs) -> (the tokenizer's encodings, the model inputs and token counts).
+        An item over the limit is cut, or refused when `truncate` is off (`what` says what counted)."""
+        encodings = self.tokenizer.encode_batch(items)
         cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut and not truncate:
             raise invalid(
-                f"`{field}[{cut[0]}]` is longer than this model's limit of {self.limit} tokens; "
+                f"`{field}[{cut[0]}]` is longer than this model's limit of {self.limit} tokens{what}; "
                 "shorten it or allow truncation (`truncate: true`)",
                 param=field,
             )
@@ -110,7 +115,7 @@ class TextPreprocessor:
         TOKENS.labels(self.entry.id).inc(tokens)
         if cut:
             TRUNCATED.labels(self.entry.id).inc(len(cut))
-        return Encoded(tensors, tokens, len(texts), per_item)
+        return encodings, Encoded(tensors, tokens, len(items), per_item)
 
 
 def lowercase_if_configured(folder: Path, tokenizer: Tokenizer) -> None:

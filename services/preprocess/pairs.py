@@ -11,27 +11,14 @@ from meshserve.preprocess.v1 import preprocess_pb2
 
 from services.common import tracing
 from services.common.errors import invalid
-from services.preprocess.core import INLINE_CHARS, TOKENS, TRUNCATED, Encoded, Preprocessor, TextPreprocessor
+from services.preprocess.core import INLINE_CHARS, Encoded, Preprocessor, TextPreprocessor
 
 Pair = tuple[str, str]
 
 
 def encode_pairs(pre: TextPreprocessor, pairs: list[Pair], *, truncate: bool, field: str) -> Encoded:
     """Pairs -> the model's input tensors, one row per pair (padded to the longest)."""
-    encodings = pre.tokenizer.encode_batch(pairs)
-    cut = [i for i, e in enumerate(encodings) if e.overflowing]
-    if cut and not truncate:
-        raise invalid(
-            f"`{field}[{cut[0]}]` is longer than this model's limit of {pre.limit} tokens with its pair; "
-            "shorten it or allow truncation (`truncate: true`)",
-            param=field,
-        )
-    tensors = pre.tensors(encodings)
-    per_item = tensors["attention_mask"].sum(axis=1).tolist()
-    TOKENS.labels(pre.entry.id).inc(sum(per_item))
-    if cut:
-        TRUNCATED.labels(pre.entry.id).inc(len(cut))
-    return Encoded(tensors, sum(per_item), len(pairs), per_item)
+    return pre.encode_items(pairs, truncate=truncate, field=field, what=" with its pair")[1]
 
 
 async def encode(
