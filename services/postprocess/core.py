@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.catalog import Catalog
+from services.common.catalog import Catalog, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
+from services.common.modelstore import model_dir
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 
@@ -63,6 +64,16 @@ class Postprocessor:
         self.catalog = catalog
         # The model store, for tasks whose results need the model's tokenizer (entity words, fills).
         self.models_dir = models_dir
+        self._folders: dict[str, Path] = {}
+
+    def folder(self, entry: ModelEntry) -> Path:
+        """The model's folder, resolved once per model (a hub entry's is a lookup in the HF cache)."""
+        folder = self._folders.get(entry.id)
+        if folder is None:
+            if self.models_dir is None:
+                raise MeshError(ErrorCode.INTERNAL, f"postprocess has no model store for {entry.id!r}")
+            folder = self._folders[entry.id] = model_dir(entry, self.models_dir)
+        return folder
 
     def _embeddings(self, model_id: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
         entry = self.catalog.get(model_id)

@@ -17,7 +17,6 @@ from meshserve.tasks.v1 import tasks_pb2
 from tokenizers import Tokenizer
 
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.common.modelstore import model_dir
 from services.postprocess.core import Postprocessor, softmax
 
 DEFAULT_TOP_K = 5  # the pipeline's
@@ -123,9 +122,7 @@ def fill_mask(
     ids, masks = side["fill_mask_ids"], side["fill_mask_masks"]
     if logits.shape[0] != ids.shape[0] or masks.shape != ids.shape or logits.shape[1] < masks.sum(axis=1).max():
         raise MeshError(ErrorCode.INTERNAL, f"fill-mask of {entry.id!r}: outputs do not match the inputs")
-    if core.models_dir is None:
-        raise MeshError(ErrorCode.INTERNAL, "postprocess has no model store for fill-mask")
-    tok = detokenizer(model_dir(entry, core.models_dir))
+    tok = detokenizer(core.folder(entry))
     p = request.parameters
     top_k = p.top_k if p.HasField("top_k") else DEFAULT_TOP_K
     if top_k < 1:

@@ -23,7 +23,6 @@ from tokenizers import Tokenizer
 
 from services.common.catalog import ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.common.modelstore import model_dir
 from services.postprocess.core import Postprocessor, softmax
 
 STRATEGIES = {
@@ -222,8 +221,6 @@ def token_classification(
 ) -> tasks_pb2.TaskResult:
     """TaskResult.entities: per input text, its entities in text order."""
     entry = core.catalog.get(request.model_id)
-    if core.models_dir is None:
-        raise MeshError(ErrorCode.INTERNAL, "postprocess has no model store for token-classification")
     if request.inputs.WhichOneof("kind") != "text":
         raise invalid("token-classification needs the request's texts", param="inputs")
     texts = list(request.inputs.text.texts)
@@ -240,7 +237,7 @@ def token_classification(
     labels = entry.postprocess.labels or tuple(f"LABEL_{i}" for i in range(logits.shape[-1]))
     if len(labels) != logits.shape[-1]:
         raise MeshError(ErrorCode.INTERNAL, f"{entry.id!r} has {len(labels)} labels but {logits.shape[-1]} logits")
-    vocab = vocabulary(model_dir(entry, core.models_dir))
+    vocab = vocabulary(core.folder(entry))
     items = []
     for row, text in enumerate(texts):
         tokens = tokens_of(text, ids[row], softmax(logits[row]), offsets[row], special[row], vocab)

@@ -24,7 +24,7 @@ from meshserve.preprocess.v1 import preprocess_pb2
 from services.common import tracing
 from services.common.catalog import ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.preprocess.core import INLINE_CHARS, TOKENS, Encoded, Preprocessor
+from services.preprocess.core import TOKENS, Encoded, Preprocessor
 
 TASK = "question-answering"
 PIPELINE_MAX_SEQ_LEN = 384  # the pipeline's default window: min(model_max_length, 384)
@@ -192,9 +192,8 @@ async def encode_question_answering(core: Preprocessor, request: preprocess_pb2.
     tok = await asyncio.to_thread(qa_tokenizer, pre.folder)  # the first call loads transformers
     cut = windowing(entry, tok, request.parameters)
     with tracing.span("tokenize", model=request.model_id, texts=len(items)) as span:
-        if sum(len(q) + len(c) for q, c in items) <= INLINE_CHARS:
-            encoded = encode(entry, pre.input_names, tok, items, cut)
-        else:
-            encoded = await asyncio.to_thread(encode, entry, pre.input_names, tok, items, cut)
+        # Always in a thread: the tokenizer's lock may be held by another request's thread, and
+        # waiting for it on the event loop would stall every request of this process.
+        encoded = await asyncio.to_thread(encode, entry, pre.input_names, tok, items, cut)
         span.set_attribute("tokens", encoded.input_tokens)
     return encoded
