@@ -12,16 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# sentence-transformers' legacy pooling keys, in the order its Pooling concatenates the modes.
-LEGACY_MODES = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-MODES = tuple(LEGACY_MODES.values())
+from services.common.sentence_config import module_kind, pooling_modes
 
 
 @dataclass
@@ -41,26 +32,6 @@ class SentenceHead:
     encoder_dir: Path
     modes: tuple[str, ...] = ("mean",)
     dense: list[Dense] = field(default_factory=list)
-
-
-def _kind(module: dict) -> str:
-    return str(module.get("type", "")).rsplit(".", 1)[-1]
-
-
-def pooling_modes(config: dict) -> tuple[str, ...]:
-    """The modes of a Pooling config.json, new (`pooling_mode`) or legacy (`pooling_mode_*`) style."""
-    mode = config.get("pooling_mode")
-    if mode is None or isinstance(mode, bool):
-        modes = tuple(name for key, name in LEGACY_MODES.items() if config.get(key))
-        modes = modes or ("mean",)
-    else:
-        modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"Pooling mode {unknown[0]!r} is not supported; supported: {', '.join(MODES)}")
-    if config.get("include_prompt", True) is False:
-        raise ValueError("Pooling with include_prompt=false (prompt tokens left out of pooling) is not supported")
-    return modes
 
 
 def _activation(name: str | None):
@@ -109,7 +80,7 @@ def read_head(model_dir: Path) -> SentenceHead:
         return SentenceHead(model_dir)
     head = SentenceHead(model_dir)
     for module in sorted(json.loads(listing.read_text()), key=lambda m: int(m.get("idx", 0))):
-        kind, path = _kind(module), model_dir / str(module.get("path", ""))
+        kind, path = module_kind(module), model_dir / str(module.get("path", ""))
         if kind == "Transformer":
             head.encoder_dir = path
         elif kind == "Pooling":

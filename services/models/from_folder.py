@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.catalog import ModelEntry, Source
+from services.common.sentence_config import module_kind, pooling_modes
 
 # Architecture class name suffix -> runtime (a sentence-transformers folder is found first).
 SUFFIXES = {
@@ -27,14 +28,6 @@ SUFFIXES = {
 # Encoders whose position ids start after the padding index (max_position_embeddings = 512 + 2).
 OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text"})
 UNSET_MAX_LENGTH = 1_000_000  # tokenizers without model_max_length say 1e30
-POOLING_MODES = (
-    "pooling_mode_cls_token",
-    "pooling_mode_mean_tokens",
-    "pooling_mode_max_tokens",
-    "pooling_mode_mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens",
-    "pooling_mode_lasttoken",
-)
 
 
 class FolderError(ValueError):
@@ -124,7 +117,7 @@ def infer_folder(folder: Path, *, model_id: str, task: str | None = None, source
 
 def _runtime(ctx: _Folder) -> str:
     modules = _modules(ctx)
-    if any(_is(m, "Pooling") for m in modules):
+    if any(module_kind(m) == "Pooling" for m in modules):
         ctx.note("modules.json", "a Pooling module: sentence-transformers embedder (runtime sentence_embedding)")
         return "sentence_embedding"
     architectures = ctx.config.get("architectures")
@@ -156,10 +149,6 @@ def _modules(ctx: _Folder) -> list[dict]:
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise FolderError(f"{path}: expected a list of modules ({{idx, name, path, type}})")
     return modules
-
-
-def _is(module: dict, kind: str) -> bool:
-    return str(module.get("type", "")).rsplit(".", 1)[-1] == kind
 
 
 def _int(ctx: _Folder, name: str, data: dict, key: str) -> int:
@@ -247,7 +236,7 @@ def _text(ctx: _Folder, outputs: list[dict], tasks: list[str], *, pre: dict | No
 def _sentence_embedding(ctx: _Folder) -> dict:
     modules = _modules(ctx)
     dims = _embedding_dims(ctx, modules)
-    normalize = any(_is(m, "Normalize") for m in modules)
+    normalize = any(module_kind(m) == "Normalize" for m in modules)
     ctx.note("modules.json", f"Normalize module: {'yes' if normalize else 'no'} (postprocess.normalize)")
     st_config = ctx.json("config_sentence_transformers.json")
     pre: dict = {"max_items": 2048}
@@ -280,28 +269,23 @@ def _embedding_dims(ctx: _Folder, modules: list[dict]) -> int:
     dims = None
     for module in modules:
         folder = str(module.get("path", ""))
-        if _is(module, "Pooling"):
+        if module_kind(module) == "Pooling":
             name = f"{folder}/config.json" if folder else "config.json"
             pooling = read_json(ctx.path, name, required=True)
-            modes = _pooling_modes(pooling)
+            try:
+                modes = pooling_modes(pooling)  # what the runtime would refuse is refused here
+            except ValueError as exc:
+                raise FolderError(f"{ctx.path}: {name}: {exc}") from None
             key = "embedding_dimension" if "embedding_dimension" in pooling else "word_embedding_dimension"
             dims = _int(ctx, name, pooling, key) * len(modes)
             ctx.note(name, f"pooling {', '.join(modes)}")
-        elif _is(module, "Dense"):
+        elif module_kind(module) == "Dense":
             name = f"{folder}/config.json"
             dims = _int(ctx, name, read_json(ctx.path, name, required=True), "out_features")
             ctx.note(name, f"Dense to {dims} dimensions")
     if dims is None:
         dims = _int(ctx, "config.json", ctx.config, "hidden_size")
     return dims
-
-
-def _pooling_modes(pooling: dict) -> list[str]:
-    """sentence-transformers >= 6: `pooling_mode` (a name or a list); before: pooling_mode_* flags."""
-    mode = pooling.get("pooling_mode")
-    if mode:
-        return [mode] if isinstance(mode, str) else [str(m) for m in mode]
-    return [m.removeprefix("pooling_mode_") for m in POOLING_MODES if pooling.get(m)] or ["mean"]
 
 
 def _activation(ctx: _Folder, labels: list[str]) -> str:

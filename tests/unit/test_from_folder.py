@@ -188,6 +188,21 @@ def test_cls_embedder_with_normalize_and_prompts(tmp_path):
     assert entry.preprocess.prompts == prompts and entry.preprocess.default_prompt_name == "query"
 
 
+@pytest.mark.parametrize(
+    "pooling, refused",
+    [
+        ({"pooling_mode": "attention"}, "'attention'"),
+        ({"pooling_mode_cls_token": True, "include_prompt": False}, "include_prompt"),
+    ],
+)
+def test_pooling_the_runtime_cannot_run_is_refused_when_added(tmp_path, pooling, refused):
+    folder = sentence_transformer(tmp_path, pooling="cls_token")
+    write(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": 32, **pooling})
+    with pytest.raises(FolderError, match=refused) as err:
+        entry_from_folder(folder, model_id="m")
+    assert "1_Pooling/config.json" in str(err.value)
+
+
 def test_sentence_transformers_6_pooling_config(tmp_path):
     folder = sentence_transformer(tmp_path, pooling="cls_token")
     write(folder / "1_Pooling" / "config.json", {"embedding_dimension": 32, "pooling_mode": ["cls", "max"]})
@@ -207,7 +222,7 @@ def test_last_token_embedder_dims_after_dense_and_no_normalize(tmp_path):
 def test_notes_say_what_came_from_which_file(tmp_path):
     notes = infer_folder(sentence_transformer(tmp_path, pooling="mean_tokens"), model_id="m").notes
     assert any(n.startswith("modules.json:") for n in notes)
-    assert any(n.startswith("1_Pooling/config.json: pooling mean_tokens") for n in notes)
+    assert any(n.startswith("1_Pooling/config.json: pooling mean") for n in notes)
     assert any(n.startswith("sentence_bert_config.json: max_length 128") for n in notes)
 
 
