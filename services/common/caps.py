@@ -95,6 +95,8 @@ def check_task_inputs(entry: ModelEntry, inputs: tasks_pb2.TaskInputs, parameter
         check_texts(entry, [p.text_pair for p in pairs], field="inputs.text_pair")
     elif kind == "text_ranking":
         ranking = inputs.text_ranking
+        if not ranking.query.strip():
+            raise invalid("`query` is empty", param="query")
         check_texts(entry, [ranking.query], field="inputs.query")
         check_texts(entry, ranking.documents, field="inputs.documents")
     elif kind == "question_answering":

@@ -35,6 +35,7 @@ from services.gateway.api.schemas import (
     TextClassificationParameters,
     ZeroShotParameters,
 )
+from services.gateway.service.rerank import sorted_scores
 from services.gateway.service.validation import parse
 
 FUNCTION_TO_APPLY = {
@@ -261,10 +262,8 @@ def render_text_classification(result: tasks_pb2.TaskResult, request: HFRequest,
 
 def render_text_ranking(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):
     # TEI's /rerank shape: [{index, score}] by descending score (ties in document order).
-    scores = list(result.similarities.scores)
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
     top = request.parameters.top_k if request.parameters.HasField("top_k") else None
-    return [{"index": i, "score": scores[i]} for i in order[:top]]
+    return [{"index": i, "score": score} for i, score in sorted_scores(result.similarities.scores, top)]
 
 
 def render_zero_shot(result: tasks_pb2.TaskResult, request: HFRequest, dialect: Dialect):

@@ -40,6 +40,8 @@ def _items(inputs: tasks_pb2.TaskInputs) -> int:
         return len(inputs.text_pairs.pairs)
     if kind == "text_ranking":
         return len(inputs.text_ranking.documents)
+    if kind == "question_answering":
+        return len(inputs.question_answering.items)
     return 1
 
 

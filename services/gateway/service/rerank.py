@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from meshserve.tasks.v1 import tasks_pb2
 
-from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.gateway.service.context import CallContext
@@ -59,11 +58,7 @@ async def rerank(
     truncate: bool,
     top_n: int | None = None,
 ) -> Ranked:
-    """Scores every (query, document) pair; the caps are checked before admission."""
-    if not query.strip():
-        raise invalid("`query` is empty", param="query")
-    caps.check_texts(entry, [query], field="query")
-    caps.check_texts(entry, documents, field="documents")
+    """Scores every (query, document) pair; the caps are checked at admission (bounds.token_bound)."""
     inputs = tasks_pb2.TaskInputs(text_ranking=tasks_pb2.TextRankingInputs(query=query, documents=documents))
     parameters = tasks_pb2.TaskParameters(raw_scores=raw_scores, truncate=truncate)
     prediction, headers = await predict.predict(ctx, entry.id, TASK, inputs, parameters)
