@@ -220,10 +220,9 @@ class ModelEntry(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
-        if self.preprocess.kind == "image" and self.preprocess.image is None and self.source.kind == "build":
-            raise ValueError(f"{self.id}: a built image model needs preprocess.image")
-        if self.source.kind == "build" and not self.source.builder:
-            raise ValueError(f"{self.id}: source kind 'build' needs a builder")
+        # Our own image runtime needs the decoding spec; a user's vision model reads preprocessor_config.json.
+        if self.inference.runtime == "image_classifier" and self.preprocess.image is None:
+            raise ValueError(f"{self.id}: the image_classifier runtime needs preprocess.image")
         for task in ("text-classification", "image-classification"):
             if task in self.tasks and not self.postprocess.labels:
                 raise ValueError(f"{self.id}: {task} needs postprocess.labels")

@@ -112,11 +112,12 @@ def build_entry(
         return _build_entry(entry, models_dir, force=force, catalog=catalog)
 
 
-def _in_place(entry: ModelEntry, models_dir: Path) -> tuple[Path, bool]:
+def _in_place(entry: ModelEntry, models_dir: Path, *, force: bool) -> tuple[Path, bool]:
     """A path folder is checked, a hub repo fetched (or found up to date) into the HF cache."""
-    if entry.source.kind == "hub":
-        before = is_built(entry, models_dir)
-        return fetch_hub(entry.source), not before
+    if entry.source.kind == "hub":  # fetched once; `models build --force` refreshes it
+        if is_built(entry, models_dir) and not force:
+            return model_dir(entry, models_dir), False
+        return fetch_hub(entry.source), True
     folder = model_dir(entry, models_dir)
     if not folder.is_dir():  # the services answer 503 for it and serve the others
         log.warning("%s: source.path %s is not a folder", entry.id, folder)
@@ -125,7 +126,7 @@ def _in_place(entry: ModelEntry, models_dir: Path) -> tuple[Path, bool]:
 
 def _build_entry(entry: ModelEntry, models_dir: Path, *, force: bool, catalog: Catalog | None) -> tuple[Path, bool]:
     if entry.source.kind in IN_PLACE:
-        return _in_place(entry, models_dir)
+        return _in_place(entry, models_dir, force=force)
     dest = entry.store_dir(models_dir)
     metrics: dict | None = None
     if entry.source.kind == "build":
