@@ -158,10 +158,17 @@ def user_mesh(request, _user_meshes, user_folders, tmp_path_factory) -> Mesh:
     if backend not in _user_meshes:
         started = time.monotonic()
         tmp_path = tmp_path_factory.mktemp(f"usermesh-{backend}")
-        mesh = serve_folders(tmp_path, user_folders, backend, strict=False)
+        try:
+            mesh = serve_folders(tmp_path, user_folders, backend, strict=False)
+        except Exception as exc:  # fail this backend's other tests at once instead of retrying the start
+            _user_meshes[backend] = exc
+            raise
         mesh.start_s = time.monotonic() - started  # the harness's cost (test_catalog_d prints it)
         _user_meshes[backend] = mesh
-    return _user_meshes[backend]
+    mesh = _user_meshes[backend]
+    if isinstance(mesh, Exception):
+        pytest.fail(f"the {backend} user mesh did not start: {mesh}")
+    return mesh
 
 
 def served(user_mesh: Mesh, model_id: str) -> str:

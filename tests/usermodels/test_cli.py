@@ -130,7 +130,7 @@ def test_models_schema_prints_the_committed_schema(home):
 def test_up_with_an_unservable_folder_exits_2_and_starts_nothing(home, tmp_path, folder):
     (tmp_path / "no-tokenizer").mkdir()
     shutil.copy(folder / "config.json", tmp_path / "no-tokenizer" / "config.json")
-    done = meshserve(home, "up", "--model", str(folder), "--model", str(tmp_path / "no-tokenizer"), timeout=60)
+    done = meshserve(home, "up", "--model", str(folder), "--model", str(tmp_path / "no-tokenizer"), timeout=120)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("meshserve:")]
     assert lines == [f"meshserve: {tmp_path / 'no-tokenizer'}: no tokenizer.json; a fast tokenizer is needed "
@@ -139,13 +139,13 @@ def test_up_with_an_unservable_folder_exits_2_and_starts_nothing(home, tmp_path,
 
 
 def test_up_refuses_two_models_under_one_id(home, folder):
-    done = meshserve(home, "up", "--model", f"acme/x={folder}", "--model", f"acme/x={folder}", timeout=60)
+    done = meshserve(home, "up", "--model", f"acme/x={folder}", "--model", f"acme/x={folder}", timeout=120)
     assert done.returncode == 2 and "id 'acme/x' is already served" in done.stderr
     assert not (home / "run").exists()
 
 
 def test_up_with_a_path_that_is_neither_folder_nor_repo(home, tmp_path):
-    done = meshserve(home, "up", "--model", str(tmp_path / "nowhere"), timeout=60)
+    done = meshserve(home, "up", "--model", str(tmp_path / "nowhere"), timeout=120)
     assert done.returncode == 2 and "not a model folder (nor a hub repo id like org/name)" in done.stderr
 
 

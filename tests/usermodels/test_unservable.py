@@ -4,6 +4,7 @@ catalog.d entry whose folder vanished leaves the rest of a running mesh serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -129,8 +130,9 @@ def _wait_serving(url: str, model_id: str, timeout_s: float = 300) -> None:
     """The per-model health answers 200 (the mesh runs without strict readiness: one model is gone)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if httpx.get(f"{url}/models/{model_id}/health", timeout=10).status_code == 200:
-            return
+        with contextlib.suppress(httpx.HTTPError):  # a slow answer under load: ask again
+            if httpx.get(f"{url}/models/{model_id}/health", timeout=10).status_code == 200:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"{model_id} not serving in {timeout_s} s")
 
