@@ -5,8 +5,6 @@ Python backend alike (services/inference/triton_backend.py loads it through RUNT
 
 from __future__ import annotations
 
-import numpy as np
-
 from services.inference.hf_encoder import EncoderRuntime
 
 
@@ -14,9 +12,3 @@ class SequenceClassificationRuntime(EncoderRuntime):
     """AutoModelForSequenceClassification; token_type_ids carry a text pair's segments."""
 
     auto_class = "AutoModelForSequenceClassification"
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            logits = self.model(**self.feed(inputs)).logits
-        return {"logits": logits.to(torch.float32).cpu().numpy()}

@@ -19,6 +19,8 @@ class EncoderRuntime(Runtime):
     with the model's pad id (RoBERTa numbers positions from it)."""
 
     auto_class = "AutoModel"
+    output_names: tuple[str, ...] = ("logits",)
+    per_token = False  # outputs with a token axis, cut back to each request's own length
 
     def __init__(self, model_dir: Path) -> None:
         import torch
@@ -53,6 +55,16 @@ class EncoderRuntime(Runtime):
                 raise ValueError("input 'token_type_ids' must match 'input_ids'")
             if types.min() < 0 or types.max() >= max(self.type_vocab_size, 1):
                 raise ValueError(f"input 'token_type_ids' holds ids outside [0, {max(self.type_vocab_size, 1)})")
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head's `output_names` (attributes of the model's output), FP32."""
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(**self.feed(inputs))
+        return {name: getattr(out, name).to(torch.float32).cpu().numpy() for name in self.output_names}
+
+    def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return cut_to_tokens(outputs, inputs) if self.per_token else outputs
 
     def feed(self, inputs: dict[str, np.ndarray]) -> dict:
         """The model's keyword inputs as int64 tensors on its device."""

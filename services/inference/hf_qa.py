@@ -5,24 +5,12 @@ context; span decoding is postprocess's. Runs in the embedded server and in Trit
 
 from __future__ import annotations
 
-import numpy as np
-
-from services.inference.hf_encoder import EncoderRuntime, cut_to_tokens
+from services.inference.hf_encoder import EncoderRuntime
 
 
 class QuestionAnsweringRuntime(EncoderRuntime):
     """AutoModelForQuestionAnswering; each request gets back logits for its own tokens only."""
 
     auto_class = "AutoModelForQuestionAnswering"
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            out = self.model(**self.feed(inputs))
-        return {
-            "start_logits": out.start_logits.to(torch.float32).cpu().numpy(),
-            "end_logits": out.end_logits.to(torch.float32).cpu().numpy(),
-        }
-
-    def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return cut_to_tokens(outputs, inputs)
+    output_names = ("start_logits", "end_logits")
+    per_token = True

@@ -5,22 +5,12 @@ alike (services/inference/triton_backend.py loads it through RUNTIMES)."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from services.inference.hf_encoder import EncoderRuntime, cut_to_tokens
+from services.inference.hf_encoder import EncoderRuntime
 
 
 class TokenClassificationRuntime(EncoderRuntime):
     """AutoModelForTokenClassification. Requests of different lengths share a batch padded with the
-    model's own pad id; each request gets back logits for its own tokens only (`request_outputs`)."""
+    model's own pad id; each request gets back logits for its own tokens only (`per_token`)."""
 
     auto_class = "AutoModelForTokenClassification"
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            logits = self.model(**self.feed(inputs)).logits
-        return {"logits": logits.to(torch.float32).cpu().numpy()}
-
-    def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return cut_to_tokens(outputs, inputs)
+    per_token = True
