@@ -13,8 +13,9 @@ import pytest
 
 from services.common.catalog import Catalog
 from services.common.errors import MeshError
+from services.common.sentence_config import MODES, pooling_modes
 from services.inference.runtime import SentenceEmbeddingRuntime
-from services.inference.sentence_modules import MODES, pool, pooling_modes
+from services.inference.sentence_modules import pool
 from services.models.from_folder import entry_from_folder
 from services.postprocess.core import Postprocessor
 from services.preprocess.core import TextPreprocessor

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from services.inference.sentence_modules import LEGACY_MODES
+from services.common.sentence_config import LEGACY_MODES
 from tests.usermodels.factory import byte_bpe, wordpiece
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
