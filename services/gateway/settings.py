@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
@@ -18,6 +20,11 @@ class GatewaySettings(CommonSettings):
     preprocess_address: str = Field("127.0.0.1:50051", description="host:port of the preprocess service.")
     inference_address: str = Field("127.0.0.1:8001", description="host:port of the KServe v2 inference service.")
     postprocess_address: str = Field("127.0.0.1:50052", description="host:port of the postprocess service.")
+    providers_file: Path | None = Field(
+        None,
+        description="The inference providers (providers.yaml: remote OpenAI / TGI / TEI / HF servers beside the local "
+        "mesh, routing policy, failover); unset: providers.yaml beside the catalog file; no file: only the local mesh.",
+    )
     request_timeout_s: float = Field(60.0, description="Deadline of one request across every hop.")
     upstream_attempts: int = Field(3, description="Attempts per upstream call that fails UNAVAILABLE.")
     max_body_bytes: int = Field(
@@ -84,6 +91,10 @@ class GatewaySettings(CommonSettings):
         description="Most HTTP connections (or requests in progress) at once; a request beyond gets 503 `overloaded` "
         "(JSON, Retry-After).",
     )
+
+    @property
+    def providers_path(self) -> Path:
+        return self.providers_file if self.providers_file is not None else self.catalog.parent / "providers.yaml"
 
     def upstream(self, address: str) -> UpstreamSettings:
         return UpstreamSettings(address=address, timeout_s=self.request_timeout_s, max_attempts=self.upstream_attempts)
