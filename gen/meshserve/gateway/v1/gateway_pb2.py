@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from meshserve.tasks.v1 import tasks_pb2 as meshserve_dot_tasks_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshserve/gateway/v1/gateway.proto\x12\x14meshserve.gateway.v1\x1a\x1emeshserve/tasks/v1/tasks.proto\"\xa4\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.meshserve.tasks.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12<\n\nparameters\x18\x04 \x01(\x0b\x32(.meshserve.tasks.v1.GenerationParameters\"s\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.meshserve.tasks.v1.Usage\"\xb2\x01\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12.\n\x06inputs\x18\x03 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskInputs\x12\x36\n\nparameters\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TaskParameters\"\xa5\x01\n\x0fPredictResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskResult\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.meshserve.tasks.v1.Usage\"\x99\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0e\x32\x18.meshserve.tasks.v1.Task\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x31\n\x06status\x18\x04 \x01(\x0e\x32!.meshserve.gateway.v1.ModelStatus\x12\x16\n\x0einference_name\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.meshserve.gateway.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.meshserve.gateway.v1.Model*a\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_STATUS_READY\x10\x01\x12\x1c\n\x18MODEL_STATUS_UNAVAILABLE\x10\x02\x32\x81\x03\n\x0eGatewayService\x12V\n\x07Predict\x12$.meshserve.gateway.v1.PredictRequest\x1a%.meshserve.gateway.v1.PredictResponse\x12_\n\nListModels\x12\'.meshserve.gateway.v1.ListModelsRequest\x1a(.meshserve.gateway.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.meshserve.gateway.v1.GetModelRequest\x1a&.meshserve.gateway.v1.GetModelResponse\x12[\n\x08Generate\x12%.meshserve.gateway.v1.GenerateRequest\x1a&.meshserve.gateway.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshserve/gateway/v1/gateway.proto\x12\x14meshserve.gateway.v1\x1a\x1emeshserve/tasks/v1/tasks.proto\"\xb6\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.meshserve.tasks.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12<\n\nparameters\x18\x04 \x01(\x0b\x32(.meshserve.tasks.v1.GenerationParameters\x12\x10\n\x08provider\x18\x05 \x01(\t\"s\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.meshserve.tasks.v1.Usage\"\xc4\x01\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12.\n\x06inputs\x18\x03 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskInputs\x12\x36\n\nparameters\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TaskParameters\x12\x10\n\x08provider\x18\x05 \x01(\t\"\xa5\x01\n\x0fPredictResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskResult\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.meshserve.tasks.v1.Usage\"\x99\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0e\x32\x18.meshserve.tasks.v1.Task\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x31\n\x06status\x18\x04 \x01(\x0e\x32!.meshserve.gateway.v1.ModelStatus\x12\x16\n\x0einference_name\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.meshserve.gateway.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.meshserve.gateway.v1.Model*a\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_STATUS_READY\x10\x01\x12\x1c\n\x18MODEL_STATUS_UNAVAILABLE\x10\x02\x32\x81\x03\n\x0eGatewayService\x12V\n\x07Predict\x12$.meshserve.gateway.v1.PredictRequest\x1a%.meshserve.gateway.v1.PredictResponse\x12_\n\nListModels\x12\'.meshserve.gateway.v1.ListModelsRequest\x1a(.meshserve.gateway.v1.ListModelsResponse\x12Y\n\x08GetModel\x12%.meshserve.gateway.v1.GetModelRequest\x1a&.meshserve.gateway.v1.GetModelResponse\x12[\n\x08Generate\x12%.meshserve.gateway.v1.GenerateRequest\x1a&.meshserve.gateway.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATUS']._serialized_start=1070
-  _globals['_MODELSTATUS']._serialized_end=1167
+  _globals['_MODELSTATUS']._serialized_start=1106
+  _globals['_MODELSTATUS']._serialized_end=1203
   _globals['_GENERATEREQUEST']._serialized_start=93
-  _globals['_GENERATEREQUEST']._serialized_end=257
-  _globals['_GENERATERESPONSE']._serialized_start=259
-  _globals['_GENERATERESPONSE']._serialized_end=374
-  _globals['_PREDICTREQUEST']._serialized_start=377
-  _globals['_PREDICTREQUEST']._serialized_end=555
-  _globals['_PREDICTRESPONSE']._serialized_start=558
-  _globals['_PREDICTRESPONSE']._serialized_end=723
-  _globals['_MODEL']._serialized_start=726
-  _globals['_MODEL']._serialized_end=879
-  _globals['_LISTMODELSREQUEST']._serialized_start=881
-  _globals['_LISTMODELSREQUEST']._serialized_end=900
-  _globals['_LISTMODELSRESPONSE']._serialized_start=902
-  _globals['_LISTMODELSRESPONSE']._serialized_end=967
-  _globals['_GETMODELREQUEST']._serialized_start=969
-  _globals['_GETMODELREQUEST']._serialized_end=1004
-  _globals['_GETMODELRESPONSE']._serialized_start=1006
-  _globals['_GETMODELRESPONSE']._serialized_end=1068
-  _globals['_GATEWAYSERVICE']._serialized_start=1170
-  _globals['_GATEWAYSERVICE']._serialized_end=1555
+  _globals['_GENERATEREQUEST']._serialized_end=275
+  _globals['_GENERATERESPONSE']._serialized_start=277
+  _globals['_GENERATERESPONSE']._serialized_end=392
+  _globals['_PREDICTREQUEST']._serialized_start=395
+  _globals['_PREDICTREQUEST']._serialized_end=591
+  _globals['_PREDICTRESPONSE']._serialized_start=594
+  _globals['_PREDICTRESPONSE']._serialized_end=759
+  _globals['_MODEL']._serialized_start=762
+  _globals['_MODEL']._serialized_end=915
+  _globals['_LISTMODELSREQUEST']._serialized_start=917
+  _globals['_LISTMODELSREQUEST']._serialized_end=936
+  _globals['_LISTMODELSRESPONSE']._serialized_start=938
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1003
+  _globals['_GETMODELREQUEST']._serialized_start=1005
+  _globals['_GETMODELREQUEST']._serialized_end=1040
+  _globals['_GETMODELRESPONSE']._serialized_start=1042
+  _globals['_GETMODELRESPONSE']._serialized_end=1104
+  _globals['_GATEWAYSERVICE']._serialized_start=1206
+  _globals['_GATEWAYSERVICE']._serialized_end=1591
 # @@protoc_insertion_point(module_scope)

@@ -18,16 +18,18 @@ MODEL_STATUS_READY: ModelStatus
 MODEL_STATUS_UNAVAILABLE: ModelStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model_id", "messages", "prompt", "parameters")
+    __slots__ = ("model_id", "messages", "prompt", "parameters", "provider")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_tasks_pb2.ChatMessage]
     prompt: str
     parameters: _tasks_pb2.GenerationParameters
-    def __init__(self, model_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_tasks_pb2.ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., parameters: _Optional[_Union[_tasks_pb2.GenerationParameters, _Mapping]] = ...) -> None: ...
+    provider: str
+    def __init__(self, model_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_tasks_pb2.ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., parameters: _Optional[_Union[_tasks_pb2.GenerationParameters, _Mapping]] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_id", "finish_reason", "usage")
@@ -42,16 +44,18 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_tasks_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model_id", "task", "inputs", "parameters")
+    __slots__ = ("model_id", "task", "inputs", "parameters", "provider")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     task: _tasks_pb2.Task
     inputs: _tasks_pb2.TaskInputs
     parameters: _tasks_pb2.TaskParameters
-    def __init__(self, model_id: _Optional[str] = ..., task: _Optional[_Union[_tasks_pb2.Task, str]] = ..., inputs: _Optional[_Union[_tasks_pb2.TaskInputs, _Mapping]] = ..., parameters: _Optional[_Union[_tasks_pb2.TaskParameters, _Mapping]] = ...) -> None: ...
+    provider: str
+    def __init__(self, model_id: _Optional[str] = ..., task: _Optional[_Union[_tasks_pb2.Task, str]] = ..., inputs: _Optional[_Union[_tasks_pb2.TaskInputs, _Mapping]] = ..., parameters: _Optional[_Union[_tasks_pb2.TaskParameters, _Mapping]] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model_id", "task", "result", "usage")
