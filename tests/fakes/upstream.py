@@ -123,9 +123,16 @@ class Fake:
         self.by_path: dict[str, int] = {}
         self.records: deque[dict] = deque(maxlen=max_records or None)
         self.record = max_records > 0
-        self.ctl: dict[str, Any] = {"mode": "ok", "status": 503, "retry_after": None, "delay_ms": 0,
-                                    "after_chunks": 1, "latency_ms": latency_ms, "tokens_per_s": None,
-                                    "fail_next": None}
+        self.ctl: dict[str, Any] = {
+            "mode": "ok",
+            "status": 503,
+            "retry_after": None,
+            "delay_ms": 0,
+            "after_chunks": 1,
+            "latency_ms": latency_ms,
+            "tokens_per_s": None,
+            "fail_next": None,
+        }
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.port = 0
@@ -186,8 +193,14 @@ class Fake:
         path = request.path
         self.by_path[path] = self.by_path.get(path, 0) + 1
         if self.record:
-            self.records.append({"path": path, "method": request.method,
-                                 "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body})
+            self.records.append(
+                {
+                    "path": path,
+                    "method": request.method,
+                    "headers": {k.lower(): v for k, v in request.headers.items()},
+                    "body": body,
+                }
+            )
         return f"fake-{self.name}-{self.n}"
 
 
@@ -278,10 +291,14 @@ async def openai_generate(reply: Reply, body: dict, chat: bool) -> web.StreamRes
     obj = "chat.completion" if chat else "text_completion"
     if not body.get("stream"):
         text = "".join(token(i) for i in range(n))
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        return await reply.json({"id": oid, "object": obj, "created": created, "model": model,
-                                 "choices": [choice], "usage": usage})
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        )
+        return await reply.json(
+            {"id": oid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
+        )
     obj += ".chunk" if chat else ""
     head = {"id": oid, "object": obj, "created": created, "model": model}
 
@@ -315,8 +332,14 @@ async def openai_embeddings(reply: Reply, body: dict) -> web.StreamResponse:
         emb: Any = base64.b64encode(struct.pack(f"<{dim}f", *v)).decode() if b64 else v
         data.append({"object": "embedding", "index": i, "embedding": emb})
     n = words(texts)
-    return await reply.json({"object": "list", "data": data, "model": body.get("model", "fake"),
-                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+    return await reply.json(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.get("model", "fake"),
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+    )
 
 
 async def tgi_generate(reply: Reply, body: dict, stream: bool, listed: bool = False) -> web.StreamResponse:
@@ -329,21 +352,45 @@ async def tgi_generate(reply: Reply, body: dict, stream: bool, listed: bool = Fa
     if not stream:
         out: dict[str, Any] = {"generated_text": text}
         if params.get("details"):
-            out["details"] = {"finish_reason": finish, "generated_tokens": n, "seed": params.get("seed"),
-                              "prefill": [], "tokens": [{"id": i, "text": token(i), "logprob": -0.5,
-                                                         "special": False} for i in range(n)]}
+            out["details"] = {
+                "finish_reason": finish,
+                "generated_tokens": n,
+                "seed": params.get("seed"),
+                "prefill": [],
+                "tokens": [{"id": i, "text": token(i), "logprob": -0.5, "special": False} for i in range(n)],
+            }
         return await reply.json([out] if listed else out)
     events = []
     for i in range(n):
         last = i == n - 1
-        events.append(sse({"index": i + 1, "token": {"id": i, "text": token(i), "logprob": -0.5, "special": False},
-                           "generated_text": text if last else None,
-                           "details": {"finish_reason": finish, "generated_tokens": n, "seed": params.get("seed"),
-                                       "input_length": prompt} if last else None}))
+        events.append(
+            sse(
+                {
+                    "index": i + 1,
+                    "token": {"id": i, "text": token(i), "logprob": -0.5, "special": False},
+                    "generated_text": text if last else None,
+                    "details": {
+                        "finish_reason": finish,
+                        "generated_tokens": n,
+                        "seed": params.get("seed"),
+                        "input_length": prompt,
+                    }
+                    if last
+                    else None,
+                }
+            )
+        )
     if n == 0:
-        events.append(sse({"index": 1, "token": {"id": 0, "text": "", "logprob": 0.0, "special": True},
-                           "generated_text": "", "details": {"finish_reason": finish, "generated_tokens": 0,
-                                                             "seed": None, "input_length": prompt}}))
+        events.append(
+            sse(
+                {
+                    "index": 1,
+                    "token": {"id": 0, "text": "", "logprob": 0.0, "special": True},
+                    "generated_text": "",
+                    "details": {"finish_reason": finish, "generated_tokens": 0, "seed": None, "input_length": prompt},
+                }
+            )
+        )
     return await reply.sse(events)
 
 
@@ -390,8 +437,12 @@ async def hf_model(reply: Reply, body: dict, model: str, task: str | None) -> we
         out = []
         for t in texts[0]:
             p = sigmoid(score("good great fine", t))
-            out.append(sorted([{"label": "POSITIVE", "score": p}, {"label": "NEGATIVE", "score": 1 - p}],
-                              key=lambda r: -r["score"]))
+            out.append(
+                sorted(
+                    [{"label": "POSITIVE", "score": p}, {"label": "NEGATIVE", "score": 1 - p}],
+                    key=lambda r: -r["score"],
+                )
+            )
         return await reply.json(out)
     return reply.error(400, f"fake {reply.fake.name} does not run task {task!r}")
 
@@ -426,9 +477,14 @@ def control_routes(fake: Fake) -> list[web.RouteDef]:
     async def get_stats(_: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"requests": fake.n, "by_path": fake.by_path}), content_type=JSON)
 
-    return [web.get("/_control", get_control), web.post("/_control", post_control),
-            web.get("/_requests", get_requests), web.delete("/_requests", clear_requests),
-            web.post("/_requests/clear", clear_requests), web.get("/_stats", get_stats)]
+    return [
+        web.get("/_control", get_control),
+        web.post("/_control", post_control),
+        web.get("/_requests", get_requests),
+        web.delete("/_requests", clear_requests),
+        web.post("/_requests/clear", clear_requests),
+        web.get("/_stats", get_stats),
+    ]
 
 
 def _dumps(obj: Any) -> str:
@@ -459,14 +515,19 @@ def api_routes(fake: Fake) -> list[web.RouteDef]:
 
         return handle
 
-    return [web.post("/v1/chat/completions", handler("openai-chat")),
-            web.post("/models/{model:.+}/v1/chat/completions", handler("openai-chat")),
-            web.post("/v1/completions", handler("openai-completion")),
-            web.post("/v1/embeddings", handler("openai-embed")),
-            web.get("/v1/models", handler("openai-models")),
-            web.post("/generate", handler("tgi-generate")), web.post("/generate_stream", handler("tgi-stream")),
-            web.post("/embed", handler("tei-embed")), web.post("/rerank", handler("tei-rerank")),
-            web.post("/pipeline/{task}/{model:.+}", handler("hf")), web.post("/models/{model:.+}", handler("hf"))]
+    return [
+        web.post("/v1/chat/completions", handler("openai-chat")),
+        web.post("/models/{model:.+}/v1/chat/completions", handler("openai-chat")),
+        web.post("/v1/completions", handler("openai-completion")),
+        web.post("/v1/embeddings", handler("openai-embed")),
+        web.get("/v1/models", handler("openai-models")),
+        web.post("/generate", handler("tgi-generate")),
+        web.post("/generate_stream", handler("tgi-stream")),
+        web.post("/embed", handler("tei-embed")),
+        web.post("/rerank", handler("tei-rerank")),
+        web.post("/pipeline/{task}/{model:.+}", handler("hf")),
+        web.post("/models/{model:.+}", handler("hf")),
+    ]
 
 
 async def dispatch(kind: str, reply: Reply, body: dict, request: web.Request) -> web.StreamResponse:
@@ -477,8 +538,12 @@ async def dispatch(kind: str, reply: Reply, body: dict, request: web.Request) ->
     if kind == "openai-embed":
         return await openai_embeddings(reply, body)
     if kind == "openai-models":
-        return await reply.json({"object": "list", "data": [{"id": m, "object": "model", "created": 0,
-                                                               "owned_by": "fake"} for m in reply.fake.models]})
+        return await reply.json(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in reply.fake.models],
+            }
+        )
     if kind in ("tgi-generate", "tgi-stream"):
         return await tgi_generate(reply, body, stream=kind == "tgi-stream")
     if kind == "tei-embed":
@@ -504,11 +569,7 @@ async def serve(args: argparse.Namespace) -> None:
     await csite.start()
     cport = csite._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     if args.port_file:
-        path = Path(args.port_file)
-        Path(f"{path}.control.tmp").write_text(str(cport))
-        os.replace(f"{path}.control.tmp", f"{path}.control")
-        Path(f"{path}.tmp").write_text(str(fake.port))
-        os.replace(f"{path}.tmp", path)
+        write_port_files(args.port_file, fake.port, cport)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -516,6 +577,14 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     await control.cleanup()
     await fake.runner.cleanup()
+
+
+def write_port_files(path: str, port: int, control_port: int) -> None:
+    """The control port first, then the port: once PATH exists, both can be read."""
+    for target, value in ((f"{path}.control", control_port), (path, port)):
+        with open(f"{target}.tmp", "w") as f:
+            f.write(str(value))
+        os.replace(f"{target}.tmp", target)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -529,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-task", action="append", default=[], help="MODEL=TASK for /models/{id} (else by name)")
     args = p.parse_args(argv)
     with contextlib.suppress(ImportError):
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(args))
@@ -551,9 +620,8 @@ class FakeUpstream:
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else orjson.dumps(body)
-        req = urllib.request.Request(self.control_url + path, data=data, method=method,
-                                     headers={"Content-Type": JSON})
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (loopback)
+        req = urllib.request.Request(self.control_url + path, data=data, method=method, headers={"Content-Type": JSON})
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return orjson.loads(resp.read())
 
     def control(self, **kw: Any) -> dict:
@@ -596,13 +664,34 @@ class FakeUpstream:
         self.stop()
 
 
-def start_fake(tmp_path: Path, name: str = "up", *, port: int = 0, latency_ms: float = 0.0,
-               models: list[str] | None = None, hf_tasks: dict[str, str] | None = None,
-               max_records: int = 10000, start_timeout_s: float = 30.0) -> FakeUpstream:
+def start_fake(
+    tmp_path: Path,
+    name: str = "up",
+    *,
+    port: int = 0,
+    latency_ms: float = 0.0,
+    models: list[str] | None = None,
+    hf_tasks: dict[str, str] | None = None,
+    max_records: int = 10000,
+    start_timeout_s: float = 30.0,
+) -> FakeUpstream:
     """Starts the fake as a process and waits (bounded) for its port file."""
     port_file = Path(tmp_path) / f"fake-{name}-{os.getpid()}-{time.monotonic_ns()}.port"
-    cmd = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port), "--port-file", str(port_file),
-           "--name", name, "--latency-ms", str(latency_ms), "--max-records", str(max_records)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.fakes.upstream",
+        "--port",
+        str(port),
+        "--port-file",
+        str(port_file),
+        "--name",
+        name,
+        "--latency-ms",
+        str(latency_ms),
+        "--max-records",
+        str(max_records),
+    ]
     if models:
         cmd += ["--models", *models]
     for model, task in (hf_tasks or {}).items():
