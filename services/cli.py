@@ -248,7 +248,8 @@ def _keys(args) -> int:
                 KeyRequest,
                 {
                     "name": args.name, "scopes": items(args.scopes), "models": items(args.models),
-                    "tasks": items(args.tasks), "requests_per_minute": args.rpm, "tokens_per_minute": args.tpm,
+                    "tasks": items(args.tasks), "providers": items(args.providers),
+                    "requests_per_minute": args.rpm, "tokens_per_minute": args.tpm,
                     "concurrent_requests": args.concurrency, "budget_usd": args.budget_usd,
                     "budget_period": args.budget_period,
                     "expires_in_s": args.expires_days * 86400 if args.expires_days else None,
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--scopes", default="inference,read", help="comma-separated: inference, read, admin")
     create.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
     create.add_argument("--tasks", help="comma-separated tasks the key may run (default: all)")
+    create.add_argument("--providers", help="comma-separated providers the key may use (default: all)")
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
     create.add_argument("--concurrency", type=int, help="concurrent requests")

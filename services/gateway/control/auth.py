@@ -77,6 +77,7 @@ class Principal:
     limits: KeyLimits | None = field(init=False, repr=False)  # None: no rate limit on this key
     # What a route that is not metered (reads, admin) counts: one request, no tokens, no slot.
     request_limits: KeyLimits | None = field(init=False, repr=False)
+    allowed_providers: frozenset[str] | None = field(init=False, repr=False)  # None: every provider
 
     def __post_init__(self) -> None:
         key = self.key
@@ -84,6 +85,7 @@ class Principal:
         object.__setattr__(self, "limits", limits if limits != (None, None, None) else None)
         rpm = key.requests_per_minute
         object.__setattr__(self, "request_limits", KeyLimits(rpm) if rpm is not None else None)
+        object.__setattr__(self, "allowed_providers", frozenset(key.providers) if key.providers else None)
 
     @property
     def key_id(self) -> str:
@@ -92,6 +94,16 @@ class Principal:
     def require(self, scope: str) -> None:
         if not self.key.has_scope(scope):
             raise MeshError(ErrorCode.PERMISSION_DENIED, f"this API key lacks the `{scope}` scope")
+
+    def allow_provider(self, name: str) -> None:
+        """The key's provider restriction (an empty list allows every provider)."""
+        if self.allowed_providers is not None and name not in self.allowed_providers:
+            allowed = ", ".join(sorted(self.allowed_providers))
+            raise MeshError(
+                ErrorCode.PERMISSION_DENIED,
+                f"this API key may not use provider {name!r}; it may use: {allowed}",
+                param="model",
+            )
 
     def allow(self, model_id: str, task: str) -> None:
         """Model and task restrictions of the key (empty lists allow everything)."""

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 SCOPES = ("inference", "read", "admin")
 PERIODS = ("day", "month", "total")
 TOKEN_PREFIX = "msk_"
+# A provider's name as providers.yaml allows it (control does not import the providers package).
+PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 api_keys = sa.Table(
     "api_keys",
@@ -51,6 +54,7 @@ api_keys = sa.Table(
     sa.Column("scopes", sa.JSON, nullable=False),
     sa.Column("models", sa.JSON, nullable=False),  # [] = every model
     sa.Column("tasks", sa.JSON, nullable=False),  # [] = every task
+    sa.Column("providers", sa.JSON, nullable=True),  # [] or NULL (a row of an older release) = every provider
     sa.Column("requests_per_minute", sa.Integer),
     sa.Column("tokens_per_minute", sa.Integer),
     sa.Column("concurrent_requests", sa.Integer),
@@ -78,6 +82,7 @@ class ApiKey:
     scopes: tuple[str, ...]
     models: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()  # () = every provider
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     concurrent_requests: int | None = None
@@ -103,6 +108,7 @@ class ApiKey:
             "scopes": list(self.scopes),
             "models": list(self.models),
             "tasks": list(self.tasks),
+            "providers": list(self.providers),
             "requests_per_minute": self.requests_per_minute,
             "tokens_per_minute": self.tokens_per_minute,
             "concurrent_requests": self.concurrent_requests,
@@ -147,6 +153,7 @@ def _row_to_key(row) -> ApiKey:
         scopes=tuple(m["scopes"]),
         models=tuple(m["models"]),
         tasks=tuple(m["tasks"]),
+        providers=tuple(m.get("providers") or ()),
         requests_per_minute=m["requests_per_minute"],
         tokens_per_minute=m["tokens_per_minute"],
         concurrent_requests=m["concurrent_requests"],
@@ -160,7 +167,7 @@ def _row_to_key(row) -> ApiKey:
     )
 
 
-def validate_spec(scopes, models, tasks, budget_usd, budget_period) -> None:
+def validate_spec(scopes, models, tasks, budget_usd, budget_period, providers=()) -> None:
     unknown = [s for s in scopes if s not in SCOPES]
     if not scopes or unknown:
         raise MeshError(
@@ -172,6 +179,13 @@ def validate_spec(scopes, models, tasks, budget_usd, budget_period) -> None:
         )
     if budget_usd is not None and budget_usd < 0:
         raise MeshError(ErrorCode.INVALID_INPUT, "`budget_usd` must be >= 0", param="budget_usd")
+    bad = [p for p in providers if not isinstance(p, str) or not PROVIDER_NAME.fullmatch(p)]
+    if bad:
+        raise MeshError(
+            ErrorCode.INVALID_INPUT,
+            f"`providers` must be provider names (lowercase letters, digits, '.', '_', '-'; at most 64): {bad[0]!r}",
+            param="providers",
+        )
 
 
 class KeyStore:
@@ -199,7 +213,7 @@ class KeyStore:
         if inspector.has_table("key_version") and "id" not in {c["name"] for c in inspector.get_columns("key_version")}:
             key_version.drop(self.engine)  # the pre-release form without a key: it only holds a counter
         create_tables(self.engine, [api_keys, key_version])
-        add_missing_columns(self.engine, api_keys)  # secret_salt, on a database of an older release
+        add_missing_columns(self.engine, api_keys)  # secret_salt, providers: on a database of an older release
         # Write first, not "count, then insert": in SQLite a transaction that read and then writes
         # fails at once with "database is locked" when another replica committed in between (its
         # snapshot is stale; the busy timeout does not wait for that), seen with 4 replicas starting
@@ -220,6 +234,7 @@ class KeyStore:
         *,
         models: list[str] | None = None,
         tasks: list[str] | None = None,
+        providers: list[str] | None = None,
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
         concurrent_requests: int | None = None,
@@ -230,7 +245,7 @@ class KeyStore:
         token: str | None = None,
     ) -> tuple[ApiKey, str]:
         """Store a new key; returns it and its token (the only time the token exists)."""
-        validate_spec(scopes, models or [], tasks or [], budget_usd, budget_period)
+        validate_spec(scopes, models or [], tasks or [], budget_usd, budget_period, providers or [])
         key_id = key_id or secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         token = token or f"{TOKEN_PREFIX}{key_id}_{secret}"
@@ -243,6 +258,7 @@ class KeyStore:
             "scopes": list(dict.fromkeys(scopes)),
             "models": list(models or []),
             "tasks": list(tasks or []),
+            "providers": list(dict.fromkeys(providers or [])),
             "requests_per_minute": requests_per_minute,
             "tokens_per_minute": tokens_per_minute,
             "concurrent_requests": concurrent_requests,

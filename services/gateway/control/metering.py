@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from services.common import tracing
-from services.common.catalog import ModelEntry
+from services.common.catalog import ModelEntry, PricingSpec
 from services.common.errors import MeshError
 from services.gateway.control.auth import Principal
 
@@ -37,30 +37,36 @@ class UsageSink(Protocol):
 
 
 def _cost(metered: Metered, status: int) -> float:
-    """What a finished request costs: failed requests nothing; one the caller abandoned (499, a
-    closed stream) what it consumed up to then."""
-    return metered.cost_of() if status < 400 or status == 499 else 0.0
+    """What a finished request costs: failed requests nothing, unless their stream had delivered
+    tokens (a stream that dies mid-way pays for what the client got); one the caller abandoned
+    (499, a closed stream) what it consumed up to then."""
+    return metered.cost_of() if status < 400 or status == 499 or metered.delivered else 0.0
 
 
 class Metered:
     """One admitted request, from admission to its ledger row."""
 
     __slots__ = (
+        "attempts",
         "client_request_id",
         "compute_s",
         "cost_usd",
+        "delivered",
         "entry",
         "finished",
         "input_tokens",
         "items",
         "output_tokens",
+        "pricing",
         "principal",
+        "provider",
         "request_id",
         "route",
         "started",
         "task",
         "ticket",
         "time",
+        "upstream_request_id",
     )
 
     def __init__(
@@ -74,7 +80,10 @@ class Metered:
         *,
         finished: bool = False,
         client_request_id: str | None = None,
+        pricing: PricingSpec | None = None,
     ) -> None:
+        """`entry`: the catalog's ModelEntry, or a remote-only model (anything with an `id`);
+        `pricing`: what it costs (default: the entry's)."""
         self.principal = principal
         self.client_request_id = client_request_id  # the caller's X-Request-Id (request_id is ours)
         self.entry = entry
@@ -90,6 +99,12 @@ class Metered:
         self.compute_s = 0.0
         self.cost_usd = 0.0
         self.finished = finished
+        # Who answered and how (the routing service sets them for a routed request).
+        self.pricing = entry.pricing if pricing is None else pricing
+        self.provider = "local"
+        self.attempts = 1
+        self.upstream_request_id: str | None = None
+        self.delivered = False  # a streamed token reached the client: a failure still pays for it
 
     def add(self, *, input_tokens: int = 0, output_tokens: int = 0, items: int = 0, compute_s: float = 0.0) -> None:
         self.input_tokens += input_tokens
@@ -113,7 +128,7 @@ class Metered:
         return headers
 
     def cost_of(self) -> float:
-        return self.entry.pricing.cost(self.input_tokens, self.output_tokens, self.compute_s)
+        return self.pricing.cost(self.input_tokens, self.output_tokens, self.compute_s)
 
 
 class Metering:
@@ -142,8 +157,10 @@ class Metering:
         max_output_tokens: int = 0,
         client_request_id: str | None = None,
         tokens_hint: int | None = None,
+        pricing: PricingSpec | None = None,
     ) -> Metered:
-        """Key restrictions, then the store's admission (rate limits, then the budget hold); raises
+        """Key restrictions, then the store's admission (rate limits, then the budget hold at
+        `pricing`, default the entry's: a routed request holds at its dearest candidate's); raises
         the refusal (which gets its own ledger row, with its status and no cost)."""
         key = principal.key
         ticket = None
@@ -156,24 +173,25 @@ class Metering:
                 # count afterwards); by default the bound the budget holds.
                 hint = max_input_tokens + max_output_tokens if tokens_hint is None else tokens_hint
                 # The most it can cost: every token it may read and write, computing until its deadline.
-                amount = (
-                    0.0 if budget is None else entry.pricing.cost(max_input_tokens, max_output_tokens, self.timeout_s)
-                )
+                price = entry.pricing if pricing is None else pricing
+                amount = 0.0 if budget is None else price.cost(max_input_tokens, max_output_tokens, self.timeout_s)
                 period = key.budget_period or "month"
                 ticket = store.try_admit_now(key.id, limits, hint, budget, period, amount) or await store.admit(
                     key.id, limits, hint, budget, period, amount
                 )
         except MeshError as err:
-            self._record_refusal(principal, entry, task, route, request_id, err, client_request_id)
+            self._record_refusal(principal, entry, task, route, request_id, err, client_request_id, pricing)
             raise
-        return Metered(principal, entry, task, route, request_id, ticket, client_request_id=client_request_id)
+        return Metered(
+            principal, entry, task, route, request_id, ticket, client_request_id=client_request_id, pricing=pricing
+        )
 
     def _record_refusal(
-        self, principal, entry, task, route, request_id, err: MeshError, client_request_id: str | None = None
+        self, principal, entry, task, route, request_id, err: MeshError, client_request_id=None, pricing=None
     ) -> None:
         """A refused request's ledger row: its status, no cost."""
         if self.ledger is not None:
-            refused = Metered(principal, entry, task, route, request_id, None, finished=True)
+            refused = Metered(principal, entry, task, route, request_id, None, finished=True, pricing=pricing)
             refused.client_request_id = client_request_id
             self.ledger.append(self._row(refused, err.code.http_status))
 
@@ -223,7 +241,7 @@ class Metering:
             m.principal.key.id or None,
             m.entry.id,
             m.task,
-            "local",
+            m.provider,
             m.input_tokens,
             m.output_tokens,
             m.items,
@@ -235,6 +253,8 @@ class Metering:
             m.time,
             m.route,
             m.client_request_id,
+            m.attempts,
+            m.upstream_request_id,
         )
 
     def track(self, metered: Metered) -> _Tracked:

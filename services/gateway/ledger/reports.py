@@ -1,5 +1,5 @@
 """Usage reports: the usage table read back as listings (newest first), counts and totals per UTC
-day, model or key, for `GET /v1/usage` and `meshserve usage`. Reads run in a worker thread, off the
+day, model, key or provider, for `GET /v1/usage` and `meshserve usage`. Reads run in a worker thread, off the
 event loop.
 """
 
@@ -13,14 +13,14 @@ import sqlalchemy as sa
 
 from services.gateway.ledger.schema import as_utc, usage
 
-Grouping = Literal["day", "model", "key"]
+Grouping = Literal["day", "model", "key", "provider"]
 _INT_SUMS = ("input_tokens", "output_tokens", "items")
 _FLOAT_SUMS = ("compute_s", "cost_usd")
 
 
 class UsageReports:
     """Reader of the `usage` table of one database. Filters: `key_id`, `model`, `since`
-    (inclusive), `until` (exclusive)."""
+    (inclusive), `until` (exclusive), `provider` (who answered)."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = engine
@@ -34,11 +34,12 @@ class UsageReports:
         until: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
+        provider: str | None = None,
     ) -> list[dict]:
         """Rows newest first, as dicts of the table's columns (`time` aware UTC)."""
         stmt = (
             sa.select(usage)
-            .where(*_filters(key_id, model, since, until))
+            .where(*_filters(key_id, model, since, until, provider))
             .order_by(usage.c.time.desc(), usage.c.id.desc())
             .limit(limit)
             .offset(offset)
@@ -53,13 +54,14 @@ class UsageReports:
         model: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        provider: str | None = None,
     ) -> list[dict]:
-        """One row per day (UTC, "YYYY-MM-DD"), model or key, in that order: its `requests` and the
-        sums of tokens, items, compute and cost."""
+        """One row per day (UTC, "YYYY-MM-DD"), model, key or provider, in that order: its
+        `requests` and the sums of tokens, items, compute and cost."""
         group, name = self._group_column(by)
         stmt = (
             sa.select(group.label(name), sa.func.count().label("requests"), *_sum_columns())
-            .where(*_filters(key_id, model, since, until))
+            .where(*_filters(key_id, model, since, until, provider))
             .group_by(group)
             .order_by(group)
         )
@@ -72,9 +74,11 @@ class UsageReports:
         model: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        provider: str | None = None,
     ) -> int:
         """How many rows match the filters (as in `query`)."""
-        stmt = sa.select(sa.func.count().label("rows")).select_from(usage).where(*_filters(key_id, model, since, until))
+        where = _filters(key_id, model, since, until, provider)
+        stmt = sa.select(sa.func.count().label("rows")).select_from(usage).where(*where)
         return int((await self._read(stmt))[0]["rows"])
 
     def _group_column(self, by: Grouping) -> tuple[sa.ColumnElement, str]:
@@ -82,9 +86,11 @@ class UsageReports:
             return usage.c.model, "model"
         if by == "key":
             return usage.c.key_id, "key_id"
+        if by == "provider":
+            return usage.c.provider, "provider"
         if by == "day":
             return self._utc_day(), "day"
-        raise ValueError(f"totals by {by!r}: expected day, model or key")
+        raise ValueError(f"totals by {by!r}: expected day, model, key or provider")
 
     def _utc_day(self) -> sa.ColumnElement:
         """The UTC calendar day of a row. SQLite stores naive UTC text (date() reads it); Postgres
@@ -102,7 +108,7 @@ class UsageReports:
 
 
 def _filters(
-    key_id: str | None, model: str | None, since: datetime | None, until: datetime | None
+    key_id: str | None, model: str | None, since: datetime | None, until: datetime | None, provider: str | None = None
 ) -> list[sa.ColumnElement[bool]]:
     clauses = []
     if key_id is not None:
@@ -113,6 +119,8 @@ def _filters(
         clauses.append(usage.c.time >= as_utc(since))
     if until is not None:
         clauses.append(usage.c.time < as_utc(until))
+    if provider is not None:
+        clauses.append(usage.c.provider == provider)
     return clauses
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from services.gateway.db import add_missing_columns, create_tables, metadata
+from services.gateway.db import add_missing_columns, create_tables, metadata, retry_locked
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -63,6 +63,14 @@ usage = sa.Table(
         nullable=True,
         comment="the caller's X-Request-Id (not unique, not trusted)",
     ),
+    sa.Column(
+        "attempts",
+        sa.Integer,
+        nullable=False,
+        server_default=sa.text("1"),
+        comment="providers tried for the request (1: the first answered)",
+    ),
+    sa.Column("upstream_request_id", sa.String(128), nullable=True, comment="the answering provider's request id"),
     sa.Index("ix_usage_key_id_time", "key_id", "time"),
     sa.Index("ix_usage_time", "time"),
 )
@@ -76,7 +84,7 @@ class UsageRecord:
     key_id: str | None  # API key id (never the token), None when auth is off
     model: str
     task: str  # e.g. "feature-extraction", "text-classification", "embeddings"
-    provider: str  # "local" for the mesh
+    provider: str  # who answered: "local" for the mesh, else the providers.yaml name
     input_tokens: int
     output_tokens: int
     items: int
@@ -88,12 +96,41 @@ class UsageRecord:
     time: datetime  # UTC, timezone-aware; when the request started
     route: str = ""  # e.g. "/v1/embeddings", "grpc:Predict"
     client_request_id: str | None = None  # the id the caller sent, as it sent it (request_id is the gateway's)
+    # (appended: a row's tuple keeps the order of older releases' fields)
+    attempts: int = 1  # providers tried (failover): 1 when the first answered
+    upstream_request_id: str | None = None  # the answering provider's request id (a remote one's)
 
 
 def create_usage_table(engine: sa.Engine) -> None:
     """Create the tables, and add the columns a ledger of an older release lacks (idempotent)."""
     create_tables(engine)
+    _add_defaulted_column(engine, usage.c.attempts)
     add_missing_columns(engine, usage)
+
+
+def _add_defaulted_column(engine: sa.Engine, column: sa.Column) -> None:
+    """Add a NOT NULL column with a server default to an older release's table (add_missing_columns
+    adds nullable ones only): its rows take the default. Replicas starting together: Postgres says
+    IF NOT EXISTS, SQLite's loser sees "duplicate column"."""
+    table = column.table
+    if column.name in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
+        return
+    default = column.server_default.arg.text
+    exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+    ddl = (
+        f"ALTER TABLE {table.name} ADD COLUMN{exists} {column.name} "
+        f"{column.type.compile(engine.dialect)} NOT NULL DEFAULT {default}"
+    )
+
+    def add() -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(ddl)
+
+    try:
+        retry_locked(add)
+    except sa.exc.OperationalError as err:
+        if "duplicate column" not in str(err):
+            raise
 
 
 # --- a row in tuple form -----------------------------------------------------------------------
@@ -104,12 +141,17 @@ TIME = FIELDS.index("time")
 REQUEST_ID = FIELDS.index("request_id")
 _TRACE_ID = FIELDS.index("trace_id")
 _ROUNDED = tuple(FIELDS.index(name) for name in ("compute_s", "latency_s"))
+# The defaults of the trailing fields, for a row of an older release's shape (fewer fields).
+_DEFAULTS = tuple(field.default for field in dataclasses.fields(UsageRecord))
 
 
 def normalized_row(row: tuple) -> tuple:
     """A row as the table stores it: the trace id as 32 hex digits (the queue may hold its int), the
-    time an aware UTC datetime (the queue may hold unix seconds), seconds rounded to the microsecond."""
+    time an aware UTC datetime (the queue may hold unix seconds), seconds rounded to the microsecond,
+    the fields an older release's row lacks at their defaults."""
     values = list(row)
+    if len(values) < len(FIELDS):
+        values.extend(_DEFAULTS[len(values) :])
     if isinstance(values[_TRACE_ID], int):
         values[_TRACE_ID] = format(values[_TRACE_ID], "032x")
     if isinstance(values[TIME], int | float):

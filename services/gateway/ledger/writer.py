@@ -34,8 +34,8 @@ from services.gateway.ledger.schema import FIELDS, REQUEST_ID, TIME, as_utc, nor
 _BAD_ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)
 # SQLite rows: every field but the time as it is, then the time as text (the column order is free).
 _SQLITE_COLUMNS = (*(name for name in FIELDS if name != "time"), "time")
-# Bound variables per statement: 32766 since SQLite 3.32, 999 before (16 per row).
-_SQLITE_ROWS_PER_INSERT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 60
+# Bound variables per statement: 32766 since SQLite 3.32, 999 before (one per field of a row).
+_SQLITE_ROWS_PER_INSERT = min(1000, (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(FIELDS))
 
 
 def insert_rows(engine: sa.Engine, rows: Sequence[tuple]) -> Acknowledgement:

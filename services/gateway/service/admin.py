@@ -32,6 +32,7 @@ class KeyRequest(BaseModel):
     scopes: list[Literal["inference", "read", "admin"]] = Field(["inference", "read"])
     models: list[str] = Field([], description="Models the key may use; empty: all.")
     tasks: list[str] = Field([], description="Tasks the key may run; empty: all.")
+    providers: list[str] = Field([], description="Providers the key may use (`local`: this mesh); empty: all.")
     requests_per_minute: int | None = Field(None, ge=1, le=MAX_LIMIT)
     tokens_per_minute: int | None = Field(None, ge=1, le=MAX_LIMIT)
     concurrent_requests: int | None = Field(None, ge=1, le=MAX_LIMIT)
@@ -51,6 +52,7 @@ def create_key(store: KeyStore, spec: KeyRequest) -> tuple[ApiKey, str]:
         list(spec.scopes),
         models=spec.models,
         tasks=spec.tasks,
+        providers=spec.providers,
         requests_per_minute=spec.requests_per_minute,
         tokens_per_minute=spec.tokens_per_minute,
         concurrent_requests=spec.concurrent_requests,
