@@ -18,7 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1" or path == "/v2/rerank"
+    """`/v1/...`, `/v2/rerank`, and a per-provider `/{provider}/v1/...` (not an HF model URL's
+    `/models/{id}/v1/chat/completions`, which answers in the HF dialect as it always has)."""
+    if path.startswith("/v1/") or path == "/v1" or path == "/v2/rerank":
+        return True
+    head, _, rest = path[1:].partition("/")
+    return head != "models" and (rest.startswith("v1/") or rest == "v1")
 
 
 # What every route may answer besides its success, as the schema documents it (`error_response`).

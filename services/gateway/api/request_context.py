@@ -41,11 +41,22 @@ ROUTE_PREFIXES = (
 )
 
 
+# A per-provider path (`/{provider}/v1/chat/completions`, `/{provider}/models/{id}`) is labelled
+# with the placeholder, not the name: providers come and go, labels must stay a bounded set.
+PROVIDER_ROUTE_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/models")
+
+
 def route_label(path: str) -> str:
     """The route a path belongs to, for metrics and the ledger (a bounded set of values)."""
     for prefix in ROUTE_PREFIXES:
         if path.startswith(prefix):
             return prefix
+    slash = path.find("/", 1)
+    if slash > 1:
+        rest = path[slash:]
+        for prefix in PROVIDER_ROUTE_PREFIXES:
+            if rest.startswith(prefix):
+                return "/{provider}" + prefix
     return "other"
 
 
