@@ -4,6 +4,9 @@ Retry-After cooling, explicit providers, and the attempt and time budgets (count
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -201,3 +204,53 @@ async def test_saturated_gate_is_a_last_resort(catalog):
     script = Script(mesh_b=["from b"])
     assert (await _run(providers, script, provider="mesh-b"))[1].provider == "mesh-b"
     assert providers.gates.in_flight("mesh-b") == 64
+
+
+SPANS_SCRIPT = """
+import asyncio, json, time
+from pathlib import Path
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+from services.common.catalog import Catalog
+from services.gateway.providers import Providers
+from services.gateway.providers.config import ProvidersConfig
+from services.gateway.providers.registry import ProviderRegistry
+from services.gateway.providers.types import UpstreamError
+CHAT = "meshserve/tiny-llama-chat"
+config = {"routing": {"policy": "preferred", "backoff_base_s": 0}, "providers": [{"name": "mesh-b", "kind": "openai",
+          "base_url": "http://127.0.0.1:9/v1", "models": {CHAT: None}}]}
+registry = ProviderRegistry(ProvidersConfig.model_validate(config), Catalog.load(Path("catalog.yaml")))
+providers = Providers(registry.config, registry, {})
+async def call(c):
+    if c.provider == "local":
+        raise UpstreamError("down", status=503, retryable=True)
+    return trace.get_current_span().get_span_context().span_id
+async def main():
+    selection = registry.candidates(CHAT, "chat")
+    span_id, _c, _a = await providers.attempt(selection, call, deadline=time.monotonic() + 30, op="chat")
+    spans = [{"name": s.name, "id": s.context.span_id, **dict(s.attributes)} for s in exporter.get_finished_spans()]
+    print(json.dumps({"inner": span_id, "spans": spans}))
+asyncio.run(main())
+"""
+
+
+def test_each_attempt_has_its_span_and_the_call_runs_inside_it():
+    # A process of its own: the global tracer provider can be set once, and other tests run untraced.
+    out = subprocess.run(
+        [sys.executable, "-c", SPANS_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    spans = got["spans"]
+    assert [s["name"] for s in spans] == ["provider.attempt", "provider.attempt"]
+    assert [(s["meshserve.provider"], s["meshserve.attempt"], s["meshserve.outcome"]) for s in spans] == [
+        ("local", 1, "retried"),
+        ("mesh-b", 2, "ok"),
+    ]
+    assert [s["http.response.status_code"] for s in spans] == [503, 200]
+    assert got["inner"] == spans[1]["id"]  # the upstream call's traceparent is the attempt's span
