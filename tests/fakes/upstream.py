@@ -16,9 +16,10 @@ Every response carries `x-request-id: fake-NAME-N`. Test hooks (on both ports):
     GET/DELETE /_requests  the recorded requests: [{path, method, headers, body}] (headers lower-cased)
     GET /_stats            {"requests": N, "by_path": {...}}
 
-`fail_next: N` limits the fault to the next N requests (then the mode goes back to ok). `refuse`
-closes the listener and every open connection; setting the mode back to ok listens again on the
-same port. Tests use `start_fake(tmp_path, name)` -> FakeUpstream (a subprocess, stopped by PID).
+`fail_next: N` limits the fault to the next N requests (then the mode goes back to ok; it does not
+apply to `refuse`, which no request reaches). `refuse` closes the listener and every open
+connection; setting the mode back to ok listens again on the same port. Setting `mode` without
+`fail_next` clears it. For a bench, `--max-records 0` keeps no requests. Tests use `start_fake(tmp_path, name)` -> FakeUpstream (a subprocess, stopped by PID).
 """
 
 from __future__ import annotations

@@ -143,6 +143,7 @@ async def test_tgi_generate(make, fake: FakeUpstream, stream: bool) -> None:
         assert final.prompt_tokens == 3  # TGI's stream details carry input_length
     (req,) = fake.requests()
     assert req["path"] == ("/generate_stream" if stream else "/generate")
+    assert req["headers"]["accept"] == ("text/event-stream" if stream else "application/json")
     params = req["body"]["parameters"]
     assert params["max_new_tokens"] == 5 and params["do_sample"] is False and params["seed"] == 7
     assert "temperature" not in params and "top_p" not in params  # TGI refuses 0 and 1.0
@@ -159,6 +160,9 @@ async def test_tei_embed_and_rerank(make, fake: FakeUpstream) -> None:
     up = make("tei")
     out = await up.embed("m", ["x y", "z"], dimensions=None, request_id="r")
     assert out.vectors.shape == (2, 8) and out.input_tokens == 3
+    cut = await up.embed("m", ["x y"], dimensions=4, request_id="r")  # cut here, renormalized
+    assert cut.vectors.shape == (1, 4) and abs(float(np.linalg.norm(cut.vectors[0])) - 1) < 1e-5
+    assert fake.requests()[-1]["body"] == {"inputs": ["x y"], "normalize": True}
     np.testing.assert_allclose(out.vectors[1], vector("z", 8), rtol=1e-6)
     docs = ["nothing here", "the cat sat", "cat"]
     ranked = await up.rerank("m", "the cat", docs, raw_scores=False, request_id="r")

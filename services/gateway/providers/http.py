@@ -125,11 +125,16 @@ class HttpClient:
         inject(h)
         return h
 
-    async def open(self, path: str, body: bytes, *, request_id: str | None) -> aiohttp.ClientResponse:
+    async def open(
+        self, path: str, body: bytes, *, request_id: str | None, stream: bool = False
+    ) -> aiohttp.ClientResponse:
         """POSTs `body` (JSON bytes) and returns the 2xx response with its body unread; any other
         status, or no response, raises UpstreamError."""
+        headers = self.headers(request_id)
+        if stream:
+            headers["Accept"] = "text/event-stream"
         try:
-            resp = await self.session().post(self.base_url + path, data=body, headers=self.headers(request_id))
+            resp = await self.session().post(self.base_url + path, data=body, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise failure(self.name, exc) from None
         if resp.status < 300:

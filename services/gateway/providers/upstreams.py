@@ -183,7 +183,7 @@ class Upstream:
         chat = "messages" in request
         payload = openai_body(model, request, stream)
         if stream:
-            resp = await self.http.open(path, orjson.dumps(payload), request_id=rid)
+            resp = await self.http.open(path, orjson.dumps(payload), request_id=rid, stream=True)
             return SSEStream(resp, OpenAIParser(chat), self.name, self.http.first_byte_s)
         data, up_rid, _ = await self.http.call_json(path, payload, request_id=rid)
         try:
@@ -198,7 +198,7 @@ class Upstream:
     async def _tgi_generate(self, path: str, stream_path: str, payload: dict, stream: bool, rid: str) -> GenStream:
         """A TGI-dialect generation (`inputs` + `parameters`): TGI /generate(_stream), HF text-generation."""
         if stream:
-            resp = await self.http.open(stream_path, orjson.dumps(payload), request_id=rid)
+            resp = await self.http.open(stream_path, orjson.dumps(payload), request_id=rid, stream=True)
             return SSEStream(resp, TGIParser(), self.name, self.http.first_byte_s)
         data, up_rid, headers = await self.http.call_json(path, payload, request_id=rid)
         if isinstance(data, list) and data:
@@ -253,9 +253,8 @@ class TEIUpstream(Upstream):
     kind = "tei"
 
     async def embed(self, model: str, texts: list[str], *, dimensions: int | None, request_id: str) -> Embeddings:
-        payload: dict[str, Any] = {"inputs": texts, "normalize": True}
-        if dimensions:
-            payload["dimensions"] = dimensions
+        # `dimensions` is cut here: older TEI versions do not know the parameter.
+        payload = {"inputs": texts, "normalize": True}
         data, rid, headers = await self.http.call_json("/embed", payload, request_id=request_id)
         vectors = to_vectors(self.name, data, len(texts), dimensions, rid)
         return Embeddings(vectors, int_header(headers, "x-compute-tokens"), rid)
