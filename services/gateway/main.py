@@ -26,11 +26,16 @@ from services.gateway.control.auth import GrpcAuthInterceptor
 from services.gateway.control.plane import ControlPlane, WeakAdminToken
 from services.gateway.pipeline.coalescer import RequestCoalescer
 from services.gateway.pipeline.runner import Pipeline
+from services.gateway.providers import Providers
 from services.gateway.service import GatewayServices
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+class BadProvidersFile(Exception):
+    """providers.yaml cannot be used (the message names the file and the field)."""
 
 
 def build_pipeline(settings: GatewaySettings) -> Pipeline:
@@ -66,7 +71,14 @@ class Gateway:
             if settings.coalesce
             else None
         )
-        self.services = GatewayServices.build(settings, self.pipeline, control=self.control, coalescer=coalescer)
+        # Remote providers beside the local mesh (providers.yaml; a missing file: none).
+        try:
+            self.providers = Providers.build(settings, self.pipeline.catalog)
+        except ValueError as err:
+            raise BadProvidersFile(str(err)) from None
+        self.services = GatewayServices.build(
+            settings, self.pipeline, control=self.control, coalescer=coalescer, providers=self.providers
+        )
         app = create_app(settings, self.services, is_draining=lambda: self.draining)
         if provider is not None:
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -120,6 +132,7 @@ class Gateway:
         stop_grpc = asyncio.create_task(self.grpc.stop(self.settings.shutdown_grace_s))
         await asyncio.gather(http, stop_grpc, return_exceptions=True)
         await self.control.close()  # flushes the usage ledger: every acknowledged request has its row
+        await self.providers.close()
         await self.pipeline.close()
         tracing.shutdown_tracing()
         log.info("stopped")
@@ -136,7 +149,7 @@ def main() -> None:
 
     try:
         uvloop.run(run())
-    except WeakAdminToken as err:  # the operator's setting, not a bug: one line with the fix, no traceback
+    except (WeakAdminToken, BadProvidersFile) as err:  # the operator's setting, not a bug: one line, no traceback
         log.error("refusing to start: %s", err)
         sys.exit(2)
 

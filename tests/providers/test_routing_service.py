@@ -5,11 +5,14 @@ providers, and RoutingService over a real Providers with fake remote upstreams."
 from __future__ import annotations
 
 import uuid
+from contextlib import aclosing
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
-from services.common.catalog import PricingSpec
+from services.common.catalog import Catalog, PricingSpec
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.control.auth import Principal
 from services.gateway.control.keys import ApiKey, KeyStore
@@ -18,6 +21,12 @@ from services.gateway.control.metering import Metering
 from services.gateway.db import make_engine
 from services.gateway.ledger.schema import FIELDS, create_usage_table, usage
 from services.gateway.ledger.writer import insert_rows
+from services.gateway.pipeline.generation import GenerationRequest
+from services.gateway.providers import Providers
+from services.gateway.providers.config import load_providers
+from services.gateway.service.context import CallContext
+from services.gateway.service.routing import RoutingService, remote_bounds
+from tests.helpers import REPO
 
 CHEAP = PricingSpec(input_per_1k_tokens_usd=0.001, output_per_1k_tokens_usd=0.002)
 DEAR = PricingSpec(input_per_1k_tokens_usd=0.01, output_per_1k_tokens_usd=0.03, per_request_usd=0.001)
@@ -180,3 +189,189 @@ def test_keys_of_an_older_release_gain_providers_and_allow_every_one(tmp_path):
     store.init_schema()
     (stored,) = [k for k in store.all() if k.id == key.id]
     assert stored.providers == () and Principal(stored).allowed_providers is None
+
+
+# -- RoutingService over a real Providers and fake upstreams ----------------------------------------
+MODEL = "acme/remote-chat"  # served by remote providers only: no mesh needed
+EMBEDDER = "acme/remote-embed"
+PRICES = {
+    "dear": {"input_per_1k_tokens_usd": 0.01, "output_per_1k_tokens_usd": 0.03, "per_request_usd": 0.001},
+    "cheap": {"input_per_1k_tokens_usd": 0.001, "output_per_1k_tokens_usd": 0.002},
+}
+
+
+@pytest.fixture(scope="module")
+def upstreams(fakes):
+    return {name: fakes["start"](name) for name in ("dear", "cheap")}
+
+
+def _providers_file(tmp_path, upstreams) -> Path:
+    providers = [
+        {
+            "name": name,
+            "kind": "openai",
+            "base_url": fake.url + "/v1",
+            "pricing": PRICES[name],
+            "context_length": 8192,
+            "timeouts": {"connect_s": 2, "first_byte_s": 10, "total_s": 30},
+            "models": {
+                MODEL: {"upstream": "fake-chat", "tasks": ["text-generation"]},
+                EMBEDDER: {"upstream": "fake-embed", "tasks": ["feature-extraction"]},
+            },
+        }
+        for name, fake in upstreams.items()
+    ]
+    routing = {"policy": "preferred", "max_attempts": 3, "budget_s": 20, "backoff_base_s": 0.001,
+               "backoff_max_s": 0.01, "breaker": {"failures": 50, "open_s": 0.5}}  # fmt: skip
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"routing": routing, "providers": providers}))
+    return path
+
+
+@pytest.fixture
+async def routing(tmp_path, upstreams):
+    """(RoutingService, its control store, the ledger rows) over the two fakes, both healthy."""
+    for fake in upstreams.values():
+        fake.reset()
+    catalog = Catalog.load(REPO / "catalog.yaml")
+    providers = Providers.from_config(load_providers(_providers_file(tmp_path, upstreams)), catalog)
+    store, ledger = LocalControlStore(), ListLedger()
+    metering = Metering(store, ledger, timeout_s=5.0)
+    service = RoutingService(providers, catalog, metering, None, None, None, timeout_s=30.0)
+    yield service, store, ledger
+    await providers.close()
+    await store.close()
+
+
+def _ctx(principal: Principal, request_id: str = "req-1") -> CallContext:
+    return CallContext(principal, request_id, "/v1/chat/completions")
+
+
+async def _drain(generation) -> tuple[str, MeshError | None]:
+    """Read a generation as respond() does (settled however it ends)."""
+    text, failure = "", None
+    try:
+        async with generation.settled(), aclosing(generation.steps()) as steps:
+            async for step in steps:
+                text += step.text
+    except MeshError as err:
+        failure = err
+    return text, failure
+
+
+DEAR_SPEC = PricingSpec(**PRICES["dear"])
+CHEAP_SPEC = PricingSpec(**PRICES["cheap"])
+
+
+async def test_a_generation_fails_over_holds_the_dearest_price_and_settles_at_the_answering_one(routing, upstreams):
+    service, store, ledger = routing
+    principal = _principal(budget_usd=100.0)
+    upstreams["dear"].control(mode="status", status=503)
+    route = service.route(MODEL, "chat", principal=principal)
+    assert not route.local_only and [c.provider for c in route.selection.candidates] == ["dear", "cheap"]
+    request = GenerationRequest(messages=[("user", "one two three")], max_new_tokens=5)
+    generation = await service.start(_ctx(principal), route, request, op="chat", stream=False)
+    _, held = await store.spent(principal.key_id, "month")
+    max_input, max_output = remote_bounds(request, 8192)
+    assert held == pytest.approx(DEAR_SPEC.cost(max_input, max_output, 5.0))  # the dearest, though cheap answered
+    done = await generation.collect()
+    assert done.text == "tok0 tok1 tok2 tok3 tok4"
+    assert done.last.completion_tokens == 5 and done.last.prompt_tokens == 3  # the upstream's usage
+    spent, held = await store.spent(principal.key_id, "month")
+    assert held == 0 and spent == pytest.approx(CHEAP_SPEC.cost(3, 5, 0.0), abs=1e-9)
+    assert ledger.record("provider") == "cheap" and ledger.record("attempts") == 2
+    assert ledger.record("upstream_request_id").startswith("fake-cheap-")
+    assert (ledger.record("input_tokens"), ledger.record("output_tokens"), ledger.record("status")) == (3, 5, 200)
+
+
+async def test_the_budget_refuses_what_the_dearest_candidate_could_cost(routing):
+    service, _, ledger = routing
+    request = GenerationRequest(prompt="hello there", max_new_tokens=100)
+    max_input, max_output = remote_bounds(request, 8192)
+    between = (CHEAP_SPEC.cost(max_input, max_output, 5.0) + DEAR_SPEC.cost(max_input, max_output, 5.0)) / 2
+    principal = _principal(budget_usd=between)
+    route = service.route(MODEL, "completion", principal=principal)
+    with pytest.raises(MeshError) as refused:
+        await service.start(_ctx(principal), route, request, op="completion", stream=True)
+    assert refused.value.code is ErrorCode.QUOTA_EXCEEDED and ledger.record("cost_usd") == 0.0
+    cheap_only = service.route(f"{MODEL}:cheap", "completion", principal=principal)
+    generation = await service.start(_ctx(principal, "req-2"), cheap_only, request, op="completion", stream=True)
+    text, failure = await _drain(generation)
+    assert failure is None and text and ledger.record("provider") == "cheap" and ledger.record("attempts") == 1
+
+
+async def test_a_stream_that_dies_mid_way_pays_for_the_tokens_it_delivered(routing, upstreams):
+    service, store, ledger = routing
+    principal = _principal(budget_usd=100.0)
+    upstreams["cheap"].control(mode="die_mid_stream", after_chunks=4)
+    route = service.route(f"{MODEL}:cheap", "chat", principal=principal)
+    request = GenerationRequest(messages=[("user", "hi")], max_new_tokens=10)
+    generation = await service.start(_ctx(principal), route, request, op="chat", stream=True)
+    text, failure = await _drain(generation)
+    assert failure is not None and failure.code.server_fault and text
+    delivered = ledger.record("output_tokens")
+    assert 1 <= delivered < 10 and ledger.record("status") == failure.code.http_status
+    assert ledger.record("cost_usd") > 0 and ledger.record("cost_usd") == pytest.approx(
+        CHEAP_SPEC.cost(0, delivered, 0.0)
+    )
+    spent, held = await store.spent(principal.key_id, "month")
+    assert held == 0 and spent == pytest.approx(ledger.record("cost_usd"), abs=1e-9)
+
+
+async def test_a_request_every_provider_fails_costs_nothing_and_names_the_last_tried(routing, upstreams):
+    service, _, ledger = routing
+    for fake in upstreams.values():
+        fake.control(mode="status", status=503)
+    principal = _principal()
+    route = service.route(MODEL, "chat", principal=principal)
+    with pytest.raises(MeshError) as failed:
+        await service.start(_ctx(principal), route, GenerationRequest(prompt="x", max_new_tokens=2), op="chat")
+    assert failed.value.code is ErrorCode.UPSTREAM_UNAVAILABLE and "3 attempts" in failed.value.message
+    assert ledger.record("cost_usd") == 0.0 and ledger.record("attempts") == 3 and ledger.record("status") == 503
+
+
+async def test_remote_embeddings_are_metered_with_the_upstream_usage(routing):
+    service, _, ledger = routing
+    principal = _principal()
+    route = service.route(f"{EMBEDDER}:cheap", "embed", principal=principal)
+    result, headers = await service.embeddings(_ctx(principal), route, ["a b", "c d e"], dimensions=4)
+    assert result.vectors.shape == (2, 4) and result.input_tokens == 5
+    assert headers["X-Usage-Input-Tokens"] == "5" and ledger.record("provider") == "cheap"
+    assert ledger.record("items") == 2 and ledger.record("upstream_request_id").startswith("fake-cheap-")
+
+
+async def test_a_key_limited_to_providers_is_routed_only_to_them(routing):
+    service, _, _ = routing
+    route = service.route(MODEL, "chat", principal=_principal(providers=("cheap",)))
+    assert [c.provider for c in route.selection.candidates] == ["cheap"]
+    with pytest.raises(MeshError) as denied:
+        service.route(MODEL, "chat", principal=_principal(providers=("local",)))
+    assert denied.value.code is ErrorCode.PERMISSION_DENIED
+    with pytest.raises(MeshError) as denied:
+        service.route(f"{MODEL}:dear", "chat", principal=_principal(providers=("cheap",)))
+    assert denied.value.code is ErrorCode.PERMISSION_DENIED
+
+
+async def test_a_suffix_and_a_path_naming_different_providers_are_refused(routing):
+    service, _, _ = routing
+    principal = _principal()
+    with pytest.raises(MeshError) as refused:
+        service.route(f"{MODEL}:dear", "chat", provider="cheap", principal=principal)
+    assert refused.value.code is ErrorCode.INVALID_INPUT and refused.value.param == "model"
+    agreed = service.route(f"{MODEL}:cheap", "chat", provider="cheap", principal=principal)
+    assert [c.provider for c in agreed.selection.candidates] == ["cheap"] and agreed.selection.explicit
+
+
+async def test_a_catalog_model_no_provider_serves_stays_on_the_local_path(routing):
+    service, _, _ = routing
+    catalog_model = next(m.id for m in service.catalog.models if "feature-extraction" in m.tasks)
+    route = service.route(catalog_model, "embed", principal=_principal())
+    assert route.local_only and route.entry.id == catalog_model
+    assert service.route(catalog_model, "embed", principal=_principal()) is not None
+
+
+def test_remote_bounds_count_bytes_and_messages_within_the_context():
+    chat = GenerationRequest(messages=[("system", "ab"), ("user", "é")])
+    assert remote_bounds(chat, None) == ((2 + 8) + (2 + 8) + 4, 4096)
+    assert remote_bounds(GenerationRequest(prompt="x" * 100, max_new_tokens=7), 50) == (50, 7)
+    assert remote_bounds(GenerationRequest(prompt="abc"), 1000) == (7, 1000)

@@ -10,11 +10,14 @@ from services.gateway.control.plane import ControlPlane
 from services.gateway.pipeline.cache import ResponseCache
 from services.gateway.pipeline.coalescer import RequestCoalescer
 from services.gateway.pipeline.runner import Pipeline
+from services.gateway.providers import Providers
+from services.gateway.providers.config import ProvidersConfig
 from services.gateway.service.admin import AdminService
 from services.gateway.service.embed import EmbedService
 from services.gateway.service.generate import GenerateService
 from services.gateway.service.models import ModelDirectory
 from services.gateway.service.predict import PredictService
+from services.gateway.service.routing import RoutingService
 from services.gateway.settings import GatewaySettings
 
 
@@ -25,6 +28,7 @@ class GatewayServices:
     embed: EmbedService
     generate: GenerateService
     admin: AdminService
+    routing: RoutingService
 
     @classmethod
     def build(
@@ -34,9 +38,11 @@ class GatewayServices:
         *,
         control: ControlPlane | None = None,
         coalescer: RequestCoalescer | None = None,
+        providers: Providers | None = None,
     ) -> GatewayServices:
         """The use cases over one pipeline and control plane (default: the disabled one, no keys,
-        limits or ledger); `coalescer`: merge concurrent row-wise text requests."""
+        limits or ledger); `coalescer`: merge concurrent row-wise text requests; `providers`: the
+        remote providers beside the local mesh (default: none, the local mesh alone)."""
         control = control or ControlPlane.disabled(settings)
         metering = control.metering
         cache = ResponseCache(
@@ -46,10 +52,18 @@ class GatewayServices:
             shared=settings.cache_shared,
         )
         embed = EmbedService(pipeline, metering, coalescer)
+        predict = PredictService(pipeline, metering, cache, embed, coalescer)
+        generate = GenerateService(pipeline, metering)
+        if providers is None:
+            providers = Providers.from_config(ProvidersConfig(), pipeline.catalog)
+        routing = RoutingService(
+            providers, pipeline.catalog, metering, embed, generate, predict, timeout_s=settings.request_timeout_s
+        )
         return cls(
             models=ModelDirectory(pipeline),
-            predict=PredictService(pipeline, metering, cache, embed, coalescer),
+            predict=predict,
             embed=embed,
-            generate=GenerateService(pipeline, metering),
+            generate=generate,
             admin=AdminService(control),
+            routing=routing,
         )
