@@ -3,6 +3,7 @@ kind's ops, the headers they send, and every injected fault as the right Upstrea
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 import orjson
 import pytest
+from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.gateway.providers.config import ProviderSpec
@@ -319,6 +321,37 @@ async def test_stalled_stream_times_out(make, fake: FakeUpstream) -> None:
         assert (info.value.code, info.value.timeout, info.value.retryable) == ("upstream_timeout", True, False)
     finally:
         await gen.aclose()
+
+
+async def test_first_delta_within_first_byte_s(make) -> None:
+    """Headers at once, then only keep-alive comments: first() gives up after first_byte_s (counted
+    from sending the request), retryably; each comment alone would keep the socket read alive."""
+
+    async def keepalive(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(100):
+            await resp.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.05)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", keepalive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        up = make("openai", base_url=f"http://127.0.0.1:{port}/v1",
+                  timeouts={"connect_s": 2, "first_byte_s": 0.4, "total_s": 20})  # fmt: skip
+        gen = await up.generate("m", {**CHAT}, stream=True, request_id="r")
+        with pytest.raises(UpstreamError) as info:
+            await gen.first()
+        await gen.aclose()
+        assert (info.value.code, info.value.timeout, info.value.retryable) == ("upstream_timeout", True, True)
+    finally:
+        await runner.cleanup()
 
 
 async def test_hang_times_out(make, fake: FakeUpstream) -> None:

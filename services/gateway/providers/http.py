@@ -147,6 +147,12 @@ class HttpClient:
             resp.release()
         raise self.status_error(resp, raw)
 
+    async def open_stream(self, path: str, payload: Any, parser: SSEParser, *, request_id: str | None) -> SSEStream:
+        """A streamed call: the 2xx response as an SSEStream whose first() keeps to first_byte_s."""
+        sent_at = time.monotonic()
+        resp = await self.open(path, orjson.dumps(payload), request_id=request_id, stream=True)
+        return SSEStream(resp, parser, self.name, self.first_byte_s, sent_at)
+
     def status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> UpstreamError:
         status = resp.status
         message = error_message(raw) or resp.reason or "error"
@@ -265,17 +271,19 @@ class SSEStream(GenStream):
 
     __slots__ = ("_first_byte_s", "_opened_at", "_parser", "_provider", "_resp", "_started")
 
-    def __init__(self, resp: aiohttp.ClientResponse, parser: SSEParser, provider: str, first_byte_s: float) -> None:
+    def __init__(
+        self, resp: aiohttp.ClientResponse, parser: SSEParser, provider: str, first_byte_s: float, sent_at: float
+    ) -> None:
         super().__init__(resp.headers.get("x-request-id"))
         self._resp = resp
         self._parser = parser
         self._provider = provider
         self._first_byte_s = first_byte_s
         self._started = False
-        self._opened_at = time.monotonic()
+        self._opened_at = sent_at  # time.monotonic() when the request went out
 
     async def first(self) -> Delta:
-        """The first delta, within first_byte_s of the response; failures here are retryable."""
+        """The first delta, within first_byte_s of sending the request; failures here are retryable."""
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + self._remaining()):
                 return await self._next()

@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
-import orjson
 
-from services.gateway.providers.http import DoneStream, GenStream, HttpClient, SSEParser, SSEStream, bad_response
+from services.gateway.providers.http import DoneStream, GenStream, HttpClient, SSEParser, bad_response
 from services.gateway.providers.types import Delta, Embeddings, Reranked, TaskReply
 
 if TYPE_CHECKING:
@@ -183,8 +182,7 @@ class Upstream:
         chat = "messages" in request
         payload = openai_body(model, request, stream)
         if stream:
-            resp = await self.http.open(path, orjson.dumps(payload), request_id=rid, stream=True)
-            return SSEStream(resp, OpenAIParser(chat), self.name, self.http.first_byte_s)
+            return await self.http.open_stream(path, payload, OpenAIParser(chat), request_id=rid)
         data, up_rid, _ = await self.http.call_json(path, payload, request_id=rid)
         try:
             choice = data["choices"][0]
@@ -198,8 +196,7 @@ class Upstream:
     async def _tgi_generate(self, path: str, stream_path: str, payload: dict, stream: bool, rid: str) -> GenStream:
         """A TGI-dialect generation (`inputs` + `parameters`): TGI /generate(_stream), HF text-generation."""
         if stream:
-            resp = await self.http.open(stream_path, orjson.dumps(payload), request_id=rid, stream=True)
-            return SSEStream(resp, TGIParser(), self.name, self.http.first_byte_s)
+            return await self.http.open_stream(stream_path, payload, TGIParser(), request_id=rid)
         data, up_rid, headers = await self.http.call_json(path, payload, request_id=rid)
         if isinstance(data, list) and data:
             data = data[0]
