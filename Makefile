@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: up install test proto proto-check lint bench models clean
+.PHONY: up install test proto proto-check lint bench bench-providers models clean
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone so
 # that pip takes the local CPU wheel (torch==2.13.0) and never pulls a CUDA build.
@@ -81,6 +81,18 @@ bench: $(STAMP)
 	$(PY) -m bench.run_control_plane
 	$(PY) -m bench.run_generation
 	$(PY) -m bench.run_soak
+
+# The LiteLLM proxy for bench-providers lives in a venv of its own (it pins its own FastAPI, pydantic...).
+LITELLM_VENV := .venv-bench/litellm
+$(LITELLM_VENV)/.installed:
+	test -x $(LITELLM_VENV)/bin/python || python3 -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --disable-pip-version-check 'litellm[proxy]==1.106.2'
+	touch $@
+
+## bench-providers: a fake OpenAI server direct, behind Envoy, LiteLLM and meshserve's gateway (wrk); JSON + PNG.
+bench-providers: $(STAMP) $(LITELLM_VENV)/.installed
+	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(PY) -m bench.run_providers --litellm $(LITELLM_VENV)/bin/litellm
 
 clean:
 	rm -rf $(VENV) .meshserve
