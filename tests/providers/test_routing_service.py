@@ -8,6 +8,7 @@ import uuid
 from contextlib import aclosing
 from pathlib import Path
 
+import orjson
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -194,6 +195,8 @@ def test_keys_of_an_older_release_gain_providers_and_allow_every_one(tmp_path):
 # -- RoutingService over a real Providers and fake upstreams ----------------------------------------
 MODEL = "acme/remote-chat"  # served by remote providers only: no mesh needed
 EMBEDDER = "acme/remote-embed"
+RANKER = "acme/remote-ranker"
+CLASSIFIER = "acme/remote-sentiment"
 PRICES = {
     "dear": {"input_per_1k_tokens_usd": 0.01, "output_per_1k_tokens_usd": 0.03, "per_request_usd": 0.001},
     "cheap": {"input_per_1k_tokens_usd": 0.001, "output_per_1k_tokens_usd": 0.002},
@@ -206,6 +209,8 @@ def upstreams(fakes):
 
 
 def _providers_file(tmp_path, upstreams) -> Path:
+    """Both fakes as OpenAI providers of the chat and embedding models; the cheap one also as a TEI
+    provider of a ranker and an HF provider of a classifier (a fake speaks every dialect)."""
     providers = [
         {
             "name": name,
@@ -221,6 +226,12 @@ def _providers_file(tmp_path, upstreams) -> Path:
         }
         for name, fake in upstreams.items()
     ]
+    cheap = upstreams["cheap"].url
+    providers += [
+        {"name": "tei-x", "kind": "tei", "base_url": cheap, "models": {RANKER: {"tasks": ["text-ranking"]}}},
+        {"name": "hf-x", "kind": "hf", "base_url": cheap, "pricing": {"per_request_usd": 0.5},
+         "models": {CLASSIFIER: {"upstream": "fake-sentiment", "tasks": ["text-classification"]}}},
+    ]  # fmt: skip
     routing = {"policy": "preferred", "max_attempts": 3, "budget_s": 20, "backoff_base_s": 0.001,
                "backoff_max_s": 0.01, "breaker": {"failures": 50, "open_s": 0.5}}  # fmt: skip
     path = tmp_path / "providers.yaml"
@@ -375,3 +386,38 @@ def test_remote_bounds_count_bytes_and_messages_within_the_context():
     assert remote_bounds(chat, None) == ((2 + 8) + (2 + 8) + 4, 4096)
     assert remote_bounds(GenerationRequest(prompt="x" * 100, max_new_tokens=7), 50) == (50, 7)
     assert remote_bounds(GenerationRequest(prompt="abc"), 1000) == (7, 1000)
+
+
+async def test_a_remote_ranker_scores_every_document_and_is_metered(routing):
+    service, _, ledger = routing
+    principal = _principal()
+    route = service.route(RANKER, "rerank", principal=principal)
+    ranked = await service.rerank(_ctx(principal), route, "good food", ["good food here", "bad weather"], top_n=2)
+    assert sorted(i for i, _ in ranked.results) == [0, 1] and ranked.results[0][0] == 0
+    assert ranked.results[0][1] >= ranked.results[1][1] and ranked.model_id == RANKER
+    assert ledger.record("provider") == "tei-x" and ledger.record("items") == 2
+    assert ranked.input_tokens == ledger.record("input_tokens") > 0
+
+
+async def test_an_hf_provider_answers_a_task_with_its_own_json_and_its_price(routing):
+    service, _, ledger = routing
+    principal = _principal()
+    route = service.route(CLASSIFIER, "task", principal=principal)
+    answer = await service.predict(_ctx(principal), route, "text-classification", b'{"inputs": "good"}')
+    labels = orjson.loads(answer.content)
+    assert answer.cache == "BYPASS" and {r["label"] for r in labels[0]} == {"POSITIVE", "NEGATIVE"}
+    assert ledger.record("provider") == "hf-x" and ledger.record("cost_usd") == pytest.approx(0.5)
+    assert answer.headers["X-Usage-Cost-USD"].startswith("0.5")
+
+
+async def test_an_hf_feature_extraction_body_is_served_by_an_openai_provider(routing):
+    service, _, ledger = routing
+    principal = _principal()
+    route = service.route(f"{EMBEDDER}:dear", "embed", principal=principal)
+    one = orjson.loads((await service.predict(_ctx(principal), route, "feature-extraction", {"inputs": "a b"})).content)
+    many = await service.predict(_ctx(principal), route, "feature-extraction", b'{"inputs": ["a b", "c"]}')
+    assert len(one) == 8 and all(isinstance(x, float) for x in one)
+    assert [len(v) for v in orjson.loads(many.content)] == [8, 8] and ledger.record("provider") == "dear"
+    with pytest.raises(MeshError) as refused:
+        await service.predict(_ctx(principal), route, "feature-extraction", b'{"inputs": 3}')
+    assert refused.value.code is ErrorCode.INVALID_INPUT and refused.value.param == "inputs"
