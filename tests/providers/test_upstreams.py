@@ -335,13 +335,7 @@ async def test_first_delta_within_first_byte_s(make) -> None:
             await asyncio.sleep(0.05)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", keepalive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve_inline(keepalive, "/v1/chat/completions")
     try:
         up = make("openai", base_url=f"http://127.0.0.1:{port}/v1",
                   timeouts={"connect_s": 2, "first_byte_s": 0.4, "total_s": 20})  # fmt: skip
@@ -350,6 +344,40 @@ async def test_first_delta_within_first_byte_s(make) -> None:
             await gen.first()
         await gen.aclose()
         assert (info.value.code, info.value.timeout, info.value.retryable) == ("upstream_timeout", True, True)
+    finally:
+        await runner.cleanup()
+
+
+async def serve_inline(handler, path: str) -> tuple[web.AppRunner, int]:
+    """A one-route aiohttp server in this process (for wire behaviours the fake does not have)."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+async def test_closed_keepalive_connection_is_retried_once(make) -> None:
+    """A pooled connection the server drops without answering (it closed it as we sent) is not an
+    upstream failure: the call goes again on a fresh connection."""
+    served: dict[int, int] = {}
+
+    async def embed(request: web.Request) -> web.Response:
+        conn = request.transport.get_extra_info("peername")[1]  # the client port: one per connection
+        served[conn] = served.get(conn, 0) + 1
+        if served[conn] > 1:  # every connection answers once, then drops the next request
+            request.transport.abort()
+        return web.json_response([[1.0, 0.0]])
+
+    runner, port = await serve_inline(embed, "/embed")
+    try:
+        up = make("tei", base_url=f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            out = await up.embed("m", ["x"], dimensions=None, request_id="r")
+            assert out.vectors.shape == (1, 2)
+        assert len(served) == 3 and sorted(served.values()) == [1, 2, 2]
     finally:
         await runner.cleanup()
 

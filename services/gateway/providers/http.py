@@ -133,8 +133,14 @@ class HttpClient:
         headers = self.headers(request_id)
         if stream:
             headers["Accept"] = "text/event-stream"
+        url = self.base_url + path
         try:
-            resp = await self.session().post(self.base_url + path, data=body, headers=headers)
+            try:
+                resp = await self.session().post(url, data=body, headers=headers)
+            except aiohttp.ServerDisconnectedError:
+                # A pooled keep-alive connection the server closed as we sent (aiohttp retries only
+                # idempotent methods): once more, on a fresh connection.
+                resp = await self.session().post(url, data=body, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise failure(self.name, exc) from None
         if resp.status < 300:
