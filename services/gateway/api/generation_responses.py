@@ -68,14 +68,21 @@ async def respond(
     events: Callable,
     render: Callable[[Collected], object],
     on_error: Callable[[MeshError], bytes] = error_event,
+    *,
+    extra: dict[str, str] | None = None,
 ) -> Response:
     """An SSE stream of `events(steps)` (a failure mid-way: `on_error(err)`'s event), or one JSON
-    body `render(collected)` with the usage headers."""
+    body `render(collected)` with the usage headers; `extra`: more headers (a routed request's
+    provider and attempts)."""
     if stream:
+        headers = {**SSE_HEADERS, **generation.metered.rate_headers()}
+        if extra:
+            headers.update(extra)
         return ClosingStreamingResponse(
-            _swallow(_stream_body(generation, events, on_error)),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **generation.metered.rate_headers()},
+            _swallow(_stream_body(generation, events, on_error)), media_type="text/event-stream", headers=headers
         )
     collected = await generation.collect()
-    return json_response(render(collected), headers=generation.metered.headers())
+    headers = generation.metered.headers()
+    if extra:
+        headers.update(extra)
+    return json_response(render(collected), headers=headers)

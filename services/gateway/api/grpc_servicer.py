@@ -6,13 +6,17 @@ from __future__ import annotations
 import uuid
 from contextlib import aclosing
 
+import numpy as np
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
 from services.common.catalog import ModelEntry
+from services.common.errors import ErrorCode, MeshError
 from services.common.tasks import task_from_pb, task_to_pb
+from services.gateway.api.routed import default_task, op_of, routed_headers
 from services.gateway.api.schemas import check_generation_pb
 from services.gateway.control.auth import PRINCIPAL, Authenticator
+from services.gateway.providers.types import POLICIES
 from services.gateway.service import GatewayServices
 from services.gateway.service.context import CallContext
 from services.gateway.service.generate import GenerationRequest, Step
@@ -61,30 +65,91 @@ def call_context(method: str) -> CallContext:
     return CallContext(PRINCIPAL.get() or Authenticator.ANONYMOUS, uuid.uuid4().hex, f"grpc:{method}")
 
 
+def routed_model(request) -> tuple[str, str | None]:
+    """The message's model and provider for the router: a policy in `provider` is the model's
+    suffix (`id:fastest`), a provider's name the explicit provider; empty: the model id as sent."""
+    provider = request.provider or None
+    if provider in POLICIES or provider == "auto":
+        return f"{request.model_id}:{provider}", None
+    return request.model_id, provider
+
+
+def embeddings_pb(vectors) -> tasks_pb2.TaskResult:
+    """A remote provider's vectors as the local mesh's feature-extraction result."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    tensor = tasks_pb2.Tensor(name="embeddings", datatype="FP32", shape=list(vectors.shape), raw=vectors.tobytes())
+    return tasks_pb2.TaskResult(embeddings=tensor)
+
+
+def routed_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple((k.lower(), v) for k, v in headers.items())
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, services: GatewayServices) -> None:
         self.services = services
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context):
-        service = self.services.generate
-        entry = service.entry(request.model_id, param="model_id", list_tasks=False)
+        ctx = call_context("Generate")
+        model, provider = routed_model(request)
+        op = "chat" if request.messages else "completion"
+        route = self.services.routing.route(model, op, provider=provider, principal=ctx.principal)
         gen = generation_request(request)
-        generation = await service.start(call_context("Generate"), entry, gen)  # admitted before tokenizing
+        if route.local_only:
+            service = self.services.generate
+            entry = service.entry(route.model_id, param="model_id", list_tasks=False)
+            generation = await service.start(ctx, entry, gen)  # admitted before tokenizing
+        else:
+            generation = await self.services.routing.start(ctx, route, gen, op, True)
+            metered = generation.metered
+            context.set_trailing_metadata(routed_metadata(routed_headers(metered)))
         async with generation.settled(), aclosing(generation.steps()) as steps:
             async for step in steps:
                 yield generate_response(step)
 
     async def Predict(self, request: gateway_pb2.PredictRequest, context) -> gateway_pb2.PredictResponse:
+        ctx, routing = call_context("Predict"), self.services.routing
+        model, provider = routed_model(request)
+        task = task_from_pb(request.task)
+        route = routing.route(
+            model, op_of(task or default_task(self.services, model)), provider=provider, principal=ctx.principal
+        )
+        if not route.local_only:
+            return await self.routed_predict(ctx, route, task, request, context)
         prediction, headers = await self.services.predict.predict(
-            call_context("Predict"), request.model_id, task_from_pb(request.task), request.inputs, request.parameters
+            ctx, route.model_id, task, request.inputs, request.parameters
         )
         # Usage, cost and rate-limit state, as the REST API's headers, in the trailing metadata.
-        context.set_trailing_metadata(tuple((k.lower(), v) for k, v in headers.items()))
+        context.set_trailing_metadata(routed_metadata(headers))
         return gateway_pb2.PredictResponse(
             model_id=prediction.model_id,
             task=task_to_pb(prediction.task),
             result=prediction.result,
             usage=prediction.usage,
+        )
+
+    async def routed_predict(self, ctx, route, task, request: gateway_pb2.PredictRequest, context):
+        """A remote provider's Predict: feature-extraction (embeddings); the other tasks go over
+        REST (`/models/{id}`), whose JSON passes through."""
+        task = task or default_task(self.services, route.model_id)
+        if task != "feature-extraction" or request.inputs.WhichOneof("kind") != "text":
+            raise MeshError(
+                ErrorCode.UNSUPPORTED_TASK,
+                f"Predict on remote providers runs feature-extraction on texts; send {task!r} to "
+                f"POST /models/{route.model_id}",
+                param="task",
+            )
+        p = request.parameters
+        dimensions = p.dimensions if p.HasField("dimensions") else None
+        prompt_name = p.prompt_name if p.HasField("prompt_name") else None
+        texts = list(request.inputs.text.texts)
+        embedded, headers = await self.services.routing.embeddings(
+            ctx, route, texts, dimensions=dimensions, prompt_name=prompt_name
+        )
+        context.set_trailing_metadata(routed_metadata(headers))
+        usage = tasks_pb2.Usage(input_tokens=embedded.input_tokens or 0, items=len(texts))
+        return gateway_pb2.PredictResponse(
+            model_id=route.model_id, task=task_to_pb(task), result=embeddings_pb(embedded.vectors), usage=usage
         )
 
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:

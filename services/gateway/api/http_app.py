@@ -8,14 +8,15 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, FastAPI
 
-from services.gateway.api import routes_admin, routes_hf, routes_openai, routes_ops, routes_rerank
+from services.gateway.api import routes_admin, routes_hf, routes_openai, routes_ops, routes_providers, routes_rerank
 from services.gateway.api.errors import ERROR_RESPONSES, error_response, install_error_handlers
 from services.gateway.api.request_context import RequestContextMiddleware
 from services.gateway.control.auth import Authenticator, AuthMiddleware
 from services.gateway.service import GatewayServices
 from services.gateway.settings import GatewaySettings
 
-# In this order: the schema's paths keep the order they have always had.
+# In this order: the schema's paths keep the order they have always had; the per-provider paths
+# (`/{provider}/...`) last, so that every existing path wins over them.
 ROUTERS = (
     routes_openai.generation_router,
     routes_ops.router,
@@ -24,6 +25,7 @@ ROUTERS = (
     routes_admin.router,
     routes_rerank.router,
     routes_hf.no_model_router,
+    routes_providers.router,
 )
 
 

@@ -14,10 +14,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.catalog import GENERATION_TASKS, IMAGE_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.gateway.api import hf_tasks, routes_openai, routes_tgi
+from services.gateway.api import hf_tasks, routed, routes_openai, routes_tgi
 from services.gateway.api.deps import call_context_of, hf_dialect_of, services_of
 from services.gateway.api.http_io import header_flag, json_bytes, json_response, parse_json, read_bytes, read_json
 from services.gateway.api.schemas import HFOptions, HFTaskRequest
+from services.gateway.service.routing import LocalTask
 from services.gateway.service.validation import parse
 
 router = APIRouter(tags=["huggingface"])
@@ -59,15 +60,18 @@ def hf_request(entry: ModelEntry, task: str, body) -> tuple[hf_tasks.HFRequest, 
     return parsed, parse(HFOptions, options or {}, where="options")
 
 
-async def run_hf_task(request: Request, model_id: str, task: str | None):
-    """The task's answer; the caller and its dialect are plain calls here (deps: the cached path)."""
+async def run_hf_task(request: Request, model: str, task: str | None, provider: str | None = None):
+    """The task's answer; the caller and its dialect are plain calls here (deps: the cached path).
+    `model` may carry a provider or policy suffix; `provider`: a per-provider path's."""
     ctx, named = call_context_of(request), bool(task)
     services = services_of(request)
-    entry, task = services.models.resolve(model_id, task)
-    request.state.model = entry.id
+    route = routed.route(request, ctx, model, routed.op_of(task or routed.default_task(services, model)), provider)
+    if not route.local_only:
+        return await routed_hf_task(request, ctx, route, task)
+    entry, task = services.models.resolve(route.model_id, task)
     limit = request.app.state.max_body_bytes
     if task in GENERATION_TASKS:  # the TGI dialect: {"inputs": prompt, "parameters", "stream"}
-        return await routes_tgi.text_generation(request, ctx, entry, await read_json(request, limit))
+        return await routes_tgi.text_generation(request, ctx, route, await read_json(request, limit))
     if task not in hf_tasks.PARSERS:
         raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"task {task!r} is not served over REST yet", param="task")
     body = await read_hf_body(request, task, limit)
@@ -88,14 +92,62 @@ async def run_hf_task(request: Request, model_id: str, task: str | None):
     return Response(answer.content, 200, {"X-Cache": answer.cache, **answer.headers}, media_type="application/json")
 
 
-@router.post("/models/{model_path:path}", summary="Run a model's task (HF Inference API)", openapi_extra=HF_BODY)
-async def hf_model(request: Request, model_path: str):
+async def routed_hf_task(request: Request, ctx, route, task: str | None):
+    """An HF task request over several providers, or a remote one: generation in the TGI dialect;
+    any other task's body goes to a remote provider as it is (its JSON answer back as it is) and,
+    when the local mesh is a candidate, parsed for it as the local path parses it."""
+    services = services_of(request)
+    named, entry = bool(task), route.entry
+    task = task or entry.default_task
+    limit = request.app.state.max_body_bytes
+    if task in GENERATION_TASKS:
+        return await routes_tgi.text_generation(request, ctx, route, await read_json(request, limit))
+    raw = await read_bytes(request, limit)
+    local = None
+    if isinstance(entry, ModelEntry) and task in hf_tasks.PARSERS:
+        body = raw_hf_body(request, task, raw)
+        if not named and not isinstance(body, hf_tasks.HFRequest):
+            task = hf_tasks.task_from_shape(entry, body)
+        local = local_task(request, entry, task, body)
+    answer = await services.routing.predict(ctx, route, task, raw, local=local)
+    return Response(answer.content, 200, {"X-Cache": answer.cache, **answer.headers}, media_type="application/json")
+
+
+def raw_hf_body(request: Request, task: str, raw: bytes):
+    """A body read already: JSON, or an HFRequest for a raw image upload (as read_hf_body)."""
+    if task in IMAGE_TASKS and "json" not in request.headers.get("content-type", "") and raw.lstrip()[:1] != b"{":
+        return hf_tasks.raw_image_request(raw)
+    return parse_json(raw)
+
+
+def local_task(request: Request, entry: ModelEntry, task: str, body):
+    """What the local mesh runs of this request, and how its result renders (called only if the
+    local mesh is among the candidates: a request it cannot parse is refused as the local path does)."""
+    dialect = hf_dialect_of(request)
+
+    def parsed() -> LocalTask:
+        req = body if isinstance(body, hf_tasks.HFRequest) else hf_request(entry, task, body)[0]
+        render = hf_tasks.RENDERERS[task]
+        return LocalTask(req.inputs, req.parameters, lambda result: json_bytes(render(result, req, dialect)))
+
+    return parsed
+
+
+async def hf_post(request: Request, model_path: str, provider: str | None = None):
+    """`POST /models/{id}[:suffix]`, `…/pipeline/{task}`, `…/v1/chat/completions`; `provider`:
+    a per-provider path's (`/{provider}/models/...`)."""
     if model_path.endswith(CHAT_SUFFIX):  # huggingface_hub's chat_completion on a model URL
-        return await routes_openai.chat(request, call_context_of(request), model_path.removesuffix(CHAT_SUFFIX))
+        model = model_path.removesuffix(CHAT_SUFFIX)
+        return await routes_openai.chat(request, call_context_of(request), model, provider)
     if "/pipeline/" in model_path:
         model_id, task = model_path.rsplit("/pipeline/", 1)
-        return await run_hf_task(request, model_id, task)
-    return await run_hf_task(request, model_path, None)
+        return await run_hf_task(request, model_id, task, provider)
+    return await run_hf_task(request, model_path, None, provider)
+
+
+@router.post("/models/{model_path:path}", summary="Run a model's task (HF Inference API)", openapi_extra=HF_BODY)
+async def hf_model(request: Request, model_path: str):
+    return await hf_post(request, model_path)
 
 
 @router.get("/models/{model_path:path}", summary="Model health (…/health) or info (…/info)")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
-from services.gateway.api import hf_tasks
+from services.gateway.api import hf_tasks, routed
 from services.gateway.api.deps import call_context, services_of
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -37,7 +37,8 @@ EMBEDDINGS_BODY = {
 }
 
 
-def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> dict:
+def model_card(entry, created: int, ready: bool | None = None) -> dict:
+    """A model as OpenAI lists it; `entry`: a catalog ModelEntry or a remote-only model."""
     card = {
         "id": entry.id,
         "object": "model",
@@ -50,19 +51,39 @@ def model_card(entry: ModelEntry, created: int, ready: bool | None = None) -> di
     return card
 
 
-@router.get("/v1/models", summary="List models")
+# The HF router's per-provider keys we do not serve (no tool calls, no JSON-schema decoding).
+ROUTER_FLAGS = {"supports_tools": False, "supports_structured_output": False}
+
+
+def providers_listing(services) -> dict[str, list[dict]]:
+    """Per model id its providers, in the HF router's shape (`data[].providers[]`) plus ours."""
+    return {
+        model["id"]: [{**provider, **ROUTER_FLAGS} for provider in model["providers"]]
+        for model in routed.registry_of(services).models()
+    }
+
+
+@router.get("/v1/models", summary="List models, each with its providers")
 async def list_models(request: Request):
-    created = request.app.state.catalog_created
-    return json_response(
-        {"object": "list", "data": [model_card(e, created) for e in services_of(request).models.catalog.models]}
-    )
+    created, services = request.app.state.catalog_created, services_of(request)
+    listing = providers_listing(services)
+    registry = routed.registry_of(services)
+    data = [{**model_card(registry.model(model_id), created), "providers": p} for model_id, p in listing.items()]
+    return json_response({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model_path:path}", summary="Describe one model ('/' or %2F in the id)")
 async def get_model(request: Request, model_path: str):
-    models = services_of(request).models
-    entry = models.get(model_path)
+    services = services_of(request)
+    models, registry = services.models, routed.registry_of(services)
+    entry = registry.model(model_path)  # a catalog entry or a remote-only model; else 404
+    providers = providers_listing(services).get(entry.id, [])
+    if not isinstance(entry, ModelEntry):
+        live = any(p["status"] == "live" for p in providers)
+        card = model_card(entry, request.app.state.catalog_created, live)
+        return json_response({**card, "providers": providers, "meshserve": {"default_task": entry.default_task}})
     card = model_card(entry, request.app.state.catalog_created, await models.ready(entry))
+    card["providers"] = providers
     card["meshserve"] = {
         "default_task": entry.default_task,
         "inference_name": entry.inference.name,
@@ -78,19 +99,29 @@ async def get_model(request: Request, model_path: str):
 
 @router.post("/v1/embeddings", summary="Create embeddings (OpenAI)", openapi_extra=EMBEDDINGS_BODY)
 async def embeddings(request: Request, ctx: CallContext = Depends(call_context)):
+    return await embed(request, ctx, None)
+
+
+async def embed(request: Request, ctx: CallContext, provider: str | None):
+    """`POST /v1/embeddings`, or `/{provider}/v1/embeddings` (`provider`: the path's)."""
     services = services_of(request)
     body = parse(EmbeddingsRequest, await read_json(request, request.app.state.max_body_bytes))
-    entry = services.models.get(body.model)
-    request.state.model = entry.id
+    route = routed.route(request, ctx, body.model, "embed", provider)
     if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
         raise invalid("token-id arrays are not supported as `input`; send text", param="input")
     texts, _ = hf_tasks.texts(body.input, "input")
-    caps.check_texts(entry, texts, field="input")
-    hf_tasks.check_dimensions(entry, body.dimensions)
-    hf_tasks.check_prompt_name(entry, body.prompt_name)
-    result, headers = await services.embed.embeddings(
-        ctx, entry, texts, dimensions=body.dimensions, prompt_name=body.prompt_name
-    )
+    if route.local_only:
+        entry = route.entry
+        caps.check_texts(entry, texts, field="input")
+        hf_tasks.check_dimensions(entry, body.dimensions)
+        hf_tasks.check_prompt_name(entry, body.prompt_name)
+        result, headers = await services.embed.embeddings(
+            ctx, entry, texts, dimensions=body.dimensions, prompt_name=body.prompt_name
+        )
+    else:
+        result, headers = await services.routing.embeddings(
+            ctx, route, texts, dimensions=body.dimensions, prompt_name=body.prompt_name
+        )
     if body.encoding_format == "base64":
         values = [base64.b64encode(row.tobytes()).decode() for row in result.vectors]  # little-endian float32
     else:
@@ -100,7 +131,7 @@ async def embeddings(request: Request, ctx: CallContext = Depends(call_context))
         {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
-            "model": entry.id,
+            "model": route.model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         },
         headers=headers,
@@ -115,17 +146,18 @@ def sampling(body: SamplingRequest, **what) -> GenerationRequest:
     )  # fmt: skip
 
 
-async def chat(request: Request, ctx: CallContext, model_id: str | None):
-    """`POST /v1/chat/completions`, or on a model URL (`model_id`: the URL's model)."""
+async def chat(request: Request, ctx: CallContext, model_id: str | None, provider: str | None = None):
+    """`POST /v1/chat/completions`, or on a model URL (`model_id`: the URL's model, which may
+    carry a provider suffix), or on a per-provider path (`provider`)."""
     body = parse(ChatCompletionRequest, await read_json(request, GENERATION_BODY_BYTES))
     body.check_supported()
-    service = services_of(request).generate
-    entry = service.entry(model_id or body.model)
-    request.state.model = entry.id
     messages = [(m.role if m.role != "developer" else "system", m.text(i)) for i, m in enumerate(body.messages)]
     gen = sampling(body, messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+    stream = bool(body.stream)
+    route = routed.route(request, ctx, model_id or body.model, "chat", provider)
+    generation, extra = await routed.start_generation(request, ctx, route, gen, "chat", stream)
     head = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id,
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id,
         "system_fingerprint": "meshserve",
     }  # fmt: skip
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -135,8 +167,7 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None):
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.last.finish_reason}
         return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(done.last)}
 
-    generation = await service.start(ctx, entry, gen)
-    return await respond(generation, bool(body.stream), lambda steps: chat_events(steps, head, include_usage), render)
+    return await respond(generation, stream, lambda steps: chat_events(steps, head, include_usage), render, extra=extra)
 
 
 @generation_router.post("/v1/chat/completions", summary="Chat completions (OpenAI), stream or not")
@@ -146,6 +177,11 @@ async def chat_completions(request: Request, ctx: CallContext = Depends(call_con
 
 @generation_router.post("/v1/completions", summary="Completions (OpenAI legacy), stream or not")
 async def completions(request: Request, ctx: CallContext = Depends(call_context)):
+    return await complete(request, ctx, None)
+
+
+async def complete(request: Request, ctx: CallContext, provider: str | None):
+    """`POST /v1/completions`, or `/{provider}/v1/completions` (`provider`: the path's)."""
     body = parse(CompletionRequest, await read_json(request, GENERATION_BODY_BYTES))
     body.check_supported()
     if body.echo or body.suffix or (body.best_of or 1) > 1:
@@ -153,18 +189,17 @@ async def completions(request: Request, ctx: CallContext = Depends(call_context)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise invalid("`prompt` must be one string (one completion per request)", param="prompt")
-    service = services_of(request).generate
-    entry = service.entry(body.model)
-    request.state.model = entry.id
     gen = sampling(body, prompt=prompts[0], max_new_tokens=body.max_tokens or 16)  # OpenAI's default: 16
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id}
+    stream = bool(body.stream)
+    route = routed.route(request, ctx, body.model, "completion", provider)
+    generation, extra = await routed.start_generation(request, ctx, route, gen, "completion", stream)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def render(done: Collected) -> dict:
         choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.last.finish_reason}
         return {**head, "object": "text_completion", "choices": [choice], "usage": usage(done.last)}
 
-    generation = await service.start(ctx, entry, gen)
     return await respond(
-        generation, bool(body.stream), lambda steps: completion_events(steps, head, include_usage), render
+        generation, stream, lambda steps: completion_events(steps, head, include_usage), render, extra=extra
     )

@@ -8,10 +8,11 @@ import uuid
 
 from fastapi import APIRouter, Request
 
+from services.gateway.api import routed
 from services.gateway.api.deps import call_context_of, services_of
 from services.gateway.api.http_io import json_response, read_json
 from services.gateway.api.rerank_schemas import CohereRerankRequest, TEIRerankRequest
-from services.gateway.service.rerank import ranking_model, rerank
+from services.gateway.service.rerank import Ranked, ranking_model, rerank
 from services.gateway.service.validation import parse
 
 router = APIRouter(tags=["rerank"])
@@ -21,16 +22,26 @@ def _body(schema) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
+async def ranking(request: Request, model: str | None, query: str, texts: list[str], **options) -> Ranked:
+    """The documents ranked by the named model (a provider or policy suffix allowed: routed when
+    a remote provider serves it), else by the only local ranking model."""
+    services, ctx = services_of(request), call_context_of(request)
+    if model:
+        route = routed.route(request, ctx, model, "rerank")
+        if not route.local_only:
+            return await services.routing.rerank(ctx, route, query, texts, **options)
+        model = route.model_id
+    entry = ranking_model(services.predict, model)
+    request.state.model = entry.id
+    return await rerank(services.predict, ctx, entry, query, texts, **options)
+
+
 @router.post("/rerank", summary="Rerank texts against a query (TEI)", openapi_extra=_body(TEIRerankRequest))
 async def tei_rerank(request: Request):
     body = parse(TEIRerankRequest, await read_json(request, request.app.state.max_body_bytes))
-    services = services_of(request)
-    entry = ranking_model(services.predict, body.model)
-    request.state.model = entry.id
-    ranked = await rerank(
-        services.predict, call_context_of(request), entry, body.query, body.texts,
-        raw_scores=body.raw_scores, truncate=bool(body.truncate),
-    )  # fmt: skip
+    ranked = await ranking(
+        request, body.model, body.query, body.texts, raw_scores=body.raw_scores, truncate=bool(body.truncate)
+    )
     results = []
     for index, score in ranked.results:
         item = {"index": index, "score": score}
@@ -44,14 +55,10 @@ async def tei_rerank(request: Request):
 @router.post("/v2/rerank", summary="Rerank documents (Cohere v2)", openapi_extra=_body(CohereRerankRequest))
 async def cohere_rerank(request: Request):
     body = parse(CohereRerankRequest, await read_json(request, request.app.state.max_body_bytes))
-    services = services_of(request)
-    entry = ranking_model(services.predict, body.model)
-    request.state.model = entry.id
     texts = body.texts()
-    ranked = await rerank(
-        services.predict, call_context_of(request), entry, body.query, texts,
-        raw_scores=body.raw_scores, truncate=body.truncate, top_n=body.top_n,
-    )  # fmt: skip
+    ranked = await ranking(
+        request, body.model, body.query, texts, raw_scores=body.raw_scores, truncate=body.truncate, top_n=body.top_n
+    )
     results = []
     for index, score in ranked.results:
         item = {"index": index, "relevance_score": score}

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from services.common.catalog import ModelEntry
 from services.common.errors import invalid
-from services.gateway.api.deps import services_of
+from services.gateway.api import routed
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import TGIParameters
 from services.gateway.api.schemas import check_stops
@@ -47,7 +46,8 @@ def generation_request(body: dict) -> tuple[GenerationRequest, TGIParameters]:
     return gen, p
 
 
-async def text_generation(request: Request, ctx: CallContext, entry: ModelEntry, body: dict):
+async def text_generation(request: Request, ctx: CallContext, route, body: dict):
+    """A generation model's HF/TGI request on the route's model (local or routed)."""
     gen, p = generation_request(body)
     prefix = body["inputs"] if p.return_full_text else ""
 
@@ -64,9 +64,10 @@ async def text_generation(request: Request, ctx: CallContext, entry: ModelEntry,
             }
         return [result]
 
-    generation = await services_of(request).generate.start(ctx, entry, gen)
+    stream = bool(body.get("stream"))
+    generation, extra = await routed.start_generation(request, ctx, route, gen, "completion", stream)
     prompt_tokens = generation.prepared.prompt_tokens
     return await respond(
-        generation, bool(body.get("stream")), lambda steps: tgi_events(steps, prefix, p.seed, prompt_tokens), render,
-        tgi_error_event,
+        generation, stream, lambda steps: tgi_events(steps, prefix, p.seed, prompt_tokens), render,
+        tgi_error_event, extra=extra,
     )  # fmt: skip
