@@ -360,7 +360,9 @@ async def tgi_generate(reply: Reply, body: dict, stream: bool, listed: bool = Fa
                 "prefill": [],
                 "tokens": [{"id": i, "text": token(i), "logprob": -0.5, "special": False} for i in range(n)],
             }
-        return await reply.json([out] if listed else out)
+        return await reply.json(
+            [out] if listed else out, {"x-prompt-tokens": str(prompt), "x-generated-tokens": str(n)}
+        )
     events = []
     for i in range(n):
         last = i == n - 1

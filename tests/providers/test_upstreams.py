@@ -141,8 +141,7 @@ async def test_tgi_generate(make, fake: FakeUpstream, stream: bool) -> None:
     texts, final = await collect(await up.generate("m", request, stream=stream, request_id="r"))
     assert "".join(d.text for d in texts) == words(5)
     assert (final.finish_reason, final.completion_tokens) == ("length", 5)
-    if stream:
-        assert final.prompt_tokens == 3  # TGI's stream details carry input_length
+    assert final.prompt_tokens == 3  # stream: details.input_length; unary: the x-prompt-tokens header
     (req,) = fake.requests()
     assert req["path"] == ("/generate_stream" if stream else "/generate")
     assert req["headers"]["accept"] == ("text/event-stream" if stream else "application/json")
