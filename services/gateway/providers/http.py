@@ -25,7 +25,7 @@ from services.gateway.providers.types import Delta, UpstreamError
 if TYPE_CHECKING:
     from services.gateway.providers.config import ProviderSpec
 
-JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "meshserve-gateway"}
 # Upstream statuses that mean "try elsewhere": the upstream is down, busy, slow, or misconfigured
 # (its key or model mapping); any other 4xx is the caller's request.
 RETRYABLE_4XX = frozenset({401, 403, 404, 408, 429})
