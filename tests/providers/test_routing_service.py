@@ -421,3 +421,82 @@ async def test_an_hf_feature_extraction_body_is_served_by_an_openai_provider(rou
     with pytest.raises(MeshError) as refused:
         await service.predict(_ctx(principal), route, "feature-extraction", b'{"inputs": 3}')
     assert refused.value.code is ErrorCode.INVALID_INPUT and refused.value.param == "inputs"
+
+
+# -- a catalog model the local mesh and a remote provider both serve ---------------------------------
+CHAT = "meshserve/tiny-llama-chat"
+
+
+async def _mixed(tmp_path, upstreams, ports: dict[str, int]):
+    """RoutingService over a pipeline at `ports` (pre, inference, post) and the cheap fake, with the
+    local mesh first (preferred) for the catalog's chat model."""
+    from services.gateway.main import build_pipeline
+    from services.gateway.service.generate import GenerateService
+    from services.gateway.settings import GatewaySettings
+
+    for fake in upstreams.values():
+        fake.reset()
+        fake.clear()
+    settings = GatewaySettings(
+        home=str(tmp_path), auth=False, ledger=False, request_timeout_s=20, upstream_attempts=1,
+        preprocess_address=f"127.0.0.1:{ports['pre']}", inference_address=f"127.0.0.1:{ports['inference']}",
+        postprocess_address=f"127.0.0.1:{ports['post']}",
+    )  # fmt: skip
+    pipeline = build_pipeline(settings)
+    path = tmp_path / "mixed.yaml"
+    cheap = {"name": "cheap", "kind": "openai", "base_url": upstreams["cheap"].url + "/v1",
+             "pricing": PRICES["cheap"], "models": {CHAT: "fake-chat"}}  # fmt: skip
+    path.write_text(yaml.safe_dump({"routing": {"policy": "preferred", "backoff_base_s": 0.001},
+                                    "providers": [{"name": "local", "kind": "local"}, cheap]}))  # fmt: skip
+    providers = Providers.from_config(load_providers(path), pipeline.catalog)
+    ledger = ListLedger()
+    metering = Metering(None, ledger, timeout_s=5.0)
+    generate = GenerateService(pipeline, metering)
+    service = RoutingService(providers, pipeline.catalog, metering, None, generate, None, timeout_s=20.0)
+    return service, ledger, pipeline, providers
+
+
+async def test_a_local_mesh_that_is_down_fails_over_to_the_remote_provider(tmp_path, upstreams):
+    from tests.helpers import free_port
+
+    ports = {"pre": free_port(), "inference": free_port(), "post": free_port()}  # nothing listens
+    service, ledger, pipeline, providers = await _mixed(tmp_path, upstreams, ports)
+    try:
+        principal = _principal()
+        route = service.route(CHAT, "chat", principal=principal)
+        assert [c.provider for c in route.selection.candidates] == ["local", "cheap"] and not route.local_only
+        request = GenerationRequest(messages=[("user", "hello you")], max_new_tokens=3)
+        generation = await service.start(_ctx(principal), route, request, op="chat", stream=True)
+        text, failure = await _drain(generation)
+    finally:
+        await providers.close()
+        await pipeline.close()
+    assert failure is None and text == "tok0 tok1 tok2"
+    assert (ledger.record("provider"), ledger.record("attempts"), ledger.record("output_tokens")) == ("cheap", 2, 3)
+    assert ledger.record("cost_usd") == pytest.approx(CHEAP_SPEC.cost(2, 3, 0.0))
+
+
+async def test_the_local_mesh_answers_a_routed_generation_with_its_own_counts(
+    tmp_path, upstreams, mesh, catalog, monkeypatch
+):
+    if hasattr(mesh, "service_token"):  # stages that require the service credential
+        monkeypatch.setenv("MESHSERVE_SERVICE_TOKEN", mesh.service_token)
+    service, ledger, pipeline, providers = await _mixed(tmp_path, upstreams, mesh.ports)
+    try:
+        principal = _principal()
+        route = service.route(f"{CHAT}:preferred", "completion", principal=principal)
+        request = GenerationRequest(prompt="def main():", max_new_tokens=4)
+        generation = await service.start(_ctx(principal), route, request, op="completion", stream=True)
+        text, failure = await _drain(generation)
+    finally:
+        await providers.close()
+        await pipeline.close()
+    assert failure is None and text and upstreams["cheap"].requests() == []  # the first candidate answered
+    assert (ledger.record("provider"), ledger.record("attempts"), ledger.record("upstream_request_id")) == (
+        "local", 1, None,
+    )  # fmt: skip
+    assert ledger.record("input_tokens") == generation.prepared.prompt_tokens > 0
+    assert 1 <= ledger.record("output_tokens") <= 4
+    expected = catalog.get(CHAT).pricing.cost(ledger.record("input_tokens"), ledger.record("output_tokens"),
+                                              ledger.record("compute_s"))  # fmt: skip
+    assert ledger.record("cost_usd") == pytest.approx(expected, rel=1e-3)
