@@ -293,6 +293,7 @@ async def test_a_generation_fails_over_holds_the_dearest_price_and_settles_at_th
     assert ledger.record("provider") == "cheap" and ledger.record("attempts") == 2
     assert ledger.record("upstream_request_id").startswith("fake-cheap-")
     assert (ledger.record("input_tokens"), ledger.record("output_tokens"), ledger.record("status")) == (3, 5, 200)
+    assert service.providers.stats.sample("cheap", MODEL).tokens_per_s > 0  # measured once the stream ended
 
 
 async def test_the_budget_refuses_what_the_dearest_candidate_could_cost(routing):

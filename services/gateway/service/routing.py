@@ -243,15 +243,19 @@ class RoutingService:
         hint = remote_bounds(request, None)[0] + max_output
         metered = await self._admit(ctx, route, "text-generation", max_input, max_output, hint)
         try:
-            opened, _ = await self._attempt(route, metered, lambda c: self._open(ctx, route, request, c, stream), op)
+            opened, c = await self._attempt(route, metered, lambda c: self._open(ctx, route, request, c, stream), op)
         except BaseException as err:
             await self.metering.track(metered).fail(err)
             raise
         metered.upstream_request_id = opened.upstream_request_id
         metered.add(input_tokens=opened.prepared.prompt_tokens, items=1)
-        return Generation(
-            route.entry, request, opened.prepared, metered, self.metering, _stream_of(opened, metered, stream)
-        )
+        stats = self.providers.stats
+
+        def throughput(tokens: int, seconds: float) -> None:
+            stats.record_throughput(c.provider, c.model_id, output_tokens=tokens, seconds=seconds)
+
+        stream_of = _stream_of(opened, metered, stream, throughput)
+        return Generation(route.entry, request, opened.prepared, metered, self.metering, stream_of)
 
     async def _open(self, ctx: CallContext, route: Route, request: GenerationRequest, c: Candidate, stream: bool):
         """One attempt: the candidate's generation, opened, its first step read."""
@@ -401,13 +405,14 @@ class RoutingService:
         return replace(route, selection=replace(route.selection, candidates=others))
 
 
-def _stream_of(opened: _Opened, metered: Metered, stream: bool):
+def _stream_of(opened: _Opened, metered: Metered, stream: bool, throughput: Callable[[int, float], None]):
     """The Generation's step source: the first step, then the rest; a remote provider's deltas as
     Steps with its token counts put on `metered`. A streamed step the client took marks the
-    request delivered (it pays for what it got even if the stream fails later)."""
+    request delivered (it pays for what it got even if the stream fails later). A stream that
+    ends well reports its tokens per second (`throughput(tokens, seconds)`: the provider's stats)."""
 
     async def steps(_entry, _prepared, _request) -> AsyncIterator[Step]:
-        rest = opened.rest
+        rest, started = opened.rest, time.perf_counter()
         try:
             if isinstance(opened.first, Step):
                 yield opened.first
@@ -415,9 +420,10 @@ def _stream_of(opened: _Opened, metered: Metered, stream: bool):
                 async for step in rest:
                     yield step
                     metered.delivered = stream
-                return
-            async for step in _remote_steps(opened.first, rest, metered, stream):
-                yield step
+            else:
+                async for step in _remote_steps(opened.first, rest, metered, stream):
+                    yield step
+            throughput(metered.output_tokens, time.perf_counter() - started)
         finally:
             await rest.aclose()
 
