@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--model", help="only this model id")
     usage.add_argument("--since", type=_day, metavar="YYYY-MM-DD", help="from this day on")
     usage.add_argument("--until", type=_day, metavar="YYYY-MM-DD", help="up to this day, included")
-    usage.add_argument("--by", choices=["day", "model", "key"], default="day", help="one row per day, model or key")
+    usage.add_argument("--by", choices=["day", "model", "key", "provider"], default="day", help="one row per group")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
     keys = sub.add_parser("keys", help="create, list or revoke API keys")

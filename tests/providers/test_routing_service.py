@@ -501,3 +501,19 @@ async def test_the_local_mesh_answers_a_routed_generation_with_its_own_counts(
     expected = catalog.get(CHAT).pricing.cost(ledger.record("input_tokens"), ledger.record("output_tokens"),
                                               ledger.record("compute_s"))  # fmt: skip
     assert ledger.record("cost_usd") == pytest.approx(expected, rel=1e-3)
+
+
+async def test_usage_reports_group_and_filter_by_provider(tmp_path):
+    from services.gateway.ledger import UsageReports
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    create_usage_table(engine)
+    base = (None, "m", "text-generation")
+    tail = (1, 2, 1, 0.0, 0.5, 200, 0.1, None, 1.7e9, "/v1/completions", None)
+    rows = [(f"r{i}", *base, provider, *tail, 1, None) for i, provider in enumerate(["local", "cheap", "cheap"])]
+    assert insert_rows(engine, rows)[1] == 3
+    reports = UsageReports(engine)
+    totals = await reports.totals(by="provider")
+    assert [(t["provider"], t["requests"], t["cost_usd"]) for t in totals] == [("cheap", 2, 1.0), ("local", 1, 0.5)]
+    assert {r["request_id"] for r in await reports.query(provider="cheap")} == {"r1", "r2"}
+    assert await reports.count(provider="local") == 1

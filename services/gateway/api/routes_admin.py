@@ -43,7 +43,7 @@ async def usage(
     model: str | None = None,
     since: str | None = None,
     until: str | None = None,
-    by: Literal["day", "model", "key"] = "day",
+    by: Literal["day", "model", "key", "provider"] = "day",
     limit: int = Query(100, ge=0, le=10_000),
     caller: Principal = Depends(principal),
 ):
