@@ -28,6 +28,7 @@ from services.gateway.providers.config import load_providers
 from services.gateway.service.context import CallContext
 from services.gateway.service.routing import RoutingService, remote_bounds
 from tests.helpers import REPO
+from tests.unit.test_ledger import postgres_server  # noqa: F401 (a fixture)
 
 CHEAP = PricingSpec(input_per_1k_tokens_usd=0.001, output_per_1k_tokens_usd=0.002)
 DEAR = PricingSpec(input_per_1k_tokens_usd=0.01, output_per_1k_tokens_usd=0.03, per_request_usd=0.001)
@@ -125,8 +126,14 @@ async def test_a_budget_refusal_at_the_dearest_price_gets_a_row_without_cost():
 
 
 # -- the ledger ---------------------------------------------------------------------------------
-def test_an_older_ledger_gains_attempts_and_upstream_request_id_and_takes_old_rows(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_an_older_ledger_gains_attempts_and_upstream_request_id_and_takes_old_rows(tmp_path, request, database):
+    if database == "postgres":
+        engine = make_engine(request.getfixturevalue("postgres_server"))
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS usage")
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     old = sa.MetaData()
     old_usage = sa.Table(
         "usage", old, *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
