@@ -1,6 +1,8 @@
 """The gateway's use cases, one module per request kind (predict, embed, generate, admin): the one
-place a request is authorized, admitted, run and settled. Every transport (REST routes, the gRPC
-servicer) calls them; they know nothing of HTTP or gRPC. `GatewayServices` builds them together."""
+place a request is authorized, admitted, run and settled; `routing` puts a request's model on its
+providers (the local mesh alone keeps those use cases, remote ones run there). Every transport
+(REST routes, the gRPC servicer) calls them; they know nothing of HTTP or gRPC. `GatewayServices`
+builds them together."""
 
 from __future__ import annotations
 
