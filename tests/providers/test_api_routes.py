@@ -177,8 +177,10 @@ def test_per_provider_paths_route_to_that_provider(client):
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == "tok0"
     reply = client.post(f"/mesh-b/models/{CHAT}", json={"inputs": "say", "parameters": {"max_new_tokens": 1}})
     assert reply.status_code == 200 and reply.json() == [{"generated_text": "tok0"}]
-    reply = client.post(f"/mesh-b/models/{CHAT}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1})
-    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "tok0"
+    body = {"model": CHAT, "messages": MESSAGES, "max_tokens": 1}  # huggingface_hub sends the model too
+    reply = client.post(f"/mesh-b/models/{CHAT}/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "tok0"
     reply = client.post(f"/hf-b/models/{HF_MODEL}/pipeline/text-classification", json={"inputs": "good"})
     assert reply.status_code == 200 and reply.headers[PROVIDER_HEADER] == "hf-b"
 

@@ -125,6 +125,8 @@ class Metered:
         }
         if self.ticket is not None:
             headers.update(self.ticket.headers)
+        if self.provider != "local" or self.attempts != 1:  # routed: who answered, after how many attempts
+            headers |= {"X-Meshserve-Provider": self.provider, "X-Meshserve-Attempts": str(self.attempts)}
         return headers
 
     def cost_of(self) -> float:
