@@ -384,7 +384,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[2].axhline(TARGET_RPS_PER_CORE, color="tab:blue", linestyle=":", linewidth=1, label="target 1,500 req/s/core")
     axes[2].set_title("req/s per core of the proxy's processes (direct: none)", fontsize=9)
     for ax in axes:
-        ax.legend(fontsize=7)
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * 6)  # room above the bars for the legend (log scale)
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
     t = result["targets"]
     verdict = (
         f"meshserve: {t['meshserve_added_p50_ms_c1']} ms added at c=1, {t['meshserve_rps_per_core']} req/s/core at c=16"
