@@ -67,15 +67,21 @@ class LocalTask:
     render: Callable[[object], bytes]
 
 
-def remote_bounds(request: GenerationRequest, context_length: int | None) -> tuple[int, int]:
-    """(most prompt tokens, most new tokens) of a generation on a remote provider, without a
-    tokenizer: a token per UTF-8 byte plus special tokens (a chat: plus a template's usual overhead
-    per message), at most the context; new tokens: max_tokens, else min(context, 4096)."""
+def prompt_size(request: GenerationRequest) -> int:
+    """A prompt's most tokens before any context limit: its UTF-8 bytes (a chat: plus a template's
+    usual overhead per message) and the special tokens."""
     if request.messages is not None:
         size = sum(len(content.encode()) + CHAT_TOKENS_PER_MESSAGE for _, content in request.messages)
     else:
         size = len((request.prompt or "").encode())
-    prompt = min(context_length or REMOTE_CONTEXT, size + PROMPT_EXTRA_TOKENS)
+    return size + PROMPT_EXTRA_TOKENS
+
+
+def remote_bounds(request: GenerationRequest, context_length: int | None, size: int | None = None) -> tuple[int, int]:
+    """(most prompt tokens, most new tokens) of a generation on a remote provider, without a
+    tokenizer: prompt_size() (`size`, when computed already), at most the context; new tokens:
+    max_tokens, else min(context, 4096)."""
+    prompt = min(context_length or REMOTE_CONTEXT, prompt_size(request) if size is None else size)
     new = request.max_new_tokens or min(context_length or REMOTE_NEW_TOKENS, REMOTE_NEW_TOKENS)
     return prompt, new
 
@@ -221,15 +227,15 @@ class RoutingService:
         return None
 
     # -- generation ------------------------------------------------------------------------------
-    def _generation_bounds(self, route: Route, request: GenerationRequest) -> tuple[int, int]:
-        """The largest (prompt, new) token bounds over the candidates."""
+    def _generation_bounds(self, route: Route, request: GenerationRequest, size: int) -> tuple[int, int]:
+        """The largest (prompt, new) token bounds over the candidates (`size`: prompt_size())."""
         entry = self._local_entry(route)
         prompt, new = 0, 0
         for c in route.selection.candidates:
             if c.provider == LOCAL and entry is not None:
                 p, n = request.token_bounds(entry)
             else:
-                p, n = remote_bounds(request, c.context_length)
+                p, n = remote_bounds(request, c.context_length, size)
             prompt, new = max(prompt, p), max(new, n)
         return prompt, new
 
@@ -239,11 +245,12 @@ class RoutingService:
         """Admit, then try the candidates until one has produced its first step; the Generation
         streams that step and the rest (respond() renders it). Nothing reached the client yet when
         a candidate fails here, so failing over is safe."""
-        max_input, max_output = self._generation_bounds(route, request)
-        hint = remote_bounds(request, None)[0] + max_output
-        metered = await self._admit(ctx, route, "text-generation", max_input, max_output, hint)
+        size = prompt_size(request)
+        max_input, max_output = self._generation_bounds(route, request, size)
+        metered = await self._admit(ctx, route, "text-generation", max_input, max_output, size + max_output)
         try:
-            opened, c = await self._attempt(route, metered, lambda c: self._open(ctx, route, request, c, stream), op)
+            call = lambda c: self._open(ctx, route, request, c, stream, size)  # noqa: E731
+            opened, c = await self._attempt(route, metered, call, op)
         except BaseException as err:
             await self.metering.track(metered).fail(err)
             raise
@@ -257,12 +264,14 @@ class RoutingService:
         stream_of = _stream_of(opened, metered, stream, throughput)
         return Generation(route.entry, request, opened.prepared, metered, self.metering, stream_of)
 
-    async def _open(self, ctx: CallContext, route: Route, request: GenerationRequest, c: Candidate, stream: bool):
+    async def _open(
+        self, ctx: CallContext, route: Route, request: GenerationRequest, c: Candidate, stream: bool, size: int
+    ) -> _Opened:
         """One attempt: the candidate's generation, opened, its first step read."""
         if c.provider == LOCAL:
             return await self._open_local(route.entry, request)
         upstream = self.providers.upstream(c.provider)
-        _, new = remote_bounds(request, c.context_length)
+        _, new = remote_bounds(request, c.context_length, size)
         body = _upstream_body(request, new)
         opened = await upstream.generate(c.upstream_model, body, stream=stream, request_id=ctx.request_id)
         try:
