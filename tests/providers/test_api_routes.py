@@ -20,6 +20,7 @@ from tests.providers.conftest import PROVIDER_HEADER, openai_provider, start_pro
 CHAT = "acme/remote-chat"  # served only by mesh-b (an OpenAI-kind fake)
 EMBED = "acme/remote-embed"  # served by mesh-b and tei-b
 HF_MODEL = "acme/remote-sentiment"  # served only by hf-b (an HF-kind fake)
+RANKER = "acme/remote-ranker"  # served only by tei-b
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
@@ -44,7 +45,10 @@ def gateway(tmp_path_factory, fakes):
             "name": "tei-b",
             "kind": "tei",
             "base_url": tei_b.url,
-            "models": {EMBED: {"upstream": "up-embed", "tasks": ["feature-extraction"]}},
+            "models": {
+                EMBED: {"upstream": "up-embed", "tasks": ["feature-extraction"]},
+                RANKER: {"upstream": "up-ranker", "tasks": ["text-ranking"]},
+            },
         },
         {
             "name": "hf-b",
@@ -163,6 +167,23 @@ def test_an_hf_task_routes_to_an_hf_provider_and_passes_its_json_through(client,
     assert gateway[1]["hf-b"].requests()[-1]["path"].endswith("up-sentiment")
 
 
+def test_rerank_routes_by_model_suffix_in_both_dialects(client):
+    texts = ["a good answer", "unrelated words", "good"]
+    reply = client.post(
+        "/rerank", json={"model": f"{RANKER}:tei-b", "query": "good", "texts": texts, "return_text": True}
+    )
+    assert reply.status_code == 200, reply.text
+    ranked = reply.json()
+    assert sorted(r["index"] for r in ranked) == [0, 1, 2] and {r["text"] for r in ranked} == set(texts)
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    assert reply.headers[PROVIDER_HEADER] == "tei-b"
+    reply = client.post("/v1/rerank", json={"model": RANKER, "query": "good", "documents": texts, "top_n": 2})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == RANKER and len(reply.json()["results"]) == 2
+    reply = client.post("/v1/rerank", json={"model": f"{RANKER}:nowhere", "query": "good", "documents": texts})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "model"
+
+
 # ---------------------------------------------------------------- per-provider paths
 
 
@@ -221,7 +242,7 @@ def test_models_list_every_model_with_its_providers_in_the_router_shape(client):
     reply = client.get("/v1/models")
     assert reply.status_code == 200
     data = {m["id"]: m for m in reply.json()["data"]}
-    assert {MODEL_ID, "meshserve/tiny-llama-chat", CHAT, EMBED, HF_MODEL} <= set(data)
+    assert {MODEL_ID, "meshserve/tiny-llama-chat", CHAT, EMBED, HF_MODEL, RANKER} <= set(data)
     for model in data.values():
         assert {"id", "object", "created", "owned_by", "tasks", "providers"} <= set(model)
         assert sum(p["is_default"] for p in model["providers"]) == 1
