@@ -524,3 +524,16 @@ async def test_usage_reports_group_and_filter_by_provider(tmp_path):
     assert [(t["provider"], t["requests"], t["cost_usd"]) for t in totals] == [("cheap", 2, 1.0), ("local", 1, 0.5)]
     assert {r["request_id"] for r in await reports.query(provider="cheap")} == {"r1", "r2"}
     assert await reports.count(provider="local") == 1
+
+
+def test_the_admin_key_request_takes_providers_as_the_api_and_cli_send_them(tmp_path):
+    from services.gateway.service.admin import KeyRequest, create_key
+    from services.gateway.service.validation import parse
+
+    store = KeyStore(make_engine(f"sqlite:///{tmp_path / 'keys.db'}"))
+    store.init_schema()
+    key, _ = create_key(store, parse(KeyRequest, {"name": "p", "providers": ["local", "mesh-b"]}))
+    assert key.public()["providers"] == ["local", "mesh-b"]
+    with pytest.raises(MeshError) as refused:
+        create_key(store, parse(KeyRequest, {"name": "p", "providers": ["Not A Name"]}))
+    assert refused.value.param == "providers"
