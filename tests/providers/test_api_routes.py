@@ -289,6 +289,12 @@ async def test_grpc_generate_and_predict_take_a_provider(gateway):
         reply = await call
         assert list(reply.result.embeddings.shape) == [2, 8] and reply.model_id == EMBED
         assert dict(await call.trailing_metadata())[PROVIDER_HEADER] == "tei-b"
+        ranking = tasks_pb2.TextRankingInputs(query="good", documents=["unrelated", "good", "good good"])
+        ranked = await stub.Predict(
+            gateway_pb2.PredictRequest(model_id=f"{RANKER}:tei-b", inputs=tasks_pb2.TaskInputs(text_ranking=ranking))
+        )
+        scores = list(ranked.result.similarities.scores)  # document order, as the local mesh answers
+        assert len(scores) == 3 and scores[0] < scores[1] <= scores[2]
 
 
 @pytest.mark.parametrize("provider", ["nowhere", "tei-b"])

@@ -81,6 +81,14 @@ def embeddings_pb(vectors) -> tasks_pb2.TaskResult:
     return tasks_pb2.TaskResult(embeddings=tensor)
 
 
+def similarities_pb(results: list[tuple[int, float]]) -> tasks_pb2.TaskResult:
+    """A ranking's (index, score) pairs as the local mesh's result: scores in document order."""
+    scores = [0.0] * len(results)
+    for index, score in results:
+        scores[index] = score
+    return tasks_pb2.TaskResult(similarities=tasks_pb2.Similarities(scores=scores))
+
+
 def routed_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple((k.lower(), v) for k, v in headers.items())
 
@@ -111,9 +119,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         ctx, routing = call_context("Predict"), self.services.routing
         model, provider = routed_model(request)
         task = task_from_pb(request.task)
-        route = routing.route(
-            model, op_of(task or default_task(self.services, model)), provider=provider, principal=ctx.principal
-        )
+        runs = task or default_task(self.services, model)
+        op = "rerank" if runs == "text-ranking" else op_of(runs)  # typed inputs: a ranker's rerank op
+        route = routing.route(model, op, provider=provider, principal=ctx.principal)
         if not route.local_only:
             return await self.routed_predict(ctx, route, task, request, context)
         prediction, headers = await self.services.predict.predict(
@@ -129,28 +137,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def routed_predict(self, ctx, route, task, request: gateway_pb2.PredictRequest, context):
-        """A remote provider's Predict: feature-extraction (embeddings); the other tasks go over
-        REST (`/models/{id}`), whose JSON passes through."""
+        """Predict over several providers, or a remote one: feature-extraction (embeddings) and
+        text-ranking (rerank); the other tasks go over REST (`/models/{id}`), whose JSON passes through."""
         task = task or default_task(self.services, route.model_id)
-        if task != "feature-extraction" or request.inputs.WhichOneof("kind") != "text":
+        kind, p = request.inputs.WhichOneof("kind"), request.parameters
+        if task == "feature-extraction" and kind == "text":
+            texts = list(request.inputs.text.texts)
+            embedded, headers = await self.services.routing.embeddings(
+                ctx, route, texts, dimensions=p.dimensions if p.HasField("dimensions") else None,
+                prompt_name=p.prompt_name if p.HasField("prompt_name") else None,
+            )  # fmt: skip
+            result, tokens, items = embeddings_pb(embedded.vectors), embedded.input_tokens, len(texts)
+        elif task == "text-ranking" and kind == "text_ranking":
+            ranking = request.inputs.text_ranking
+            ranked = await self.services.routing.rerank(
+                ctx, route, ranking.query, list(ranking.documents), raw_scores=p.raw_scores, truncate=p.truncate
+            )
+            result, tokens, headers = similarities_pb(ranked.results), ranked.input_tokens, ranked.headers
+            items = len(ranked.results)
+        else:
             raise MeshError(
                 ErrorCode.UNSUPPORTED_TASK,
-                f"Predict on remote providers runs feature-extraction on texts; send {task!r} to "
+                f"Predict on remote providers runs feature-extraction and text-ranking; send {task!r} to "
                 f"POST /models/{route.model_id}",
                 param="task",
             )
-        p = request.parameters
-        dimensions = p.dimensions if p.HasField("dimensions") else None
-        prompt_name = p.prompt_name if p.HasField("prompt_name") else None
-        texts = list(request.inputs.text.texts)
-        embedded, headers = await self.services.routing.embeddings(
-            ctx, route, texts, dimensions=dimensions, prompt_name=prompt_name
-        )
         context.set_trailing_metadata(routed_metadata(headers))
-        usage = tasks_pb2.Usage(input_tokens=embedded.input_tokens or 0, items=len(texts))
-        return gateway_pb2.PredictResponse(
-            model_id=route.model_id, task=task_to_pb(task), result=embeddings_pb(embedded.vectors), usage=usage
-        )
+        usage = tasks_pb2.Usage(input_tokens=tokens or 0, items=items)
+        return gateway_pb2.PredictResponse(model_id=route.model_id, task=task_to_pb(task), result=result, usage=usage)
 
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
         models = self.services.models
