@@ -27,6 +27,7 @@ from tests.helpers import REPO, START_TIMEOUT_S, Mesh, free_port, mesh_home
 
 ADMIN = "msk_admin_providers-admin-token-0123456789abcdefghijklmnopqrstuvwxyz"
 PROVIDER_HEADER = "x-meshserve-provider"
+LOCAL = "local"  # an answer without the header came from the local mesh on its first attempt
 # Fast routing knobs for tests: short breaker and probe times, a tiny backoff; the behaviour is the
 # production one, only the clocks are shorter.
 TEST_ROUTING = {
@@ -121,11 +122,11 @@ def start_provider_gateway(
     tmp.mkdir(parents=True, exist_ok=True)
     home = mesh_home(tmp / f"{name}-home")
     db = tmp / f"{name}.db"
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, *closed = distinct_ports(5)
     stages = (
         {"pre": mesh.ports["pre"], "inference": mesh.ports["inference"], "post": mesh.ports["post"]}
         if mesh is not None
-        else {"pre": free_port(), "inference": free_port(), "post": free_port()}
+        else dict(zip(("pre", "inference", "post"), closed, strict=True))
     )
     base = dict(mesh.env) if mesh is not None else {**os.environ, "MESHSERVE_SERVICE_TOKEN": secrets.token_urlsafe(32)}
     for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "MESHSERVE_GATEWAY_REDIS_URL", "MESHSERVE_CATALOG"):
@@ -161,6 +162,16 @@ def start_provider_gateway(
         gateway.stop()
         raise
     return gateway
+
+
+def distinct_ports(n: int) -> list[int]:
+    """n different free ports (free_port alone may hand out the same one twice)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def wait_http(gateway: ProviderGateway, path: str, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -250,7 +261,7 @@ async def post_one(client: httpx.AsyncClient, url: str, body: dict, headers: dic
         return Outcome(0, error=f"{type(exc).__name__}: {exc}")
     error = None if reply.status_code == 200 else reply.text[:300]
     return Outcome(
-        reply.status_code, reply.headers.get("x-request-id"), reply.headers.get(PROVIDER_HEADER), error=error
+        reply.status_code, reply.headers.get("x-request-id"), reply.headers.get(PROVIDER_HEADER, LOCAL), error=error
     )
 
 
@@ -260,7 +271,9 @@ async def stream_one(
     """A streamed request read to its end; `on_first()` is called once its first event arrived."""
     try:
         async with client.stream("POST", url, json=body, headers=headers) as reply:
-            outcome = Outcome(reply.status_code, reply.headers.get("x-request-id"), reply.headers.get(PROVIDER_HEADER))
+            outcome = Outcome(
+                reply.status_code, reply.headers.get("x-request-id"), reply.headers.get(PROVIDER_HEADER, LOCAL)
+            )
             if reply.status_code != 200:
                 outcome.error = (await reply.aread()).decode(errors="replace")[:300]
                 return outcome
