@@ -184,6 +184,23 @@ def test_rerank_routes_by_model_suffix_in_both_dialects(client):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "model"
 
 
+def test_a_catalog_model_url_fails_over_from_the_local_mesh_to_a_remote_provider(client):
+    # Policy `preferred`: local first; its stages are closed ports, so mesh-b answers the embedding.
+    reply = client.post(f"/models/{MODEL_ID}", json={"inputs": ["hello there", "bye"]})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers[PROVIDER_HEADER] == "mesh-b" and reply.headers["x-meshserve-attempts"] == "2"
+    assert len(reply.json()) == 2 and len(reply.json()[0]) == 8
+
+
+def test_a_body_shaped_for_a_local_only_task_takes_the_local_path(client):
+    # zero-shot-classification (from the body's shape) is served by the local mesh alone: its
+    # path answers (503: no mesh here), never a remote embedding provider.
+    body = {"inputs": "hello", "parameters": {"candidate_labels": ["a", "b"]}}
+    reply = client.post(f"/models/{MODEL_ID}", json=body)
+    assert reply.status_code == 503, reply.text
+    assert PROVIDER_HEADER not in reply.headers
+
+
 # ---------------------------------------------------------------- per-provider paths
 
 

@@ -67,7 +67,7 @@ async def run_hf_task(request: Request, model: str, task: str | None, provider: 
     services = services_of(request)
     route = routed.route(request, ctx, model, routed.op_of(task or routed.default_task(services, model)), provider)
     if not route.local_only:
-        return await routed_hf_task(request, ctx, route, task)
+        return await routed_hf_task(request, ctx, route, task, (model, provider))
     entry, task = services.models.resolve(route.model_id, task)
     limit = request.app.state.max_body_bytes
     if task in GENERATION_TASKS:  # the TGI dialect: {"inputs": prompt, "parameters", "stream"}
@@ -81,8 +81,13 @@ async def run_hf_task(request: Request, model: str, task: str | None, provider: 
         if not named:  # a bare model URL: the body's shape picks among the model's tasks
             task = hf_tasks.task_from_shape(entry, body)
         req, options = hf_request(entry, task, body)
+    return await local_answer(request, ctx, entry, task, req, options)
+
+
+async def local_answer(request: Request, ctx, entry: ModelEntry, task: str, req: hf_tasks.HFRequest, options):
+    """The local mesh's answer to a parsed HF task request (from the response cache when it may)."""
     render, dialect = hf_tasks.RENDERERS[task], hf_dialect_of(request)
-    answer = await services.predict.answer(
+    answer = await services_of(request).predict.answer(
         ctx, entry, task, req.inputs, req.parameters, lambda result: json_bytes(render(result, req, dialect)),
         variant=dialect.key,
         # The HF API takes the options in the body or, in its newer form, as headers.
@@ -92,10 +97,11 @@ async def run_hf_task(request: Request, model: str, task: str | None, provider: 
     return Response(answer.content, 200, {"X-Cache": answer.cache, **answer.headers}, media_type="application/json")
 
 
-async def routed_hf_task(request: Request, ctx, route, task: str | None):
+async def routed_hf_task(request: Request, ctx, route, task: str | None, asked: tuple[str, str | None]):
     """An HF task request over several providers, or a remote one: generation in the TGI dialect;
     any other task's body goes to a remote provider as it is (its JSON answer back as it is) and,
-    when the local mesh is a candidate, parsed for it as the local path parses it."""
+    when the local mesh is a candidate, parsed for it as the local path parses it. `asked`: the
+    model and path provider, to route again when the body's shape picks a task of another op."""
     services = services_of(request)
     named, entry = bool(task), route.entry
     task = task or entry.default_task
@@ -107,7 +113,13 @@ async def routed_hf_task(request: Request, ctx, route, task: str | None):
     if isinstance(entry, ModelEntry) and task in hf_tasks.PARSERS:
         body = raw_hf_body(request, task, raw)
         if not named and not isinstance(body, hf_tasks.HFRequest):
-            task = hf_tasks.task_from_shape(entry, body)
+            shaped = hf_tasks.task_from_shape(entry, body)
+            if routed.op_of(shaped) != routed.op_of(task):  # another op: its own providers
+                route = routed.route(request, ctx, asked[0], routed.op_of(shaped), asked[1])
+                if route.local_only:
+                    req, options = hf_request(entry, shaped, body)
+                    return await local_answer(request, ctx, entry, shaped, req, options)
+            task = shaped
         local = local_task(request, entry, task, body)
     answer = await services.routing.predict(ctx, route, task, raw, local=local)
     return Response(answer.content, 200, {"X-Cache": answer.cache, **answer.headers}, media_type="application/json")
