@@ -26,7 +26,7 @@ from services.gateway.pipeline.generation import GenerationRequest
 from services.gateway.providers import Providers
 from services.gateway.providers.config import load_providers
 from services.gateway.service.context import CallContext
-from services.gateway.service.routing import RoutingService, remote_bounds
+from services.gateway.service.routing import LocalTask, RoutingService, remote_bounds
 from tests.helpers import REPO
 from tests.unit.test_ledger import postgres_server  # noqa: F401 (a fixture)
 
@@ -433,13 +433,29 @@ async def test_an_hf_feature_extraction_body_is_served_by_an_openai_provider(rou
 
 # -- a catalog model the local mesh and a remote provider both serve ---------------------------------
 CHAT = "meshserve/tiny-llama-chat"
+SENTIMENT = "meshserve/sentiment-minilm"
+
+
+def _sentiment_task():
+    """The HF request `{"inputs": "good"}` as the routes parse it for the local mesh."""
+    from meshserve.tasks.v1 import tasks_pb2
+
+    def render(result) -> bytes:
+        return orjson.dumps([[{"label": c.label, "score": c.score} for c in item.labels]
+                             for item in result.classifications.items])  # fmt: skip
+
+    inputs = tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=["good"]))
+    return LocalTask(inputs, tasks_pb2.TaskParameters(), render)
 
 
 async def _mixed(tmp_path, upstreams, ports: dict[str, int]):
     """RoutingService over a pipeline at `ports` (pre, inference, post) and the cheap fake, with the
     local mesh first (preferred) for the catalog's chat model."""
     from services.gateway.main import build_pipeline
+    from services.gateway.pipeline.cache import ResponseCache
+    from services.gateway.service.embed import EmbedService
     from services.gateway.service.generate import GenerateService
+    from services.gateway.service.predict import PredictService
     from services.gateway.settings import GatewaySettings
 
     for fake in upstreams.values():
@@ -454,13 +470,16 @@ async def _mixed(tmp_path, upstreams, ports: dict[str, int]):
     path = tmp_path / "mixed.yaml"
     cheap = {"name": "cheap", "kind": "openai", "base_url": upstreams["cheap"].url + "/v1",
              "pricing": PRICES["cheap"], "models": {CHAT: "fake-chat"}}  # fmt: skip
+    hf = {"name": "hf-x", "kind": "hf", "base_url": upstreams["cheap"].url, "models": {SENTIMENT: "fake-sentiment"}}
     path.write_text(yaml.safe_dump({"routing": {"policy": "preferred", "backoff_base_s": 0.001},
-                                    "providers": [{"name": "local", "kind": "local"}, cheap]}))  # fmt: skip
+                                    "providers": [{"name": "local", "kind": "local"}, cheap, hf]}))  # fmt: skip
     providers = Providers.from_config(load_providers(path), pipeline.catalog)
     ledger = ListLedger()
     metering = Metering(None, ledger, timeout_s=5.0)
     generate = GenerateService(pipeline, metering)
-    service = RoutingService(providers, pipeline.catalog, metering, None, generate, None, timeout_s=20.0)
+    embed = EmbedService(pipeline, metering)
+    predict = PredictService(pipeline, metering, ResponseCache(max_bytes=0, max_entry_bytes=0, ttl_s=1), embed)
+    service = RoutingService(providers, pipeline.catalog, metering, embed, generate, predict, timeout_s=20.0)
     return service, ledger, pipeline, providers
 
 
@@ -476,9 +495,16 @@ async def test_a_local_mesh_that_is_down_fails_over_to_the_remote_provider(tmp_p
         request = GenerationRequest(messages=[("user", "hello you")], max_new_tokens=3)
         generation = await service.start(_ctx(principal), route, request, op="chat", stream=True)
         text, failure = await _drain(generation)
+        task_route = service.route(SENTIMENT, "task", principal=principal)
+        answer = await service.predict(
+            _ctx(principal, "req-2"), task_route, "text-classification", b'{"inputs": "good"}', local=_sentiment_task
+        )
     finally:
         await providers.close()
         await pipeline.close()
+    assert {r["label"] for r in orjson.loads(answer.content)[0]} == {"POSITIVE", "NEGATIVE"}
+    assert (ledger.record("provider"), ledger.record("attempts")) == ("hf-x", 2)
+    ledger.rows.pop()
     assert failure is None and text == "tok0 tok1 tok2"
     assert (ledger.record("provider"), ledger.record("attempts"), ledger.record("output_tokens")) == ("cheap", 2, 3)
     assert ledger.record("cost_usd") == pytest.approx(CHEAP_SPEC.cost(2, 3, 0.0))
@@ -537,3 +563,24 @@ def test_the_admin_key_request_takes_providers_as_the_api_and_cli_send_them(tmp_
     with pytest.raises(MeshError) as refused:
         create_key(store, parse(KeyRequest, {"name": "p", "providers": ["Not A Name"]}))
     assert refused.value.param == "providers"
+
+
+async def test_the_local_mesh_answers_a_routed_task_the_routes_parsed_for_it(tmp_path, upstreams, mesh, monkeypatch):
+    if hasattr(mesh, "service_token"):
+        monkeypatch.setenv("MESHSERVE_SERVICE_TOKEN", mesh.service_token)
+    service, ledger, pipeline, providers = await _mixed(tmp_path, upstreams, mesh.ports)
+    try:
+        principal = _principal()
+        route = service.route(SENTIMENT, "task", principal=principal)
+        assert [c.provider for c in route.selection.candidates] == ["local", "hf-x"]
+        body = b'{"inputs": "good"}'
+        answer = await service.predict(_ctx(principal), route, "text-classification", body, local=_sentiment_task)
+        remote_only = await service.predict(_ctx(principal, "req-2"), route, "text-classification", body)
+    finally:
+        await providers.close()
+        await pipeline.close()
+    labels = orjson.loads(answer.content)[0]
+    assert {r["label"] for r in labels} == {"POSITIVE", "NEGATIVE"} and labels[0]["score"] >= labels[1]["score"]
+    assert (ledger.record("provider", 0), ledger.record("attempts", 0)) == ("local", 1)
+    assert ledger.record("input_tokens", 0) > 0 and ledger.record("items", 0) == 1
+    assert ledger.record("provider", 1) == "hf-x" and orjson.loads(remote_only.content)  # no parsed request: remote
