@@ -386,7 +386,10 @@ async def test_a_catalog_model_no_provider_serves_stays_on_the_local_path(routin
     catalog_model = next(m.id for m in service.catalog.models if "feature-extraction" in m.tasks)
     route = service.route(catalog_model, "embed", principal=_principal())
     assert route.local_only and route.entry.id == catalog_model
-    assert service.route(catalog_model, "embed", principal=_principal()) is not None
+    assert service.route(catalog_model, "embed", principal=_principal(providers=("local",))).local_only
+    with pytest.raises(MeshError) as denied:  # a key kept off the local mesh
+        service.route(catalog_model, "embed", principal=_principal(providers=("cheap",)))
+    assert denied.value.code is ErrorCode.PERMISSION_DENIED
 
 
 def test_remote_bounds_count_bytes_and_messages_within_the_context():
