@@ -85,7 +85,9 @@ def test_openai_sdk_chat_stream_and_embeddings_pick_providers(pair):
         assert streamed.headers[PROVIDER_HEADER] == "mesh-b"
         parts = [chunk.choices[0].delta.content or "" for chunk in streamed.parse() if chunk.choices]
     assert "".join(parts)
-    ids = {raw.headers["x-request-id"], streamed.headers["x-request-id"]}
+    cheapest = client.chat.completions.with_raw_response.create(model=f"{LM}:cheapest", messages=HELLO, max_tokens=4)
+    assert cheapest.headers[PROVIDER_HEADER] == "mesh-b"  # free there, priced by the catalog locally
+    ids = {raw.headers["x-request-id"], streamed.headers["x-request-id"], cheapest.headers["x-request-id"]}
     vectors = {}
     for suffix, provider in (("mesh-b", "mesh-b"), ("cheapest", "mesh-b"), ("local", "local")):
         reply = client.embeddings.with_raw_response.create(model=f"{MODEL_ID}:{suffix}", input=["a json document"])
@@ -96,7 +98,8 @@ def test_openai_sdk_chat_stream_and_embeddings_pick_providers(pair):
     np.testing.assert_allclose(vectors["mesh-b"], vectors["local"], atol=1e-4)  # the same mesh behind both
     rows = rows_by_id(c, ids)
     assert len(rows) == len(ids)
-    assert sorted(r["provider"] for r in rows.values()) == ["local"] + ["mesh-b"] * 4
+    assert sorted(r["provider"] for r in rows.values()) == ["local"] + ["mesh-b"] * 5
+    assert all(r["upstream_request_id"] for r in rows.values() if r["provider"] == "mesh-b")  # B's request ids
 
 
 def test_huggingface_hub_client_with_policy_suffix_and_provider_urls(pair):

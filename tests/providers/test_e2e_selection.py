@@ -108,6 +108,8 @@ def test_cheapest_follows_the_prices_and_the_ledger_charges_them(pair, model, ch
     other = f2 if cheaper == "fake-1" else f1
     assert served(other, model) == 0
     ids = {r.headers["x-request-id"] for r in replies}
+    sent = f1 if cheaper == "fake-1" else f2
+    assert {r["headers"].get("x-request-id") for r in sent.requests() if r["body"].get("model") == model} == ids
     rows = [r for r in gateway.ledger_rows("model = ?", (model,)) if r["request_id"] in ids]
     assert len(rows) == 6 and {r["provider"] for r in rows} == {cheaper}
     # The fake reports usage (3 prompt words, 5 tokens): cost at the cheaper provider's prices.
