@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 
 import httpx
+import openai
 import pytest
+from openai import OpenAI
 
 from tests.providers.conftest import (
     PROVIDER_HEADER,
@@ -30,6 +32,7 @@ CHAT_MODELS = (
     "acme/breaker",
     "acme/die",
     "acme/die0",
+    "acme/die-tgi",
 )
 EMBED_MODELS = ("acme/e503", "acme/eslow")
 HELLO = [{"role": "user", "content": "one two three"}]
@@ -173,6 +176,27 @@ def test_a_provider_dying_mid_stream_ends_it_with_an_error_event_and_bills_what_
     assert served(b, "acme/die") == 0  # a started stream is never retried elsewhere
     (row,) = gateway.ledger_rows("request_id = ?", (reply.headers["x-request-id"],))
     assert row["provider"] == "fake-a" and row["output_tokens"] == 3
+    # The openai SDK, unmodified, raises the error event as an APIError (never a cut connection).
+    client = OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError) as err:
+        for _ in client.chat.completions.create(model="acme/die", messages=HELLO, max_tokens=4, stream=True):
+            pass
+    assert not isinstance(err.value, openai.APIConnectionError)
+
+
+def test_a_provider_dying_mid_stream_ends_a_tgi_stream_with_a_tgi_error_event(duo):
+    gateway, a, b = duo
+    a.control(mode="die_mid_stream", after_chunks=3)
+    body = {"inputs": "one two", "parameters": {"max_new_tokens": 6}, "stream": True}
+    reply = httpx.post(f"{gateway.url}/models/acme/die-tgi", json=body, timeout=60)
+    assert reply.status_code == 200 and reply.headers.get(PROVIDER_HEADER) == "fake-a"
+    events = events_of(reply)
+    tokens = [e["token"]["text"] for e in events[:-1]]
+    assert tokens and "".join(tokens) in "tok0 tok1 tok2"  # at most what fake-a sent before it died
+    assert isinstance(events[-1].get("error"), str) and events[-1].get("error_type"), events[-1]
+    assert served(b, "acme/die-tgi") == 0
+    (row,) = gateway.ledger_rows("request_id = ?", (reply.headers["x-request-id"],))
+    assert row["provider"] == "fake-a" and row["output_tokens"] == len(tokens)  # billed: what was delivered
 
 
 def test_a_provider_dying_before_the_first_token_fails_over(duo):
