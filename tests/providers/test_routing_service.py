@@ -128,10 +128,11 @@ async def test_a_budget_refusal_at_the_dearest_price_gets_a_row_without_cost():
 # -- the ledger ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_an_older_ledger_gains_attempts_and_upstream_request_id_and_takes_old_rows(tmp_path, request, database):
-    if database == "postgres":
-        engine = make_engine(request.getfixturevalue("postgres_server"))
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE IF EXISTS usage")
+    if database == "postgres":  # a database of this test's own on the throwaway server
+        url, name = request.getfixturevalue("postgres_server"), f"migrate_{uuid.uuid4().hex[:12]}"
+        with make_engine(url).execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        engine = make_engine(f"{url.rsplit('/', 1)[0]}/{name}")
     else:
         engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     old = sa.MetaData()
