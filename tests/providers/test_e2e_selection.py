@@ -24,7 +24,8 @@ def chat_model(upstream: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def pair(fakes, tmp_path_factory):
     """fake-1 and fake-2 serving the same models (fake-1 first in file order), one gateway whose
-    default policy is fastest."""
+    default policy is fastest. Prices: fake-2's provider pricing is the cheaper; the models
+    acme/cheap-1 and acme/cheap-2 have prices of their own that win over the provider's."""
     f1, f2 = fakes["start"]("fake-1"), fakes["start"]("fake-2")
     tmp = tmp_path_factory.mktemp("selection")
     fast = {"acme/fast": chat_model("acme/fast")}
@@ -34,13 +35,14 @@ def pair(fakes, tmp_path_factory):
             **fast,
             "acme/cheap-1": chat_model("acme/cheap-1", pricing=CHEAP if cheap_one else DEAR),
             "acme/cheap-2": chat_model("acme/cheap-2", pricing=DEAR if cheap_one else CHEAP),
+            "acme/cheap-p": chat_model("acme/cheap-p"),  # priced by the provider's own pricing
             "acme/explicit": chat_model("acme/explicit"),
             "acme/explicit-embed": {"upstream": "acme/explicit-embed", "tasks": ["feature-extraction"]},
         }
 
     providers = [
-        openai_provider("fake-1", f1.url + "/v1", models(True)),
-        openai_provider("fake-2", f2.url + "/v1", models(False)),
+        openai_provider("fake-1", f1.url + "/v1", models(True), pricing=DEAR),
+        openai_provider("fake-2", f2.url + "/v1", models(False), pricing=CHEAP),
     ]
     yaml_path = write_providers(tmp / "providers.yaml", providers, {"policy": "fastest", "probe_after_s": 0.5})
     gateway = start_provider_gateway(tmp, yaml_path)
@@ -98,7 +100,9 @@ def test_fastest_moves_to_the_faster_provider_after_a_latency_change(pair):
     )
 
 
-@pytest.mark.parametrize(("model", "cheaper"), [("acme/cheap-1", "fake-1"), ("acme/cheap-2", "fake-2")])
+@pytest.mark.parametrize(
+    ("model", "cheaper"), [("acme/cheap-1", "fake-1"), ("acme/cheap-2", "fake-2"), ("acme/cheap-p", "fake-2")]
+)
 def test_cheapest_follows_the_prices_and_the_ledger_charges_them(pair, model, cheaper):
     gateway, f1, f2 = pair
     body = {"model": f"{model}:cheapest", "messages": HELLO, "max_tokens": 5}
