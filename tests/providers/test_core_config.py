@@ -88,6 +88,13 @@ def test_local_needs_no_base_url_and_serves_catalog_models_only(tmp_path):
         load_providers(path, catalog_ids={"meshserve/tiny-llama-chat"})
 
 
+def test_local_prices_are_the_catalogs(tmp_path):
+    """The local mesh bills the catalog entry's pricing on every path; the file cannot override it."""
+    body = "providers: [{name: local, kind: local, pricing: {per_request_usd: 1.0}}]"
+    with pytest.raises(ValueError, match="catalog entries' `pricing`"):
+        load_providers(_write(tmp_path, body))
+
+
 def test_invalid_yaml_is_one_line(tmp_path):
     path = _write(tmp_path, "providers: [unclosed\n  - x: {")
     with pytest.raises(ValueError) as info:

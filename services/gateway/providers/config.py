@@ -123,6 +123,8 @@ class ProviderSpec(_Strict):
     def _complete(self) -> ProviderSpec:
         if (self.name == LOCAL) != (self.kind == "local"):
             raise ValueError(f"provider {self.name!r}: kind 'local' is the provider named 'local' and only it")
+        if self.kind == "local" and (self.pricing is not None or any(m.pricing for m in self.models.values())):
+            raise ValueError("provider 'local': its prices are the catalog entries' `pricing`; set them there")
         if self.kind != "local" and not self.base_url:
             raise ValueError(f"provider {self.name!r}: base_url is required for kind {self.kind!r}")
         if self.kind != "local" and not self.models:
