@@ -32,8 +32,8 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
 START_TIMEOUT_S = 120.0  # LiteLLM imports for ~10-20 s on a quiet 2-core box; more when it is loaded
 STOP_TIMEOUT_S = 20.0
 # The benchmark key: limits that never refuse during the run but are evaluated on every request
-# (rpm window, tpm counter, a concurrency slot, a budget reservation + settlement), as in
-# bench/run_control_plane.py.
+# (rpm window, tpm counter, a concurrency slot, a budget reservation + settlement, the key's models
+# and providers), as in bench/run_control_plane.py.
 KEY_SPEC = {
     "name": "bench-providers",
     "scopes": ["inference", "read"],
@@ -42,6 +42,8 @@ KEY_SPEC = {
     "concurrent_requests": 1000,
     "budget_usd": 1e6,
     "budget_period": "day",
+    "models": [MODEL],
+    "providers": [PROVIDER],
 }
 PRICING = {"input_per_1k_tokens_usd": 0.0005, "output_per_1k_tokens_usd": 0.0015, "per_request_usd": 0}
 
