@@ -92,20 +92,27 @@ async def tgi_events(steps, prefix: str, seed, input_length: int):
     """TGI stream: every event carries a `token`; the last one also `generated_text` and
     `details`. One step of lookahead puts the final text on the last token's event."""
     pending, text, index = None, "", 0
-    async for step in steps:
-        text += step.text
-        if step.final:
-            index += 1
-            token = tgi_token(pending) if pending else {"id": 0, "text": "", "logprob": 0.0, "special": True}
-            details = {
-                "finish_reason": tgi_reason(step.finish_reason),
-                "generated_tokens": step.completion_tokens,
-                "seed": seed,
-                "input_length": input_length,
-            }
-            yield sse({"index": index, "token": token, "generated_text": prefix + text, "details": details})
-            return
+    try:
+        async for step in steps:
+            text += step.text
+            if step.final:
+                index += 1
+                token = tgi_token(pending) if pending else {"id": 0, "text": "", "logprob": 0.0, "special": True}
+                details = {
+                    "finish_reason": tgi_reason(step.finish_reason),
+                    "generated_tokens": step.completion_tokens,
+                    "seed": seed,
+                    "input_length": input_length,
+                }
+                yield sse({"index": index, "token": token, "generated_text": prefix + text, "details": details})
+                return
+            if pending is not None:
+                index += 1
+                yield sse({"index": index, "token": tgi_token(pending), "generated_text": None, "details": None})
+            pending = step
+    except Exception:
+        # A failure mid-way: the held-back token was generated (and metered): the client gets it
+        # before the error event, as a plain token event.
         if pending is not None:
-            index += 1
-            yield sse({"index": index, "token": tgi_token(pending), "generated_text": None, "details": None})
-        pending = step
+            yield sse({"index": index + 1, "token": tgi_token(pending), "generated_text": None, "details": None})
+        raise
