@@ -62,6 +62,7 @@ class Metered:
         "provider",
         "request_id",
         "route",
+        "routed",
         "started",
         "task",
         "ticket",
@@ -103,6 +104,7 @@ class Metered:
         self.pricing = entry.pricing if pricing is None else pricing
         self.provider = "local"
         self.attempts = 1
+        self.routed = False  # the provider layer chose among candidates (its answer names the provider)
         self.upstream_request_id: str | None = None
         self.delivered = False  # a streamed token reached the client: a failure still pays for it
 
@@ -125,7 +127,7 @@ class Metered:
         }
         if self.ticket is not None:
             headers.update(self.ticket.headers)
-        if self.provider != "local" or self.attempts != 1:  # routed: who answered, after how many attempts
+        if self.routed:  # who answered, after how many attempts
             headers |= {"X-Meshserve-Provider": self.provider, "X-Meshserve-Attempts": str(self.attempts)}
         return headers
 

@@ -208,7 +208,7 @@ class RoutingService:
     async def _attempt(self, route: Route, metered: Metered, call: Callable[[Candidate], Awaitable], op: str):
         """`call` on the candidates until one answers; `metered` says who answered (or was tried
         last), after how many attempts, at its price. Returns (the result, the candidate)."""
-        metered.attempts = 0
+        metered.attempts, metered.routed = 0, True
 
         async def counted(candidate: Candidate):
             metered.attempts += 1
