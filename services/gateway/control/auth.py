@@ -37,6 +37,10 @@ REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(
         ("POST", r"/v1/models/.+/predict", "inference"),
         ("POST", r"/models/.+", "inference"),
         ("POST", r"/(v1)?", "inference"),
+        ("POST", r"/(rerank|v1/rerank|v2/rerank)", "inference"),
+        # One provider's routes (docs/providers.md): /{provider}/v1/... and /{provider}/models/{id}.
+        ("POST", r"/[a-z0-9][a-z0-9._-]{0,63}/v1/(embeddings|chat/completions|completions)", "inference"),
+        ("POST", r"/[a-z0-9][a-z0-9._-]{0,63}/models/.+", "inference"),
         ("GET", r"/admin/keys", "admin"),
         ("POST", r"/admin/keys", "admin"),
         ("DELETE", r"/admin/keys/.+", "admin"),
