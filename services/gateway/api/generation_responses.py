@@ -27,11 +27,17 @@ class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body iterator however the response ends (Starlette
     stops iterating on a disconnect but leaves the generator suspended)."""
 
+    def __init__(self, content, *, generation: Generation | None = None, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.generation = generation
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            if self.generation is not None:  # a body that never started settled nothing: settle it now
+                await self.generation.aclose()
 
 
 async def _swallow(body):
@@ -45,12 +51,13 @@ async def _swallow(body):
 
 
 async def _stream_body(generation: Generation, events: Callable, on_error: Callable):
-    source = generation.steps()
-    request_id = generation.metered.request_id
+    source, metered = generation.steps(), generation.metered
+    request_id = metered.request_id
     async with generation.settled(), aclosing(source), aclosing(events(source)) as chunks:
         try:
             async for chunk in chunks:
                 yield chunk
+                metered.delivered = True  # it reached the client: a failure from here on still pays for it
         except MeshError as err:
             log.warning("stream of request %s failed mid-way: %s: %s", request_id, err.code.slug, err.message)
             yield on_error(err)
@@ -79,7 +86,10 @@ async def respond(
         if extra:
             headers.update(extra)
         return ClosingStreamingResponse(
-            _swallow(_stream_body(generation, events, on_error)), media_type="text/event-stream", headers=headers
+            _swallow(_stream_body(generation, events, on_error)),
+            generation=generation,
+            media_type="text/event-stream",
+            headers=headers,
         )
     collected = await generation.collect()
     headers = generation.metered.headers()

@@ -9,6 +9,7 @@ token limits are checked by preprocess on the real counts, and settlement charge
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -36,15 +37,30 @@ class Collected:
 class Generation:
     """One admitted generation whose prompt is tokenized: stream its steps inside `settled()`."""
 
-    __slots__ = ("entry", "metered", "metering", "prepared", "request", "stream_of")
+    __slots__ = ("abandon", "entry", "metered", "metering", "prepared", "request", "stream_of")
 
-    def __init__(self, entry, request, prepared: Prepared, metered: Metered, metering: Metering, stream_of) -> None:
+    def __init__(
+        self, entry, request, prepared: Prepared, metered: Metered, metering: Metering, stream_of, abandon=None
+    ) -> None:
         self.entry = entry
         self.request = request
         self.prepared = prepared
         self.metered = metered
         self.metering = metering
         self.stream_of = stream_of
+        self.abandon = abandon  # closes what the generation already opened (a routed stream's upstream)
+
+    async def aclose(self) -> None:
+        """Settle a generation whose steps were never taken (the client left before the response
+        body started): what it opened is closed and the request finishes as abandoned (499), its
+        budget hold settled and its ledger row written. A no-op once settled; idempotent."""
+        if self.metered.finished:
+            return
+        try:
+            if self.abandon is not None:
+                await self.abandon()
+        finally:
+            await self.metering.track(self.metered).fail(asyncio.CancelledError())
 
     def settled(self):
         """`async with generation.settled():` settles the request with the status the block ended in."""

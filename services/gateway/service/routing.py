@@ -262,7 +262,9 @@ class RoutingService:
             stats.record_throughput(c.provider, c.model_id, output_tokens=tokens, seconds=seconds)
 
         stream_of = _stream_of(opened, metered, stream, throughput)
-        return Generation(route.entry, request, opened.prepared, metered, self.metering, stream_of)
+        return Generation(
+            route.entry, request, opened.prepared, metered, self.metering, stream_of, abandon=opened.rest.aclose
+        )
 
     async def _open(
         self, ctx: CallContext, route: Route, request: GenerationRequest, c: Candidate, stream: bool, size: int
