@@ -39,6 +39,8 @@ _GENERATION_OPS = frozenset({"chat", "completion"})
 def client_error(err: UpstreamError) -> MeshError:
     """The caller's own error as an upstream reported it (its message kept)."""
     code = _CLIENT_CODES.get(err.status)
+    if err.status == 424:  # the upstream's backend failed (TGI/TEI): never the caller's error
+        code = ErrorCode.UPSTREAM_UNAVAILABLE
     if code is None:
         code = ErrorCode.INVALID_INPUT if 400 <= err.status < 500 else ErrorCode.UPSTREAM_UNAVAILABLE
     return MeshError(code, err.message)
@@ -173,6 +175,12 @@ def _final_error(loop: _Loop) -> MeshError:
         return MeshError(ErrorCode.RATE_LIMITED, message, retry_after_s=retry)
     if errors[-1][1].timeout:
         return MeshError(ErrorCode.DEADLINE_EXCEEDED, message)
+    if all(e.status in (401, 403) for _p, e in errors):
+        names = ", ".join(dict.fromkeys(p for p, _e in errors))
+        err = MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"{names}: the provider refused the gateway's credentials "
+                        f"(check its api_key_env); {message}")  # fmt: skip
+        err.retry_after_s = None  # a retry soon will not help: the provider is misconfigured
+        return err
     return MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, message)
 
 
