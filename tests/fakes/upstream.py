@@ -1,6 +1,7 @@
 """A fake remote inference server with run-time fault injection: one process speaking the
 OpenAI (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), TGI (/generate,
-/generate_stream), TEI (/embed, /rerank) and HF Inference API (/models/{id}, /pipeline/{task}/{id})
+/generate_stream), TEI (/embed, /rerank) and HF Inference API (/models/{id}, /models/{id}/pipeline/{task},
+/pipeline/{task}/{id}; a non-JSON body, e.g. an image, gets one label naming its type and size)
 dialects with deterministic answers ("tok0 tok1 ..." one word per streamed chunk; vectors from a
 hash of the text).
 
@@ -10,9 +11,14 @@ It binds 127.0.0.1 and writes its port to PATH (and an always-listening control 
 PATH.control, so that `refuse` mode, which stops the main listener, can be switched back off).
 Every response carries `x-request-id: fake-NAME-N`. Test hooks (on both ports):
 
-    GET/POST /_control   {"mode": "ok" | "refuse" | "status" | "slow_first_byte" | "die_mid_stream" | "hang",
+    GET/POST /_control   {"mode": "ok" | "refuse" | "status" | "slow_first_byte" | "die_mid_stream" | "hang"
+                                  | "raw_sse",
                           "status": 503, "retry_after": "2", "delay_ms": 500, "after_chunks": 2,
-                          "latency_ms": 0, "tokens_per_s": null, "fail_next": null}
+                          "latency_ms": 0, "tokens_per_s": null, "fail_next": null,
+                          "location": null, "sse_body": ""}
+
+`raw_sse`: a streamed answer's body is `sse_body` as it is (malformed events on purpose); `location`:
+a Location header on `status` answers (redirects).
     GET/DELETE /_requests  the recorded requests: [{path, method, headers, body}] (headers lower-cased)
     GET /_stats            {"requests": N, "by_path": {...}}
 
@@ -49,8 +55,11 @@ HOST = "127.0.0.1"
 JSON = "application/json"
 DEFAULT_TOKENS = 16
 DEFAULT_DIM = 8
-CONTROL_KEYS = ("mode", "status", "retry_after", "delay_ms", "after_chunks", "latency_ms", "tokens_per_s", "fail_next")
-MODES = ("ok", "refuse", "status", "slow_first_byte", "die_mid_stream", "hang")
+CONTROL_KEYS = (
+    "mode", "status", "retry_after", "delay_ms", "after_chunks", "latency_ms", "tokens_per_s", "fail_next",
+    "location", "sse_body",
+)  # fmt: skip
+MODES = ("ok", "refuse", "status", "slow_first_byte", "die_mid_stream", "hang", "raw_sse")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -133,6 +142,8 @@ class Fake:
             "latency_ms": latency_ms,
             "tokens_per_s": None,
             "fail_next": None,
+            "location": None,
+            "sse_body": "",
         }
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
@@ -236,6 +247,8 @@ class Reply:
         headers = {"x-request-id": self.rid}
         if self.ctl["retry_after"] is not None:
             headers["Retry-After"] = str(self.ctl["retry_after"])
+        if self.ctl["location"]:
+            headers["Location"] = str(self.ctl["location"])
         if self.openai:
             body = {"error": {"message": message, "type": "fake_error", "code": status}}
         else:
@@ -256,6 +269,8 @@ class Reply:
         """Streams `events` (each a full `data: ...\\n\\n` block), paced and maybe cut."""
         resp = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": self.rid})
         await resp.prepare(self.request)
+        if self.fault == "raw_sse":
+            events = [str(self.ctl["sse_body"]).encode()]
         cut = int(self.ctl["after_chunks"]) if self.fault == "die_mid_stream" else -1
         for i, event in enumerate(events):
             if i == cut:
@@ -430,7 +445,12 @@ async def hf_model(reply: Reply, body: dict, model: str, task: str | None) -> we
     task = task or hf_task_of(model, reply.fake.tasks)
     if task == "text-generation":
         return await tgi_generate(reply, body, bool(body.get("stream")), listed=True)
-    texts = as_texts(body.get("inputs"))
+    inputs = body.get("inputs")
+    if task == "sentence-similarity" and isinstance(inputs, dict):
+        source = vector(str(inputs.get("source_sentence", "")), DEFAULT_DIM)
+        others = [vector(str(t), DEFAULT_DIM) for t in inputs.get("sentences") or []]
+        return await reply.json([sum(a * b for a, b in zip(source, v, strict=True)) for v in others])
+    texts = as_texts(inputs)
     if texts is None:
         return reply.error(400, "inputs must be a string or a list of strings")
     if task == "feature-extraction":
@@ -508,6 +528,9 @@ def api_routes(fake: Fake) -> list[web.RouteDef]:
                 early = await reply.before()
                 if early is not None:
                     return early
+                if kind == "hf" and not request.content_type.endswith("json"):
+                    label = f"{request.content_type}:{len(raw)}"  # e.g. an image for image-classification
+                    return await reply.json([{"label": label, "score": 1.0}])
                 if not isinstance(body, dict):
                     return reply.error(400, "the body must be a JSON object")
                 return await dispatch(kind, reply, body, request)
@@ -529,6 +552,7 @@ def api_routes(fake: Fake) -> list[web.RouteDef]:
         web.post("/embed", handler("tei-embed")),
         web.post("/rerank", handler("tei-rerank")),
         web.post("/pipeline/{task}/{model:.+}", handler("hf")),
+        web.post("/models/{model:.+}/pipeline/{task}", handler("hf")),
         web.post("/models/{model:.+}", handler("hf")),
     ]
 

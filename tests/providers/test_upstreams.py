@@ -41,7 +41,7 @@ def fake(tmp_path_factory) -> Iterator[FakeUpstream]:
 
 @pytest.fixture(autouse=True)
 def _fresh(fake: FakeUpstream) -> None:
-    fake.control(mode="ok", latency_ms=0, tokens_per_s=None, retry_after=None, status=503)
+    fake.control(mode="ok", latency_ms=0, tokens_per_s=None, retry_after=None, status=503, location=None)
     fake.clear()
 
 
@@ -182,6 +182,7 @@ async def test_hf_tasks(make, fake: FakeUpstream) -> None:
     assert reply.upstream_request_id and fake.requests()[0]["path"] == "/models/acme/clf"
     out = await up.embed("acme/vec", ["a", "b"], dimensions=None, request_id="r")
     assert out.vectors.shape == (2, 8)
+    assert fake.requests()[-1]["path"] == "/models/acme/vec/pipeline/feature-extraction"
     cut = await up.embed("acme/vec", ["a"], dimensions=3, request_id="r")
     assert cut.vectors.shape == (1, 3) and abs(float(np.linalg.norm(cut.vectors[0])) - 1) < 1e-5
     for stream in (False, True):
@@ -252,7 +253,8 @@ async def test_traceparent_is_the_active_span(make, fake: FakeUpstream) -> None:
 @pytest.mark.parametrize(
     ("status", "retry_after", "retryable"),
     [(503, None, True), (500, None, True), (429, "2", True), (408, None, True), (401, None, True),
-     (403, None, True), (404, None, True), (400, None, False), (413, None, False), (422, None, False)],
+     (403, None, True), (404, None, True), (424, None, True), (400, None, False), (413, None, False),
+     (422, None, False)],
 )  # fmt: skip
 async def test_status_faults(make, fake: FakeUpstream, status: int, retry_after: str | None, retryable: bool) -> None:
     fake.control(mode="status", status=status, retry_after=retry_after)
@@ -299,8 +301,10 @@ async def test_connect_refused_code(make) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_slow_first_byte_times_out(make, fake: FakeUpstream, stream: bool) -> None:
+    """A stream's headers must come within first_byte_s; a non-streamed answer within total_s."""
     fake.control(mode="slow_first_byte", delay_ms=3000)
-    up = make("openai", timeouts={"connect_s": 2, "first_byte_s": 0.3, "total_s": 20})
+    limit = {"first_byte_s": 0.3, "total_s": 20} if stream else {"first_byte_s": 10, "total_s": 0.3}
+    up = make("openai", timeouts={"connect_s": 2, **limit})
     with pytest.raises(UpstreamError) as info:
         gen = await up.generate("up-m", {**CHAT}, stream=stream, request_id="r")
         await collect(gen)
@@ -458,3 +462,144 @@ def test_error_message_shapes() -> None:
     assert error_message(b'{"error": "Input validation error", "error_type": "validation"}') == "Input validation error"
     assert error_message(b'{"detail": [{"msg": "field required"}]}') == "field required"
     assert error_message(b"<html>gateway down</html>") == "<html>gateway down</html>"
+
+
+@pytest.mark.parametrize("kind", ["openai", "tgi", "hf"])
+async def test_slow_non_stream_answer_is_waited_for_up_to_total_s(make, fake: FakeUpstream, kind: str) -> None:
+    """A non-streamed generation sends its headers only when done: first_byte_s does not bound it."""
+    fake.control(mode="slow_first_byte", delay_ms=800)
+    up = make(kind, timeouts={"connect_s": 2, "first_byte_s": 0.2, "total_s": 20})
+    request = {**CHAT, "max_tokens": 2} if kind == "openai" else {"prompt": "p", "max_tokens": 2}
+    texts, final = await collect(await up.generate("acme/gen", request, stream=False, request_id="r"))
+    assert "".join(d.text for d in texts) == words(2) and final.completion_tokens == 2
+
+
+async def test_hf_task_paths_and_raw_body_headers(make, fake: FakeUpstream) -> None:
+    up = make("hf", models={"acme/vec": None, "acme/img": None})
+    await up.hf_task("acme/vec", "feature-extraction", b'{"inputs": ["a"]}', request_id="r")
+    pair = b'{"inputs": {"source_sentence": "a", "sentences": ["a", "b"]}}'
+    scores = orjson.loads((await up.hf_task("acme/vec", "sentence-similarity", pair, request_id="r")).content)
+    assert len(scores) == 2 and abs(scores[0] - 1) < 1e-6
+    image = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    reply = await up.hf_task("acme/img", "image-classification", image, request_id="r", content_type="image/png",
+                             wait_for_model=True, use_cache=False)  # fmt: skip
+    assert orjson.loads(reply.content) == [{"label": f"image/png:{len(image)}", "score": 1.0}]
+    seen = fake.requests()
+    assert [r["path"] for r in seen] == [
+        "/models/acme/vec/pipeline/feature-extraction",
+        "/models/acme/vec/pipeline/sentence-similarity",
+        "/models/acme/img",
+    ]
+    headers = seen[-1]["headers"]
+    assert (headers["content-type"], headers["x-wait-for-model"], headers["x-use-cache"]) == (
+        "image/png",
+        "true",
+        "false",
+    )
+    assert "x-wait-for-model" not in seen[0]["headers"] and seen[0]["headers"]["content-type"] == "application/json"
+
+
+async def test_redirect_is_not_followed(make, fake: FakeUpstream) -> None:
+    """A redirect means a wrong base_url: it fails over (retryable), the POST is never re-sent."""
+    fake.control(mode="status", status=307, location=fake.url + "/embed", fail_next=1)
+    with pytest.raises(UpstreamError) as info:
+        await make("tei").embed("m", ["x"], dimensions=None, request_id="r")
+    assert (info.value.status, info.value.retryable) == (307, True) and len(fake.requests()) == 1
+
+
+async def raw_stream(make, fake: FakeUpstream, body: str, kind: str = "openai") -> list[Delta]:
+    """The deltas of a stream whose body is `body` as it is (raises what the stream raises)."""
+    fake.control(mode="raw_sse", sse_body=body)
+    gen = await make(kind).generate("up-m", {**CHAT}, stream=True, request_id="r")
+    got: list[Delta] = []
+    try:
+        got.append(await gen.first())
+        async for d in gen:
+            got.append(d)
+    finally:
+        await gen.aclose()
+    return got
+
+
+def chunk(text: str) -> str:
+    return orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}).decode()
+
+
+@pytest.mark.parametrize("payload", ["[1, 2]", '"text"', "3", "null"])
+async def test_sse_event_not_an_object_is_a_bad_response(make, fake: FakeUpstream, payload: str) -> None:
+    with pytest.raises(UpstreamError) as info:
+        await raw_stream(make, fake, f"data: {payload}\n\n")
+    assert (info.value.code, info.value.retryable) == ("upstream_bad_response", True)
+    with pytest.raises(UpstreamError) as info:  # after output: not retryable
+        await raw_stream(make, fake, f"data: {chunk('a')}\n\ndata: {payload}\n\n")
+    assert (info.value.code, info.value.retryable) == ("upstream_bad_response", False)
+
+
+async def test_sse_fields_comments_and_multiline_data(make, fake: FakeUpstream) -> None:
+    """Multi-line data joins with a newline; comments, id:, retry: and other event names are skipped;
+    the last event needs no blank line before the body ends."""
+    split = '{"choices": [{"index": 0,\ndata: "delta": {"content": "b"}, "finish_reason": null}]}'
+    body = (f": hello\nretry: 100\nid: 1\nevent: message\ndata: {chunk('a')}\r\n\r\n"
+            f"event: ping\nid: 2\ndata: {split}\n\n"
+            'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]')  # fmt: skip
+    got = await raw_stream(make, fake, body)
+    assert [d.text for d in got] == ["a", "b", ""] and got[-1].final and got[-1].finish_reason == "stop"
+
+
+async def test_sse_event_error_field(make, fake: FakeUpstream) -> None:
+    with pytest.raises(UpstreamError) as info:
+        await raw_stream(make, fake, f"data: {chunk('a')}\n\nevent: error\ndata: model crashed\n\n")
+    assert (info.value.code, info.value.retryable) == ("upstream_stream_error", False)
+    assert info.value.message == "p-openai: model crashed"
+    with pytest.raises(UpstreamError) as info:
+        await raw_stream(make, fake, 'event: error\ndata: {"message": "overloaded"}\n\n')
+    assert (info.value.code, info.value.retryable) == ("upstream_stream_error", True)
+
+
+async def test_sse_line_over_the_limit_is_a_bad_response(make, fake: FakeUpstream) -> None:
+    with pytest.raises(UpstreamError) as info:
+        await raw_stream(make, fake, "data: " + "x" * (3 << 20) + "\n\n")
+    assert (info.value.code, info.value.retryable) == ("upstream_bad_response", True)
+
+
+@pytest.mark.parametrize(
+    ("event", "kind", "status"),
+    [({"error": {"message": "bad", "type": "invalid_request_error"}}, "openai", 400),
+     ({"error": {"message": "too long", "type": "BadRequestError", "code": 413}}, "openai", 413),
+     ({"error": "Input validation error: max_new_tokens", "error_type": "validation"}, "tgi", 422),
+     ({"error": {"message": "busy", "code": 429}}, "openai", 0),
+     ({"error": "CUDA out of memory", "error_type": "generation"}, "tgi", 0)],
+)  # fmt: skip
+async def test_error_event_before_output(make, fake: FakeUpstream, event: dict, kind: str, status: int) -> None:
+    """The caller's error (validation) is not retried elsewhere; the upstream's own failure is."""
+    with pytest.raises(UpstreamError) as info:
+        await raw_stream(make, fake, "data: " + orjson.dumps(event).decode() + "\n\n", kind)
+    assert (info.value.status, info.value.retryable) == (status, status == 0)
+
+
+async def test_all_attempts_unauthorized_names_the_credentials(make, fake: FakeUpstream) -> None:
+    """Every provider answered 401/403: UPSTREAM_UNAVAILABLE naming the auth failure, no Retry-After."""
+    from services.common.catalog import Catalog
+    from services.common.errors import ErrorCode, MeshError
+    from services.common.settings import REPO_ROOT
+    from services.gateway.providers import Providers
+    from services.gateway.providers.config import ProvidersConfig
+    from services.gateway.providers.registry import ProviderRegistry
+
+    remote = {"kind": "tei", "base_url": fake.url, "models": {"acme/remote-vec": {"tasks": ["feature-extraction"]}}}
+    config = {"routing": {"policy": "preferred", "backoff_base_s": 0.0},
+              "providers": [{"name": "tei-a", **remote}, {"name": "tei-b", **remote}]}  # fmt: skip
+    registry = ProviderRegistry(ProvidersConfig.model_validate(config), Catalog.load(REPO_ROOT / "catalog.yaml"))
+    providers = Providers(registry.config, registry, {})
+    ups = {name: make("tei", name=name) for name in ("tei-a", "tei-b")}
+    fake.control(mode="status", status=401)
+    selection = registry.candidates("acme/remote-vec", "embed")
+
+    async def call(c):
+        return await ups[c.provider].embed("m", ["x"], dimensions=None, request_id="r")
+
+    with pytest.raises(MeshError) as info:
+        await providers.attempt(selection, call, deadline=time.monotonic() + 30, op="embed")
+    err = info.value
+    assert err.code is ErrorCode.UPSTREAM_UNAVAILABLE and err.retry_after_s is None
+    assert "refused the gateway's credentials" in err.message and "tei-a" in err.message

@@ -3,8 +3,10 @@ headers of every call (the key from its env var, static headers, X-Request-Id, W
 its timeouts, the mapping of every failure to UpstreamError, and generation streams (SSE) read
 into Deltas.
 
-Timeouts: `connect_s` bounds the connect, `first_byte_s` the wait for the response headers, for
-each later read and (streams) for the first delta, `total_s` the whole call.
+Timeouts: `connect_s` bounds the connect and `total_s` the whole call. A stream's headers and
+first delta must come within `first_byte_s` (and each later read too: a stalled stream fails); a
+non-streamed answer may take up to `total_s` (the upstream generates it all before its headers).
+Redirects are never followed (a redirect means a misconfigured base_url: it fails over).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry.propagate import inject
 
 from services.gateway.providers.types import Delta, UpstreamError
@@ -26,15 +29,16 @@ if TYPE_CHECKING:
     from services.gateway.providers.config import ProviderSpec
 
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "meshserve-gateway"}
-# Upstream statuses that mean "try elsewhere": the upstream is down, busy, slow, or misconfigured
-# (its key or model mapping); any other 4xx is the caller's request.
-RETRYABLE_4XX = frozenset({401, 403, 404, 408, 429})
+# Upstream statuses that mean "try elsewhere": the upstream is down, busy, slow, misconfigured
+# (its key or model mapping) or its backend failed (TGI/TEI 424); any other 4xx is the caller's request.
+RETRYABLE_4XX = frozenset({401, 403, 404, 408, 424, 429})
 MAX_MESSAGE = 500
 READ_BUFSIZE = 1 << 20  # SSE lines (TGI's last event holds the whole text) may exceed aiohttp's 64 KiB
 
 
 def retryable_status(status: int) -> bool:
-    return status >= 500 or status in RETRYABLE_4XX
+    """5xx, the 4xx above, and 3xx (a redirect: the base_url is wrong; redirects are not followed)."""
+    return status >= 500 or status in RETRYABLE_4XX or 300 <= status < 400
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -99,7 +103,8 @@ class HttpClient:
         self.static = {**JSON_HEADERS, **spec.headers}
         t = spec.timeouts
         self.first_byte_s = t.first_byte_s
-        self.timeout = aiohttp.ClientTimeout(
+        self.timeout = aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s)
+        self.stream_timeout = aiohttp.ClientTimeout(
             total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s, sock_read=t.first_byte_s
         )
         self.limit = spec.max_concurrency
@@ -126,21 +131,34 @@ class HttpClient:
         return h
 
     async def open(
-        self, path: str, body: bytes, *, request_id: str | None, stream: bool = False
+        self,
+        path: str,
+        body: bytes,
+        *,
+        request_id: str | None,
+        stream: bool = False,
+        extra: dict[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """POSTs `body` (JSON bytes) and returns the 2xx response with its body unread; any other
-        status, or no response, raises UpstreamError."""
+        """POSTs `body` (JSON bytes unless `extra` sets another Content-Type) and returns the 2xx
+        response with its body unread; any other status, or no response, raises UpstreamError."""
         headers = self.headers(request_id)
+        if extra:
+            headers.update(extra)
         if stream:
             headers["Accept"] = "text/event-stream"
-        url = self.base_url + path
+        url, timeout = self.base_url + path, self.stream_timeout if stream else self.timeout
         try:
             try:
-                resp = await self.session().post(url, data=body, headers=headers)
+                resp = await self.session().post(
+                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                )
             except aiohttp.ServerDisconnectedError:
-                # A pooled keep-alive connection the server closed as we sent (aiohttp retries only
-                # idempotent methods): once more, on a fresh connection.
-                resp = await self.session().post(url, data=body, headers=headers)
+                # The server closed the connection before any response byte (aiohttp raises this
+                # only before the status line; it cannot say whether the connection was a pooled
+                # keep-alive one): a keep-alive connection it closed as we sent. Once more, fresh.
+                resp = await self.session().post(
+                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise failure(self.name, exc) from None
         if resp.status < 300:
@@ -172,10 +190,12 @@ class HttpClient:
             timeout=status == 408,
         )
 
-    async def call(self, path: str, payload: Any, *, request_id: str | None) -> tuple[bytes, aiohttp.ClientResponse]:
+    async def call(
+        self, path: str, payload: Any, *, request_id: str | None, extra: dict[str, str] | None = None
+    ) -> tuple[bytes, aiohttp.ClientResponse]:
         """One non-streamed call: the 2xx body (read once) and the response (for its headers)."""
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        resp = await self.open(path, body, request_id=request_id)
+        resp = await self.open(path, body, request_id=request_id, extra=extra)
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -205,6 +225,24 @@ class HttpClient:
 def bad_response(provider: str, what: str, rid: str | None = None) -> UpstreamError:
     return UpstreamError(f"{provider}: {what}", status=502, retryable=True, code="upstream_bad_response",
                          upstream_request_id=rid)  # fmt: skip
+
+
+def client_status(event: dict) -> int | None:
+    """The 4xx status an error event's payload names as the caller's error (OpenAI `type`
+    invalid_request_error or a 4xx `code`, TGI `error_type` validation), else None."""
+    err = event.get("error")
+    if event.get("error_type") == "validation" or (isinstance(err, dict) and err.get("type") == "validation"):
+        return 422
+    if not isinstance(err, dict):
+        return None
+    code = err.get("code")
+    try:
+        status = int(code) if code is not None else 0
+    except (TypeError, ValueError):
+        status = 0
+    if 400 <= status < 500 and status not in RETRYABLE_4XX:
+        return status
+    return 400 if err.get("type") == "invalid_request_error" else None
 
 
 class GenStream:
@@ -313,23 +351,22 @@ class SSEStream(GenStream):
             err = failure(self._provider, exc, broken=True, rid=self.upstream_request_id)
             err.retryable = not self._started  # after output the caller cannot simply move on
             raise err from None
-        except UpstreamError:
+        except UpstreamError as err:
             await self.aclose()
+            if self._started:
+                err.retryable = False
             raise
 
     async def _next(self) -> Delta:
-        parser, content = self._parser, self._resp.content
+        parser = self._parser
         while True:
             if parser.finished:
                 return self._end()
-            line = await content.readline()
-            if not line:
+            name, data = await self._event()
+            if data is None:
                 if parser.eof():
                     return self._end()
                 raise aiohttp.ClientPayloadError("the stream ended before its last event")
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments (keep-alives), `event:` / `id:` fields
-            data = line[5:].strip()
             if data == b"[DONE]":
                 if parser.done():
                     return self._end()
@@ -337,23 +374,59 @@ class SSEStream(GenStream):
             try:
                 event = orjson.loads(data)
             except orjson.JSONDecodeError:
+                if name == b"error":
+                    self._raise_event_error(data)
                 raise bad_response(self._provider, "a stream event is not JSON", self.upstream_request_id) from None
-            if isinstance(event, dict) and "error" in event:
-                self._raise_event_error(event)
+            if not isinstance(event, dict):
+                raise bad_response(self._provider, "a stream event is not a JSON object", self.upstream_request_id)
+            if name == b"error" or "error" in event:
+                self._raise_event_error(data, event)
             delta = parser.feed(event)
             if delta is not None:
                 self._started = True
                 return delta
+
+    async def _event(self) -> tuple[bytes | None, bytes | None]:
+        """The next event that has data: (its `event:` name, its `data:` lines joined by "\n"), ended
+        by a blank line or the body's end; (None, None) at the end. Comments and `id:`/`retry:` are
+        skipped."""
+        content, name, parts = self._resp.content, None, []
+        while True:
+            try:
+                line = await content.readline()
+            except (ValueError, HttpProcessingError):  # a line over the reader's limit
+                raise bad_response(self._provider, "a stream line is too long", self.upstream_request_id) from None
+            line = line.rstrip(b"\r\n") if line else None
+            if not line:
+                if parts:
+                    return name, parts[0] if len(parts) == 1 else b"\n".join(parts)
+                if line is None:
+                    return None, None
+                name = None
+                continue
+            if line[:1] == b":":
+                continue  # a comment (keep-alive)
+            field, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if field == b"data":
+                parts.append(value)
+            elif field == b"event":
+                name = value
 
     def _end(self) -> Delta:
         self._done = True
         self._resp.release()
         return self._parser.final()
 
-    def _raise_event_error(self, event: dict) -> None:
-        message = error_message(orjson.dumps(event))
-        raise UpstreamError(f"{self._provider}: {message}", status=0, retryable=not self._started,
-                            code="upstream_stream_error", upstream_request_id=self.upstream_request_id)  # fmt: skip
+    def _raise_event_error(self, data: bytes, event: dict | None = None) -> None:
+        """An error event: the caller's own error (validation) is never retried; others are until
+        output began."""
+        client = client_status(event) if event is not None else None
+        message = error_message(data) if event is not None else data[:MAX_MESSAGE].decode(errors="replace")
+        raise UpstreamError(f"{self._provider}: {message}", status=client or 0,
+                            retryable=client is None and not self._started, code="upstream_stream_error",
+                            upstream_request_id=self.upstream_request_id)  # fmt: skip
 
     async def aclose(self) -> None:
         if not self._done:

@@ -171,7 +171,19 @@ class Upstream:
     async def rerank(self, model: str, query: str, texts: list[str], *, raw_scores: bool, request_id: str) -> Reranked:
         raise self._unserved("rerank")
 
-    async def hf_task(self, model: str, task: str, body: bytes, *, request_id: str) -> TaskReply:
+    async def hf_task(
+        self,
+        model: str,
+        task: str,
+        body: bytes,
+        *,
+        request_id: str,
+        content_type: str | None = None,
+        wait_for_model: bool | None = None,
+        use_cache: bool | None = None,
+    ) -> TaskReply:
+        """`body` as the caller sent it; `content_type` its Content-Type (None: JSON), e.g. an
+        image's; `wait_for_model` / `use_cache` become X-Wait-For-Model / X-Use-Cache when given."""
         raise self._unserved(f"task {task}")
 
     async def close(self) -> None:
@@ -272,8 +284,13 @@ class TEIUpstream(Upstream):
         return Reranked(scores, int_header(headers, "x-compute-tokens"), rid)  # type: ignore[arg-type]
 
 
+# Tasks the HF router serves only at /models/{id}/pipeline/{task} (a model may run several).
+PIPELINE_TASKS = frozenset({"feature-extraction", "sentence-similarity"})
+
+
 class HFUpstream(Upstream):
-    """The Hugging Face Inference API (or a server like it): /models/{id} runs the model's task."""
+    """The Hugging Face Inference API (or a server like it): /models/{id} runs the model's task;
+    feature-extraction and sentence-similarity go to /models/{id}/pipeline/{task} (the router's form)."""
 
     kind = "hf"
 
@@ -289,11 +306,30 @@ class HFUpstream(Upstream):
         return await self._tgi_generate(path, path, payload, stream, request_id)
 
     async def embed(self, model: str, texts: list[str], *, dimensions: int | None, request_id: str) -> Embeddings:
-        data, rid, _ = await self.http.call_json(self._path(model), {"inputs": texts}, request_id=request_id)
+        path = self._path(model) + "/pipeline/feature-extraction"
+        data, rid, _ = await self.http.call_json(path, {"inputs": texts}, request_id=request_id)
         return Embeddings(to_vectors(self.name, data, len(texts), dimensions, rid), None, rid)
 
-    async def hf_task(self, model: str, task: str, body: bytes, *, request_id: str) -> TaskReply:
-        raw, resp = await self.http.call(self._path(model), body, request_id=request_id)
+    async def hf_task(
+        self,
+        model: str,
+        task: str,
+        body: bytes,
+        *,
+        request_id: str,
+        content_type: str | None = None,
+        wait_for_model: bool | None = None,
+        use_cache: bool | None = None,
+    ) -> TaskReply:
+        path = self._path(model) + (f"/pipeline/{task}" if task in PIPELINE_TASKS else "")
+        extra: dict[str, str] = {}
+        if content_type:
+            extra["Content-Type"] = content_type
+        if wait_for_model is not None:
+            extra["X-Wait-For-Model"] = "true" if wait_for_model else "false"
+        if use_cache is not None:
+            extra["X-Use-Cache"] = "true" if use_cache else "false"
+        raw, resp = await self.http.call(path, body, request_id=request_id, extra=extra or None)
         return TaskReply(raw, resp.headers.get("x-request-id"))
 
 
