@@ -26,7 +26,13 @@ from services.gateway.pipeline.generation import GenerationRequest
 from services.gateway.providers import Providers
 from services.gateway.providers.config import load_providers
 from services.gateway.service.context import CallContext
-from services.gateway.service.routing import LocalTask, RoutingService, remote_bounds
+from services.gateway.service.routing import (
+    REMOTE_TEMPLATE_TOKENS,
+    LocalTask,
+    RoutingService,
+    prompt_size,
+    remote_bounds,
+)
 from tests.helpers import REPO
 from tests.unit.test_ledger import postgres_server  # noqa: F401 (a fixture)
 
@@ -301,7 +307,8 @@ async def test_a_generation_fails_over_holds_the_dearest_price_and_settles_at_th
     assert ledger.record("provider") == "cheap" and ledger.record("attempts") == 2
     assert ledger.record("upstream_request_id").startswith("fake-cheap-")
     assert (ledger.record("input_tokens"), ledger.record("output_tokens"), ledger.record("status")) == (3, 5, 200)
-    assert service.providers.stats.sample("cheap", MODEL).tokens_per_s > 0  # measured once the stream ended
+    # A non-streamed answer was read whole inside the attempt: no tokens per second to measure.
+    assert service.providers.stats.sample("cheap", MODEL).tokens_per_s is None
 
 
 async def test_the_budget_refuses_what_the_dearest_candidate_could_cost(routing):
@@ -331,8 +338,12 @@ async def test_a_stream_that_dies_mid_way_pays_for_the_tokens_it_delivered(routi
     assert failure is not None and failure.code.server_fault and text
     delivered = ledger.record("output_tokens")
     assert 1 <= delivered < 10 and ledger.record("status") == failure.code.http_status
+    # The upstream died before its usage: the prompt is estimated (a token per 4 UTF-8 bytes of
+    # the prompt's bound), the completion is what was delivered.
+    prompt = ledger.record("input_tokens")
+    assert prompt == -(-prompt_size(request) // 4) > 0
     assert ledger.record("cost_usd") > 0 and ledger.record("cost_usd") == pytest.approx(
-        CHEAP_SPEC.cost(0, delivered, 0.0)
+        CHEAP_SPEC.cost(prompt, delivered, 0.0)
     )
     spent, held = await store.spent(principal.key_id, "month")
     assert held == 0 and spent == pytest.approx(ledger.record("cost_usd"), abs=1e-9)
@@ -395,7 +406,7 @@ async def test_a_catalog_model_no_provider_serves_stays_on_the_local_path(routin
 
 def test_remote_bounds_count_bytes_and_messages_within_the_context():
     chat = GenerationRequest(messages=[("system", "ab"), ("user", "é")])
-    assert remote_bounds(chat, None) == ((2 + 8) + (2 + 8) + 4, 4096)
+    assert remote_bounds(chat, None) == ((2 + 8) + (2 + 8) + 4 + REMOTE_TEMPLATE_TOKENS, 4096)
     assert remote_bounds(GenerationRequest(prompt="x" * 100, max_new_tokens=7), 50) == (50, 7)
     assert remote_bounds(GenerationRequest(prompt="abc"), 1000) == (7, 1000)
 

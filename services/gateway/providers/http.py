@@ -4,8 +4,11 @@ its timeouts, the mapping of every failure to UpstreamError, and generation stre
 into Deltas.
 
 Timeouts: `connect_s` bounds the connect and `total_s` the whole call. A stream's headers and
-first delta must come within `first_byte_s` (and each later read too: a stalled stream fails); a
-non-streamed answer may take up to `total_s` (the upstream generates it all before its headers).
+first delta must come within `first_byte_s` (and each later read too: a stalled stream fails), and
+so must a non-streamed answer (embeddings, rerank, HF tasks: the answer is the first byte); a
+non-streamed generation only within `total_s` (its headers come when it is done). The routing
+service asks for every generation as a stream, even for a caller who wants one body, so a long
+answer is bounded by `total_s`, and a provider slow to its first token fails over.
 Redirects are never followed (a redirect means a misconfigured base_url: it fails over).
 """
 
@@ -103,7 +106,11 @@ class HttpClient:
         self.static = {**JSON_HEADERS, **spec.headers}
         t = spec.timeouts
         self.first_byte_s = t.first_byte_s
-        self.timeout = aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s)
+        self.timeout = aiohttp.ClientTimeout(
+            total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s, sock_read=t.first_byte_s
+        )
+        # A non-streamed generation sends its headers only when it is done: only total_s bounds it.
+        self.long_timeout = aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s)
         self.stream_timeout = aiohttp.ClientTimeout(
             total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s, sock_read=t.first_byte_s
         )
@@ -138,6 +145,7 @@ class HttpClient:
         request_id: str | None,
         stream: bool = False,
         extra: dict[str, str] | None = None,
+        long: bool = False,
     ) -> aiohttp.ClientResponse:
         """POSTs `body` (JSON bytes unless `extra` sets another Content-Type) and returns the 2xx
         response with its body unread; any other status, or no response, raises UpstreamError."""
@@ -146,7 +154,8 @@ class HttpClient:
             headers.update(extra)
         if stream:
             headers["Accept"] = "text/event-stream"
-        url, timeout = self.base_url + path, self.stream_timeout if stream else self.timeout
+        url = self.base_url + path
+        timeout = self.stream_timeout if stream else self.long_timeout if long else self.timeout
         try:
             try:
                 resp = await self.session().post(
@@ -191,11 +200,18 @@ class HttpClient:
         )
 
     async def call(
-        self, path: str, payload: Any, *, request_id: str | None, extra: dict[str, str] | None = None
+        self,
+        path: str,
+        payload: Any,
+        *,
+        request_id: str | None,
+        extra: dict[str, str] | None = None,
+        long: bool = False,
     ) -> tuple[bytes, aiohttp.ClientResponse]:
-        """One non-streamed call: the 2xx body (read once) and the response (for its headers)."""
+        """One non-streamed call: the 2xx body (read once) and the response (for its headers);
+        `long`: a generation, bounded by total_s only."""
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        resp = await self.open(path, body, request_id=request_id, extra=extra)
+        resp = await self.open(path, body, request_id=request_id, extra=extra, long=long)
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -204,9 +220,11 @@ class HttpClient:
             resp.release()
         return raw, resp
 
-    async def call_json(self, path: str, payload: Any, *, request_id: str | None) -> tuple[Any, str | None, Any]:
+    async def call_json(
+        self, path: str, payload: Any, *, request_id: str | None, long: bool = False
+    ) -> tuple[Any, str | None, Any]:
         """A non-streamed JSON call: (the parsed body, the upstream request id, the response headers)."""
-        raw, resp = await self.call(path, payload, request_id=request_id)
+        raw, resp = await self.call(path, payload, request_id=request_id, long=long)
         rid = resp.headers.get("x-request-id")
         try:
             data = orjson.loads(raw)

@@ -195,7 +195,7 @@ class Upstream:
         payload = openai_body(model, request, stream)
         if stream:
             return await self.http.open_stream(path, payload, OpenAIParser(chat), request_id=rid)
-        data, up_rid, _ = await self.http.call_json(path, payload, request_id=rid)
+        data, up_rid, _ = await self.http.call_json(path, payload, request_id=rid, long=True)
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
@@ -209,7 +209,7 @@ class Upstream:
         """A TGI-dialect generation (`inputs` + `parameters`): TGI /generate(_stream), HF text-generation."""
         if stream:
             return await self.http.open_stream(stream_path, payload, TGIParser(), request_id=rid)
-        data, up_rid, headers = await self.http.call_json(path, payload, request_id=rid)
+        data, up_rid, headers = await self.http.call_json(path, payload, request_id=rid, long=True)
         if isinstance(data, list) and data:
             data = data[0]
         if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):

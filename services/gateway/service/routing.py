@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 # Bounds of a model only remote providers serve (no tokenizer, no model limits of our own).
 REMOTE_CONTEXT = 32768  # prompt tokens when the provider does not say its context length
 REMOTE_NEW_TOKENS = 4096  # new tokens when the request does not say max_tokens
+REMOTE_TEMPLATE_TOKENS = 64  # what a chat template upstream may add (a default system prompt, role markers)
 PROMPT_EXTRA_TOKENS = 4
 CHAT_TOKENS_PER_MESSAGE = 8
 _ROUTE_CACHE_MAX = 4096
@@ -79,9 +80,13 @@ def prompt_size(request: GenerationRequest) -> int:
 
 def remote_bounds(request: GenerationRequest, context_length: int | None, size: int | None = None) -> tuple[int, int]:
     """(most prompt tokens, most new tokens) of a generation on a remote provider, without a
-    tokenizer: prompt_size() (`size`, when computed already), at most the context; new tokens:
+    tokenizer: prompt_size() (`size`, when computed already; a chat: plus what a template may add),
+    at most the context; new tokens:
     max_tokens, else min(context, 4096)."""
-    prompt = min(context_length or REMOTE_CONTEXT, prompt_size(request) if size is None else size)
+    size = prompt_size(request) if size is None else size
+    if request.messages is not None:  # a remote chat template we cannot see (a default system prompt)
+        size += REMOTE_TEMPLATE_TOKENS
+    prompt = min(context_length or REMOTE_CONTEXT, size)
     new = request.max_new_tokens or min(context_length or REMOTE_NEW_TOKENS, REMOTE_NEW_TOKENS)
     return prompt, new
 
@@ -255,13 +260,23 @@ class RoutingService:
             await self.metering.track(metered).fail(err)
             raise
         metered.upstream_request_id = opened.upstream_request_id
-        metered.add(input_tokens=opened.prepared.prompt_tokens, items=1)
-        stats = self.providers.stats
+        # A remote provider's prompt tokens come with its usage at the end; until then (and when it
+        # never says) the estimate: a token per 4 UTF-8 bytes.
+        prompt = opened.prepared.prompt_tokens if c.provider == LOCAL else -(-size // 4)
+        metered.add(input_tokens=prompt, items=1)
+        stats, breakers = self.providers.stats, self.providers.breakers
 
-        def throughput(tokens: int, seconds: float) -> None:
-            stats.record_throughput(c.provider, c.model_id, output_tokens=tokens, seconds=seconds)
+        def ended(ok: bool, tokens: int, seconds: float) -> None:
+            """How the stream ended, for the provider's health: tokens per second of a stream that
+            ended well; a failure mid-way counts against its error rate and breaker."""
+            if ok:
+                if stream:  # a non-streamed answer was read whole inside the attempt: no rate to measure
+                    stats.record_throughput(c.provider, c.model_id, output_tokens=tokens, seconds=seconds)
+                return
+            stats.record(c.provider, c.model_id, ok=False, latency_s=seconds)
+            breakers.failure(c.provider, c.model_id)
 
-        stream_of = _stream_of(opened, metered, stream, throughput)
+        stream_of = _stream_of(opened, metered, stream, ended)
         return Generation(
             route.entry, request, opened.prepared, metered, self.metering, stream_of, abandon=opened.rest.aclose
         )
@@ -275,7 +290,9 @@ class RoutingService:
         upstream = self.providers.upstream(c.provider)
         _, new = remote_bounds(request, c.context_length, size)
         body = _upstream_body(request, new)
-        opened = await upstream.generate(c.upstream_model, body, stream=stream, request_id=ctx.request_id)
+        # Always streamed upstream: first_byte_s is the time to the first token (a provider slow to
+        # start fails over) and a long answer is bounded by total_s; a caller's one body is collected.
+        opened = await upstream.generate(c.upstream_model, body, stream=True, request_id=ctx.request_id)
         try:
             first = await opened.first()
         except BaseException:
@@ -416,11 +433,11 @@ class RoutingService:
         return replace(route, selection=replace(route.selection, candidates=others))
 
 
-def _stream_of(opened: _Opened, metered: Metered, stream: bool, throughput: Callable[[int, float], None]):
+def _stream_of(opened: _Opened, metered: Metered, stream: bool, ended: Callable[[bool, int, float], None]):
     """The Generation's step source: the first step, then the rest; a remote provider's deltas as
     Steps with its token counts put on `metered`. A streamed step the client took marks the
-    request delivered (it pays for what it got even if the stream fails later). A stream that
-    ends well reports its tokens per second (`throughput(tokens, seconds)`: the provider's stats)."""
+    request delivered (it pays for what it got even if the stream fails later). How the stream
+    ended goes to `ended(ok, tokens, seconds)` (the provider's health)."""
 
     async def steps(_entry, _prepared, _request) -> AsyncIterator[Step]:
         rest, started = opened.rest, time.perf_counter()
@@ -434,7 +451,11 @@ def _stream_of(opened: _Opened, metered: Metered, stream: bool, throughput: Call
             else:
                 async for step in _remote_steps(opened.first, rest, metered, stream):
                     yield step
-            throughput(metered.output_tokens, time.perf_counter() - started)
+            ended(True, metered.output_tokens, time.perf_counter() - started)
+        except MeshError as err:
+            if err.code in (ErrorCode.UPSTREAM_UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                ended(False, metered.output_tokens, time.perf_counter() - started)
+            raise
         finally:
             await rest.aclose()
 
