@@ -433,6 +433,23 @@ async def test_an_hf_provider_answers_a_task_with_its_own_json_and_its_price(rou
     assert answer.headers["X-Usage-Cost-USD"].startswith("0.5")
 
 
+async def test_an_hf_provider_gets_a_raw_upload_with_its_type_and_the_hf_options(routing, upstreams):
+    """An image sent as raw bytes reaches an `hf` provider as the caller sent it: its Content-Type
+    and the HF API's X-Wait-For-Model / X-Use-Cache headers go along."""
+    service, _, _ = routing
+    principal = _principal()
+    upstreams["cheap"].clear()
+    route = service.route(CLASSIFIER, "task", principal=principal)
+    image = b"\x89PNG\r\n\x1a\n" + bytes(range(24))
+    headers = {"content-type": "image/png", "x-wait-for-model": "true", "x-use-cache": "false"}
+    answer = await service.predict(_ctx(principal), route, "image-classification", image, headers=headers)
+    assert orjson.loads(answer.content) == [{"label": f"image/png:{len(image)}", "score": 1.0}]
+    (seen,) = upstreams["cheap"].requests()
+    sent = {k.lower(): v for k, v in seen["headers"].items()}
+    assert sent["content-type"] == "image/png"
+    assert (sent["x-wait-for-model"], sent["x-use-cache"]) == ("true", "false")
+
+
 async def test_an_hf_feature_extraction_body_is_served_by_an_openai_provider(routing):
     service, _, ledger = routing
     principal = _principal()

@@ -31,6 +31,8 @@ HF_BODY = {
     }
 }
 CHAT_SUFFIX = "/v1/chat/completions"
+# What an `hf` provider gets of the caller's headers (a raw upload's type, the HF API's options).
+FORWARDED = ("content-type", "x-wait-for-model", "x-use-cache")
 
 
 async def read_hf_body(request: Request, task: str, limit: int):
@@ -121,7 +123,10 @@ async def routed_hf_task(request: Request, ctx, route, task: str | None, asked: 
                     return await local_answer(request, ctx, entry, shaped, req, options)
             task = shaped
         local = local_task(request, entry, task, body)
-    answer = await services.routing.predict(ctx, route, task, raw, local=local)
+    forwarded = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+    if "json" in forwarded.get("content-type", "json"):  # JSON is what the provider gets by default
+        forwarded.pop("content-type", None)
+    answer = await services.routing.predict(ctx, route, task, raw, local=local, headers=forwarded)
     return Response(answer.content, 200, {"X-Cache": answer.cache, **answer.headers}, media_type="application/json")
 
 

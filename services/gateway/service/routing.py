@@ -379,12 +379,13 @@ class RoutingService:
 
     async def predict(
         self, ctx: CallContext, route: Route, task: str, body: bytes | dict,
-        *, local: Callable[[], LocalTask] | None = None,
+        *, local: Callable[[], LocalTask] | None = None, headers: dict[str, str] | None = None,
     ) -> Answer:  # fmt: skip
         """An HF task request (the HF API's JSON body) over the route's candidates: an `hf`
         provider gets the body as it is and its answer goes back as it is; an embedding provider
         (openai, tei) serves feature-extraction; the local mesh runs `local()`'s parsed request
-        (without it the local mesh is not tried). Never cached."""
+        (without it the local mesh is not tried); `headers`: what an `hf` provider gets of the
+        caller's (a raw upload's Content-Type, X-Wait-For-Model, X-Use-Cache). Never cached."""
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         route = self._without_local(route) if local is None else route
         entry, parsed = self._local_entry(route), None
@@ -399,16 +400,19 @@ class RoutingService:
                 if c.provider == LOCAL:
                     result = await self.tasks._run(entry, task, parsed.inputs, parsed.parameters, False, metered)
                     return parsed.render(result), None
-                return await self._remote_task(ctx, c, task, raw, metered)
+                return await self._remote_task(ctx, c, task, raw, metered, headers or {})
 
             (content, metered.upstream_request_id), _ = await self._attempt(route, metered, call, "task")
         return Answer(content, "BYPASS", metered.headers())
 
-    async def _remote_task(self, ctx, c: Candidate, task: str, raw: bytes, metered: Metered):
+    async def _remote_task(self, ctx, c: Candidate, task: str, raw: bytes, metered: Metered, headers: dict):
         """(the answer's JSON, the upstream request id) of a remote provider."""
         upstream = self.providers.upstream(c.provider)
         if c.kind == "hf":
-            reply = await upstream.hf_task(c.upstream_model, task, raw, request_id=ctx.request_id)
+            reply = await upstream.hf_task(
+                c.upstream_model, task, raw, request_id=ctx.request_id, content_type=headers.get("content-type"),
+                wait_for_model=_flag(headers.get("x-wait-for-model")), use_cache=_flag(headers.get("x-use-cache")),
+            )  # fmt: skip
             metered.add(items=1)
             return reply.content, reply.upstream_request_id
         if task != "feature-extraction":
@@ -483,6 +487,11 @@ async def _remote_steps(first: Delta, rest, metered: Metered, stream: bool) -> A
     if delta.completion_tokens is not None:
         metered.output_tokens = delta.completion_tokens
     yield _step(delta, completion)
+
+
+def _flag(value: str | None) -> bool | None:
+    """An HF header flag as the caller sent it (None: not sent)."""
+    return None if value is None else value.strip().lower() in ("1", "true", "yes")
 
 
 def _hf_texts(raw: bytes) -> str | list[str]:
