@@ -467,13 +467,17 @@ def _stream_of(opened: _Opened, metered: Metered, stream: bool, ended: Callable[
 
 
 async def _remote_steps(first: Delta, rest, metered: Metered, stream: bool) -> AsyncIterator[Step]:
-    """A remote stream's deltas as Steps; the upstream's usage, when it says it, replaces our counts."""
-    completion, delta = 0, first
+    """A remote stream's deltas as Steps (for a caller who wants one body, its text as one Step:
+    nothing is rendered per delta); the upstream's usage, when it says it, replaces our counts."""
+    completion, delta, pieces = 0, first, []
     try:
         while not delta.final:
             completion += 1
-            yield _step(delta, 0)
-            metered.delivered = stream
+            if stream:
+                yield _step(delta, 0)
+                metered.delivered = True
+            else:
+                pieces.append(delta.text)
             delta = await anext(rest, None)
             if delta is None:
                 raise MeshError(
@@ -482,10 +486,11 @@ async def _remote_steps(first: Delta, rest, metered: Metered, stream: bool) -> A
     except UpstreamError as err:
         code = ErrorCode.DEADLINE_EXCEEDED if err.timeout else ErrorCode.UPSTREAM_UNAVAILABLE
         raise MeshError(code, f"provider {metered.provider!r} failed mid-stream: {err.message}") from err
+    if pieces:
+        yield Step("".join(pieces))
     if delta.prompt_tokens is not None:
         metered.input_tokens = delta.prompt_tokens
-    if delta.completion_tokens is not None:
-        metered.output_tokens = delta.completion_tokens
+    metered.output_tokens = completion if delta.completion_tokens is None else delta.completion_tokens
     yield _step(delta, completion)
 
 
