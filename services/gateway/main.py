@@ -95,6 +95,7 @@ class Gateway:
             http=protocol_class(HttpLimits(settings.max_header_bytes, settings.header_timeout_s)),
             lifespan="off",
             access_log=False,
+            proxy_headers=False,  # no X-Forwarded-* rewriting: the gateway never reads the client address
             log_config=None,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
             timeout_keep_alive=settings.keep_alive_timeout_s,

@@ -8,13 +8,13 @@ import base64
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from services.common import caps
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
 from services.gateway.api import hf_tasks, routed
-from services.gateway.api.deps import call_context, services_of
+from services.gateway.api.deps import call_context_of, services_of
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from services.gateway.api.http_io import GENERATION_BODY_BYTES, json_response, read_json
@@ -98,8 +98,8 @@ async def get_model(request: Request, model_path: str):
 
 
 @router.post("/v1/embeddings", summary="Create embeddings (OpenAI)", openapi_extra=EMBEDDINGS_BODY)
-async def embeddings(request: Request, ctx: CallContext = Depends(call_context)):
-    return await embed(request, ctx, None)
+async def embeddings(request: Request):
+    return await embed(request, call_context_of(request), None)
 
 
 async def embed(request: Request, ctx: CallContext, provider: str | None):
@@ -170,14 +170,16 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
     return await respond(generation, stream, lambda steps: chat_events(steps, head, include_usage), render, extra=extra)
 
 
+# The call context without Depends(): FastAPI's dependency solving (query parsing, a dependency
+# cache) costs more per request than the whole control plane on a pass-through route.
 @generation_router.post("/v1/chat/completions", summary="Chat completions (OpenAI), stream or not")
-async def chat_completions(request: Request, ctx: CallContext = Depends(call_context)):
-    return await chat(request, ctx, None)
+async def chat_completions(request: Request):
+    return await chat(request, call_context_of(request), None)
 
 
 @generation_router.post("/v1/completions", summary="Completions (OpenAI legacy), stream or not")
-async def completions(request: Request, ctx: CallContext = Depends(call_context)):
-    return await complete(request, ctx, None)
+async def completions(request: Request):
+    return await complete(request, call_context_of(request), None)
 
 
 async def complete(request: Request, ctx: CallContext, provider: str | None):

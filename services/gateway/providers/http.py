@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from opentelemetry import trace
 from opentelemetry.propagate import inject
 
 from services.gateway.providers.types import Delta, UpstreamError
@@ -134,7 +135,8 @@ class HttpClient:
                 h["Authorization"] = f"Bearer {key}"
         if request_id:
             h["X-Request-Id"] = request_id
-        inject(h)
+        if trace.get_current_span().get_span_context().is_valid:  # else there is nothing to propagate
+            inject(h)
         return h
 
     async def open(
