@@ -110,6 +110,14 @@ def test_cheapest_follows_prices(catalog):
     assert _order(_registry(catalog, config), CHAT, "chat", policy="cheapest") == ["local", "mesh-c", "mesh-b"]
 
 
+def test_cheapest_counts_compute_second_prices(catalog):
+    # Priced only per compute second: not free. A representative request (1k in, 1k out, 1 s)
+    # costs mesh-b 1.0, mesh-c 0.01, local 0.0003.
+    config = yaml.safe_load(yaml.safe_dump(CONFIG))
+    config["providers"][0]["models"][CHAT] = {"upstream": "tinylm", "pricing": {"per_compute_second_usd": 1.0}}
+    assert _order(_registry(catalog, config), CHAT, "chat", policy="cheapest") == ["local", "mesh-c", "mesh-b"]
+
+
 def _measure(r: ProviderRegistry, ttft: dict[str, float], times: int = 1) -> None:
     for _ in range(times):
         for provider, seconds in ttft.items():

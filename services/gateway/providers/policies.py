@@ -1,7 +1,8 @@
 """Selection policies: the order in which a request tries the providers of a model.
 
-preferred: the file's order (local first unless placed); cheapest: by output, then input, then
-per-request price; fastest: by the stats' EWMA (TTFT for generation, else latency) times
+preferred: the file's order (local first unless placed); cheapest: by the cost of a representative
+request (1,000 input + 1,000 output tokens and 1 compute second: PricingSpec.cost(1000, 1000, 1.0),
+so prices per token, per request and per compute second all count), ties by output price; fastest: by the stats' EWMA (TTFT for generation, else latency) times
 (1 + 4 * error rate), with a candidate not measured for probe_after_s put first once so that a
 provider that became faster is seen within seconds. Ties keep the preferred order."""
 
@@ -17,9 +18,11 @@ from services.gateway.providers.types import Candidate
 GENERATION_OPS = frozenset({"chat", "completion"})
 
 
-def _price(c: Candidate) -> tuple[float, float, float]:
+def _price(c: Candidate) -> tuple[float, float]:
+    """The `cheapest` key: a representative request's cost, then the output price (a stable sort
+    keeps the preferred order for the rest)."""
     p = c.pricing
-    return (p.output_per_1k_tokens_usd, p.input_per_1k_tokens_usd, p.per_request_usd)
+    return (p.cost(1000, 1000, 1.0), p.output_per_1k_tokens_usd)
 
 
 def score(stats: ProviderStats, c: Candidate, op: str) -> float:
