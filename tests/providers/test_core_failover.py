@@ -206,6 +206,90 @@ async def test_saturated_gate_is_a_last_resort(catalog):
     assert providers.gates.in_flight("mesh-b") == 64
 
 
+async def _hang() -> str:
+    await asyncio.sleep(60)
+    return "never"
+
+
+@pytest.mark.parametrize("limit", [{"budget_s": 0.05}, {"deadline_s": 0.05}])
+async def test_request_out_of_time_is_no_provider_failure(catalog, limit):
+    providers = _providers(catalog, breaker={"failures": 1}, budget_s=limit.get("budget_s", 30))
+    script = Script(local=[_hang], mesh_b=["from b"], mesh_c=["from c"])
+    with pytest.raises(MeshError) as info:
+        await _run(providers, script, deadline_s=limit.get("deadline_s", 60))
+    assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert script.calls == {"local": 1}  # the loop stopped
+    assert providers.breakers.state("local", CHAT) == "closed"  # no breaker failure (failures=1 would open)
+    assert providers.stats.sample("local", CHAT) is None  # no error sample
+
+
+@pytest.mark.parametrize("bug", [KeyError("k"), TypeError("t"), AttributeError("a")])
+async def test_gateway_bug_is_raised_at_once_not_failed_over(catalog, bug):
+    providers = _providers(catalog, breaker={"failures": 1})
+    script = Script(local=[bug], mesh_b=["from b"], mesh_c=["from c"])
+    with pytest.raises(type(bug)):
+        await _run(providers, script)
+    assert script.calls == {"local": 1}
+    assert providers.breakers.state("local", CHAT) == "closed"
+    assert providers.stats.sample("local", CHAT) is None
+
+
+async def test_connection_errors_are_provider_failures(catalog):
+    providers = _providers(catalog)
+    script = Script(local=[ConnectionRefusedError("refused")], mesh_b=["from b"], mesh_c=["from c"])
+    assert (await _run(providers, script))[1].provider == "mesh-b"
+
+
+async def _half_open(providers: Providers, provider: str) -> None:
+    providers.breakers.failure(provider, CHAT)
+    for _ in range(500):  # bounded: open_s is 0.02
+        if providers.breakers.state(provider, CHAT) == "half_open":
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("breaker never went half-open")
+
+
+class _Stop(BaseException):
+    """A BaseException other than CancelledError (as KeyboardInterrupt or SystemExit are)."""
+
+
+async def test_probe_slot_comes_back_after_any_base_exception(catalog):
+    providers = _providers(catalog, breaker={"failures": 1, "open_s": 0.02, "half_open_probes": 1})
+    await _half_open(providers, "mesh-b")
+    with pytest.raises(_Stop):
+        await _run(providers, Script(mesh_b=[_Stop()]), provider="mesh-b")
+    assert providers.breakers.allow("mesh-b", CHAT)  # the probe slot was given back, not leaked
+    assert providers.gates.in_flight("mesh-b") == 0
+
+
+async def test_long_retry_after_opens_the_breaker_at_once(catalog):
+    providers = _providers(catalog, breaker={"failures": 5}, max_retry_after_s=10)
+    for status in (429, 503):
+        script = Script(local=[_down(status, retry_after=600.0)], mesh_b=["from b"], mesh_c=["from c"])
+        assert (await _run(providers, script))[1].provider == "mesh-b"
+        assert providers.breakers.state("local", CHAT) == "open"  # down: one answer is enough
+        providers.breakers.success("local", CHAT)
+
+
+async def test_held_gate_slot_is_left_when_the_stream_ends(catalog):
+    providers = _providers(catalog)
+    selection = providers.registry.candidates(CHAT, "chat", provider="mesh-b")
+    deadline = time.monotonic() + 60
+    result, chosen, _attempts = await providers.attempt(selection, Script(mesh_b=["b"]), deadline=deadline, op="chat")
+    assert result == "b"
+    assert chosen.provider == "mesh-b" and providers.gates.in_flight("mesh-b") == 0
+    got = await providers.attempt(selection, Script(mesh_b=["b"]), deadline=deadline, op="chat", hold=True)
+    assert got[0] == "b" and providers.gates.in_flight("mesh-b") == 1  # the stream holds its slot
+    leave = got[3]
+    leave()
+    leave()  # idempotent
+    assert providers.gates.in_flight("mesh-b") == 0
+    failing = Script(mesh_b=[_down(503), _down(503), _down(503)])
+    with pytest.raises(MeshError):
+        await providers.attempt(selection, failing, deadline=deadline, op="chat", hold=True)
+    assert providers.gates.in_flight("mesh-b") == 0  # failed attempts never hold
+
+
 SPANS_SCRIPT = """
 import asyncio, json, time
 from pathlib import Path

@@ -36,16 +36,43 @@ def test_half_open_probe_closes_or_reopens():
     b = Breakers(BreakerSpec(failures=1, open_s=0.02, half_open_probes=1))
     b.failure(P, M)
     _wait_half_open(b)
-    assert b.allow(P, M)  # the probe
-    assert not b.allow(P, M)  # only one at a time
-    b.release(P, M)  # the probe ended without a verdict: its slot is free again
-    assert b.allow(P, M)
-    b.failure(P, M)
+    probe = b.allow(P, M)
+    assert probe is not None and probe.probe  # the probe
+    assert b.allow(P, M) is None  # only one at a time
+    b.release(P, M, probe)  # the probe ended without a verdict: its slot is free again
+    probe = b.allow(P, M)
+    assert probe is not None
+    b.failure(P, M, probe)
     assert b.state(P, M) == "open"
     _wait_half_open(b)
-    assert b.allow(P, M)
-    b.success(P, M)
+    probe = b.allow(P, M)
+    assert probe is not None
+    b.success(P, M, probe)
     assert b.state(P, M) == "closed" and b.allow(P, M) and b.allow(P, M)
+
+
+def test_only_a_current_probe_frees_a_probe_slot():
+    b = Breakers(BreakerSpec(failures=1, open_s=0.02, half_open_probes=1))
+    plain = b.allow(P, M)  # taken while closed: no probe
+    assert plain is not None and not plain.probe
+    b.failure(P, M)
+    _wait_half_open(b)
+    old_probe = b.allow(P, M)
+    assert old_probe is not None and old_probe.probe
+    b.failure(P, M, old_probe)  # the round's probe failed: open again, then a new round
+    _wait_half_open(b)
+    probe = b.allow(P, M)
+    assert probe is not None and probe.probe
+    b.release(P, M, plain)  # a non-probe attempt ends: the probe slot stays taken
+    b.release(P, M, old_probe)  # so does a probe of an older round
+    assert b.allow(P, M) is None  # still at most half_open_probes in flight
+    b.success(P, M, probe)
+    assert b.state(P, M) == "closed"
+    b.failure(P, M)
+    _wait_half_open(b)
+    assert b.allow(P, M) is not None and b.allow(P, M) is None
+    b.release(P, M, probe)  # the last round's probe: nothing to free in this round
+    assert b.allow(P, M) is None
 
 
 def _spec(name: str = P, **kw) -> ProviderSpec:

@@ -66,9 +66,16 @@ class Providers:
             raise MeshError(ErrorCode.INTERNAL, f"provider {name!r} has no upstream client") from None
 
     async def attempt(
-        self, selection: Selection, call: Callable[[Candidate], Awaitable[T]], *, deadline: float, op: str
-    ) -> tuple[T, Candidate, list[Attempt]]:
-        """failover.attempt_each over this gateway's registry, stats, breakers and gates."""
+        self,
+        selection: Selection,
+        call: Callable[[Candidate], Awaitable[T]],
+        *,
+        deadline: float,
+        op: str,
+        hold: bool = False,
+    ) -> tuple[T, Candidate, list[Attempt]] | tuple[T, Candidate, list[Attempt], Callable[[], None]]:
+        """failover.attempt_each over this gateway's registry, stats, breakers and gates: (result,
+        candidate, attempts), plus `leave` (frees the gate slot at the stream's end) when `hold`."""
         return await attempt_each(
             selection,
             call,
@@ -79,6 +86,7 @@ class Providers:
             breakers=self.breakers,
             gates=self.gates,
             op=op,
+            hold=hold,
         )
 
     async def close(self) -> None:

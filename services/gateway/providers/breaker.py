@@ -4,7 +4,11 @@ after `open_s` (a few probes through) -> closed on a success, open again on a fa
 Hand-written rather than pybreaker / aiobreaker: we key breakers by provider x model, need
 half-open probe slots that an attempt without a verdict (cancelled, the caller's own error) gives
 back, and export state and transitions as metrics; pybreaker is sync-first and aiobreaker is
-unmaintained."""
+unmaintained.
+
+allow() hands out a Ticket (None: refused) that success() / failure() / release() take back: only a
+probe ticket of the current half-open round touches the probe count, so an attempt that started
+while the breaker was closed (or in an older round) never frees a probe slot it did not take."""
 
 from __future__ import annotations
 
@@ -32,14 +36,28 @@ TRANSITIONS = Counter(
 )
 
 
+class Ticket:
+    """An attempt's permission: a probe of half-open round `epoch`, or a plain (closed) attempt."""
+
+    __slots__ = ("epoch", "probe")
+
+    def __init__(self, probe: bool, epoch: int) -> None:
+        self.probe = probe
+        self.epoch = epoch
+
+
+CLOSED_TICKET = Ticket(False, 0)  # every attempt at a closed breaker: no allocation on the hot path
+
+
 class _Breaker:
-    __slots__ = ("failures", "opened_at", "probes", "state")
+    __slots__ = ("epoch", "failures", "opened_at", "probes", "state")
 
     def __init__(self) -> None:
         self.state = CLOSED
         self.failures = 0  # consecutive
         self.opened_at = 0.0
         self.probes = 0  # half-open probes in flight
+        self.epoch = 0  # half-open rounds so far (a probe ticket belongs to one)
 
 
 class Breakers:
@@ -60,22 +78,29 @@ class Breakers:
         """The state, moving open -> half_open once open_s has passed."""
         if breaker.state == OPEN and time.monotonic() - breaker.opened_at >= self.spec.open_s:
             breaker.probes = 0
+            breaker.epoch += 1
             self._move(provider, model, breaker, HALF_OPEN)
         return breaker.state
 
-    def allow(self, provider: str, model: str) -> bool:
-        """May an attempt go to this provider x model now? A half-open breaker hands out at most
-        half_open_probes slots; each ends with success(), failure() or release()."""
+    def allow(self, provider: str, model: str) -> Ticket | None:
+        """May an attempt go to this provider x model now? A ticket, or None (refused). A half-open
+        breaker hands out at most half_open_probes probe tickets; every ticket ends with success(),
+        failure() or release()."""
         breaker = self._breakers.get((provider, model))
         if breaker is None:
-            return True
+            return CLOSED_TICKET
         state = self._current(provider, model, breaker)
         if state == CLOSED:
-            return True
+            return CLOSED_TICKET
         if state == HALF_OPEN and breaker.probes < self.spec.half_open_probes:
             breaker.probes += 1
-            return True
-        return False
+            return Ticket(True, breaker.epoch)
+        return None
+
+    def _give_back(self, breaker: _Breaker, ticket: Ticket | None) -> None:
+        """A probe of the current half-open round ended: its slot is free."""
+        if ticket is not None and ticket.probe and ticket.epoch == breaker.epoch and breaker.state == HALF_OPEN:
+            breaker.probes = max(0, breaker.probes - 1)
 
     def refuses(self, provider: str, model: str) -> bool:
         """Would allow() say no (without taking a probe slot)?"""
@@ -85,30 +110,37 @@ class Breakers:
         state = self._current(provider, model, breaker)
         return state == OPEN or (state == HALF_OPEN and breaker.probes >= self.spec.half_open_probes)
 
-    def success(self, provider: str, model: str) -> None:
+    def success(self, provider: str, model: str, ticket: Ticket | None = None) -> None:
         breaker = self._breakers.get((provider, model))
         if breaker is None:
             return
+        self._give_back(breaker, ticket)
         breaker.failures = 0
         if breaker.state != CLOSED:
             breaker.probes = 0
             self._move(provider, model, breaker, CLOSED)
 
-    def failure(self, provider: str, model: str) -> None:
+    def failure(self, provider: str, model: str, ticket: Ticket | None = None, *, down: bool = False) -> None:
+        """A failed attempt (`ticket`: its allow(); None for a failure seen outside an attempt, e.g.
+        mid-stream). `down`: the provider said it is down for long (a Retry-After beyond
+        max_retry_after_s): open now, whatever the count."""
         breaker = self._breakers.get((provider, model))
         if breaker is None:
             breaker = self._breakers[(provider, model)] = _Breaker()
+        self._give_back(breaker, ticket)
         breaker.failures += 1
-        if breaker.state == HALF_OPEN or (breaker.state == CLOSED and breaker.failures >= self.spec.failures):
+        if down or breaker.state == HALF_OPEN or (breaker.state == CLOSED and breaker.failures >= self.spec.failures):
             breaker.opened_at = time.monotonic()
             breaker.probes = 0
-            self._move(provider, model, breaker, OPEN)
+            if breaker.state != OPEN:
+                self._move(provider, model, breaker, OPEN)
 
-    def release(self, provider: str, model: str) -> None:
-        """An attempt that ended without a verdict (cancelled, the caller's error): frees its probe slot."""
+    def release(self, provider: str, model: str, ticket: Ticket | None) -> None:
+        """An attempt that ended without a verdict (cancelled, the caller's error): frees its probe
+        slot when `ticket` is a probe of the current half-open round (else nothing changes)."""
         breaker = self._breakers.get((provider, model))
-        if breaker is not None and breaker.state == HALF_OPEN and breaker.probes > 0:
-            breaker.probes -= 1
+        if breaker is not None:
+            self._give_back(breaker, ticket)
 
     def state(self, provider: str, model: str) -> str:
         breaker = self._breakers.get((provider, model))

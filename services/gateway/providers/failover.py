@@ -1,7 +1,9 @@
 """The attempt loop: try a selection's candidates in order with full-jitter backoff, Retry-After
 cooldowns, breakers and gates, within an attempt count and a time budget; one span per attempt.
 A caller's error (a non-retryable 4xx) ends the loop at once; an explicit provider is retried only
-on itself."""
+on itself. Only provider faults (UpstreamError, the mesh's server-fault MeshErrors, timeouts,
+connection errors) are retried; anything else is a gateway bug and goes up at once. The request's
+own time running out is no provider's fault: no breaker verdict, no error sample."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import aiohttp
 from opentelemetry import trace
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.providers.breaker import Breakers
+from services.gateway.providers.breaker import Breakers, Ticket
 from services.gateway.providers.config import RoutingSpec
 from services.gateway.providers.gate import ProviderGates
 from services.gateway.providers.registry import ProviderRegistry, Selection
@@ -46,8 +49,12 @@ def client_error(err: UpstreamError) -> MeshError:
     return MeshError(code, err.message)
 
 
-def _as_upstream_error(exc: BaseException) -> UpstreamError | MeshError:
-    """What a call raised, as an UpstreamError (retryable or not) or a caller's MeshError to re-raise."""
+_CONNECTION_ERRORS = (OSError, aiohttp.ClientError)  # ConnectionError is an OSError
+
+
+def _as_upstream_error(exc: Exception) -> UpstreamError | MeshError | None:
+    """What a call raised, as an UpstreamError (retryable or not), a caller's MeshError to re-raise,
+    or None: no provider fault (a gateway bug), to re-raise as it is."""
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, MeshError):
@@ -56,10 +63,11 @@ def _as_upstream_error(exc: BaseException) -> UpstreamError | MeshError:
             timeout = exc.code is ErrorCode.DEADLINE_EXCEEDED
             return UpstreamError(exc.message, status=exc.code.http_status, retryable=True, timeout=timeout)
         return exc
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError
         return UpstreamError("timed out", status=0, retryable=True, timeout=True)
-    log.warning("provider call failed unexpectedly", exc_info=exc)
-    return UpstreamError(f"failed: {type(exc).__name__}", status=0, retryable=True)
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return UpstreamError(f"connection failed: {type(exc).__name__}: {exc}", status=0, retryable=True)
+    return None
 
 
 class _Loop:
@@ -83,27 +91,30 @@ class _Loop:
         n = len(cands)
         return [cands[(self.next + i) % n] for i in range(n)]
 
-    def take(self, c: Candidate, *, force: bool) -> bool:
-        """Take the breaker's and the gate's permission for an attempt at `c`."""
-        if not self.breakers.allow(c.provider, c.model_id):
-            return False
+    def take(self, c: Candidate, *, force: bool) -> Ticket | None:
+        """Take the breaker's and the gate's permission for an attempt at `c`: the breaker's ticket."""
+        ticket = self.breakers.allow(c.provider, c.model_id)
+        if ticket is None:
+            return None
         if self.gates.try_enter(c.provider):
-            return True
+            return ticket
         if force:
             self.gates.force_enter(c.provider)
-            return True
-        self.breakers.release(c.provider, c.model_id)
-        return False
+            return ticket
+        self.breakers.release(c.provider, c.model_id, ticket)
+        return None
 
-    def choose(self) -> tuple[Candidate | None, float]:
+    def choose(self) -> tuple[Candidate | None, float, Ticket | None]:
         """The next candidate and how long to wait for it first (a cooled last resort)."""
         rotation = self._rotation()
         now = time.monotonic()
         for force in (False, True):  # healthy ones first; then saturated gates, as a last resort
             for c in rotation:
-                if self.registry.cooled_for(c.provider, c.model_id, now) <= 0 and self.take(c, force=force):
+                if self.registry.cooled_for(c.provider, c.model_id, now) > 0:
+                    continue
+                if (ticket := self.take(c, force=force)) is not None:
                     self.next = (self.selection.candidates.index(c) + 1) % len(self.selection.candidates)
-                    return c, 0.0
+                    return c, 0.0, ticket
         # Only cooled ones left: wait for the soonest if that fits the budget (an open breaker never).
         waits = [
             (self.registry.cooled_for(c.provider, c.model_id, now), c)
@@ -112,9 +123,9 @@ class _Loop:
         ]
         waits = [(w, c) for w, c in waits if w > 0 and now + w < self.end]
         if not waits:
-            return None, 0.0
+            return None, 0.0, None
         wait, c = min(waits, key=lambda item: item[0])
-        return c, wait
+        return c, wait, None
 
     def backoff(self, k: int) -> float:
         """Full jitter before attempt k >= 2, never past the budget."""
@@ -122,16 +133,18 @@ class _Loop:
         delay = random.uniform(0.0, min(r.backoff_max_s, r.backoff_base_s * 2 ** (k - 2)))
         return min(delay, max(0.0, self.end - time.monotonic()))
 
-    def verdict(self, c: Candidate, err: UpstreamError) -> None:
+    def verdict(self, c: Candidate, err: UpstreamError, ticket: Ticket) -> None:
         """A retryable failure: cool the provider on a usable Retry-After, count a breaker failure
-        unless it was a 429 that said when to come back."""
+        unless it was a 429 that said when to come back; a Retry-After beyond max_retry_after_s
+        says it is down: its breaker opens (for open_s, then half-open probes)."""
         cooled = err.retry_after is not None and err.retry_after <= self.routing.max_retry_after_s
         if cooled:
             self.registry.cool(c.provider, c.model_id, time.monotonic() + err.retry_after)
         if cooled and err.status == 429:
-            self.breakers.release(c.provider, c.model_id)
+            self.breakers.release(c.provider, c.model_id, ticket)
         else:
-            self.breakers.failure(c.provider, c.model_id)
+            down = err.retry_after is not None and not cooled
+            self.breakers.failure(c.provider, c.model_id, ticket, down=down)
         self.errors.append((c.provider, err))
 
 
@@ -184,43 +197,87 @@ def _final_error(loop: _Loop) -> MeshError:
     return MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, message)
 
 
-async def _attempt(
-    loop: _Loop, c: Candidate, call: Callable[[Candidate], Awaitable[T]], k: int, stats: ProviderStats, op: str
-) -> tuple[bool, T | None]:
+def _no_verdict(loop: _Loop, c: Candidate, ticket: Ticket, span, attempt: Attempt) -> None:
+    """An attempt that ends the request without judging the provider: its probe slot back."""
+    loop.breakers.release(c.provider, c.model_id, ticket)
+    loop.attempts.append(attempt)
+    span.set_attributes({"meshserve.outcome": attempt.outcome, "http.response.status_code": attempt.status})
+
+
+def _failed(loop: _Loop, c: Candidate, ticket: Ticket, exc: Exception, latency: float, expired: bool,
+            stats: ProviderStats, span) -> bool:  # fmt: skip
+    """Judge a failed attempt: False to move on (a retryable provider failure), True to re-raise
+    `exc` as it is (no provider fault: a gateway bug); raises the caller's error, or
+    DEADLINE_EXCEEDED when the request's own time ran out (no breaker verdict, no error sample)."""
+    err = _as_upstream_error(exc)
+    if expired or (isinstance(err, UpstreamError) and err.timeout and time.monotonic() >= loop.end):
+        _no_verdict(loop, c, ticket, span, Attempt(c.provider, "failed", 504, latency, "out of time"))
+        earlier = "; earlier: " + ", ".join(f"{p}: {_describe(e)}" for p, e in loop.errors) if loop.errors else ""
+        raise MeshError(ErrorCode.DEADLINE_EXCEEDED,
+                        f"the request's time ran out waiting for provider {c.provider!r}{earlier}") from None  # fmt: skip
+    if err is None:
+        log.warning("provider %s: the call failed with a gateway error", c.provider, exc_info=exc)
+        _no_verdict(loop, c, ticket, span, Attempt(c.provider, "failed", 500, latency, type(exc).__name__))
+        return True
+    if isinstance(err, MeshError) or not err.retryable:
+        mesh = err if isinstance(err, MeshError) else client_error(err)
+        status = err.code.http_status if isinstance(err, MeshError) else err.status
+        _no_verdict(loop, c, ticket, span, Attempt(c.provider, "client_error", status, latency, mesh.message))
+        raise mesh from None
+    stats.record(c.provider, c.model_id, ok=False, latency_s=latency)
+    loop.verdict(c, err, ticket)
+    loop.attempts.append(Attempt(c.provider, "retried", err.status, latency, _describe(err)))
+    span.set_attributes({"meshserve.outcome": "retried", "http.response.status_code": err.status})
+    span.set_status(trace.StatusCode.ERROR, _describe(err))
+    return False
+
+
+def _noop() -> None:
+    return None
+
+
+def _leaver(gates: ProviderGates, provider: str) -> Callable[[], None]:
+    """Leave `provider`'s gate once, however often it is called (a held stream's end)."""
+    if not gates.gated(provider):
+        return _noop
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        if not left:
+            left = True
+            gates.leave(provider)
+
+    return leave
+
+
+async def _attempt(loop: _Loop, c: Candidate, ticket: Ticket, call: Callable[[Candidate], Awaitable[T]], k: int,
+                   stats: ProviderStats, op: str, hold: bool) -> tuple[bool, T | None]:  # fmt: skip
     """One try of `c` under its span: (True, result), or (False, None) after a retryable failure.
-    The caller's own errors are raised."""
+    The caller's own errors are raised. `hold`: a success keeps its gate slot (attempt_each's leave)."""
     attributes = {"meshserve.provider": c.provider, "meshserve.model": c.model_id, "meshserve.attempt": k}
     t0 = time.monotonic()
     with _tracer.start_as_current_span("provider.attempt", attributes=attributes) as span:
         try:
-            async with asyncio.timeout(loop.end - t0):
+            async with asyncio.timeout(loop.end - t0) as scope:
                 result = await call(c)
-        except asyncio.CancelledError:
-            loop.breakers.release(c.provider, c.model_id)
-            raise
-        except Exception as exc:  # every failure is classified: retried, or the caller's own error
+        except Exception as exc:  # every failure is classified: retried, the caller's own, or a bug
+            loop.gates.leave(c.provider)
             latency = time.monotonic() - t0
-            err = _as_upstream_error(exc)
-            if isinstance(err, MeshError) or not err.retryable:
-                loop.breakers.release(c.provider, c.model_id)
-                mesh = err if isinstance(err, MeshError) else client_error(err)
-                status = err.code.http_status if isinstance(err, MeshError) else err.status
-                loop.attempts.append(Attempt(c.provider, "client_error", status, latency, mesh.message))
-                span.set_attributes({"meshserve.outcome": "client_error", "http.response.status_code": status})
-                raise mesh from None
-            stats.record(c.provider, c.model_id, ok=False, latency_s=latency)
-            loop.verdict(c, err)
-            loop.attempts.append(Attempt(c.provider, "retried", err.status, latency, _describe(err)))
-            span.set_attributes({"meshserve.outcome": "retried", "http.response.status_code": err.status})
-            span.set_status(trace.StatusCode.ERROR, _describe(err))
+            if _failed(loop, c, ticket, exc, latency, scope.expired(), stats, span):
+                raise
             return False, None
-        finally:
+        except BaseException:  # cancelled (or the process stopping): no verdict, the slots back
+            loop.gates.leave(c.provider)
+            loop.breakers.release(c.provider, c.model_id, ticket)
+            raise
+        if not hold:
             loop.gates.leave(c.provider)
         latency = time.monotonic() - t0
         stats.record(
             c.provider, c.model_id, ok=True, latency_s=latency, ttft_s=latency if op in _GENERATION_OPS else None
         )
-        loop.breakers.success(c.provider, c.model_id)
+        loop.breakers.success(c.provider, c.model_id, ticket)
         loop.attempts.append(Attempt(c.provider, "ok", 200, latency))
         span.set_attributes({"meshserve.outcome": "ok", "http.response.status_code": 200})
         return True, result
@@ -237,10 +294,14 @@ async def attempt_each(
     breakers: Breakers,
     gates: ProviderGates,
     op: str,
-) -> tuple[T, Candidate, list[Attempt]]:
+    hold: bool = False,
+) -> tuple[T, Candidate, list[Attempt]] | tuple[T, Candidate, list[Attempt], Callable[[], None]]:
     """Try the candidates until one answers: (its result, the candidate, every attempt). `deadline`
     is the request's time.monotonic() deadline; the loop ends by min(deadline, now + budget_s).
-    Raises MeshError: the caller's own error at once, else the last failures' summary."""
+    `hold=True` (a stream): the answering provider's gate slot stays taken and a fourth item,
+    `leave()`, frees it (call it when the stream ends; idempotent).
+    Raises MeshError: the caller's own error at once, else the last failures' summary; an
+    exception that is no provider's fault (a gateway bug) as it is."""
     end = min(deadline, time.monotonic() + routing.budget_s)
     loop = _Loop(selection, routing, end, registry, breakers, gates)
     try:
@@ -249,18 +310,20 @@ async def attempt_each(
                 await asyncio.sleep(delay)
             if time.monotonic() >= end:
                 break
-            c, wait = loop.choose()
+            c, wait, ticket = loop.choose()
             if c is None:
                 break
             if wait > 0:
                 await asyncio.sleep(wait)
-                if not loop.take(c, force=True):
+                if (ticket := loop.take(c, force=True)) is None:
                     continue
-            ok, result = await _attempt(loop, c, call, k, stats, op)
+            ok, result = await _attempt(loop, c, ticket, call, k, stats, op, hold)  # type: ignore[arg-type]
             if ok:
                 if c != selection.candidates[0]:
                     FAILOVERS.labels(selection.model_id).inc()
-                return result, c, loop.attempts  # type: ignore[return-value]
+                if hold:
+                    return result, c, loop.attempts, _leaver(gates, c.provider)
+                return result, c, loop.attempts
         if loop.attempts:
             loop.attempts[-1].outcome = "failed"
         raise _final_error(loop)

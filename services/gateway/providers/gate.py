@@ -82,6 +82,10 @@ class ProviderGates:
             gate.in_flight -= 1
             gate.gauge.set(gate.in_flight)
 
+    def gated(self, provider: str) -> bool:
+        """Is this provider gated at all (a remote provider with a limit)?"""
+        return provider in self._gates
+
     def saturated(self, provider: str) -> bool:
         gate = self._gates.get(provider)
         return gate is not None and gate.full(time.monotonic()) is not None
