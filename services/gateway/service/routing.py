@@ -210,9 +210,12 @@ class RoutingService:
             client_request_id=ctx.client_request_id, pricing=pricing,
         )  # fmt: skip
 
-    async def _attempt(self, route: Route, metered: Metered, call: Callable[[Candidate], Awaitable], op: str):
+    async def _attempt(
+        self, route: Route, metered: Metered, call: Callable[[Candidate], Awaitable], op: str, hold: bool = False
+    ):
         """`call` on the candidates until one answers; `metered` says who answered (or was tried
-        last), after how many attempts, at its price. Returns (the result, the candidate)."""
+        last), after how many attempts, at its price. Returns (the result, the candidate), plus
+        `leave` (frees the provider's gate slot when the stream ends) when `hold`."""
         metered.attempts, metered.routed = 0, True
 
         async def counted(candidate: Candidate):
@@ -221,9 +224,11 @@ class RoutingService:
             return await call(candidate)
 
         deadline = time.monotonic() + deadlines.timeout_for(self.timeout_s)
-        result, candidate, attempts = await self.providers.attempt(route.selection, counted, deadline=deadline, op=op)
+        result, candidate, attempts, *held = await self.providers.attempt(
+            route.selection, counted, deadline=deadline, op=op, hold=hold
+        )
         metered.provider, metered.attempts, metered.pricing = candidate.provider, len(attempts), candidate.pricing
-        return result, candidate
+        return (result, candidate, *held)
 
     def _local_entry(self, route: Route) -> ModelEntry | None:
         """The catalog entry when the local mesh is among the candidates."""
@@ -255,7 +260,7 @@ class RoutingService:
         metered = await self._admit(ctx, route, "text-generation", max_input, max_output, size + max_output)
         try:
             call = lambda c: self._open(ctx, route, request, c, stream, size)  # noqa: E731
-            opened, c = await self._attempt(route, metered, call, op)
+            opened, c, leave = await self._attempt(route, metered, call, op, hold=True)
         except BaseException as err:
             await self.metering.track(metered).fail(err)
             raise
@@ -276,10 +281,14 @@ class RoutingService:
             stats.record(c.provider, c.model_id, ok=False, latency_s=seconds)
             breakers.failure(c.provider, c.model_id)
 
-        stream_of = _stream_of(opened, metered, stream, ended)
-        return Generation(
-            route.entry, request, opened.prepared, metered, self.metering, stream_of, abandon=opened.rest.aclose
-        )
+        async def abandon() -> None:  # the client left before the steps: the gate slot goes too
+            try:
+                await opened.rest.aclose()
+            finally:
+                leave()
+
+        stream_of = _stream_of(opened, metered, stream, ended, leave)
+        return Generation(route.entry, request, opened.prepared, metered, self.metering, stream_of, abandon=abandon)
 
     async def _open(
         self, ctx: CallContext, route: Route, request: GenerationRequest, c: Candidate, stream: bool, size: int
@@ -437,11 +446,18 @@ class RoutingService:
         return replace(route, selection=replace(route.selection, candidates=others))
 
 
-def _stream_of(opened: _Opened, metered: Metered, stream: bool, ended: Callable[[bool, int, float], None]):
+def _stream_of(
+    opened: _Opened,
+    metered: Metered,
+    stream: bool,
+    ended: Callable[[bool, int, float], None],
+    leave: Callable[[], None],
+):
     """The Generation's step source: the first step, then the rest; a remote provider's deltas as
     Steps with its token counts put on `metered`. A streamed step the client took marks the
     request delivered (it pays for what it got even if the stream fails later). How the stream
-    ended goes to `ended(ok, tokens, seconds)` (the provider's health)."""
+    ended goes to `ended(ok, tokens, seconds)` (the provider's health); `leave()` frees the
+    provider's gate slot once the stream is closed (max_concurrency bounds whole streams)."""
 
     async def steps(_entry, _prepared, _request) -> AsyncIterator[Step]:
         rest, started = opened.rest, time.perf_counter()
@@ -461,7 +477,10 @@ def _stream_of(opened: _Opened, metered: Metered, stream: bool, ended: Callable[
                 ended(False, metered.output_tokens, time.perf_counter() - started)
             raise
         finally:
-            await rest.aclose()
+            try:
+                await rest.aclose()
+            finally:
+                leave()
 
     return steps
 
