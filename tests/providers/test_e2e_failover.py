@@ -53,7 +53,7 @@ def duo(fakes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failover")
     providers = [
         openai_provider(
-            "fake-a", a.url + "/v1", models(), timeouts={"connect_s": 1, "first_byte_s": 0.5, "total_s": 30}
+            "fake-a", a.url + "/v1", models(), timeouts={"connect_s": 1, "first_byte_s": 0.5, "total_s": 2}
         ),
         openai_provider("fake-b", b.url + "/v1", models()),
     ]
@@ -132,7 +132,9 @@ def test_embeddings_503_fail_over(duo):
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_slow_first_byte_fails_over(duo, stream):
     gateway, a, _ = duo
-    a.control(mode="slow_first_byte", delay_ms=5000)  # fake-a's first_byte_s is 0.5
+    # fake-a answers after 5 s: a stream's first token is due within first_byte_s (0.5 s), a
+    # non-streamed generation (its headers come when it is done) within total_s (2 s).
+    a.control(mode="slow_first_byte", delay_ms=5000)
     model = "acme/slow-stream" if stream else "acme/slow"  # breakers are per model: one per case
     replies = [chat(gateway.url, model, stream=stream) for _ in range(4)]
     assert_all_from_b(replies)

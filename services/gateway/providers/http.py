@@ -6,9 +6,7 @@ into Deltas.
 Timeouts: `connect_s` bounds the connect and `total_s` the whole call. A stream's headers and
 first delta must come within `first_byte_s` (and each later read too: a stalled stream fails), and
 so must a non-streamed answer (embeddings, rerank, HF tasks: the answer is the first byte); a
-non-streamed generation only within `total_s` (its headers come when it is done). The routing
-service asks for every generation as a stream, even for a caller who wants one body, so a long
-answer is bounded by `total_s`, and a provider slow to its first token fails over.
+non-streamed generation only within `total_s` (its headers come when it is done).
 Redirects are never followed (a redirect means a misconfigured base_url: it fails over).
 """
 
