@@ -452,7 +452,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="per point, wait up to this long for other processes to go quiet (default %(default)s s)",
     )
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ", ".join(TARGETS))
-    parser.add_argument("--litellm", type=Path, default=DEFAULT_LITELLM, help="the LiteLLM venv's `litellm` command")
+    parser.add_argument("--litellm", type=lambda p: Path(p).resolve(), default=DEFAULT_LITELLM, help="the LiteLLM venv's `litellm` command")
     parser.add_argument("--upstream-module", default="tests.fakes.upstream",
                         help="the fake upstream, run as `python -m MODULE --port P --name bench --max-records 0`")  # fmt: skip
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,

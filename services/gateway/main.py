@@ -8,6 +8,7 @@ grpc_port. SIGTERM: readiness goes red, both servers stop accepting, in-flight r
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -125,6 +126,11 @@ class Gateway:
             signal.signal(sig, lambda *_: setattr(self.http, "should_exit", True))
         await self.control.start(self.settings)
         await self.start_grpc()
+        # Everything built so far lives as long as the process: out of the collector's full scans,
+        # which otherwise walk every module, schema and route object and stall the loop for tens
+        # of milliseconds now and then (measured: p99 90 ms at 16 clients on a 9 ms p50 route).
+        gc.collect()
+        gc.freeze()
         http = asyncio.create_task(self.http.serve())
         while not self.http.should_exit and not http.done():  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
             await asyncio.sleep(0.1)
