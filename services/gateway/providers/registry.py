@@ -204,6 +204,13 @@ class ProviderRegistry:
         )
 
     # -- selection ------------------------------------------------------------------------------
+
+    def _unserved(self, model_id: str, op: str) -> str:
+        """Why a model cannot serve an op, with the tasks it does serve."""
+        what = "does not generate text" if op in ("chat", "completion") else f"does not serve {op}"
+        tasks = self.model(model_id).tasks
+        return f"Model {model_id!r} {what}; it serves: {', '.join(tasks)}"
+
     def candidates(
         self,
         model_id: str,
@@ -224,7 +231,7 @@ class ProviderRegistry:
         if provider is not None:
             return self._explicit(model_id, op, provider, served, allowed, policy)
         if not served:
-            raise MeshError(ErrorCode.UNSUPPORTED_TASK, f"Model {model_id!r} does not serve {op}", param="model")
+            raise MeshError(ErrorCode.UNSUPPORTED_TASK, self._unserved(model_id, op), param="model")
         if len(served) == 1 and (allowed is None or served[0].provider in allowed):
             return self._single_selection(model_id, op, served, policy)
         if allowed is not None:
