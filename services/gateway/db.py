@@ -62,14 +62,17 @@ def private_sqlite_file(path: Path) -> None:
 
 
 def add_missing_columns(engine: sa.Engine, table: sa.Table) -> None:
-    """Add the columns of `table` that an older release's table lacks (nullable ones only: rows
-    already there get NULL). Idempotent, and safe for replicas starting together: Postgres says
+    """Add the columns of `table` that an older release's table lacks: rows already there get NULL,
+    or the server default (an SQL expression) of a NOT NULL column. Idempotent, and safe for replicas starting together: Postgres says
     IF NOT EXISTS, SQLite's loser sees "duplicate column" and is done."""
     have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
     for column in table.columns:
         if column.name in have:
             continue
         ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+        default = column.server_default
+        if not column.nullable and default is not None and isinstance(default.arg, sa.TextClause):
+            ddl += f" NOT NULL DEFAULT {default.arg.text}"  # the rows already there take the default
         if engine.dialect.name == "postgresql":
             ddl = ddl.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from services.gateway.db import add_missing_columns, create_tables, metadata, retry_locked
+from services.gateway.db import add_missing_columns, create_tables, metadata
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -104,33 +104,7 @@ class UsageRecord:
 def create_usage_table(engine: sa.Engine) -> None:
     """Create the tables, and add the columns a ledger of an older release lacks (idempotent)."""
     create_tables(engine)
-    _add_defaulted_column(engine, usage.c.attempts)
     add_missing_columns(engine, usage)
-
-
-def _add_defaulted_column(engine: sa.Engine, column: sa.Column) -> None:
-    """Add a NOT NULL column with a server default to an older release's table (add_missing_columns
-    adds nullable ones only): its rows take the default. Replicas starting together: Postgres says
-    IF NOT EXISTS, SQLite's loser sees "duplicate column"."""
-    table = column.table
-    if column.name in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
-        return
-    default = column.server_default.arg.text
-    exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
-    ddl = (
-        f"ALTER TABLE {table.name} ADD COLUMN{exists} {column.name} "
-        f"{column.type.compile(engine.dialect)} NOT NULL DEFAULT {default}"
-    )
-
-    def add() -> None:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(ddl)
-
-    try:
-        retry_locked(add)
-    except sa.exc.OperationalError as err:
-        if "duplicate column" not in str(err):
-            raise
 
 
 # --- a row in tuple form -----------------------------------------------------------------------
