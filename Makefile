@@ -53,7 +53,7 @@ test: $(STAMP) $(OLD_HUB) $(REDIS)
 	$(VENV)/bin/meshserve models build
 	$(PY) scripts/check_docs.py
 	$(PY) scripts/gen_config_docs.py --check
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider --durations=30
 
 proto: $(STAMP)
 	scripts/proto.sh
