@@ -13,7 +13,7 @@ import pytest
 
 from services.common.catalog import Catalog
 from services.common.settings import REPO_ROOT
-from services.models.build import build_all
+from services.models.build import CACHE_ENV, build_all
 from tests.helpers import (
     MODEL_ID,
     TRITON_SKIP_REASON,
@@ -25,6 +25,10 @@ from tests.helpers import (
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' own builds (toy builders, in this process or a subprocess) stay out of the user's model
+# cache; only the shipped models below are built through it.
+USER_MODEL_CACHE = os.environ.get(CACHE_ENV)
+os.environ[CACHE_ENV] = "off"
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +40,12 @@ def catalog() -> Catalog:
 def models_dir(catalog):
     """The built model store (cached: a no-op when `meshserve models build` already ran)."""
     folder = meshserve_home() / "models"
-    build_all(catalog, folder)
+    with pytest.MonkeyPatch.context() as env:
+        if USER_MODEL_CACHE is None:
+            env.delenv(CACHE_ENV)
+        else:
+            env.setenv(CACHE_ENV, USER_MODEL_CACHE)
+        build_all(catalog, folder)
     return folder
 
 

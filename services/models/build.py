@@ -7,6 +7,11 @@ fetched into the Hugging Face cache.
 One build at a time per store: builds hold an exclusive flock on MODELS_DIR/.build.lock, so a second
 `models build` (another pytest worker, `make up` next to `make test`) waits for the first and then
 finds its models up to date instead of deleting the other's `<model>.building` folder.
+
+Trained models are also kept in a per-user cache shared by every clone, keyed by the build's
+fingerprint and the interpreter and library versions (MESHSERVE_MODEL_CACHE, default
+~/.cache/meshserve/models; `off` turns it off): a fresh clone copies them instead of retraining.
+`--force` retrains and refreshes the cached copy.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import contextlib
 import fcntl
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
+import os
+import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +38,9 @@ from services.models import builders
 log = logging.getLogger(__name__)
 BUILD_VERSION = 2
 LOCK_FILE = ".build.lock"
+CACHE_ENV = "MESHSERVE_MODEL_CACHE"
+# What a trained model also depends on besides its fingerprint's files: the libraries that train it.
+CACHE_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "sentence-transformers", "numpy")
 
 
 def source_path(entry: ModelEntry) -> Path:
@@ -124,11 +135,83 @@ def _in_place(entry: ModelEntry, models_dir: Path, *, force: bool) -> tuple[Path
     return folder, False
 
 
+def _finish(entry: ModelEntry, tmp: Path, card: str, fingerprint: str, metrics: dict | None) -> None:
+    (tmp / "README.md").write_text(card)
+    record = {"id": entry.id, "fingerprint": fingerprint, **({"metrics": metrics} if metrics else {})}
+    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def cache_root() -> Path | None:
+    """The per-user cache of trained models: $MESHSERVE_MODEL_CACHE (`off` or empty: none), else
+    $XDG_CACHE_HOME/meshserve/models or ~/.cache/meshserve/models."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshserve" / "models"
+
+
+def _cache_dir(entry: ModelEntry, fingerprint: str) -> Path | None:
+    """The cache folder of this exact build: fingerprint, interpreter, machine and library versions."""
+    root = cache_root()
+    if root is None:
+        return None
+    digest = hashlib.sha256(f"{entry.id}:{fingerprint}:{platform.python_version()}:{platform.machine()}".encode())
+    for name in CACHE_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            digest.update(f":{name}={importlib.metadata.version(name)}".encode())
+    return root / digest.hexdigest()[:16]
+
+
+def _from_cache(entry: ModelEntry, cached: Path, fingerprint: str, tmp: Path) -> bool:
+    """Copy a cached build into `tmp`; False (tmp emptied) when there is none or it is unreadable."""
+    try:
+        record = json.loads((cached / MANIFEST).read_text())
+        if (record.get("id"), record.get("fingerprint")) != (entry.id, fingerprint):
+            return False
+        shutil.copytree(cached, tmp, dirs_exist_ok=True)
+    except (OSError, ValueError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return False
+    log.info("%s: copied from the model cache %s", entry.id, cached)
+    return True
+
+
+def _to_cache(built: Path, cached: Path) -> None:
+    """Publish a finished build in the cache (whole or not at all); the cache is only a speed-up, so
+    a failure (read-only home, full disk) is logged and the build goes on."""
+    part = cached.with_name(f"{cached.name}.{os.getpid()}.part")
+    try:
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(built, part)
+        shutil.rmtree(cached, ignore_errors=True)  # a --force rebuild replaces the old copy
+        part.rename(cached)
+    except OSError as exc:
+        log.warning("model cache %s not written: %s", cached, exc)
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def _seed_cache(entry: ModelEntry, built: Path, fingerprint: str) -> None:
+    cached = _cache_dir(entry, fingerprint)
+    if cached is not None and not (cached / MANIFEST).is_file():
+        _to_cache(built, cached)
+
+
+def _train(entry: ModelEntry, builder, base_dir: Path | None, fingerprint: str, tmp: Path, *, force: bool) -> None:
+    """Train into `tmp`, or copy the same build from the per-user cache; a new build is cached."""
+    cached = _cache_dir(entry, fingerprint)
+    if cached is not None and not force and _from_cache(entry, cached, fingerprint, tmp):
+        return
+    metrics = builder.build(entry, tmp / "model", base_dir, progress=tqdm)
+    _finish(entry, tmp, builder.card(entry, metrics), fingerprint, metrics)
+    if cached is not None:
+        _to_cache(tmp, cached)
+
+
 def _build_entry(entry: ModelEntry, models_dir: Path, *, force: bool, catalog: Catalog | None) -> tuple[Path, bool]:
     if entry.source.kind in IN_PLACE:
         return _in_place(entry, models_dir, force=force)
     dest = entry.store_dir(models_dir)
-    metrics: dict | None = None
     if entry.source.kind == "build":
         builder = builders.get(entry.source.builder)
         base_dir, base_fingerprint = None, ""
@@ -143,19 +226,17 @@ def _build_entry(entry: ModelEntry, models_dir: Path, *, force: bool, catalog: C
         src = source_path(entry)
         fingerprint = _fingerprint(src)
     if not force and is_built(entry, models_dir) and manifest(entry, models_dir).get("fingerprint") == fingerprint:
+        if entry.source.kind == "build":  # a store built before the cache existed seeds it
+            _seed_cache(entry, dest, fingerprint)
         return dest, False
     tmp = dest.with_name(dest.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if entry.source.kind == "build":
-        metrics = builder.build(entry, tmp / "model", base_dir, progress=tqdm)
-        card = builder.card(entry, metrics)
+        _train(entry, builder, base_dir, fingerprint, tmp, force=force)
     else:
         _copy(entry, src, tmp / "model")
-        card = _card(entry, src)
-    (tmp / "README.md").write_text(card)
-    record = {"id": entry.id, "fingerprint": fingerprint, **({"metrics": metrics} if metrics else {})}
-    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+        _finish(entry, tmp, _card(entry, src), fingerprint, None)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest, True
