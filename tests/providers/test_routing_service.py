@@ -542,6 +542,11 @@ async def test_a_local_mesh_that_is_down_fails_over_to_the_remote_provider(tmp_p
     assert ledger.record("cost_usd") == pytest.approx(CHEAP_SPEC.cost(2, 3, 0.0))
 
 
+# The session meshes live on the worker of the "mesh" group: running there, these tests start none.
+ON_MESH_WORKER = pytest.mark.xdist_group("mesh")
+
+
+@ON_MESH_WORKER
 async def test_the_local_mesh_answers_a_routed_generation_with_its_own_counts(
     tmp_path, upstreams, mesh, catalog, monkeypatch
 ):
@@ -597,6 +602,7 @@ def test_the_admin_key_request_takes_providers_as_the_api_and_cli_send_them(tmp_
     assert refused.value.param == "providers"
 
 
+@ON_MESH_WORKER
 async def test_the_local_mesh_answers_a_routed_task_the_routes_parsed_for_it(tmp_path, upstreams, mesh, monkeypatch):
     if hasattr(mesh, "service_token"):
         monkeypatch.setenv("MESHSERVE_SERVICE_TOKEN", mesh.service_token)
