@@ -41,6 +41,9 @@ GENERATION_TASKS = frozenset({"text-generation"})
 # Tasks whose inputs are images (raw bytes or base64), not text.
 IMAGE_TASKS = frozenset({"image-classification"})
 
+# Runtimes that `runtime_engine: onnx` can run (services/inference/onnx_engine.py exports them).
+ONNX_RUNTIMES = frozenset({"sentence_embedding", "embedding_classifier"})
+
 DATATYPES = {"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
 
 
@@ -137,6 +140,12 @@ class InferenceSpec(_Strict):
         "question_answering",
         "vision_classification",
     ]
+    runtime_engine: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="What runs the runtime: torch, or onnx (exported once with torch.onnx into the model's "
+        "store folder, run by onnxruntime on the CPU with `threads` intra-op threads; encoders only: "
+        "sentence_embedding, embedding_classifier).",
+    )
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 32
@@ -155,6 +164,14 @@ class InferenceSpec(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
             raise ValueError("inference.name must be a Triton model name (letters, digits, _ . -)")
         return v
+
+    @model_validator(mode="after")
+    def _engine_runs_runtime(self) -> InferenceSpec:
+        if self.runtime_engine == "onnx" and self.runtime not in ONNX_RUNTIMES:
+            raise ValueError(
+                f"runtime_engine onnx does not run the {self.runtime} runtime; it runs: {', '.join(sorted(ONNX_RUNTIMES))}"
+            )
+        return self
 
 
 class ZeroShotSpec(_Strict):

@@ -108,6 +108,9 @@ def model_config(entry: ModelEntry, models_dir: Path, *, gpu: bool) -> mc.ModelC
         "MESHSERVE_RUNTIME": spec.runtime,
         "MESHSERVE_MODEL_DIR": str(model_dir(entry, models_dir).resolve()),
         "TORCH_THREADS": str(spec.threads),
+        "MESHSERVE_ENGINE": spec.runtime_engine,
+        # where the engine caches what it derives from the weights (the ONNX export): the store folder
+        "MESHSERVE_ENGINE_CACHE": str((entry.store_dir(models_dir) / spec.runtime_engine).resolve()),
     }.items():
         config.parameters[key].string_value = value
     return config

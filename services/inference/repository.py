@@ -15,7 +15,7 @@ from services.common.errors import ErrorCode, MeshError
 from services.common.modelstore import is_built, model_dir
 from services.inference.batcher import DynamicBatcher
 from services.inference.generation import GenerationScheduler
-from services.inference.runtime import load_runtime, set_torch_threads
+from services.inference.runtime import RuntimeOptions, load_runtime, set_torch_threads
 from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,10 @@ class ModelRepository:
             try:
                 set_torch_threads(entry.inference.threads)
                 runtime = await asyncio.to_thread(
-                    load_runtime, entry.inference.runtime, model_dir(entry, self.models_dir)
+                    load_runtime,
+                    entry.inference.runtime,
+                    model_dir(entry, self.models_dir),
+                    RuntimeOptions.of(entry, self.models_dir),
                 )
             except Exception as exc:
                 log.exception("model load failed", extra={"fields": {"model": name}})

@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from services.common.catalog import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ class SentenceEmbeddingRuntime(Runtime):
     """
 
     pad_values: ClassVar[dict[str, int | float]] = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+    output_names: ClassVar[tuple[str, ...]] = ("embedding",)
 
     def __init__(self, model_dir: Path) -> None:
         import torch
@@ -122,31 +127,44 @@ class SentenceEmbeddingRuntime(Runtime):
         if types is not None and (types.min() < 0 or types.max() >= max(self.type_vocab_size, 1)):
             raise ValueError(f"input 'token_type_ids' holds ids outside [0, {max(self.type_vocab_size, 1)})")
 
-    def pooled(self, inputs: dict[str, np.ndarray]):
+    def feed(self, inputs: dict[str, np.ndarray]) -> dict:
+        """The encoder's inputs as int64 tensors on the model's device (token_type_ids when sent)."""
+        torch = self._torch
+        return {
+            name: torch.from_numpy(_writable(inputs[name])).to(self.device)
+            for name in ("input_ids", "attention_mask", "token_type_ids")
+            if name in inputs
+        }
+
+    def pooled(self, input_ids, attention_mask, token_type_ids=None):
         """[batch, dim] sentence embeddings (pooled, then the Dense layers) as a torch tensor on the
         model's device."""
         torch = self._torch
-        ids = torch.from_numpy(_writable(inputs["input_ids"])).to(self.device)
-        mask = torch.from_numpy(_writable(inputs["attention_mask"])).to(self.device)
-        extra = {}
-        if "token_type_ids" in inputs:
-            extra["token_type_ids"] = torch.from_numpy(_writable(inputs["token_type_ids"])).to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         if self.modes == ("mean",) and not self.dense:
-            return self._pool(hidden, mask).to(torch.float32)
+            return self._pool(hidden, attention_mask).to(torch.float32)
         from services.inference.sentence_modules import apply_dense, pool
 
-        return apply_dense(self.dense, pool(self.modes, hidden, mask).to(torch.float32))
+        return apply_dense(self.dense, pool(self.modes, hidden, attention_mask).to(torch.float32))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple:
+        """The `output_names` tensors, in order, from the encoder's input tensors: what execute()
+        returns and what the ONNX engine exports."""
+        return (self.pooled(input_ids, attention_mask, token_type_ids),)
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
-            return {"embedding": self.pooled(inputs).cpu().numpy()}
+            outputs = self.forward(**self.feed(inputs))
+        return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs, strict=True)}
 
 
 class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
     """Sentence embedding (mean pooling, L2-normalized) followed by a linear head, in one batch:
     only [batch, labels] logits leave the inference service. The head is `classifier.safetensors`
     (weight [labels, dim], bias [labels]) beside the encoder's files."""
+
+    output_names: ClassVar[tuple[str, ...]] = ("logits",)
 
     def __init__(self, model_dir: Path) -> None:
         super().__init__(model_dir)
@@ -155,11 +173,10 @@ class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
         head = load_file(str(model_dir / "classifier.safetensors"), device=str(self.device))
         self.weight, self.bias = head["weight"], head["bias"]
 
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple:
         functional = self._torch.nn.functional
-        with self._torch.inference_mode():
-            normalized = functional.normalize(self.pooled(inputs), dim=1)
-            return {"logits": functional.linear(normalized, self.weight, self.bias).cpu().numpy()}
+        normalized = functional.normalize(self.pooled(input_ids, attention_mask, token_type_ids), dim=1)
+        return (functional.linear(normalized, self.weight, self.bias),)
 
 
 class ImageClassifierRuntime(Runtime):
@@ -243,9 +260,37 @@ RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
 }
 
 
-def load_runtime(kind: str, model_dir: Path) -> Runtime:
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a catalog entry's runtime runs: its engine (catalog `inference.runtime_engine`), its
+    intra-op threads, and the folder where an engine keeps what it derives from the weights once
+    (the ONNX export)."""
+
+    engine: str = "torch"
+    threads: int = 1
+    cache_dir: Path | None = None
+
+    @classmethod
+    def of(cls, entry: ModelEntry, models_dir: Path) -> RuntimeOptions:
+        """An entry's options; the cache lies in its store folder, beside the built `model/`."""
+        spec = entry.inference
+        return cls(spec.runtime_engine, spec.threads, entry.store_dir(models_dir) / spec.runtime_engine)
+
+
+def load_runtime(kind: str, model_dir: Path, options: RuntimeOptions | None = None) -> Runtime:
+    """The runtime of `kind` for a model folder, on the options' engine (default: torch)."""
+    options = options or RuntimeOptions()
+    factories = RUNTIMES
+    if options.engine == "onnx":
+        from services.inference.onnx_engine import ONNX_RUNTIMES
+
+        factories = ONNX_RUNTIMES
+    elif options.engine != "torch":
+        raise ValueError(f"unknown runtime engine {options.engine!r}; known: torch, onnx")
     try:
-        factory = RUNTIMES[kind]
+        factory = factories[kind]
     except KeyError:
-        raise ValueError(f"unknown runtime {kind!r}; known: {', '.join(RUNTIMES)}") from None
-    return factory(model_dir)
+        raise ValueError(
+            f"unknown runtime {kind!r} for engine {options.engine!r}; known: {', '.join(factories)}"
+        ) from None
+    return factory(model_dir, options) if options.engine == "onnx" else factory(model_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.inference.runtime import load_runtime, pad_and_stack, set_torch_threads
+from services.inference.runtime import RuntimeOptions, load_runtime, pad_and_stack, set_torch_threads
 
 
 class TritonPythonModel:
@@ -23,7 +23,12 @@ class TritonPythonModel:
         if params["MESHSERVE_RUNTIME"] == "causal_lm":
             self.generation = _GenerationHost(params)
             return
-        self.runtime = load_runtime(params["MESHSERVE_RUNTIME"], Path(params["MESHSERVE_MODEL_DIR"]))
+        options = RuntimeOptions(
+            engine=params.get("MESHSERVE_ENGINE", "torch"),
+            threads=int(params.get("TORCH_THREADS", "1")),
+            cache_dir=Path(params["MESHSERVE_ENGINE_CACHE"]) if "MESHSERVE_ENGINE_CACHE" in params else None,
+        )
+        self.runtime = load_runtime(params["MESHSERVE_RUNTIME"], Path(params["MESHSERVE_MODEL_DIR"]), options)
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
 
