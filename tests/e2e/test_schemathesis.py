@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.helpers import REPO, free_port
 
+pytestmark = pytest.mark.xdist_group("mesh")  # on the worker that already runs the session meshes
 EXAMPLES = 15  # per operation and mode: a fixed count of requests, the same ones every run
 MODES = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
 REQUEST_TIMEOUT_S = 30.0
