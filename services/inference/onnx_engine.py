@@ -87,6 +87,7 @@ def export(runtime: SentenceEmbeddingRuntime, inputs: tuple[str, ...], path: Pat
                 Graph().eval(), _sample(inputs), tmp, dynamo=False, opset_version=OPSET, input_names=list(inputs),
                 output_names=list(runtime.output_names), dynamic_axes=axes, do_constant_folding=True,
             )  # fmt: skip
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the file from a Triton run as another user
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
