@@ -22,7 +22,7 @@ from tests.providers.conftest import (
 
 pytestmark = pytest.mark.xdist_group("providers-kill")
 
-N, C = 160, 16
+N, C = 80, 16  # half of the requests come after the SIGKILL: enough to see every one fail over
 KILL_AFTER = 40  # acknowledged answers before the SIGKILL: a count, not a time
 CHAT = "acme/kill-chat"
 EMBED = "acme/kill-embed"

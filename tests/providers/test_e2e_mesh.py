@@ -139,7 +139,7 @@ def test_killing_mesh_b_under_unary_load_fails_over_to_local(mesh, tmp_path):
 
 
 def _load_and_kill(b: GatewayProcess, c) -> list[Outcome]:
-    """160 embeddings requests at c = 16 to C; B gets SIGKILL (by PID) at the 40th answer."""
+    """80 embeddings requests at c = 16 to C; B gets SIGKILL (by PID) at the 40th answer."""
     seen = [0]
 
     async def one(client: httpx.AsyncClient, i: int) -> Outcome:
@@ -150,4 +150,4 @@ def _load_and_kill(b: GatewayProcess, c) -> list[Outcome]:
                 b.process.send_signal(signal.SIGKILL)
         return outcome
 
-    return bounded_load(160, 16, one)
+    return bounded_load(80, 16, one)
