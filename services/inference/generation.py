@@ -42,6 +42,18 @@ TPOT = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
+ADMISSION_WAIT = Histogram(
+    "meshserve_inference_admission_wait_seconds",
+    "Submission to the start of the sequence's prefill (the decode step in flight, a free batch slot).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+PREFILL = Histogram(
+    "meshserve_inference_prefill_seconds",
+    "One prefill forward (all the sequences joining at once) with its sampling.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
 TOKENS = Counter("meshserve_inference_generated_tokens_total", "Tokens generated.", ["model"])
 PROMPT_TOKENS = Counter("meshserve_inference_prompt_tokens_total", "Prompt tokens prefilled.", ["model"])
 FINISHED = Counter("meshserve_inference_sequences_total", "Finished sequences by reason.", ["model", "reason"])
@@ -222,18 +234,32 @@ class CausalLMRuntime:
 
     def decode(self, tokens: list[int], mask, positions, layers):
         """One step for a left-padded batch: (logits [batch, vocab], grown layers)."""
-        from transformers import DynamicCache
-
         torch = self._torch
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                 attention_mask=mask,
                 position_ids=positions.unsqueeze(1),
-                past_key_values=DynamicCache(ddp_cache_data=layers),
+                past_key_values=_cache(layers),
                 use_cache=True,
             )
             return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def _cache(layers):
+    """A DynamicCache holding `layers` as they are. DynamicCache(ddp_cache_data=layers) would copy
+    every layer (it concatenates onto an empty tensor): a second full copy of the cache per step
+    beside the one the forward's own update makes."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer.keys, layer.values, layer.is_initialized = keys, values, True
+        cache.layers.append(layer)
+    return cache
 
 
 @dataclass(eq=False)
@@ -280,6 +306,18 @@ class GenerationStream:
         return event
 
 
+class _Metrics:
+    """One model's children of the scheduler's metrics, looked up once (`labels()` takes a lock
+    and builds a key on every call)."""
+
+    def __init__(self, name: str) -> None:
+        self.running, self.waiting = RUNNING.labels(name), WAITING.labels(name)
+        self.ttft, self.tpot, self.tokens = TTFT.labels(name), TPOT.labels(name), TOKENS.labels(name)
+        self.prompt_tokens, self.decode_steps = PROMPT_TOKENS.labels(name), DECODE_STEPS.labels(name)
+        self.decode_batch, self.cancel_tail = DECODE_BATCH.labels(name), CANCEL_TAIL.labels(name)
+        self.admission_wait, self.prefill = ADMISSION_WAIT.labels(name), PREFILL.labels(name)
+
+
 class _Batch:
     """The running sequences and their left-padded KV cache and attention mask."""
 
@@ -312,6 +350,8 @@ class GenerationScheduler:
         self.spec = spec
         self.stats = stats
         self.max_running = spec.max_batch_size
+        self._metrics = _Metrics(name)
+        self._emitted = 0  # tokens emitted since the metric was last increased
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{name}")
@@ -344,7 +384,7 @@ class GenerationScheduler:
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         sequence.generator = generator
         self._waiting.append(sequence)
-        WAITING.labels(self.name).set(len(self._waiting))
+        self._metrics.waiting.set(len(self._waiting))
         self._wake.set()
         return GenerationStream(sequence)
 
@@ -380,8 +420,8 @@ class GenerationScheduler:
                 for sequence in [*self._batch.sequences]:
                     self._finish(sequence, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
                 self._batch = _Batch()
-            RUNNING.labels(self.name).set(len(self._batch.sequences))
-            WAITING.labels(self.name).set(len(self._waiting))
+            self._metrics.running.set(len(self._batch.sequences))
+            self._metrics.waiting.set(len(self._waiting))
 
     async def _admit(self, loop) -> None:
         """Prefill every sequence that fits, in one left-padded forward, and join them."""
@@ -394,6 +434,9 @@ class GenerationScheduler:
                 joining.append(sequence)
         if not joining:
             return
+        started = time.perf_counter()
+        for sequence in joining:
+            self._metrics.admission_wait.observe(started - sequence.submitted)
         try:
             sampled, layers, mask, scores = await loop.run_in_executor(self._executor, self._prefill, joining)
         except Exception as exc:  # they left the queue and never joined: end them; the batch goes on
@@ -405,11 +448,15 @@ class GenerationScheduler:
             for sequence in joining:
                 self._finish(sequence, FinishReason.CANCELLED)
             raise
-        PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt) for s in joining))
+        now = time.perf_counter()
+        self._metrics.prefill.observe(now - started)
+        self._metrics.prompt_tokens.inc(sum(len(s.prompt) for s in joining))
         for sequence, prompt_logprobs in zip(joining, scores, strict=True):
             if prompt_logprobs is not None and not sequence.cancelled:
                 sequence.events.put_nowait(TokenEvent(None, prompt_logprobs=tuple(prompt_logprobs)))
-        keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if self._emit(s, t, lp)]
+        emit = self._emit
+        keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if emit(s, t, lp, now)]
+        self._count_emitted()
         if keep:
             index = self._torch.tensor(keep, device=mask.device)
             layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
@@ -442,10 +489,12 @@ class GenerationScheduler:
         self._drop([s for s in self._batch.sequences if s.cancelled], FinishReason.CANCELLED)
         if not self._batch.sequences:
             return
-        DECODE_BATCH.labels(self.name).observe(len(self._batch.sequences))
-        DECODE_STEPS.labels(self.name).inc()
+        self._metrics.decode_batch.observe(len(self._batch.sequences))
+        self._metrics.decode_steps.inc()
         sampled = await loop.run_in_executor(self._executor, self._decode)
-        finished = [s for s, (t, lp) in zip(self._batch.sequences, sampled, strict=True) if not self._emit(s, t, lp)]
+        now, emit = time.perf_counter(), self._emit
+        finished = [s for s, (t, lp) in zip(self._batch.sequences, sampled, strict=True) if not emit(s, t, lp, now)]
+        self._count_emitted()
         self._batch.last = [t for t, _ in sampled]
         self._drop(finished, None)
 
@@ -538,26 +587,31 @@ class GenerationScheduler:
         batch.last = [batch.last[i] for i in keep]
 
     # -- per-token bookkeeping --------------------------------------------------------------------
-    def _emit(self, sequence: Sequence, token: int, logprob: float = 0.0) -> bool:
-        """Record a sampled token; False when the sequence has ended (and was finished)."""
+    def _emit(self, sequence: Sequence, token: int, logprob: float, now: float) -> bool:
+        """Record a token sampled at `now`; False when the sequence has ended (and was finished).
+        The caller counts the step's tokens in the metrics (one increment per step)."""
         if sequence.cancelled:
             self._finish(sequence, FinishReason.CANCELLED)
             return False
         if token in self.runtime.eos_token_ids or token in sequence.params.stop_token_ids:
             self._finish(sequence, FinishReason.STOP)
             return False
-        now = time.perf_counter()
         if sequence.first_token_at is None:
             sequence.first_token_at = now
-            TTFT.labels(self.name).observe(now - sequence.submitted)
+            self._metrics.ttft.observe(now - sequence.submitted)
         sequence.generated.append(token)
-        TOKENS.labels(self.name).inc()
+        self._emitted += 1
         sequence.events.put_nowait(TokenEvent(token, logprob=logprob))
         total = len(sequence.prompt) + len(sequence.generated)
         if len(sequence.generated) >= sequence.params.max_new_tokens or total >= self.runtime.max_context:
             self._finish(sequence, FinishReason.LENGTH)
             return False
         return True
+
+    def _count_emitted(self) -> None:
+        if self._emitted:
+            self._metrics.tokens.inc(self._emitted)
+            self._emitted = 0
 
     def _finish(self, sequence: Sequence, reason: FinishReason, *, error: str | None = None) -> None:
         if sequence.final_sent:
@@ -566,9 +620,9 @@ class GenerationScheduler:
         FINISHED.labels(self.name, reason).inc()
         n = len(sequence.generated)
         if reason == FinishReason.CANCELLED:
-            CANCEL_TAIL.labels(self.name).observe(n - sequence.cancelled_at)
+            self._metrics.cancel_tail.observe(n - sequence.cancelled_at)
         if n > 1 and sequence.first_token_at is not None:
-            TPOT.labels(self.name).observe((time.perf_counter() - sequence.first_token_at) / (n - 1))
+            self._metrics.tpot.observe((time.perf_counter() - sequence.first_token_at) / (n - 1))
         sequence.events.put_nowait(TokenEvent(None, True, reason, len(sequence.prompt), n, error))
 
     def _sample(self, logits, sequence: Sequence) -> tuple[int, float]:
