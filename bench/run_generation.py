@@ -1,5 +1,13 @@
-"""Generation benchmark, in one run on this machine: streaming chat with `meshserve/tiny-llama-chat`
-through the full mesh against raw in-process Hugging Face `generate()` of the same folder.
+"""Generation benchmark, in one run on this machine: streaming chat through the full mesh against raw
+in-process Hugging Face `generate()` of the same folder, for two causal LMs (`--model`):
+
+  tiny  `meshserve/tiny-llama-chat` (3.95M parameters, the catalog's): the mesh's own costs dominate.
+  base  a realistically sized Llama (hidden 768 x 12 layers, GQA 12/4 heads, ~107M parameters),
+        random-initialised at bench time with the tiny model's tokenizer, chat template and
+        generation_config (throughput does not depend on trained weights), cached under
+        $MESHSERVE_HOME/bench-models/ and served with `meshserve up --model ID=FOLDER`, as users
+        serve their folders. The model dominates; the target: mesh >= 0.85x raw at 32 streams.
+        Its windows are 3x --seconds (a 32-stream wave of 64 tokens takes several seconds).
 
   raw   transformers AutoModelForCausalLM.from_pretrained(folder), 2 torch threads, `generate()`
         greedy with max_new_tokens = min_new_tokens = 64 (the length is fixed), prompts rendered with
@@ -17,22 +25,27 @@ through the full mesh against raw in-process Hugging Face `generate()` of the sa
         batch (continuous batching at work), generated tokens, server-side TTFT and time per token.
 
 Ratios: each mesh point / raw single-stream tokens/s, and / raw batched generate() at the same batch
-size. The issue's target: at 32 streams, aggregate tokens/s >= 5x the single-stream rate (mesh c=32 /
-mesh c=1). Writes bench/results/generation.json and bench/results/generation.png, prints a summary.
+size. The tiny model's target: at 32 streams, aggregate tokens/s >= 5x the single-stream rate (mesh
+c=32 / mesh c=1). Writes bench/results/generation.json (the tiny model's keys at the top, the base
+model's under "base"; a run of one model keeps the other's from the file) and generation.png.
 
-    python -m bench.run_generation               # 8 s per point (BENCH_SECONDS if set), ~2.5 minutes
-    python -m bench.run_generation --seconds 2   # smoke run
+    python -m bench.run_generation                           # 8 s per point (BENCH_SECONDS), ~7 minutes
+    python -m bench.run_generation --model tiny --seconds 2  # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +74,20 @@ from bench.common import (
 from tests.helpers import Mesh, meshserve_home, start_mesh
 
 MODEL = "meshserve/tiny-llama-chat"
+BASE_MODEL = "bench/llama-base"  # the id `meshserve up --model` serves the base folder under
+# The base model's shape (LlamaConfig fields); the tokenizer's ids (vocab, bos/eos/pad) come from the tiny one.
+BASE_SHAPE = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+BASE_WINDOW_FACTOR = 3  # the base model's windows are this many times --seconds
+BASE_TARGET_RATIO = 0.85  # base: mesh tokens/s at 32 streams >= this share of raw generate() at batch 32
+BASE_TIMEOUT_S = 120.0  # a base stream's gap between chunks may reach a contended step's time
 MAX_TOKENS = 64  # per request, mesh and raw
 FIXED_LENGTH = True  # mesh streams send min_tokens = MAX_TOKENS (--stop-at-eos: False)
 TEMPERATURE = 0.8  # mesh requests (raw is greedy with a forced length)
@@ -83,6 +110,62 @@ PROMPTS = [
 
 def chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
+
+
+@dataclass
+class Target:
+    """One model under test: its gateway id, folder, how `meshserve up` serves it, its window."""
+
+    key: str  # "tiny" | "base"
+    model: str
+    folder: Path
+    inference_name: str
+    seconds: float
+    up_args: list[str] = field(default_factory=list)  # empty: the catalog's model
+    timeout_s: float = REQUEST_TIMEOUT_S
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the base model, built at bench time -----------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def base_folder(tiny: Path) -> Path:
+    """The random-initialised base Llama beside the tiny model's tokenizer files, built once per
+    shape and tokenizer under $MESHSERVE_HOME/bench-models/ (a digest of both names the folder)."""
+    digest = hashlib.sha256(json.dumps(BASE_SHAPE, sort_keys=True).encode())
+    for name in TOKENIZER_FILES:
+        digest.update((tiny / name).read_bytes())
+    folder = meshserve_home() / "bench-models" / f"llama-base-{digest.hexdigest()[:12]}"
+    if (folder / ".complete").exists():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"building the base model in {folder}", flush=True)
+    tiny_config = json.loads((tiny / "config.json").read_text())
+    ids = {k: tiny_config[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**BASE_SHAPE, **ids)).save_pretrained(str(tmp))
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tiny / name, tmp / name)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def parameter_count(folder: Path) -> int:
+    """Parameters stored in the folder's model.safetensors (tied embeddings once)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
 # -- raw in-process generate() ---------------------------------------------------------------------
@@ -180,7 +263,13 @@ METRICS = (
     "meshserve_inference_time_per_output_token_seconds_sum",
     "meshserve_inference_time_per_output_token_seconds_count",
     "meshserve_inference_sequences_total",
+    "meshserve_inference_admission_wait_seconds_sum",
+    "meshserve_inference_admission_wait_seconds_count",
+    "meshserve_inference_prefill_seconds_sum",
+    "meshserve_inference_prefill_seconds_count",
 )
+# Histograms whose buckets are kept too: their p50 / p99 in the window (a bucket's upper bound).
+BUCKETED = ("meshserve_inference_time_to_first_token_seconds", "meshserve_inference_admission_wait_seconds")
 
 
 async def scrape(http, url: str, model_name: str) -> dict[str, float]:
@@ -192,9 +281,13 @@ async def scrape(http, url: str, model_name: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(reply.text):
         for sample in family.samples:
-            if sample.name in METRICS and sample.labels.get("model") == model_name:
+            if sample.labels.get("model") != model_name:
+                continue
+            if sample.name in METRICS:
                 key = sample.name + (f"{{{sample.labels['reason']}}}" if "reason" in sample.labels else "")
                 out[key] = out.get(key, 0.0) + sample.value
+            elif sample.name.endswith("_bucket") and sample.name[: -len("_bucket")] in BUCKETED:
+                out[f"{sample.name}{{{sample.labels['le']}}}"] = sample.value
     return out
 
 
@@ -205,6 +298,18 @@ def metrics_delta(before: dict[str, float], after: dict[str, float], seconds: fl
     def mean(prefix: str, scale: float = 1.0) -> float | None:
         count = d(prefix + "_count")
         return round(d(prefix + "_sum") / count * scale, 2) if count else None
+
+    def quantiles(name: str) -> dict[str, float | None]:
+        """p50 / p99 of a histogram's observations in the window: the upper bound of the bucket
+        (cumulative counts) where the quantile falls."""
+        prefix = name + "_bucket{"
+        bounds = sorted((float(k[len(prefix) : -1]), d(k)) for k in after if k.startswith(prefix))
+        total = bounds[-1][1] if bounds else 0
+        out: dict[str, float | None] = {}
+        for q in (0.5, 0.99):
+            bound = next((b for b, n in bounds if total and n >= q * total), None)
+            out[f"p{round(q * 100)}_ms_at_most"] = None if bound is None else round(bound * 1000, 1)
+        return out
 
     prefix = "meshserve_inference_sequences_total{"
     reasons = {k[len(prefix) : -1]: int(d(k)) for k in sorted(set(before) | set(after)) if k.startswith(prefix)}
@@ -217,6 +322,10 @@ def metrics_delta(before: dict[str, float], after: dict[str, float], seconds: fl
         "prompt_tokens": int(d("meshserve_inference_prompt_tokens_total")),
         "mean_ttft_ms": mean("meshserve_inference_time_to_first_token_seconds", 1000.0),
         "mean_time_per_output_token_ms": mean("meshserve_inference_time_per_output_token_seconds", 1000.0),
+        "mean_admission_wait_ms": mean("meshserve_inference_admission_wait_seconds", 1000.0),
+        "mean_prefill_ms": mean("meshserve_inference_prefill_seconds", 1000.0),
+        "ttft_buckets": quantiles("meshserve_inference_time_to_first_token_seconds"),
+        "admission_wait_buckets": quantiles("meshserve_inference_admission_wait_seconds"),
         "sequences_finished": {k: v for k, v in reasons.items() if v},
     }
 
@@ -247,12 +356,12 @@ class StreamError(Exception):
     pass
 
 
-async def stream_chat(client, url: str, index: int) -> dict[str, Any]:
+async def stream_chat(client, url: str, model: str, index: int) -> dict[str, Any]:
     """One streaming chat; returns its timings and its usage from the last chunk."""
     import orjson
 
     body = {
-        "model": MODEL,
+        "model": model,
         "messages": chat(PROMPTS[index % len(PROMPTS)]),
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -297,10 +406,10 @@ async def stream_chat(client, url: str, index: int) -> dict[str, Any]:
     }
 
 
-async def check_greedy(client, url: str, raw: dict[str, Any], tokenizer) -> dict[str, Any]:
+async def check_greedy(client, url: str, model: str, raw: dict[str, Any], tokenizer) -> dict[str, Any]:
     """One greedy mesh request for the raw single stream's prompt: its text must be the raw greedy
     text of the same length (raw forces 64 tokens; the mesh may stop at the end token)."""
-    body = {"model": MODEL, "messages": chat(PROMPTS[0]), "max_tokens": MAX_TOKENS, "temperature": 0}
+    body = {"model": model, "messages": chat(PROMPTS[0]), "max_tokens": MAX_TOKENS, "temperature": 0}
     reply = await client.post(url, json=body)
     reply.raise_for_status()
     data = reply.json()
@@ -338,35 +447,38 @@ def summarize_point(point: dict[str, Any], records: list[dict[str, Any]], probe:
     point["streams_per_s"] = point.pop("rps")
 
 
-async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, model_name: str, seconds: float) -> dict[str, Any]:
+async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, target: Target) -> dict[str, Any]:
     import httpx
 
     url = f"{mesh.url}/v1/chat/completions"
     limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
+    timeout = httpx.Timeout(target.timeout_s)
     async with (
         httpx.AsyncClient(limits=limits, timeout=timeout) as client,
         httpx.AsyncClient(timeout=10.0) as metrics_http,
     ):
-        probe = GenerationProbe(mesh, model_name, metrics_http)
+        probe = GenerationProbe(mesh, target.inference_name, metrics_http)
         try:
-            check = await check_greedy(client, url, raw, tokenizer)
+            check = await check_greedy(client, url, target.model, raw, tokenizer)
             print(f"  greedy check vs raw generate(): {check}", flush=True)
             points = []
             for concurrency in CONCURRENCY:
                 records: list[dict[str, Any]] = []
 
                 async def call(index: int, records=records) -> None:
-                    records.append(await stream_chat(client, url, index))
+                    records.append(await stream_chat(client, url, target.model, index))
 
-                point = await closed_loop(call, concurrency, probe, seconds=seconds)
+                point = await closed_loop(call, concurrency, probe, seconds=target.seconds)
                 summarize_point(point, records, probe)
                 m = point["inference_metrics"]
                 print(
                     f"  mesh c={concurrency:<3} {point['tokens_per_s']:7.1f} tok/s ({point['streams']} streams, "
                     f"{point['mean_completion_tokens']} tok each)  TTFT p50 {point['ttft']['p50_ms']} p99 "
                     f"{point['ttft']['p99_ms']} ms  ITL p50 {point['itl']['p50_ms']} p99 {point['itl']['p99_ms']} ms  "
-                    f"decode batch {m['mean_decode_batch']}  server {m['generated_tokens_per_s']} tok/s  "
+                    f"decode batch {m['mean_decode_batch']}  server {m['generated_tokens_per_s']} tok/s, TTFT mean "
+                    f"{m['mean_ttft_ms']} p99<={m['ttft_buckets']['p99_ms_at_most']} ms (admission wait mean "
+                    f"{m['mean_admission_wait_ms']} p99<={m['admission_wait_buckets']['p99_ms_at_most']}, prefill "
+                    f"{m['mean_prefill_ms']} ms)  "
                     f"errors {point['errors']}  client/server/foreign {point['cpu']['client_cores']}/"
                     f"{point['cpu']['server_cores']}/{point['cpu']['foreign_cores']} cores",
                     flush=True,
@@ -377,7 +489,7 @@ async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, model_name: str
     return {"check_vs_raw": check, "points": points}
 
 
-def add_ratios(points: list[dict[str, Any]], raw: dict[str, Any]) -> dict[str, Any]:
+def add_ratios(points: list[dict[str, Any]], raw: dict[str, Any], key: str = "tiny") -> dict[str, Any]:
     single = raw["single_stream_tokens_per_s"]
     by_batch = {p["batch"]: p["tokens_per_s"] for p in raw["points"]}
     for p in points:
@@ -386,6 +498,18 @@ def add_ratios(points: list[dict[str, Any]], raw: dict[str, Any]) -> dict[str, A
     c1 = next(p for p in points if p["concurrency"] == 1)
     c32 = next(p for p in points if p["concurrency"] == max(CONCURRENCY))
     speedup = round(c32["tokens_per_s"] / c1["tokens_per_s"], 2) if c1["tokens_per_s"] else None
+    if key == "base":
+        ratio = c32["ratio_to_raw_batched_same_size"]
+        return {
+            "target": f"at {c32['concurrency']} streams, mesh tokens/s >= {BASE_TARGET_RATIO:g}x raw generate() "
+            f"at batch {c32['concurrency']}",
+            "mesh_c1_tokens_per_s": c1["tokens_per_s"],
+            f"mesh_c{c32['concurrency']}_tokens_per_s": c32["tokens_per_s"],
+            "ratio_to_raw_batched": ratio,
+            "met": ratio >= BASE_TARGET_RATIO,
+            "speedup": speedup,
+            "raw_batched_speedup_same_sizes": round(by_batch[c32["concurrency"]] / by_batch[1], 2),
+        }
     return {
         "target": f"at {c32['concurrency']} streams, aggregate tokens/s >= {TARGET_SPEEDUP:g}x the single-stream rate",
         "mesh_c1_tokens_per_s": c1["tokens_per_s"],
@@ -397,9 +521,13 @@ def add_ratios(points: list[dict[str, Any]], raw: dict[str, Any]) -> dict[str, A
 
 
 # -- output ----------------------------------------------------------------------------------------
+def parts(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measured models of a result: the tiny one (top-level keys), then the base one."""
+    return [p for p in (result if "raw" in result else None, result.get("base")) if p]
+
+
 def noisy_points(result: dict[str, Any]) -> int:
-    points = [*result["raw"]["points"], *result["mesh"]["points"]]
-    return count_noisy(points)
+    return count_noisy(p for part in parts(result) for p in [*part["raw"]["points"], *part["mesh"]["points"]])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -408,9 +536,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    raw, points, target = result["raw"], result["mesh"]["points"], result["target"]
+    rows = parts(result)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(17, 5.2 * len(rows)), squeeze=False)
+    for part, row in zip(rows, axes, strict=True):
+        plot_row(part, row)
+    models = " and ".join(part["model"] for part in rows)
+    finish_figure(fig, path, result, f"{models} streaming chat through the mesh", f", max_tokens {MAX_TOKENS}")
+
+
+def plot_row(part: dict[str, Any], axes) -> None:
+    raw, points, target = part["raw"], part["mesh"]["points"], part["target"]
     xs = [p["concurrency"] for p in points]
-    fig, (tput, ttft, itl) = plt.subplots(1, 3, figsize=(17, 5.2))
+    tput, ttft, itl = axes
 
     tput.plot(xs, [p["tokens_per_s"] for p in points], marker="o", label="full mesh, streaming chat (client count)")
     tput.plot(
@@ -431,10 +568,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
         raw["single_stream_tokens_per_s"], color="grey", linestyle="--",
         label=f"raw single stream {raw['single_stream_tokens_per_s']:.0f} tok/s",
     )  # fmt: skip
-    tput.axhline(
-        TARGET_SPEEDUP * target["mesh_c1_tokens_per_s"], color="tab:red", linestyle="-.",
-        label=f"target {TARGET_SPEEDUP:g}x mesh c=1 ({'met' if target['met'] else 'not met'}: {target['speedup']}x)",
-    )  # fmt: skip
+    if "ratio_to_raw_batched" in target:  # base: a share of raw batched generate() at 32
+        tput.axhline(
+            BASE_TARGET_RATIO * raw["points"][-1]["tokens_per_s"], color="tab:red", linestyle="-.",
+            label=f"target {BASE_TARGET_RATIO:g}x raw b={raw['points'][-1]['batch']} "
+            f"({'met' if target['met'] else 'not met'}: {target['ratio_to_raw_batched']}x)",
+        )  # fmt: skip
+    else:
+        tput.axhline(
+            TARGET_SPEEDUP * target["mesh_c1_tokens_per_s"], color="tab:red", linestyle="-.",
+            label=f"target {TARGET_SPEEDUP:g}x mesh c=1 ({'met' if target['met'] else 'not met'}: {target['speedup']}x)",
+        )  # fmt: skip
     for p in points:
         note = "" if p["streams"] else "\nno stream ended in the window"
         tput.annotate(
@@ -443,7 +587,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             (p["concurrency"], p["tokens_per_s"]), fontsize=7, textcoords="offset points", xytext=(5, -18),
         )  # fmt: skip
     tput.set_ylabel("aggregate tokens/s")
-    tput.set_title("throughput", fontsize=10)
+    tput.set_title(f"{part['model']}: throughput", fontsize=10)
 
     ttft.plot(xs, [p["ttft"]["p50_ms"] for p in points], marker="o", label="mesh TTFT p50 (client)")
     ttft.plot(xs, [p["ttft"]["p99_ms"] for p in points], marker="s", linestyle=":", label="mesh TTFT p99 (client)")
@@ -474,13 +618,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("concurrent streams (closed loop) / raw batch size")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    finish_figure(fig, path, result, f"{MODEL} streaming chat through the mesh", f", max_tokens {MAX_TOKENS}")
 
 
 def summary(result: dict[str, Any]) -> str:
-    raw, mesh, target = result["raw"], result["mesh"], result["target"]
+    lines = [line for part in parts(result) for line in part_summary(part)]
+    if result["noisy_points"]:
+        lines.append(noisy_warning(result["noisy_points"]))
+    return "\n".join(lines)
+
+
+def part_summary(part: dict[str, Any]) -> list[str]:
+    raw, mesh, target = part["raw"], part["mesh"], part["target"]
+    size = f" ({part['parameters'] / 1e6:.0f}M parameters)" if "parameters" in part else ""
     lines = [
-        f"**{MODEL}**: raw single stream {raw['single_stream_tokens_per_s']} tok/s, raw prefill p50 "
+        f"**{part['model']}**{size}: raw single stream {raw['single_stream_tokens_per_s']} tok/s, raw prefill p50 "
         f"{raw['prefill_p50_ms']} ms; greedy mesh text equals raw generate(): "
         f"{mesh['check_vs_raw']['text_equals_raw_greedy']}",
         "",
@@ -504,28 +655,123 @@ def summary(result: dict[str, Any]) -> str:
             f"{p['mean_completion_tokens']} | {p['errors']} | "
             f"{cpu['client_cores']} / {cpu['server_cores']} / {cpu['foreign_cores']} |"
         )
+    got = target.get("ratio_to_raw_batched", target["speedup"])
     lines += [
         "",
-        f"**Target** ({target['target']}): {target['speedup']}x -> **{'met' if target['met'] else 'not met'}** "
+        f"**Target** ({target['target']}): {got}x -> **{'met' if target['met'] else 'not met'}** "
         f"(raw generate() at the same sizes: {target['raw_batched_speedup_same_sizes']}x)",
+        "",
     ]
-    if result["noisy_points"]:
-        lines.append(noisy_warning(result["noisy_points"]))
-    return "\n".join(lines)
+    return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
-
+def targets(which: str, seconds: float) -> list[Target]:
+    """The models `--model` asks for; the base folder is built (or reused) here."""
     from services.common.catalog import Catalog
     from services.common.modelstore import model_dir
 
+    entry = Catalog.load(REPO / "catalog.yaml").get(MODEL)
+    tiny = model_dir(entry, meshserve_home() / "models")
+    if not tiny.is_dir():
+        sys.exit(f"{tiny} is missing; run `meshserve models build` (or `make models`) first")
+    out = []
+    if which in ("tiny", "all"):
+        info = {
+            "catalog_inference": entry.inference.model_dump(mode="json"),
+            "catalog_preprocess": entry.preprocess.model_dump(mode="json"),
+        }
+        out.append(Target("tiny", MODEL, tiny, entry.inference.name, seconds, info=info))
+    if which in ("base", "all"):
+        from services.models.user_models import infer
+
+        folder = base_folder(tiny)
+        spec = f"{BASE_MODEL}={folder}"
+        base = infer(spec).entry
+        info = {
+            "folder": str(folder),
+            "parameters": parameter_count(folder),
+            "shape": BASE_SHAPE,
+            "meshserve_up": ["--model", spec],
+            "catalog_inference": base.inference.model_dump(mode="json"),
+        }
+        window = seconds * BASE_WINDOW_FACTOR
+        out.append(
+            Target("base", BASE_MODEL, folder, base.inference.name, window, ["--model", spec], BASE_TIMEOUT_S, info)
+        )
+    return out
+
+
+def measure(target: Target) -> dict[str, Any]:
+    """Raw generate(), then the mesh serving the target alone; the model's part of the result."""
+    from transformers import AutoTokenizer
+
+    print(
+        f"{target.model}: raw in-process generate() ({target.folder}), {WARMUP_S:g}+{target.seconds:g} s per batch size",
+        flush=True,
+    )
+    raw = bench_raw(target.folder, target.seconds)  # before the mesh starts: nothing else of ours on the cores
+    tokenizer = AutoTokenizer.from_pretrained(str(target.folder))
+    print(f"starting the mesh (meshserve up {' '.join(target.up_args)})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="meshserve-bench-") as tmp:
+        home = None
+        if target.up_args:  # a home of its own: `up --model` writes home/run/catalog.yaml
+            home = Path(tmp) / "home"
+            home.mkdir()
+        t0 = time.perf_counter()
+        mesh = start_mesh(Path(tmp), home=home, args=target.up_args)
+        startup_s = round(time.perf_counter() - t0, 1)
+        try:
+            import uvloop  # the client shares the cores with the mesh, so its per-request CPU matters
+
+            mesh_result = uvloop.run(bench_mesh(mesh, raw, tokenizer, target))
+        except BaseException:
+            print(f"mesh log tail:\n{mesh.log()[-3000:]}", file=sys.stderr)
+            raise
+        finally:
+            mesh.stop()
+    return {
+        "model": target.model,
+        "inference_model": target.inference_name,
+        "window_s": target.seconds,
+        "mesh_startup_s": startup_s,
+        **target.info,
+        "raw": raw,
+        "mesh": mesh_result,
+        "target": add_ratios(mesh_result["points"], raw, target.key),
+    }
+
+
+def config(seconds: float) -> dict[str, Any]:
+    return {
+        "bench_seconds": seconds,
+        "base_window_factor": BASE_WINDOW_FACTOR,
+        "warmup_s": WARMUP_S,
+        "max_requests_per_point": MAX_REQUESTS,
+        "max_raw_batches_per_point": MAX_RAW_BATCHES,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+        "concurrency": list(CONCURRENCY),
+        "max_tokens": MAX_TOKENS,
+        "min_tokens": MAX_TOKENS if FIXED_LENGTH else None,
+        "temperature": TEMPERATURE,
+        "seed": "the request's index in its point",
+        "prompts": PROMPTS,
+        "client": f"httpx.AsyncClient, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
+        "tokens_per_s": "sum(usage.completion_tokens) of streams ending inside the window / window",
+        "ttft": "request start -> first chunk with non-empty delta.content",
+        "itl": "gaps between consecutive content chunks of a stream (all streams pooled)",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_generation", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--seconds", type=float, default=SECONDS, help="measurement window per point (default %(default)s)"
     )
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="folder for generation.{json,png} (default bench/results)"
+    )
+    parser.add_argument(
+        "--model", choices=("tiny", "base", "all"), default="all", help="which model(s) to measure (default all)"
     )
     parser.add_argument(
         "--stop-at-eos",
@@ -535,71 +781,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
-    seconds = args.seconds
     global FIXED_LENGTH
     FIXED_LENGTH = not args.stop_at_eos
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
-    catalog = Catalog.load(REPO / "catalog.yaml")
-    entry = catalog.get(MODEL)
-    folder = model_dir(entry, meshserve_home() / "models")
-    if not folder.is_dir():
-        sys.exit(f"{folder} is missing; run `meshserve models build` (or `make models`) first")
-
     started = time.time()
     info = machine_info()
-    print(f"raw in-process generate() ({folder}), {WARMUP_S:g}+{seconds:g} s per batch size", flush=True)
-    raw = bench_raw(folder, seconds)  # before the mesh starts: nothing else of ours on the cores
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-
-    print("starting the mesh (meshserve up)", flush=True)
-    with tempfile.TemporaryDirectory(prefix="meshserve-bench-") as tmp:
-        t0 = time.perf_counter()
-        mesh = start_mesh(Path(tmp))
-        startup_s = round(time.perf_counter() - t0, 1)
-        try:
-            import uvloop  # the client shares the cores with the mesh, so its per-request CPU matters
-
-            mesh_result = uvloop.run(bench_mesh(mesh, raw, tokenizer, entry.inference.name, seconds))
-        except BaseException:
-            print(f"mesh log tail:\n{mesh.log()[-3000:]}", file=sys.stderr)
-            raise
-        finally:
-            mesh.stop()
-
-    target = add_ratios(mesh_result["points"], raw)
-    result = {
-        "benchmark": "generation",
-        "model": MODEL,
-        "inference_model": entry.inference.name,
-        "endpoint": "POST /v1/chat/completions (stream, stream_options.include_usage)",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "git": git_info(),
-        "machine": info,
-        "config": {
-            "bench_seconds": seconds,
-            "warmup_s": WARMUP_S,
-            "max_requests_per_point": MAX_REQUESTS,
-            "max_raw_batches_per_point": MAX_RAW_BATCHES,
-            "request_timeout_s": REQUEST_TIMEOUT_S,
-            "concurrency": list(CONCURRENCY),
-            "max_tokens": MAX_TOKENS,
-            "min_tokens": MAX_TOKENS if FIXED_LENGTH else None,
-            "temperature": TEMPERATURE,
-            "seed": "the request's index in its point",
-            "prompts": PROMPTS,
-            "client": f"httpx.AsyncClient, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
-            "tokens_per_s": "sum(usage.completion_tokens) of streams ending inside the window / window",
-            "ttft": "request start -> first chunk with non-empty delta.content",
-            "itl": "gaps between consecutive content chunks of a stream (all streams pooled)",
-            "mesh_startup_s": startup_s,
-            "catalog_inference": entry.inference.model_dump(mode="json"),
-            "catalog_preprocess": entry.preprocess.model_dump(mode="json"),
-        },
-        "raw": raw,
-        "mesh": mesh_result,
-        "target": target,
-    }
+    measured = {target.key: measure(target) for target in targets(args.model, args.seconds)}
+    previous = args.out / "generation.json"  # a run of one model keeps the other's numbers
+    result: dict[str, Any] = json.loads(previous.read_text()) if args.model != "all" and previous.is_file() else {}
+    result.pop("noisy_points", None)
+    if "tiny" in measured:
+        tiny = measured["tiny"]
+        config_tiny = {**config(args.seconds), "mesh_startup_s": tiny.pop("mesh_startup_s")}
+        config_tiny.update({k: tiny.pop(k) for k in ("catalog_inference", "catalog_preprocess")})
+        tiny.pop("window_s")
+        result = {k: v for k, v in result.items() if k not in ("raw", "mesh", "target")}
+        result.update({"benchmark": "generation", **tiny, "config": config_tiny})
+    if "base" in measured:
+        result["base"] = measured["base"]
+    result.update(
+        {
+            "endpoint": "POST /v1/chat/completions (stream, stream_options.include_usage)",
+            "models_this_run": list(measured),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "duration_s": round(time.time() - started, 1),
+            "git": git_info(),
+            "machine": info,
+        }
+    )
+    result.setdefault("config", config(args.seconds))
     result["noisy_points"] = noisy_points(result)
     write_results(args.out, "generation", result, plot, summary)
     return 0
