@@ -1,15 +1,16 @@
-"""Request coalescing for row-wise text tasks (feature-extraction, text-classification): concurrent
-requests for the same model, task and parameters share one pipeline call (one preprocess, inference
-and postprocess RPC for the group).
+"""Request coalescing for row-wise tasks (feature-extraction, text-classification on texts,
+image-classification on images): concurrent requests for the same model, task and parameters share
+one pipeline call (one preprocess, inference and postprocess RPC for the group).
 
-With one sentence per request, the per-request cost of three gRPC hops is larger than the model's
-share of a batch; merging requests at the gateway amortizes the hops the way the inference
+With one sentence or image per request, the per-request cost of three gRPC hops is larger than the
+model's share of a batch; merging requests at the gateway amortizes the hops the way the inference
 service's dynamic batcher amortizes the model. No delay is added: a group is formed from what is
 waiting when a slot frees (at most `max_in_flight` groups per key run at once, so stages overlap),
-so an idle gateway sends each request alone and a busy one sends groups of up to `max_rows` texts.
+so an idle gateway sends each request alone and a busy one sends groups of up to `max_rows` items
+(and at most the model's `max_items` per request; images also at most GROUP_IMAGE_BYTES in all).
 
 Semantics stay per request: each caller gets its own rows and its own token count; when a group
-fails on a caller's mistake (one bad text), every member is retried alone, so only the offender
+fails on a caller's mistake (one bad text, one corrupt image), every member is retried alone, so only the offender
 gets the error. A group runs in the context of its first member (deadline, trace); the other
 members' traces get a `coalesced` span linked to it.
 """
@@ -32,8 +33,12 @@ from services.common.errors import MeshError
 from services.gateway.pipeline.runner import Pipeline
 
 GROUP_ROWS = Histogram(
-    "meshserve_gateway_coalesced_rows", "Texts per coalesced embeddings call.", buckets=(1, 2, 4, 8, 16, 32, 64)
+    "meshserve_gateway_coalesced_rows", "Items per coalesced pipeline call.", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+# Encoded image bytes in one merged call, and the most one request may carry to be merged: big
+# uploads go alone (one gRPC message stays small, and a group's pixels stay under preprocess's cap).
+GROUP_IMAGE_BYTES = 1 << 20
+ALONE_IMAGE_BYTES = 256 * 1024
 _tracer = trace.get_tracer("meshserve.gateway")
 
 
@@ -64,30 +69,52 @@ class Classified:
 
 def _share(task: str, prediction, start: int, n: int):
     """Rows [start, start + n) of a group's result, as the caller's own result."""
-    tokens = sum(prediction.usage.item_input_tokens[start : start + n])
-    rows = len(prediction.usage.item_input_tokens) or n
+    usage = prediction.usage
+    tokens = sum(usage.item_input_tokens[start : start + n])
+    rows = len(usage.item_input_tokens) or usage.items or n
     compute_s = prediction.compute_s * n / rows  # a shared call's inference time, split by rows
     if task == "feature-extraction":
         return Embedded(Embedded.of(prediction).vectors[start : start + n], tokens, compute_s)
     return Classified(list(prediction.result.classifications.items[start : start + n]), tokens, compute_s)
 
 
-# Tasks whose result has one independent row per input text, so requests can be merged.
+# Tasks whose result has one independent row per input text (or image), so requests can be merged.
 COALESCED_TASKS = ("feature-extraction", "text-classification")
+IMAGE_COALESCED_TASKS = ("image-classification",)
 
 
-@dataclass(eq=False)
+def items_of(task: str, inputs: tasks_pb2.TaskInputs) -> list[str] | list[bytes] | None:
+    """The rows a request adds to a group (its texts or images), or None when its task or its
+    inputs' kind (text pairs, say) is not merged."""
+    kind = inputs.WhichOneof("kind")
+    if kind == "text" and task in COALESCED_TASKS:
+        return list(inputs.text.texts)
+    if kind == "images" and task in IMAGE_COALESCED_TASKS:
+        return list(inputs.images.images)
+    return None
+
+
+def _inputs(task: str, items: list) -> tasks_pb2.TaskInputs:
+    if task in IMAGE_COALESCED_TASKS:
+        return tasks_pb2.TaskInputs(images=tasks_pb2.ImageInputs(images=items))
+    return tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=items))
+
+
+@dataclass(eq=False, slots=True)
 class _Member:
-    texts: list[str]
+    texts: list  # the caller's rows: texts (str) or encoded images (bytes)
     future: asyncio.Future
     context: contextvars.Context
     span_context: trace.SpanContext
+    size: int = 0  # encoded bytes (images), 0 for texts
 
 
 @dataclass
 class _Lane:
-    """Waiting members and running groups of one (model, parameters) key."""
+    """Waiting members and running groups of one (model, task, parameters) key; `max_rows`: the
+    most rows of one group (the coalescer's, at most the model's items per request)."""
 
+    max_rows: int
     waiting: deque[_Member] = field(default_factory=deque)
     running: int = 0
 
@@ -103,17 +130,20 @@ class RequestCoalescer:
     async def embed(self, model_id: str, texts: list[str], parameters: tasks_pb2.TaskParameters) -> Embedded:
         return await self.run(model_id, "feature-extraction", texts, parameters)
 
-    async def run(self, model_id: str, task: str, texts: list[str], parameters: tasks_pb2.TaskParameters):
-        """This caller's rows of a (possibly shared) pipeline call: Embedded or Classified."""
-        if len(texts) >= self.max_rows:
-            return await self._alone(model_id, task, texts, parameters)
+    async def run(self, model_id: str, task: str, texts: list, parameters: tasks_pb2.TaskParameters):
+        """This caller's rows of a (possibly shared) pipeline call: Embedded or Classified.
+        `texts`: the request's texts, or its encoded images for an image task (see items_of)."""
         key = (model_id, task, parameters.SerializeToString(deterministic=True))
-        lane = self._lanes.setdefault(key, _Lane())
+        lane = self._lanes.get(key) or self._lane(key)
+        size = sum(len(t) for t in texts) if task in IMAGE_COALESCED_TASKS else 0
+        if len(texts) >= lane.max_rows or size > ALONE_IMAGE_BYTES:
+            return await self._alone(model_id, task, texts, parameters)
         member = _Member(
             texts,
             asyncio.get_running_loop().create_future(),
             contextvars.copy_context(),
             trace.get_current_span().get_span_context(),
+            size,
         )
         lane.waiting.append(member)
         if lane.running < self.max_in_flight:
@@ -121,20 +151,29 @@ class RequestCoalescer:
             asyncio.get_running_loop().create_task(self._drain(key, lane, parameters))
         return await member.future
 
-    async def _alone(self, model_id: str, task: str, texts: list[str], parameters: tasks_pb2.TaskParameters):
-        prediction = await self.pipeline.predict(
-            model_id, task, tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
-        )
+    def _lane(self, key: tuple[str, str, bytes]) -> _Lane:
+        entry, _ = self.pipeline.resolve(key[0], key[1])
+        lane = self._lanes[key] = _Lane(max(1, min(self.max_rows, entry.preprocess.max_items)))
+        return lane
+
+    async def _alone(self, model_id: str, task: str, texts: list, parameters: tasks_pb2.TaskParameters):
+        prediction = await self.pipeline.predict(model_id, task, _inputs(task, texts), parameters)
         return _share(task, prediction, 0, len(texts))
 
-    def _take(self, lane: _Lane) -> list[_Member]:
-        group, rows = [], 0
-        while lane.waiting and rows + len(lane.waiting[0].texts) <= self.max_rows:
-            member = lane.waiting.popleft()
-            if member.future.done():  # the caller went away
+    @staticmethod
+    def _take(lane: _Lane) -> list[_Member]:
+        group, rows, size = [], 0, 0
+        waiting = lane.waiting
+        while waiting:
+            head = waiting[0]
+            if group and (rows + len(head.texts) > lane.max_rows or size + head.size > GROUP_IMAGE_BYTES):
+                break
+            waiting.popleft()
+            if head.future.done():  # the caller went away
                 continue
-            group.append(member)
-            rows += len(member.texts)
+            group.append(head)
+            rows += len(head.texts)
+            size += head.size
         return group
 
     async def _drain(self, key: tuple[str, str, bytes], lane: _Lane, parameters: tasks_pb2.TaskParameters) -> None:
@@ -155,9 +194,7 @@ class RequestCoalescer:
             texts = [t for m in group for t in m.texts]
             GROUP_ROWS.observe(len(texts))
             try:
-                prediction = await self.pipeline.predict(
-                    model_id, task, tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts)), parameters
-                )
+                prediction = await self.pipeline.predict(model_id, task, _inputs(task, texts), parameters)
             except MeshError as err:
                 if len(group) > 1 and not err.code.server_fault:
                     await asyncio.gather(*(self._retry_alone(model_id, task, m, parameters) for m in group))

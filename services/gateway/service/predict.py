@@ -1,6 +1,6 @@
 """Task predictions (the HF task API, gRPC Predict): admit the request (the key's model and task
 restrictions, limits, budget), answer it from the response cache or run the pipeline (row-wise
-text tasks merged with concurrent requests by the coalescer), and settle its usage."""
+text and image tasks merged with concurrent requests by the coalescer), and settle its usage."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common.catalog import ModelEntry
 from services.gateway.control.metering import Metered, Metering
 from services.gateway.pipeline.cache import ResponseCache, cache_key
-from services.gateway.pipeline.coalescer import COALESCED_TASKS, RequestCoalescer
+from services.gateway.pipeline.coalescer import RequestCoalescer, items_of
 from services.gateway.pipeline.runner import Pipeline, Prediction
 from services.gateway.service.bounds import token_bound
 from services.gateway.service.context import CallContext
@@ -110,9 +110,9 @@ class PredictService:
             embedded = await self.embed.vectors(entry.id, inputs.text.texts, parameters, inputs=inputs, wait=wait)
             metered.add(input_tokens=embedded.input_tokens, items=items, compute_s=embedded.compute_s)
             return embedded.vectors
-        coalesce = task in COALESCED_TASKS and inputs.WhichOneof("kind") == "text"  # not text pairs
-        if coalesce and self.coalescer is not None and not wait:
-            share = await self.coalescer.run(entry.id, task, list(inputs.text.texts), parameters)
+        rows = items_of(task, inputs) if self.coalescer is not None and not wait else None  # None: not merged
+        if rows is not None:
+            share = await self.coalescer.run(entry.id, task, rows, parameters)
             metered.add(input_tokens=share.input_tokens, items=items, compute_s=share.compute_s)
             return tasks_pb2.TaskResult(classifications=tasks_pb2.Classifications(items=share.items))
         prediction = await self.pipeline.predict(entry.id, task, inputs, parameters, wait_for_model=wait)
