@@ -10,15 +10,20 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.common.catalog import ModelEntry
 from services.common.errors import ErrorCode, MeshError, invalid
-from services.common.generation_contract import OutputTensor, ResponseParameter, Tensor
+from services.common.generation_contract import OutputTensor, RequestParameter, ResponseParameter, Tensor
 from services.common.tensors import NP_DTYPES, to_bytes
 from services.inference.core import InferenceCore, InferInput
+from services.inference.generation import GenerationStream
 from services.inference.repository import ModelRepository, ModelState
 from services.inference.stats import Duration, ModelStats
 
 SERVER_NAME = "meshserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
+# When a request allows several tokens per response and more generations of its model run than
+# this, its tokens go out every running // STREAMS_PER_STEP steps (send_interval): a decode step
+# then costs about this many messages through the mesh, however large the batch.
+STREAMS_PER_STEP = 4
 
 # Typed `contents` fields of InferTensorContents, for callers that do not send raw bytes.
 _CONTENTS_FIELD = {
@@ -134,6 +139,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.core = core
         self.repository = repository
         self.strict_readiness = strict_readiness
+        self.running: dict[str, int] = {}  # generations streaming now, per model
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -261,12 +267,59 @@ def token_response(request, version: str, event) -> service_pb2.ModelStreamInfer
         _output(response, OutputTensor.PROMPT_LOGPROBS, [len(scores)])
         response.raw_output_contents.append(struct.pack(f"<{len(scores)}f", *scores))
     else:
-        _output(response, OutputTensor.TOKEN_ID, [1])
-        response.raw_output_contents.append(int(event.token_id).to_bytes(8, "little", signed=True))
-        _output(response, OutputTensor.LOGPROB, [1])
-        response.raw_output_contents.append(struct.pack("<f", event.logprob))
+        return tokens_response(request, version, [event])
     _final_flag(response, event.final)
     return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+
+def tokens_response(request, version: str, events: list) -> service_pb2.ModelStreamInferResponse:
+    """One response with the tokens of `events` (one, as Triton, unless the request allowed more):
+    `token_id` INT64 [n] and `logprob` FP32 [n]."""
+    n = len(events)
+    response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    _output(response, OutputTensor.TOKEN_ID, [n])
+    _output(response, OutputTensor.LOGPROB, [n])
+    response.raw_output_contents.extend(
+        (struct.pack(f"<{n}q", *[e.token_id for e in events]), struct.pack(f"<{n}f", *[e.logprob for e in events]))
+    )
+    _final_flag(response, False)
+    return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+
+def _drain(stream: GenerationStream, limit: int) -> list:
+    """Up to `limit` events of the stream already queued, without waiting, up to and including
+    the final one (the tokens a lagging reader has not taken yet, for one response)."""
+    sequence = stream.sequence
+    events, queue = [], sequence.events
+    while len(events) < limit and not queue.empty():
+        event = queue.get_nowait()
+        events.append(event)
+        if event.final:
+            sequence.done = True  # as the stream's own iterator marks it
+            break
+    return events
+
+
+def send_interval(running: int) -> int:
+    """Tokens per response for one of `running` generations of a model (when its request allows
+    several): 1 up to STREAMS_PER_STEP streams, then one response per stream every
+    running // STREAMS_PER_STEP steps, so a decode step costs about STREAMS_PER_STEP messages
+    through the mesh however large the batch (the per-message cost is what a big batch pays)."""
+    return max(1, running // STREAMS_PER_STEP)
+
+
+def tokens_per_response(request) -> int:
+    """The request's `max_tokens_per_response` (1 when unset: one response per token, as Triton)."""
+    parameter = request.parameters.get(RequestParameter.MAX_TOKENS_PER_RESPONSE)
+    if parameter is None or parameter.WhichOneof("parameter_choice") is None:
+        return 1
+    value = getattr(parameter, parameter.WhichOneof("parameter_choice"))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(
+            f"request parameter '{RequestParameter.MAX_TOKENS_PER_RESPONSE}' must be an integer >= 1",
+            param=RequestParameter.MAX_TOKENS_PER_RESPONSE,
+        )
+    return value
 
 
 _STARTED, _PUMP_DONE, _READ_DONE = object(), object(), object()  # markers on the response queue
@@ -297,20 +350,41 @@ class _StreamCalls:
     def _start(self, request) -> None:
         slot = self.servicer.repository.ready(request.model_name, request.model_version)
         if slot.entry.inference.runtime == "causal_lm":
+            limit = tokens_per_response(request)
             stream = self.servicer.core.generate(
                 request.model_name, request.model_version, inputs_from_pb(request), request.parameters
             )
             self.streams.append(stream)
-            self._spawn(self._pump(request, stream))
+            self._spawn(self._pump(request, stream, limit))
         else:
             self._spawn(self._unary(request))
 
-    async def _pump(self, request, stream) -> None:
+    async def _pump(self, request, stream, limit: int) -> None:
+        """The stream's events as responses. With `limit` > 1, the tokens already queued when one
+        arrives (the reader lags) go out in one response, and while many generations of the model
+        run, each response waits for `send_interval` tokens (the first token never waits)."""
+        out, running, model = self.out, self.servicer.running, request.model_name
+        running[model] = running.get(model, 0) + 1
+        first = True
         try:
             async for event in stream:
-                await self.out.put(token_response(request, "1", event))
+                if limit == 1 or event.token_id is None:
+                    out.put_nowait(token_response(request, "1", event))
+                    continue
+                events = [event, *_drain(stream, limit - 1)]
+                wanted = 1 if first else min(limit, send_interval(running[model]))
+                while len(events) < wanted and not events[-1].final:
+                    events.append(await anext(stream))
+                    events.extend(_drain(stream, wanted - len(events)))
+                first = False
+                final = events.pop() if events[-1].final else None
+                if events:
+                    out.put_nowait(tokens_response(request, "1", events))
+                if final is not None:
+                    out.put_nowait(token_response(request, "1", final))
         finally:
-            self.out.put_nowait(_PUMP_DONE)
+            running[model] -= 1
+            out.put_nowait(_PUMP_DONE)
 
     async def _unary(self, request) -> None:
         try:
@@ -335,7 +409,8 @@ class _StreamCalls:
 
 async def _model_stream_infer(self, request_iterator, context):
     """Bidirectional streaming, as Triton: a decoupled (generation) model answers each request with
-    one response per token and an empty final response (`triton_final_response`); any other model
+    one response per token (several when the request sets `max_tokens_per_response`: see _pump)
+    and an empty final response (`triton_final_response`); any other model
     answers each request with one response. A failed request gets a response with `error_message`;
     the stream goes on. A client that goes away cancels every generation it started.
 

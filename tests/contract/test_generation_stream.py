@@ -193,3 +193,71 @@ async def test_unary_infer_is_refused_for_a_decoupled_model(server):
         assert config["config"]["model_transaction_policy"]["decoupled"] is True
     finally:
         await client.close()
+
+
+async def token_responses(url: str, requests: list[dict]) -> dict[str, list[list[int]]]:
+    """Send the requests on one stream; per request id, the token ids of each token response."""
+    client = InferenceServerClient(url)
+
+    async def send():
+        for r in requests:
+            yield r
+
+    seen: dict[str, list[list[int]]] = {r["request_id"]: [] for r in requests}
+    finals = 0
+    try:
+        async for result, error in client.stream_infer(send()):
+            assert error is None, error.message()
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param:
+                finals += 1
+                if finals == len(requests):
+                    break
+                continue
+            ids, logprobs = result.as_numpy("token_id"), result.as_numpy("logprob")
+            assert ids.shape == logprobs.shape and ids.ndim == 1
+            seen[response.id].append(ids.tolist())
+    finally:
+        await client.close()
+    return seen
+
+
+def sampled(count: int, **parameters) -> list[dict]:
+    """`count` seeded sampling requests (a seeded request repeats whatever it is batched with)."""
+    return [
+        request([10 + i, 20 + i], str(i), max_tokens=24, min_tokens=24, temperature=0.9, seed=i, **parameters)
+        for i in range(count)
+    ]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_coalesced_responses_carry_the_same_tokens_in_order(server):
+    """With `max_tokens_per_response`, responses may carry several tokens (8 streams of one model:
+    every second step); the tokens, concatenated, are the ones of one response per token."""
+    url, _ = server
+    one_each = await token_responses(url, sampled(8))
+    coalesced = await token_responses(url, sampled(8, max_tokens_per_response=4))
+    for rid, responses in one_each.items():
+        assert all(len(ids) == 1 for ids in responses)
+        joined = [t for ids in coalesced[rid] for t in ids]
+        assert joined == [ids[0] for ids in responses] and len(joined) == 24
+        assert len(coalesced[rid][0]) == 1  # the first token never waits
+        assert all(1 <= len(ids) <= 4 for ids in coalesced[rid])
+    assert any(len(ids) > 1 for responses in coalesced.values() for ids in responses)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_raw_triton_stream_gets_one_response_per_token(server):
+    """Without the parameter (a plain tritonclient user), many streams at once still get Triton's
+    one response per token, `token_id` of shape [1]."""
+    url, _ = server
+    seen = await token_responses(url, sampled(8))
+    assert all(len(ids) == 1 for responses in seen.values() for ids in responses)
+    assert all(len(responses) == 24 for responses in seen.values())
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_bad_tokens_per_response_is_refused(server):
+    url, _ = server
+    tokens, finals, errors = await run_stream(url, [request([1, 2], "z", max_tokens=3, max_tokens_per_response=0)])
+    assert len(errors) == 1 and "max_tokens_per_response" in errors[0] and not finals

@@ -21,7 +21,7 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
 
 class GenerationRequestParameters(_message.Message):
-    __slots__ = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "prompt_logprobs", "triton_enable_empty_final_response")
+    __slots__ = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "prompt_logprobs", "triton_enable_empty_final_response", "max_tokens_per_response")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class GenerationRequestParameters(_message.Message):
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TRITON_ENABLE_EMPTY_FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     min_tokens: int
     temperature: float
@@ -40,7 +41,8 @@ class GenerationRequestParameters(_message.Message):
     repetition_penalty: float
     prompt_logprobs: bool
     triton_enable_empty_final_response: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., prompt_logprobs: _Optional[bool] = ..., triton_enable_empty_final_response: _Optional[bool] = ...) -> None: ...
+    max_tokens_per_response: int
+    def __init__(self, max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., prompt_logprobs: _Optional[bool] = ..., triton_enable_empty_final_response: _Optional[bool] = ..., max_tokens_per_response: _Optional[int] = ...) -> None: ...
 
 class GenerationResponseParameters(_message.Message):
     __slots__ = ("triton_final_response", "finish_reason", "prompt_tokens", "completion_tokens", "error_code")
