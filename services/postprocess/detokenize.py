@@ -22,10 +22,16 @@ REPLACEMENT = "\ufffd"
 
 @dataclass
 class DetokenizerState:
-    """One stream's detokenization state."""
+    """One stream's detokenization state. `stream` is the tokenizers library's DecodeStream (the
+    same prefix/read-offset method, in Rust, without decoding the window twice per token); the
+    offsets are kept here as well, for the final flush and for a tokenizer without one.
+    `token_texts` is the model's shared cache of each token's own text."""
 
     tokenizer: object
     stops: tuple[str, ...]
+    token_texts: dict[int, str] = field(default_factory=dict)
+    backend: object = None  # the tokenizers.Tokenizer behind a fast tokenizer
+    stream: object = None  # its DecodeStream
     tokens: list[int] = field(default_factory=list)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -36,8 +42,23 @@ class DetokenizerState:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def _token_text(self, token: int) -> str:
+        text = self.token_texts.get(token)
+        if text is None:
+            text = self.token_texts[token] = self._decode([token])
+        return text
+
     def _add(self, token: int) -> str:
         self.tokens.append(token)
+        if self.stream is not None:
+            try:
+                piece = self.stream.step(self.backend, token)
+            except Exception:  # a prefix it cannot follow: go on with the Python method
+                self.stream = None
+            else:
+                if piece:
+                    self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+                return piece or ""
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         current = self._decode(self.tokens[self.prefix_offset :])
         if len(current) > len(prefix) and not current.endswith(REPLACEMENT):
@@ -55,6 +76,12 @@ class DetokenizerState:
                     break
         return longest
 
+    def _stop_at(self) -> int:
+        """Where the first stop string in the unreleased text begins, or -1."""
+        start = max(0, self.released - max(len(s) for s in self.stops))
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        return min(hits) if hits else -1
+
     def prompt_texts(self, token_ids: list[int]) -> list[str]:
         """Each prompt token's own text, special tokens included (TGI's prefill tokens); the
         stream's state is untouched."""
@@ -63,21 +90,27 @@ class DetokenizerState:
         ]
 
     def feed(self, token_ids: list[int], *, last: bool) -> tuple[str, list[str], bool]:
-        """(newly final text, each token's own text, whether a stop string was found)."""
+        """(newly final text, each token's own text, whether a stop string was found). Tokens are
+        taken one by one as if each came alone: a stop string ends the feed at the token that
+        completes it, and the token texts stop there too (their count is the tokens consumed)."""
         if self.stopped:
             return "", [], True
-        per_token = [self._decode([t]) for t in token_ids]
+        per_token, stop = [], -1
         for token in token_ids:
-            self.text += self._add(token)
-        if last and self.read_offset < len(self.tokens):  # flush what is left, incomplete or not
+            per_token.append(self._token_text(token))
+            piece = self._add(token)
+            if piece:
+                self.text += piece
+                if self.stops and (stop := self._stop_at()) >= 0:
+                    break
+        if stop < 0 and last and self.read_offset < len(self.tokens):  # flush what is left, incomplete or not
             self.text += self._decode(self.tokens[self.prefix_offset :])[
                 len(self._decode(self.tokens[self.prefix_offset : self.read_offset])) :
             ]
             self.prefix_offset = self.read_offset = len(self.tokens)
-        start = max(0, self.released - max((len(s) for s in self.stops), default=0))
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            end, self.stopped = min(hits), True
+            stop = self._stop_at() if self.stops else -1
+        if stop >= 0:
+            end, self.stopped = stop, True
         else:
             end = len(self.text) if last else len(self.text) - self._held()
         end = max(end, self.released)
@@ -97,6 +130,7 @@ class Detokenizers:
             for e in catalog.models
             if GENERATION_TASKS & set(e.tasks)
         }
+        self._token_texts: dict[str, dict[int, str]] = {}  # per model: a token's own text (at most its vocabulary)
 
     def start(self, model_id: str, stops: list[str]) -> DetokenizerState:
         entry = self.catalog.get(model_id)
@@ -104,4 +138,11 @@ class Detokenizers:
             raise invalid(f"model {model_id!r} does not generate text", param="model")
         if any(not s for s in stops) or len(stops) > 16:
             raise invalid("`stop` takes at most 16 non-empty strings", param="stop")
-        return DetokenizerState(self._tokenizers[entry.id], tuple(stops))
+        tokenizer = self._tokenizers[entry.id]
+        state = DetokenizerState(tokenizer, tuple(stops), self._token_texts.setdefault(entry.id, {}))
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
+        if backend is not None and hasattr(backend, "decode"):
+            from tokenizers.decoders import DecodeStream
+
+            state.backend, state.stream = backend, DecodeStream(skip_special_tokens=True)
+        return state

@@ -67,3 +67,35 @@ def test_bad_stop_lists_are_refused(detokenizers):
         detokenizers.start(LM, [""])
     with pytest.raises(MeshError):
         detokenizers.start("sentence-transformers/all-MiniLM-L6-v2", [])
+
+
+@pytest.mark.parametrize("stops", [[], ["fox jum"], ["lazy cat", "o"]])
+def test_a_chunk_of_tokens_is_fed_as_if_each_came_alone(detokenizers, stops):
+    """One feed of several tokens (a coalesced response) releases the same text as feeding them one
+    by one, stops at the same token, and lists each token's own text up to that token."""
+    text = "The quick brown fox jumps over the lazy dog. Ünïcödé 🚀 漢字"
+    one_by_one = detokenizers.start(LM, stops)
+    ids = one_by_one.tokenizer.encode(text, add_special_tokens=False)
+    pieces, stopped = stream(one_by_one, ids)
+    consumed = len(pieces)
+    chunked = detokenizers.start(LM, stops)
+    out, texts, chunk_stopped = "", [], False
+    for start in range(0, len(ids), 5):
+        chunk = ids[start : start + 5]
+        piece, per_token, chunk_stopped = chunked.feed(chunk, last=start + 5 >= len(ids))
+        out, texts = out + piece, texts + per_token
+        if chunk_stopped:
+            break
+    assert (out, chunk_stopped) == ("".join(pieces), stopped)
+    assert texts == [one_by_one.tokenizer.decode([t]) for t in ids[:consumed]]
+
+
+def test_the_stream_decoder_releases_what_the_python_method_does(detokenizers):
+    """The tokenizers library's DecodeStream (the fast path) against the Python prefix/read-offset
+    method on the same ids: equal pieces token by token, half characters held by both."""
+    fast = detokenizers.start(LM, [])
+    assert fast.stream is not None
+    slow = detokenizers.start(LM, [])
+    slow.stream = None
+    ids = fast.tokenizer.encode(TEXTS[1] + TEXTS[2], add_special_tokens=False)
+    assert [fast.feed([t], last=False)[0] for t in ids] == [slow.feed([t], last=False)[0] for t in ids]
