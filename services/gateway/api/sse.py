@@ -51,32 +51,40 @@ async def chat_events(steps, head: dict, include_usage: bool):
         }
     )
     async for step in steps:
+        text = b""
         if step.text:
-            yield sse(
+            text = sse(
                 {
                     **chunk,
                     "choices": [{"index": 0, "delta": {"content": step.text}, "logprobs": None, "finish_reason": None}],
                 }
             )
-        if step.final:
-            yield sse(
-                {**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": step.finish_reason}]}
-            )
-            if include_usage:
-                yield sse({**chunk, "choices": [], "usage": usage(step)})
+        if step.final:  # the last events in one write
+            done = {
+                **chunk,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": step.finish_reason}],
+            }
+            usage_event = sse({**chunk, "choices": [], "usage": usage(step)}) if include_usage else b""
+            yield text + sse(done) + usage_event + DONE
+            return
+        if text:
+            yield text
     yield DONE
 
 
 async def completion_events(steps, head: dict, include_usage: bool):
     chunk = {**head, "object": "text_completion"}
     async for step in steps:
-        if step.text or step.final:
-            reason = step.finish_reason if step.final else None
-            yield sse(
+        if step.final:  # the last events in one write
+            reason = step.finish_reason
+            text = sse(
                 {**chunk, "choices": [{"index": 0, "text": step.text, "logprobs": None, "finish_reason": reason}]}
             )
-        if step.final and include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage(step)})
+            usage_event = sse({**chunk, "choices": [], "usage": usage(step)}) if include_usage else b""
+            yield text + usage_event + DONE
+            return
+        if step.text:
+            yield sse({**chunk, "choices": [{"index": 0, "text": step.text, "logprobs": None, "finish_reason": None}]})
     yield DONE
 
 
@@ -90,8 +98,9 @@ def tgi_reason(reason: str | None) -> str:
 
 async def tgi_events(steps, prefix: str, seed, input_length: int):
     """TGI stream: every event carries a `token`; the last one also `generated_text` and
-    `details`. One step of lookahead puts the final text on the last token's event."""
-    pending, text, index = None, "", 0
+    `details`. One step of lookahead puts the final text on the last token's event. The events of
+    the steps that came together (`Step.more`) go out in one write."""
+    pending, text, index, ready = None, "", 0, []
     try:
         async for step in steps:
             text += step.text
@@ -104,15 +113,25 @@ async def tgi_events(steps, prefix: str, seed, input_length: int):
                     "seed": seed,
                     "input_length": input_length,
                 }
-                yield sse({"index": index, "token": token, "generated_text": prefix + text, "details": details})
+                ready.append(sse({"index": index, "token": token, "generated_text": prefix + text, "details": details}))
+                yield b"".join(ready)
                 return
             if pending is not None:
                 index += 1
-                yield sse({"index": index, "token": tgi_token(pending), "generated_text": None, "details": None})
+                ready.append(
+                    sse({"index": index, "token": tgi_token(pending), "generated_text": None, "details": None})
+                )
             pending = step
+            if ready and not step.more:
+                yield b"".join(ready)
+                ready.clear()
     except Exception:
         # A failure mid-way: the held-back token was generated (and metered): the client gets it
         # before the error event, as a plain token event.
         if pending is not None:
-            yield sse({"index": index + 1, "token": tgi_token(pending), "generated_text": None, "details": None})
+            ready.append(
+                sse({"index": index + 1, "token": tgi_token(pending), "generated_text": None, "details": None})
+            )
+        if ready:
+            yield b"".join(ready)
         raise

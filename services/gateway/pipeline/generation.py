@@ -1,6 +1,8 @@
 """Streaming generation through the mesh: preprocess renders and tokenizes the prompt, inference
-generates on a decoupled ModelStreamInfer (one response per token), postprocess turns tokens into
-text deltas and finds stop strings, and the caller gets one Step per token, then a final Step.
+generates on a decoupled ModelStreamInfer (one response per token; our inference service puts
+the tokens a lagging reader has not taken yet in one response, up to TOKENS_PER_RESPONSE),
+postprocess turns each response's tokens into text in one round trip and finds stop strings, and
+the caller gets one Step per token (a response's text on its last token), then a final Step.
 
 `GenerationRequest.token_bounds` sizes what admission (service/generate.py) reserves before
 the prompt is tokenized; the model's token limits are checked by preprocess on the real counts.
@@ -34,6 +36,9 @@ PROMPT_EXTRA_TOKENS = 4
 # What a chat template typically adds per message (role markers, separators): only for the
 # tokens-per-minute estimate; the budget holds the model's prompt limit for a chat.
 CHAT_TOKENS_PER_MESSAGE = 8
+# Most tokens one inference response may carry (`max_tokens_per_response`): a reader that keeps up
+# still gets one token per response; one that lags gets what is queued, in one message.
+TOKENS_PER_RESPONSE = 16
 
 
 @dataclass(frozen=True)
@@ -121,15 +126,39 @@ class PrefillToken:
     logprob: float | None
 
 
+def _checked(response: service_pb2.ModelStreamInferResponse) -> service_pb2.ModelInferResponse:
+    """The response, or its error as a MeshError: our inference service names the code; Triton's
+    own errors are bare messages, most often a request it refused."""
+    if response.error_message:
+        slug = response.infer_response.parameters[Reply.ERROR_CODE].string_param
+        raise MeshError(code_of(slug, ErrorCode.INVALID_INPUT), response.error_message)
+    return response.infer_response
+
+
+def _tokens(out: service_pb2.ModelInferResponse) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A token response's ids (INT64 [n]: one from Triton, several from our inference service when
+    the reader lagged) and their logprobs (zeros when absent)."""
+    raw = out.raw_output_contents
+    n = len(raw[0]) // 8
+    if n < 1:
+        raise MeshError(ErrorCode.INTERNAL, "the inference service sent a token response without tokens")
+    tokens = struct.unpack(f"<{n}q", raw[0])
+    logprobs = struct.unpack(f"<{n}f", raw[1]) if len(raw) > 1 and len(raw[1]) == 4 * n else (0.0,) * n
+    return tokens, logprobs
+
+
 @dataclass(frozen=True)
 class Step:
-    """One generated token (text may be empty while held back), or the final step."""
+    """One generated token (text may be empty while held back, or when a later token of the same
+    response carries it), or the final step. `more`: the next step is already here (the same
+    inference response), so a writer may join their events into one write."""
 
     text: str
     token_id: int = 0
     token_text: str = ""
     logprob: float = 0.0
     final: bool = False
+    more: bool = False
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -175,6 +204,7 @@ class Generator:
         pb.parameters[RequestParameter.MAX_TOKENS].int64_param = prepared.max_new_tokens
         # Triton sends the flagged empty final response of a decoupled model only when asked.
         pb.parameters[RequestParameter.TRITON_ENABLE_EMPTY_FINAL_RESPONSE].bool_param = True
+        pb.parameters[RequestParameter.MAX_TOKENS_PER_RESPONSE].int64_param = TOKENS_PER_RESPONSE
         for name, value in (
             (RequestParameter.TEMPERATURE, request.temperature),
             (RequestParameter.TOP_P, request.top_p),
@@ -203,12 +233,7 @@ class Generator:
             start = postprocess_pb2.DetokenizeStart(model_id=entry.id, stop=request.stop)
             await self._send(detok, postprocess_pb2.DetokenizeRequest(start=start))
             async for response in infer:
-                if response.error_message:
-                    # Our inference service names the code; Triton's own errors are bare messages,
-                    # most often a request it refused.
-                    slug = response.infer_response.parameters[Reply.ERROR_CODE].string_param
-                    raise MeshError(code_of(slug, ErrorCode.INVALID_INPUT), response.error_message)
-                out = response.infer_response
+                out = _checked(response)
                 if out.outputs and out.outputs[0].name == OutputTensor.PROMPT_LOGPROBS:  # first, when asked for
                     prefill = await self._prefill(detok, prepared.input_ids, out.raw_output_contents[0])
                     continue
@@ -224,17 +249,22 @@ class Generator:
                     yield Step(tail.text, final=True, finish_reason=reason, prompt_tokens=prepared.prompt_tokens,
                                completion_tokens=completion, prefill=prefill)  # fmt: skip
                     return
-                token = struct.unpack("<q", out.raw_output_contents[0])[0]
-                logprob = (
-                    struct.unpack("<f", out.raw_output_contents[1])[0] if len(out.raw_output_contents) > 1 else 0.0
-                )
-                completion += 1
-                piece = await self._detokenize(detok, [token], last=False)
+                tokens, logprobs = _tokens(out)
+                piece = await self._detokenize(detok, tokens, last=False)
+                texts = piece.token_texts
                 if piece.stopped:  # a stop string: end here, the text stops before it
+                    # The tokens before the one that completed it are steps; that one is counted.
+                    for i in range(len(texts) - 1):
+                        yield Step("", tokens[i], texts[i], logprobs[i], more=True)
+                    completion += len(texts) or 1
                     yield Step(piece.text, final=True, finish_reason=FinishReason.STOP, prompt_tokens=prepared.prompt_tokens,
                                completion_tokens=completion, prefill=prefill)  # fmt: skip
                     return
-                yield Step(piece.text, token, piece.token_texts[0] if piece.token_texts else "", logprob)
+                completion += len(tokens)
+                last = len(tokens) - 1
+                for i, token in enumerate(tokens):
+                    text, more = (piece.text, False) if i == last else ("", True)
+                    yield Step(text, token, texts[i] if i < len(texts) else "", logprobs[i], more=more)
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the inference stream ended without a final response")
         except grpc.aio.AioRpcError as err:
             raise MeshError.from_rpc_error(err, upstream="inference") from err
