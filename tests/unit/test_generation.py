@@ -192,7 +192,9 @@ async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(run
         running = scheduler.submit(PROMPTS[1], SamplingParams(max_new_tokens=30, min_new_tokens=30, temperature=0.0))
         first = await asyncio.wait_for(running.__anext__(), 10)  # it is in the batch now
         monkeypatch.setattr(runtime, "prefill_batch", broken)
-        tokens, why = await asyncio.wait_for(collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))), 10)
+        tokens, why = await asyncio.wait_for(
+            collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))), 10
+        )
         monkeypatch.setattr(runtime, "prefill_batch", real)
         rest, running_why = await asyncio.wait_for(collect(running), 10)
         after, _ = await asyncio.wait_for(
@@ -232,3 +234,44 @@ def test_batched_sampling_follows_the_distribution(runtime):
     assert [t for t, _ in scheduler._sample_rows(logits.clone(), rows(0))] == drawn  # same seeds, same draws
     greedy = scheduler._sample_rows(logits.clone(), rows(0, temperature=0.0))
     assert {t for t, _ in greedy} == {3} and abs(greedy[0][1] - float(torch.tensor(0.5).log())) < 1e-5
+
+
+def test_the_decode_cache_wraps_the_batch_tensors_without_copying_them():
+    from services.inference.generation import _cache
+
+    layers = [(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)) for _ in range(2)]
+    cache = _cache(layers)
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == [
+        (k.data_ptr(), v.data_ptr()) for k, v in layers
+    ]
+    assert cache.get_seq_length() == 5
+    grown_keys, _ = cache.layers[0].update(torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4))
+    assert grown_keys.shape == (3, 2, 6, 4) and torch.equal(grown_keys[:, :, :5], layers[0][0])
+
+
+async def test_admission_wait_and_prefill_are_observed_per_sequence_and_per_prefill(runtime):
+    from services.inference.generation import ADMISSION_WAIT, PREFILL, TOKENS
+
+    name = "tiny-llama-observed"
+    waits, prefills = ADMISSION_WAIT.labels(name)._sum, PREFILL.labels(name)._sum
+    counts_before = (_count(ADMISSION_WAIT, name), _count(PREFILL, name), TOKENS.labels(name)._value.get())
+    scheduler = GenerationScheduler(name, runtime, SPEC)
+    try:
+        params = SamplingParams(max_new_tokens=3, min_new_tokens=3, temperature=0.0)
+        results = await asyncio.gather(*(collect(scheduler.submit(p, params)) for p in PROMPTS))
+    finally:
+        await scheduler.close()
+    waited, prefilled, tokens = (
+        _count(ADMISSION_WAIT, name) - counts_before[0],
+        _count(PREFILL, name) - counts_before[1],
+        TOKENS.labels(name)._value.get() - counts_before[2],
+    )
+    assert waited == len(PROMPTS)  # one admission wait per sequence
+    assert 1 <= prefilled <= len(PROMPTS)  # one per prefill forward: joiners share one
+    assert tokens == sum(len(t) for t, _ in results) == 3 * len(PROMPTS)
+    assert waits.get() >= 0 and prefills.get() > 0
+
+
+def _count(histogram, name: str) -> float:
+    return next(s.value for m in histogram.collect() for s in m.samples
+                if s.name.endswith("_count") and s.labels.get("model") == name)  # fmt: skip
