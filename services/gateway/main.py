@@ -87,7 +87,7 @@ class Gateway:
             FastAPIInstrumentor.instrument_app(
                 app, tracer_provider=provider, excluded_urls="health,healthz,readyz,metrics"
             )
-        self.app = wrap(app, settings, self.control.auth)
+        self.app = wrap(app, settings, self.control.auth, fast_path=provider is None)
         config = uvicorn.Config(
             self.app,
             host=settings.host,
