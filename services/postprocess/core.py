@@ -49,9 +49,9 @@ def ranked(scores: np.ndarray, labels: list[str] | tuple[str, ...], top_k: int |
     order = np.argsort(-scores, axis=1, kind="stable")
     if top_k is not None:
         order = order[:, :top_k]
-    return [
-        Labelled([labels[j] for j in row], [float(v) for v in s[row]]) for row, s in zip(order, scores, strict=True)
-    ]
+    values = np.take_along_axis(scores, order, axis=1).tolist()  # Python floats, one call for all rows
+    rows = zip(order.tolist(), values, strict=True)
+    return [Labelled([labels[j] for j in row], row_values) for row, row_values in rows]
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

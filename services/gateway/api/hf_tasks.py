@@ -67,12 +67,16 @@ class Dialect:
     @classmethod
     def from_user_agent(cls, user_agent: str) -> Dialect:
         # huggingface_hub < 1.2 parses zero-shot as {sequence, labels, scores}; 1.2+ as a list.
-        match = _HF_HUB_VERSION.search(user_agent or "")
-        return cls(legacy_zero_shot=bool(match) and (int(match[1]), int(match[2])) < (1, 2))
+        # (Per request on the HF routes: one of two shared instances, not a new object.)
+        match = _HF_HUB_VERSION.search(user_agent) if user_agent else None
+        return _LEGACY if match and (int(match[1]), int(match[2])) < (1, 2) else _MODERN
 
     @property
     def key(self) -> str:
         return "zs-dict" if self.legacy_zero_shot else ""
+
+
+_MODERN, _LEGACY = Dialect(), Dialect(legacy_zero_shot=True)
 
 
 def texts(value, field: str = "inputs") -> tuple[list[str], bool]:

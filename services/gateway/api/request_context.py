@@ -41,6 +41,26 @@ ROUTE_PREFIXES = (
 )
 
 
+# Metric children by label values, so a request does not pay `.labels(...)` (a lock, argument
+# checks and a dict lookup each) twice. The values are bounded sets; the cache is bounded anyway.
+_CHILDREN_MAX = 4096
+_seconds_of: dict[str, object] = {}
+_requests_of: dict[tuple[str, str, int], object] = {}
+
+
+def _observe(route: str, model: str, status: int, seconds: float) -> None:
+    timer = _seconds_of.get(route)
+    if timer is None:
+        timer = _seconds_of[route] = HTTP_SECONDS.labels(route)
+    counter = _requests_of.get((route, model, status))
+    if counter is None:
+        if len(_requests_of) >= _CHILDREN_MAX:
+            _requests_of.clear()
+        counter = _requests_of[(route, model, status)] = HTTP_REQUESTS.labels(route, model, str(status))
+    timer.observe(seconds)
+    counter.inc()
+
+
 # A per-provider path (`/{provider}/v1/chat/completions`, `/{provider}/models/{id}`) is labelled
 # with the placeholder, not the name: providers come and go, labels must stay a bounded set.
 PROVIDER_ROUTE_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/models")
@@ -110,5 +130,4 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
         finally:
             deadlines.reset(token)
-            HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
-            HTTP_REQUESTS.labels(route, scope.get("state", {}).get("model", ""), str(status)).inc()
+            _observe(route, scope.get("state", {}).get("model", ""), status, time.perf_counter() - started)

@@ -42,6 +42,8 @@ STAGE_SECONDS = Histogram(
     "meshserve_gateway_stage_seconds", "Time spent in each pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS
 )
 
+_PRE, _INFER, _POST = (STAGE_SECONDS.labels(stage) for stage in ("preprocess", "inference", "postprocess"))
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -174,9 +176,9 @@ class Pipeline:
             )
         )
         t3 = time.perf_counter()
-        STAGE_SECONDS.labels("preprocess").observe(t1 - started)
-        STAGE_SECONDS.labels("inference").observe(t2 - t1)
-        STAGE_SECONDS.labels("postprocess").observe(t3 - t2)
+        _PRE.observe(t1 - started)
+        _INFER.observe(t2 - t1)
+        _POST.observe(t3 - t2)
         return Prediction(entry.id, task, post.result, pre.usage, t2 - t1)
 
     async def _is_cold(self, entry: ModelEntry, err: MeshError) -> bool:
@@ -232,7 +234,9 @@ class Pipeline:
             shape = list(out.shape)
             if any(list(r.outputs[i].shape[1:]) != shape[1:] for r in replies):
                 # Joining raw bytes of chunks with different row shapes would scramble them.
-                raise MeshError(ErrorCode.INTERNAL, f"inference returned chunks of output '{out.name}' that differ in shape")
+                raise MeshError(
+                    ErrorCode.INTERNAL, f"inference returned chunks of output '{out.name}' that differ in shape"
+                )
             shape[0] = sum(r.outputs[i].shape[0] for r in replies)
             raw = (
                 b"".join(r.raw_output_contents[i] for r in replies)
