@@ -23,7 +23,7 @@ EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 # When a request allows several tokens per response and more generations of its model run than
 # this, its tokens go out every running // STREAMS_PER_STEP steps (send_interval): a decode step
 # then costs about this many messages through the mesh, however large the batch.
-STREAMS_PER_STEP = 4
+STREAMS_PER_STEP = 2
 
 # Typed `contents` fields of InferTensorContents, for callers that do not send raw bytes.
 _CONTENTS_FIELD = {
@@ -302,9 +302,10 @@ def _drain(stream: GenerationStream, limit: int) -> list:
 
 def send_interval(running: int) -> int:
     """Tokens per response for one of `running` generations of a model (when its request allows
-    several): 1 up to STREAMS_PER_STEP streams, then one response per stream every
-    running // STREAMS_PER_STEP steps, so a decode step costs about STREAMS_PER_STEP messages
-    through the mesh however large the batch (the per-message cost is what a big batch pays)."""
+    several): 1 below 2 * STREAMS_PER_STEP streams (a lone stream gets every token at once), then
+    one response per stream every running // STREAMS_PER_STEP steps, so a decode step costs about
+    STREAMS_PER_STEP messages through the mesh however large the batch (the per-message cost of
+    three gRPC hops, not the model, is what a large batch paid). The request's limit caps it."""
     return max(1, running // STREAMS_PER_STEP)
 
 

@@ -233,7 +233,7 @@ def sampled(count: int, **parameters) -> list[dict]:
 @pytest.mark.asyncio(loop_scope="session")
 async def test_coalesced_responses_carry_the_same_tokens_in_order(server):
     """With `max_tokens_per_response`, responses may carry several tokens (8 streams of one model:
-    every second step); the tokens, concatenated, are the ones of one response per token."""
+    every fourth step); the tokens, concatenated, are the ones of one response per token."""
     url, _ = server
     one_each = await token_responses(url, sampled(8))
     coalesced = await token_responses(url, sampled(8, max_tokens_per_response=4))

@@ -14,7 +14,7 @@ from openai import OpenAI
 pytestmark = pytest.mark.xdist_group("mesh")
 
 LM = "meshserve/tiny-llama-chat"
-STREAMS = 8  # enough for the embedded server to send every second step's tokens together
+STREAMS = 8  # enough for the embedded server to send several steps' tokens together
 TOKENS = 24
 
 

@@ -36,9 +36,10 @@ PROMPT_EXTRA_TOKENS = 4
 # What a chat template typically adds per message (role markers, separators): only for the
 # tokens-per-minute estimate; the budget holds the model's prompt limit for a chat.
 CHAT_TOKENS_PER_MESSAGE = 8
-# Most tokens one inference response may carry (`max_tokens_per_response`): a reader that keeps up
-# still gets one token per response; one that lags gets what is queued, in one message.
-TOKENS_PER_RESPONSE = 16
+# Most tokens one inference response may carry (`max_tokens_per_response`): a lone stream still
+# gets one token per response; streams that share a large batch get up to this many per message
+# (our embedded server's send_interval), so a client sees text at least every 8 decode steps.
+TOKENS_PER_RESPONSE = 8
 
 
 @dataclass(frozen=True)
