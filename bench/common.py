@@ -15,7 +15,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +68,52 @@ def machine_busy_s() -> float:
     return t.user + t.nice + t.system + t.irq + t.softirq
 
 
+SERVICES = ("gateway", "preprocess", "inference", "postprocess")
+
+
+def service_cpu_s(root_pid: int) -> dict[str, float]:
+    """CPU seconds of each mesh service: the supervisor's child running services.<name>.main and
+    its descendants (replicas add up; Triton runs under the inference launcher)."""
+    out = dict.fromkeys(SERVICES, 0.0)
+    try:
+        children = psutil.Process(root_pid).children()
+    except psutil.Error:
+        return out
+    for child in children:
+        try:
+            command = " ".join(child.cmdline())
+            procs = [child, *child.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for name in SERVICES:
+            if f"services.{name}.main" in command:
+                out[name] += sum(_proc_cpu_s(p) for p in procs)
+    return out
+
+
 @dataclass
 class CpuSample:
     at: float
     busy_s: float
     client_s: float
     server_s: float
+    services_s: dict[str, float] = field(default_factory=dict)  # per mesh service (service_cpu_s)
 
 
 def cpu_sample(server_pid: int | None) -> CpuSample:
     server = tree_cpu_s(server_pid) if server_pid else 0.0
-    return CpuSample(time.perf_counter(), machine_busy_s(), _proc_cpu_s(psutil.Process()), server)
+    services = service_cpu_s(server_pid) if server_pid else {}
+    return CpuSample(time.perf_counter(), machine_busy_s(), _proc_cpu_s(psutil.Process()), server, services)
+
+
+def cpu_per_request(before: CpuSample, after: CpuSample, requests: int) -> dict[str, int] | None:
+    """Microseconds of CPU per completed request in each mesh service and in this client, over a
+    window: the fixed cost of each hop (bench/README.md's per-hop table)."""
+    if not requests or not after.services_s:
+        return None
+    spent = {name: after.services_s[name] - before.services_s.get(name, 0.0) for name in after.services_s}
+    spent["client"] = after.client_s - before.client_s
+    return {name: round(seconds / requests * 1e6) for name, seconds in spent.items()}
 
 
 def cpu_usage(before: CpuSample, after: CpuSample) -> dict[str, float]:
@@ -258,6 +293,7 @@ async def closed_loop(call: Call, concurrency: int, probe: Probe, *, seconds: fl
         "stopped_by_count": issued >= MAX_REQUESTS,
         "model_stats": stats_delta(stats_before, stats_after),
         "cpu": cpu_usage(cpu_before, cpu_after),
+        "cpu_us_per_request": cpu_per_request(cpu_before, cpu_after, len(latencies)),
     }
 
 
@@ -324,7 +360,9 @@ def count_noisy(points: Iterable[dict[str, Any]]) -> int:
 
 
 def noisy_warning(noisy: int, advice: str = "their numbers are low. Rerun on an idle machine.") -> str:
-    return f"**{noisy} point(s) shared the CPU with other processes** (foreign cores >= {QUIET_FOREIGN_CORES}); {advice}"
+    return (
+        f"**{noisy} point(s) shared the CPU with other processes** (foreign cores >= {QUIET_FOREIGN_CORES}); {advice}"
+    )
 
 
 def write_results(

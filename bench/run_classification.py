@@ -257,7 +257,7 @@ async def mesh_point(
     print(
         f"  {task.task} {label:<10} {point['rps']:7.1f} req/s  p50 {point['p50_ms']} ms  p99 {point['p99_ms']} ms  "
         f"avg batch {point['model_stats']['avg_batch']}  errors {point['errors']}  X-Cache {dict(x_cache)}  "
-        f"foreign {point['cpu']['foreign_cores']} cores",
+        f"foreign {point['cpu']['foreign_cores']} cores  µs CPU/req gw/pre/inf/post/client {hop_costs(point)}",
         flush=True,
     )
     return point
@@ -370,6 +370,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     finish_figure(fig, path, result, "classification through the mesh", "; labels: ratio to raw limit")
 
 
+def hop_costs(point: dict[str, Any]) -> str:
+    """The point's CPU per request in each service and the client, in microseconds."""
+    cost = point.get("cpu_us_per_request")
+    if not cost:
+        return "-"
+    return " / ".join(
+        str(cost.get(name, "-")) for name in ("gateway", "preprocess", "inference", "postprocess", "client")
+    )
+
+
 def summary(result: dict[str, Any]) -> str:
     lines = []
     for name, data in result["tasks"].items():
@@ -380,14 +390,15 @@ def summary(result: dict[str, Any]) -> str:
             f"check vs raw {data['check_vs_raw']['top_label_agrees_with_raw']}/{data['check_vs_raw']['inputs']} "
             f"labels agree",
             "",
-            "| path | batch / c | req/s | x raw limit | p50 ms | p99 ms | errors | avg batch | client / server / foreign cores |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| path | batch / c | req/s | x raw limit | p50 ms | p99 ms | errors | avg batch "
+            "| client / server / foreign cores | µs CPU per request: gateway / pre / inference / post / client |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in raw["points"]:
             lines.append(
                 f"| raw in-process | b={p['batch']} | {p['items_per_s']} | "
                 f"{p['items_per_s'] / raw['limit_items_per_s']:.2f} | {p['p50_ms']} | {p['p99_ms']} | 0 | "
-                f"{p['batch']} | {p['cpu']['client_cores']} / - / {p['cpu']['foreign_cores']} |"
+                f"{p['batch']} | {p['cpu']['client_cores']} / - / {p['cpu']['foreign_cores']} | - |"
             )
         for p in [*data["mesh_rest"], data["mesh_rest_cached"]]:
             label = f"c={p['concurrency']}" + (" **cached**" if p["use_cache"] else "")
@@ -395,7 +406,7 @@ def summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"| mesh REST | {label} | {p['rps']} | {p['ratio_to_raw_limit']:.3g} | {p['p50_ms']} | "
                 f"{p['p99_ms']} | {p['errors']} | {p['model_stats']['avg_batch']} | "
-                f"{cpu['client_cores']} / {cpu['server_cores']} / {cpu['foreign_cores']} |"
+                f"{cpu['client_cores']} / {cpu['server_cores']} / {cpu['foreign_cores']} | {hop_costs(p)} |"
             )
         lines.append("")
     if result["noisy_points"]:
