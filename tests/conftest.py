@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import pytest
 
@@ -29,6 +30,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # cache; only the shipped models below are built through it.
 USER_MODEL_CACHE = os.environ.get(CACHE_ENV)
 os.environ[CACHE_ENV] = "off"
+
+
+def xdist_unit(item: pytest.Item) -> str | None:
+    """The work unit `--dist loadgroup` gives a test: its xdist_group names joined (as xdist does);
+    the "mesh" group is split per backend, so that a worker holds one session mesh at a time and
+    the two backends' tests can run on the two workers at once."""
+    names = sorted(
+        {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    )
+    if not names:
+        return None
+    unit = "_".join(names)
+    backend = getattr(getattr(item, "callspec", None), "params", {}).get("mesh")
+    return f"{unit}-{backend}" if unit == "mesh" and isinstance(backend, str) else unit
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make `--dist loadgroup` honour xdist_group marks. pytest-xdist 3.8 names a test's group by
+    rewriting `item._nodeid`, which pytest 9 no longer reads (`nodeid` is `str(item._id)`): every
+    group was ignored, each worker started its own session meshes and module servers. The unit is
+    set here, on the workers, the way xdist means to: a `@unit` suffix of the nodeid."""
+    if not getattr(config.option, "loadgroup", False):  # set on the workers of `--dist loadgroup`
+        return
+    for item in items:
+        unit = xdist_unit(item)
+        if unit is None:
+            continue
+        base = item.nodeid.split("@")[0] if "@" in item.nodeid.rpartition("]")[2] else item.nodeid
+        nodeid = f"{base}@{unit}"
+        if hasattr(item, "_id"):  # pytest >= 9: a structured id
+            item._id = type(item._id).parse(nodeid)
+        else:
+            item._nodeid = nodeid
+        if item.nodeid != nodeid:
+            warnings.warn(f"cannot set the xdist work unit of {item.nodeid}: loadgroup ignores it", stacklevel=1)
+            return
 
 
 @pytest.fixture(scope="session")
