@@ -17,6 +17,8 @@ from services.gateway.api.request_context import route_label
 from tests.helpers import MODEL_ID
 from tests.providers.conftest import PROVIDER_HEADER, openai_provider, start_provider_gateway, write_providers
 
+# One worker runs the whole module: its module-scoped fakes and gateway start once, not once per worker.
+pytestmark = pytest.mark.xdist_group("providers-api")
 CHAT = "acme/remote-chat"  # served only by mesh-b (an OpenAI-kind fake)
 EMBED = "acme/remote-embed"  # served by mesh-b and tei-b
 HF_MODEL = "acme/remote-sentiment"  # served only by hf-b (an HF-kind fake)

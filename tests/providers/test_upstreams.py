@@ -27,6 +27,8 @@ from services.gateway.providers.upstreams import (
 )
 from tests.fakes.upstream import FakeUpstream, start_fake, vector
 
+# One worker runs the whole module: its module-scoped fakes and gateway start once, not once per worker.
+pytestmark = pytest.mark.xdist_group("providers-upstreams")
 KEY_ENV = "MESHSERVE_TEST_UPSTREAM_KEY"
 CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say three words"}]}
 
