@@ -29,7 +29,7 @@ size. The tiny model's target: at 32 streams, aggregate tokens/s >= 5x the singl
 c=32 / mesh c=1). Writes bench/results/generation.json (the tiny model's keys at the top, the base
 model's under "base"; a run of one model keeps the other's from the file) and generation.png.
 
-    python -m bench.run_generation                           # 8 s per point (BENCH_SECONDS), ~7 minutes
+    python -m bench.run_generation                           # 8 s per point (BENCH_SECONDS), ~5-7 minutes
     python -m bench.run_generation --model tiny --seconds 2  # smoke run
 """
 
@@ -441,6 +441,14 @@ def summarize_point(point: dict[str, Any], records: list[dict[str, Any]], probe:
     point["ttft"] = percentiles_ms(ttft)
     point["itl"] = percentiles_ms(gaps)
     point["inference_metrics"] = metrics_delta(probe.metrics[-2], probe.metrics[-1], window)
+    # The window's CPU of each service per token the inference service generated in it (common.py
+    # gives it per completed stream): comparable across runs on a busy machine, where tok/s is not.
+    per_request, generated = point.get("cpu_us_per_request"), point["inference_metrics"]["generated_tokens"]
+    point["cpu_us_per_token"] = (
+        {k: round(v * point["requests"] / generated) for k, v in per_request.items()}
+        if per_request and generated
+        else None
+    )
     point["probe_sample_s"] = probe.sample_s[-2:]
     # closed_loop's rps / p50 are per stream (request start -> [DONE]); keep them, named.
     point["stream_latency"] = {k: point.pop(k) for k in ("p50_ms", "p90_ms", "p99_ms")}
@@ -478,7 +486,7 @@ async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, target: Target)
                     f"decode batch {m['mean_decode_batch']}  server {m['generated_tokens_per_s']} tok/s, TTFT mean "
                     f"{m['mean_ttft_ms']} p99<={m['ttft_buckets']['p99_ms_at_most']} ms (admission wait mean "
                     f"{m['mean_admission_wait_ms']} p99<={m['admission_wait_buckets']['p99_ms_at_most']}, prefill "
-                    f"{m['mean_prefill_ms']} ms)  "
+                    f"{m['mean_prefill_ms']} ms)  CPU us/token {point['cpu_us_per_token']}  "
                     f"errors {point['errors']}  client/server/foreign {point['cpu']['client_cores']}/"
                     f"{point['cpu']['server_cores']}/{point['cpu']['foreign_cores']} cores",
                     flush=True,
