@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: up install test proto proto-check lint bench bench-providers models clean
+.PHONY: up install test proto proto-check lint bench bench-providers bench-infinity-venv models clean
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone so
 # that pip takes the local CPU wheel (torch==2.13.0) and never pulls a CUDA build.
@@ -71,10 +71,23 @@ lint: $(STAMP)
 	$(PY) scripts/check_docs.py
 	$(PY) scripts/gen_config_docs.py --check
 
+# infinity-emb, beside which bench.run_embeddings measures the mesh, lives in a venv of its own (it pins
+# transformers < 5). Its torch engine only: its optimum (ONNX) engine needs optimum 1.x, whose exporter
+# does not import under torch 2.13, and PyPI's older Linux torch wheels pull the CUDA stack.
+INFINITY_VENV := .venv-bench/infinity
+$(INFINITY_VENV)/.installed:
+	test -x $(INFINITY_VENV)/bin/python || python3 -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(INFINITY_VENV)/bin/pip install -q --disable-pip-version-check 'infinity-emb[server,torch,einops]==0.0.78' torch==2.13.0
+	touch $@
+
+## bench-infinity-venv: the infinity-emb venv that `make bench` compares embeddings with.
+bench-infinity-venv: $(INFINITY_VENV)/.installed
+
 ## bench: every benchmark (embeddings, backends, classification, control plane, generation, a 30-minute soak); JSON + PNG in bench/results/.
-bench: $(STAMP)
+bench: $(STAMP) $(INFINITY_VENV)/.installed
 	$(VENV)/bin/meshserve models build
-	$(PY) -m bench.run_embeddings
+	$(PY) -m bench.run_embeddings --infinity $(INFINITY_VENV)/bin/infinity_emb
 	$(PY) -m bench.run_backends
 	$(PY) -m bench.run_classification
 	$(PY) -m bench.run_user_models
