@@ -252,7 +252,7 @@ def test_the_decode_cache_wraps_the_batch_tensors_without_copying_them():
 async def test_admission_wait_and_prefill_are_observed_per_sequence_and_per_prefill(runtime):
     from services.inference.generation import ADMISSION_WAIT, PREFILL, TOKENS
 
-    name = "tiny-llama-observed"
+    name = SPEC.name  # one label: a test elsewhere reads DECODE_BATCH.collect()[0] whatever its label
     waits, prefills = ADMISSION_WAIT.labels(name)._sum, PREFILL.labels(name)._sum
     counts_before = (_count(ADMISSION_WAIT, name), _count(PREFILL, name), TOKENS.labels(name)._value.get())
     scheduler = GenerationScheduler(name, runtime, SPEC)
