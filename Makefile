@@ -94,6 +94,7 @@ bench: $(STAMP) $(INFINITY_VENV)/.installed
 	$(PY) -m bench.run_control_plane
 	$(PY) -m bench.run_generation
 	$(PY) -m bench.run_soak
+	$(PY) -m bench.targets
 
 # The LiteLLM proxy for bench-providers lives in a venv of its own (it pins its own FastAPI, pydantic...).
 LITELLM_VENV := .venv-bench/litellm
