@@ -259,5 +259,5 @@ async def test_a_raw_triton_stream_gets_one_response_per_token(server):
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_bad_tokens_per_response_is_refused(server):
     url, _ = server
-    tokens, finals, errors = await run_stream(url, [request([1, 2], "z", max_tokens=3, max_tokens_per_response=0)])
+    _tokens, finals, errors = await run_stream(url, [request([1, 2], "z", max_tokens=3, max_tokens_per_response=0)])
     assert len(errors) == 1 and "max_tokens_per_response" in errors[0] and not finals

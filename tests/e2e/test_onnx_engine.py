@@ -12,6 +12,8 @@ from services.common.settings import REPO_ROOT
 from services.inference.runtime import load_runtime
 from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, start_mesh
 
+# Its two meshes (embedded, Triton) are module-scoped: one worker starts them, not both.
+pytestmark = pytest.mark.xdist_group("onnx")
 SENTIMENT = "meshserve/sentiment-minilm"
 TEXTS = ["A short one.", "The quick brown fox jumps over the lazy dog, twice and then again.", "great", "awful film"]
 
