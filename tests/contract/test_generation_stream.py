@@ -117,14 +117,18 @@ async def test_concurrent_streams_share_decode_steps(server):
     from services.inference.generation import DECODE_BATCH
 
     url, _ = server
-    before = [s for s in DECODE_BATCH.collect()[0].samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"]
+
+    def ours():  # every scheduler registers its labels: read this model's series only
+        return [s for s in DECODE_BATCH.collect()[0].samples if s.labels.get("model") == MODEL]
+
+    before = [s for s in ours() if s.name.endswith("_bucket") and s.labels["le"] == "1.0"]
     ones_before = before[0].value if before else 0
     requests = [request([10 + i, 11 + i], str(i), max_tokens=20, temperature=0.8, seed=i) for i in range(4)]
     clients = [run_stream(url, [r]) for r in requests]
     results = await asyncio.gather(*clients)
     assert all(not errors and len(finals) == 1 for _, finals, errors in results)
-    samples = {s.labels["le"]: s.value for s in DECODE_BATCH.collect()[0].samples if s.name.endswith("_bucket")}
-    count = next(s.value for s in DECODE_BATCH.collect()[0].samples if s.name.endswith("_count"))
+    samples = {s.labels["le"]: s.value for s in ours() if s.name.endswith("_bucket")}
+    count = next(s.value for s in ours() if s.name.endswith("_count"))
     assert count - samples["1.0"] > 0, "some decode steps ran more than one sequence"
     assert samples["1.0"] >= ones_before
 

@@ -38,7 +38,7 @@ def test_replica_failures_behind_envoy_lose_no_requests(models_dir, tmp_path):
     mesh = start_mesh(tmp_path, env)
     admin = f"http://127.0.0.1:{admin_port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # two gateways, Envoy and its health checks start on 2 busy cores
         while time.monotonic() < deadline and healthy_hosts(admin).get("inference", 0) < 2:
             time.sleep(0.2)
         hosts = healthy_hosts(admin)
@@ -97,7 +97,7 @@ def test_gateway_replica_killed_behind_envoy_loses_no_requests(models_dir, tmp_p
     mesh = start_mesh(tmp_path, env)
     admin = f"http://127.0.0.1:{admin_port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # two gateways, Envoy and its health checks start on 2 busy cores
         # The supervisor says ready once every replica and Envoy's front answer /readyz (Envoy may
         # still be starting when the first replica is ready).
         while time.monotonic() < deadline and "meshserve is ready" not in mesh.log():
