@@ -27,7 +27,13 @@ from services.common.triton_repository import generate
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
-SHM_GLOB = "triton_python_backend_shm_region_*"
+SHM_PREFIX = "meshserve_triton_shm_"
+
+
+def shm_prefix() -> str:
+    """The Python backend's region-name prefix for this launcher: unique per process, so cleanup
+    after one Triton never unlinks the live regions of another (parallel tests, two meshes)."""
+    return f"{SHM_PREFIX}{os.getpid()}_"
 
 
 def pytriton_root() -> Path:
@@ -86,6 +92,7 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
         "--allow-gpu-metrics=false",
         f"--log-verbose={settings.triton_log_verbose}",
         f"--exit-timeout-secs={settings.triton_exit_timeout_s}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
     ]
     cmd += restricted_protocol_flags(service_auth.configured_token(settings))
     if settings.triton_trace_url:
@@ -120,8 +127,8 @@ async def server_ready(target: str) -> bool:
         return False
 
 
-def _shm_regions() -> set[Path]:
-    return set(Path("/dev/shm").glob(SHM_GLOB)) if Path("/dev/shm").is_dir() else set()
+def _shm_regions(prefix: str) -> set[Path]:
+    return set(Path("/dev/shm").glob(f"{prefix}*")) if Path("/dev/shm").is_dir() else set()
 
 
 def _die_with_parent() -> None:
@@ -134,7 +141,6 @@ def _die_with_parent() -> None:
 async def run_triton(settings: InferenceSettings) -> int:
     """Start Triton, wait until ready, pass on SIGTERM; returns the exit code to exit with."""
     work, repository, backends = prepare_workdir(settings)
-    before = _shm_regions()
     cmd = command(settings, repository, backends)
     log.info("starting tritonserver", extra={"fields": {"cmd": " ".join(cmd)}})
     process = await asyncio.create_subprocess_exec(*cmd, cwd=work, env=environment(), preexec_fn=_die_with_parent)
@@ -167,6 +173,6 @@ async def run_triton(settings: InferenceSettings) -> int:
         log.error("tritonserver exited on its own", extra={"fields": {"code": process.returncode}})
         return process.returncode or 1
     finally:
-        for region in _shm_regions() - before:
+        for region in _shm_regions(shm_prefix()):
             with contextlib.suppress(OSError):
                 region.unlink()

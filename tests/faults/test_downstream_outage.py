@@ -4,6 +4,7 @@ it and says so, and the mesh recovers without restarting the other services."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -66,10 +67,19 @@ def test_killed_stage_gives_503_with_retry_after_then_recovers(mesh, service):
 
 @pytest.mark.skipif(not TRITON_SUPPORTED, reason=TRITON_SKIP_REASON)
 def test_killed_triton_is_noticed_restarted_and_service_recovers(models_dir, tmp_path):
+    # Regions of other Tritons on this host (another mesh, another worker) must outlive ours.
+    decoys = [
+        Path("/dev/shm") / f"{name}{tmp_path.name}"
+        for name in ("triton_python_backend_shm_region_", "meshserve_triton_shm_1_")
+    ]
+    for decoy in decoys:
+        decoy.write_bytes(b"")
     mesh = start_mesh(tmp_path, {"MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4"}, backend="triton")
     try:
         others = {name: mesh.child(name).pid for name in ("gateway", "preprocess", "postprocess")}
         launcher = mesh.child("inference")
+        own = f"meshserve_triton_shm_{launcher.pid}_*"
+        assert list(Path("/dev/shm").glob(own)), "the Python stubs' regions carry the launcher's prefix"
         (triton,) = [p for p in launcher.children(recursive=True) if p.name() == "tritonserver"]
         triton.kill()
 
@@ -91,5 +101,9 @@ def test_killed_triton_is_noticed_restarted_and_service_recovers(models_dir, tmp
             assert mesh.child(name).pid == pid
         new_triton = [p for p in mesh.child("inference").children(recursive=True) if p.name() == "tritonserver"]
         assert new_triton and new_triton[0].pid != triton.pid
+        assert not list(Path("/dev/shm").glob(own)), "the dead Triton's regions are removed"
+        assert all(decoy.exists() for decoy in decoys), "another Triton's regions are left alone"
     finally:
         mesh.stop()
+        for decoy in decoys:
+            decoy.unlink(missing_ok=True)
