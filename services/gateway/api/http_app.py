@@ -8,7 +8,15 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, FastAPI, Request
 
-from services.gateway.api import routes_admin, routes_hf, routes_openai, routes_ops, routes_providers, routes_rerank
+from services.gateway.api import (
+    routes_admin,
+    routes_embeddings,
+    routes_hf,
+    routes_openai,
+    routes_ops,
+    routes_providers,
+    routes_rerank,
+)
 from services.gateway.api.errors import ERROR_RESPONSES, error_response, install_error_handlers
 from services.gateway.api.request_context import RequestContextMiddleware
 from services.gateway.control.auth import Authenticator, AuthMiddleware
@@ -21,6 +29,7 @@ ROUTERS = (
     routes_openai.generation_router,
     routes_ops.router,
     routes_openai.router,
+    routes_embeddings.router,
     routes_hf.router,
     routes_admin.router,
     routes_rerank.router,

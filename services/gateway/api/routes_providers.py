@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from services.gateway.api import routed, routes_hf, routes_openai
+from services.gateway.api import routed, routes_embeddings, routes_hf, routes_openai
 from services.gateway.api.deps import call_context
 from services.gateway.service.context import CallContext
 
@@ -28,10 +28,10 @@ async def provider_completions(request: Request, provider: str, ctx: CallContext
 @router.post(
     "/{provider}/v1/embeddings",
     summary="Embeddings (OpenAI) by one provider",
-    openapi_extra=routes_openai.EMBEDDINGS_BODY,
+    openapi_extra=routes_embeddings.EMBEDDINGS_BODY,
 )
 async def provider_embeddings(request: Request, provider: str, ctx: CallContext = Depends(call_context)):
-    return await routes_openai.embed(request, ctx, routed.check_provider(request, provider))
+    return await routes_embeddings.embed(request, ctx, routed.check_provider(request, provider))
 
 
 @router.post(
