@@ -21,13 +21,16 @@ from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
 
-# Torch's OpenMP workers (libgomp) spin for milliseconds after each parallel region by default. Here
-# the model shares a few cores with the gateway, preprocess, postprocess and the gRPC threads, so a
-# spinning worker takes the core the next hop needs: measured on 2 cores, the inference process
-# spent 7.2 ms of CPU per c=1 digits request spinning vs 1.8 ms passive (8-20x worse under
-# contention). Set before torch is imported (this module is imported before any model loads); an
-# operator's own OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Torch's OpenMP workers (libgomp) spin for about a millisecond after each parallel region by
+# default (GOMP_SPINCOUNT 300,000). Here the model shares a few cores with the gateway, preprocess,
+# postprocess and the gRPC threads, so a spinning worker takes the core the next hop needs; but
+# sleeping at once (OMP_WAIT_POLICY=PASSIVE, tried in #18) woke too late for each op of a batch of
+# one: all-MiniLM batch 1 went 9.7 -> 16.7 ms. A third of the default spin keeps batch 1 at
+# 10.1 ms, and the digits CNN through the mesh at c=64 made 2,015 req/s against 1,543 passive.
+# Set before torch is imported (this module is imported before any model loads); an operator's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 
 @dataclass
