@@ -63,6 +63,11 @@ def generation_config(entry: ModelEntry, models_dir: Path, *, gpu: bool) -> mc.M
             mc.ModelOutput(
                 name=OutputTensor.PROMPT_LOGPROBS, data_type=_tensor_dtype(OutputTensor.PROMPT_LOGPROBS), dims=[-1]
             ),
+            # when top_logprobs are asked for: [1, k]
+            *(
+                mc.ModelOutput(name=tensor, data_type=_tensor_dtype(tensor), dims=[-1, -1])
+                for tensor in (OutputTensor.TOP_TOKEN_IDS, OutputTensor.TOP_LOGPROBS)
+            ),
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
         instance_group=[mc.ModelInstanceGroup(count=1, kind=kind)],

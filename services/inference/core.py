@@ -16,7 +16,7 @@ from services.common.generation_contract import InputTensor, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.tensors import NP_DTYPES
 from services.inference.batcher import Timing
-from services.inference.generation import GenerationStream, SamplingParams
+from services.inference.generation import GenerationStream, SamplingParams, parse_logit_bias
 from services.inference.repository import ModelRepository
 
 QUEUE_SECONDS = Histogram(
@@ -220,6 +220,13 @@ _SAMPLING = {
     RequestParameter.SEED: ("seed", int),
     RequestParameter.REPETITION_PENALTY: ("repetition_penalty", float),
     RequestParameter.PROMPT_LOGPROBS: ("prompt_logprobs", bool),
+    RequestParameter.MIN_P: ("min_p", float),
+    RequestParameter.IGNORE_EOS: ("ignore_eos", bool),
+    RequestParameter.FREQUENCY_PENALTY: ("frequency_penalty", float),
+    RequestParameter.PRESENCE_PENALTY: ("presence_penalty", float),
+    RequestParameter.LOGIT_BIAS: ("logit_bias", parse_logit_bias),  # a JSON object's text
+    RequestParameter.LOGPROBS: ("logprobs", bool),
+    RequestParameter.TOP_LOGPROBS: ("top_logprobs", int),
 }
 
 
@@ -229,6 +236,9 @@ def sampling_from_values(values: dict, stop_token_ids: list[int]) -> SamplingPar
     for name, (field_name, kind) in _SAMPLING.items():
         if name in values:
             value = values[name]
+            if kind not in (bool, int, float):  # a parser of its own
+                fields[field_name] = kind(value)
+                continue
             if kind is bool:
                 if not isinstance(value, bool):
                     raise invalid(f"request parameter '{name}' must be a boolean", param=name)

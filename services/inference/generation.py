@@ -77,6 +77,26 @@ class UnsetInt(int):
 
 # The sampling parameters a folder's generation_config.json may give defaults for (vLLM's choice).
 DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty")
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on `logit_bias` entries
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
+
+
+def parse_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """The `logit_bias` request parameter (a JSON object text, token id -> bias) as (id, bias)
+    pairs sorted by id; a malformed value is the caller's error."""
+    import json
+
+    key = RequestParameter.LOGIT_BIAS
+    try:
+        data = json.loads(value) if isinstance(value, str) else None
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        pairs = [(int(token), float(bias)) for token, bias in data.items() if not isinstance(bias, bool)]
+    except (ValueError, TypeError):
+        raise invalid(f"`{key}` must be a JSON object of token id -> number", param=key) from None
+    if len(pairs) != len(data):
+        raise invalid(f"`{key}` values must be numbers", param=key)
+    return tuple(sorted(pairs))
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,15 @@ class SamplingParams:
     # Also score the prompt (TGI's decoder_input_details): before its first token the sequence
     # emits each prompt token's log-probability, read from the prefill's own forward pass.
     prompt_logprobs: bool = False
+    min_p: float = 0.0  # drop tokens below min_p times the most likely one's probability; 0 is off
+    ignore_eos: bool = False  # the model's end token does not end the sequence (stop_token_ids do)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this per earlier occurrence in the output
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token occurred in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    # Report raw log-probabilities (the model's distribution before any processing): the chosen
+    # token's in TokenEvent.logprob, and the `top_logprobs` most likely tokens in TokenEvent.top.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def validate(self) -> None:
         """The ranges of generation.proto's GenerationRequestParameters; `param` names the key."""
@@ -110,6 +139,27 @@ class SamplingParams:
             raise invalid(f"`{key.TOP_K}` must be >= 0", param=key.TOP_K)
         if self.repetition_penalty <= 0.0:
             raise invalid(f"`{key.REPETITION_PENALTY}` must be > 0", param=key.REPETITION_PENALTY)
+        self._validate_extras()
+
+    def _validate_extras(self) -> None:
+        """The ranges of min_p, the OpenAI penalties, logit_bias and top_logprobs."""
+        key = RequestParameter
+        if not 0.0 <= self.min_p <= 1.0:
+            raise invalid(f"`{key.MIN_P}` must be in [0, 1]", param=key.MIN_P)
+        for name in (key.FREQUENCY_PENALTY, key.PRESENCE_PENALTY):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise invalid(f"`{name}` must be in [-2, 2]", param=name)
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise invalid(f"`{key.LOGIT_BIAS}` takes at most {MAX_LOGIT_BIAS} tokens", param=key.LOGIT_BIAS)
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise invalid(f"`{key.LOGIT_BIAS}` values must be in [-100, 100]", param=key.LOGIT_BIAS)
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise invalid(f"`{key.TOP_LOGPROBS}` must be in [0, {MAX_TOP_LOGPROBS}]", param=key.TOP_LOGPROBS)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the OpenAI penalties or a logit bias change this row's logits."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
     def with_defaults(self, defaults: dict[str, float | int]) -> SamplingParams:
         """These parameters with the model's `defaults` in the fields the request left unset."""
@@ -158,6 +208,8 @@ class TokenEvent:
     # its log-probability given the tokens before it under the model (no sampling transform),
     # NaN for the first token, which nothing precedes.
     prompt_logprobs: tuple[float, ...] | None = None
+    # With SamplingParams.top_logprobs: the most likely (token id, raw log-probability) pairs.
+    top: tuple[tuple[int, float], ...] | None = None
 
 
 class CausalLMRuntime:
@@ -278,6 +330,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: object = None
     cancelled_at: int = 0  # tokens generated when the cancellation arrived
+    top: tuple[tuple[int, float], ...] | None = None  # the last sampled token's alternatives (logprobs)
 
     def cancel(self) -> None:
         """Leave the batch at the next step (the client went away)."""
@@ -373,6 +426,15 @@ class GenerationScheduler:
             raise invalid(f"input '{InputTensor.INPUT_IDS}' has no tokens (model '{self.name}')")
         if min(prompt) < 0 or max(prompt) >= self.runtime.vocab_size:
             raise invalid(f"input '{InputTensor.INPUT_IDS}' holds token ids outside [0, {self.runtime.vocab_size})")
+        if (
+            params.logit_bias
+            and not 0
+            <= min(t for t, _ in params.logit_bias)
+            <= max(t for t, _ in params.logit_bias)
+            < self.runtime.vocab_size
+        ):
+            key = RequestParameter.LOGIT_BIAS
+            raise invalid(f"`{key}` holds token ids outside [0, {self.runtime.vocab_size})", param=key)
         if len(prompt) >= self.runtime.max_context:
             raise invalid(
                 f"the prompt has {len(prompt)} tokens; model '{self.name}' has a context of {self.runtime.max_context}"
@@ -510,15 +572,24 @@ class GenerationScheduler:
         return self._sample_rows(logits, batch.sequences)
 
     def _sample_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
-        """Sample every row. Temperature, softmax and the draw run once for the whole batch (inverse
-        CDF: one uniform per row, then one searchsorted); only rows that ask for top-k, top-p or a
-        repetition penalty take the per-row path. Each row's uniform comes from its own generator,
-        so a seeded request repeats whatever it is batched with."""
-        torch = self._torch
+        """Sample every row: (token, logprob). Temperature, softmax and
+        the draw run once for the whole batch (inverse CDF: one uniform per row, then one
+        searchsorted); only rows that ask for top-k, top-p, min-p or a repetition penalty take the
+        per-row path. Each row's uniform comes from its own generator, so a seeded request repeats
+        whatever it is batched with. Hooks, in order: raw logprobs are read before any change,
+        then the end-token mask, then the OpenAI penalties and logit bias (in place)."""
+        raw = self._raw_logprobs(logits, sequences)
         self._mask_early_ends(logits, sequences)
+        self._adjust_logits(logits, sequences)
+        return self._with_raw_logprobs(self._draw_rows(logits, sequences), raw, sequences)
+
+    def _draw_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
+        """(token, logprob under the sampling distribution) per row."""
+        torch = self._torch
         plain = [
             i for i, s in enumerate(sequences)
             if s.params.top_k == 0 and s.params.top_p >= 1.0 and s.params.repetition_penalty == 1.0
+            and s.params.min_p == 0.0
         ]  # fmt: skip
         results: list[tuple[int, float] | None] = [None] * len(sequences)
         if plain:
@@ -547,6 +618,51 @@ class GenerationScheduler:
             if results[i] is None:
                 results[i] = self._sample(logits[i], sequence)
         return results
+
+    def _raw_logprobs(self, logits, sequences: list[Sequence]) -> dict[int, object] | None:
+        """Per row that asks for logprobs, its raw log-probabilities [vocab] (before any mask,
+        penalty, bias or temperature: what vLLM reports by default); None when no row asks."""
+        rows = [i for i, s in enumerate(sequences) if s.params.logprobs]
+        if not rows:
+            return None
+        torch = self._torch
+        index = torch.tensor(rows, device=logits.device)
+        scores = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        return dict(zip(rows, scores, strict=True))
+
+    def _with_raw_logprobs(self, results: list[tuple[int, float]], raw, sequences: list[Sequence]):
+        """A row that asks for logprobs gets its token's raw log-probability, and its `top_logprobs`
+        most likely tokens go on the sequence (`Sequence.top`, which the token's event carries)."""
+        if raw is None:
+            return results
+        for i, scores in raw.items():
+            token, k = results[i][0], sequences[i].params.top_logprobs
+            top = ()
+            if k:
+                values, ids = self._torch.topk(scores, min(k, scores.shape[-1]))
+                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            sequences[i].top = top
+            results[i] = (token, float(scores[token]))
+        return results
+
+    def _adjust_logits(self, logits, sequences: list[Sequence]) -> None:
+        """OpenAI's frequency and presence penalties (on the tokens generated so far) and the
+        logit bias, per row that asks for them, in place."""
+        torch = self._torch
+        for i, sequence in enumerate(sequences):
+            p = sequence.params
+            if not p.adjusts_logits:
+                continue
+            with torch.inference_mode():  # the logits are an inference tensor
+                if sequence.generated and (p.frequency_penalty or p.presence_penalty):
+                    ids, counts = torch.unique(
+                        torch.tensor(sequence.generated, device=logits.device), return_counts=True
+                    )
+                    logits[i, ids] -= counts.to(logits.dtype) * p.frequency_penalty + p.presence_penalty
+                if p.logit_bias:
+                    ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
+                    biases = torch.tensor([b for _, b in p.logit_bias], device=logits.device, dtype=logits.dtype)
+                    logits[i, ids] += biases
 
     def _mask_early_ends(self, logits, sequences: list[Sequence]) -> None:
         """Rows that have not reached their `min_new_tokens` cannot pick an end or stop token
@@ -593,7 +709,8 @@ class GenerationScheduler:
         if sequence.cancelled:
             self._finish(sequence, FinishReason.CANCELLED)
             return False
-        if token in self.runtime.eos_token_ids or token in sequence.params.stop_token_ids:
+        ends = token in sequence.params.stop_token_ids
+        if ends or (token in self.runtime.eos_token_ids and not sequence.params.ignore_eos):
             self._finish(sequence, FinishReason.STOP)
             return False
         if sequence.first_token_at is None:
@@ -601,7 +718,7 @@ class GenerationScheduler:
             self._metrics.ttft.observe(now - sequence.submitted)
         sequence.generated.append(token)
         self._emitted += 1
-        sequence.events.put_nowait(TokenEvent(token, logprob=logprob))
+        sequence.events.put_nowait(TokenEvent(token, logprob=logprob, top=sequence.top))
         total = len(sequence.prompt) + len(sequence.generated)
         if len(sequence.generated) >= sequence.params.max_new_tokens or total >= self.runtime.max_context:
             self._finish(sequence, FinishReason.LENGTH)
@@ -641,6 +758,9 @@ class GenerationScheduler:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
         probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0.0:  # vLLM's min-p: below min_p times the top probability is dropped
+            probs = torch.where(probs < p.min_p * probs.max(), torch.zeros_like(probs), probs)
+            probs = probs / probs.sum()
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, 0)

@@ -282,6 +282,13 @@ def tokens_response(request, version: str, events: list) -> service_pb2.ModelStr
     response.raw_output_contents.extend(
         (struct.pack(f"<{n}q", *[e.token_id for e in events]), struct.pack(f"<{n}f", *[e.logprob for e in events]))
     )
+    k = len(events[0].top or ())
+    if k:  # the request asked for top_logprobs: INT64 [n, k] and FP32 [n, k]
+        _output(response, OutputTensor.TOP_TOKEN_IDS, [n, k])
+        _output(response, OutputTensor.TOP_LOGPROBS, [n, k])
+        ids = [token for e in events for token, _ in e.top]
+        scores = [score for e in events for _, score in e.top]
+        response.raw_output_contents.extend((struct.pack(f"<{n * k}q", *ids), struct.pack(f"<{n * k}f", *scores)))
     _final_flag(response, False)
     return service_pb2.ModelStreamInferResponse(infer_response=response)
 

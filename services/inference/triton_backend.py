@@ -163,6 +163,10 @@ class _GenerationHost:
                         pb_utils.Tensor(OutputTensor.TOKEN_ID.value, np.array([event.token_id], dtype=np.int64)),
                         pb_utils.Tensor(OutputTensor.LOGPROB.value, np.array([event.logprob], dtype=np.float32)),
                     ]
+                    if event.top:  # top_logprobs asked for: INT64 [1, k] and FP32 [1, k]
+                        ids, scores = zip(*event.top, strict=True)
+                        tensors.append(pb_utils.Tensor(OutputTensor.TOP_TOKEN_IDS.value, np.array([ids], np.int64)))
+                        tensors.append(pb_utils.Tensor(OutputTensor.TOP_LOGPROBS.value, np.array([scores], np.float32)))
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
         except Exception as exc:  # this coroutine's future is not awaited: end the stream here, or it hangs
             stream.cancel()

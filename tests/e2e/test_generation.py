@@ -209,7 +209,7 @@ def test_generation_errors_are_clear(mesh, openai_client):
     import openai
 
     with pytest.raises(openai.BadRequestError, match="n"):
-        openai_client.chat.completions.create(model=LM, messages=HELLO, n=2)
+        openai_client.chat.completions.create(model=LM, messages=HELLO, n=17)  # at most 16 choices
     with pytest.raises(openai.BadRequestError, match=r"max_tokens|allows"):
         openai_client.chat.completions.create(model=LM, messages=HELLO, max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="does not generate"):

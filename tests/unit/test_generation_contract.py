@@ -25,6 +25,14 @@ def test_request_parameter_keys_are_the_wire_keys():
         "prompt_logprobs",
         "triton_enable_empty_final_response",
         "max_tokens_per_response",  # additive (#18): absent, every response carries one token
+        # additive (#19): absent, the sampler does what it did before
+        "min_p",
+        "ignore_eos",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
     }
 
 
@@ -44,6 +52,8 @@ def test_tensor_names_and_datatypes_are_the_model_contract():
         ("token_id", "INT64"),
         ("logprob", "FP32"),
         ("prompt_logprobs", "FP32"),
+        ("top_token_ids", "INT64"),  # additive (#19): only when top_logprobs were asked for
+        ("top_logprobs", "FP32"),
     }
 
 

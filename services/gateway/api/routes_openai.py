@@ -16,7 +16,7 @@ from services.gateway.api.deps import call_context_of, services_of
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from services.gateway.api.http_io import GENERATION_BODY_BYTES, json_response, read_json
-from services.gateway.api.sse import chat_events, completion_events, usage
+from services.gateway.api.sse import chat_events, chat_logprobs, completion_events, completion_logprobs
 from services.gateway.service.context import CallContext
 from services.gateway.service.generate import Collected, GenerationRequest
 from services.gateway.service.validation import parse
@@ -88,11 +88,43 @@ async def get_model(request: Request, model_path: str):
 
 
 def sampling(body: SamplingRequest, **what) -> GenerationRequest:
-    """The OpenAI routes' sampling fields; `what`: the messages or prompt and max_new_tokens."""
+    """The OpenAI routes' sampling fields, vLLM's extras among them; `what`: the messages or
+    prompt and max_new_tokens."""
+    top_k = 0 if body.top_k == -1 else body.top_k  # vLLM's -1: off
     return GenerationRequest(
         min_new_tokens=body.min_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        stop=body.stops(), **what,
+        top_k=top_k, repetition_penalty=body.repetition_penalty, stop=body.stops(), sampling=body.extras(),
+        n=body.n or 1, **what,
     )  # fmt: skip
+
+
+async def _start(request: Request, ctx: CallContext, body: SamplingRequest, gen: GenerationRequest, op: str,
+                 model_id: str | None, provider: str | None):  # fmt: skip
+    """The routed and started generation, with its headers; n > 1 only on the local mesh."""
+    route = routed.route(request, ctx, model_id or body.model, op, provider)
+    if gen.n > 1 and not route.local_only:
+        raise invalid("`n` > 1 is served by the local mesh only; this model is routed to providers", param="n")
+    generation, extra = await routed.start_generation(request, ctx, route, gen, op, bool(body.stream))
+    return route, generation, extra
+
+
+def _events(body: SamplingRequest, generation, gen: GenerationRequest) -> dict:
+    """The stream renderers' options of a request."""
+    prepared = getattr(generation, "prepared", None)
+    return {
+        "n": gen.n, "logprobs": bool(gen.sampling and gen.sampling.logprobs), "continuous": body.continuous_usage(),
+        "prompt_tokens": prepared.prompt_tokens if prepared is not None else 0,
+    }  # fmt: skip
+
+
+def _choices(done: Collected) -> tuple[Collected, ...]:
+    return done.choices or (done,)
+
+
+def _usage(done: Collected) -> dict:
+    """OpenAI's usage: the prompt once, the tokens of every choice."""
+    prompt, completion = done.last.prompt_tokens, done.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def chat(request: Request, ctx: CallContext, model_id: str | None, provider: str | None = None):
@@ -102,21 +134,25 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
     body.check_supported()
     messages = [(m.role if m.role != "developer" else "system", m.text(i)) for i, m in enumerate(body.messages)]
     gen = sampling(body, messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens)
-    stream = bool(body.stream)
-    route = routed.route(request, ctx, model_id or body.model, "chat", provider)
-    generation, extra = await routed.start_generation(request, ctx, route, gen, "chat", stream)
+    route, generation, extra = await _start(request, ctx, body, gen, "chat", model_id, provider)
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id,
         "system_fingerprint": "meshserve",
     }  # fmt: skip
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = _events(body, generation, gen)
 
     def render(done: Collected) -> dict:
-        message = {"role": "assistant", "content": done.text, "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.last.finish_reason}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(done.last)}
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+             "logprobs": chat_logprobs(c.tokens) if options["logprobs"] else None,
+             "finish_reason": c.last.finish_reason}
+            for i, c in enumerate(_choices(done))
+        ]  # fmt: skip
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(done)}
 
-    return await respond(generation, stream, lambda steps: chat_events(steps, head, include_usage), render, extra=extra)
+    events = lambda steps: chat_events(steps, head, include_usage, **options)  # noqa: E731
+    return await respond(generation, bool(body.stream), events, render, extra=extra)
 
 
 # The call context without Depends(): FastAPI's dependency solving (query parsing, a dependency
@@ -135,22 +171,26 @@ async def complete(request: Request, ctx: CallContext, provider: str | None):
     """`POST /v1/completions`, or `/{provider}/v1/completions` (`provider`: the path's)."""
     body = parse(CompletionRequest, await read_json(request, GENERATION_BODY_BYTES))
     body.check_supported()
-    if body.echo or body.suffix or (body.best_of or 1) > 1:
-        raise invalid("`echo`, `suffix` and `best_of` are not supported", param="echo")
+    if body.echo or body.suffix:
+        raise invalid("`echo` and `suffix` are not supported", param="echo" if body.echo else "suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise invalid("`best_of` must equal `n`: every sampled sequence is returned", param="best_of")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise invalid("`prompt` must be one string (one completion per request)", param="prompt")
     gen = sampling(body, prompt=prompts[0], max_new_tokens=body.max_tokens or 16)  # OpenAI's default: 16
-    stream = bool(body.stream)
-    route = routed.route(request, ctx, body.model, "completion", provider)
-    generation, extra = await routed.start_generation(request, ctx, route, gen, "completion", stream)
+    route, generation, extra = await _start(request, ctx, body, gen, "completion", None, provider)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = _events(body, generation, gen)
 
     def render(done: Collected) -> dict:
-        choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": done.last.finish_reason}
-        return {**head, "object": "text_completion", "choices": [choice], "usage": usage(done.last)}
+        choices = [
+            {"index": i, "text": c.text, "logprobs": completion_logprobs(c.tokens) if options["logprobs"] else None,
+             "finish_reason": c.last.finish_reason}
+            for i, c in enumerate(_choices(done))
+        ]  # fmt: skip
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(done)}
 
-    return await respond(
-        generation, stream, lambda steps: completion_events(steps, head, include_usage), render, extra=extra
-    )
+    events = lambda steps: completion_events(steps, head, include_usage, **options)  # noqa: E731
+    return await respond(generation, bool(body.stream), events, render, extra=extra)

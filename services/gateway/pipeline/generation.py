@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 
 import grpc
+import orjson
 from meshserve.postprocess.v1 import postprocess_pb2
 from meshserve.preprocess.v1 import preprocess_pb2
 from meshserve.tasks.v1 import tasks_pb2
@@ -43,6 +45,41 @@ TOKENS_PER_RESPONSE = 8
 
 
 @dataclass(frozen=True)
+class SamplingExtras:
+    """The OpenAI and vLLM sampling fields beyond the common ones (see generation.proto's
+    GenerationRequestParameters for their meaning); None leaves the scheduler's default."""
+
+    min_p: float | None = None
+    ignore_eos: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's own
+    # Raw token log-probabilities on every Step (Step.logprob), with `top_logprobs` alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def write(self, pb: service_pb2.ModelInferRequest) -> None:
+        """Put the extras that are set into the request's parameters."""
+        for name, value in (
+            (RequestParameter.MIN_P, self.min_p),
+            (RequestParameter.FREQUENCY_PENALTY, self.frequency_penalty),
+            (RequestParameter.PRESENCE_PENALTY, self.presence_penalty),
+        ):
+            if value:
+                pb.parameters[name].double_param = value
+        if self.ignore_eos:
+            pb.parameters[RequestParameter.IGNORE_EOS].bool_param = True
+        if self.logit_bias:
+            text = orjson.dumps({str(token): bias for token, bias in self.logit_bias.items()}).decode()
+            pb.parameters[RequestParameter.LOGIT_BIAS].string_param = text
+        if self.logprobs:
+            pb.parameters[RequestParameter.LOGPROBS].bool_param = True
+            if self.top_logprobs:
+                pb.parameters[RequestParameter.TOP_LOGPROBS].int64_param = self.top_logprobs
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What to generate: a chat (messages) or a plain prompt, and how."""
 
@@ -58,6 +95,15 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     # TGI's decoder_input_details: the final Step lists the prompt's tokens and their logprobs.
     prompt_logprobs: bool = False
+    sampling: SamplingExtras | None = None  # the OpenAI and vLLM extras, when any was given
+    n: int = 1  # OpenAI's `n`: choices, each its own sequence in the same batch (seeds seed + i)
+
+    def choice(self, index: int) -> GenerationRequest:
+        """The request of choice `index` of n: one sequence, seeded seed + index (within int64)."""
+        seed = self.seed
+        if seed is not None:
+            seed = (seed + index + 2**63) % 2**64 - 2**63
+        return replace(self, n=1, seed=seed)
 
     @property
     def prompt_field(self) -> str:
@@ -82,7 +128,7 @@ class GenerationRequest:
         if self.messages is None:
             prompt = min(max_input, len((self.prompt or "").encode()) + PROMPT_EXTRA_TOKENS)
         new = min(self.max_new_tokens, max_total) if self.max_new_tokens is not None else spec.default_max_new_tokens
-        return prompt, new
+        return prompt, new * self.n
 
     def tokens_estimate(self, entry: ModelEntry) -> int:
         """Prompt + new tokens for the tokens-per-minute room check (the window charges the real
@@ -140,12 +186,39 @@ def _tokens(out: service_pb2.ModelInferResponse) -> tuple[tuple[int, ...], tuple
     """A token response's ids (INT64 [n]: one from Triton, several from our inference service when
     the reader lagged) and their logprobs (zeros when absent)."""
     raw = out.raw_output_contents
+    if len(raw) > 2:  # more outputs than the token's own (top_logprobs): find them by name
+        names = [o.name for o in out.outputs]
+        raw = [raw[names.index(OutputTensor.TOKEN_ID)], raw[names.index(OutputTensor.LOGPROB)]]
     n = len(raw[0]) // 8
     if n < 1:
         raise MeshError(ErrorCode.INTERNAL, "the inference service sent a token response without tokens")
     tokens = struct.unpack(f"<{n}q", raw[0])
     logprobs = struct.unpack(f"<{n}f", raw[1]) if len(raw) > 1 and len(raw[1]) == 4 * n else (0.0,) * n
     return tokens, logprobs
+
+
+def _top(out: service_pb2.ModelInferResponse, n: int) -> list[list[tuple[int, float]]]:
+    """Per token of a response its alternatives (`top_token_ids` INT64 [n, k] and `top_logprobs`
+    FP32 [n, k]); empty lists when the response has none."""
+    names = [o.name for o in out.outputs]
+    if OutputTensor.TOP_TOKEN_IDS not in names or OutputTensor.TOP_LOGPROBS not in names:
+        return [[] for _ in range(n)]
+    raw_ids = out.raw_output_contents[names.index(OutputTensor.TOP_TOKEN_IDS)]
+    raw_scores = out.raw_output_contents[names.index(OutputTensor.TOP_LOGPROBS)]
+    k = len(raw_ids) // 8 // n
+    if k * n * 8 != len(raw_ids) or len(raw_scores) != 4 * k * n:
+        raise MeshError(ErrorCode.INTERNAL, "the inference service sent top logprobs of the wrong shape")
+    ids, scores = struct.unpack(f"<{n * k}q", raw_ids), struct.unpack(f"<{n * k}f", raw_scores)
+    return [list(zip(ids[i * k : (i + 1) * k], scores[i * k : (i + 1) * k], strict=True)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class TopToken:
+    """One of a generated token's most likely alternatives (OpenAI's top_logprobs entry)."""
+
+    id: int
+    text: str
+    logprob: float
 
 
 @dataclass(frozen=True)
@@ -164,6 +237,9 @@ class Step:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prefill: tuple[PrefillToken, ...] = ()  # the final step's, when the request asked for them
+    index: int = 0  # the choice's (n > 1: the steps of the choices come interleaved, each ends)
+    # With top_logprobs: the token's most likely alternatives (id, text, raw logprob), best first.
+    top: tuple[TopToken, ...] = ()
 
 
 class Generator:
@@ -198,10 +274,14 @@ class Generator:
             name=InputTensor.INPUT_IDS, datatype=InputTensor.INPUT_IDS.datatype, shape=[prepared.prompt_tokens]
         )
         pb.raw_input_contents.append(struct.pack(f"<{prepared.prompt_tokens}q", *prepared.input_ids))
-        if prepared.stop_token_ids:
+        extras = request.sampling
+        # ignore_eos (vLLM's): the model's own end tokens (preprocess's list) do not end it either.
+        model_stops = () if extras is not None and extras.ignore_eos else prepared.stop_token_ids
+        stop_ids = sorted({*model_stops, *(extras.stop_token_ids if extras else ())})
+        if stop_ids:
             stops = InputTensor.STOP_TOKEN_IDS
-            pb.inputs.add(name=stops, datatype=stops.datatype, shape=[len(prepared.stop_token_ids)])
-            pb.raw_input_contents.append(struct.pack(f"<{len(prepared.stop_token_ids)}q", *prepared.stop_token_ids))
+            pb.inputs.add(name=stops, datatype=stops.datatype, shape=[len(stop_ids)])
+            pb.raw_input_contents.append(struct.pack(f"<{len(stop_ids)}q", *stop_ids))
         pb.parameters[RequestParameter.MAX_TOKENS].int64_param = prepared.max_new_tokens
         # Triton sends the flagged empty final response of a decoupled model only when asked.
         pb.parameters[RequestParameter.TRITON_ENABLE_EMPTY_FINAL_RESPONSE].bool_param = True
@@ -221,13 +301,25 @@ class Generator:
             pb.parameters[RequestParameter.MIN_TOKENS].int64_param = request.min_new_tokens
         if request.prompt_logprobs:
             pb.parameters[RequestParameter.PROMPT_LOGPROBS].bool_param = True
+        if extras is not None:
+            extras.write(pb)
         return pb
 
-    async def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:
-        """Generate; yields a Step per token and a final Step. Cancels both streams when closed."""
+    def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:
+        """Generate; yields a Step per token and a final Step. n > 1: the n choices' steps,
+        interleaved as they come, each tagged with its index and ending with its own final Step."""
+        if request.n == 1:
+            return self._stream_one(entry, prepared, request)
+        return _merged([self._stream_one(entry, prepared, request.choice(i)) for i in range(request.n)])
+
+    async def _stream_one(
+        self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest
+    ) -> AsyncIterator[Step]:
+        """One sequence's steps. Cancels both streams when closed."""
         infer = self.inference.stream_infer()
         detok = self.postprocess.detokenize()
         completion, prefill = 0, ()
+        want_top = bool(request.sampling and request.sampling.logprobs and request.sampling.top_logprobs)
         try:
             await infer.write(self._infer_request(entry, prepared, request))
             await infer.done_writing()
@@ -253,10 +345,11 @@ class Generator:
                 tokens, logprobs = _tokens(out)
                 piece = await self._detokenize(detok, tokens, last=False)
                 texts = piece.token_texts
+                tops = await self._alternatives(detok, out, len(tokens)) if want_top else [()] * len(tokens)
                 if piece.stopped:  # a stop string: end here, the text stops before it
                     # The tokens before the one that completed it are steps; that one is counted.
                     for i in range(len(texts) - 1):
-                        yield Step("", tokens[i], texts[i], logprobs[i], more=True)
+                        yield Step("", tokens[i], texts[i], logprobs[i], more=True, top=tops[i])
                     completion += len(texts) or 1
                     yield Step(piece.text, final=True, finish_reason=FinishReason.STOP, prompt_tokens=prepared.prompt_tokens,
                                completion_tokens=completion, prefill=prefill)  # fmt: skip
@@ -265,7 +358,7 @@ class Generator:
                 last = len(tokens) - 1
                 for i, token in enumerate(tokens):
                     text, more = (piece.text, False) if i == last else ("", True)
-                    yield Step(text, token, texts[i] if i < len(texts) else "", logprobs[i], more=more)
+                    yield Step(text, token, texts[i] if i < len(texts) else "", logprobs[i], more=more, top=tops[i])
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, "the inference stream ended without a final response")
         except grpc.aio.AioRpcError as err:
             raise MeshError.from_rpc_error(err, upstream="inference") from err
@@ -286,6 +379,19 @@ class Generator:
             PrefillToken(token, text, None if score != score else score)  # NaN: the first token
             for token, text, score in zip(input_ids, texts.token_texts, scores, strict=True)
         )
+
+    async def _alternatives(self, detok, out, n: int) -> list[tuple[TopToken, ...]]:
+        """Per token of a response its alternatives with their texts (postprocess's per-token
+        texts, special tokens included, as for the prompt's tokens)."""
+        top = _top(out, n)
+        ids = sorted({token for row in top for token, _ in row})
+        if not ids:
+            return [()] * n
+        reply = await self._ask(
+            detok, postprocess_pb2.DetokenizeRequest(prompt=postprocess_pb2.PromptTokens(token_ids=ids))
+        )
+        text_of = dict(zip(ids, reply.token_texts, strict=True))
+        return [tuple(TopToken(token, text_of[token], score) for token, score in row) for row in top]
 
     async def _detokenize(self, detok, tokens: list[int], *, last: bool) -> postprocess_pb2.DetokenizeResponse:
         chunk = postprocess_pb2.TokenChunk(token_ids=tokens, last=last)
@@ -312,3 +418,35 @@ class Generator:
             pass
         except grpc.aio.AioRpcError as err:
             raise MeshError.from_rpc_error(err, upstream="postprocess") from err
+
+
+async def _merged(streams: list[AsyncIterator[Step]]) -> AsyncIterator[Step]:
+    """The steps of several streams as they come, each with its stream's index; the first failure
+    is raised (the other streams are closed, as they are when this one is)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Step]) -> None:
+        try:
+            async with aclosing(stream):
+                async for step in stream:
+                    queue.put_nowait((index, step))
+        except Exception as err:
+            queue.put_nowait((index, err))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item if index == 0 else replace(item, index=index)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -18,20 +18,27 @@ from dataclasses import dataclass
 from services.common.catalog import GENERATION_TASKS, ModelEntry
 from services.common.errors import ErrorCode, MeshError
 from services.gateway.control.metering import Metered, Metering
-from services.gateway.pipeline.generation import GenerationRequest, Generator, Prepared, Step
+from services.gateway.pipeline.generation import GenerationRequest, Generator, Prepared, SamplingExtras, Step
 from services.gateway.pipeline.runner import Pipeline
 from services.gateway.service.context import CallContext
 
-__all__ = ["Collected", "GenerateService", "Generation", "GenerationRequest", "Step"]
+__all__ = ["Collected", "GenerateService", "Generation", "GenerationRequest", "SamplingExtras", "Step"]
 
 
 @dataclass(frozen=True)
 class Collected:
-    """A whole generation: its text, the final step, and every token's step."""
+    """A whole generation: its text, the final step, and every token's step (of choice 0), and
+    with n > 1 every choice's own Collected, in index order (`choices[0]` is this one's fields).
+    `completion_tokens` counts all of them."""
 
     text: str
     last: Step
     tokens: list[Step]
+    choices: tuple[Collected, ...] = ()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.last.completion_tokens for c in self.choices) if self.choices else self.last.completion_tokens
 
 
 class Generation:
@@ -82,15 +89,19 @@ class Generation:
 
     async def collect(self) -> Collected:
         """Run to the end and settle (a non-streaming answer)."""
-        text, last, tokens = "", None, []
+        texts, lasts, tokens = {0: ""}, {}, {0: []}
         async with self.settled(), aclosing(self.steps()) as steps:
             async for step in steps:
-                text += step.text
+                i = step.index
+                texts[i] = texts.get(i, "") + step.text
                 if step.final:
-                    last = step
+                    lasts[i] = step
                 else:
-                    tokens.append(step)
-        return Collected(text, last, tokens)
+                    tokens.setdefault(i, []).append(step)
+        if len(lasts) <= 1:
+            return Collected(texts[0], lasts.get(0), tokens[0])
+        choices = tuple(Collected(texts[i], lasts[i], tokens.get(i, [])) for i in sorted(lasts))
+        return Collected(texts[0], lasts[0], tokens[0], choices)
 
 
 class GenerateService:
