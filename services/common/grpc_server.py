@@ -22,7 +22,13 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import deadlines, service_auth, tracing
 from services.common.errors import DETAILS_KEY, ErrorCode, MeshError
-from services.common.metrics import GRPC_HANDLED, GRPC_SECONDS
+from services.common.metrics import (
+    CONVENTIONAL_HANDLED,
+    CONVENTIONAL_SECONDS,
+    CONVENTIONAL_STARTED,
+    GRPC_HANDLED,
+    GRPC_SECONDS,
+)
 from services.common.settings import GrpcServiceSettings
 
 log = logging.getLogger(__name__)
@@ -159,10 +165,43 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(handler, wrap_unary, wrap_stream)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts calls by final status code and times them. Health checks are not counted.
+class _MethodSeries:
+    """The metric children of one method, looked up once (label lookups cost per call)."""
 
-    The method label is a method of a service registered on this server (from its descriptor) or
+    __slots__ = ("conventional", "handled", "labels", "seconds", "started", "timing")
+
+    def __init__(self, service: str, short: str, grpc_type: str, grpc_service: str, grpc_method: str) -> None:
+        self.labels = (service, short)
+        self.conventional = (grpc_type, grpc_service, grpc_method)
+        self.started = CONVENTIONAL_STARTED.labels(*self.conventional)
+        self.seconds = GRPC_SECONDS.labels(service, short)
+        self.timing = CONVENTIONAL_SECONDS.labels(*self.conventional)
+        self.handled: dict[str, tuple] = {}
+
+    def record(self, code_name: str, seconds: float) -> None:
+        counters = self.handled.get(code_name)
+        if counters is None:
+            counters = self.handled[code_name] = (
+                GRPC_HANDLED.labels(*self.labels, code_name),
+                CONVENTIONAL_HANDLED.labels(*self.conventional, code_name),
+            )
+        for counter in counters:
+            counter.inc()
+        self.seconds.observe(seconds)
+        self.timing.observe(seconds)
+
+
+def _grpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming:
+        return "bidi_stream" if handler.response_streaming else "client_stream"
+    return "server_stream" if handler.response_streaming else "unary"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts calls by final status code and times them, under our names and the conventional ones
+    (services/common/metrics.py). Health checks are not counted.
+
+    The method labels are a method of a service registered on this server (from its descriptor) or
     "unknown": a caller's made-up method name never becomes a label, so probing cannot grow the
     series without bound. A made-up method no interceptor answers for is not counted at all.
     """
@@ -170,14 +209,23 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, methods: dict[str, str] | None = None) -> None:
         self.service = service
         self.methods = methods or {}
+        self._series: dict[tuple[str, str], _MethodSeries] = {}
+
+    def _series_of(self, method: str, handler: grpc.RpcMethodHandler) -> _MethodSeries:
+        short = self.methods.get(method, UNKNOWN_METHOD)
+        key = (method if short != UNKNOWN_METHOD else UNKNOWN_METHOD, _grpc_type(handler))
+        series = self._series.get(key)
+        if series is None:
+            grpc_service = method.rsplit("/", 2)[-2] if short != UNKNOWN_METHOD else UNKNOWN_METHOD
+            series = self._series[key] = _MethodSeries(self.service, short, key[1], grpc_service, short)
+        return series
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         if method.startswith("/grpc.") or handler is None:
             return handler
-        short = self.methods.get(method, UNKNOWN_METHOD)
-        seconds = GRPC_SECONDS.labels(self.service, short)
+        series = self._series_of(method, handler)
 
         def record(context, started: float, failed: BaseException | None) -> None:
             code = context.code()
@@ -187,13 +235,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     if isinstance(failed, asyncio.CancelledError)
                     else (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
                 )
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            GRPC_HANDLED.labels(self.service, short, name).inc()
-            seconds.observe(time.perf_counter() - started)
+            series.record(code.name if isinstance(code, grpc.StatusCode) else str(code), time.perf_counter() - started)
 
         def wrap_unary(behavior):
             async def wrapper(request, context):
                 started, failed = time.perf_counter(), None
+                series.started.inc()
                 try:
                     return await behavior(request, context)
                 except BaseException as exc:
@@ -207,6 +254,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         def wrap_stream(behavior):
             async def wrapper(request, context):
                 started, failed = time.perf_counter(), None
+                series.started.inc()
                 try:
                     async for item in behavior(request, context):
                         yield item

@@ -1,4 +1,11 @@
-"""Prometheus metrics shared by every service: gRPC server calls, and the /metrics endpoint."""
+"""Prometheus metrics shared by every service: gRPC server calls, and the /metrics endpoint.
+
+gRPC calls are counted twice: under our own names (`meshserve_grpc_server_*`, labels service /
+method / code, what our dashboard and alerts use) and under the names and labels of
+go-grpc-prometheus / java-grpc-prometheus (`grpc_server_started_total`, `grpc_server_handled_total`,
+`grpc_server_handling_seconds` with grpc_type / grpc_service / grpc_method / grpc_code), which the
+community's gRPC dashboards and alerts query.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,25 @@ GRPC_SECONDS = Histogram(
     "meshserve_grpc_server_handling_seconds",
     "Time to handle one gRPC call, from receipt to status.",
     ["service", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+
+# The conventional gRPC server metrics (go-grpc-prometheus's names and labels).
+GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
+CONVENTIONAL_STARTED = Counter(
+    "grpc_server_started_total",
+    "Total number of RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+CONVENTIONAL_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "Total number of RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+CONVENTIONAL_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
     buckets=LATENCY_BUCKETS,
 )
 

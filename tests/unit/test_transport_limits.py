@@ -77,6 +77,52 @@ async def test_made_up_grpc_methods_create_no_metric_series():
     assert methods == {"ListModels"}
 
 
+def conventional(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_calls_are_also_counted_under_the_conventional_grpc_names_and_labels():
+    """go-grpc-prometheus's series, which community gRPC dashboards query: the RPC's type, full
+    service name and method; a made-up method that nothing answers is not counted."""
+    running = await grpc_server.create_server(
+        GrpcServiceSettings(grpc_port=0, metrics_port=-1),
+        "conventional-labels",
+        [
+            grpc_server.Binding(
+                gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+                gateway_pb2_grpc.GatewayServiceServicer(),
+                SERVICE_NAME,
+            )
+        ],
+    )
+    unary = {"grpc_type": "unary", "grpc_service": SERVICE_NAME, "grpc_method": "ListModels"}
+    stream = {"grpc_type": "server_stream", "grpc_service": SERVICE_NAME, "grpc_method": "Generate"}
+    unknown = {"grpc_type": "unary", "grpc_service": "unknown", "grpc_method": "unknown"}
+    names = ("grpc_server_started_total", "grpc_server_handling_seconds_count")
+    before = {(n, k): conventional(n, **v) for n in names for k, v in (("u", unary), ("s", stream), ("x", unknown))}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError):  # served, unimplemented by the base servicer
+                    await channel.unary_unary(f"/{SERVICE_NAME}/ListModels")(b"", timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in channel.unary_stream(f"/{SERVICE_NAME}/Generate")(b"", timeout=10):
+                    pass
+            await call_made_up_methods(channel, 3)
+    finally:
+        await running.stop(0)
+    deltas = {key: conventional(key[0], **dict(u=unary, s=stream, x=unknown)[key[1]]) - v for key, v in before.items()}
+    assert deltas == {(n, k): c for n in names for k, c in (("u", 2), ("s", 1), ("x", 0))}
+    # The same status codes as our own series of this server (its service label is ours alone).
+    (code,) = [c for m, method, c in series("conventional-labels") if method == "ListModels" and c]
+    assert conventional("grpc_server_handled_total", **unary, grpc_code=code) >= 2
+    made_up = [
+        s for m in REGISTRY.collect() if m.name.startswith("grpc_server_") for s in m.samples
+        if "Made" in s.labels.get("grpc_method", "") or s.labels.get("grpc_service") == "x.Y"
+    ]  # fmt: skip
+    assert not made_up
+
+
 class Served(NamedTuple):
     gw: Gateway
     http_port: int
