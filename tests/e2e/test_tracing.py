@@ -19,6 +19,8 @@ from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_p
 
 pytestmark = pytest.mark.xdist_group("tracing")
 
+GEN_MODEL = "meshserve/tiny-llama-chat"
+
 
 def otel_env(port: int) -> dict[str, str]:
     """Environment that makes every service export its spans to the in-test receiver quickly."""
@@ -116,6 +118,47 @@ def test_one_trace_id_spans_http_and_all_four_services(traced_mesh, receiver):
     assert 0 < row["latency_s"] < 30 and row["time"].endswith("+00:00")
     # Health checks are not traced.
     assert not any("Health" in s.name for _, s in collector.spans)
+
+
+def test_genai_conventions_on_the_request_span_and_in_the_gateway_metrics(traced_mesh, receiver):
+    """A streamed chat and an embeddings request carry OpenTelemetry's gen_ai.* attributes on the
+    gateway's server span, and the gateway's /metrics has the gen_ai_* series for them."""
+    collector, _ = receiver
+    chat_trace, embed_trace = os.urandom(16).hex(), os.urandom(16).hex()
+    body = {"model": GEN_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "min_tokens": 6}
+    with httpx.stream(
+        "POST", f"{traced_mesh.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+        headers={"traceparent": f"00-{chat_trace}-{os.urandom(8).hex()}-01"},
+    ) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        assert "[DONE]" in reply.read().decode()
+    reply = httpx.post(
+        f"{traced_mesh.url}/v1/embeddings", json={"model": MODEL_ID, "input": ["one", "two"]}, timeout=30,
+        headers={"traceparent": f"00-{embed_trace}-{os.urandom(8).hex()}-01"},
+    )  # fmt: skip
+    assert reply.status_code == 200
+
+    def genai_span(trace_id: str):
+        found = [s for svc, s in collector.for_trace(trace_id) if "gen_ai.operation.name" in attrs(s)]
+        return found[0] if found else None
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (genai_span(chat_trace) and genai_span(embed_trace)):
+        time.sleep(0.2)
+    chat, embed = attrs(genai_span(chat_trace)), attrs(genai_span(embed_trace))
+    assert chat["gen_ai.operation.name"] == "chat" and chat["gen_ai.request.model"] == GEN_MODEL
+    assert chat["gen_ai.usage.output_tokens"] == 6 and chat["gen_ai.usage.input_tokens"] > 0
+    assert chat["gen_ai.provider.name"] == "meshserve"
+    assert embed["gen_ai.operation.name"] == "embeddings" and embed["gen_ai.usage.input_tokens"] > 0
+    metrics = httpx.get(f"{traced_mesh.url}/metrics", timeout=10).text
+    chat_labels = f'gen_ai_operation_name="chat",gen_ai_provider_name="meshserve",gen_ai_request_model="{GEN_MODEL}"'
+    for name in (
+        "gen_ai_server_time_to_first_token_seconds_count",
+        "gen_ai_server_time_per_output_token_seconds_count",
+    ):
+        assert f"{name}{{{chat_labels}}} 1.0" in metrics, name
+    assert f'gen_ai_client_token_usage_sum{{{chat_labels},gen_ai_token_type="output"}} 6.0' in metrics
+    assert 'gen_ai_server_request_duration_seconds_count{error_type="",gen_ai_operation_name="embeddings"' in metrics
 
 
 class HttpReceiver:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from services.common import tracing
 from services.common.catalog import ModelEntry, PricingSpec
 from services.common.errors import MeshError
+from services.gateway.control import genai
 from services.gateway.control.auth import Principal
 
 if TYPE_CHECKING:
@@ -47,13 +48,14 @@ class Metered:
     """One admitted request, from admission to its ledger row."""
 
     __slots__ = (
+        "_delivered",
         "attempts",
         "client_request_id",
         "compute_s",
         "cost_usd",
-        "delivered",
         "entry",
         "finished",
+        "first_token_at",
         "input_tokens",
         "items",
         "output_tokens",
@@ -106,7 +108,19 @@ class Metered:
         self.attempts = 1
         self.routed = False  # the provider layer chose among candidates (its answer names the provider)
         self.upstream_request_id: str | None = None
-        self.delivered = False  # a streamed token reached the client: a failure still pays for it
+        self._delivered = False
+        self.first_token_at: float | None = None  # perf_counter() when a token first reached the client
+
+    @property
+    def delivered(self) -> bool:
+        """A streamed token reached the client: a failure from then on still pays for it."""
+        return self._delivered
+
+    @delivered.setter
+    def delivered(self, value: bool) -> None:
+        if value and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self._delivered = value
 
     def add(self, *, input_tokens: int = 0, output_tokens: int = 0, items: int = 0, compute_s: float = 0.0) -> None:
         self.input_tokens += input_tokens
@@ -193,9 +207,10 @@ class Metering:
     def _record_refusal(
         self, principal, entry, task, route, request_id, err: MeshError, client_request_id=None, pricing=None
     ) -> None:
-        """A refused request's ledger row: its status, no cost."""
+        """A refused request's ledger row (its status, no cost) and GenAI metrics."""
+        refused = Metered(principal, entry, task, route, request_id, None, finished=True, pricing=pricing)
+        genai.record(refused, err.code.http_status)
         if self.ledger is not None:
-            refused = Metered(principal, entry, task, route, request_id, None, finished=True, pricing=pricing)
             refused.client_request_id = client_request_id
             self.ledger.append(self._row(refused, err.code.http_status))
 
@@ -233,6 +248,7 @@ class Metering:
     def _record(self, metered: Metered, status: int, cost: float) -> None:
         """The finished request's cost and its ledger row."""
         metered.cost_usd = cost
+        genai.record(metered, status)
         if self.ledger is not None:
             self.ledger.append(self._row(metered, status))
 
