@@ -8,12 +8,18 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: up install test proto proto-check lint bench bench-providers bench-infinity-venv models clean
 
-# The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone so
-# that pip takes the local CPU wheel (torch==2.13.0) and never pulls a CUDA build.
+# The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone,
+# from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build. For CUDA:
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`. (A machine whose pip has a
+# local torch wheel in its find-links, like the CI machine, takes that one when the index is out of reach.)
+# No -q on the two big installs: a first install takes minutes and shows what it is doing.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check torch==2.13.0
-	$(PIP) install -q --disable-pip-version-check -r requirements.lock
+	@echo "installing torch 2.13.0 from $(TORCH_INDEX) (about 200 MB for the CPU build)"
+	$(PIP) install --disable-pip-version-check --progress-bar on --retries 2 --index-url $(TORCH_INDEX) torch==2.13.0
+	@echo "installing the locked dependencies (requirements.lock)"
+	$(PIP) install --disable-pip-version-check --progress-bar on -r requirements.lock
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -77,7 +83,7 @@ lint: $(STAMP)
 INFINITY_VENV := .venv-bench/infinity
 $(INFINITY_VENV)/.installed:
 	test -x $(INFINITY_VENV)/bin/python || python3 -m venv $(INFINITY_VENV)
-	$(INFINITY_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(INFINITY_VENV)/bin/pip install -q --disable-pip-version-check --retries 2 --index-url $(TORCH_INDEX) torch==2.13.0
 	$(INFINITY_VENV)/bin/pip install -q --disable-pip-version-check 'infinity-emb[server,torch,einops]==0.0.78' torch==2.13.0
 	touch $@
 
