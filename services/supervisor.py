@@ -93,8 +93,9 @@ class SupervisorSettings(BaseSettings):
     )
     replica_port_offset: int = Field(
         100,
-        description="Replica i of a stage serves gRPC on the stage port + offset + i, metrics on its port + 2*offset + i; "
-        "gateway replica i serves HTTP on its port + offset + i, gRPC on its port + 2*offset + i.",
+        description="Replica i of a stage serves gRPC on the stage port + offset + i, metrics on its port + 2*offset + i "
+        "(inference: KServe HTTP on its port + 3*offset + i); gateway replica i serves HTTP on its port + offset + i, "
+        "gRPC on its port + 2*offset + i.",
     )
     replica_drain_wait_s: float = Field(
         2.0, description="A replicated stage stays up this long after NOT_SERVING so Envoy's health checks notice."
@@ -139,6 +140,7 @@ def plan(settings: SupervisorSettings, base: dict[str, str], home: Path) -> tupl
                 f"{prefix}GRPC_PORT": str(port),
                 f"{prefix}METRICS_PORT": str(metrics),
                 f"{prefix}DRAIN_WAIT_S": str(settings.replica_drain_wait_s),
+                **replica_http_port(stage, prefix, settings.replica_port_offset, i),
             }
             children.append(Child(f"{name}-{i}", child_env, [sys.executable, "-m", f"services.{name}.main"]))
             replicas.append(f"{stage.host}:{port}")
@@ -151,6 +153,16 @@ def plan(settings: SupervisorSettings, base: dict[str, str], home: Path) -> tupl
         children.append(envoy_child(settings, topology_services, gw, env, home))
     children.extend(gateways)  # built before the stage loop, so they carry no stage's port overrides
     return children, gw
+
+
+def replica_http_port(stage: CommonSettings, prefix: str, offset: int, i: int) -> dict[str, str]:
+    """The inference replicas' KServe HTTP ports: its port + 3*offset + i (clear of the replicas'
+    gRPC at + offset and metrics at + 2*offset; Triton's default 8000/8001/8002 are adjacent).
+    Envoy fronts only the gRPC port: each replica's HTTP port is reached directly."""
+    http_port = getattr(stage, "http_port", None)
+    if http_port is None or http_port <= 0:  # none, off (-1), or a free port each (0)
+        return {}
+    return {f"{prefix}HTTP_PORT": str(http_port + 3 * offset + i)}
 
 
 def gateway_children(settings: SupervisorSettings, gw: GatewaySettings, env: dict[str, str]) -> list[Child]:
@@ -223,6 +235,17 @@ class Supervisor:
         self.settings = settings
         self._stop = asyncio.Event()
 
+    def _inference_http_line(self) -> str:
+        """Where KServe v2 HTTP is served: each inference process's own port (not behind Envoy)."""
+        stage = InferenceSettings()
+        ports = [
+            c.env.get("MESHSERVE_INFERENCE_HTTP_PORT", str(stage.http_port))
+            for name, c in self.children.items()
+            if name == "inference" or name.startswith("inference-")
+        ]
+        urls = ", ".join(f"http://{stage.host}:{p}" for p in ports if int(p) > 0)
+        return f"  KServe     {urls}   (KServe v2 HTTP/REST, the same service token)\n" if urls else ""
+
     @property
     def gateways(self) -> list[Child]:
         return [c for name, c in self.children.items() if name == "gateway" or name.startswith("gateway-")]
@@ -293,6 +316,7 @@ class Supervisor:
                 f"  gRPC API   {grpc_api}   (meshserve.gateway.v1.GatewayService)\n"
                 f"  inference  {first['MESHSERVE_GATEWAY_INFERENCE_ADDRESS']}   (KServe v2 / Triton gRPC; send "
                 f"x-meshserve-service-token: set MESHSERVE_SERVICE_TOKEN before `meshserve up` to choose it)\n"
+                + self._inference_http_line()
                 + (
                     f"  Envoy      http://{gw.host}:{self.settings.envoy_front_port}   (front; admin "
                     f"http://127.0.0.1:{self.settings.envoy_admin_port})\n"

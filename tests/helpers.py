@@ -243,6 +243,7 @@ def start_mesh(
     pinned = {} if home is not None else {"MESHSERVE_CATALOG_DIR": str(tmp_path / "no-catalog.d")}
     home = home or (mesh_home(tmp_path / "home") if backend == "triton" else meshserve_home())
     ports = ports or {name: free_port() for name in MESH_PORTS}
+    ports = {"inference_http": free_port(), **ports}  # KServe v2 HTTP (default 8000: one per mesh)
     env = {
         **os.environ,
         "MESHSERVE_HOME": str(home),
@@ -252,6 +253,7 @@ def start_mesh(
         "MESHSERVE_PREPROCESS_METRICS_PORT": str(ports["pre_m"]),
         "MESHSERVE_INFERENCE_GRPC_PORT": str(ports["inference"]),
         "MESHSERVE_INFERENCE_METRICS_PORT": str(ports["inf_m"]),
+        "MESHSERVE_INFERENCE_HTTP_PORT": str(ports["inference_http"]),
         "MESHSERVE_POSTPROCESS_GRPC_PORT": str(ports["post"]),
         "MESHSERVE_POSTPROCESS_METRICS_PORT": str(ports["post_m"]),
         "HF_HUB_OFFLINE": "1",

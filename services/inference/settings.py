@@ -16,6 +16,11 @@ class InferenceSettings(GrpcServiceSettings):
 
     grpc_port: int = Field(8001, description="KServe v2 gRPC port (Triton's default).")
     metrics_port: int = Field(8002, description="Prometheus /metrics port (Triton's default).")
+    http_port: int = Field(
+        8000,
+        description="KServe v2 HTTP/REST port with Triton's extensions (Triton's default; 0 picks a free port on the "
+        "embedded backend, -1 off). The service token applies as on gRPC, health excepted.",
+    )
     models: list[str] = Field(
         default_factory=list, description="Inference names to load at start; empty loads the whole catalog."
     )

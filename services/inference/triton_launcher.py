@@ -85,7 +85,7 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
         "--strict-readiness=true",
         f"--grpc-address={settings.host}",
         f"--grpc-port={settings.grpc_port}",
-        "--allow-http=false",
+        *http_flags(settings),
         f"--allow-metrics={'true' if settings.metrics_port >= 0 else 'false'}",
         f"--metrics-address={settings.host}",
         f"--metrics-port={max(settings.metrics_port, 0)}",
@@ -94,7 +94,7 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
         f"--exit-timeout-secs={settings.triton_exit_timeout_s}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
     ]
-    cmd += restricted_protocol_flags(service_auth.configured_token(settings))
+    cmd += restricted_protocol_flags(service_auth.configured_token(settings), http=settings.http_port >= 0)
     if settings.triton_trace_url:
         cmd += [
             "--trace-config=mode=opentelemetry",
@@ -106,16 +106,27 @@ def command(settings: InferenceSettings, repository: Path, backends: Path) -> li
     return cmd
 
 
-def restricted_protocol_flags(token: str | None) -> list[str]:
+def http_flags(settings: InferenceSettings) -> list[str]:
+    """Triton's KServe v2 HTTP endpoint on settings.http_port (Triton's own default, 8000), or off."""
+    if settings.http_port < 0:
+        return ["--allow-http=false"]
+    return ["--allow-http=true", f"--http-address={settings.host}", f"--http-port={settings.http_port}"]
+
+
+def restricted_protocol_flags(token: str | None, *, http: bool = False) -> list[str]:
     """Triton's own check of our service token: every protocol group but `health` (ServerLive,
     ServerReady, ModelReady and grpc.health.v1 stay open for probes) needs the header our clients
-    send (Triton expects it as `triton-grpc-protocol-<key>` and answers UNAVAILABLE without it).
-    Triton takes the value only on its command line, so the token is visible in this host's
-    process list to users who may read it (the other stages get it from the environment)."""
+    send (Triton expects it as `triton-grpc-protocol-<key>` over gRPC and answers UNAVAILABLE
+    without it; over HTTP as `<key>` itself, answering 403). Triton takes the value only on its
+    command line, so the token is visible in this host's process list to users who may read it
+    (the other stages get it from the environment). The gRPC flag comes first."""
     if not token:
         return []
     groups = ",".join(service_auth.TRITON_RESTRICTED)
-    return [f"--grpc-restricted-protocol={groups}:{service_auth.HEADER}={token}"]
+    flags = [f"--grpc-restricted-protocol={groups}:{service_auth.HEADER}={token}"]
+    if http:
+        flags.append(f"--http-restricted-api={groups}:{service_auth.HEADER}={token}")
+    return flags
 
 
 async def server_ready(target: str) -> bool:

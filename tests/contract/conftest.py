@@ -1,6 +1,7 @@
-"""The KServe v2 / Triton conformance suite's server fixture, one per backend:
+"""The KServe v2 / Triton conformance suite's server fixture, one per backend, each serving KServe
+v2 over gRPC and HTTP/REST:
 
-- embedded: our inference server, started in-process through the same `create()` its main() uses;
+- embedded: our inference server, started in-process through the same `start()` its main() uses;
 - triton: a real `tritonserver` (from the nvidia-pytriton wheel) started by our launcher
   (`python -m services.inference.main` with MESHSERVE_INFERENCE_BACKEND=triton), x86_64 Linux only.
 """
@@ -16,11 +17,20 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tokenizers import Tokenizer
 from tritonclient.grpc import InferenceServerClient
 
-from services.inference.main import create
+from services.inference.main import start
 from services.inference.settings import InferenceSettings
-from tests.helpers import REPO, START_TIMEOUT_S, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, meshserve_home
+from tests.helpers import (
+    MODEL_ID,
+    REPO,
+    START_TIMEOUT_S,
+    TRITON_SKIP_REASON,
+    TRITON_SUPPORTED,
+    free_port,
+    meshserve_home,
+)
 
 BACKENDS = [
     "embedded",
@@ -28,13 +38,14 @@ BACKENDS = [
 ]
 
 
-def start_triton(home: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_triton(home: Path, log_path: Path, http_port: int = -1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
         "MESHSERVE_HOME": str(home),
         "MESHSERVE_INFERENCE_BACKEND": "triton",
         "MESHSERVE_INFERENCE_GRPC_PORT": str(port),
+        "MESHSERVE_INFERENCE_HTTP_PORT": str(http_port),
         "MESHSERVE_INFERENCE_METRICS_PORT": str(free_port()),
         "HF_HUB_OFFLINE": "1",
     }
@@ -59,19 +70,38 @@ def start_triton(home: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
 
 @pytest_asyncio.fixture(scope="session", params=BACKENDS)
 async def inference_server(request, models_dir):
+    """Both KServe v2 endpoints of one server: `url` (gRPC, host:port) and `http_url` (HTTP/REST)."""
     if request.param == "embedded":
-        settings = InferenceSettings(home=meshserve_home(), grpc_port=0, metrics_port=-1)
-        running, _ = await create(settings)
-        yield {"backend": "embedded", "url": f"127.0.0.1:{running.port}"}
-        await running.stop(grace_s=2)
+        settings = InferenceSettings(home=meshserve_home(), grpc_port=0, http_port=0, metrics_port=-1)
+        server = await start(settings)
+        yield {
+            "backend": "embedded",
+            "url": f"127.0.0.1:{server.grpc.port}",
+            "http_url": f"127.0.0.1:{server.http.port}",
+        }
+        await server.grpc.stop(grace_s=2)
         return
     # Triton gets its own MESHSERVE_HOME (its generated repository and work dir) over the shared models.
     home = Path(tempfile.mkdtemp(prefix="meshserve-triton-"))
     (home / "models").symlink_to(meshserve_home() / "models")
-    process, url = start_triton(home, home / "triton.log")
-    yield {"backend": "triton", "url": url, "log": home / "triton.log", "process": process}
+    http_port = free_port()
+    process, url = start_triton(home, home / "triton.log", http_port)
+    yield {
+        "backend": "triton",
+        "url": url,
+        "http_url": f"127.0.0.1:{http_port}",
+        "log": home / "triton.log",
+        "process": process,
+    }
     process.terminate()
     process.wait(60)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(models_dir):
+    tok = Tokenizer.from_file(str(models_dir / MODEL_ID / "model" / "tokenizer.json"))
+    tok.enable_padding(pad_id=0)
+    return tok
 
 
 @pytest.fixture(scope="session")

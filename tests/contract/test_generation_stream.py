@@ -51,7 +51,9 @@ async def server(tmp_path_factory):
     }
     (tmp / "catalog.yaml").write_text(yaml.safe_dump({"models": [entry]}))
     build_all(Catalog.load(tmp / "catalog.yaml"), tmp / "home" / "models")
-    settings = InferenceSettings(home=tmp / "home", catalog=tmp / "catalog.yaml", grpc_port=0, metrics_port=-1)
+    settings = InferenceSettings(
+        home=tmp / "home", catalog=tmp / "catalog.yaml", grpc_port=0, http_port=-1, metrics_port=-1
+    )
     running, repository = await create(settings)
     yield f"127.0.0.1:{running.port}", repository
     await running.stop(grace_s=2)

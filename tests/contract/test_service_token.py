@@ -1,6 +1,7 @@
 """Issue 14 finding 2: the stages of a running `meshserve up` answer only callers with the mesh's
 service token (MESHSERVE_SERVICE_TOKEN; tests/unit/test_service_auth.py shows `meshserve up`
-generating a fresh one per run when none is set). Driven by the real tritonclient (KServe v2) and
+generating a fresh one per run when none is set). Driven by the real tritonclient (KServe v2 over
+gRPC and HTTP) and
 the stages' own stubs, for each inference backend; health checks stay open for probes."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from meshserve.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
@@ -74,6 +76,59 @@ def test_inference_answers_kserve_calls_with_the_service_token(mesh):
             assert not _refused(err, mesh.backend) and err.status() != "StatusCode.UNAUTHENTICATED"
     finally:
         client.close()
+
+
+def _http_refused(err: InferenceServerException, backend: str) -> bool:
+    """Over HTTP ours answers 401; Triton's `--http-restricted-api` answers 403 naming the header."""
+    if backend == "triton":
+        return err.status() == "403" and "restricted" in err.message()
+    return err.status() == "401"
+
+
+def _http_inputs() -> list[triton_http.InferInput]:
+    ids = np.array([[101, 7592, 102]], dtype=np.int64)
+    tensors = []
+    for name in ("input_ids", "attention_mask"):
+        tensor = triton_http.InferInput(name, list(ids.shape), "INT64")
+        tensor.set_data_from_numpy(ids if name == "input_ids" else np.ones_like(ids))
+        tensors.append(tensor)
+    return tensors
+
+
+HTTP_CALLS = {
+    "ServerMetadata": lambda c: c.get_server_metadata(),
+    "RepositoryIndex": lambda c: c.get_model_repository_index(),
+    "ModelInfer": lambda c: c.infer(INFERENCE_NAME, _http_inputs()),
+    "RepositoryModelUnload": lambda c: c.unload_model("no-such-model"),
+}
+
+
+@pytest.mark.parametrize("call", HTTP_CALLS)
+def test_inference_refuses_kserve_http_calls_without_the_service_token(mesh, call):
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{mesh.ports['inference_http']}")
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            HTTP_CALLS[call](client)
+        assert _http_refused(err.value, mesh.backend), (err.value.status(), err.value.message())
+        assert mesh.service_token not in err.value.message()
+    finally:
+        client.close()
+
+
+def test_inference_answers_kserve_http_calls_with_the_service_token_and_probes_without(mesh):
+    url = f"127.0.0.1:{mesh.ports['inference_http']}"
+    client = mesh.authorize(triton_http.InferenceServerClient(url))
+    try:
+        assert client.get_server_metadata()["name"]
+        assert INFERENCE_NAME in {m["name"] for m in client.get_model_repository_index()}
+        assert client.infer(INFERENCE_NAME, _http_inputs()).as_numpy("embedding").shape == (1, 384)
+    finally:
+        client.close()
+    probe = triton_http.InferenceServerClient(url)
+    try:
+        assert probe.is_server_live() and probe.is_server_ready() and probe.is_model_ready(INFERENCE_NAME)
+    finally:
+        probe.close()
 
 
 def test_liveness_readiness_and_grpc_health_need_no_token(mesh):
