@@ -140,6 +140,36 @@ def test_every_route_needs_a_token_and_its_scope(cp, method, template):
     assert lacking.status_code == 403, (scope, lacking.text)
 
 
+def test_api_docs_are_public_offline_and_offer_bearer_authorization(cp):
+    """What a browser does with /docs: the page, its Swagger UI assets from the gateway itself (no
+    CDN), the document without a key; the document's bearer scheme is what "Authorize" fills in,
+    and an operation sent the way "Try it out" sends it (that header) answers."""
+    mesh, _, _ = cp
+    page = httpx.get(mesh.url + "/docs", timeout=30)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', page.text)
+    assert len(assets) == 2 and all(a.startswith("/static-offline-docs/") for a in assets), assets
+    for asset in assets:
+        reply = httpx.get(mesh.url + asset, timeout=30)
+        assert reply.status_code == 200 and len(reply.content) > 100_000, asset
+    assert "cdn" not in page.text.lower()
+    assert httpx.get(mesh.url + "/redoc", timeout=30).status_code == 200
+    spec = httpx.get(mesh.url + "/openapi.json", timeout=30).json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        **spec["components"]["securitySchemes"]["bearerAuth"],
+        "type": "http",
+        "scheme": "bearer",
+    }
+    assert spec["security"] == [{"bearerAuth": []}]
+    assert spec["paths"]["/readyz"]["get"]["security"] == []
+    assert "security" not in spec["paths"]["/v1/embeddings"]["post"]  # the document's default: the bearer
+    key = create_key(mesh.url, scopes=["inference"])["token"]
+    reply = httpx.post(
+        mesh.url + "/v1/embeddings", json={"model": MODEL_ID, "input": "docs"}, headers=bearer(key), timeout=30
+    )
+    assert reply.status_code == 200
+
+
 _KEYS: dict = {}
 
 
@@ -182,13 +212,21 @@ def test_revoked_key_stops_on_both_replicas(cp):
     mesh, second, _ = cp
     key = create_key(mesh.url)
     for url in (mesh.url, second.url):  # a key made on one replica works on the other at once
-        assert httpx.post(f"{url}/models/{SENTIMENT}", json={"inputs": "x"}, headers=bearer(key["token"])).status_code == 200
+        assert (
+            httpx.post(f"{url}/models/{SENTIMENT}", json={"inputs": "x"}, headers=bearer(key["token"])).status_code
+            == 200
+        )
     assert admin(mesh.url).delete(f"/admin/keys/{key['id']}").status_code == 200
-    assert httpx.post(f"{mesh.url}/models/{SENTIMENT}", json={"inputs": "x"}, headers=bearer(key["token"])).status_code == 401
+    assert (
+        httpx.post(f"{mesh.url}/models/{SENTIMENT}", json={"inputs": "x"}, headers=bearer(key["token"])).status_code
+        == 401
+    )
     deadline = time.monotonic() + 60  # the other replica's next key poll; generous for a loaded machine
     status = 200
     while time.monotonic() < deadline and status != 401:
-        status = httpx.post(f"{second.url}/models/{SENTIMENT}", json={"inputs": "x"}, headers=bearer(key["token"])).status_code
+        status = httpx.post(
+            f"{second.url}/models/{SENTIMENT}", json={"inputs": "x"}, headers=bearer(key["token"])
+        ).status_code
         time.sleep(0.05)
     assert status == 401
 
@@ -196,10 +234,7 @@ def test_revoked_key_stops_on_both_replicas(cp):
 async def _burst(urls: list[str], token: str, n: int, path: str, body_of) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
         return await asyncio.gather(
-            *(
-                client.post(urls[i % len(urls)] + path, json=body_of(i), headers=bearer(token))
-                for i in range(n)
-            )
+            *(client.post(urls[i % len(urls)] + path, json=body_of(i), headers=bearer(token)) for i in range(n))
         )
 
 
@@ -253,7 +288,9 @@ def test_ledger_rows_equal_acknowledged_requests(cp):
     assert len(rows) == 50 and {r[0] for r in rows} == ids and {r[1] for r in rows} == {200}
     own = httpx.get(f"{mesh.url}/v1/usage", headers=bearer(key["token"])).json()
     assert sum(g["requests"] for g in own["totals"]["groups"]) == 50
-    assert httpx.get(f"{mesh.url}/v1/usage", params={"key_id": "admin"}, headers=bearer(key["token"])).status_code == 403
+    assert (
+        httpx.get(f"{mesh.url}/v1/usage", params={"key_id": "admin"}, headers=bearer(key["token"])).status_code == 403
+    )
 
 
 def test_sigterm_mid_burst_loses_no_acknowledged_row(cp, tmp_path):
@@ -322,7 +359,9 @@ def test_keys_cli_create_list_revoke(cp, tmp_path):
     _, _, db = cp
     env = {**os.environ, "MESHSERVE_GATEWAY_DATABASE_URL": f"sqlite:///{db}"}
     run = [sys.executable, "-m", "services.cli", "keys"]
-    created = subprocess.run([*run, "create", "--name", "cli", "--scopes", "read"], env=env, capture_output=True, text=True)
+    created = subprocess.run(
+        [*run, "create", "--name", "cli", "--scopes", "read"], env=env, capture_output=True, text=True
+    )
     assert created.returncode == 0, created.stderr
     token = re.search(r"msk_\S+", created.stdout).group(0)
     listed = subprocess.run([*run, "list"], env=env, capture_output=True, text=True)
@@ -398,7 +437,9 @@ def test_concurrent_streams_never_overspend_and_a_closed_stream_pays_what_it_use
             admin(url).get("/v1/usage", params={"limit": 0})  # flushes the ledger
         with sqlite3.connect(db) as conn:
             spent = conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
-            closed = conn.execute("SELECT status, output_tokens, cost_usd FROM usage WHERE request_id = ?", (closed_id,)).fetchone()
+            closed = conn.execute(
+                "SELECT status, output_tokens, cost_usd FROM usage WHERE request_id = ?", (closed_id,)
+            ).fetchone()
     assert closed is not None, "the closed stream never got its ledger row"
     assert spent <= budget + 1e-12
     status, tokens, cost = closed

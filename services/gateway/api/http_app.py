@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from services.gateway.api import (
+    docs,
     routes_admin,
     routes_embeddings,
     routes_hf,
@@ -41,7 +43,7 @@ ROUTERS = (
 def create_app(
     settings: GatewaySettings, services: GatewayServices, *, is_draining: Callable[[], bool] = lambda: False
 ) -> FastAPI:
-    app = FastAPI(
+    app = FastAPIOffline(  # Swagger UI and ReDoc from local assets (api/docs.py)
         title="meshserve",
         version="0.1.0",
         description="Self-hosted inference API: Hugging Face task API and OpenAI-compatible routes.",
@@ -58,6 +60,7 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         add_routes(app, router)
+    docs.install(app, metrics_public=settings.metrics_public)
     return app
 
 

@@ -29,7 +29,8 @@ REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(
     for method, pattern, scope in (
         ("GET", r"/(health|healthz|readyz)", None),
         ("GET", r"/metrics", "metrics"),  # public or `read`, per settings.metrics_public
-        ("GET", r"/(docs|docs/oauth2-redirect|openapi\.json|redoc)", "read"),
+        # The API's documentation, public (api/docs.py): a browser opens it without a key.
+        ("GET", r"/(docs|docs/oauth2-redirect|openapi\.json|redoc|static-offline-docs/[A-Za-z0-9._-]+)", None),
         ("GET", r"/v1/models(/.*)?", "read"),
         ("GET", r"/models/.+/(health|info)", "read"),
         ("GET", r"/v1/usage", "read"),
