@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: up install test proto proto-check lint bench bench-providers bench-infinity-venv models clean
+.PHONY: up install test proto proto-check lint bench bench-providers bench-infinity-venv bench-guidellm models clean
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone,
 # from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build. For CUDA:
@@ -113,6 +113,19 @@ $(LITELLM_VENV)/.installed:
 bench-providers: $(STAMP) $(LITELLM_VENV)/.installed
 	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(PY) -m bench.run_providers --litellm $(LITELLM_VENV)/bin/litellm
+
+# guidellm (the vLLM ecosystem's serving benchmark) lives in a venv of its own (it pins its own
+# transformers, pydantic...).
+GUIDELLM_VENV := .venv-bench/guidellm
+$(GUIDELLM_VENV)/.installed:
+	test -x $(GUIDELLM_VENV)/bin/python || python3 -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install -q --disable-pip-version-check 'guidellm==0.8.1'
+	touch $@
+
+## bench-guidellm: guidellm's synchronous and concurrent profiles on the chat route (tiny model, 200 requests each); bench/results/guidellm.json.
+bench-guidellm: $(STAMP) $(GUIDELLM_VENV)/.installed
+	$(VENV)/bin/meshserve models build
+	$(PY) -m bench.run_guidellm --guidellm $(GUIDELLM_VENV)/bin/guidellm
 
 clean:
 	rm -rf $(VENV) .meshserve
