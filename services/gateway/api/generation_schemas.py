@@ -108,7 +108,7 @@ class SamplingRequest(_Open):
             return None
         biases = {}
         for key, bias in self.logit_bias.items():
-            if not key.strip().isdigit() or int(key) > INT64_MAX:
+            if not (key.isascii() and key.strip().isdigit()) or int(key) > INT64_MAX:
                 raise invalid(f"`logit_bias` keys must be token ids; got {key!r}", param="logit_bias")
             if not -100 <= bias <= 100:
                 raise invalid(f"`logit_bias[{key}]` must be in [-100, 100]", param="logit_bias")
