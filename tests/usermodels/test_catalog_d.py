@@ -58,6 +58,7 @@ def up_model_catalog(tmp_path: Path, folders: dict[str, Path], timeout_s: float 
     read as soon as it is written; the run is stopped then (the mesh itself is not needed)."""
     home = mesh_home(tmp_path / "home")
     ports = {PORT_VARS[name]: str(free_port()) for name in MESH_PORTS}
+    ports["MESHSERVE_INFERENCE_HTTP_PORT"] = str(free_port())  # not the default 8000: tests run side by side
     env = cli_env(home, empty_catalog(tmp_path), {**ports, "MESHSERVE_GATEWAY_AUTH": "false"})
     models = [item for model_id, folder in folders.items() for item in ("--model", f"{model_id}={folder}")]
     written = home / "run" / "catalog.yaml"
