@@ -10,10 +10,11 @@ PYTEST_WORKERS ?= 2
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone so
 # that pip takes the local CPU wheel (torch==2.13.0) and never pulls a CUDA build.
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements.nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -r requirements.lock
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements.nodeps.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -220,6 +220,7 @@ _SAMPLING = {
     RequestParameter.SEED: ("seed", int),
     RequestParameter.REPETITION_PENALTY: ("repetition_penalty", float),
     RequestParameter.PROMPT_LOGPROBS: ("prompt_logprobs", bool),
+    RequestParameter.JSON_SCHEMA: ("json_schema", str),
 }
 
 
@@ -229,9 +230,10 @@ def sampling_from_values(values: dict, stop_token_ids: list[int]) -> SamplingPar
     for name, (field_name, kind) in _SAMPLING.items():
         if name in values:
             value = values[name]
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise invalid(f"request parameter '{name}' must be a boolean", param=name)
+            if kind is bool or kind is str:
+                if not isinstance(value, kind):
+                    what = "boolean" if kind is bool else "string"
+                    raise invalid(f"request parameter '{name}' must be a {what}", param=name)
             elif isinstance(value, bool) or not isinstance(value, int | float):
                 raise invalid(f"request parameter '{name}' must be a number", param=name)
             fields[field_name] = kind(value)

@@ -22,6 +22,7 @@ from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.generation_contract import FinishReason, InputTensor, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
+from services.inference.constraints import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class SamplingParams:
     # Also score the prompt (TGI's decoder_input_details): before its first token the sequence
     # emits each prompt token's log-probability, read from the prefill's own forward pass.
     prompt_logprobs: bool = False
+    # Structured output: the JSON schema text the output is held to (constraints.py); "" is off.
+    json_schema: str = ""
 
     def validate(self) -> None:
         """The ranges of generation.proto's GenerationRequestParameters; `param` names the key."""
@@ -171,6 +174,7 @@ class CausalLMRuntime:
 
         self._torch = torch
         self.device = torch_device()
+        self.model_dir = Path(model_dir)  # its tokenizer, for grammars (constraints.py)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval().to(self.device)
         config = self.model.config
         self.vocab_size = int(config.vocab_size)
@@ -278,6 +282,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: object = None
     cancelled_at: int = 0  # tokens generated when the cancellation arrived
+    grammar: object = None  # structured output: the sequence's matcher (constraints.py)
 
     def cancel(self) -> None:
         """Leave the batch at the next step (the client went away)."""
@@ -355,6 +360,7 @@ class GenerationScheduler:
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{name}")
+        self._grammars = Grammars(runtime)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._closed = False
@@ -383,6 +389,7 @@ class GenerationScheduler:
         generator = self._torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         sequence.generator = generator
+        sequence.grammar = self._grammars.matcher(params.json_schema) if params.json_schema else None
         self._waiting.append(sequence)
         self._metrics.waiting.set(len(self._waiting))
         self._wake.set()
@@ -516,6 +523,7 @@ class GenerationScheduler:
         so a seeded request repeats whatever it is batched with."""
         torch = self._torch
         self._mask_early_ends(logits, sequences)
+        self._grammars.mask(logits, sequences)  # rows with a grammar: only the tokens it allows
         plain = [
             i for i, s in enumerate(sequences)
             if s.params.top_k == 0 and s.params.top_p >= 1.0 and s.params.repetition_penalty == 1.0
@@ -593,6 +601,8 @@ class GenerationScheduler:
         if sequence.cancelled:
             self._finish(sequence, FinishReason.CANCELLED)
             return False
+        if sequence.grammar is not None:
+            self._grammars.advance(sequence, token)
         if token in self.runtime.eos_token_ids or token in sequence.params.stop_token_ids:
             self._finish(sequence, FinishReason.STOP)
             return False

@@ -2,7 +2,8 @@
 OpenAI chat completions and completions, and the HF/TGI `text_generation` parameters.
 
 Unknown request fields are refused with 400, like OpenAI's own API; known but unsupported
-features (n > 1, tools, logprobs, JSON modes) are refused with a message that says so.
+features (n > 1, logprobs) are refused with a message that says so. `response_format`, `tools`
+and `tool_choice` are checked by structured.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class ContentPart(BaseModel):
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are ignored
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
 
     def text(self, i: int) -> str:
@@ -74,16 +75,12 @@ class SamplingRequest(_Open):
     def check_supported(self) -> None:
         if (self.n or 1) != 1:
             raise invalid("`n` must be 1: one choice per request", param="n")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise invalid("tools are not supported by this model", param="tools")
         if self.logprobs or self.top_logprobs:
             raise invalid(
                 "`logprobs` is not supported on this route (the TGI route returns token logprobs)", param="logprobs"
             )
         if self.logit_bias:
             raise invalid("`logit_bias` is not supported", param="logit_bias")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise invalid("only `response_format: {type: text}` is supported", param="response_format")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise invalid(f"`{name}` is not supported (the TGI route takes `repetition_penalty`)", param=name)

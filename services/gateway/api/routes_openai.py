@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
-from services.gateway.api import routed
+from services.gateway.api import routed, structured
 from services.gateway.api.deps import call_context_of, services_of
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -91,7 +91,7 @@ def sampling(body: SamplingRequest, **what) -> GenerationRequest:
     """The OpenAI routes' sampling fields; `what`: the messages or prompt and max_new_tokens."""
     return GenerationRequest(
         min_new_tokens=body.min_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        stop=body.stops(), **what,
+        stop=body.stops(), json_schema=structured.response_format_schema(body.response_format), **what,
     )  # fmt: skip
 
 
@@ -102,6 +102,8 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
     body.check_supported()
     messages = [(m.role if m.role != "developer" else "system", m.text(i)) for i, m in enumerate(body.messages)]
     gen = sampling(body, messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+    plan = structured.tool_plan(body.tools, body.tool_choice)
+    gen = structured.with_tools(gen, plan, body.messages)
     stream = bool(body.stream)
     route = routed.route(request, ctx, model_id or body.model, "chat", provider)
     generation, extra = await routed.start_generation(request, ctx, route, gen, "chat", stream)
@@ -114,9 +116,15 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
     def render(done: Collected) -> dict:
         message = {"role": "assistant", "content": done.text, "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.last.finish_reason}
+        structured.render_calls(plan, choice)
         return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(done.last)}
 
-    return await respond(generation, stream, lambda steps: chat_events(steps, head, include_usage), render, extra=extra)
+    def events(steps):
+        if plan.parses:
+            return structured.tool_chat_events(steps, head, include_usage, plan)
+        return chat_events(steps, head, include_usage)
+
+    return await respond(generation, stream, events, render, extra=extra)
 
 
 # The call context without Depends(): FastAPI's dependency solving (query parsing, a dependency

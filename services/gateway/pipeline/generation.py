@@ -58,6 +58,11 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     # TGI's decoder_input_details: the final Step lists the prompt's tokens and their logprobs.
     prompt_logprobs: bool = False
+    # Structured output: a JSON schema's text the output is held to (response_format, a forced
+    # tool call); the tools to render into a chat (JSON text); per message its tool fields.
+    json_schema: str | None = None
+    tools_json: str | None = None
+    message_extras: tuple[dict | None, ...] = ()
 
     @property
     def prompt_field(self) -> str:
@@ -127,6 +132,19 @@ class PrefillToken:
     logprob: float | None
 
 
+def _add_tools(pb: preprocess_pb2.PrepareGenerationRequest, request: GenerationRequest) -> None:
+    """A chat's tools and its messages' tool calls and tool call ids (services/preprocess/tools.py)."""
+    import json
+
+    if request.tools_json:
+        pb.tools_json = request.tools_json
+    for message, extras in zip(pb.messages.messages, request.message_extras, strict=False):
+        if extras and extras.get("tool_calls"):
+            message.tool_calls_json = json.dumps(extras["tool_calls"])
+        if extras and extras.get("tool_call_id"):
+            message.tool_call_id = str(extras["tool_call_id"])
+
+
 def _checked(response: service_pb2.ModelStreamInferResponse) -> service_pb2.ModelInferResponse:
     """The response, or its error as a MeshError: our inference service names the code; Triton's
     own errors are bare messages, most often a request it refused."""
@@ -178,6 +196,7 @@ class Generator:
         pb = preprocess_pb2.PrepareGenerationRequest(model_id=entry.id)
         if request.messages is not None:
             pb.messages.messages.extend(tasks_pb2.ChatMessage(role=r, content=c) for r, c in request.messages)
+            _add_tools(pb, request)
         else:
             pb.text = request.prompt or ""
         if request.max_new_tokens is not None:
@@ -221,6 +240,8 @@ class Generator:
             pb.parameters[RequestParameter.MIN_TOKENS].int64_param = request.min_new_tokens
         if request.prompt_logprobs:
             pb.parameters[RequestParameter.PROMPT_LOGPROBS].bool_param = True
+        if request.json_schema:
+            pb.parameters[RequestParameter.JSON_SCHEMA].string_param = request.json_schema
         return pb
 
     async def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:

@@ -21,7 +21,7 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
 
 class GenerationRequestParameters(_message.Message):
-    __slots__ = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "prompt_logprobs", "triton_enable_empty_final_response", "max_tokens_per_response")
+    __slots__ = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "prompt_logprobs", "triton_enable_empty_final_response", "max_tokens_per_response", "json_schema")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class GenerationRequestParameters(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TRITON_ENABLE_EMPTY_FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     min_tokens: int
     temperature: float
@@ -42,7 +43,8 @@ class GenerationRequestParameters(_message.Message):
     prompt_logprobs: bool
     triton_enable_empty_final_response: bool
     max_tokens_per_response: int
-    def __init__(self, max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., prompt_logprobs: _Optional[bool] = ..., triton_enable_empty_final_response: _Optional[bool] = ..., max_tokens_per_response: _Optional[int] = ...) -> None: ...
+    json_schema: str
+    def __init__(self, max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., prompt_logprobs: _Optional[bool] = ..., triton_enable_empty_final_response: _Optional[bool] = ..., max_tokens_per_response: _Optional[int] = ..., json_schema: _Optional[str] = ...) -> None: ...
 
 class GenerationResponseParameters(_message.Message):
     __slots__ = ("triton_final_response", "finish_reason", "prompt_tokens", "completion_tokens", "error_code")
