@@ -25,6 +25,7 @@ def test_request_parameter_keys_are_the_wire_keys():
         "prompt_logprobs",
         "triton_enable_empty_final_response",
         "max_tokens_per_response",  # additive (#18): absent, every response carries one token
+        "json_schema",  # additive (#19): structured output's schema text
     }
 
 
