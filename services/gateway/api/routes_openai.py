@@ -106,6 +106,7 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
     gen = structured.with_tools(gen, plan, body.messages)
     stream = bool(body.stream)
     route = routed.route(request, ctx, model_id or body.model, "chat", provider)
+    structured.check_local(route, gen)
     generation, extra = await routed.start_generation(request, ctx, route, gen, "chat", stream)
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id,
@@ -151,6 +152,7 @@ async def complete(request: Request, ctx: CallContext, provider: str | None):
     gen = sampling(body, prompt=prompts[0], max_new_tokens=body.max_tokens or 16)  # OpenAI's default: 16
     stream = bool(body.stream)
     route = routed.route(request, ctx, body.model, "completion", provider)
+    structured.check_local(route, gen)
     generation, extra = await routed.start_generation(request, ctx, route, gen, "completion", stream)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

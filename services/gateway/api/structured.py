@@ -307,3 +307,15 @@ def render_calls(plan: ToolPlan, choice: dict) -> None:
     if calls:
         message["tool_calls"] = calls
         choice["finish_reason"] = finish_reason(choice["finish_reason"], calls)
+
+
+def check_local(route, gen) -> None:
+    """Structured output and tools run in the local mesh's scheduler; a remote provider's route
+    would drop them silently, so such a request is refused instead (400 naming the field)."""
+    if route.local_only:
+        return
+    if gen.json_schema or gen.tools_json:
+        param = "tools" if gen.tools_json else "response_format"
+        raise invalid(
+            f"`{param}` is served by the local mesh only; this model routes to a remote provider", param=param
+        )
