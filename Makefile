@@ -14,12 +14,14 @@ PYTEST_WORKERS ?= 2
 # local torch wheel in its find-links, like the CI machine, takes that one when the index is out of reach.)
 # No -q on the two big installs: a first install takes minutes and shows what it is doing.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements.nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing torch 2.13.0 from $(TORCH_INDEX) (about 200 MB for the CPU build)"
 	$(PIP) install --disable-pip-version-check --progress-bar on --retries 2 --index-url $(TORCH_INDEX) torch==2.13.0
 	@echo "installing the locked dependencies (requirements.lock)"
 	$(PIP) install --disable-pip-version-check --progress-bar on -r requirements.lock
+	@echo "installing the packages whose metadata over-reaches (requirements.nodeps.txt, --no-deps)"
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements.nodeps.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -227,6 +227,7 @@ _SAMPLING = {
     RequestParameter.LOGIT_BIAS: ("logit_bias", parse_logit_bias),  # a JSON object's text
     RequestParameter.LOGPROBS: ("logprobs", bool),
     RequestParameter.TOP_LOGPROBS: ("top_logprobs", int),
+    RequestParameter.JSON_SCHEMA: ("json_schema", str),
 }
 
 
@@ -236,12 +237,13 @@ def sampling_from_values(values: dict, stop_token_ids: list[int]) -> SamplingPar
     for name, (field_name, kind) in _SAMPLING.items():
         if name in values:
             value = values[name]
-            if kind not in (bool, int, float):  # a parser of its own
+            if kind not in (bool, int, float, str):  # a parser of its own
                 fields[field_name] = kind(value)
                 continue
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise invalid(f"request parameter '{name}' must be a boolean", param=name)
+            if kind is bool or kind is str:
+                if not isinstance(value, kind):
+                    what = "boolean" if kind is bool else "string"
+                    raise invalid(f"request parameter '{name}' must be a {what}", param=name)
             elif isinstance(value, bool) or not isinstance(value, int | float):
                 raise invalid(f"request parameter '{name}' must be a number", param=name)
             fields[field_name] = kind(value)

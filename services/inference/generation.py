@@ -22,6 +22,7 @@ from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.generation_contract import FinishReason, InputTensor, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
+from services.inference.constraints import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class SamplingParams:
     # token's in TokenEvent.logprob, and the `top_logprobs` most likely tokens in TokenEvent.top.
     logprobs: bool = False
     top_logprobs: int = 0
+    # Structured output: the JSON schema text the output is held to (constraints.py); "" is off.
+    json_schema: str = ""
 
     def validate(self) -> None:
         """The ranges of generation.proto's GenerationRequestParameters; `param` names the key."""
@@ -223,6 +226,7 @@ class CausalLMRuntime:
 
         self._torch = torch
         self.device = torch_device()
+        self.model_dir = Path(model_dir)  # its tokenizer, for grammars (constraints.py)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval().to(self.device)
         config = self.model.config
         self.vocab_size = int(config.vocab_size)
@@ -331,6 +335,7 @@ class Sequence:
     generator: object = None
     cancelled_at: int = 0  # tokens generated when the cancellation arrived
     top: tuple[tuple[int, float], ...] | None = None  # the last sampled token's alternatives (logprobs)
+    grammar: object = None  # structured output: the sequence's matcher (constraints.py)
 
     def cancel(self) -> None:
         """Leave the batch at the next step (the client went away)."""
@@ -408,6 +413,7 @@ class GenerationScheduler:
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{name}")
+        self._grammars = Grammars(runtime)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._closed = False
@@ -445,6 +451,7 @@ class GenerationScheduler:
         generator = self._torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         sequence.generator = generator
+        sequence.grammar = self._grammars.matcher(params.json_schema) if params.json_schema else None
         self._waiting.append(sequence)
         self._metrics.waiting.set(len(self._waiting))
         self._wake.set()
@@ -581,6 +588,7 @@ class GenerationScheduler:
         raw = self._raw_logprobs(logits, sequences)
         self._mask_early_ends(logits, sequences)
         self._adjust_logits(logits, sequences)
+        self._grammars.mask(logits, sequences)  # rows with a grammar: only the tokens it allows (after the bias)
         return self._with_raw_logprobs(self._draw_rows(logits, sequences), raw, sequences)
 
     def _draw_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
@@ -709,6 +717,8 @@ class GenerationScheduler:
         if sequence.cancelled:
             self._finish(sequence, FinishReason.CANCELLED)
             return False
+        if sequence.grammar is not None:
+            self._grammars.advance(sequence, token)
         ends = token in sequence.params.stop_token_ids
         if ends or (token in self.runtime.eos_token_ids and not sequence.params.ignore_eos):
             self._finish(sequence, FinishReason.STOP)

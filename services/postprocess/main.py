@@ -18,7 +18,9 @@ SERVICE_NAME = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"]
 
 async def create(settings: PostprocessSettings) -> grpc_server.RunningServer:
     catalog = load_catalog(settings)
-    servicer = PostprocessServicer(Postprocessor(catalog, settings.models_dir), Detokenizers(catalog, settings.models_dir))
+    servicer = PostprocessServicer(
+        Postprocessor(catalog, settings.models_dir), Detokenizers(catalog, settings.models_dir)
+    )
     binding = grpc_server.Binding(postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server, servicer, SERVICE_NAME)
     return await grpc_server.create_server(
         settings, "postprocess", [binding], service_token=service_auth.configured_token(settings)

@@ -237,8 +237,15 @@ class Preprocessor:
             return await asyncio.to_thread(pre.encode, data, field=field)
 
     async def prepare_generation(
-        self, model_id: str, messages: list[tuple[str, str]] | None, text: str | None, max_new_tokens: int | None
+        self,
+        model_id: str,
+        messages: list[tuple[str, str]] | None,
+        text: str | None,
+        max_new_tokens: int | None,
+        *,
+        tools=None,
     ) -> Prompt:
+        """`tools`: a chat's tool parts (services/preprocess/tools.py ToolChat), or None."""
         entry = self._model(model_id, "text-generation", "text")
         pre = self._generation[entry.id]
         chars = sum(len(c) for _, c in messages) if messages is not None else len(text or "")
@@ -250,7 +257,9 @@ class Preprocessor:
                 param=field,
             )
         with tracing.span("tokenize", model=model_id) as span:
-            tokenize = (lambda: pre.chat_ids(messages)) if messages is not None else (lambda: pre.text_ids(text or ""))
+            tokenize = (
+                (lambda: pre.chat_ids(messages, tools)) if messages is not None else (lambda: pre.text_ids(text or ""))
+            )
             # Long prompts are rendered and tokenized in a thread, as texts are: the loop stays free.
             ids = tokenize() if chars <= INLINE_CHARS else await asyncio.to_thread(tokenize)
             span.set_attribute("tokens", len(ids))

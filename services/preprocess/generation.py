@@ -13,6 +13,8 @@ from pathlib import Path
 
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
+from services.preprocess.tools import ToolChat
+from services.preprocess.tools import render as render_tools
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,14 +47,16 @@ class GenerationPreprocessor:
             stop.add(self.tokenizer.eos_token_id)
         self.stop_token_ids = sorted(stop)
 
-    def chat_ids(self, messages: list[tuple[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[tuple[str, str]], tools: ToolChat | None = None) -> list[int]:
         if not messages:
             raise invalid("`messages` must contain at least one message", param="messages")
         for i, (role, _) in enumerate(messages):
-            if role not in ROLES:
+            if role not in ROLES and not (tools is not None and role == "tool"):
                 raise invalid(f"`messages[{i}].role` must be one of {list(ROLES)}", param="messages")
         if self.tokenizer.chat_template is None:
             raise invalid(f"model {self.entry.id!r} has no chat template: use the completions API", param="messages")
+        if tools is not None:  # tools, tool calls or tool results: services/preprocess/tools.py
+            return self.tokenizer.encode(render_tools(self.tokenizer, messages, tools), add_special_tokens=False)
         rendered = self.tokenizer.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=False
         )

@@ -13,6 +13,7 @@ from services.common.tasks import task_from_pb
 from services.common.tensors import to_pb
 from services.preprocess import fill_mask, pairs, question_answering, token_classification
 from services.preprocess.core import Encoded, Preprocessor
+from services.preprocess.tools import tool_chat
 
 TEXT_TASKS = ("feature-extraction", "text-classification")
 
@@ -90,7 +91,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             raise invalid("a generation request needs `messages` or a `prompt`", param="messages")
         messages = [(m.role, m.content) for m in request.messages.messages] if kind == "messages" else None
         max_new = request.max_new_tokens if request.HasField("max_new_tokens") else None
-        prompt = await self.core.prepare_generation(request.model_id, messages, request.text, max_new)
+        tools = tool_chat(request.tools_json, request.messages.messages) if kind == "messages" else None
+        prompt = await self.core.prepare_generation(request.model_id, messages, request.text, max_new, tools=tools)
         return preprocess_pb2.PrepareGenerationResponse(
             input_ids=prompt.input_ids, max_new_tokens=prompt.max_new_tokens, stop_token_ids=prompt.stop_token_ids
         )

@@ -70,10 +70,14 @@ def test_openai_completions_and_stop_strings(mesh, openai_client):
     words = re.findall(r"[a-z]{3,}", text)
     if words:  # a stop string that occurs in the greedy output ends it right before
         stop = words[len(words) // 2]
-        stopped = openai_client.completions.create(model=LM, prompt="The module", max_tokens=20, temperature=0, stop=[stop])
+        stopped = openai_client.completions.create(
+            model=LM, prompt="The module", max_tokens=20, temperature=0, stop=[stop]
+        )
         assert stopped.choices[0].finish_reason == "stop"
         assert stopped.choices[0].text == text[: text.index(stop)]
-    stream = list(openai_client.completions.create(model=LM, prompt="The module", max_tokens=20, temperature=0, stream=True))
+    stream = list(
+        openai_client.completions.create(model=LM, prompt="The module", max_tokens=20, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == text
 
 
@@ -90,7 +94,10 @@ def test_min_tokens_makes_fixed_length_generations(mesh, openai_client):
 
 def test_hf_chat_completion_stream(mesh):
     client = InferenceClient(model=f"{mesh.url}/models/{LM}")
-    parts = [c.choices[0].delta.content or "" for c in client.chat_completion(HELLO, max_tokens=10, stream=True, temperature=0)]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat_completion(HELLO, max_tokens=10, stream=True, temperature=0)
+    ]
     full = client.chat_completion(HELLO, max_tokens=10, temperature=0)
     assert "".join(parts) == full.choices[0].message.content
 
@@ -103,7 +110,9 @@ def test_hf_text_generation_plain_details_and_stream(mesh):
     assert details.generated_text == text
     assert details.details.generated_tokens == len(details.details.tokens) <= 12
     assert all(isinstance(t.logprob, float) and t.logprob <= 0 for t in details.details.tokens)
-    streamed = list(client.text_generation("The os module", max_new_tokens=12, stream=True, details=True, seed=3, temperature=0.01))
+    streamed = list(
+        client.text_generation("The os module", max_new_tokens=12, stream=True, details=True, seed=3, temperature=0.01)
+    )
     assert streamed[-1].generated_text == text and all(e.token is not None for e in streamed)
     assert streamed[-1].details.finish_reason in ("length", "eos_token", "stop_sequence")
 
@@ -180,6 +189,7 @@ def test_a_client_that_disconnects_stops_its_generation(mesh):
 
 def test_concurrent_streams_share_decode_steps(mesh):
     skip_on_triton(mesh)
+
     def buckets() -> tuple[float, float]:
         text = httpx.get(f"http://127.0.0.1:{mesh.ports['inf_m']}/metrics").text
         one = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

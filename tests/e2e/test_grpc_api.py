@@ -15,7 +15,6 @@ from tests.helpers import MODEL_ID, texts
 pytestmark = pytest.mark.xdist_group("mesh")
 
 
-
 def reason_of(err: grpc.RpcError) -> str:
     for key, value in err.trailing_metadata():
         if key == DETAILS_KEY:

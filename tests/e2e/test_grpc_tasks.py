@@ -13,7 +13,6 @@ from tests.helpers import MODEL_ID, texts
 pytestmark = pytest.mark.xdist_group("mesh")
 
 
-
 def test_predict_text_classification(stub):
     reply = stub.Predict(
         gateway_pb2.PredictRequest(

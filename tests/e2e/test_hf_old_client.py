@@ -60,7 +60,11 @@ def test_huggingface_hub_0_36_every_task(mesh, tmp_path):
     env.pop("HF_HUB_OFFLINE", None)  # offline mode blocks loopback requests too
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT, mesh.url, MODEL_ID, str(path)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])

@@ -62,7 +62,12 @@ CASES = [
     ("zs-blank-label", ZS, js(inputs="x", parameters={"candidate_labels": ["a", " "]}), 400),
     ("zs-duplicate-labels", ZS, js(inputs="x", parameters={"candidate_labels": ["a", "a"]}), 400),
     ("zs-too-many-labels", ZS, js(inputs="x", parameters={"candidate_labels": [f"l{i}" for i in range(65)]}), 400),
-    ("zs-template-without-slot", ZS, js(inputs="x", parameters={"candidate_labels": ["a"], "hypothesis_template": "No"}), 400),
+    (
+        "zs-template-without-slot",
+        ZS,
+        js(inputs="x", parameters={"candidate_labels": ["a"], "hypothesis_template": "No"}),
+        400,
+    ),
     ("zs-labels-wrong-type", ZS, js(inputs="x", parameters={"candidate_labels": 5}), 400),
     ("zs-inputs-object", ZS, js(inputs={"text": "x"}, parameters={"candidate_labels": ["a"]}), 400),
     ("ic-corrupt-png", IC, GOOD_PNG[:40], 400),

@@ -156,7 +156,9 @@ async def test_queue_delay_waits_for_more_requests_when_idle():
     # A delay far longer than a loaded machine can stall: the batch is cut when it is full, not when
     # the delay ends, so the test waits only as long as the scheduler needs.
     delay_us = 60_000_000
-    batcher = DynamicBatcher("sum", runtime, spec(max_queue_delay_us=delay_us, preferred_batch_sizes=(4,)), ModelStats())
+    batcher = DynamicBatcher(
+        "sum", runtime, spec(max_queue_delay_us=delay_us, preferred_batch_sizes=(4,)), ModelStats()
+    )
     first = batcher.submit({"x": row(1)}, 1)
     await asyncio.sleep(0.02)  # the scheduler has taken the first one and is waiting for more
     others = [batcher.submit({"x": row(1)}, 1) for _ in range(3)]

@@ -211,10 +211,12 @@ async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(run
 def test_batched_sampling_follows_the_distribution(runtime):
     """The batched inverse-CDF draw: frequencies match the softmax, zero-probability tokens are
     never drawn, greedy rows pick the argmax, and a row's seed alone decides its draw."""
+    from services.inference.constraints import Grammars
     from services.inference.generation import Sequence
 
     scheduler = GenerationScheduler.__new__(GenerationScheduler)
     scheduler._torch, scheduler.runtime = torch, runtime
+    scheduler._grammars = Grammars(runtime)  # no row has one: the mask is a no-op
     probs = torch.zeros(97)
     probs[[3, 40, 90]] = torch.tensor([0.5, 0.3, 0.2])
     logits = probs.log().expand(400, 97).clone()

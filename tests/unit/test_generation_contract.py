@@ -33,6 +33,7 @@ def test_request_parameter_keys_are_the_wire_keys():
         "logit_bias",
         "logprobs",
         "top_logprobs",
+        "json_schema",  # additive (#19): structured output's schema text
     }
 
 

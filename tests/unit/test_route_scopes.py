@@ -20,9 +20,7 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{(\w+)(:path)?\}", lambda m: SAMPLES[m.group(1)], path)
 
 
-ROUTES = sorted(
-    {(method, route.path) for router in ROUTERS for route in router.routes for method in route.methods}
-)
+ROUTES = sorted({(method, route.path) for router in ROUTERS for route in router.routes for method in route.methods})
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)

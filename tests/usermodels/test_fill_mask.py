@@ -71,7 +71,9 @@ def test_text_without_the_mask_token_is_refused(user_mesh):
     got = httpx.post(served(user_mesh, ROBERTA), json={"inputs": "No mask in this one."}, timeout=120)
     assert got.status_code == 400
     assert "<mask>" in got.json()["error"]
-    unknown = httpx.post(served(user_mesh, BERT), json={"inputs": TEXTS[BERT][0], "parameters": {"topk": 2}}, timeout=120)
+    unknown = httpx.post(
+        served(user_mesh, BERT), json={"inputs": TEXTS[BERT][0], "parameters": {"topk": 2}}, timeout=120
+    )
     assert unknown.status_code == 400 and "topk" in unknown.json()["error"]
 
 

@@ -2,8 +2,9 @@
 OpenAI chat completions and completions, and the HF/TGI `text_generation` parameters.
 
 Unknown request fields are refused with 400, like OpenAI's own API; known but unsupported
-features (tools, JSON modes) are refused with a message that says so. vLLM's sampling extras
-(what the openai SDK's `extra_body` merges into the body) are accepted at the top level.
+features (n > 1 with best_of, `skip_special_tokens: false`) are refused with a message that says
+so. vLLM's sampling extras (what the openai SDK's `extra_body` merges into the body) are accepted
+at the top level. `response_format`, `tools` and `tool_choice` are checked by structured.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ContentPart(BaseModel):
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are ignored
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
 
     def text(self, i: int) -> str:
@@ -92,10 +93,6 @@ class SamplingRequest(_Open):
     store: bool | None = None
 
     def check_supported(self) -> None:
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise invalid("tools are not supported by this model", param="tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise invalid("only `response_format: {type: text}` is supported", param="response_format")
         if self.skip_special_tokens is False:
             raise invalid("`skip_special_tokens: false` is not supported: special tokens are never in the text",
                           param="skip_special_tokens")  # fmt: skip

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 
 from services.common.catalog import ModelEntry
 from services.common.errors import invalid
-from services.gateway.api import routed
+from services.gateway.api import routed, structured
 from services.gateway.api.deps import call_context_of, services_of
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -94,7 +94,7 @@ def sampling(body: SamplingRequest, **what) -> GenerationRequest:
     return GenerationRequest(
         min_new_tokens=body.min_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
         top_k=top_k, repetition_penalty=body.repetition_penalty, stop=body.stops(), sampling=body.extras(),
-        n=body.n or 1, **what,
+        n=body.n or 1, json_schema=structured.response_format_schema(body.response_format), **what,
     )  # fmt: skip
 
 
@@ -102,6 +102,7 @@ async def _start(request: Request, ctx: CallContext, body: SamplingRequest, gen:
                  model_id: str | None, provider: str | None):  # fmt: skip
     """The routed and started generation, with its headers; n > 1 only on the local mesh."""
     route = routed.route(request, ctx, model_id or body.model, op, provider)
+    structured.check_local(route, gen)
     if gen.n > 1 and not route.local_only:
         raise invalid("`n` > 1 is served by the local mesh only; this model is routed to providers", param="n")
     generation, extra = await routed.start_generation(request, ctx, route, gen, op, bool(body.stream))
@@ -134,6 +135,10 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
     body.check_supported()
     messages = [(m.role if m.role != "developer" else "system", m.text(i)) for i, m in enumerate(body.messages)]
     gen = sampling(body, messages=messages, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+    plan = structured.tool_plan(body.tools, body.tool_choice)
+    if plan.parses and gen.n > 1:
+        raise invalid("`n` > 1 with `tools` is not supported: one choice per tool-calling request", param="n")
+    gen = structured.with_tools(gen, plan, body.messages)
     route, generation, extra = await _start(request, ctx, body, gen, "chat", model_id, provider)
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id,
@@ -149,9 +154,15 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
              "finish_reason": c.last.finish_reason}
             for i, c in enumerate(_choices(done))
         ]  # fmt: skip
+        for choice in choices:
+            structured.render_calls(plan, choice)
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(done)}
 
-    events = lambda steps: chat_events(steps, head, include_usage, **options)  # noqa: E731
+    def events(steps):
+        if plan.parses:
+            return structured.tool_chat_events(steps, head, include_usage, plan)
+        return chat_events(steps, head, include_usage, **options)
+
     return await respond(generation, bool(body.stream), events, render, extra=extra)
 
 

@@ -105,6 +105,12 @@ class GenerationRequest:
             seed = (seed + index + 2**63) % 2**64 - 2**63
         return replace(self, n=1, seed=seed)
 
+    # Structured output: a JSON schema's text the output is held to (response_format, a forced
+    # tool call); the tools to render into a chat (JSON text); per message its tool fields.
+    json_schema: str | None = None
+    tools_json: str | None = None
+    message_extras: tuple[dict | None, ...] = ()
+
     @property
     def prompt_field(self) -> str:
         return "messages" if self.messages is not None else "prompt"
@@ -171,6 +177,19 @@ class PrefillToken:
     id: int
     text: str
     logprob: float | None
+
+
+def _add_tools(pb: preprocess_pb2.PrepareGenerationRequest, request: GenerationRequest) -> None:
+    """A chat's tools and its messages' tool calls and tool call ids (services/preprocess/tools.py)."""
+    import json
+
+    if request.tools_json:
+        pb.tools_json = request.tools_json
+    for message, extras in zip(pb.messages.messages, request.message_extras, strict=False):
+        if extras and extras.get("tool_calls"):
+            message.tool_calls_json = json.dumps(extras["tool_calls"])
+        if extras and extras.get("tool_call_id"):
+            message.tool_call_id = str(extras["tool_call_id"])
 
 
 def _checked(response: service_pb2.ModelStreamInferResponse) -> service_pb2.ModelInferResponse:
@@ -254,6 +273,7 @@ class Generator:
         pb = preprocess_pb2.PrepareGenerationRequest(model_id=entry.id)
         if request.messages is not None:
             pb.messages.messages.extend(tasks_pb2.ChatMessage(role=r, content=c) for r, c in request.messages)
+            _add_tools(pb, request)
         else:
             pb.text = request.prompt or ""
         if request.max_new_tokens is not None:
@@ -303,6 +323,8 @@ class Generator:
             pb.parameters[RequestParameter.PROMPT_LOGPROBS].bool_param = True
         if extras is not None:
             extras.write(pb)
+        if request.json_schema:
+            pb.parameters[RequestParameter.JSON_SCHEMA].string_param = request.json_schema
         return pb
 
     def stream(self, entry: ModelEntry, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Step]:

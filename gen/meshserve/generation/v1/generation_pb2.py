@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(meshserve/generation/v1/generation.proto\x12\x17meshserve.generation.v1\"\x9c\x03\n\x1bGenerationRequestParameters\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x12\n\nmin_tokens\x18\x02 \x01(\x03\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x03\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x01\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x08\x12*\n\"triton_enable_empty_final_response\x18\t \x01(\x08\x12\x1f\n\x17max_tokens_per_response\x18\n \x01(\x03\x12\r\n\x05min_p\x18\x0b \x01(\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x01\x12\x12\n\nlogit_bias\x18\x0f \x01(\t\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\x03\"\x9a\x01\n\x1cGenerationResponseParameters\x12\x1d\n\x15triton_final_response\x18\x01 \x01(\x08\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x12\n\nerror_code\x18\x05 \x01(\t\"=\n\x10GenerationInputs\x12\x11\n\tinput_ids\x18\x01 \x03(\x03\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x03\"|\n\x11GenerationOutputs\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x17\n\x0fprompt_logprobs\x18\x03 \x03(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(meshserve/generation/v1/generation.proto\x12\x17meshserve.generation.v1\"\xb1\x03\n\x1bGenerationRequestParameters\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x12\n\nmin_tokens\x18\x02 \x01(\x03\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x03\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x01\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x08\x12*\n\"triton_enable_empty_final_response\x18\t \x01(\x08\x12\x1f\n\x17max_tokens_per_response\x18\n \x01(\x03\x12\r\n\x05min_p\x18\x0b \x01(\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x01\x12\x12\n\nlogit_bias\x18\x0f \x01(\t\x12\x10\n\x08logprobs\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\x03\x12\x13\n\x0bjson_schema\x18\x14 \x01(\t\"\x9a\x01\n\x1cGenerationResponseParameters\x12\x1d\n\x15triton_final_response\x18\x01 \x01(\x08\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x12\n\nerror_code\x18\x05 \x01(\t\"=\n\x10GenerationInputs\x12\x11\n\tinput_ids\x18\x01 \x03(\x03\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x03\"|\n\x11GenerationOutputs\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x17\n\x0fprompt_logprobs\x18\x03 \x03(\x02\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.generation.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=831
-  _globals['_FINISHREASON']._serialized_end=980
+  _globals['_FINISHREASON']._serialized_start=852
+  _globals['_FINISHREASON']._serialized_end=1001
   _globals['_GENERATIONREQUESTPARAMETERS']._serialized_start=70
-  _globals['_GENERATIONREQUESTPARAMETERS']._serialized_end=482
-  _globals['_GENERATIONRESPONSEPARAMETERS']._serialized_start=485
-  _globals['_GENERATIONRESPONSEPARAMETERS']._serialized_end=639
-  _globals['_GENERATIONINPUTS']._serialized_start=641
-  _globals['_GENERATIONINPUTS']._serialized_end=702
-  _globals['_GENERATIONOUTPUTS']._serialized_start=704
-  _globals['_GENERATIONOUTPUTS']._serialized_end=828
+  _globals['_GENERATIONREQUESTPARAMETERS']._serialized_end=503
+  _globals['_GENERATIONRESPONSEPARAMETERS']._serialized_start=506
+  _globals['_GENERATIONRESPONSEPARAMETERS']._serialized_end=660
+  _globals['_GENERATIONINPUTS']._serialized_start=662
+  _globals['_GENERATIONINPUTS']._serialized_end=723
+  _globals['_GENERATIONOUTPUTS']._serialized_start=725
+  _globals['_GENERATIONOUTPUTS']._serialized_end=849
 # @@protoc_insertion_point(module_scope)

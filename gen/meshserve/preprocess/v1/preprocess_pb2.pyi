@@ -14,16 +14,18 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_tasks_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class PrepareGenerationRequest(_message.Message):
-    __slots__ = ("model_id", "messages", "text", "max_new_tokens")
+    __slots__ = ("model_id", "messages", "text", "max_new_tokens", "tools_json")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     messages: ChatMessages
     text: str
     max_new_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    tools_json: str
+    def __init__(self, model_id: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., text: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., tools_json: _Optional[str] = ...) -> None: ...
 
 class PrepareGenerationResponse(_message.Message):
     __slots__ = ("input_ids", "max_new_tokens", "stop_token_ids")
