@@ -53,6 +53,9 @@ class TextPreprocessor:
         tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token) or 0, pad_token=pad_token)
         lowercase_if_configured(folder, tokenizer)
         self.tokenizer = tokenizer
+        self.plain = Tokenizer.from_str(tokenizer.to_str())  # /tokenize's: neither cut nor padded
+        self.plain.no_truncation()
+        self.plain.no_padding()
         self.input_names = tuple(t.name for t in entry.inference.inputs)
 
     def prompt(self, name: str | None) -> str:
@@ -116,6 +119,45 @@ class TextPreprocessor:
         if cut:
             TRUNCATED.labels(self.entry.id).inc(len(cut))
         return encodings, Encoded(tensors, tokens, len(items), per_item)
+
+    def encode_ids(self, items: list[list[int]], *, field: str) -> Encoded:
+        """Token ids of this model's own tokenizer, used as they are (vLLM's reading of OpenAI's
+        token-id input): each sequence non-empty, within the vocabulary and the token limit (never
+        cut), padded to the longest with the model's pad id."""
+        spec, vocab = self.entry.preprocess, self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if not items:
+            raise invalid(f"`{field}` must contain at least one token list", param=field)
+        if len(items) > spec.max_items:
+            raise MeshError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"`{field}` has {len(items)} token lists; this model takes at most {spec.max_items} per request",
+                param=field,
+            )
+        for i, ids in enumerate(items):
+            where = f"`{field}[{i}]`" if len(items) > 1 else f"`{field}`"
+            if not ids:
+                raise invalid(f"{where} has no token ids", param=field)
+            if len(ids) > self.limit:
+                raise invalid(
+                    f"{where} has {len(ids)} tokens; this model's limit is {self.limit} (token ids are not cut)",
+                    param=field,
+                )
+            if min(ids) < 0 or max(ids) >= vocab:
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                raise invalid(
+                    f"{where} holds token id {bad}, outside this model's vocabulary (ids 0 to {vocab - 1}); "
+                    "token ids are read as the model's own tokenizer's",
+                    param=field,
+                )
+        width, pad = max(len(ids) for ids in items), self.tokenizer.padding["pad_id"]
+        input_ids = np.full((len(items), width), pad, dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, ids in enumerate(items):
+            input_ids[row, : len(ids)], mask[row, : len(ids)] = ids, 1
+        columns = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}
+        per_item = [len(ids) for ids in items]
+        TOKENS.labels(self.entry.id).inc(sum(per_item))
+        return Encoded({name: columns[name] for name in self.input_names}, sum(per_item), len(items), per_item)
 
 
 def lowercase_if_configured(folder: Path, tokenizer: Tokenizer) -> None:
@@ -203,6 +245,16 @@ class Preprocessor:
         except KeyError:
             raise invalid(f"model {model_id!r} does not take text inputs", param="inputs") from None
 
+    def tokenizer_of(self, model_id: str) -> TextPreprocessor | GenerationPreprocessor:
+        """The preprocessor (tokenizer and limits) of any text model, generation models included."""
+        entry = self.catalog.get(model_id)
+        found = self._generation.get(entry.id) or self._text.get(entry.id)
+        if found is None:
+            raise invalid(
+                f"model {model_id!r} has no tokenizer (it takes {entry.preprocess.kind} inputs)", param="model"
+            )
+        return found
+
     async def encode_task_texts(self, model_id: str, task: str, inputs, truncate: bool, encode) -> Encoded:
         """A text task with an encoder of its own (`encode(pre, texts, truncate=)` -> Encoded): the
         texts checked, then tokenized inline when short, in a thread when long."""
@@ -287,6 +339,16 @@ class Preprocessor:
                 encoded = pre.encode(texts, truncate=truncate, field=field, prompt=prompt)
             else:
                 encoded = await asyncio.to_thread(pre.encode, texts, truncate=truncate, field=field, prompt=prompt)
+            span.set_attribute("tokens", encoded.input_tokens)
+        return encoded
+
+    async def encode_token_ids(self, model_id: str, task: str, items: list[list[int]]) -> Encoded:
+        """Feature-extraction of inputs already tokenized with the model's own tokenizer."""
+        if task != "feature-extraction":
+            raise invalid(f"{task} takes text inputs; token ids are for feature-extraction only", param="inputs")
+        entry = self._model(model_id, task, "text")
+        with tracing.span("tokenize", model=model_id, texts=len(items)) as span:
+            encoded = self._text[entry.id].encode_ids(items, field="input")
             span.set_attribute("tokens", encoded.input_tokens)
         return encoded
 

@@ -11,7 +11,7 @@ from services.common.catalog import IMAGE_TASKS
 from services.common.errors import invalid
 from services.common.tasks import task_from_pb
 from services.common.tensors import to_pb
-from services.preprocess import fill_mask, pairs, question_answering, token_classification
+from services.preprocess import fill_mask, pairs, question_answering, token_classification, tokenization
 from services.preprocess.core import Encoded, Preprocessor
 from services.preprocess.tools import tool_chat
 
@@ -57,7 +57,10 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         if task is None:
             raise invalid("task must be set", param="task")
         params = request.parameters
-        if task in TASK_ENCODERS:
+        if request.inputs.WhichOneof("kind") == "token_ids":
+            items = [list(item.ids) for item in request.inputs.token_ids.items]
+            encoded = await self.core.encode_token_ids(request.model_id, task, items)
+        elif task in TASK_ENCODERS:
             encoded = await TASK_ENCODERS[task](self.core, request)
         elif task in IMAGE_TASKS:
             if request.inputs.WhichOneof("kind") != "images":
@@ -96,3 +99,21 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         return preprocess_pb2.PrepareGenerationResponse(
             input_ids=prompt.input_ids, max_new_tokens=prompt.max_new_tokens, stop_token_ids=prompt.stop_token_ids
         )
+
+    async def Tokenize(self, request: preprocess_pb2.TokenizeRequest, context) -> preprocess_pb2.TokenizeResponse:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise invalid("`prompt` or `messages` is required", param="prompt")
+        if kind == "messages":
+            messages = [(m.role, m.content) for m in request.messages.messages]
+            text = tokenization.Chat(messages, request.add_generation_prompt, request.continue_final_message)
+        else:
+            text = request.text
+        tokens = tokenization.tokenize(self.core, request.model_id, text, request.add_special_tokens)
+        return preprocess_pb2.TokenizeResponse(
+            tokens=tokens.ids, max_model_len=tokens.max_model_len, token_strs=tokens.strs
+        )
+
+    async def Detokenize(self, request: preprocess_pb2.DetokenizeRequest, context) -> preprocess_pb2.DetokenizeResponse:
+        prompt = tokenization.detokenize(self.core, request.model_id, list(request.tokens))
+        return preprocess_pb2.DetokenizeResponse(prompt=prompt)

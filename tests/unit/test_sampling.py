@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from services.common.errors import MeshError
+from services.inference.constraints import Grammars
 from services.inference.core import sampling_from_json, sampling_from_values
 from services.inference.generation import GenerationScheduler, SamplingParams, Sequence, parse_logit_bias
 
@@ -21,6 +22,7 @@ VOCAB = 16
 def scheduler(eos: int = 1) -> GenerationScheduler:
     out = GenerationScheduler.__new__(GenerationScheduler)
     out._torch, out.runtime = torch, SimpleNamespace(eos_token_ids=frozenset({eos}), vocab_size=VOCAB)
+    out._grammars = Grammars(out.runtime)  # no row has one: the structured-output mask is a no-op
     return out
 
 

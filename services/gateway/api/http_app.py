@@ -18,6 +18,9 @@ from services.gateway.api import (
     routes_ops,
     routes_providers,
     routes_rerank,
+    routes_tei,
+    routes_tgi,
+    routes_tokenize,
 )
 from services.gateway.api.errors import ERROR_RESPONSES, error_response, install_error_handlers
 from services.gateway.api.request_context import RequestContextMiddleware
@@ -35,6 +38,9 @@ ROUTERS = (
     routes_hf.router,
     routes_admin.router,
     routes_rerank.router,
+    routes_tokenize.router,
+    routes_tei.router,
+    routes_tgi.router,
     routes_hf.no_model_router,
     routes_providers.router,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.errors import invalid
 
@@ -102,7 +102,11 @@ class EmbeddingsRequest(_Body):
     """`POST /v1/embeddings`: OpenAI's embeddings request."""
 
     model: str = Field(..., description="Catalog model id, e.g. sentence-transformers/all-MiniLM-L6-v2.")
-    input: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text or list of texts.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ...,
+        description="Text, list of texts, or token ids (one list or a list of lists): on /v1 the model's own "
+        "tokenizer's ids, as vLLM reads them; on /tiktoken/v1 tiktoken's cl100k_base ids, as OpenAI reads them.",
+    )
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32 (the openai SDK's default)."
     )
@@ -112,7 +116,23 @@ class EmbeddingsRequest(_Body):
     prompt_name: str | None = Field(
         None, description="meshserve extra: a prompt of the model's (e.g. query), put before each text."
     )
-    user: str | None = None
+    user: str | None = Field(None, description="The caller's end-user id (accepted; not used).")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _token_ids_in_range(cls, value):
+        """Token ids fit the int64 they travel as (else one clear error, not every union member's;
+        a JSON integer over 64 bits arrives as a float)."""
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            rows = value if isinstance(value[0], list) else [value]
+            if any(
+                isinstance(t, (int, float)) and not 0 <= t <= INT64_MAX
+                for row in rows
+                if isinstance(row, list)
+                for t in row
+            ):
+                raise ValueError("token ids must be between 0 and 2**63 - 1")
+        return value
 
 
 def check_stops(stops: list[str], param: str = "stop") -> list[str]:

@@ -1,5 +1,6 @@
-"""Embeddings (OpenAI `/v1/embeddings`, HF feature-extraction): texts to vectors, merged with
-concurrent requests by the coalescer when one runs, else one pipeline call."""
+"""Embeddings (OpenAI `/v1/embeddings`, HF feature-extraction, TEI `/embed`): texts to vectors,
+merged with concurrent requests by the coalescer when one runs, else one pipeline call; token ids
+of the model's own tokenizer (OpenAI's token-id input as vLLM reads it) in one pipeline call."""
 
 from __future__ import annotations
 
@@ -48,10 +49,12 @@ class EmbedService:
         *,
         dimensions: int | None = None,
         prompt_name: str | None = None,
+        truncate: bool = False,
+        normalize: bool | None = None,
     ) -> tuple[Embedded, dict]:
-        """OpenAI embeddings: admitted, embedded without truncation (the first `dimensions` kept,
-        the model's prompt `prompt_name` before each text), settled; returns the vectors and the
-        usage headers."""
+        """OpenAI (and TEI) embeddings: admitted, embedded (over-long texts refused, or cut with
+        `truncate`; the first `dimensions` kept, the model's prompt `prompt_name` before each text,
+        `normalize`: None for the model's setting), settled; returns the vectors and usage headers."""
         metering = self.metering
         metered = await metering.admit(
             ctx.principal,
@@ -63,8 +66,41 @@ class EmbedService:
             client_request_id=ctx.client_request_id,
         )
         async with metering.track(metered):
-            # OpenAI refuses over-long input rather than cutting it.
-            parameters = tasks_pb2.TaskParameters(truncate=False, dimensions=dimensions, prompt_name=prompt_name)
+            # OpenAI refuses over-long input rather than cutting it (`truncate`: the caller chose to cut).
+            parameters = tasks_pb2.TaskParameters(
+                truncate=truncate, dimensions=dimensions, prompt_name=prompt_name, normalize=normalize
+            )
             result = await self.vectors(entry.id, texts, parameters)
             metered.add(input_tokens=result.input_tokens, items=len(texts), compute_s=result.compute_s)
+        return result, metered.headers()
+
+    async def token_embeddings(
+        self,
+        ctx: CallContext,
+        entry: ModelEntry,
+        items: list[list[int]],
+        *,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+    ) -> tuple[Embedded, dict]:
+        """OpenAI embeddings of token-id input, read as the model's own tokenizer's ids (vLLM's
+        reading): admitted at their exact count, embedded as they are (preprocess refuses ids out of
+        the vocabulary or over the token limit), settled; returns the vectors and usage headers."""
+        metered = await self.metering.admit(
+            ctx.principal,
+            entry,
+            "feature-extraction",
+            ctx.route,
+            ctx.request_id,
+            max_input_tokens=sum(len(ids) for ids in items),
+            client_request_id=ctx.client_request_id,
+        )
+        async with self.metering.track(metered):
+            inputs = tasks_pb2.TaskInputs(
+                token_ids=tasks_pb2.TokenIdInputs(items=[tasks_pb2.TokenIds(ids=ids) for ids in items])
+            )
+            parameters = tasks_pb2.TaskParameters(truncate=False, dimensions=dimensions, normalize=normalize)
+            prediction = await self.pipeline.predict(entry.id, "feature-extraction", inputs, parameters)
+            result = Embedded.of(prediction)
+            metered.add(input_tokens=result.input_tokens, items=len(items), compute_s=result.compute_s)
         return result, metered.headers()

@@ -25,23 +25,31 @@ _sym_db = _symbol_database.Default()
 from meshserve.tasks.v1 import tasks_pb2 as meshserve_dot_tasks_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(meshserve/preprocess/v1/preprocess.proto\x12\x17meshserve.preprocess.v1\x1a\x1emeshserve/tasks/v1/tasks.proto\"A\n\x0c\x43hatMessages\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.meshserve.tasks.v1.ChatMessage\"\xc5\x01\n\x18PrepareGenerationRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x39\n\x08messages\x18\x02 \x01(\x0b\x32%.meshserve.preprocess.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x12\n\ntools_json\x18\x14 \x01(\tB\x08\n\x06promptB\x11\n\x0f_max_new_tokens\"^\n\x19PrepareGenerationResponse\x12\x11\n\tinput_ids\x18\x01 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x03\"\xb5\x01\n\x11PreprocessRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12.\n\x06inputs\x18\x03 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskInputs\x12\x36\n\nparameters\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TaskParameters\"\x9d\x01\n\x12PreprocessResponse\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.meshserve.tasks.v1.Usage\x12\x30\n\x0cside_tensors\x18\x03 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor2\xf6\x01\n\x11PreprocessService\x12\x65\n\nPreprocess\x12*.meshserve.preprocess.v1.PreprocessRequest\x1a+.meshserve.preprocess.v1.PreprocessResponse\x12z\n\x11PrepareGeneration\x12\x31.meshserve.preprocess.v1.PrepareGenerationRequest\x1a\x32.meshserve.preprocess.v1.PrepareGenerationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(meshserve/preprocess/v1/preprocess.proto\x12\x17meshserve.preprocess.v1\x1a\x1emeshserve/tasks/v1/tasks.proto\"\xd3\x01\n\x0fTokenizeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x39\n\x08messages\x18\x02 \x01(\x0b\x32%.meshserve.preprocess.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"M\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\ntoken_strs\x18\x03 \x03(\t\"5\n\x11\x44\x65tokenizeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"A\n\x0c\x43hatMessages\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.meshserve.tasks.v1.ChatMessage\"\xc5\x01\n\x18PrepareGenerationRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x39\n\x08messages\x18\x02 \x01(\x0b\x32%.meshserve.preprocess.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x12\n\ntools_json\x18\x14 \x01(\tB\x08\n\x06promptB\x11\n\x0f_max_new_tokens\"^\n\x19PrepareGenerationResponse\x12\x11\n\tinput_ids\x18\x01 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x03\"\xb5\x01\n\x11PreprocessRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x04task\x18\x02 \x01(\x0e\x32\x18.meshserve.tasks.v1.Task\x12.\n\x06inputs\x18\x03 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TaskInputs\x12\x36\n\nparameters\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TaskParameters\"\x9d\x01\n\x12PreprocessResponse\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.meshserve.tasks.v1.Usage\x12\x30\n\x0cside_tensors\x18\x03 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Tensor2\xbe\x03\n\x11PreprocessService\x12\x65\n\nPreprocess\x12*.meshserve.preprocess.v1.PreprocessRequest\x1a+.meshserve.preprocess.v1.PreprocessResponse\x12z\n\x11PrepareGeneration\x12\x31.meshserve.preprocess.v1.PrepareGenerationRequest\x1a\x32.meshserve.preprocess.v1.PrepareGenerationResponse\x12_\n\x08Tokenize\x12(.meshserve.preprocess.v1.TokenizeRequest\x1a).meshserve.preprocess.v1.TokenizeResponse\x12\x65\n\nDetokenize\x12*.meshserve.preprocess.v1.DetokenizeRequest\x1a+.meshserve.preprocess.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.preprocess.v1.preprocess_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATMESSAGES']._serialized_start=101
-  _globals['_CHATMESSAGES']._serialized_end=166
-  _globals['_PREPAREGENERATIONREQUEST']._serialized_start=169
-  _globals['_PREPAREGENERATIONREQUEST']._serialized_end=366
-  _globals['_PREPAREGENERATIONRESPONSE']._serialized_start=368
-  _globals['_PREPAREGENERATIONRESPONSE']._serialized_end=462
-  _globals['_PREPROCESSREQUEST']._serialized_start=465
-  _globals['_PREPROCESSREQUEST']._serialized_end=646
-  _globals['_PREPROCESSRESPONSE']._serialized_start=649
-  _globals['_PREPROCESSRESPONSE']._serialized_end=806
-  _globals['_PREPROCESSSERVICE']._serialized_start=809
-  _globals['_PREPROCESSSERVICE']._serialized_end=1055
+  _globals['_TOKENIZEREQUEST']._serialized_start=102
+  _globals['_TOKENIZEREQUEST']._serialized_end=313
+  _globals['_TOKENIZERESPONSE']._serialized_start=315
+  _globals['_TOKENIZERESPONSE']._serialized_end=392
+  _globals['_DETOKENIZEREQUEST']._serialized_start=394
+  _globals['_DETOKENIZEREQUEST']._serialized_end=447
+  _globals['_DETOKENIZERESPONSE']._serialized_start=449
+  _globals['_DETOKENIZERESPONSE']._serialized_end=485
+  _globals['_CHATMESSAGES']._serialized_start=487
+  _globals['_CHATMESSAGES']._serialized_end=552
+  _globals['_PREPAREGENERATIONREQUEST']._serialized_start=555
+  _globals['_PREPAREGENERATIONREQUEST']._serialized_end=752
+  _globals['_PREPAREGENERATIONRESPONSE']._serialized_start=754
+  _globals['_PREPAREGENERATIONRESPONSE']._serialized_end=848
+  _globals['_PREPROCESSREQUEST']._serialized_start=851
+  _globals['_PREPROCESSREQUEST']._serialized_end=1032
+  _globals['_PREPROCESSRESPONSE']._serialized_start=1035
+  _globals['_PREPROCESSRESPONSE']._serialized_end=1192
+  _globals['_PREPROCESSSERVICE']._serialized_start=1195
+  _globals['_PREPROCESSSERVICE']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

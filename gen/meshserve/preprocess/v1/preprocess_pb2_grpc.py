@@ -46,6 +46,16 @@ class PreprocessServiceStub:
                 request_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationRequest.SerializeToString,
                 response_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/meshserve.preprocess.v1.PreprocessService/Tokenize',
+                request_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/meshserve.preprocess.v1.PreprocessService/Detokenize',
+                request_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class PreprocessServiceServicer:
@@ -70,6 +80,23 @@ class PreprocessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenize returns the token ids of a text, or of a chat rendered with the model's template, for
+        any text model (vLLM's /tokenize). No token limit applies. Errors: INVALID_ARGUMENT for a chat
+        on a model without a template, NOT_FOUND for an unknown model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize returns the text of token ids of any text model (vLLM's /detokenize). Errors:
+        INVALID_ARGUMENT for ids outside the model's vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreprocessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +109,16 @@ def add_PreprocessServiceServicer_to_server(servicer, server):
                     servicer.PrepareGeneration,
                     request_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationRequest.FromString,
                     response_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.TokenizeRequest.FromString,
+                    response_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.DetokenizeRequest.FromString,
+                    response_serializer=meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +177,60 @@ class PreprocessService:
             '/meshserve.preprocess.v1.PreprocessService/PrepareGeneration',
             meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationRequest.SerializeToString,
             meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.PrepareGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.preprocess.v1.PreprocessService/Tokenize',
+            meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.TokenizeRequest.SerializeToString,
+            meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.preprocess.v1.PreprocessService/Detokenize',
+            meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.DetokenizeRequest.SerializeToString,
+            meshserve_dot_preprocess_dot_v1_dot_preprocess__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshserve/tasks/v1/tasks.proto\x12\x12meshserve.tasks.v1\"D\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\"\x1b\n\nTextInputs\x12\r\n\x05texts\x18\x01 \x03(\t\"F\n\x18SentenceSimilarityInputs\x12\x17\n\x0fsource_sentence\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\"\x1d\n\x0bImageInputs\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"+\n\x08TextPair\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttext_pair\x18\x02 \x01(\t\"=\n\x0eTextPairInputs\x12+\n\x05pairs\x18\x01 \x03(\x0b\x32\x1c.meshserve.tasks.v1.TextPair\";\n\x16QuestionAnsweringInput\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"T\n\x17QuestionAnsweringInputs\x12\x39\n\x05items\x18\x01 \x03(\x0b\x32*.meshserve.tasks.v1.QuestionAnsweringInput\"5\n\x11TextRankingInputs\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\"\x88\x03\n\nTaskInputs\x12.\n\x04text\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TextInputsH\x00\x12K\n\x13sentence_similarity\x18\x02 \x01(\x0b\x32,.meshserve.tasks.v1.SentenceSimilarityInputsH\x00\x12\x31\n\x06images\x18\x03 \x01(\x0b\x32\x1f.meshserve.tasks.v1.ImageInputsH\x00\x12\x38\n\ntext_pairs\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TextPairInputsH\x00\x12I\n\x12question_answering\x18\x05 \x01(\x0b\x32+.meshserve.tasks.v1.QuestionAnsweringInputsH\x00\x12=\n\x0ctext_ranking\x18\x06 \x01(\x0b\x32%.meshserve.tasks.v1.TextRankingInputsH\x00\x42\x06\n\x04kind\"\xc9\x06\n\x0eTaskParameters\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12>\n\x11\x66unction_to_apply\x18\x04 \x01(\x0e\x32#.meshserve.tasks.v1.FunctionToApply\x12\x18\n\x10\x63\x61ndidate_labels\x18\x05 \x03(\t\x12 \n\x13hypothesis_template\x18\x06 \x01(\tH\x03\x88\x01\x01\x12\x18\n\x0bmulti_label\x18\x07 \x01(\x08H\x04\x88\x01\x01\x12\x45\n\x14\x61ggregation_strategy\x18\x08 \x01(\x0e\x32\'.meshserve.tasks.v1.AggregationStrategy\x12\x15\n\rignore_labels\x18\t \x03(\t\x12\x0f\n\x07targets\x18\n \x03(\t\x12\x17\n\ndoc_stride\x18\x0b \x01(\rH\x05\x88\x01\x01\x12\x1b\n\x0emax_answer_len\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x18\n\x0bmax_seq_len\x18\r \x01(\rH\x07\x88\x01\x01\x12\x1d\n\x10max_question_len\x18\x0e \x01(\rH\x08\x88\x01\x01\x12%\n\x18handle_impossible_answer\x18\x0f \x01(\x08H\t\x88\x01\x01\x12\x1b\n\x0e\x61lign_to_words\x18\x10 \x01(\x08H\n\x88\x01\x01\x12\x18\n\x0bprompt_name\x18\x11 \x01(\tH\x0b\x88\x01\x01\x12\x17\n\ndimensions\x18\x12 \x01(\rH\x0c\x88\x01\x01\x12\x17\n\nraw_scores\x18\x13 \x01(\x08H\r\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncateB\x08\n\x06_top_kB\x16\n\x14_hypothesis_templateB\x0e\n\x0c_multi_labelB\r\n\x0b_doc_strideB\x11\n\x0f_max_answer_lenB\x0e\n\x0c_max_seq_lenB\x13\n\x11_max_question_lenB\x1b\n\x19_handle_impossible_answerB\x11\n\x0f_align_to_wordsB\x0e\n\x0c_prompt_nameB\r\n\x0b_dimensionsB\r\n\x0b_raw_scores\"\x1e\n\x0cSimilarities\x12\x0e\n\x06scores\x18\x01 \x03(\x02\".\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x12\x43lassificationList\x12\x32\n\x06labels\x18\x01 \x03(\x0b\x32\".meshserve.tasks.v1.Classification\"H\n\x0f\x43lassifications\x12\x35\n\x05items\x18\x01 \x03(\x0b\x32&.meshserve.tasks.v1.ClassificationList\"t\n\x0bTokenEntity\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\x05index\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04word\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\rB\x08\n\x06_index\"D\n\x0fTokenEntityList\x12\x31\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1f.meshserve.tasks.v1.TokenEntity\"C\n\rTokenEntities\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.meshserve.tasks.v1.TokenEntityList\"M\n\x08MaskFill\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05token\x18\x02 \x01(\x03\x12\x11\n\ttoken_str\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\t\"8\n\tMaskFills\x12+\n\x05\x66ills\x18\x01 \x03(\x0b\x32\x1c.meshserve.tasks.v1.MaskFill\"<\n\x0c\x46illMaskItem\x12,\n\x05masks\x18\x01 \x03(\x0b\x32\x1d.meshserve.tasks.v1.MaskFills\"B\n\x0f\x46illMaskResults\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .meshserve.tasks.v1.FillMaskItem\"C\n\x06\x41nswer\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\"9\n\nAnswerList\x12+\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Answer\"8\n\x07\x41nswers\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.meshserve.tasks.v1.AnswerList\"\xe1\x02\n\nTaskResult\x12\x30\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.meshserve.tasks.v1.TensorH\x00\x12\x38\n\x0csimilarities\x18\x02 \x01(\x0b\x32 .meshserve.tasks.v1.SimilaritiesH\x00\x12>\n\x0f\x63lassifications\x18\x03 \x01(\x0b\x32#.meshserve.tasks.v1.ClassificationsH\x00\x12\x35\n\x08\x65ntities\x18\x04 \x01(\x0b\x32!.meshserve.tasks.v1.TokenEntitiesH\x00\x12\x38\n\tfill_mask\x18\x05 \x01(\x0b\x32#.meshserve.tasks.v1.FillMaskResultsH\x00\x12.\n\x07\x61nswers\x18\x06 \x01(\x0b\x32\x1b.meshserve.tasks.v1.AnswersH\x00\x42\x06\n\x04kind\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\r\x12\x19\n\x11item_input_tokens\x18\x04 \x03(\r\"[\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x14 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x15 \x01(\t\"\xbe\x02\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1b\n\x0emin_new_tokens\x18\x08 \x01(\rH\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x11\n\x0f_min_new_tokens*\xb8\x02\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_FEATURE_EXTRACTION\x10\x01\x12\x1c\n\x18TASK_SENTENCE_SIMILARITY\x10\x02\x12\x1c\n\x18TASK_TEXT_CLASSIFICATION\x10\x03\x12!\n\x1dTASK_ZERO_SHOT_CLASSIFICATION\x10\x04\x12\x1d\n\x19TASK_IMAGE_CLASSIFICATION\x10\x05\x12\x18\n\x14TASK_TEXT_GENERATION\x10\x06\x12\x1d\n\x19TASK_TOKEN_CLASSIFICATION\x10\x07\x12\x12\n\x0eTASK_FILL_MASK\x10\x08\x12\x1b\n\x17TASK_QUESTION_ANSWERING\x10\t\x12\x15\n\x11TASK_TEXT_RANKING\x10\n*\xdb\x01\n\x13\x41ggregationStrategy\x12$\n AGGREGATION_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41GGREGATION_STRATEGY_NONE\x10\x01\x12\x1f\n\x1b\x41GGREGATION_STRATEGY_SIMPLE\x10\x02\x12\x1e\n\x1a\x41GGREGATION_STRATEGY_FIRST\x10\x03\x12 \n\x1c\x41GGREGATION_STRATEGY_AVERAGE\x10\x04\x12\x1c\n\x18\x41GGREGATION_STRATEGY_MAX\x10\x05*\x8e\x01\n\x0f\x46unctionToApply\x12!\n\x1d\x46UNCTION_TO_APPLY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46UNCTION_TO_APPLY_SOFTMAX\x10\x01\x12\x1d\n\x19\x46UNCTION_TO_APPLY_SIGMOID\x10\x02\x12\x1a\n\x16\x46UNCTION_TO_APPLY_NONE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshserve/tasks/v1/tasks.proto\x12\x12meshserve.tasks.v1\"D\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\"\x1b\n\nTextInputs\x12\r\n\x05texts\x18\x01 \x03(\t\"F\n\x18SentenceSimilarityInputs\x12\x17\n\x0fsource_sentence\x18\x01 \x01(\t\x12\x11\n\tsentences\x18\x02 \x03(\t\"\x1d\n\x0bImageInputs\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"+\n\x08TextPair\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttext_pair\x18\x02 \x01(\t\"=\n\x0eTextPairInputs\x12+\n\x05pairs\x18\x01 \x03(\x0b\x32\x1c.meshserve.tasks.v1.TextPair\";\n\x16QuestionAnsweringInput\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"T\n\x17QuestionAnsweringInputs\x12\x39\n\x05items\x18\x01 \x03(\x0b\x32*.meshserve.tasks.v1.QuestionAnsweringInput\"5\n\x11TextRankingInputs\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"<\n\rTokenIdInputs\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.meshserve.tasks.v1.TokenIds\"\xc0\x03\n\nTaskInputs\x12.\n\x04text\x18\x01 \x01(\x0b\x32\x1e.meshserve.tasks.v1.TextInputsH\x00\x12K\n\x13sentence_similarity\x18\x02 \x01(\x0b\x32,.meshserve.tasks.v1.SentenceSimilarityInputsH\x00\x12\x31\n\x06images\x18\x03 \x01(\x0b\x32\x1f.meshserve.tasks.v1.ImageInputsH\x00\x12\x38\n\ntext_pairs\x18\x04 \x01(\x0b\x32\".meshserve.tasks.v1.TextPairInputsH\x00\x12I\n\x12question_answering\x18\x05 \x01(\x0b\x32+.meshserve.tasks.v1.QuestionAnsweringInputsH\x00\x12=\n\x0ctext_ranking\x18\x06 \x01(\x0b\x32%.meshserve.tasks.v1.TextRankingInputsH\x00\x12\x36\n\ttoken_ids\x18\x07 \x01(\x0b\x32!.meshserve.tasks.v1.TokenIdInputsH\x00\x42\x06\n\x04kind\"\xc9\x06\n\x0eTaskParameters\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12>\n\x11\x66unction_to_apply\x18\x04 \x01(\x0e\x32#.meshserve.tasks.v1.FunctionToApply\x12\x18\n\x10\x63\x61ndidate_labels\x18\x05 \x03(\t\x12 \n\x13hypothesis_template\x18\x06 \x01(\tH\x03\x88\x01\x01\x12\x18\n\x0bmulti_label\x18\x07 \x01(\x08H\x04\x88\x01\x01\x12\x45\n\x14\x61ggregation_strategy\x18\x08 \x01(\x0e\x32\'.meshserve.tasks.v1.AggregationStrategy\x12\x15\n\rignore_labels\x18\t \x03(\t\x12\x0f\n\x07targets\x18\n \x03(\t\x12\x17\n\ndoc_stride\x18\x0b \x01(\rH\x05\x88\x01\x01\x12\x1b\n\x0emax_answer_len\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x18\n\x0bmax_seq_len\x18\r \x01(\rH\x07\x88\x01\x01\x12\x1d\n\x10max_question_len\x18\x0e \x01(\rH\x08\x88\x01\x01\x12%\n\x18handle_impossible_answer\x18\x0f \x01(\x08H\t\x88\x01\x01\x12\x1b\n\x0e\x61lign_to_words\x18\x10 \x01(\x08H\n\x88\x01\x01\x12\x18\n\x0bprompt_name\x18\x11 \x01(\tH\x0b\x88\x01\x01\x12\x17\n\ndimensions\x18\x12 \x01(\rH\x0c\x88\x01\x01\x12\x17\n\nraw_scores\x18\x13 \x01(\x08H\r\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncateB\x08\n\x06_top_kB\x16\n\x14_hypothesis_templateB\x0e\n\x0c_multi_labelB\r\n\x0b_doc_strideB\x11\n\x0f_max_answer_lenB\x0e\n\x0c_max_seq_lenB\x13\n\x11_max_question_lenB\x1b\n\x19_handle_impossible_answerB\x11\n\x0f_align_to_wordsB\x0e\n\x0c_prompt_nameB\r\n\x0b_dimensionsB\r\n\x0b_raw_scores\"\x1e\n\x0cSimilarities\x12\x0e\n\x06scores\x18\x01 \x03(\x02\".\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x12\x43lassificationList\x12\x32\n\x06labels\x18\x01 \x03(\x0b\x32\".meshserve.tasks.v1.Classification\"H\n\x0f\x43lassifications\x12\x35\n\x05items\x18\x01 \x03(\x0b\x32&.meshserve.tasks.v1.ClassificationList\"t\n\x0bTokenEntity\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\x05index\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04word\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\rB\x08\n\x06_index\"D\n\x0fTokenEntityList\x12\x31\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1f.meshserve.tasks.v1.TokenEntity\"C\n\rTokenEntities\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.meshserve.tasks.v1.TokenEntityList\"M\n\x08MaskFill\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05token\x18\x02 \x01(\x03\x12\x11\n\ttoken_str\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\t\"8\n\tMaskFills\x12+\n\x05\x66ills\x18\x01 \x03(\x0b\x32\x1c.meshserve.tasks.v1.MaskFill\"<\n\x0c\x46illMaskItem\x12,\n\x05masks\x18\x01 \x03(\x0b\x32\x1d.meshserve.tasks.v1.MaskFills\"B\n\x0f\x46illMaskResults\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .meshserve.tasks.v1.FillMaskItem\"C\n\x06\x41nswer\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\"9\n\nAnswerList\x12+\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1a.meshserve.tasks.v1.Answer\"8\n\x07\x41nswers\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.meshserve.tasks.v1.AnswerList\"\xe1\x02\n\nTaskResult\x12\x30\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.meshserve.tasks.v1.TensorH\x00\x12\x38\n\x0csimilarities\x18\x02 \x01(\x0b\x32 .meshserve.tasks.v1.SimilaritiesH\x00\x12>\n\x0f\x63lassifications\x18\x03 \x01(\x0b\x32#.meshserve.tasks.v1.ClassificationsH\x00\x12\x35\n\x08\x65ntities\x18\x04 \x01(\x0b\x32!.meshserve.tasks.v1.TokenEntitiesH\x00\x12\x38\n\tfill_mask\x18\x05 \x01(\x0b\x32#.meshserve.tasks.v1.FillMaskResultsH\x00\x12.\n\x07\x61nswers\x18\x06 \x01(\x0b\x32\x1b.meshserve.tasks.v1.AnswersH\x00\x42\x06\n\x04kind\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\r\n\x05items\x18\x03 \x01(\r\x12\x19\n\x11item_input_tokens\x18\x04 \x03(\r\"[\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x14 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x15 \x01(\t\"\xbe\x02\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1b\n\x0emin_new_tokens\x18\x08 \x01(\rH\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x11\n\x0f_min_new_tokens*\xb8\x02\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_FEATURE_EXTRACTION\x10\x01\x12\x1c\n\x18TASK_SENTENCE_SIMILARITY\x10\x02\x12\x1c\n\x18TASK_TEXT_CLASSIFICATION\x10\x03\x12!\n\x1dTASK_ZERO_SHOT_CLASSIFICATION\x10\x04\x12\x1d\n\x19TASK_IMAGE_CLASSIFICATION\x10\x05\x12\x18\n\x14TASK_TEXT_GENERATION\x10\x06\x12\x1d\n\x19TASK_TOKEN_CLASSIFICATION\x10\x07\x12\x12\n\x0eTASK_FILL_MASK\x10\x08\x12\x1b\n\x17TASK_QUESTION_ANSWERING\x10\t\x12\x15\n\x11TASK_TEXT_RANKING\x10\n*\xdb\x01\n\x13\x41ggregationStrategy\x12$\n AGGREGATION_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41GGREGATION_STRATEGY_NONE\x10\x01\x12\x1f\n\x1b\x41GGREGATION_STRATEGY_SIMPLE\x10\x02\x12\x1e\n\x1a\x41GGREGATION_STRATEGY_FIRST\x10\x03\x12 \n\x1c\x41GGREGATION_STRATEGY_AVERAGE\x10\x04\x12\x1c\n\x18\x41GGREGATION_STRATEGY_MAX\x10\x05*\x8e\x01\n\x0f\x46unctionToApply\x12!\n\x1d\x46UNCTION_TO_APPLY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46UNCTION_TO_APPLY_SOFTMAX\x10\x01\x12\x1d\n\x19\x46UNCTION_TO_APPLY_SIGMOID\x10\x02\x12\x1a\n\x16\x46UNCTION_TO_APPLY_NONE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.tasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=3610
-  _globals['_TASK']._serialized_end=3922
-  _globals['_AGGREGATIONSTRATEGY']._serialized_start=3925
-  _globals['_AGGREGATIONSTRATEGY']._serialized_end=4144
-  _globals['_FUNCTIONTOAPPLY']._serialized_start=4147
-  _globals['_FUNCTIONTOAPPLY']._serialized_end=4289
+  _globals['_TASK']._serialized_start=3753
+  _globals['_TASK']._serialized_end=4065
+  _globals['_AGGREGATIONSTRATEGY']._serialized_start=4068
+  _globals['_AGGREGATIONSTRATEGY']._serialized_end=4287
+  _globals['_FUNCTIONTOAPPLY']._serialized_start=4290
+  _globals['_FUNCTIONTOAPPLY']._serialized_end=4432
   _globals['_TENSOR']._serialized_start=54
   _globals['_TENSOR']._serialized_end=122
   _globals['_TEXTINPUTS']._serialized_start=124
@@ -55,44 +55,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUESTIONANSWERINGINPUTS']._serialized_end=509
   _globals['_TEXTRANKINGINPUTS']._serialized_start=511
   _globals['_TEXTRANKINGINPUTS']._serialized_end=564
-  _globals['_TASKINPUTS']._serialized_start=567
-  _globals['_TASKINPUTS']._serialized_end=959
-  _globals['_TASKPARAMETERS']._serialized_start=962
-  _globals['_TASKPARAMETERS']._serialized_end=1803
-  _globals['_SIMILARITIES']._serialized_start=1805
-  _globals['_SIMILARITIES']._serialized_end=1835
-  _globals['_CLASSIFICATION']._serialized_start=1837
-  _globals['_CLASSIFICATION']._serialized_end=1883
-  _globals['_CLASSIFICATIONLIST']._serialized_start=1885
-  _globals['_CLASSIFICATIONLIST']._serialized_end=1957
-  _globals['_CLASSIFICATIONS']._serialized_start=1959
-  _globals['_CLASSIFICATIONS']._serialized_end=2031
-  _globals['_TOKENENTITY']._serialized_start=2033
-  _globals['_TOKENENTITY']._serialized_end=2149
-  _globals['_TOKENENTITYLIST']._serialized_start=2151
-  _globals['_TOKENENTITYLIST']._serialized_end=2219
-  _globals['_TOKENENTITIES']._serialized_start=2221
-  _globals['_TOKENENTITIES']._serialized_end=2288
-  _globals['_MASKFILL']._serialized_start=2290
-  _globals['_MASKFILL']._serialized_end=2367
-  _globals['_MASKFILLS']._serialized_start=2369
-  _globals['_MASKFILLS']._serialized_end=2425
-  _globals['_FILLMASKITEM']._serialized_start=2427
-  _globals['_FILLMASKITEM']._serialized_end=2487
-  _globals['_FILLMASKRESULTS']._serialized_start=2489
-  _globals['_FILLMASKRESULTS']._serialized_end=2555
-  _globals['_ANSWER']._serialized_start=2557
-  _globals['_ANSWER']._serialized_end=2624
-  _globals['_ANSWERLIST']._serialized_start=2626
-  _globals['_ANSWERLIST']._serialized_end=2683
-  _globals['_ANSWERS']._serialized_start=2685
-  _globals['_ANSWERS']._serialized_end=2741
-  _globals['_TASKRESULT']._serialized_start=2744
-  _globals['_TASKRESULT']._serialized_end=3097
-  _globals['_USAGE']._serialized_start=3099
-  _globals['_USAGE']._serialized_end=3193
-  _globals['_CHATMESSAGE']._serialized_start=3195
-  _globals['_CHATMESSAGE']._serialized_end=3286
-  _globals['_GENERATIONPARAMETERS']._serialized_start=3289
-  _globals['_GENERATIONPARAMETERS']._serialized_end=3607
+  _globals['_TOKENIDS']._serialized_start=566
+  _globals['_TOKENIDS']._serialized_end=589
+  _globals['_TOKENIDINPUTS']._serialized_start=591
+  _globals['_TOKENIDINPUTS']._serialized_end=651
+  _globals['_TASKINPUTS']._serialized_start=654
+  _globals['_TASKINPUTS']._serialized_end=1102
+  _globals['_TASKPARAMETERS']._serialized_start=1105
+  _globals['_TASKPARAMETERS']._serialized_end=1946
+  _globals['_SIMILARITIES']._serialized_start=1948
+  _globals['_SIMILARITIES']._serialized_end=1978
+  _globals['_CLASSIFICATION']._serialized_start=1980
+  _globals['_CLASSIFICATION']._serialized_end=2026
+  _globals['_CLASSIFICATIONLIST']._serialized_start=2028
+  _globals['_CLASSIFICATIONLIST']._serialized_end=2100
+  _globals['_CLASSIFICATIONS']._serialized_start=2102
+  _globals['_CLASSIFICATIONS']._serialized_end=2174
+  _globals['_TOKENENTITY']._serialized_start=2176
+  _globals['_TOKENENTITY']._serialized_end=2292
+  _globals['_TOKENENTITYLIST']._serialized_start=2294
+  _globals['_TOKENENTITYLIST']._serialized_end=2362
+  _globals['_TOKENENTITIES']._serialized_start=2364
+  _globals['_TOKENENTITIES']._serialized_end=2431
+  _globals['_MASKFILL']._serialized_start=2433
+  _globals['_MASKFILL']._serialized_end=2510
+  _globals['_MASKFILLS']._serialized_start=2512
+  _globals['_MASKFILLS']._serialized_end=2568
+  _globals['_FILLMASKITEM']._serialized_start=2570
+  _globals['_FILLMASKITEM']._serialized_end=2630
+  _globals['_FILLMASKRESULTS']._serialized_start=2632
+  _globals['_FILLMASKRESULTS']._serialized_end=2698
+  _globals['_ANSWER']._serialized_start=2700
+  _globals['_ANSWER']._serialized_end=2767
+  _globals['_ANSWERLIST']._serialized_start=2769
+  _globals['_ANSWERLIST']._serialized_end=2826
+  _globals['_ANSWERS']._serialized_start=2828
+  _globals['_ANSWERS']._serialized_end=2884
+  _globals['_TASKRESULT']._serialized_start=2887
+  _globals['_TASKRESULT']._serialized_end=3240
+  _globals['_USAGE']._serialized_start=3242
+  _globals['_USAGE']._serialized_end=3336
+  _globals['_CHATMESSAGE']._serialized_start=3338
+  _globals['_CHATMESSAGE']._serialized_end=3429
+  _globals['_GENERATIONPARAMETERS']._serialized_start=3432
+  _globals['_GENERATIONPARAMETERS']._serialized_end=3750
 # @@protoc_insertion_point(module_scope)

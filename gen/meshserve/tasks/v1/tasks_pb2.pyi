@@ -126,21 +126,35 @@ class TextRankingInputs(_message.Message):
     documents: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenIdInputs(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, items: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
 class TaskInputs(_message.Message):
-    __slots__ = ("text", "sentence_similarity", "images", "text_pairs", "question_answering", "text_ranking")
+    __slots__ = ("text", "sentence_similarity", "images", "text_pairs", "question_answering", "text_ranking", "token_ids")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SENTENCE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
     QUESTION_ANSWERING_FIELD_NUMBER: _ClassVar[int]
     TEXT_RANKING_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     text: TextInputs
     sentence_similarity: SentenceSimilarityInputs
     images: ImageInputs
     text_pairs: TextPairInputs
     question_answering: QuestionAnsweringInputs
     text_ranking: TextRankingInputs
-    def __init__(self, text: _Optional[_Union[TextInputs, _Mapping]] = ..., sentence_similarity: _Optional[_Union[SentenceSimilarityInputs, _Mapping]] = ..., images: _Optional[_Union[ImageInputs, _Mapping]] = ..., text_pairs: _Optional[_Union[TextPairInputs, _Mapping]] = ..., question_answering: _Optional[_Union[QuestionAnsweringInputs, _Mapping]] = ..., text_ranking: _Optional[_Union[TextRankingInputs, _Mapping]] = ...) -> None: ...
+    token_ids: TokenIdInputs
+    def __init__(self, text: _Optional[_Union[TextInputs, _Mapping]] = ..., sentence_similarity: _Optional[_Union[SentenceSimilarityInputs, _Mapping]] = ..., images: _Optional[_Union[ImageInputs, _Mapping]] = ..., text_pairs: _Optional[_Union[TextPairInputs, _Mapping]] = ..., question_answering: _Optional[_Union[QuestionAnsweringInputs, _Mapping]] = ..., text_ranking: _Optional[_Union[TextRankingInputs, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIdInputs, _Mapping]] = ...) -> None: ...
 
 class TaskParameters(_message.Message):
     __slots__ = ("normalize", "truncate", "top_k", "function_to_apply", "candidate_labels", "hypothesis_template", "multi_label", "aggregation_strategy", "ignore_labels", "targets", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len", "handle_impossible_answer", "align_to_words", "prompt_name", "dimensions", "raw_scores")
