@@ -29,7 +29,7 @@ CASES = [
     ("openai-input-wrong-type", "POST", EMB, emb(input=5), 400, "invalid_input"),
     ("openai-empty-list", "POST", EMB, emb(input=[]), 400, "invalid_input"),
     ("openai-empty-string", "POST", EMB, emb(input=""), 400, "invalid_input"),
-    ("openai-token-ids", "POST", EMB, emb(input=[[1, 2, 3]]), 400, "invalid_input"),
+    ("openai-token-ids-outside-vocab", "POST", EMB, emb(input=[[1, 2, 10**6]]), 400, "invalid_input"),
     ("openai-bad-encoding", "POST", EMB, emb(input="x", encoding_format="int8"), 400, "invalid_input"),
     ("openai-unknown-field", "POST", EMB, emb(input="x", temperature=1), 400, "invalid_input"),
     ("openai-wrong-dimensions", "POST", EMB, emb(input="x", dimensions=385), 400, "invalid_input"),

@@ -12,7 +12,7 @@ import pytest
 from services.gateway.api.http_app import ROUTERS
 from services.gateway.control.auth import rest_scope
 
-SAMPLES = {"model_path": "org/model-1", "provider": "mesh-b", "key_id": "k1"}
+SAMPLES = {"model_path": "org/model-1", "provider": "mesh-b", "key_id": "k1", "path": "org/model-1/embed"}
 PUBLIC = {"/health", "/healthz", "/readyz"}
 
 

@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def is_openai_path(path: str) -> bool:
-    """`/v1/...`, `/v2/rerank`, and a per-provider `/{provider}/v1/...` (not an HF model URL's
-    `/models/{id}/v1/chat/completions`, which answers in the HF dialect as it always has)."""
-    if path.startswith("/v1/") or path == "/v1" or path == "/v2/rerank":
+    """`/v1/...`, `/v2/rerank`, vLLM's `/tokenize` and `/detokenize`, and a per-provider
+    `/{provider}/v1/...` (not an HF model URL's `/models/{id}/v1/chat/completions`, which answers
+    in the HF dialect as it always has)."""
+    if path.startswith("/v1/") or path in ("/v1", "/v2/rerank", "/tokenize", "/detokenize"):
         return True
     head, _, rest = path[1:].partition("/")
     return head != "models" and (rest.startswith("v1/") or rest == "v1")

@@ -151,11 +151,15 @@ def local_task(request: Request, entry: ModelEntry, task: str, body):
 
 
 async def hf_post(request: Request, model_path: str, provider: str | None = None):
-    """`POST /models/{id}[:suffix]`, `…/pipeline/{task}`, `…/v1/chat/completions`; `provider`:
+    """`POST /models/{id}[:suffix]`, `…/pipeline/{task}`, `…/v1/chat/completions`, TGI's
+    `…/generate` and `…/generate_stream`; `provider`:
     a per-provider path's (`/{provider}/models/...`)."""
     if model_path.endswith(CHAT_SUFFIX):  # huggingface_hub's chat_completion on a model URL
         model = model_path.removesuffix(CHAT_SUFFIX)
         return await routes_openai.chat(request, call_context_of(request), model, provider)
+    for suffix, stream in routes_tgi.SUFFIXES:  # TGI's /generate and /generate_stream on a model URL
+        if model_path.endswith(suffix) and len(model_path) > len(suffix):
+            return await routes_tgi.generate(request, model_path.removesuffix(suffix), stream=stream, provider=provider)
     if "/pipeline/" in model_path:
         model_id, task = model_path.rsplit("/pipeline/", 1)
         return await run_hf_task(request, model_id, task, provider)
@@ -178,7 +182,10 @@ async def hf_model_get(request: Request, model_path: str):
     if model_path.endswith("/info"):
         entry = models.get(model_path.removesuffix("/info"))
         card = routes_openai.model_card(entry, request.app.state.catalog_created)
-        return json_response({**card, "max_input_tokens": entry.preprocess.max_length})
+        card["max_input_tokens"] = entry.preprocess.max_length
+        if entry.default_task in routes_tgi.GENERATION_TASKS:  # TGI's Info, every required field
+            card.update(routes_tgi.info(entry))
+        return json_response(card)
     raise StarletteHTTPException(404)
 
 

@@ -34,6 +34,11 @@ REST_SCOPES: tuple[tuple[str, re.Pattern, str | None], ...] = tuple(
         ("GET", r"/v1/models(/.*)?", "read"),
         ("GET", r"/models/.+/(health|info)", "read"),
         ("GET", r"/v1/usage", "read"),
+        ("GET", r"/info", "read"),  # TEI's /info (routes_tei)
+        ("GET", r"/(tei|tgi)/.+", "read"),  # a model's TEI / TGI base URL: /info
+        ("POST", r"/(tokenize|detokenize|embed|embed_all)", "inference"),  # vLLM's and TEI's root routes
+        ("POST", r"/(tei|tgi)/.+", "inference"),
+        ("POST", r"/tiktoken/v1/embeddings", "inference"),
         ("POST", r"/v1/(embeddings|chat/completions|completions)", "inference"),
         ("POST", r"/v1/models/.+/predict", "inference"),
         ("POST", r"/models/.+", "inference"),
