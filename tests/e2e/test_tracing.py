@@ -148,7 +148,7 @@ def test_genai_conventions_on_the_request_span_and_in_the_gateway_metrics(traced
     chat, embed = attrs(genai_span(chat_trace)), attrs(genai_span(embed_trace))
     assert chat["gen_ai.operation.name"] == "chat" and chat["gen_ai.request.model"] == GEN_MODEL
     assert chat["gen_ai.usage.output_tokens"] == 6 and chat["gen_ai.usage.input_tokens"] > 0
-    assert chat["gen_ai.provider.name"] == "meshserve"
+    assert chat["gen_ai.provider.name"] == "meshserve" and chat["gen_ai.response.id"].startswith("chatcmpl-")
     assert embed["gen_ai.operation.name"] == "embeddings" and embed["gen_ai.usage.input_tokens"] > 0
     metrics = httpx.get(f"{traced_mesh.url}/metrics", timeout=10).text
     chat_labels = f'gen_ai_operation_name="chat",gen_ai_provider_name="meshserve",gen_ai_request_model="{GEN_MODEL}"'

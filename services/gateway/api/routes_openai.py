@@ -17,6 +17,7 @@ from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from services.gateway.api.http_io import GENERATION_BODY_BYTES, json_response, read_json
 from services.gateway.api.sse import chat_events, chat_logprobs, completion_events, completion_logprobs
+from services.gateway.control import genai
 from services.gateway.service.context import CallContext
 from services.gateway.service.generate import Collected, GenerationRequest
 from services.gateway.service.validation import parse
@@ -145,6 +146,7 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
         "system_fingerprint": "meshserve",
     }  # fmt: skip
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    genai.annotate_response(head["id"], model=route.model_id)  # a stream's finish reasons come later
     options = _events(body, generation, gen)
 
     def render(done: Collected) -> dict:
@@ -156,6 +158,7 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
         ]  # fmt: skip
         for choice in choices:
             structured.render_calls(plan, choice)
+        genai.annotate_response(head["id"], [c["finish_reason"] for c in choices], route.model_id)
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(done)}
 
     def events(steps):
@@ -193,6 +196,7 @@ async def complete(request: Request, ctx: CallContext, provider: str | None):
     route, generation, extra = await _start(request, ctx, body, gen, "completion", None, provider)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": route.model_id}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    genai.annotate_response(head["id"], model=route.model_id)  # a stream's finish reasons come later
     options = _events(body, generation, gen)
 
     def render(done: Collected) -> dict:
@@ -201,6 +205,7 @@ async def complete(request: Request, ctx: CallContext, provider: str | None):
              "finish_reason": c.last.finish_reason}
             for i, c in enumerate(_choices(done))
         ]  # fmt: skip
+        genai.annotate_response(head["id"], [c["finish_reason"] for c in choices], route.model_id)
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(done)}
 
     events = lambda steps: completion_events(steps, head, include_usage, **options)  # noqa: E731
