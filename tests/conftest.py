@@ -19,6 +19,7 @@ from tests.helpers import (
     TRITON_SKIP_REASON,
     TRITON_SUPPORTED,
     meshserve_home,
+    pg_binary,
     redis_server,
     start_mesh,
     start_redis,
@@ -49,7 +50,10 @@ def xdist_unit(item: pytest.Item) -> str | None:
 @pytest.hookimpl(trylast=True)
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which servers the run starts for the stores' tests (printed at the top of the run)."""
-    return [f"redis for the control-store tests: {redis_server() or 'none found (those tests skip)'}"]
+    return [
+        f"redis for the control-store tests: {redis_server() or 'none found (those tests skip)'}",
+        f"postgres for the ledger and key-store tests: {pg_binary('postgres') or 'none found (those tests skip)'}",
+    ]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import os
 import platform
@@ -291,6 +292,21 @@ def start_mesh(
         mesh.stop()
         raise
     return mesh
+
+
+def pg_binary(name: str) -> str | None:
+    """A Postgres server binary: the one the pgserver wheel ships (pip, no root: what `make test`
+    installs) or the system's (PATH, /usr/lib/postgresql). As root the system's comes first: the
+    server then runs as the `postgres` account, which may not reach a venv under a private home."""
+    system = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    spec = importlib.util.find_spec("pgserver")  # not imported: only its binaries are used
+    bundled = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+        bundled = str(path) if path.is_file() else None
+    return (system or bundled) if os.geteuid() == 0 else (bundled or system)
 
 
 def redis_server() -> str | None:

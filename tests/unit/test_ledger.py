@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import glob
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from services import cli
 from services.gateway import db
 from services.gateway import ledger as ledger_package
 from services.gateway.ledger import UsageLedger, UsageRecord, usage
+from tests.helpers import pg_binary
 
 DAY1 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DAY2 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -75,8 +75,7 @@ def write_failures() -> float:
 # --- databases -----------------------------------------------------------------------------------
 
 
-def _pg_binary(name: str) -> str | None:
-    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+_pg_binary = pg_binary  # (tests/helpers.py)
 
 
 def _free_port() -> int:
@@ -104,7 +103,7 @@ def postgres_server():
     """A throwaway Postgres on a free loopback port; its session time zone is not UTC on purpose."""
     initdb, postgres = _pg_binary("initdb"), _pg_binary("postgres")
     if not (initdb and postgres):
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed (apt-get install postgresql)")
+        pytest.skip("no PostgreSQL server binaries (initdb, postgres): pip install pgserver (`make test` does it)")
     pytest.importorskip("psycopg", reason="the psycopg driver is not installed")
     account = _as_postgres_user()
     folder = Path(tempfile.mkdtemp(prefix="meshserve-pg-"))
