@@ -4,6 +4,7 @@ keys create|list|revoke, usage."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -187,6 +188,23 @@ def _run_catalog(args, settings: CommonSettings) -> Catalog:
     return Catalog.load(path)
 
 
+TRITON_MISSING = (
+    "meshserve: --backend triton needs NVIDIA Triton, which is not installed: pip install 'meshserve[triton]' "
+    "(nvidia-pytriton ships tritonserver; x86_64 Linux), or set MESHSERVE_INFERENCE_TRITON_BINARY to a "
+    "tritonserver binary. The embedded backend (the default) needs neither."
+)
+
+
+def triton_installed() -> bool:
+    """A tritonserver to run: nvidia-pytriton's, or the binary MESHSERVE_INFERENCE_TRITON_BINARY names."""
+    if os.environ.get("MESHSERVE_INFERENCE_TRITON_BINARY"):
+        return True
+    try:
+        return importlib.util.find_spec("pytriton") is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules: not importable
+        return False
+
+
 def _up(args) -> int:
     import json
 
@@ -196,6 +214,9 @@ def _up(args) -> int:
     from services.supervisor import Supervisor, SupervisorSettings
 
     os.environ["MESHSERVE_INFERENCE_BACKEND"] = args.backend
+    if args.backend == "triton" and not triton_installed():
+        print(TRITON_MISSING, file=sys.stderr)
+        return 2
     if args.no_auth:
         os.environ["MESHSERVE_GATEWAY_AUTH"] = "false"
     replicas = _replicas(args.replicas)
