@@ -273,6 +273,11 @@ def test_models_list_every_model_with_its_providers_in_the_router_shape(client):
     (mesh_b,) = data[CHAT]["providers"]
     assert mesh_b["status"] == "live" and mesh_b["context_length"] == 4096
     assert mesh_b["pricing"] == {"input": pytest.approx(1.0), "output": pytest.approx(2.0)}  # USD per 1M tokens
+    # Tools and JSON schemas: decoded by our own mesh for its generation models, refused for remote ones.
+    assert not mesh_b["supports_tools"] and not mesh_b["supports_structured_output"]
+    (local_lm,) = [p for p in data["meshserve/tiny-llama-chat"]["providers"] if p["provider"] == "local"]
+    assert local_lm["supports_tools"] and local_lm["supports_structured_output"]
+    assert not any(p["supports_tools"] for p in data[MODEL_ID]["providers"])  # an embedding model
     assert mesh_b["latency_s"] is not None and mesh_b["latency_s"] > 0
     assert data[CHAT]["tasks"] == ["text-generation"]
 

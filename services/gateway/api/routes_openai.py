@@ -9,7 +9,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from services.common.catalog import ModelEntry
+from services.common.catalog import GENERATION_TASKS, ModelEntry
 from services.common.errors import invalid
 from services.gateway.api import routed, structured
 from services.gateway.api.deps import call_context_of, services_of
@@ -42,16 +42,21 @@ def model_card(entry, created: int, ready: bool | None = None) -> dict:
     return card
 
 
-# The HF router's per-provider keys we do not serve (no tool calls, no JSON-schema decoding).
-ROUTER_FLAGS = {"supports_tools": False, "supports_structured_output": False}
+def router_flags(provider: dict, generates: bool) -> dict[str, bool]:
+    """The HF router's per-provider capability keys: our own mesh decodes tools and JSON schemas for
+    every generation model (structured.py); a remote provider's requests with them are refused."""
+    ours = generates and provider.get("provider") == "local"
+    return {"supports_tools": ours, "supports_structured_output": ours}
 
 
 def providers_listing(services) -> dict[str, list[dict]]:
     """Per model id its providers, in the HF router's shape (`data[].providers[]`) plus ours."""
-    return {
-        model["id"]: [{**provider, **ROUTER_FLAGS} for provider in model["providers"]]
-        for model in routed.registry_of(services).models()
-    }
+    registry = routed.registry_of(services)
+    listing = {}
+    for model in registry.models():
+        generates = bool(GENERATION_TASKS.intersection(registry.model(model["id"]).tasks))
+        listing[model["id"]] = [{**p, **router_flags(p, generates)} for p in model["providers"]]
+    return listing
 
 
 @router.get("/v1/models", summary="List models, each with its providers")
