@@ -32,8 +32,11 @@ class GatewaySettings(CommonSettings):
         description="Largest request body accepted (413 above); also the largest message of the gateway's gRPC API "
         "(RESOURCE_EXHAUSTED above).",
     )
-    coalesce: bool = Field(True, description="Merge concurrent embeddings requests into shared pipeline calls.")
-    coalesce_max_rows: int = Field(32, description="Most texts in one merged call.")
+    coalesce: bool = Field(
+        True,
+        description="Merge concurrent embeddings and text/image classification requests into shared pipeline calls.",
+    )
+    coalesce_max_rows: int = Field(32, description="Most texts or images in one merged call.")
     coalesce_max_in_flight: int = Field(
         3, ge=1, description="Merged calls of one model and parameters running at once (more overlap the stages)."
     )
