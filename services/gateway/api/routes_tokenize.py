@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.errors import invalid
 from services.gateway.api.deps import services_of
 from services.gateway.api.http_io import json_response, read_json
-from services.gateway.service.tokenize import TokenizeService
 from services.gateway.service.validation import parse
 
 router = APIRouter(tags=["vllm"])
@@ -55,15 +54,6 @@ def _body(schema) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
-def tokenizer_of(request: Request) -> TokenizeService:
-    """The app's TokenizeService, over the services' pipeline (built on first use)."""
-    state = request.app.state
-    service = getattr(state, "tokenize_service", None)
-    if service is None:
-        service = state.tokenize_service = TokenizeService(services_of(request).models.pipeline)
-    return service
-
-
 def chat_of(messages: list[Message]) -> list[tuple[str, str]]:
     """(role, text) per message; a list content's text parts joined (other parts refused)."""
     chat = []
@@ -85,7 +75,7 @@ async def tokenize(request: Request):
     request.state.model = body.model
     chat = None if body.messages is None else chat_of(body.messages)
     special = body.add_special_tokens if body.add_special_tokens is not None else chat is None
-    got = await tokenizer_of(request).tokenize(
+    got = await services_of(request).tokenize.tokenize(
         body.model,
         prompt=body.prompt,
         messages=chat,
@@ -109,4 +99,4 @@ async def detokenize(request: Request):
     request.state.model = body.model
     if any(not 0 <= t < 2**63 for t in body.tokens):
         raise invalid("`tokens` must be ids between 0 and 2**63 - 1", param="tokens")
-    return json_response({"prompt": await tokenizer_of(request).detokenize(body.model, body.tokens)})
+    return json_response({"prompt": await services_of(request).tokenize.detokenize(body.model, body.tokens)})

@@ -20,6 +20,7 @@ from services.gateway.service.generate import GenerateService
 from services.gateway.service.models import ModelDirectory
 from services.gateway.service.predict import PredictService
 from services.gateway.service.routing import RoutingService
+from services.gateway.service.tokenize import TokenizeService
 from services.gateway.settings import GatewaySettings
 
 
@@ -31,6 +32,7 @@ class GatewayServices:
     generate: GenerateService
     admin: AdminService
     routing: RoutingService
+    tokenize: TokenizeService
 
     @classmethod
     def build(
@@ -68,4 +70,5 @@ class GatewayServices:
             generate=generate,
             admin=AdminService(control),
             routing=routing,
+            tokenize=TokenizeService(pipeline),
         )
