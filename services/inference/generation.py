@@ -243,13 +243,21 @@ class CausalLMRuntime:
         self.eos_token_ids = frozenset(eos)
         # Applied to requests that set none of them (GenerationScheduler.submit).
         self.sampling_defaults = sampling_defaults(Path(model_dir))
+        self._keeps_logits = self.model._supports_logits_to_keep()
+
+    def _last_only(self, scored: bool) -> dict[str, int]:
+        """The forward's argument that computes only the last position's logits (as generate()
+        asks; the LM head over every prompt position cost a third of a prefill), unless scored."""
+        return {"logits_to_keep": 1} if self._keeps_logits and not scored else {}
 
     def prefill(self, ids: list[int], scored: bool = False):
         """(last-position logits [vocab], per-layer (k, v) of the prompt, the prompt's
         log-probabilities when `scored`, else None)."""
         torch = self._torch
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device), use_cache=True, **self._last_only(scored)
+            )
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             scores = self.prompt_logprobs(out.logits[0], ids) if scored else None
             return out.logits[0, -1].float(), layers, scores
@@ -280,7 +288,10 @@ class CausalLMRuntime:
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **self._last_only(any(scored)),
+            )  # fmt: skip
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             scores = [
                 self.prompt_logprobs(out.logits[row, width - len(prompt) :], prompt) if wanted else None
@@ -606,26 +617,41 @@ class GenerationScheduler:
                 if len(plain) == len(sequences)
                 else logits.index_select(0, torch.tensor(plain, device=logits.device))
             )
-            temps = torch.tensor([sequences[i].params.temperature for i in plain], device=logits.device)
-            greedy = temps == 0
-            log_probs = torch.log_softmax(rows / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
-            uniforms = torch.tensor(
-                [0.0 if sequences[i].params.temperature == 0 else torch.rand(1, generator=sequences[i].generator).item()
-                 for i in plain]
-            )  # fmt: skip
-            cdf = log_probs.exp().cumsum(dim=-1)
-            # The smallest token whose cumulative probability reaches u (a zero-probability token is
-            # never picked: the target is above every flat stretch it would start).
-            target = (uniforms.to(cdf.device) * cdf[:, -1]).clamp(min=1e-12).unsqueeze(1)
-            drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[1] - 1)
-            tokens = torch.where(greedy, log_probs.argmax(dim=-1), drawn)
-            chosen = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            tokens, chosen = self._draw_plain(rows, [sequences[i] for i in plain])
             for i, token, logprob in zip(plain, tokens.tolist(), chosen.tolist(), strict=True):
                 results[i] = (token, logprob)
         for i, sequence in enumerate(sequences):
             if results[i] is None:
                 results[i] = self._sample(logits[i], sequence)
         return results
+
+    def _draw_plain(self, rows, sequences: list[Sequence]):
+        """(tokens, their logprobs) for rows without top-k, top-p, min-p or a repetition penalty:
+        greedy rows take the argmax of their logits (what generate() picks); the others draw by
+        inverse CDF, one uniform per row from the row's own generator. A batch of only greedy
+        rows skips the draw."""
+        torch = self._torch
+        temperatures = [s.params.temperature for s in sequences]
+        if not any(temperatures):
+            tokens = rows.argmax(dim=-1)
+            chosen = torch.log_softmax(rows, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+            return tokens, chosen
+        temps = torch.tensor(temperatures, device=rows.device)
+        greedy = temps == 0
+        log_probs = torch.log_softmax(rows / torch.where(greedy, 1.0, temps).unsqueeze(1), dim=-1)
+        uniforms = torch.tensor(
+            [
+                torch.rand(1, generator=s.generator).item() if t else 0.0
+                for s, t in zip(sequences, temperatures, strict=True)
+            ]
+        )
+        cdf = log_probs.exp().cumsum(dim=-1)
+        # The smallest token whose cumulative probability reaches u (a zero-probability token is
+        # never picked: the target is above every flat stretch it would start).
+        target = (uniforms.to(cdf.device) * cdf[:, -1]).clamp(min=1e-12).unsqueeze(1)
+        drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[1] - 1)
+        tokens = torch.where(greedy, rows.argmax(dim=-1), drawn)
+        return tokens, log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
     def _raw_logprobs(self, logits, sequences: list[Sequence]) -> dict[int, object] | None:
         """Per row that asks for logprobs, its raw log-probabilities [vocab] (before any mask,
