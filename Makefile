@@ -6,20 +6,22 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: up install test proto proto-check lint bench bench-providers bench-infinity-venv bench-guidellm models clean
+.PHONY: up install lock test proto proto-check lint bench bench-providers bench-infinity-venv bench-guidellm models clean
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone,
 # from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build. For CUDA:
 # `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`. (A machine whose pip has a
 # local torch wheel in its find-links, like the CI machine, takes that one when the index is out of reach.)
-# No -q on the two big installs: a first install takes minutes and shows what it is doing.
+# Then requirements.lock, every pin hashed (compiled from pyproject.toml with all extras by `make lock`;
+# it leaves torch out, installed above). No -q on the two big installs: a first install takes minutes
+# and shows what it is doing.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): requirements.lock requirements.nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing torch 2.13.0 from $(TORCH_INDEX) (about 200 MB for the CPU build)"
 	$(PIP) install --disable-pip-version-check --progress-bar on --retries 2 --index-url $(TORCH_INDEX) torch==2.13.0
-	@echo "installing the locked dependencies (requirements.lock)"
-	$(PIP) install --disable-pip-version-check --progress-bar on -r requirements.lock
+	@echo "installing the locked dependencies (requirements.lock, hash-checked)"
+	$(PIP) install --disable-pip-version-check --progress-bar on --require-hashes -r requirements.lock
 	@echo "installing the packages whose metadata over-reaches (requirements.nodeps.txt, --no-deps)"
 	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements.nodeps.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -35,6 +37,13 @@ $(OLD_HUB): $(STAMP)
 	touch $(OLD_HUB)
 
 install: $(STAMP)
+
+## lock: recompile requirements.lock from pyproject.toml (all extras, hashes; torch left to TORCH_INDEX).
+# Existing pins are kept unless pyproject asks otherwise; `make lock LOCK_ARGS=--upgrade` moves them all.
+LOCK_TORCH := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra triton --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_35 --no-emit-package torch $(LOCK_TORCH) $(LOCK_ARGS) -o requirements.lock
 
 ## up: install, build the model catalog on first run, start the four services, print the URLs.
 up: $(STAMP)

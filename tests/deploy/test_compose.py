@@ -262,7 +262,8 @@ def test_a_root_or_single_stage_dockerfile_is_caught(tmp_path):
 
 
 def test_cpu_image_installs_cpu_torch_first_at_the_pinned_version():
-    pin = next(line for line in (REPO / "requirements.in").read_text().splitlines() if line.startswith("torch=="))
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = next(d.split(";")[0].split("#")[0].strip() for d in dependencies if d.startswith("torch=="))
     installs = [args for op, args in instructions(DOCKER / "Dockerfile") if op == "RUN" and "pip install" in args]
     assert pin in installs[0].split() and "--index-url https://download.pytorch.org/whl/cpu" in installs[0]
     final = stages(instructions(DOCKER / "Dockerfile"))[-1][1]
@@ -387,7 +388,7 @@ def test_no_credential_is_committed_in_the_docker_files_and_env_files_stay_out()
 def _lock() -> dict[str, str]:
     pins = {}
     for line in (REPO / "requirements.lock").read_text().splitlines():
-        line = line.split("#")[0].strip()
+        line = line.split("#")[0].removesuffix("\\").strip()  # `name==version \` then its hash lines
         if "==" in line and not line.startswith("-"):
             name, version = line.split(";")[0].split("==")
             pins[canonicalize_name(name.split("[")[0])] = version.strip()
@@ -412,10 +413,13 @@ def _closure(requirements: list[str]) -> set[str]:
 
 
 def test_the_image_installs_the_control_planes_dependencies_pinned_by_the_lock():
-    """The Dockerfile installs pyproject's dependencies with requirements.lock as constraints: the
-    control plane's (SQLAlchemy, psycopg with its binary build, redis with hiredis, cachetools) are among
-    them, and every distribution they pull in has a pin, so the image gets the tested versions."""
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The Dockerfile installs pyproject's dependencies and its [redis] and [postgres] extras with
+    requirements.lock as constraints: the control plane's (SQLAlchemy, psycopg with its binary build,
+    redis with hiredis, cachetools) are among them, and every distribution they pull in has a pin, so
+    the image gets the tested versions."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    dependencies = project["dependencies"] + extras["redis"] + extras["postgres"]
     direct = {canonicalize_name(Requirement(d).name): Requirement(d) for d in dependencies}
     lock = _lock()
     for name in ("sqlalchemy", "psycopg", "redis", "hiredis", "cachetools"):
@@ -425,7 +429,10 @@ def test_the_image_installs_the_control_planes_dependencies_pinned_by_the_lock()
     assert "binary" in direct["psycopg"].extras and lock.get("psycopg-binary") == lock["psycopg"]
     closure = _closure(dependencies)
     assert {"sqlalchemy", "psycopg-binary", "redis", "hiredis", "cachetools"} <= closure
-    # setuptools: pip-compile leaves it out of a lock, and `python -m venv` already installs it.
-    assert sorted(closure - set(lock) - {"setuptools"}) == []
+    # torch: the lock leaves it out (installed first, from the CPU index); setuptools: `python -m venv` has it.
+    assert sorted(closure - set(lock) - {"setuptools", "torch"}) == []
     installs = [args for op, args in instructions(DOCKER / "Dockerfile") if op == "RUN" and "pip install" in args]
-    assert any("['project']['dependencies']" in a and "-c /opt/meshserve/requirements.lock" in a for a in installs)
+    assert any(
+        "p['dependencies'] + x['redis'] + x['postgres']" in a and "-c /opt/meshserve/requirements.lock" in a
+        for a in installs
+    )

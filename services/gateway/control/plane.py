@@ -32,7 +32,10 @@ def control_store(url: str | None) -> ControlStore:
 
         return LocalControlStore()
     if url.startswith(("redis://", "rediss://")):
-        from services.gateway.control.redis_store import RedisControlStore
+        try:
+            from services.gateway.control.redis_store import RedisControlStore
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"control store {url!r} needs the Redis client: pip install 'meshserve[redis]'") from exc
 
         return RedisControlStore(url)
     raise ValueError(f"unsupported control store {url!r}: use memory:// or redis://")

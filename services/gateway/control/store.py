@@ -16,7 +16,13 @@ import logging
 import math
 from typing import NamedTuple, Protocol
 
-import redis.asyncio as aioredis
+try:
+    from redis.exceptions import RedisError
+except ModuleNotFoundError:  # no `meshserve[redis]`: no Redis store runs, so no Redis error can reach here
+
+    class RedisError(Exception):
+        pass
+
 
 from services.common.errors import ErrorCode, MeshError
 
@@ -124,7 +130,7 @@ class store_errors:
         return None
 
     def __exit__(self, kind, exc, _tb) -> bool:
-        if kind is not None and issubclass(kind, aioredis.RedisError):
+        if kind is not None and issubclass(kind, RedisError):
             log.warning("%s store unavailable: %r", self.what, exc)
             raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"{self.what} store is unavailable") from exc
         return False
