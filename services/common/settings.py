@@ -12,6 +12,9 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The built-in catalog ships inside the package (a checkout's ./catalog.yaml links to it), so a
+# non-editable `pip install .` serves it too.
+DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "catalog.yaml"
 
 # Largest gRPC message between the services (the gateway's own gRPC API takes REST's 8 MiB body
 # limit instead). Twice that external limit: an 8 MiB image body crosses gateway -> preprocess as
@@ -40,7 +43,9 @@ class CommonSettings(BaseSettings):
         description="State: the model store, databases, the admin token, the generated Triton repository.",
     )
     catalog: Path = Field(
-        REPO_ROOT / "catalog.yaml", validation_alias=_shared("catalog"), description="The model catalog (YAML)."
+        DEFAULT_CATALOG,
+        validation_alias=_shared("catalog"),
+        description="The model catalog (YAML); the built-in one ships in the package (a checkout's catalog.yaml links to it).",
     )
     catalog_dir: Path | None = Field(
         None,
