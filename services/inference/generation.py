@@ -7,6 +7,7 @@ any Hugging Face causal LM whose forward takes `attention_mask`, `position_ids` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -299,34 +300,165 @@ class CausalLMRuntime:
             ]
             return out.logits[:, -1].float(), layers, mask, scores
 
-    def decode(self, tokens: list[int], mask, positions, layers):
-        """One step for a left-padded batch: (logits [batch, vocab], grown layers)."""
+    def decode(self, tokens: list[int], mask, positions, cache):
+        """One step for a left-padded batch: logits [batch, vocab]; the step's keys and values go
+        into `cache` (`_Slots.cache()`: in place, in the batch's buffers)."""
         torch = self._torch
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                 attention_mask=mask,
                 position_ids=positions.unsqueeze(1),
-                past_key_values=_cache(layers),
+                past_key_values=cache,
                 use_cache=True,
             )
-            return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            return out.logits[:, -1].float()
 
 
-def _cache(layers):
-    """A DynamicCache holding `layers` as they are. DynamicCache(ddp_cache_data=layers) would copy
-    every layer (it concatenates onto an empty tensor): a second full copy of the cache per step
-    beside the one the forward's own update makes."""
-    from transformers import DynamicCache
+@functools.cache
+def _slot_layer():
+    """The cache layer class of `_Slots` (transformers is imported on first use)."""
     from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache()
-    for keys, values in layers:
-        layer = DynamicLayer()
-        layer.dtype, layer.device = keys.dtype, keys.device
-        layer.keys, layer.values, layer.is_initialized = keys, values, True
-        cache.layers.append(layer)
-    return cache
+    class SlotLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are a window of preallocated buffers: the forward's
+        update writes its new columns in place after the window instead of concatenating (a full
+        copy of the layer's cache per step)."""
+
+        def __init__(self, keys, values, rows: int, lo: int, hi: int) -> None:
+            super().__init__()
+            self.buffers, self.rows, self.lo, self.hi = (keys, values), rows, lo, hi
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self.keys, self.values = keys[:rows, :, lo:hi], values[:rows, :, lo:hi]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = self.buffers
+            end = self.hi + key_states.shape[-2]
+            keys[: self.rows, :, self.hi : end].copy_(key_states)
+            values[: self.rows, :, self.hi : end].copy_(value_states)
+            self.hi = end
+            self.keys, self.values = keys[: self.rows, :, self.lo : end], values[: self.rows, :, self.lo : end]
+            return self.keys, self.values
+
+    return SlotLayer
+
+
+class _Slots:
+    """The running batch's KV cache, attention mask and next positions in buffers allocated once
+    ([rows, kv_heads, capacity, dim] per layer, rows = the batch's maximum). The running sequences
+    are rows [0, n), right-aligned on the window of columns [lo, hi): a decode step writes column
+    hi in place; a newcomer's prefill cache is copied into a free row ending at hi; a leaver's row
+    is refilled by the last row (one row copied, not the whole cache re-indexed); columns that
+    became padding for every row leave the window (lo moves); when hi reaches the capacity the
+    window moves back to column 0 (one copy per `capacity - width` steps), and the buffers double
+    when the window fills more than half of them. Padding columns hold stale but finite values
+    under a 0 mask."""
+
+    def __init__(self, torch, rows: int, max_context: int) -> None:
+        self.torch, self.rows, self.limit = torch, rows, 2 * (max_context + 1)
+        self.n = self.lo = self.hi = self.capacity = 0
+        self.keys: list = []
+        self.values: list = []
+        self.mask = self.positions = None
+
+    def cache(self):
+        """A DynamicCache over the window for the next step (whose update fills column hi)."""
+        from transformers import DynamicCache
+
+        cache, layer = DynamicCache(), _slot_layer()
+        for keys, values in zip(self.keys, self.values, strict=True):
+            cache.layers.append(layer(keys, values, self.n, self.lo, self.hi))
+        return cache
+
+    def step_inputs(self):
+        """(attention mask [n, width + 1], positions [n]) of the next step, room made for column hi."""
+        if self.hi >= self.capacity:
+            width = self.hi - self.lo
+            self._rebase(0, width + 1, grow=2 * (width + 1) > self.capacity)
+        with self.torch.inference_mode():
+            self.mask[: self.n, self.hi] = 1
+        return self.mask[: self.n, self.lo : self.hi + 1], self.positions[: self.n]
+
+    def advance(self) -> None:
+        """After a step: its column joins the window, every row's position moves on."""
+        with self.torch.inference_mode():
+            self.positions[: self.n] += 1
+        self.hi += 1
+
+    def join(self, layers, mask) -> None:
+        """Copy newcomers' prefill cache ([k, heads, L, dim] per layer, left-padded; mask [k, L])
+        into rows [n, n + k), their last column at hi - 1."""
+        torch = self.torch
+        length, k = int(mask.sum(1).max()), mask.shape[0]
+        if not self.keys:
+            self._allocate(layers, self._capacity(length + 1))
+        if self.n == 0:
+            self.lo = self.hi = 0
+        if self.hi < length:  # the window is shorter than the prompt: move it right
+            self._rebase(self.lo + length - self.hi, length + 1)
+        start, rows = self.hi - length, slice(self.n, self.n + k)
+        with torch.inference_mode():
+            if start < self.lo:  # the window widens left: padding for the rows already there
+                self.mask[: self.n, start : self.lo] = 0
+                self.lo = start
+            self.mask[rows, self.lo : start] = 0
+            self.mask[rows, start : self.hi] = mask[:, -length:]
+            for (new_k, new_v), keys, values in zip(layers, self.keys, self.values, strict=True):
+                keys[rows, :, start : self.hi] = new_k[:, :, -length:]
+                values[rows, :, start : self.hi] = new_v[:, :, -length:]
+            self.positions[rows] = mask.sum(1)
+        self.n += k
+
+    def remove(self, row: int) -> None:
+        """Free `row`: the last row moves into it (the caller moves its sequence the same way)."""
+        last = self.n - 1
+        if row != last:
+            lo, hi = self.lo, self.hi
+            with self.torch.inference_mode():
+                for buffer in (*self.keys, *self.values):
+                    buffer[row, :, lo:hi] = buffer[last, :, lo:hi]
+                self.mask[row, lo:hi] = self.mask[last, lo:hi]
+                self.positions[row] = self.positions[last]
+        self.n = last
+
+    def trim(self) -> None:
+        """Drop the leading columns that are padding for every row."""
+        if self.n == 0:
+            self.lo = self.hi = 0
+            return
+        used = self.mask[: self.n, self.lo : self.hi].any(0)
+        self.lo += int(used.int().argmax())
+
+    def _capacity(self, need: int) -> int:
+        capacity = 64
+        while capacity < 2 * need:
+            capacity *= 2
+        return max(need, min(capacity, self.limit))
+
+    def _allocate(self, layers, capacity: int):
+        """Zeroed buffers (stale padding must be finite: 0 x NaN would leak through the mask)."""
+        torch, rows = self.torch, self.rows
+        with torch.inference_mode():
+            self.keys = [k.new_zeros((rows, k.shape[1], capacity, k.shape[3])) for k, _ in layers]
+            self.values = [v.new_zeros((rows, v.shape[1], capacity, v.shape[3])) for _, v in layers]
+            device = layers[0][0].device
+            self.mask = torch.zeros((rows, capacity), dtype=torch.long, device=device)
+            if self.positions is None:
+                self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.capacity = capacity
+
+    def _rebase(self, offset: int, need: int, grow: bool = False) -> None:
+        """Move the window to start at `offset`, into larger buffers when `need` columns do not fit."""
+        n, lo, hi = self.n, self.lo, self.hi
+        width = hi - lo
+        old = (self.keys, self.values, self.mask)
+        if grow or offset + width > self.capacity or need > self.capacity:
+            self._allocate(list(zip(self.keys, self.values, strict=True)), self._capacity(max(need, offset + width)))
+        with self.torch.inference_mode():
+            for new, buffer in zip((*self.keys, *self.values), (*old[0], *old[1]), strict=True):
+                new[:n, :, offset : offset + width] = buffer[:n, :, lo:hi].clone()
+            self.mask[:n, offset : offset + width] = old[2][:n, lo:hi].clone()
+        self.lo, self.hi = offset, offset + width
 
 
 @dataclass(eq=False)
@@ -388,12 +520,11 @@ class _Metrics:
 
 
 class _Batch:
-    """The running sequences and their left-padded KV cache and attention mask."""
+    """The running sequences (sequence i is row i of `slots`) and their KV cache and mask."""
 
     def __init__(self) -> None:
         self.sequences: list[Sequence] = []
-        self.layers: list | None = None  # per layer (k, v): [batch, heads, time, dim]
-        self.mask = None  # [batch, time] of 0/1
+        self.slots: _Slots | None = None  # allocated at the first join
         self.last: list[int] = []  # the token each sequence feeds into the next step
 
 
@@ -537,10 +668,12 @@ class GenerationScheduler:
         emit = self._emit
         keep = [i for i, (s, (t, lp)) in enumerate(zip(joining, sampled, strict=True)) if emit(s, t, lp, now)]
         self._count_emitted()
-        if keep:
+        if keep and len(keep) < len(joining):
             index = self._torch.tensor(keep, device=mask.device)
             layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
-            self._join([joining[i] for i in keep], [sampled[i][0] for i in keep], layers, mask.index_select(0, index))
+            mask = mask.index_select(0, index)
+        if keep:
+            self._join([joining[i] for i in keep], [sampled[i][0] for i in keep], layers, mask)
 
     def _prefill(self, sequences: list[Sequence]):
         logits, layers, mask, scores = self.runtime.prefill_batch(
@@ -550,18 +683,10 @@ class GenerationScheduler:
 
     def _join(self, sequences: list[Sequence], tokens: list[int], layers, mask) -> None:
         """Merge newcomers (their left-padded cache and mask) into the running batch."""
-        torch = self._torch
         batch = self._batch
-        if batch.layers is None:
-            batch.layers, batch.mask = layers, mask
-        else:
-            width = max(mask.shape[1], batch.mask.shape[1])
-            pad = _left_pad
-            batch.layers = [
-                (torch.cat([pad(bk, width), pad(k, width)]), torch.cat([pad(bv, width), pad(v, width)]))
-                for (bk, bv), (k, v) in zip(batch.layers, layers, strict=True)
-            ]
-            batch.mask = torch.cat([_left_pad_mask(batch.mask, width), _left_pad_mask(mask, width)])
+        if batch.slots is None:
+            batch.slots = _Slots(self._torch, self.max_running, self.runtime.max_context)
+        batch.slots.join(layers, mask)
         batch.sequences.extend(sequences)
         batch.last.extend(tokens)
 
@@ -579,14 +704,10 @@ class GenerationScheduler:
         self._drop(finished, None)
 
     def _decode(self) -> list[tuple[int, float]]:
-        torch = self._torch
         batch = self._batch
-        mask = torch.cat(
-            [batch.mask, torch.ones((batch.mask.shape[0], 1), dtype=batch.mask.dtype, device=batch.mask.device)], 1
-        )
-        positions = batch.mask.sum(dim=1)  # each sequence's own next position
-        logits, batch.layers = self.runtime.decode(batch.last, mask, positions, batch.layers)
-        batch.mask = mask
+        mask, positions = batch.slots.step_inputs()  # each sequence's own next position
+        logits = self.runtime.decode(batch.last, mask, positions, batch.slots.cache())
+        batch.slots.advance()
         return self._sample_rows(logits, batch.sequences)
 
     def _sample_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
@@ -714,27 +835,21 @@ class GenerationScheduler:
                     logits[index, torch.tensor(ends, device=logits.device).unsqueeze(0)] = float("-inf")
 
     def _drop(self, leaving: list[Sequence], reason: FinishReason | None) -> None:
-        """Remove sequences from the batch (their rows of the cache) and trim shared padding."""
+        """Remove sequences from the batch: the last row fills each freed row (`_Slots.remove`)."""
         if not leaving:
             return
         batch = self._batch
         for sequence in leaving:
             if reason is not None:
                 self._finish(sequence, reason)
-        keep = [i for i, s in enumerate(batch.sequences) if s not in leaving]
-        if not keep:
-            self._batch = _Batch()
-            return
-        torch = self._torch
-        index = torch.tensor(keep, device=batch.mask.device)
-        mask = batch.mask.index_select(0, index)
-        start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns padding for every row
-        batch.mask = mask[:, start:]
-        batch.layers = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in batch.layers
-        ]
-        batch.sequences = [batch.sequences[i] for i in keep]
-        batch.last = [batch.last[i] for i in keep]
+        gone = set(map(id, leaving))
+        rows = [i for i, s in enumerate(batch.sequences) if id(s) in gone]
+        for row in reversed(rows):  # from the end: the last row is never one that leaves
+            batch.slots.remove(row)
+            last = batch.sequences.pop(), batch.last.pop()
+            if row < len(batch.sequences):
+                batch.sequences[row], batch.last[row] = last
+        batch.slots.trim()
 
     # -- per-token bookkeeping --------------------------------------------------------------------
     def _emit(self, sequence: Sequence, token: int, logprob: float, now: float) -> bool:
@@ -806,17 +921,3 @@ class GenerationScheduler:
             probs = probs / probs.sum()
         token = int(torch.multinomial(probs.cpu(), 1, generator=sequence.generator))
         return token, float(torch.log(probs[token].clamp(min=1e-30)))
-
-
-def _left_pad(tensor, width: int):
-    import torch
-
-    missing = width - tensor.shape[2]
-    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, missing, 0))
-
-
-def _left_pad_mask(mask, width: int):
-    import torch
-
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else torch.nn.functional.pad(mask, (missing, 0))

@@ -238,17 +238,56 @@ def test_batched_sampling_follows_the_distribution(runtime):
     assert {t for t, _ in greedy} == {3} and abs(greedy[0][1] - float(torch.tensor(0.5).log())) < 1e-5
 
 
-def test_the_decode_cache_wraps_the_batch_tensors_without_copying_them():
-    from services.inference.generation import _cache
+def _prefilled(lengths: list[int], width: int, seed: int):
+    """A left-padded prefill cache (2 layers, [k, 2 heads, width, 4]) and its mask."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [(torch.randn(len(lengths), 2, width, 4, generator=generator),) * 2 for _ in range(2)]
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    return layers, mask
 
-    layers = [(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)) for _ in range(2)]
-    cache = _cache(layers)
-    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == [
-        (k.data_ptr(), v.data_ptr()) for k, v in layers
-    ]
-    assert cache.get_seq_length() == 5
-    grown_keys, _ = cache.layers[0].update(torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4))
-    assert grown_keys.shape == (3, 2, 6, 4) and torch.equal(grown_keys[:, :, :5], layers[0][0])
+
+def test_the_slot_cache_writes_steps_in_place_and_moves_one_row_per_leaver():
+    from services.inference.generation import _Slots
+
+    slots = _Slots(torch, rows=4, max_context=400)
+    first, first_mask = _prefilled([3, 5], 5, seed=0)
+    slots.join(first, first_mask)
+    mask, positions = slots.step_inputs()
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]] and positions.tolist() == [3, 5]
+    buffer = slots.keys[0].data_ptr()
+    with torch.inference_mode():  # as the forward runs
+        keys, _ = slots.cache().layers[0].update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
+    slots.advance()
+    assert keys.shape == (2, 2, 6, 4) and torch.equal(keys[:, :, :5], first[0][0]) and keys[:, :, 5].eq(1).all()
+    assert keys.data_ptr() == buffer  # a view of the preallocated buffer: nothing was concatenated
+    # A newcomer whose prompt is longer than the window widens it to the left.
+    late, late_mask = _prefilled([8], 8, seed=1)
+    slots.join(late, late_mask)
+    mask, positions = slots.step_inputs()
+    assert mask.shape == (3, 9) and mask.sum(1).tolist() == [5, 7, 9] and positions.tolist() == [4, 6, 8]
+    assert torch.equal(slots.cache().layers[1].keys[2, :, :8], late[1][0][0])
+    slots.advance()
+    # Row 0 leaves: the last row (the newcomer) takes its place; the padding columns of every row go.
+    slots.remove(0)
+    slots.trim()
+    assert slots.n == 2 and slots.positions[:2].tolist() == [9, 7]
+    assert torch.equal(slots.cache().layers[1].keys[0, :, :8], late[1][0][0])
+    assert slots.step_inputs()[0].sum(1).tolist() == [10, 8]
+    # Alone for many steps: the window moves back to column 0 and the buffers grow, content kept.
+    slots.advance()
+    slots.remove(1)
+    slots.trim()
+    kept, capacity = slots.cache().layers[0].keys[0].clone(), slots.capacity
+    for step in range(2 * capacity):
+        slots.step_inputs()
+        with torch.inference_mode():
+            slots.cache().layers[0].update(torch.full((1, 2, 1, 4), float(step)), torch.zeros(1, 2, 1, 4))
+        slots.advance()
+    keys = slots.cache().layers[0].keys[0]
+    assert slots.capacity > capacity and keys.shape[1] == kept.shape[1] + 2 * capacity
+    assert torch.equal(keys[:, : kept.shape[1]], kept) and keys[:, -1].eq(2 * capacity - 1).all()
+    assert slots.step_inputs()[0].tolist() == [[1] * (keys.shape[1] + 1)]
+    assert slots.positions[0] == 10 + 2 * capacity
 
 
 async def test_admission_wait_and_prefill_are_observed_per_sequence_and_per_prefill(runtime):
