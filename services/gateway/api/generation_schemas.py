@@ -5,20 +5,144 @@ Unknown request fields are refused with 400, like OpenAI's own API; known but un
 features (n > 1 with best_of, `skip_special_tokens: false`) are refused with a message that says
 so. vLLM's sampling extras (what the openai SDK's `extra_body` merges into the body) are accepted
 at the top level. `response_format`, `tools` and `tool_choice` are checked by structured.py.
+
+What a route checks beyond pydantic (structured.py, check_supported, check_stops, the cross-field
+rules) is said in the JSON schema too (`WithJsonSchema`, `json_schema_extra`: the document only,
+validation is unchanged), so that a body the published schema allows is one the server accepts
+(tests/e2e/test_api_docs.py fuzzes it). What JSON Schema cannot say (a named `tool_choice` must be
+one of `tools`; limits of the model: its context length, vocabulary) is in the descriptions.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema
 
 from services.common.errors import invalid
-from services.gateway.api.schemas import INT64_MAX, INT64_MIN, MAX_TEMPERATURE, UINT32_MAX, check_stops
+from services.gateway.api.schemas import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    UINT32_MAX,
+    check_stops,
+)
 from services.gateway.service.generate import SamplingExtras
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (and vLLM's default)
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on `logit_bias` entries
+MAX_CHOICES = 16  # most `n` one request may ask for: n sequences share the batch
+MAX_STOP_TOKEN_IDS = 64
+NULL = {"type": "null"}
+
+
+def nullable(*schemas: dict) -> WithJsonSchema:
+    """The published schema of an optional field: one of `schemas`, or null."""
+    return WithJsonSchema({"anyOf": [*schemas, NULL]})
+
+
+# A JSON schema as `response_format` and tools' `parameters` take it: any valid JSON schema object
+# is accepted (checked_schema); the document lists the common keywords, with their types, so that a
+# generated example is one (an unknown keyword is ignored by JSON Schema; a known one of the wrong
+# type is refused).
+_TYPES = {"enum": ["object", "array", "string", "number", "integer", "boolean", "null"]}
+_PROPERTY = {
+    "type": "object",
+    "properties": {"type": _TYPES, "description": {"type": "string"}},
+    "additionalProperties": False,
+}
+JSON_SCHEMA_OBJECT = {
+    "type": "object",
+    "description": "A JSON schema (draft 2020-12 unless `$schema` says another); the common keywords shown.",
+    "properties": {
+        "type": _TYPES,
+        "description": {"type": "string"},
+        "properties": {"type": "object", "additionalProperties": _PROPERTY},
+        "required": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+    },
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = nullable(
+    {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {
+        "type": "object",
+        "required": ["type", "json_schema"],
+        "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "schema": JSON_SCHEMA_OBJECT, "strict": {}},
+            },
+        },
+    },
+)
+TOOLS = nullable(
+    {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "description": {"type": "string"},
+                        "parameters": {"anyOf": [JSON_SCHEMA_OBJECT, NULL]},
+                    },
+                },
+            },
+        },
+    }
+)
+TOOL_CHOICE = nullable(
+    {"enum": ["none", "auto", "required"]},
+    {
+        "type": "object",
+        "required": ["function"],
+        "description": "A function of `tools` by name.",
+        "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        },
+    },
+)
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+STOP = nullable(_STOP_STRING, {"type": "array", "items": _STOP_STRING, "maxItems": MAX_STOP_STRINGS})
+LOGIT_BIAS = nullable(
+    {
+        "type": "object",
+        "maxProperties": MAX_LOGIT_BIAS,
+        "propertyNames": {"pattern": "^[0-9]{1,18}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    }
+)
+STOP_TOKEN_IDS = nullable(
+    {"type": "array", "maxItems": MAX_STOP_TOKEN_IDS, "items": {"type": "integer", "minimum": 0, "maximum": INT64_MAX}}
+)
+# Tools that may be called (`tools` not empty, `tool_choice` not "none") take one choice.
+ONE_CHOICE_WITH_TOOLS = {
+    "if": {
+        "required": ["tools"],
+        "properties": {"tools": {"type": "array", "minItems": 1}, "tool_choice": {"not": {"const": "none"}}},
+    },
+    "then": {"properties": {"n": {"anyOf": [{"const": 1}, NULL]}}},
+}
+# `tool_choice` other than none/auto needs tools.
+CHOICE_NEEDS_TOOLS = {
+    "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": [None, "none", "auto"]}}}},
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+}
+
+
+# Chat's `true`, completions' `k`: a JSON boolean is a bool, any number an int (`1.0` is JSON
+# Schema's integer 1, which a lax bool would take as true).
+Logprobs = Annotated[bool, Strict()] | int | None
 
 
 class _Open(BaseModel):
@@ -27,7 +151,7 @@ class _Open(BaseModel):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str = Field(..., json_schema_extra={"const": "text"}, description="Only text parts are supported.")
     text: str | None = None
 
 
@@ -51,12 +175,12 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = None
 
 
-MAX_CHOICES = 16  # most `n` one request may ask for: n sequences share the batch
-MAX_STOP_TOKEN_IDS = 64
-
-
 class SamplingRequest(_Open):
-    model: str = Field(..., description="Catalog model id (HF clients send `dummy` on a model URL).")
+    model: str = Field(
+        ...,
+        json_schema_extra={"minLength": 1},
+        description="Catalog model id (HF clients send `dummy` on a model URL).",
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="At most the model's total-token limit.")
@@ -67,14 +191,14 @@ class SamplingRequest(_Open):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, STOP] = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Choices, sampled together in the batch.")
     user: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logprobs: bool | int | None = None
+    logprobs: Logprobs = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    logit_bias: dict[str, float] | None = Field(
+    logit_bias: Annotated[dict[str, float] | None, LOGIT_BIAS] = Field(
         None, max_length=MAX_LOGIT_BIAS, description="Token id (a string) -> bias in [-100, 100]."
     )
     # vLLM's extras (the openai SDK's extra_body): top_k -1 is off, as 0.
@@ -82,11 +206,13 @@ class SamplingRequest(_Open):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=MAX_TEMPERATURE)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
-    skip_special_tokens: bool | None = None
-    response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    stop_token_ids: Annotated[list[int] | None, STOP_TOKEN_IDS] = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: Annotated[bool | None, nullable({"const": True})] = Field(
+        None, description="Only true: special tokens are never in the text."
+    )
+    response_format: Annotated[dict | None, RESPONSE_FORMAT] = None
+    tools: Annotated[list | None, TOOLS] = None
+    tool_choice: Annotated[str | dict | None, TOOL_CHOICE] = None
     tool_prompt: str | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict | None = None
@@ -137,7 +263,20 @@ class SamplingRequest(_Open):
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                ONE_CHOICE_WITH_TOOLS,
+                CHOICE_NEEDS_TOOLS,
+                {  # top_logprobs needs logprobs: true
+                    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+                    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+                },
+            ]
+        }
+    )
     messages: list[ChatMessageIn] = Field(..., min_length=1)
+    logprobs: Annotated[Logprobs, nullable({"type": "boolean"})] = None
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
 
     def top_alternatives(self) -> int | None:
@@ -149,13 +288,45 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+# `best_of`, when set, equals `n` (1 when `n` is unset).
+BEST_OF_IS_N = {
+    "anyOf": [
+        {"properties": {"best_of": NULL}},
+        {"properties": {"best_of": {"const": 1}, "n": {"anyOf": [{"const": 1}, NULL]}}},
+        *(
+            {"required": ["n"], "properties": {"best_of": {"const": k}, "n": {"const": k}}}
+            for k in range(2, MAX_CHOICES + 1)
+        ),
+    ]
+}
+
+
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions` (legacy)."""
 
-    prompt: str | list[str]
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    model_config = ConfigDict(json_schema_extra=BEST_OF_IS_N)  # tools: chat's (ignored here)
+    prompt: Annotated[
+        str | list[str],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                ]
+            }
+        ),
+    ] = Field(..., description="One prompt, not empty: a string, or a list of one string.")
+    echo: Annotated[bool | None, nullable({"const": False})] = Field(None, description="Not supported: false only.")
+    suffix: Annotated[str | None, nullable({"type": "string", "maxLength": 0})] = Field(
+        None, description="Not supported: empty only."
+    )
+    best_of: int | None = Field(None, description="Equal to `n` (every sampled sequence is returned).")
+    logprobs: Annotated[
+        Logprobs, nullable({"const": False}, {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS})
+    ] = Field(None, description=f"Alternatives per token, 0 to {MAX_TOP_LOGPROBS}.")
+    top_logprobs: Annotated[int | None, WithJsonSchema(NULL)] = Field(
+        None, description="Chat's; completions take `logprobs: k`."
+    )
 
     def top_alternatives(self) -> int | None:
         """Completions' `logprobs: k` (0..20; OpenAI allows 5, vLLM 20)."""

@@ -9,15 +9,33 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.gateway.api.deps import principal, services_of
+from services.gateway.api.docs import request_body
 from services.gateway.api.http_io import ADMIN_BODY_BYTES, json_response, read_json
 from services.gateway.control.auth import Principal
+from services.gateway.control.keys import PROVIDER_NAME
 from services.gateway.service.admin import KeyRequest
 from services.gateway.service.validation import parse
 
 router = APIRouter()
 
 
-@router.post("/admin/keys", tags=["admin"], summary="Create an API key (the token is shown once)")
+def key_body() -> dict:
+    """`POST /admin/keys`'s body as KeyRequest publishes it, plus what the key store checks beyond
+    pydantic (control/keys.py validate_spec): at least one scope, provider names' form."""
+    body = request_body(KeyRequest)
+    properties = body["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    properties["scopes"]["minItems"] = 1
+    properties["providers"]["items"]["pattern"] = f"^{PROVIDER_NAME.pattern}$"
+    return body
+
+
+@router.post(
+    "/admin/keys",
+    tags=["admin"],
+    summary="Create an API key (the token is shown once)",
+    openapi_extra=key_body(),
+    responses={201: {"description": "The key, with its `token` (shown this once)."}},
+)
 async def post_key(request: Request):
     spec = parse(KeyRequest, await read_json(request, ADMIN_BODY_BYTES))
     key, token = await services_of(request).admin.create_key(spec)

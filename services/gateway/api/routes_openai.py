@@ -13,6 +13,7 @@ from services.common.catalog import GENERATION_TASKS, ModelEntry
 from services.common.errors import invalid
 from services.gateway.api import routed, structured
 from services.gateway.api.deps import call_context_of, services_of
+from services.gateway.api.docs import request_body
 from services.gateway.api.generation_responses import respond
 from services.gateway.api.generation_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from services.gateway.api.http_io import GENERATION_BODY_BYTES, json_response, read_json
@@ -176,12 +177,20 @@ async def chat(request: Request, ctx: CallContext, model_id: str | None, provide
 
 # The call context without Depends(): FastAPI's dependency solving (query parsing, a dependency
 # cache) costs more per request than the whole control plane on a pass-through route.
-@generation_router.post("/v1/chat/completions", summary="Chat completions (OpenAI), stream or not")
+CHAT_BODY = request_body(ChatCompletionRequest)
+COMPLETION_BODY = request_body(CompletionRequest)
+
+
+@generation_router.post(
+    "/v1/chat/completions", summary="Chat completions (OpenAI), stream or not", openapi_extra=CHAT_BODY
+)
 async def chat_completions(request: Request):
     return await chat(request, call_context_of(request), None)
 
 
-@generation_router.post("/v1/completions", summary="Completions (OpenAI legacy), stream or not")
+@generation_router.post(
+    "/v1/completions", summary="Completions (OpenAI legacy), stream or not", openapi_extra=COMPLETION_BODY
+)
 async def completions(request: Request):
     return await complete(request, call_context_of(request), None)
 

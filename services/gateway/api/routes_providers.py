@@ -15,12 +15,20 @@ from services.gateway.service.context import CallContext
 router = APIRouter(tags=["providers"])
 
 
-@router.post("/{provider}/v1/chat/completions", summary="Chat completions (OpenAI) by one provider")
+@router.post(
+    "/{provider}/v1/chat/completions",
+    summary="Chat completions (OpenAI) by one provider",
+    openapi_extra=routes_openai.CHAT_BODY,
+)
 async def provider_chat(request: Request, provider: str, ctx: CallContext = Depends(call_context)):
     return await routes_openai.chat(request, ctx, None, routed.check_provider(request, provider))
 
 
-@router.post("/{provider}/v1/completions", summary="Completions (OpenAI legacy) by one provider")
+@router.post(
+    "/{provider}/v1/completions",
+    summary="Completions (OpenAI legacy) by one provider",
+    openapi_extra=routes_openai.COMPLETION_BODY,
+)
 async def provider_completions(request: Request, provider: str, ctx: CallContext = Depends(call_context)):
     return await routes_openai.complete(request, ctx, routed.check_provider(request, provider))
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from services.common.errors import invalid
 
@@ -98,11 +98,39 @@ class HFTaskRequest(BaseModel):
     options: HFOptions | None = None
 
 
+# A text with something to embed: preprocess refuses an empty or blank one (`not text.strip()`).
+TEXT = {"type": "string", "pattern": "[^\\s\\x1c-\\x1f\\x85\\ufeff]"}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT64_MAX}}
+# The published schema of `input` says what embed() refuses beyond pydantic: an empty list, an empty
+# list of ids, a blank text (the document only; validation is unchanged). The model's own limits
+# (texts per request, characters, the vocabulary for token ids) are its card's: GET /v1/models/{id}.
+EMBEDDINGS_INPUT = WithJsonSchema(
+    {
+        "anyOf": [
+            TEXT,
+            {"type": "array", "minItems": 1, "items": TEXT},
+            _TOKEN_IDS,
+            {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+        ]
+    }
+)
+# Token ids are used as they are: no prompt before them.
+PROMPT_NEEDS_TEXT = {
+    "if": {"required": ["input"], "properties": {"input": {"type": "array", "items": {"not": {"type": "string"}}}}},
+    "then": {"properties": {"prompt_name": {"type": "null"}}},
+}
+
+
 class EmbeddingsRequest(_Body):
     """`POST /v1/embeddings`: OpenAI's embeddings request."""
 
-    model: str = Field(..., description="Catalog model id, e.g. sentence-transformers/all-MiniLM-L6-v2.")
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    model_config = ConfigDict(json_schema_extra=PROMPT_NEEDS_TEXT)
+    model: str = Field(
+        ...,
+        json_schema_extra={"minLength": 1},
+        description="Catalog model id, e.g. sentence-transformers/all-MiniLM-L6-v2.",
+    )
+    input: Annotated[str | list[str] | list[int] | list[list[int]], EMBEDDINGS_INPUT] = Field(
         ...,
         description="Text, list of texts, or token ids (one list or a list of lists): on /v1 the model's own "
         "tokenizer's ids, as vLLM reads them; on /tiktoken/v1 tiktoken's cl100k_base ids, as OpenAI reads them.",
