@@ -70,8 +70,9 @@ def prompts(folder: Path) -> list[list[int]]:
 
 
 # -- raw generate() ---------------------------------------------------------------------------------
-def raw_point(model, ids: list[list[int]], streams: int, tokens: int) -> dict[str, Any]:
-    """CPU per token of raw batched greedy generate() at batch `streams`, over >= `tokens` tokens."""
+def raw_point(model, ids: list[list[int]], streams: int, tokens: int, probe=None) -> dict[str, Any]:
+    """CPU per token of raw batched greedy generate() at batch `streams`, over >= `tokens` tokens
+    (with a `probe`: also the time in the model's forward, for the breakdown)."""
     import torch
 
     rows = [ids[k % len(ids)] for k in range(streams)]
@@ -88,12 +89,20 @@ def raw_point(model, ids: list[list[int]], streams: int, tokens: int) -> dict[st
             )  # fmt: skip
 
     generate()  # warm-up
+    forward = model.forward
+    if probe is not None:
+        model.forward = probe.timed("forward", forward)
     made, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
     while made < tokens:
         out = generate()
         made += (out.shape[1] - width) * streams
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return _figures(made, cpu, wall)
+    model.forward = forward
+    result = _figures(made, cpu, wall)
+    if probe is not None:
+        result["forward_cpu_us_per_token"] = round(probe.cpu["forward"] / made * 1e6, 1)
+        result["forward_calls"] = probe.calls["forward"]
+    return result
 
 
 def _figures(tokens: int, cpu: float, wall: float) -> dict[str, Any]:
@@ -116,6 +125,7 @@ class Window:
         self.start: tuple[float, float] | None = None
         self.done = asyncio.Event()
         self.result: dict[str, Any] | None = None
+        self.ttft: list[float] = []  # submission to first token, streams that start in the window
 
     def add(self, n: int) -> None:
         self.count += n
@@ -150,9 +160,14 @@ async def scheduler_point(runtime, ids, streams: int, tokens: int, stagger: bool
         while not window.done.is_set():
             n = TOKENS - (i * TOKENS) // streams if stagger and first else TOKENS
             params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0.0)
+            submitted, first = time.perf_counter(), None
             stream = scheduler.submit(ids[k % len(ids)], params)
             async for event in stream:
                 if not event.final:
+                    if first is None:
+                        first = time.perf_counter()
+                        if window.start is not None and window.result is None:
+                            window.ttft.append(first - submitted)
                     window.add(1)
             k, first = k + streams, False
 
@@ -165,6 +180,9 @@ async def scheduler_point(runtime, ids, streams: int, tokens: int, stagger: bool
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     result = dict(window.result or {})
+    if window.ttft:
+        ms = sorted(t * 1000 for t in window.ttft)
+        result["ttft_ms"] = {q: round(ms[min(len(ms) - 1, int(len(ms) * q / 100))], 1) for q in (50, 99)}
     result["decode_steps_total"] = int(scheduler._metrics.decode_steps._value.get() - steps0)
     return result
 
@@ -174,7 +192,8 @@ class Probe:
     """Process and wall time spent in named parts of the scheduler's step, plus cProfiles of the
     worker thread (all torch work) and the event loop's thread (emit, drop, consumers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: bool = False) -> None:
+        self.profile = profile
         self.cpu: dict[str, float] = defaultdict(float)
         self.wall: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
@@ -204,14 +223,14 @@ class Probe:
         for name in ("_cache",):
             if hasattr(generation, name):
                 setattr(generation, name, self.timed(name, getattr(generation, name)))
-        scheduler._executor.submit(self.worker.enable).result()
-        self.loop.enable()
-        self._scheduler = scheduler
+        if self.profile:
+            scheduler._executor.submit(self.worker.enable).result()
+            self.loop.enable()
 
     def detach(self) -> None:
         self.loop.disable()
 
-    def report(self, tokens: int, top: int) -> dict[str, Any]:
+    def report(self, tokens: int, top: int, sort: str = "tottime") -> dict[str, Any]:
         parts = {
             name: {
                 "cpu_us_per_token": round(self.cpu[name] / tokens * 1e6, 1),
@@ -220,12 +239,18 @@ class Probe:
             }
             for name in sorted(self.cpu, key=self.cpu.get, reverse=True)
         }
-        return {"parts": parts, "worker_profile": _top(self.worker, top), "loop_profile": _top(self.loop, top)}
+        if not self.profile:
+            return {"parts": parts}
+        return {
+            "parts": parts,
+            "worker_profile": _top(self.worker, top, sort),
+            "loop_profile": _top(self.loop, top, sort),
+        }
 
 
-def _top(profile: cProfile.Profile, top: int) -> str:
+def _top(profile: cProfile.Profile, top: int, sort: str) -> str:
     out = io.StringIO()
-    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    pstats.Stats(profile, stream=out).sort_stats(sort).print_stats(top)
     return out.getvalue()
 
 
@@ -261,12 +286,14 @@ def ab_rounds(folder: Path, ids, args) -> list[dict[str, Any]]:
     for streams in args.streams:
         tokens = args.tokens or 8 * streams * TOKENS
         runs: dict[str, list[float]] = {name: [] for name in runtimes}
+        ttft: dict[str, list] = {name: [] for name in runtimes}
         for _ in range(args.rounds):
             for name, runtime in runtimes.items():
                 result = asyncio.run(scheduler_point(runtime, ids, streams, tokens, args.stagger))
                 runs[name].append(result["cpu_us_per_token"])
+                ttft[name].append(result.get("ttft_ms"))
         medians = {name: round(statistics.median(values), 1) for name, values in runs.items()}
-        point = {"streams": streams, "cpu_us_per_token": runs, "median": medians}
+        point = {"streams": streams, "cpu_us_per_token": runs, "median": medians, "ttft_ms": ttft}
         point["current_over_against"] = round(medians["current"] / medians["against"], 3)
         print(f"{streams:>3} streams  {json.dumps(point)}", flush=True)
         points.append(point)
@@ -288,7 +315,8 @@ def main() -> None:
         help="torch threads (1: CPU time does not count OpenMP spin on a busy machine)",
     )
     parser.add_argument("--breakdown", action="store_true", help="timers and cProfile (slower; not for A/B)")
-    parser.add_argument("--top", type=int, default=25, help="functions per cProfile listing")
+    parser.add_argument("--sort", default="tottime", help="cProfile order (tottime, cumulative)")
+    parser.add_argument("--top", type=int, default=25, help="functions per cProfile listing (0: timers only)")
     parser.add_argument("--against", type=Path, help="A/B: a generation.py to alternate with this checkout's")
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds per stream count")
     parser.add_argument("--out", type=Path, default=RESULTS / "generation_profile.json")
@@ -314,15 +342,15 @@ def main() -> None:
     for streams in args.streams:
         tokens = args.tokens or 8 * streams * TOKENS
         point: dict[str, Any] = {"streams": streams, "stagger": args.stagger}
-        probe = Probe() if args.breakdown else None
+        probe = Probe(profile=args.top > 0) if args.breakdown else None
         if not args.no_scheduler:
             point["scheduler"] = asyncio.run(scheduler_point(runtime, ids, streams, tokens, args.stagger, probe))
         if probe is not None:
             probe.detach()
-            point["breakdown"] = probe.report(point["scheduler"]["tokens"], args.top)
+            point["breakdown"] = probe.report(point["scheduler"]["tokens"], args.top, args.sort)
             runtime = CausalLMRuntime(folder)  # unwrapped forward for the next point
         if not args.no_raw:
-            point["raw"] = raw_point(runtime.model, ids, streams, tokens)
+            point["raw"] = raw_point(runtime.model, ids, streams, tokens, Probe() if args.breakdown else None)
         if "raw" in point and "scheduler" in point:
             point["ratio_cpu_raw_over_scheduler"] = round(
                 point["raw"]["cpu_us_per_token"] / point["scheduler"]["cpu_us_per_token"], 3
@@ -349,14 +377,16 @@ def _print(point: dict[str, Any]) -> None:
         if side in point:
             s = point[side]
             line += f"  {side} {s['cpu_us_per_token']:7.1f} us CPU/token ({s['tokens_per_s']} tok/s)"
+            if "forward_cpu_us_per_token" in s:
+                line += f" [forward {s['forward_cpu_us_per_token']} in {s['forward_calls']} calls]"
     if "ratio_cpu_raw_over_scheduler" in point:
         line += f"  raw/scheduler {point['ratio_cpu_raw_over_scheduler']}"
     print(line, flush=True)
     if "breakdown" in point:
         for name, part in point["breakdown"]["parts"].items():
             print(f"    {name:<14} {part['cpu_us_per_token']:8.1f} us CPU/token  {part['calls']} calls")
-        print(point["breakdown"]["worker_profile"])
-        print(point["breakdown"]["loop_profile"])
+        for key in ("worker_profile", "loop_profile"):
+            print(point["breakdown"].get(key, ""))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,10 @@ class UnsetInt(int):
 DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty")
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on `logit_bias` entries
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
+# A lone newcomer to a batch of at least HOLD_MIN_RUNNING sequences waits up to HOLD_STEPS decode
+# steps for another to prefill with (GenerationScheduler._holds).
+HOLD_MIN_RUNNING = 16
+HOLD_STEPS = 2
 
 
 def parse_logit_bias(value) -> tuple[tuple[int, float], ...]:
@@ -477,6 +481,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: object = None
     cancelled_at: int = 0  # tokens generated when the cancellation arrived
+    queued_step: int = 0  # the scheduler's decode step count when the sequence was queued
     top: tuple[tuple[int, float], ...] | None = None  # the last sampled token's alternatives (logprobs)
     grammar: object = None  # structured output: the sequence's matcher (constraints.py)
 
@@ -552,6 +557,7 @@ class GenerationScheduler:
         self.max_running = spec.max_batch_size
         self._metrics = _Metrics(name)
         self._emitted = 0  # tokens emitted since the metric was last increased
+        self._steps = 0  # decode steps run (`_holds`)
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{name}")
@@ -594,6 +600,7 @@ class GenerationScheduler:
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         sequence.generator = generator
         sequence.grammar = self._grammars.matcher(params.json_schema) if params.json_schema else None
+        sequence.queued_step = self._steps
         self._waiting.append(sequence)
         self._metrics.waiting.set(len(self._waiting))
         self._wake.set()
@@ -634,8 +641,22 @@ class GenerationScheduler:
             self._metrics.running.set(len(self._batch.sequences))
             self._metrics.waiting.set(len(self._waiting))
 
+    def _holds(self) -> bool:
+        """Whether the waiting sequences wait one more step for company. A prefill forward costs
+        about what a decode step of the whole batch costs (on CPU it reads every weight once), so a
+        busy batch (>= HOLD_MIN_RUNNING sequences) prefills newcomers in pairs or more: a lone one
+        waits at most HOLD_STEPS decode steps. An idle or small batch admits at once."""
+        return (
+            len(self._batch.sequences) >= HOLD_MIN_RUNNING
+            and len(self._waiting) == 1
+            and self._steps - self._waiting[0].queued_step < HOLD_STEPS
+            and not self._waiting[0].cancelled
+        )
+
     async def _admit(self, loop) -> None:
         """Prefill every sequence that fits, in one left-padded forward, and join them."""
+        if self._holds():
+            return
         joining: list[Sequence] = []
         while self._waiting and len(self._batch.sequences) + len(joining) < self.max_running:
             sequence = self._waiting.popleft()
@@ -696,6 +717,7 @@ class GenerationScheduler:
             return
         self._metrics.decode_batch.observe(len(self._batch.sequences))
         self._metrics.decode_steps.inc()
+        self._steps += 1
         sampled = await loop.run_in_executor(self._executor, self._decode)
         now, emit = time.perf_counter(), self._emit
         finished = [s for s, (t, lp) in zip(self._batch.sequences, sampled, strict=True) if not emit(s, t, lp, now)]

@@ -103,6 +103,29 @@ async def test_a_sequence_joining_mid_generation_is_exact(runtime):
     assert early == (expected_first[: expected_first.index(96)] if 96 in expected_first else expected_first)
 
 
+async def test_a_busy_batch_holds_a_lone_newcomer_at_most_hold_steps(runtime, monkeypatch):
+    import services.inference.generation as generation
+
+    monkeypatch.setattr(generation, "HOLD_MIN_RUNNING", 2)
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+    try:
+        params = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0.0, ignore_eos=True)
+        running = [scheduler.submit(prompt, params) for prompt in PROMPTS[:2]]
+        seen = []
+        async for event in running[0]:  # two sequences running: a busy batch for this test
+            seen.append(event)
+            if len(seen) == 3:
+                steps = scheduler._steps
+                late = scheduler.submit(PROMPTS[2], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+                tokens, _ = await collect(late)
+                joined_after = scheduler._steps - steps - len(tokens) + 1  # steps before its prefill
+        await collect(running[1])
+    finally:
+        await scheduler.close()
+    assert 1 <= joined_after <= generation.HOLD_STEPS + 1  # held, but no longer than HOLD_STEPS
+    assert tokens == reference(runtime, PROMPTS[2], 8)
+
+
 async def test_cancelled_sequence_leaves_within_one_step(runtime):
     scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
     try:
