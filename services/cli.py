@@ -293,6 +293,26 @@ def _keys(args) -> int:
     return 0
 
 
+def _db(args) -> int:
+    """The usage ledger's schema in the gateway's database: its revision, or an upgrade to the head."""
+    from services.gateway import db
+    from services.gateway.ledger import migrate
+    from services.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    engine = db.make_engine(settings.database_url or db.default_url(settings.home))
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.action == "upgrade":
+            before, after = migrate.upgrade(engine, args.revision)
+            print(f"{where}: {before or '(none)'} -> {after}" if before != after else f"{where}: at {after} already")
+        else:
+            print(f"{where}: {migrate.current(engine) or '(none)'} (this release: {migrate.head()})")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def _day(text: str):
     """A YYYY-MM-DD argument, with a message that says so when it is not one."""
     from datetime import date
@@ -407,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--by", choices=["day", "model", "key", "provider"], default="day", help="one row per group")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
+    database = sub.add_parser("db", help="the usage ledger's schema revision (Alembic): show it, or upgrade")
+    db_actions = database.add_subparsers(dest="action", required=True)
+    db_actions.add_parser("current", help="the database's revision and the one this release needs")
+    db_upgrade = db_actions.add_parser("upgrade", help="upgrade the database (MESHSERVE_GATEWAY_DATABASE_URL)")
+    db_upgrade.add_argument("--revision", default="head", help="the revision to reach (default: head)")
+    database.set_defaults(func=_db)
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     key_actions = keys.add_subparsers(dest="action", required=True)
     create = key_actions.add_parser("create", help="create a key and print its token (once)")

@@ -1,6 +1,10 @@
 """The gateway's database: API keys and the usage ledger, in SQLite (WAL) by default or Postgres by
 URL, through SQLAlchemy Core. Several gateway replicas share it (Postgres, or one SQLite file on one
-host). Calls are synchronous and short; request paths run them in a worker thread."""
+host). Calls are synchronous and short; request paths run them in a worker thread.
+
+The key store creates its tables itself (create_tables, add_missing_columns); the usage ledger's
+table is created and changed by Alembic migrations only (services/gateway/ledger/migrate.py,
+`meshserve db upgrade`)."""
 
 from __future__ import annotations
 

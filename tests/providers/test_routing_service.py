@@ -20,7 +20,8 @@ from services.gateway.control.keys import ApiKey, KeyStore
 from services.gateway.control.local_store import LocalControlStore
 from services.gateway.control.metering import Metering
 from services.gateway.db import make_engine
-from services.gateway.ledger.schema import FIELDS, create_usage_table, usage
+from services.gateway.ledger import migrate
+from services.gateway.ledger.schema import FIELDS, usage
 from services.gateway.ledger.writer import insert_rows
 from services.gateway.pipeline.generation import GenerationRequest
 from services.gateway.providers import Providers
@@ -142,8 +143,9 @@ def test_an_older_ledger_gains_attempts_and_upstream_request_id_and_takes_old_ro
     else:
         engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     old = sa.MetaData()
+    old_type = {"cost_usd": sa.Float()}  # as it was then
     old_usage = sa.Table(
-        "usage", old, *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+        "usage", old, *(sa.Column(c.name, old_type.get(c.name, c.type), primary_key=c.primary_key, nullable=c.nullable)
                         for c in usage.columns if c.name not in ("attempts", "upstream_request_id")),
     )  # fmt: skip
     old.create_all(engine)
@@ -152,8 +154,8 @@ def test_an_older_ledger_gains_attempts_and_upstream_request_id_and_takes_old_ro
             request_id="before", model="m", task="t", provider="local", route="", input_tokens=1, output_tokens=0,
             items=1, compute_s=0.0, cost_usd=0.0, status=200, latency_s=0.1, time=sa.func.current_timestamp(),
         ))  # fmt: skip
-    create_usage_table(engine)
-    create_usage_table(engine)  # idempotent
+    migrate.upgrade(engine)  # `meshserve db upgrade`: 0001 adds the columns, 0002 makes cost exact
+    migrate.upgrade(engine)  # idempotent
     old_row = ("old-shape", None, "m", "t", "local", 1, 2, 1, 0.5, 0.0, 200, 0.01, None, 1.7e9, "/r", None)
     new_row = (*old_row[:4], "mesh-b", *old_row[5:], 3, "up-1")
     new_row = ("new-shape", *new_row[1:])
@@ -577,7 +579,7 @@ async def test_usage_reports_group_and_filter_by_provider(tmp_path):
     from services.gateway.ledger import UsageReports
 
     engine = make_engine(f"sqlite:///{tmp_path / 'usage.db'}")
-    create_usage_table(engine)
+    migrate.upgrade(engine)
     base = (None, "m", "text-generation")
     tail = (1, 2, 1, 0.0, 0.5, 200, 0.1, None, 1.7e9, "/v1/completions", None)
     rows = [(f"r{i}", *base, provider, *tail, 1, None) for i, provider in enumerate(["local", "cheap", "cheap"])]

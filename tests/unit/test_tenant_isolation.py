@@ -15,7 +15,7 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.gateway import db
 from services.gateway.api.http_app import create_app, wrap
 from services.gateway.control.plane import ControlPlane
-from services.gateway.ledger import create_usage_table, usage
+from services.gateway.ledger import migrate, usage
 from services.gateway.main import build_pipeline
 from services.gateway.pipeline.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
 from services.gateway.pipeline.runner import Prediction
@@ -156,8 +156,8 @@ def test_an_older_ledger_gains_the_client_request_id_column(database_url):  # no
     old = sa.MetaData()
     sa.Table("usage", old, *(c.copy() for c in usage.columns if c.name != "client_request_id"))
     old.create_all(engine)
-    create_usage_table(engine)
-    create_usage_table(engine)  # idempotent: a second replica, a restart
+    migrate.upgrade(engine)  # `meshserve db upgrade`: revision 0001 adds the column
+    migrate.upgrade(engine)  # idempotent
     columns = {c["name"] for c in sa.inspect(engine).get_columns("usage")}
     assert "client_request_id" in columns
     engine.dispose()

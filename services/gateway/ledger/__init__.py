@@ -1,22 +1,24 @@
 """The usage ledger: one row per request the gateway answered, queued without blocking, written by
 a process of its own, read back as reports.
 
-Modules: `schema` (the usage table and UsageRecord), `queue` (UsageLedger), `pipe` (the gateway's
-end of the writer process), `writer` (the writer process and its insert), `reports` (UsageReports).
+Modules: `schema` (the usage table and UsageRecord), `migrate` (its Alembic revisions, in
+`migrations/`), `queue` (UsageLedger), `pipe` (the gateway's end of the writer process), `writer`
+(the writer process and its idempotent insert), `reports` (UsageReports).
 Other layers import from this package only (`from services.gateway.ledger import UsageLedger`).
 """
 
+from services.gateway.ledger.migrate import LedgerSchemaError
 from services.gateway.ledger.pipe import LedgerWriteError
 from services.gateway.ledger.queue import UsageLedger
 from services.gateway.ledger.reports import Grouping, UsageReports
-from services.gateway.ledger.schema import UsageRecord, create_usage_table, usage
+from services.gateway.ledger.schema import UsageRecord, usage
 
 __all__ = [
     "Grouping",
+    "LedgerSchemaError",
     "LedgerWriteError",
     "UsageLedger",
     "UsageRecord",
     "UsageReports",
-    "create_usage_table",
     "usage",
 ]

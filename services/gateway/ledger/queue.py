@@ -20,9 +20,10 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.gateway.ledger.migrate import ensure_schema
 from services.gateway.ledger.pipe import LedgerWriteError, WriterProcess
 from services.gateway.ledger.reports import Grouping, UsageReports
-from services.gateway.ledger.schema import REQUEST_ID, UsageRecord, create_usage_table, row_values
+from services.gateway.ledger.schema import REQUEST_ID, UsageRecord, row_values
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class UsageLedger:
     `flush_interval_s` bounds how stale the table is; `max_batch` bounds one INSERT (a longer queue
     wakes the writer early and is written in several batches); `close_timeout_s` bounds how long
     `close()` keeps retrying a failing database before it gives up on the rows still queued;
-    `writer_nice`: the writer process' CPU priority below the gateway's.
+    `writer_nice`: the writer process' CPU priority below the gateway's; `auto_upgrade`: whether
+    start() upgrades a database at an older schema revision (None: a SQLite file yes, after keeping
+    a copy; a server no: LedgerSchemaError, `meshserve db upgrade`; see migrate.py).
     """
 
     def __init__(
@@ -54,8 +57,10 @@ class UsageLedger:
         max_batch: int = 1000,
         close_timeout_s: float = 10.0,
         writer_nice: int = 10,
+        auto_upgrade: bool | None = None,
     ) -> None:
         self._engine = engine
+        self._auto_upgrade = auto_upgrade
         self._writer_process = WriterProcess(engine.url.render_as_string(hide_password=False), nice=writer_nice)
         self.reports = UsageReports(engine)
         self._flush_interval_s = flush_interval_s
@@ -72,10 +77,12 @@ class UsageLedger:
     # --- writing -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the tables if needed and start the writer process and the task that feeds it."""
+        """Check the database's schema revision (an empty database is brought to the head, an older
+        one as `auto_upgrade` says, else LedgerSchemaError: `meshserve db upgrade`), then start the
+        writer process and the task that feeds it."""
         if self._engine.url.get_backend_name() == "sqlite" and self._engine.url.database in (None, "", ":memory:"):
             raise ValueError("the usage ledger needs a database file or server: an in-memory SQLite is per connection")
-        await asyncio.to_thread(create_usage_table, self._engine)
+        await asyncio.to_thread(ensure_schema, self._engine, self._auto_upgrade)
         await self._writer_process.start()
         self._writer = asyncio.create_task(self._run_writer(), name="usage-ledger-writer")
 
@@ -167,7 +174,8 @@ class UsageLedger:
         """Write the oldest `size` queued rows in one transaction; they leave the queue only once
         the writer process acknowledged their commit, so a failure loses nothing. Returns the rows
         consumed. (A write cancelled or timed out kills the writer process and leaves its rows
-        queued: a commit that landed just before is written twice, the one duplicate case.)"""
+        queued: when a commit landed just before, the retry finds those rows by their request ids
+        and skips them, so nothing is billed twice.)"""
         async with self._write_lock:
             batch = self._queue[:size]
             if not batch:
@@ -181,6 +189,12 @@ class UsageLedger:
             for request_id, reason in rejected:
                 log.error("usage row of request %s rejected by the database, dropped: %s", request_id, reason)
             ROWS_WRITTEN.inc(written)
+            if (already := done - written - len(rejected)) > 0:
+                log.warning(
+                    "%d usage rows were in the ledger already (a batch retried after its commit went "
+                    "unacknowledged): skipped, not billed twice",
+                    already,
+                )
             del self._queue[:done]
             self._gauge()
             if error is not None:  # the rows after `done` were not written: they stay queued

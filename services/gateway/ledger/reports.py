@@ -1,6 +1,11 @@
 """Usage reports: the usage table read back as listings (newest first), counts and totals per UTC
 day, model, key or provider, for `GET /v1/usage` and `meshserve usage`. Reads run in a worker thread, off the
 event loop.
+
+Costs are summed exactly by the database (Postgres NUMERIC, SQLite integer nano-dollars) and come
+out as JSON numbers, as before: the float nearest the exact Decimal, whose shortest repr is that
+decimal's digits for any amount below a million USD (15 significant digits round-trip through a
+double), so `Decimal(str(cost_usd))` gives the ledger's value back.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class UsageReports:
             .limit(limit)
             .offset(offset)
         )
-        return [{str(k): v for k, v in row.items()} for row in await self._read(stmt)]  # plain str keys (orjson)
+        return [_listed_row(row) for row in await self._read(stmt)]
 
     async def totals(
         self,
@@ -126,6 +131,13 @@ def _filters(
 
 def _sum_columns() -> list[sa.Label]:
     return [sa.func.coalesce(sa.func.sum(usage.c[name]), 0).label(name) for name in _INT_SUMS + _FLOAT_SUMS]
+
+
+def _listed_row(row: sa.RowMapping) -> dict:
+    """A row as JSON-ready values: plain str keys (orjson), the cost a number (see the module)."""
+    listed = {str(k): v for k, v in row.items()}
+    listed["cost_usd"] = float(listed["cost_usd"])
+    return listed
 
 
 def _totals_row(row: sa.RowMapping, name: str) -> dict:

@@ -1,18 +1,26 @@
 """The usage table: one row per request the gateway answered (who, which model, tokens, compute,
 cost, status), the `UsageRecord` that describes such a row, and the row's tuple form that the
 queue holds and the writer process inserts (UsageRecord's fields in order).
+
+Money is exact: `cost_usd` is a decimal of 9 places (nano-dollars, `Money`), and `request_id` is
+unique, so that an insert retried after a lost acknowledgement writes nothing twice. The table's
+shape is that of the Alembic migrations (`migrations/`, `migrate.py`), which create and change it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import sqlalchemy as sa
 
-from services.gateway.db import add_missing_columns, create_tables, metadata
+from services.gateway.db import metadata
+
+NANO = Decimal("1e-9")  # the ledger's unit of money: a nano-dollar (the X-Usage-Cost-USD header's 9 places)
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -38,6 +46,51 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def usd(value: Decimal | float | int | str) -> Decimal:
+    """An amount of USD as the ledger keeps it: a Decimal rounded (half even) to the nano-dollar. A
+    float is read as its shortest repr (0.1 is 0.1, not 0.1000000000000000055...): what the price
+    computation meant. Not a finite number: ValueError."""
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(repr(value) if isinstance(value, float) else value)
+    except decimal.InvalidOperation:  # a text that is no number
+        raise ValueError(f"a cost must be a number of USD, not {value!r}") from None
+    if not amount.is_finite():
+        raise ValueError(f"a cost must be a finite number of USD, not {value!r}")
+    return amount.quantize(NANO, rounding=decimal.ROUND_HALF_EVEN)
+
+
+def nanos(value: Decimal | float | int | str) -> int:
+    """An amount of USD as a whole number of nano-dollars (how SQLite stores `Money`)."""
+    return int(usd(value).scaleb(9))
+
+
+class Money(sa.TypeDecorator):
+    """USD, exact to the nano-dollar, read back as Decimal. Postgres: NUMERIC(18, 9). SQLite has no
+    exact decimal (its NUMERIC is a float), so there it is an INTEGER of nano-dollars: sums stay
+    exact integers. A float read back (a column of a release before migration 0002: REAL dollars)
+    is taken as dollars, so reading an old ledger shows its costs, not nano-dollars."""
+
+    impl = sa.Numeric(18, 9)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.BigInteger())
+        return dialect.type_descriptor(sa.Numeric(18, 9, asdecimal=True))
+
+    def process_bind_param(self, value, dialect: sa.Dialect) -> Decimal | int | None:
+        if value is None:
+            return None
+        return nanos(value) if dialect.name == "sqlite" else usd(value)
+
+    def process_result_value(self, value, dialect: sa.Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite" and isinstance(value, int):
+            return Decimal(value).scaleb(-9)
+        return usd(value)
+
+
 usage = sa.Table(
     "usage",
     metadata,
@@ -52,7 +105,7 @@ usage = sa.Table(
     sa.Column("output_tokens", sa.Integer, nullable=False),
     sa.Column("items", sa.Integer, nullable=False),
     sa.Column("compute_s", sa.Float, nullable=False),
-    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("cost_usd", Money, nullable=False, comment="USD, exact to the nano-dollar"),
     sa.Column("status", sa.Integer, nullable=False, comment="HTTP status the caller got"),
     sa.Column("latency_s", sa.Float, nullable=False),
     sa.Column("trace_id", sa.String(32), nullable=True),
@@ -73,6 +126,7 @@ usage = sa.Table(
     sa.Column("upstream_request_id", sa.String(128), nullable=True, comment="the answering provider's request id"),
     sa.Index("ix_usage_key_id_time", "key_id", "time"),
     sa.Index("ix_usage_time", "time"),
+    sa.Index("ux_usage_request_id", "request_id", unique=True),  # one row per request: a retried insert is a no-op
 )
 
 
@@ -89,7 +143,7 @@ class UsageRecord:
     output_tokens: int
     items: int
     compute_s: float  # inference time attributed to this request
-    cost_usd: float
+    cost_usd: Decimal | float  # USD; the ledger keeps it as a Decimal of 9 places (usd())
     status: int  # HTTP status (or the HTTP status of the gRPC error) the caller got
     latency_s: float
     trace_id: str | None
@@ -101,18 +155,13 @@ class UsageRecord:
     upstream_request_id: str | None = None  # the answering provider's request id (a remote one's)
 
 
-def create_usage_table(engine: sa.Engine) -> None:
-    """Create the tables, and add the columns a ledger of an older release lacks (idempotent)."""
-    create_tables(engine)
-    add_missing_columns(engine, usage)
-
-
 # --- a row in tuple form -----------------------------------------------------------------------
 
 FIELDS = tuple(field.name for field in dataclasses.fields(UsageRecord))
 row_values = operator.attrgetter(*FIELDS)  # a record as the tuple the queue holds and the writer receives
 TIME = FIELDS.index("time")
 REQUEST_ID = FIELDS.index("request_id")
+COST = FIELDS.index("cost_usd")
 _TRACE_ID = FIELDS.index("trace_id")
 _ROUNDED = tuple(FIELDS.index(name) for name in ("compute_s", "latency_s"))
 # The defaults of the trailing fields, for a row of an older release's shape (fewer fields).
@@ -122,7 +171,8 @@ _DEFAULTS = tuple(field.default for field in dataclasses.fields(UsageRecord))
 def normalized_row(row: tuple) -> tuple:
     """A row as the table stores it: the trace id as 32 hex digits (the queue may hold its int), the
     time an aware UTC datetime (the queue may hold unix seconds), seconds rounded to the microsecond,
-    the fields an older release's row lacks at their defaults."""
+    the cost a Decimal of nano-dollars (usd()), the fields an older release's row lacks at their
+    defaults."""
     values = list(row)
     if len(values) < len(FIELDS):
         values.extend(_DEFAULTS[len(values) :])
@@ -132,4 +182,5 @@ def normalized_row(row: tuple) -> tuple:
         values[TIME] = datetime.fromtimestamp(values[TIME], UTC)
     for index in _ROUNDED:
         values[index] = round(values[index], 6)
+    values[COST] = usd(values[COST])
     return tuple(values)
