@@ -189,3 +189,23 @@ def test_bad_sampling_values_are_400_in_openai_shape(mesh, extra, param):
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and param in error["message"] + str(error.get("param"))
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_stream_the_runtime_refuses_is_a_400_before_any_event(mesh, route):
+    """What only the runtime can check (a logit_bias id past the vocabulary) is refused before the
+    stream's 200, in OpenAI's shape, as without `stream` (not a 200 and then an error event)."""
+    body = {"model": LM, "max_tokens": 4, "stream": True, "logit_bias": {"99999": 5}}
+    body |= {"messages": HELLO} if route == "chat" else {"prompt": "hello"}
+    path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+    with httpx.stream("POST", f"{mesh.url}{path}", json=body, timeout=60) as reply:
+        reply.read()
+    assert reply.status_code == 400, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and "logit_bias" in error["message"] + str(error.get("param"))
+    # The same request without the bad bias streams as before.
+    body.pop("logit_bias")
+    with httpx.stream("POST", f"{mesh.url}{path}", json=body, timeout=60) as reply:
+        events = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert reply.status_code == 200 and events[-1] == "data: [DONE]" and len(events) >= 2

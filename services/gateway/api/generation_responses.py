@@ -2,9 +2,11 @@
 request when it ends, however it ends.
 
 Every generator of a stream is closed explicitly (a client that left must stop the generation
-now, not when the garbage collector finalizes a suspended generator). A failure after the 200
-went out ends the stream with an error event and then a clean end of the body, never a cut
-connection; the cause goes to the log."""
+now, not when the garbage collector finalizes a suspended generator). A stream's first step is
+awaited before the 200 goes out, so that what the runtime refuses on admission (a logit_bias or
+stop token id past the vocabulary) is an HTTP error in the caller's dialect, as without `stream`.
+A failure after the 200 went out ends the stream with an error event and then a clean end of the
+body, never a cut connection; the cause goes to the log."""
 
 from __future__ import annotations
 
@@ -27,15 +29,18 @@ class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body iterator however the response ends (Starlette
     stops iterating on a disconnect but leaves the generator suspended)."""
 
-    def __init__(self, content, *, generation: Generation | None = None, **kwargs) -> None:
+    def __init__(self, content, *, generation: Generation | None = None, source=None, **kwargs) -> None:
         super().__init__(content, **kwargs)
         self.generation = generation
+        self.source = source  # the generation's steps, already started (their first step was taken)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            if self.source is not None:  # a body that never started: stop the generation now
+                await self.source.aclose()
             if self.generation is not None:  # a body that never started settled nothing: settle it now
                 await self.generation.aclose()
 
@@ -50,10 +55,34 @@ async def _swallow(body):
         return
 
 
-async def _stream_body(generation: Generation, events: Callable, on_error: Callable):
-    source, metered = generation.steps(), generation.metered
-    request_id = metered.request_id
-    async with generation.settled(), aclosing(source), aclosing(events(source)) as chunks:
+async def _first_step(generation: Generation):
+    """(the generation's steps, their first step or None): a refusal of the first step settles the
+    request with its status and is raised, before any response starts."""
+    source = generation.steps()
+    try:
+        return source, await anext(source)
+    except StopAsyncIteration:
+        return source, None
+    except BaseException as exc:
+        await source.aclose()
+        await generation.metering.track(generation.metered).fail(exc)
+        raise
+
+
+async def _chained(first, source):
+    """`first` (when there is one), then the rest of `source`."""
+    if first is not None:
+        yield first
+    async for step in source:
+        yield step
+
+
+async def _stream_body(generation: Generation, events: Callable, on_error: Callable, primed):
+    source, first = primed
+    request_id = generation.metered.request_id
+    steps = _chained(first, source)
+    metered = generation.metered
+    async with generation.settled(), aclosing(source), aclosing(steps), aclosing(events(steps)) as chunks:
         try:
             async for chunk in chunks:
                 yield chunk
@@ -82,12 +111,14 @@ async def respond(
     body `render(collected)` with the usage headers; `extra`: more headers (a routed request's
     provider and attempts)."""
     if stream:
+        primed = await _first_step(generation)
         headers = {**SSE_HEADERS, **generation.metered.rate_headers()}
         if extra:
             headers.update(extra)
         return ClosingStreamingResponse(
-            _swallow(_stream_body(generation, events, on_error)),
+            _swallow(_stream_body(generation, events, on_error, primed)),
             generation=generation,
+            source=primed[0],
             media_type="text/event-stream",
             headers=headers,
         )
