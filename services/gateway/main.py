@@ -25,6 +25,7 @@ from services.gateway.api.http_app import create_app, wrap
 from services.gateway.api.http_limits import HttpLimits, protocol_class
 from services.gateway.control.auth import GrpcAuthInterceptor
 from services.gateway.control.plane import ControlPlane, WeakAdminToken
+from services.gateway.ledger import LedgerSchemaError
 from services.gateway.pipeline.coalescer import RequestCoalescer
 from services.gateway.pipeline.runner import Pipeline
 from services.gateway.providers import Providers
@@ -156,7 +157,7 @@ def main() -> None:
 
     try:
         uvloop.run(run())
-    except (WeakAdminToken, BadProvidersFile) as err:  # the operator's setting, not a bug: one line, no traceback
+    except (WeakAdminToken, BadProvidersFile, LedgerSchemaError) as err:  # the operator's setting, not a bug: one line, no traceback
         log.error("refusing to start: %s", err)
         sys.exit(2)
 

@@ -101,10 +101,6 @@ def test_the_gateway_refuses_an_old_postgres_ledger_until_db_upgrade(old_ledger,
         started.communicate(timeout=60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/gateway/main.py does not catch LedgerSchemaError yet (the lead's file): a traceback",
-)
 def test_the_refusal_is_one_line_without_a_traceback(old_ledger):
     home, url = old_ledger
     refused = gateway(home, url, free_port())
