@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.catalog import Catalog, ModelEntry
+from services.common.catalog import Catalog, ModelEntry, TensorSpec
 from services.common.errors import ErrorCode, MeshError
 from services.common.modelstore import is_built, model_dir
 from services.inference.batcher import DynamicBatcher
 from services.inference.generation import GenerationScheduler
-from services.inference.runtime import RuntimeOptions, load_runtime, set_torch_threads
+from services.inference.runtime import RuntimeOptions, load_runtime, set_torch_threads, token_embeddings_output
 from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,18 @@ class ModelSlot:
     @property
     def name(self) -> str:
         return self.entry.inference.name
+
+
+def with_runtime_outputs(entry: ModelEntry, models_dir: Path) -> ModelEntry:
+    """The entry with the optional outputs its runtime serves on request (a sentence embedder's
+    `token_embeddings`) added to its contract, as Triton's Python backend adds them to the model's
+    config: a client may then ask for them by name."""
+    spec = entry.inference
+    extra = token_embeddings_output(spec.runtime, spec.runtime_engine, model_dir(entry, models_dir))
+    if extra is None or any(t.name == extra["name"] for t in spec.outputs):
+        return entry
+    outputs = (*spec.outputs, TensorSpec(**extra))
+    return entry.model_copy(update={"inference": spec.model_copy(update={"outputs": outputs})})
 
 
 class ModelRepository:
@@ -80,16 +92,12 @@ class ModelRepository:
             started = time.perf_counter()
             try:
                 set_torch_threads(entry.inference.threads)
-                runtime = await asyncio.to_thread(
-                    load_runtime,
-                    entry.inference.runtime,
-                    model_dir(entry, self.models_dir),
-                    RuntimeOptions.of(entry, self.models_dir),
-                )
+                runtime, entry = await asyncio.to_thread(self._load_runtime, entry)
             except Exception as exc:
                 log.exception("model load failed", extra={"fields": {"model": name}})
                 slot.state, slot.reason = ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}"
                 raise MeshError(ErrorCode.UPSTREAM_UNAVAILABLE, f"failed to load '{name}'") from exc
+            slot.entry = entry
             if entry.inference.runtime == "causal_lm":
                 slot.batcher = GenerationScheduler(name, runtime, entry.inference, slot.stats)
             else:
@@ -99,6 +107,12 @@ class ModelRepository:
                 "model ready", extra={"fields": {"model": name, "load_s": round(time.perf_counter() - started, 2)}}
             )
             return slot
+
+    def _load_runtime(self, entry: ModelEntry):
+        """Worker thread: the entry's runtime, and the entry with the runtime's optional outputs."""
+        folder = model_dir(entry, self.models_dir)
+        runtime = load_runtime(entry.inference.runtime, folder, RuntimeOptions.of(entry, self.models_dir))
+        return runtime, with_runtime_outputs(entry, self.models_dir)
 
     async def unload(self, name: str) -> None:
         slot = self.slot(name)

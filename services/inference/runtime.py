@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 _threads_lock = threading.Lock()
 
+# The optional output of sentence-embedding runtimes: the encoder's last hidden states, FP32
+# [batch, tokens, hidden] (TEI's /embed_all). Served on request, beside the catalog's outputs.
+TOKEN_EMBEDDINGS = "token_embeddings"
+
 
 def set_torch_threads(threads: int) -> None:
     """Intra-op threads for this process (torch's setting is process-wide)."""
@@ -75,6 +79,11 @@ class Runtime:
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def execute_outputs(self, inputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
+        """At least the outputs `names` (a batch's requested outputs); a runtime whose outputs come
+        together returns them all, one with outputs on request computes only those asked for."""
+        return self.execute(inputs)
+
     def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request's outputs from its rows of a batch's outputs, given its own inputs (before
         padding). Runtimes whose outputs follow the padded tokens cut them back here."""
@@ -87,10 +96,17 @@ class SentenceEmbeddingRuntime(Runtime):
     happens here, inside the batch, so only [batch, dim] FP32 leaves the inference service instead
     of [batch, tokens, dim]; L2 normalization is left to postprocess, where the catalog and the
     caller's `normalize` parameter decide it. `token_type_ids` is passed on when the catalog sends it.
+
+    A second output, `token_embeddings` (the encoder's last hidden states, FP32 [batch, tokens,
+    hidden], padding positions included: the caller strips them with the attention mask it sent),
+    serves TEI's /embed_all. `execute_outputs` builds it only for a batch that asks for it (Triton's
+    backend passes the requested outputs); `execute()`, what the embedded batcher runs, hands it out
+    always: on the CPU it is a view of hidden states the pooling computed anyway.
     """
 
     pad_values: ClassVar[dict[str, int | float]] = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
     output_names: ClassVar[tuple[str, ...]] = ("embedding",)
+    token_outputs: ClassVar[bool] = True  # exposes TOKEN_EMBEDDINGS
 
     def __init__(self, model_dir: Path) -> None:
         import torch
@@ -136,12 +152,19 @@ class SentenceEmbeddingRuntime(Runtime):
             if name in inputs
         }
 
+    def hidden_states(self, input_ids, attention_mask, token_type_ids=None):
+        """The encoder's last hidden states [batch, tokens, hidden], a torch tensor on the model's device."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+
     def pooled(self, input_ids, attention_mask, token_type_ids=None):
         """[batch, dim] sentence embeddings (pooled, then the Dense layers) as a torch tensor on the
         model's device."""
+        return self.pool(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
+
+    def pool(self, hidden, attention_mask):
+        """The Pooling and Dense modules over hidden states: [batch, dim] FP32."""
         torch = self._torch
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         if self.modes == ("mean",) and not self.dense:
             return self._pool(hidden, attention_mask).to(torch.float32)
         from services.inference.sentence_modules import apply_dense, pool
@@ -154,9 +177,31 @@ class SentenceEmbeddingRuntime(Runtime):
         return (self.pooled(input_ids, attention_mask, token_type_ids),)
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._torch.inference_mode():
-            outputs = self.forward(**self.feed(inputs))
-        return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs, strict=True)}
+        """Every output: the pooled one and, where the runtime has it, `token_embeddings` (on the
+        CPU the hidden states are already there: handing them out is a view, not a copy)."""
+        names = self.output_names + ((TOKEN_EMBEDDINGS,) if self.token_outputs else ())
+        return self.execute_outputs(inputs, frozenset(names))
+
+    def execute_outputs(self, inputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
+        if not (self.token_outputs and TOKEN_EMBEDDINGS in names):
+            with self._torch.inference_mode():
+                outputs = self.forward(**self.feed(inputs))
+            return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs, strict=True)}
+        torch = self._torch
+        with torch.inference_mode():
+            feed = self.feed(inputs)
+            hidden = self.hidden_states(**feed)
+            result = {TOKEN_EMBEDDINGS: hidden.to(torch.float32).cpu().numpy()}
+            if names - {TOKEN_EMBEDDINGS}:
+                result[self.output_names[0]] = self.pool(hidden, feed["attention_mask"]).cpu().numpy()
+        return result
+
+    def request_outputs(self, outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Token embeddings cut back from the batch's padded length to the request's own (a view)."""
+        if TOKEN_EMBEDDINGS not in outputs:
+            return outputs
+        tokens = inputs["input_ids"].shape[1]
+        return {**outputs, TOKEN_EMBEDDINGS: outputs[TOKEN_EMBEDDINGS][:, :tokens]}
 
 
 class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
@@ -165,6 +210,7 @@ class EmbeddingClassifierRuntime(SentenceEmbeddingRuntime):
     (weight [labels, dim], bias [labels]) beside the encoder's files."""
 
     output_names: ClassVar[tuple[str, ...]] = ("logits",)
+    token_outputs: ClassVar[bool] = False
 
     def __init__(self, model_dir: Path) -> None:
         super().__init__(model_dir)
@@ -258,6 +304,19 @@ RUNTIMES: dict[str, Callable[[Path], Runtime]] = {
     "masked_lm": _masked_lm,
     "question_answering": _question_answering,
 }
+
+
+def token_embeddings_output(kind: str, engine: str, model_dir: Path) -> dict | None:
+    """The TOKEN_EMBEDDINGS output a runtime kind has on an engine ({name, datatype, dims without
+    the batch axis}), or None. The onnx engine exports only the pooled graph: it has none."""
+    if kind != "sentence_embedding" or engine != "torch":
+        return None
+    from transformers import AutoConfig
+
+    from services.inference.sentence_modules import encoder_dir
+
+    hidden = int(AutoConfig.from_pretrained(str(encoder_dir(model_dir))).hidden_size)
+    return {"name": TOKEN_EMBEDDINGS, "datatype": "FP32", "dims": (-1, hidden)}
 
 
 @dataclass(frozen=True)

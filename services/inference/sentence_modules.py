@@ -92,6 +92,16 @@ def read_head(model_dir: Path) -> SentenceHead:
     return head
 
 
+def encoder_dir(model_dir: Path) -> Path:
+    """The folder of the encoder (modules.json's Transformer module; no modules.json: the folder)."""
+    listing = model_dir / "modules.json"
+    if listing.exists():
+        for module in json.loads(listing.read_text()):
+            if module_kind(module) == "Transformer":
+                return model_dir / str(module.get("path", ""))
+    return model_dir
+
+
 def pool(modes: tuple[str, ...], hidden, mask):
     """sentence-transformers' Pooling over [batch, tokens, dim] with a 0/1 mask padded on either side."""
     import torch

@@ -11,10 +11,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.inference.runtime import RuntimeOptions, load_runtime, pad_and_stack, set_torch_threads
+import numpy as np
+
+from services.inference.runtime import (
+    RuntimeOptions,
+    load_runtime,
+    pad_and_stack,
+    set_torch_threads,
+    token_embeddings_output,
+)
 
 
 class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        """Before loading, Triton lets the model complete its config: a runtime's optional outputs
+        (a sentence embedder's `token_embeddings`) join the catalog's outputs, as the embedded
+        repository adds them, so clients may ask for them by name."""
+        config = auto_complete_model_config.as_dict()
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        if "MESHSERVE_MODEL_DIR" not in params:
+            return auto_complete_model_config
+        extra = token_embeddings_output(
+            params.get("MESHSERVE_RUNTIME", ""),
+            params.get("MESHSERVE_ENGINE", "torch"),
+            Path(params["MESHSERVE_MODEL_DIR"]),
+        )
+        if extra and extra["name"] not in {o["name"] for o in config.get("output", [])}:
+            auto_complete_model_config.add_output(
+                {"name": extra["name"], "data_type": f"TYPE_{extra['datatype']}", "dims": list(extra["dims"])}
+            )
+        return auto_complete_model_config
+
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
@@ -51,14 +79,20 @@ class TritonPythonModel:
                 errors.append(None)
             except ValueError as exc:
                 errors.append(str(exc))
-        good = iter(self._run([a for a, e in zip(arrays, errors, strict=True) if e is None], pb_utils))
+        valid = [(a, r) for a, r, e in zip(arrays, requests, errors, strict=True) if e is None]
+        good = iter(self._run([a for a, _ in valid], [self._wanted(r) for _, r in valid], pb_utils))
         return [
             next(good) if e is None else pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(e))
             for e in errors
         ]
 
-    def _run(self, arrays: list[dict], pb_utils) -> list:
-        """One padded batch for the valid requests; one response each."""
+    def _wanted(self, request) -> list[str]:
+        """The outputs a request asked for (Triton lists every output when it asked for none)."""
+        return [name for name in request.requested_output_names() if name in self.outputs] or self.outputs
+
+    def _run(self, arrays: list[dict], wanted: list[list[str]], pb_utils) -> list:
+        """One padded batch for the valid requests, computing the outputs some request asked for
+        (the pooled path never builds token embeddings it would drop); one response each."""
         if not arrays:
             return []
         rows = [a[self.inputs[0]].shape[0] for a in arrays]
@@ -67,14 +101,15 @@ class TritonPythonModel:
                 name: pad_and_stack([a[name] for a in arrays], self.runtime.pad_values.get(name, 0))
                 for name in self.inputs
             }
-            outputs = self.runtime.execute(stacked)
+            outputs = self.runtime.execute_outputs(stacked, frozenset(n for names in wanted for n in names))
         except Exception as exc:  # every request of the batch gets the error, the model stays up
             error = pb_utils.TritonError(f"model execution failed: {type(exc).__name__}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in arrays]
         responses, offset = [], 0
-        for a, n in zip(arrays, rows, strict=True):
-            own = self.runtime.request_outputs({name: outputs[name][offset : offset + n] for name in self.outputs}, a)
-            tensors = [pb_utils.Tensor(name, own[name]) for name in self.outputs]
+        for a, n, names in zip(arrays, rows, wanted, strict=True):
+            own = self.runtime.request_outputs({name: outputs[name][offset : offset + n] for name in names}, a)
+            # contiguous: pb_utils.Tensor copies the array's memory as it lies
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(own[name])) for name in names]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             offset += n
         return responses

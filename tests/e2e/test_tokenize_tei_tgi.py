@@ -167,8 +167,8 @@ def test_tei_errors_are_in_tei_shape(mesh):
         ("/embed", {"inputs": []}, 400),
         ("/embed", {"inputs": "a", "truncation_direction": "Left"}, 400),
         ("/embed", {"inputs": "a", "bogus": 1}, 400),
-        ("/embed_all", {"inputs": "a"}, 424),
-        (f"/tei/{MODEL_ID}/embed_all", {"inputs": "a"}, 424),
+        ("/embed_all", {"inputs": "a", "normalize": True}, 400),  # served: tests/e2e/test_tei_embed_all.py
+        (f"/tei/{MODEL_ID}/embed_all", {"inputs": []}, 400),
         (f"/tei/{LM}/embed", {"inputs": "a"}, 400),
     ]:
         reply = post(mesh, path, body)

@@ -1,6 +1,8 @@
 """Text Embeddings Inference's routes over the service layer: `POST /embed` ({inputs, normalize,
-truncate, truncation_direction, prompt_name, dimensions} -> [[float]]), `POST /embed_all` (token
-embeddings) and `GET /info` (TEI's Info), errors in TEI's `{error, error_type}`.
+truncate, truncation_direction, prompt_name, dimensions} -> [[float]]), `POST /embed_all` ({inputs,
+truncate, truncation_direction, prompt_name} -> [[[float]]], each input's token embeddings: the
+model's `token_embeddings` inference output, padding removed) and `GET /info` (TEI's Info), errors
+in TEI's `{error, error_type}`.
 
 TEI serves one model; so does each base URL here: `/tei/{model id}` (its `/embed`, `/embed_all`,
 `/info`, and a POST on the base URL itself, as huggingface_hub's feature_extraction sends it)
@@ -10,6 +12,7 @@ feature-extraction (with several, the root answers 400 naming them)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from meshserve.tasks.v1 import tasks_pb2
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +23,7 @@ from services.gateway.api import hf_tasks
 from services.gateway.api.deps import call_context_of, services_of
 from services.gateway.api.http_io import json_response, read_json
 from services.gateway.api.schemas import INT64_MAX
+from services.gateway.service.bounds import text_token_bound
 from services.gateway.service.validation import parse
 
 router = APIRouter(tags=["text-embeddings-inference"])
@@ -40,6 +44,18 @@ class EmbedRequest(BaseModel):
     truncation_direction: str = Field("Right", description="Only Right.")
     prompt_name: str | None = Field(None, description="A prompt of the model's, put before each text.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first n dimensions, then L2-normalize.")
+
+
+class EmbedAllRequest(BaseModel):
+    """TEI's EmbedAllRequest: no `normalize` (token embeddings are never normalized) nor `dimensions`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    inputs: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A text, texts, or token ids of the model's own tokenizer (one list or a list of lists)."
+    )
+    truncate: bool | None = Field(False, description="Cut texts over the token limit (false: 413 as TEI).")
+    truncation_direction: str = Field("Right", description="Only Right.")
+    prompt_name: str | None = Field(None, description="A prompt of the model's, put before each text.")
 
 
 def _body(schema) -> dict:
@@ -95,10 +111,7 @@ async def embed(request: Request, entry: ModelEntry):
         raise invalid("only `truncation_direction: Right` is supported", param="truncation_direction")
     hf_tasks.check_dimensions(entry, body.dimensions)
     services, ctx = services_of(request), call_context_of(request)
-    if isinstance(body.inputs, list) and body.inputs and isinstance(body.inputs[0], (int, list)):
-        items = [body.inputs] if isinstance(body.inputs[0], int) else body.inputs
-        if any(not 0 <= t <= INT64_MAX for ids in items for t in ids):
-            raise invalid("`inputs`: token ids must be between 0 and 2**63 - 1", param="inputs")
+    if (items := token_ids(body.inputs)) is not None:
         if body.prompt_name is not None:
             raise invalid("`prompt_name` needs text `inputs`", param="prompt_name")
         result, headers = await services.embed.token_embeddings(
@@ -115,11 +128,56 @@ async def embed(request: Request, entry: ModelEntry):
     return json_response([row.tolist() for row in result.vectors], headers=headers)
 
 
-def embed_all(entry: ModelEntry):
-    """Token embeddings need a model that outputs them; ours pool inside the model's graph. TEI's
-    answer to a model that cannot serve a route: 424, error_type `backend`."""
-    message = f"model {entry.id!r} pools its token embeddings inside the model: /embed_all is not served; use /embed"
-    return json_response({"error": message, "error_type": "backend"}, 424)
+def token_ids(inputs) -> list[list[int]] | None:
+    """Token-id `inputs` as a list of lists (checked in range), or None for text inputs."""
+    if not (isinstance(inputs, list) and inputs and isinstance(inputs[0], (int, list))):
+        return None
+    items = [inputs] if isinstance(inputs[0], int) else inputs
+    if any(not 0 <= t <= INT64_MAX for ids in items for t in ids):
+        raise invalid("`inputs`: token ids must be between 0 and 2**63 - 1", param="inputs")
+    return items
+
+
+def token_embeddings_refusal(entry: ModelEntry) -> str | None:
+    """Why `entry` has no token embeddings to serve (TEI answers 424 `backend`), or None."""
+    spec = entry.inference
+    if spec.runtime != "sentence_embedding":
+        return f"model {entry.id!r} (runtime {spec.runtime}) has no token embeddings: /embed_all is not served"
+    if spec.runtime_engine != "torch":
+        return (
+            f"model {entry.id!r} runs on the {spec.runtime_engine} engine, whose exported graph ends at the pooled "
+            "embedding: /embed_all is served on the torch engine only; use /embed"
+        )
+    return None
+
+
+async def embed_all(request: Request, entry: ModelEntry):
+    """TEI's /embed_all on `entry`: each input's token embeddings (the encoder's last hidden states,
+    un-pooled, un-normalized, padding removed): one [tokens][hidden] array per input."""
+    body = parse(EmbedAllRequest, await read_json(request, request.app.state.max_body_bytes))
+    request.state.model = entry.id
+    if (refusal := token_embeddings_refusal(entry)) is not None:
+        return json_response({"error": refusal, "error_type": "backend"}, 424)
+    if body.truncation_direction.lower() != "right":
+        raise invalid("only `truncation_direction: Right` is supported", param="truncation_direction")
+    if (items := token_ids(body.inputs)) is not None:
+        if body.prompt_name is not None:
+            raise invalid("`prompt_name` needs text `inputs`", param="prompt_name")
+        bound = sum(len(ids) for ids in items)
+        inputs = tasks_pb2.TaskInputs(
+            token_ids=tasks_pb2.TokenIdInputs(items=[tasks_pb2.TokenIds(ids=i) for i in items])
+        )
+    else:
+        texts, _ = hf_tasks.texts(body.inputs, "inputs")
+        caps.check_texts(entry, texts)
+        hf_tasks.check_prompt_name(entry, body.prompt_name)
+        bound = text_token_bound(entry, texts, body.prompt_name)
+        inputs = tasks_pb2.TaskInputs(text=tasks_pb2.TextInputs(texts=texts))
+    result, headers = await services_of(request).embed.embed_all(
+        call_context_of(request), entry, inputs, max_input_tokens=bound, truncate=bool(body.truncate),
+        prompt_name=body.prompt_name,
+    )  # fmt: skip
+    return json_response([vectors.tolist() for vectors in result.vectors], headers=headers)
 
 
 @router.post("/embed", summary="Embeddings of the default embedding model (TEI)", openapi_extra=_body(EmbedRequest))
@@ -127,9 +185,9 @@ async def tei_embed(request: Request):
     return await embed(request, default_model(request))
 
 
-@router.post("/embed_all", summary="Token embeddings (TEI)", openapi_extra=_body(EmbedRequest))
+@router.post("/embed_all", summary="Token embeddings (TEI)", openapi_extra=_body(EmbedAllRequest))
 async def tei_embed_all(request: Request):
-    return embed_all(default_model(request))
+    return await embed_all(request, default_model(request))
 
 
 @router.get("/info", summary="The default embedding model's info (TEI)")
@@ -140,7 +198,7 @@ async def tei_info(request: Request):
 @router.post("/tei/{path:path}", summary="A model's TEI base URL: …/embed, …/embed_all, or the URL itself")
 async def tei_model_post(request: Request, path: str):
     if path.endswith("/embed_all"):
-        return embed_all(model_named(request, path.removesuffix("/embed_all")))
+        return await embed_all(request, model_named(request, path.removesuffix("/embed_all")))
     return await embed(request, model_named(request, path.removesuffix("/embed")))
 
 

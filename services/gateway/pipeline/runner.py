@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from meshserve.postprocess.v1 import postprocess_pb2
 from meshserve.preprocess.v1 import preprocess_pb2
 from meshserve.tasks.v1 import tasks_pb2
@@ -31,9 +32,13 @@ from services.common.clients import InferenceClient, PostprocessClient, Preproce
 from services.common.errors import ErrorCode, MeshError
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.tasks import task_to_pb
-from services.common.tensors import NP_DTYPES
+from services.common.tensors import NP_DTYPES, from_pb
 
 log = logging.getLogger(__name__)
+
+# A sentence embedder's optional inference output (services/inference/runtime.py TOKEN_EMBEDDINGS:
+# the services meet only over the contract, so the name is repeated here).
+TOKEN_EMBEDDINGS = "token_embeddings"
 
 # Tasks whose results quote the request's inputs (entity words, answer spans): postprocess gets them.
 QUOTING_TASKS = frozenset({"token-classification", "question-answering"})
@@ -52,6 +57,15 @@ class Prediction:
     result: tasks_pb2.TaskResult
     usage: tasks_pb2.Usage
     compute_s: float = 0.0  # time spent in the inference stage
+
+
+@dataclass(frozen=True)
+class TokenEmbeddings:
+    """Each input's token embeddings [its tokens, hidden], its usage, time in the inference stage."""
+
+    vectors: list[np.ndarray]
+    usage: tasks_pb2.Usage
+    compute_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,13 +171,7 @@ class Pipeline:
             preprocess_pb2.PreprocessRequest(model_id=entry.id, task=task_pb, inputs=inputs, parameters=parameters)
         )
         t1 = time.perf_counter()
-        try:
-            outputs = await self._infer(entry, list(pre.tensors))
-        except MeshError as err:
-            if not await self._is_cold(entry, err):
-                raise
-            await self._warm_up(entry, wait_for_model)
-            outputs = await self._infer(entry, list(pre.tensors))
+        outputs = await self._infer_warm(entry, list(pre.tensors), wait_for_model)
         t2 = time.perf_counter()
         post = await self.postprocess.postprocess(
             postprocess_pb2.PostprocessRequest(
@@ -180,6 +188,40 @@ class Pipeline:
         _INFER.observe(t2 - t1)
         _POST.observe(t3 - t2)
         return Prediction(entry.id, task, post.result, pre.usage, t2 - t1)
+
+    async def token_embeddings(
+        self, model_id: str, inputs: tasks_pb2.TaskInputs, parameters: tasks_pb2.TaskParameters
+    ) -> TokenEmbeddings:
+        """TEI's /embed_all: the inputs preprocessed as feature-extraction, then only the model's
+        `token_embeddings` output (never the pooled one), each input's rows cut to its own tokens
+        with the attention mask preprocess made. No postprocess stage: nothing is pooled or scaled."""
+        entry, task = self.resolve(model_id, "feature-extraction")
+        started = time.perf_counter()
+        pre = await self.preprocess.preprocess(
+            preprocess_pb2.PreprocessRequest(
+                model_id=entry.id, task=task_to_pb(task), inputs=inputs, parameters=parameters
+            )
+        )
+        t1 = time.perf_counter()
+        (hidden,) = await self._infer_warm(entry, list(pre.tensors), False, outputs=(TOKEN_EMBEDDINGS,))
+        t2 = time.perf_counter()
+        _PRE.observe(t1 - started)
+        _INFER.observe(t2 - t1)
+        mask = next(from_pb(t) for t in pre.tensors if t.name == "attention_mask").astype(bool)
+        states = from_pb(hidden)
+        return TokenEmbeddings([states[row][mask[row]] for row in range(mask.shape[0])], pre.usage, t2 - t1)
+
+    async def _infer_warm(
+        self, entry: ModelEntry, tensors: list[tasks_pb2.Tensor], wait_for_model: bool, *, outputs=None
+    ) -> list[tasks_pb2.Tensor]:
+        """Inference; a cold model is loaded first (waited for, or refused with its estimated time)."""
+        try:
+            return await self._infer(entry, tensors, outputs)
+        except MeshError as err:
+            if not await self._is_cold(entry, err):
+                raise
+            await self._warm_up(entry, wait_for_model)
+            return await self._infer(entry, tensors, outputs)
 
     async def _is_cold(self, entry: ModelEntry, err: MeshError) -> bool:
         """The inference server is up but does not have this catalog model loaded. (Live, not
@@ -205,13 +247,20 @@ class Pipeline:
         except TimeoutError:
             raise MeshError(ErrorCode.DEADLINE_EXCEEDED, f"Model {entry.id} did not finish loading in time") from None
 
-    async def _infer(self, entry: ModelEntry, tensors: list[tasks_pb2.Tensor]) -> list[tasks_pb2.Tensor]:
+    async def _infer(
+        self, entry: ModelEntry, tensors: list[tasks_pb2.Tensor], outputs: tuple[str, ...] | None = None
+    ) -> list[tasks_pb2.Tensor]:
+        """The model's `outputs` (default: the catalog's; a model may serve more on request, such
+        as a sentence embedder's token embeddings, which would otherwise come along too)."""
         spec = entry.inference
         chunk = spec.max_batch_size
         parts = [split_rows(t, chunk) for t in tensors]
+        wanted = outputs or tuple(t.name for t in spec.outputs)
         requests = []
         for i in range(len(parts[0])):
             request = service_pb2.ModelInferRequest(model_name=spec.name)
+            for name in wanted:
+                request.outputs.add(name=name)
             for tensor, pieces in zip(tensors, parts, strict=True):
                 shape, raw = pieces[i]
                 request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)

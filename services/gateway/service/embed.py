@@ -9,7 +9,7 @@ from meshserve.tasks.v1 import tasks_pb2
 from services.common.catalog import ModelEntry
 from services.gateway.control.metering import Metering
 from services.gateway.pipeline.coalescer import Embedded, RequestCoalescer
-from services.gateway.pipeline.runner import Pipeline
+from services.gateway.pipeline.runner import Pipeline, TokenEmbeddings
 from services.gateway.service.bounds import text_token_bound
 from services.gateway.service.context import CallContext
 
@@ -103,4 +103,33 @@ class EmbedService:
             prediction = await self.pipeline.predict(entry.id, "feature-extraction", inputs, parameters)
             result = Embedded.of(prediction)
             metered.add(input_tokens=result.input_tokens, items=len(items), compute_s=result.compute_s)
+        return result, metered.headers()
+
+    async def embed_all(
+        self,
+        ctx: CallContext,
+        entry: ModelEntry,
+        inputs: tasks_pb2.TaskInputs,
+        *,
+        max_input_tokens: int,
+        truncate: bool = False,
+        prompt_name: str | None = None,
+    ) -> tuple[TokenEmbeddings, dict]:
+        """TEI's /embed_all: each input's token embeddings (texts, or the model's own token ids),
+        admitted at `max_input_tokens`, settled at the tokens embedded; returns them and the usage
+        headers. Not coalesced: the pooled path's batches stay as they are."""
+        metered = await self.metering.admit(
+            ctx.principal,
+            entry,
+            "feature-extraction",
+            ctx.route,
+            ctx.request_id,
+            max_input_tokens=max_input_tokens,
+            client_request_id=ctx.client_request_id,
+        )
+        async with self.metering.track(metered):
+            parameters = tasks_pb2.TaskParameters(truncate=truncate, prompt_name=prompt_name)
+            result = await self.pipeline.token_embeddings(entry.id, inputs, parameters)
+            items = len(result.vectors)
+            metered.add(input_tokens=result.usage.input_tokens, items=items, compute_s=result.compute_s)
         return result, metered.headers()
