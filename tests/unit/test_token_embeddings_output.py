@@ -1,0 +1,73 @@
+"""The sentence-embedding runtime's on-request `token_embeddings` output, in process on the built
+all-MiniLM-L6-v2: which runtimes and engines have it, what the served contract lists, what a batch
+computes when it names outputs, and the gateway's 424 for models that cannot serve /embed_all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.gateway.api.routes_tei import token_embeddings_refusal
+from services.inference.repository import with_runtime_outputs
+from services.inference.runtime import TOKEN_EMBEDDINGS, SentenceEmbeddingRuntime, token_embeddings_output
+from tests.helpers import MODEL_ID
+
+
+@pytest.fixture(scope="module")
+def runtime(models_dir):
+    return SentenceEmbeddingRuntime(models_dir / MODEL_ID / "model")
+
+
+def batch() -> dict[str, np.ndarray]:
+    ids = np.array([[101, 7592, 2088, 2003, 102], [101, 7592, 102, 0, 0]], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+
+
+def test_only_torch_sentence_embedders_have_token_embeddings(models_dir):
+    folder = models_dir / MODEL_ID / "model"
+    assert token_embeddings_output("sentence_embedding", "torch", folder) == {
+        "name": TOKEN_EMBEDDINGS,
+        "datatype": "FP32",
+        "dims": (-1, 384),
+    }
+    assert token_embeddings_output("sentence_embedding", "onnx", folder) is None
+    assert token_embeddings_output("embedding_classifier", "torch", folder) is None
+
+
+def test_the_served_contract_lists_the_output_once(catalog, models_dir):
+    served = with_runtime_outputs(catalog.get(MODEL_ID), models_dir)
+    assert [(t.name, t.dims) for t in served.inference.outputs] == [
+        ("embedding", (384,)),
+        (TOKEN_EMBEDDINGS, (-1, 384)),
+    ]
+    assert with_runtime_outputs(served, models_dir) == served
+    onnx = catalog.get(MODEL_ID).model_copy(
+        update={"inference": catalog.get(MODEL_ID).inference.model_copy(update={"runtime_engine": "onnx"})}
+    )
+    assert [t.name for t in with_runtime_outputs(onnx, models_dir).inference.outputs] == ["embedding"]
+
+
+def test_a_batch_computes_only_the_outputs_named(runtime):
+    feed = batch()
+    assert set(runtime.execute_outputs(feed, frozenset({"embedding"}))) == {"embedding"}
+    assert set(runtime.execute_outputs(feed, frozenset({TOKEN_EMBEDDINGS}))) == {TOKEN_EMBEDDINGS}
+    both = runtime.execute(feed)
+    assert set(both) == {"embedding", TOKEN_EMBEDDINGS} and both[TOKEN_EMBEDDINGS].shape == (2, 5, 384)
+    mask = feed["attention_mask"][..., None]
+    means = (both[TOKEN_EMBEDDINGS] * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(means, both["embedding"], atol=1e-5)
+    np.testing.assert_allclose(runtime.execute_outputs(feed, frozenset({"embedding"}))["embedding"], both["embedding"])
+
+
+def test_a_requests_rows_are_cut_to_its_own_tokens(runtime):
+    outputs = runtime.execute(batch())
+    own = runtime.request_outputs(outputs, {"input_ids": np.zeros((2, 3), np.int64)})
+    assert own[TOKEN_EMBEDDINGS].shape == (2, 3, 384) and own["embedding"].shape == (2, 384)
+
+
+def test_models_without_token_embeddings_are_refused_with_a_reason(catalog):
+    entry = catalog.get(MODEL_ID)
+    assert token_embeddings_refusal(entry) is None
+    onnx = entry.model_copy(update={"inference": entry.inference.model_copy(update={"runtime_engine": "onnx"})})
+    assert "onnx engine" in token_embeddings_refusal(onnx)
+    assert "runtime embedding_classifier" in token_embeddings_refusal(catalog.get("meshserve/sentiment-minilm"))
