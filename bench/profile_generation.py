@@ -2,8 +2,9 @@
 `GenerationScheduler` against raw batched Hugging Face `generate()`, same model, same process.
 
 The machine is shared, so wall time is noisy; `time.process_time()` of this process (every thread,
-torch's OpenMP workers included) is the figure to compare. Both sides use the catalog's 2 torch
-threads and the inference service's `GOMP_SPINCOUNT`.
+torch's OpenMP workers included) is the figure to compare. `--threads` sets torch's threads (the
+catalog's 2 by default); on a busy machine use 1: with 2, OpenMP workers spin while their partner
+is descheduled and CPU time swings by several times. The inference service's `GOMP_SPINCOUNT`.
 
   scheduler  `GenerationScheduler` on the built tiny LM (`meshserve/tiny-llama-chat`), N closed-loop
              workers each running greedy 64-token streams (min_new_tokens = max_new_tokens = 64, the
@@ -11,13 +12,19 @@ threads and the inference service's `GOMP_SPINCOUNT`.
              folder's chat template (bench.run_generation's PROMPTS). `--stagger` (default) shortens
              each worker's first stream so that streams leave and join at different steps, one every
              64/N steps, as in the mesh (joins and leaves cost cache work); `--no-stagger` runs waves.
+             Also TTFT (submission to first token) p50/p99 of the streams started in the window.
   raw        `model.generate()` greedy at batch N (left padding, max_new_tokens = min_new_tokens = 64).
 
-`--breakdown` adds timers around the parts of a step (forward, cache build, sampling, emit, drop,
-join; process and wall time) and a cProfile of the worker thread and of the event loop's thread.
+`--breakdown` adds timers around the parts of a step (forward, prefill, sampling, emit, drop, join;
+process time per generated token) and, unless `--top 0`, a cProfile of the worker thread (all torch
+work) and of the event loop's thread. `--against FILE` is an A/B: another version of
+services/inference/generation.py alternated with this checkout's for `--rounds` rounds (and raw
+generate() once a round), medians reported.
 
-    python -m bench.profile_generation                 # 8 and 32 streams, ~1 minute
-    python -m bench.profile_generation --streams 32 --breakdown
+    python -m bench.profile_generation --threads 1                # 8 and 32 streams, ~1 minute
+    python -m bench.profile_generation --threads 1 --streams 32 --breakdown --sort cumulative
+    git show HEAD~3:services/inference/generation.py > /tmp/old.py
+    python -m bench.profile_generation --threads 1 --against /tmp/old.py --rounds 3
 """
 
 from __future__ import annotations
@@ -287,14 +294,20 @@ def ab_rounds(folder: Path, ids, args) -> list[dict[str, Any]]:
         tokens = args.tokens or 8 * streams * TOKENS
         runs: dict[str, list[float]] = {name: [] for name in runtimes}
         ttft: dict[str, list] = {name: [] for name in runtimes}
+        if not args.no_raw:
+            runs["raw"] = []
         for _ in range(args.rounds):
             for name, runtime in runtimes.items():
                 result = asyncio.run(scheduler_point(runtime, ids, streams, tokens, args.stagger))
                 runs[name].append(result["cpu_us_per_token"])
                 ttft[name].append(result.get("ttft_ms"))
+            if not args.no_raw:
+                runs["raw"].append(raw_point(runtimes["current"].model, ids, streams, tokens)["cpu_us_per_token"])
         medians = {name: round(statistics.median(values), 1) for name, values in runs.items()}
         point = {"streams": streams, "cpu_us_per_token": runs, "median": medians, "ttft_ms": ttft}
         point["current_over_against"] = round(medians["current"] / medians["against"], 3)
+        if "raw" in medians:  # raw CPU per token / the scheduler's: the in-process ceiling of mesh / raw
+            point["raw_over"] = {name: round(medians["raw"] / medians[name], 3) for name in runtimes}
         print(f"{streams:>3} streams  {json.dumps(point)}", flush=True)
         points.append(point)
     return points
@@ -333,9 +346,13 @@ def main() -> None:
     ids = prompts(folder)
     if args.against is not None:
         points = ab_rounds(folder, ids, args)
-        write_atomic(
-            args.out, (json.dumps({"ab": str(args.against), "threads": args.threads, "points": points}) + "\n").encode()
-        )
+        context = {
+            "machine": machine_info(),
+            "git": git_info(),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        result = {"ab_against": str(args.against), "threads": args.threads, "rounds": args.rounds, "points": points}
+        write_atomic(args.out, (json.dumps(result | context, indent=2) + "\n").encode())
         return
     runtime = CausalLMRuntime(folder)
     points = []

@@ -536,11 +536,12 @@ class _Batch:
 class GenerationScheduler:
     """Continuous batching for one loaded causal LM (the `batcher` of a generation model).
 
-    The KV cache of the running batch is one left-padded tensor pair per layer ([batch, kv_heads,
-    time, dim]); a newcomer is prefilled alone and its cache merged in (left-padded to the batch's
-    length), a leaver's rows are dropped, and columns that became padding for every row are
-    trimmed. Attention masks and explicit position ids make the padded batch compute exactly what
-    each sequence would alone (tested against unbatched decoding).
+    The KV cache of the running batch is a window of preallocated buffers per layer (`_Slots`:
+    sequence i is row i, right-aligned, left padding masked): newcomers are prefilled together and
+    their cache copied into free rows (a lone newcomer to a busy batch waits up to HOLD_STEPS steps
+    for company, `_holds`), a leaver's row is refilled by the last row, and columns that became
+    padding for every row leave the window. Attention masks and explicit position ids make the
+    padded batch compute exactly what each sequence would alone (tested against unbatched decoding).
 
     All torch work (prefill, decode, sampling) runs in one worker thread; the event loop only
     admits, emits tokens and drops sequences. A cancelled sequence leaves the batch at the next step.
