@@ -31,6 +31,8 @@ from services.postprocess.settings import PostprocessSettings
 from services.preprocess.settings import PreprocessSettings
 
 log = logging.getLogger("meshserve.supervisor")
+# The exit code of a service that refuses its settings (a weak admin token, an out-of-date ledger...).
+REFUSED = 2
 
 _PR_SET_PDEATHSIG = 1
 
@@ -234,6 +236,7 @@ class Supervisor:
         self.children = {child.name: child for child in children}
         self.settings = settings
         self._stop = asyncio.Event()
+        self.exit_code = 0
 
     def _inference_http_line(self) -> str:
         """Where KServe v2 HTTP is served: each inference process's own port (not behind Envoy)."""
@@ -261,6 +264,11 @@ class Supervisor:
         while not self._stop.is_set():
             code = await child.process.wait()
             if child.stopping or self._stop.is_set():
+                return
+            if code == REFUSED:  # a setting the service refuses (its log says which): restarting cannot help
+                log.error("%s refused to start (exit %d, the reason is its last log line); stopping", child.name, code)
+                self.exit_code = REFUSED
+                self._stop.set()
                 return
             if time.monotonic() - child.started_at > 60:
                 child.restarts = 0  # it had been healthy for a while: start the backoff over
@@ -333,7 +341,7 @@ class Supervisor:
         await self.shutdown()
         for w in watchers:
             w.cancel()
-        return 0
+        return self.exit_code
 
     async def shutdown(self) -> None:
         print("meshserve: stopping (gateway first, then the stages)...", flush=True)
