@@ -571,6 +571,18 @@ class GenerationScheduler:
     def queued_rows(self) -> int:
         return len(self._waiting)
 
+    def _check_ids(self, prompt: list[int], params: SamplingParams) -> None:
+        """Refuse token ids past the vocabulary: the prompt's, logit_bias's and stop_token_ids'."""
+        vocab = self.runtime.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise invalid(f"input '{InputTensor.INPUT_IDS}' holds token ids outside [0, {vocab})")
+        for key, ids in (
+            (RequestParameter.LOGIT_BIAS, [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            if ids and not 0 <= min(ids) <= max(ids) < vocab:
+                raise invalid(f"`{key}` holds token ids outside [0, {vocab})", param=key)
+
     def submit(self, prompt: list[int], params: SamplingParams) -> GenerationStream:
         """Queue a sequence; its tokens arrive on the returned stream."""
         if self._closed:
@@ -579,17 +591,7 @@ class GenerationScheduler:
         params.validate()
         if not prompt:
             raise invalid(f"input '{InputTensor.INPUT_IDS}' has no tokens (model '{self.name}')")
-        if min(prompt) < 0 or max(prompt) >= self.runtime.vocab_size:
-            raise invalid(f"input '{InputTensor.INPUT_IDS}' holds token ids outside [0, {self.runtime.vocab_size})")
-        if (
-            params.logit_bias
-            and not 0
-            <= min(t for t, _ in params.logit_bias)
-            <= max(t for t, _ in params.logit_bias)
-            < self.runtime.vocab_size
-        ):
-            key = RequestParameter.LOGIT_BIAS
-            raise invalid(f"`{key}` holds token ids outside [0, {self.runtime.vocab_size})", param=key)
+        self._check_ids(prompt, params)
         if len(prompt) >= self.runtime.max_context:
             raise invalid(
                 f"the prompt has {len(prompt)} tokens; model '{self.name}' has a context of {self.runtime.max_context}"
@@ -924,10 +926,11 @@ class GenerationScheduler:
             values = logits.index_select(0, seen)
             logits = logits.clone()
             logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            logits = logits.clamp(max=torch.finfo(logits.dtype).max)  # a penalty near 0: +inf, then NaN
         if p.temperature == 0.0:
             token = int(logits.argmax())
             return token, float(torch.log_softmax(logits, -1)[token])
-        logits = logits / p.temperature
+        logits = (logits / p.temperature).clamp(max=torch.finfo(logits.dtype).max)
         if p.top_k > 0:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)

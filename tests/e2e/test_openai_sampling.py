@@ -180,6 +180,8 @@ def test_vllm_extras_and_continuous_usage(mesh, client, tokenizer):
         ({"top_k": -2}, "top_k"),
         ({"skip_special_tokens": False}, "skip_special_tokens"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [99999], "min_tokens": 2}, "stop_token_ids"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"guided_json": {}}, "guided_json"),
     ],
 )
@@ -191,11 +193,15 @@ def test_bad_sampling_values_are_400_in_openai_shape(mesh, extra, param):
     assert error["type"] == "invalid_request_error" and param in error["message"] + str(error.get("param"))
 
 
-@pytest.mark.parametrize("route", ["chat", "completions"])
-def test_a_stream_the_runtime_refuses_is_a_400_before_any_event(mesh, route):
-    """What only the runtime can check (a logit_bias id past the vocabulary) is refused before the
+@pytest.mark.parametrize(
+    ("route", "bad"),
+    [("chat", {"logit_bias": {"99999": 5}}), ("completions", {"logit_bias": {"99999": 5}}),
+     ("chat", {"stop_token_ids": [99999], "min_tokens": 2})],
+)  # fmt: skip
+def test_a_stream_the_runtime_refuses_is_a_400_before_any_event(mesh, route, bad):
+    """What only the runtime can check (token ids past the vocabulary) is refused before the
     stream's 200, in OpenAI's shape, as without `stream` (not a 200 and then an error event)."""
-    body = {"model": LM, "max_tokens": 4, "stream": True, "logit_bias": {"99999": 5}}
+    body = {"model": LM, "max_tokens": 4, "stream": True, **bad}
     body |= {"messages": HELLO} if route == "chat" else {"prompt": "hello"}
     path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
     with httpx.stream("POST", f"{mesh.url}{path}", json=body, timeout=60) as reply:
@@ -203,9 +209,25 @@ def test_a_stream_the_runtime_refuses_is_a_400_before_any_event(mesh, route):
     assert reply.status_code == 400, reply.text
     assert reply.headers["content-type"].startswith("application/json")
     error = reply.json()["error"]
-    assert error["type"] == "invalid_request_error" and "logit_bias" in error["message"] + str(error.get("param"))
-    # The same request without the bad bias streams as before.
-    body.pop("logit_bias")
+    (param,) = bad.keys() - {"min_tokens"}
+    assert error["type"] == "invalid_request_error" and param in error["message"] + str(error.get("param"))
+    # The same request without the bad ids streams as before.
+    body.pop(param)
     with httpx.stream("POST", f"{mesh.url}{path}", json=body, timeout=60) as reply:
         events = [line for line in reply.iter_lines() if line.startswith("data: ")]
     assert reply.status_code == 200 and events[-1] == "data: [DONE]" and len(events) >= 2
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 100.0])  # 100: the schema's upper bound
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_an_extreme_repetition_penalty_still_generates(mesh, penalty, temperature):
+    """A penalty near 0 divides logits to +inf (NaN probabilities, once a 500); a large one pushes
+    them far apart: either way the answer is tokens with finite logprobs."""
+    body = {"model": LM, "messages": HELLO, "max_tokens": 4, "seed": 1, "logprobs": True}
+    body |= {"repetition_penalty": penalty, "temperature": temperature}
+    reply = httpx.post(f"{mesh.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    tokens = answer["choices"][0]["logprobs"]["content"]
+    assert answer["usage"]["completion_tokens"] == len(tokens) >= 1
+    assert all(-1e9 < t["logprob"] <= 0 for t in tokens)
