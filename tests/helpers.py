@@ -294,6 +294,11 @@ def start_mesh(
     return mesh
 
 
+def sqlite_usd(nanos: int | None) -> float:
+    """A SQLite ledger's `cost_usd` (whole nano-dollars: services/gateway/ledger/schema.py Money) in USD."""
+    return (nanos or 0) / 1e9
+
+
 def pg_binary(name: str) -> str | None:
     """A Postgres server binary: the one the pgserver wheel ships (pip, no root: what `make test`
     installs) or the system's (PATH, /usr/lib/postgresql). As root the system's comes first: the

@@ -122,6 +122,8 @@ def as_a_model_takes_it(body: dict, model: str) -> dict:
             body[name] = min(int(body[name]), most)
     if isinstance(body.get("logit_bias"), dict):
         body["logit_bias"] = {str(int(k) % 100): v for k, v in body["logit_bias"].items()}
+    if isinstance(body.get("stop_token_ids"), list):
+        body["stop_token_ids"] = [int(t) % 100 for t in body["stop_token_ids"]]
     body.pop("prompt_name", None)  # MiniLM has none
     if isinstance(body.get("input"), list) and body["input"] and not isinstance(body["input"][0], str):
         rows = body["input"] if isinstance(body["input"][0], list) else [body["input"]]

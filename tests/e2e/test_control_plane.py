@@ -22,7 +22,7 @@ from openai import OpenAI
 
 from services.gateway.control.auth import rest_scope
 from tests.e2e.test_tracing import otel_env, receiver  # noqa: F401  (the in-test OTLP collector fixture)
-from tests.helpers import MODEL_ID, REPO, GatewayProcess, start_mesh
+from tests.helpers import MODEL_ID, REPO, GatewayProcess, sqlite_usd, start_mesh
 
 pytestmark = pytest.mark.xdist_group("control")
 
@@ -269,7 +269,7 @@ def test_concurrent_requests_never_overspend_the_budget(cp):
     for url in (mesh.url, second.url):
         admin(url).get("/v1/usage", params={"limit": 0})  # flush both replicas' ledgers
     with sqlite3.connect(db) as conn:
-        spent = conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
+        spent = sqlite_usd(conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0])
     assert spent == pytest.approx(budget) and spent <= budget + 1e-12
 
 
@@ -436,11 +436,13 @@ def test_concurrent_streams_never_overspend_and_a_closed_stream_pays_what_it_use
         for url in (mesh.url, second.url):
             admin(url).get("/v1/usage", params={"limit": 0})  # flushes the ledger
         with sqlite3.connect(db) as conn:
-            spent = conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
+            spent = sqlite_usd(
+                conn.execute("SELECT SUM(cost_usd) FROM usage WHERE key_id = ?", (key["id"],)).fetchone()[0]
+            )
             closed = conn.execute(
                 "SELECT status, output_tokens, cost_usd FROM usage WHERE request_id = ?", (closed_id,)
             ).fetchone()
     assert closed is not None, "the closed stream never got its ledger row"
     assert spent <= budget + 1e-12
     status, tokens, cost = closed
-    assert status == 499 and 0 < tokens < long and cost == pytest.approx(tokens * TOKEN_PRICE)
+    assert status == 499 and 0 < tokens < long and sqlite_usd(cost) == pytest.approx(tokens * TOKEN_PRICE)

@@ -23,7 +23,7 @@ import orjson
 import pytest
 import yaml
 
-from tests.helpers import REPO, START_TIMEOUT_S, Mesh, free_port, mesh_home
+from tests.helpers import REPO, START_TIMEOUT_S, Mesh, free_port, mesh_home, sqlite_usd
 
 ADMIN = "msk_admin_providers-admin-token-0123456789abcdefghijklmnopqrstuvwxyz"
 PROVIDER_HEADER = "x-meshserve-provider"
@@ -72,7 +72,8 @@ class ProviderGateway:
             self.flush_ledger()
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
             conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute(f"SELECT * FROM usage WHERE {where}", params)]
+            rows = [dict(r) for r in conn.execute(f"SELECT * FROM usage WHERE {where}", params)]
+        return [{**r, "cost_usd": sqlite_usd(r["cost_usd"])} for r in rows]
 
     def create_key(self, **spec) -> dict:
         reply = httpx.post(self.url + "/admin/keys", json={"name": "providers-test", **spec},
