@@ -12,14 +12,15 @@ PYTEST_WORKERS ?= 2
 # from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build. For CUDA:
 # `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`. (A machine whose pip has a
 # local torch wheel in its find-links, like the CI machine, takes that one when the index is out of reach.)
-# Then requirements.lock, every pin hashed (compiled from pyproject.toml with all extras by `make lock`;
-# it leaves torch out, installed above). No -q on the two big installs: a first install takes minutes
-# and shows what it is doing.
+# torch alone (--no-deps: its own dependencies are pinned in the lock, so no index but TORCH_INDEX is
+# asked for them), then requirements.lock, every pin hashed (compiled from pyproject.toml with all
+# extras by `make lock`; it leaves torch out). No -q on the two big installs: a first install takes
+# minutes and shows what it is doing.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): requirements.lock requirements.nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing torch 2.13.0 from $(TORCH_INDEX) (about 200 MB for the CPU build)"
-	$(PIP) install --disable-pip-version-check --progress-bar on --retries 2 --index-url $(TORCH_INDEX) torch==2.13.0
+	$(PIP) install --disable-pip-version-check --progress-bar on --retries 2 --no-deps --index-url $(TORCH_INDEX) torch==2.13.0
 	@echo "installing the locked dependencies (requirements.lock, hash-checked)"
 	$(PIP) install --disable-pip-version-check --progress-bar on --require-hashes -r requirements.lock
 	@echo "installing the packages whose metadata over-reaches (requirements.nodeps.txt, --no-deps)"
