@@ -114,8 +114,13 @@ def test_completions_n_and_best_of(mesh, client):
 
 
 def test_penalties_change_greedy_output(mesh, client):
-    args = {"model": LM, "messages": HELLO, "max_tokens": 32, "temperature": 0}
-    plain = client.chat.completions.create(**args).choices[0].message.content
+    # 48 tokens past the end token: a 4M-parameter model's greedy text repeats tokens (checked), and
+    # the penalties (up to 4 logits on each repeated one) must change it, whatever its weights.
+    args = {"model": LM, "messages": HELLO, "max_tokens": 48, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    plain = client.chat.completions.create(**args, logprobs=True).choices[0]
+    tokens = [t.token for t in plain.logprobs.content]
+    assert len(tokens) == 48 and len(set(tokens)) < len(tokens)
+    plain = plain.message.content
     penalized = client.chat.completions.create(**args, frequency_penalty=2.0, presence_penalty=2.0)
     assert penalized.choices[0].message.content != plain
     again = client.chat.completions.create(**args, frequency_penalty=2.0, presence_penalty=2.0)
