@@ -56,15 +56,7 @@ class EmbedService:
         `truncate`; the first `dimensions` kept, the model's prompt `prompt_name` before each text,
         `normalize`: None for the model's setting), settled; returns the vectors and usage headers."""
         metering = self.metering
-        metered = await metering.admit(
-            ctx.principal,
-            entry,
-            "feature-extraction",
-            ctx.route,
-            ctx.request_id,
-            max_input_tokens=text_token_bound(entry, texts, prompt_name),
-            client_request_id=ctx.client_request_id,
-        )
+        metered = await self._admit(ctx, entry, text_token_bound(entry, texts, prompt_name))
         async with metering.track(metered):
             # OpenAI refuses over-long input rather than cutting it (`truncate`: the caller chose to cut).
             parameters = tasks_pb2.TaskParameters(
@@ -86,15 +78,7 @@ class EmbedService:
         """OpenAI embeddings of token-id input, read as the model's own tokenizer's ids (vLLM's
         reading): admitted at their exact count, embedded as they are (preprocess refuses ids out of
         the vocabulary or over the token limit), settled; returns the vectors and usage headers."""
-        metered = await self.metering.admit(
-            ctx.principal,
-            entry,
-            "feature-extraction",
-            ctx.route,
-            ctx.request_id,
-            max_input_tokens=sum(len(ids) for ids in items),
-            client_request_id=ctx.client_request_id,
-        )
+        metered = await self._admit(ctx, entry, sum(len(ids) for ids in items))
         async with self.metering.track(metered):
             inputs = tasks_pb2.TaskInputs(
                 token_ids=tasks_pb2.TokenIdInputs(items=[tasks_pb2.TokenIds(ids=ids) for ids in items])
@@ -118,7 +102,17 @@ class EmbedService:
         """TEI's /embed_all: each input's token embeddings (texts, or the model's own token ids),
         admitted at `max_input_tokens`, settled at the tokens embedded; returns them and the usage
         headers. Not coalesced: the pooled path's batches stay as they are."""
-        metered = await self.metering.admit(
+        metered = await self._admit(ctx, entry, max_input_tokens)
+        async with self.metering.track(metered):
+            parameters = tasks_pb2.TaskParameters(truncate=truncate, prompt_name=prompt_name)
+            result = await self.pipeline.token_embeddings(entry.id, inputs, parameters)
+            items = len(result.vectors)
+            metered.add(input_tokens=result.usage.input_tokens, items=items, compute_s=result.compute_s)
+        return result, metered.headers()
+
+    async def _admit(self, ctx: CallContext, entry: ModelEntry, max_input_tokens: int):
+        """Admit a feature-extraction call of the caller (key, limits, the budget hold)."""
+        return await self.metering.admit(
             ctx.principal,
             entry,
             "feature-extraction",
@@ -127,9 +121,3 @@ class EmbedService:
             max_input_tokens=max_input_tokens,
             client_request_id=ctx.client_request_id,
         )
-        async with self.metering.track(metered):
-            parameters = tasks_pb2.TaskParameters(truncate=truncate, prompt_name=prompt_name)
-            result = await self.pipeline.token_embeddings(entry.id, inputs, parameters)
-            items = len(result.vectors)
-            metered.add(input_tokens=result.usage.input_tokens, items=items, compute_s=result.compute_s)
-        return result, metered.headers()
