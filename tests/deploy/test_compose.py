@@ -413,13 +413,13 @@ def _closure(requirements: list[str]) -> set[str]:
 
 
 def test_the_image_installs_the_control_planes_dependencies_pinned_by_the_lock():
-    """The Dockerfile installs pyproject's dependencies and its [redis] and [postgres] extras with
+    """The Dockerfile installs pyproject's dependencies and its [redis], [postgres] and [tiktoken] extras with
     requirements.lock as constraints: the control plane's (SQLAlchemy, psycopg with its binary build,
     redis with hiredis, cachetools) are among them, and every distribution they pull in has a pin, so
     the image gets the tested versions."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    dependencies = project["dependencies"] + extras["redis"] + extras["postgres"]
+    dependencies = project["dependencies"] + extras["redis"] + extras["postgres"] + extras["tiktoken"]
     direct = {canonicalize_name(Requirement(d).name): Requirement(d) for d in dependencies}
     lock = _lock()
     for name in ("sqlalchemy", "psycopg", "redis", "hiredis", "cachetools"):
@@ -433,6 +433,7 @@ def test_the_image_installs_the_control_planes_dependencies_pinned_by_the_lock()
     assert sorted(closure - set(lock) - {"setuptools", "torch"}) == []
     installs = [args for op, args in instructions(DOCKER / "Dockerfile") if op == "RUN" and "pip install" in args]
     assert any(
-        "p['dependencies'] + x['redis'] + x['postgres']" in a and "-c /opt/meshserve/requirements.lock" in a
+        "p['dependencies'] + x['redis'] + x['postgres'] + x['tiktoken']" in a
+        and "-c /opt/meshserve/requirements.lock" in a
         for a in installs
     )

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
-from services.common.errors import MeshError
+from services.common.errors import ErrorCode, MeshError
 from services.gateway.service import tiktoken_ids
 from services.preprocess import tokenization
 from services.preprocess.core import Preprocessor
@@ -67,3 +69,15 @@ def test_cl100k_ids_decode_to_their_text():
     with pytest.raises(MeshError) as caught:
         tiktoken_ids.decode([[9906], [100256]])
     assert caught.value.param == "input" and "`input[1]`" in caught.value.message
+
+
+def test_cl100k_ids_without_the_tiktoken_extra_name_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now raises ImportError
+    tiktoken_ids.encoding.cache_clear()
+    try:
+        with pytest.raises(MeshError) as caught:
+            tiktoken_ids.decode([[9906]])
+    finally:
+        tiktoken_ids.encoding.cache_clear()
+    assert caught.value.code is ErrorCode.NOT_IMPLEMENTED
+    assert "meshserve[tiktoken]" in caught.value.message

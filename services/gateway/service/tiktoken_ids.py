@@ -7,8 +7,9 @@ reading has a route of its own (`/tiktoken/v1/embeddings`); `/v1/embeddings` kee
 
 tiktoken downloads its BPE file on first use, which an offline machine cannot do. The file is
 looked up where tiktoken caches it (`TIKTOKEN_CACHE_DIR`, `DATA_GYM_CACHE_DIR`, tiktoken's
-default cache folders), then in the copy llama-index-core ships (a pinned dependency): never
-downloaded, and checked against its published SHA-256.
+default cache folders), then in the copy llama-index-core ships: never downloaded, and checked
+against its published SHA-256. Both come with the `[tiktoken]` extra; without it this route answers
+501 naming the extra.
 """
 
 from __future__ import annotations
@@ -57,9 +58,15 @@ def candidate_files() -> list[Path]:
 def encoding():
     """tiktoken's cl100k_base Encoding, from the first intact copy of its file; MeshError
     (not implemented here) when there is none."""
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
+    try:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+    except ImportError:
+        raise MeshError(
+            ErrorCode.NOT_IMPLEMENTED,
+            f"{ENCODING} token ids need the server's optional tiktoken support "
+            "(pip install 'meshserve[tiktoken]'); send text instead of token ids",
+        ) from None
     for path in candidate_files():
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == _SHA256:
             ranks = load_tiktoken_bpe(str(path), _SHA256)
