@@ -90,11 +90,15 @@ def add_routes(app: FastAPI, router: APIRouter) -> None:
 
 
 HF_TASK_PREFIX = "/models/"
+# Exact paths whose endpoints also take only the request (nothing for FastAPI to parse) and go
+# straight to them: `POST /v1/embeddings`, the other hot unary route (#18: ~8 % of the gateway's
+# samples at c=1 were FastAPI's routing and middleware on it, py-spy).
+FAST_EXACT = {"/v1/embeddings": routes_embeddings.embeddings}
 
 
 class HfTaskFastPath:
     """Pure ASGI: `POST /models/{model_path:path}` (the HF task API, the hot route) goes straight to
-    its endpoint, `routes_hf.hf_post`; everything else to FastAPI. FastAPI's route matching, its
+    its endpoint, `routes_hf.hf_post`, and the FAST_EXACT paths to theirs; everything else to FastAPI. FastAPI's route matching, its
     middleware stack and its endpoint wrapper cost about a quarter of the gateway's CPU per request
     on this route (py-spy, digits at c=64); the endpoint takes no parameters FastAPI would parse.
 
@@ -107,7 +111,11 @@ class HfTaskFastPath:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(HF_TASK_PREFIX):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        exact = FAST_EXACT.get(path)
+        if exact is None and not path.startswith(HF_TASK_PREFIX):
             return await self.app(scope, receive, send)
         scope["app"] = self.app
         request = Request(scope, receive, send)
@@ -120,7 +128,10 @@ class HfTaskFastPath:
             await send(message)
 
         try:
-            response = await routes_hf.hf_post(request, scope["path"][len(HF_TASK_PREFIX) :])
+            if exact is not None:
+                response = await exact(request)
+            else:
+                response = await routes_hf.hf_post(request, path[len(HF_TASK_PREFIX) :])
             await response(scope, receive, sender)
         except Exception as exc:
             await self._failed(request, exc, started, sender)
