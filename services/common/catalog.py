@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.errors import ErrorCode, MeshError
+from services.common.money import Price, exact, load_yaml
 
 if TYPE_CHECKING:
     from services.common.settings import CommonSettings
@@ -201,18 +203,24 @@ class PostprocessSpec(_Strict):
 class PricingSpec(_Strict):
     """What a request costs, in USD (the usage ledger and budgets use it)."""
 
-    input_per_1k_tokens_usd: float = 0.0
-    output_per_1k_tokens_usd: float = 0.0
-    per_request_usd: float = 0.0
-    per_compute_second_usd: float = Field(0.0, description="Per second of inference time spent on the request.")
+    # Each price is the exact decimal it was written as (money.Price: a float to show, `.exact` to count).
 
-    def cost(self, input_tokens: int, output_tokens: int, compute_s: float) -> float:
-        return (
-            input_tokens / 1000 * self.input_per_1k_tokens_usd
-            + output_tokens / 1000 * self.output_per_1k_tokens_usd
-            + self.per_request_usd
-            + compute_s * self.per_compute_second_usd
-        )
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)  # (0.0 -> an exact 0)
+
+    input_per_1k_tokens_usd: Price = 0.0
+    output_per_1k_tokens_usd: Price = 0.0
+    per_request_usd: Price = 0.0
+    per_compute_second_usd: Price = Field(0.0, description="Per second of inference time spent on the request.")
+
+    def cost(self, input_tokens: int, output_tokens: int, compute_s: float) -> Decimal:
+        """The exact cost in USD (Decimal arithmetic on the written prices; `compute_s` read as its
+        shortest repr), before any rounding: money.usd() rounds it to the nano-dollar."""
+        cost = (
+            input_tokens * self.input_per_1k_tokens_usd.exact + output_tokens * self.output_per_1k_tokens_usd.exact
+        ) / 1000 + self.per_request_usd.exact
+        if compute_s and self.per_compute_second_usd.exact:
+            cost += exact(compute_s) * self.per_compute_second_usd.exact
+        return cost
 
 
 class ModelEntry(_Strict):
@@ -278,7 +286,7 @@ class Catalog:
 
     @classmethod
     def load(cls, path: Path) -> Catalog:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
         return cls([ModelEntry.model_validate(m) for m in data.get("models", [])])
 
     def get(self, model_id: str) -> ModelEntry:
@@ -324,7 +332,7 @@ def _readable(exc: Exception) -> str:
 def load_entry(path: Path) -> ModelEntry:
     """One entry file (catalog.d): a YAML mapping that is the entry itself."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise CatalogFileError(f"{path}: cannot read the entry: {exc}") from None
     if not isinstance(data, dict):

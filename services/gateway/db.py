@@ -2,9 +2,8 @@
 URL, through SQLAlchemy Core. Several gateway replicas share it (Postgres, or one SQLite file on one
 host). Calls are synchronous and short; request paths run them in a worker thread.
 
-The key store creates its tables itself (create_tables, add_missing_columns); the usage ledger's
-table is created and changed by Alembic migrations only (services/gateway/ledger/migrate.py,
-`meshserve db upgrade`)."""
+Every table (the usage ledger's, the key store's) is created and changed by Alembic migrations only
+(services/gateway/ledger/migrate.py, `meshserve db upgrade`); `metadata` describes what they make."""
 
 from __future__ import annotations
 
@@ -65,33 +64,6 @@ def private_sqlite_file(path: Path) -> None:
                 part.chmod(0o600)
 
 
-def add_missing_columns(engine: sa.Engine, table: sa.Table) -> None:
-    """Add the columns of `table` that an older release's table lacks: rows already there get NULL,
-    or the server default (an SQL expression) of a NOT NULL column. Idempotent, and safe for replicas starting together: Postgres says
-    IF NOT EXISTS, SQLite's loser sees "duplicate column" and is done."""
-    have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
-    for column in table.columns:
-        if column.name in have:
-            continue
-        ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-        default = column.server_default
-        if not column.nullable and default is not None and isinstance(default.arg, sa.TextClause):
-            ddl += f" NOT NULL DEFAULT {default.arg.text}"  # the rows already there take the default
-        if engine.dialect.name == "postgresql":
-            ddl = ddl.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
-
-        def add(ddl: str = ddl) -> None:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(ddl)
-
-        try:
-            retry_locked(add)
-        except sa.exc.OperationalError as err:
-            if "duplicate column" not in str(err):
-                raise
-        log.info("table %s: added column %s", table.name, column.name)
-
-
 def retry_locked(operation: Callable[[], T], attempts: int = 5) -> T:
     """Run an idempotent start-up operation, again after SQLite's "database is locked" (replicas
     starting together on one file: some of SQLite's lock conflicts fail at once instead of waiting
@@ -105,17 +77,3 @@ def retry_locked(operation: Callable[[], T], attempts: int = 5) -> T:
             log.warning("database is locked during start-up (another replica starting?); trying again")
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
-
-
-def create_tables(engine: sa.Engine, tables: list[sa.Table] | None = None) -> None:
-    """Create the tables (default: every table on `metadata`) that do not exist yet. Replicas that
-    start together race between "does it exist" and CREATE: the loser sees "already exists" and
-    checks again."""
-    for attempt in range(5):
-        try:
-            retry_locked(lambda: metadata.create_all(engine, tables=tables))
-            return
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as err:
-            # Postgres: two CREATE TABLE of one name at once collide on the type catalog's index.
-            if not ("already exists" in str(err) or "pg_type_typname_nsp_index" in str(err)) or attempt == 4:
-                raise

@@ -79,8 +79,8 @@ def test_the_gateway_upgrades_an_old_sqlite_ledger_and_keeps_a_copy(tmp_path):
     finally:
         started.terminate()
         started.communicate(timeout=60)
-    assert migrate.current(db.make_engine(f"sqlite:///{path}")) == "0002"
-    assert migrate.current(db.make_engine(f"sqlite:///{path}.before-0002")) == "0001"
+    assert migrate.current(db.make_engine(f"sqlite:///{path}")) == migrate.head() == "0003"
+    assert migrate.current(db.make_engine(f"sqlite:///{path}.before-0003")) == "0001"
 
 
 def test_the_gateway_refuses_an_old_postgres_ledger_until_db_upgrade(old_ledger, capsys):
@@ -88,10 +88,10 @@ def test_the_gateway_refuses_an_old_postgres_ledger_until_db_upgrade(old_ledger,
     refused = gateway(home, url, free_port())
     out, _ = refused.communicate(timeout=120)
     assert refused.returncode != 0
-    assert "is at schema revision 0001; this release needs revision 0002" in out
+    assert "is at schema revision 0001; this release needs revision 0003" in out
     assert "run `meshserve db upgrade`" in out
     assert cli.main(["db", "upgrade"]) == 0
-    assert "0001 -> 0002" in capsys.readouterr().out
+    assert "0001 -> 0003" in capsys.readouterr().out
     port = free_port()
     started = gateway(home, url, port)
     try:

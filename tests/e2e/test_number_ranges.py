@@ -16,6 +16,7 @@ from huggingface_hub.errors import OverloadedError
 from meshserve.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshserve.tasks.v1 import tasks_pb2
 
+from services.common.errors import MeshError
 from services.gateway.control.keys import KeyStore
 from tests.helpers import GatewayProcess, free_port, start_mesh
 
@@ -114,15 +115,18 @@ def test_admin_key_creation_refuses_out_of_range_numbers(ranges, spec, field):
     assert field in reply.json()["error"]
 
 
-def test_a_key_stored_with_a_huge_budget_still_works(ranges):
-    """A key stored before the cap (here: straight into the store, past the API's check) counts
-    as having the largest budget, not as a failure on each of its requests."""
+def test_a_key_with_the_largest_budget_works(ranges):
+    """The largest budget a key may have (a billion USD: 1e18 nano-dollars) is counted exactly,
+    not a failure on each of its requests; a larger one is refused even straight into the store,
+    past the API's check. (A key stored with a larger one before the cap: migration 0003 makes it
+    the cap, test_key_migrations.)"""
     import sqlalchemy as sa
 
     mesh, _, _, db = ranges
-    _, token = KeyStore(sa.create_engine(f"sqlite:///{db}")).create(
-        "huge", ["inference", "read"], budget_usd=1e305, budget_period="total"
-    )
+    store = KeyStore(sa.create_engine(f"sqlite:///{db}"))
+    with pytest.raises(MeshError, match="budget_usd"):
+        store.create("huge", ["inference", "read"], budget_usd=1e305, budget_period="total")
+    _, token = store.create("largest", ["inference", "read"], budget_usd=1e9, budget_period="total")
     body = {"inputs": "a fine day"}
     deadline = time.monotonic() + 30
     while (reply := httpx.post(f"{mesh.url}/models/{SENTIMENT}", json=body, headers={"authorization": f"Bearer {token}"}, timeout=30)).status_code == 401:  # fmt: skip

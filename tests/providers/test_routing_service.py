@@ -15,6 +15,7 @@ import yaml
 
 from services.common.catalog import Catalog, PricingSpec
 from services.common.errors import ErrorCode, MeshError
+from services.common.money import usd
 from services.gateway.control.auth import Principal
 from services.gateway.control.keys import ApiKey, KeyStore
 from services.gateway.control.local_store import LocalControlStore
@@ -75,18 +76,18 @@ async def test_admission_holds_the_given_price_and_settles_at_the_answering_one(
             max_input_tokens=1000, max_output_tokens=1000, pricing=DEAR,
         )  # fmt: skip
         spent, held = await store.spent(principal.key_id, "month")
-        assert spent == 0 and held == pytest.approx(DEAR.cost(1000, 1000, 1.0))
+        assert spent == 0 and held == usd(DEAR.cost(1000, 1000, 1.0))
         metered.pricing, metered.provider, metered.attempts = CHEAP, "mesh-b", 2
         metered.upstream_request_id = "fake-b-7"
         async with metering.track(metered):
             metered.add(input_tokens=10, output_tokens=20, items=1)
         spent, held = await store.spent(principal.key_id, "month")
-        assert held == 0 and spent == pytest.approx(CHEAP.cost(10, 20, 0.0), abs=1e-9)
+        assert held == 0 and spent == usd(CHEAP.cost(10, 20, 0.0))
     finally:
         await store.close()
     assert ledger.record("provider") == "mesh-b" and ledger.record("attempts") == 2
     assert ledger.record("upstream_request_id") == "fake-b-7"
-    assert ledger.record("cost_usd") == pytest.approx(CHEAP.cost(10, 20, 0.0))
+    assert ledger.record("cost_usd") == usd(CHEAP.cost(10, 20, 0.0))
 
 
 async def test_a_failed_request_costs_nothing_unless_its_stream_delivered_tokens():
@@ -101,7 +102,7 @@ async def test_a_failed_request_costs_nothing_unless_its_stream_delivered_tokens
         metered.delivered = delivered
         await metering.finish(metered, 502)
     assert ledger.record("cost_usd", 0) == 0.0
-    assert ledger.record("cost_usd", 1) == pytest.approx(CHEAP.cost(5, 3, 0.0)) and ledger.record("status", 1) == 502
+    assert ledger.record("cost_usd", 1) == usd(CHEAP.cost(5, 3, 0.0)) and ledger.record("status", 1) == 502
 
 
 async def test_a_local_request_keeps_the_entry_price_and_local_row_defaults():
@@ -197,15 +198,14 @@ def test_a_key_naming_an_impossible_provider_is_refused(tmp_path, bad):
 
 
 def test_keys_of_an_older_release_gain_providers_and_allow_every_one(tmp_path):
+    from tests.unit.test_key_migrations import previous_release_database
+
     engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    previous_release_database(engine, with_salt=False)  # its api_keys has no providers column
     store = KeyStore(engine)
-    store.init_schema()
-    key, _ = store.create("old", ["inference"])
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE api_keys DROP COLUMN providers")
-    store.init_schema()
-    (stored,) = [k for k in store.all() if k.id == key.id]
-    assert stored.providers == () and Principal(stored).allowed_providers is None
+    store.init_schema()  # migration 0003 adds it
+    stored = store.all()
+    assert len(stored) == 3 and all(k.providers == () and Principal(k).allowed_providers is None for k in stored)
 
 
 # -- RoutingService over a real Providers and fake upstreams ----------------------------------------
@@ -300,12 +300,12 @@ async def test_a_generation_fails_over_holds_the_dearest_price_and_settles_at_th
     generation = await service.start(_ctx(principal), route, request, op="chat", stream=False)
     _, held = await store.spent(principal.key_id, "month")
     max_input, max_output = remote_bounds(request, 8192)
-    assert held == pytest.approx(DEAR_SPEC.cost(max_input, max_output, 5.0))  # the dearest, though cheap answered
+    assert held == usd(DEAR_SPEC.cost(max_input, max_output, 5.0))  # the dearest, though cheap answered
     done = await generation.collect()
     assert done.text == "tok0 tok1 tok2 tok3 tok4"
     assert done.last.completion_tokens == 5 and done.last.prompt_tokens == 3  # the upstream's usage
     spent, held = await store.spent(principal.key_id, "month")
-    assert held == 0 and spent == pytest.approx(CHEAP_SPEC.cost(3, 5, 0.0), abs=1e-9)
+    assert held == 0 and spent == usd(CHEAP_SPEC.cost(3, 5, 0.0))
     assert ledger.record("provider") == "cheap" and ledger.record("attempts") == 2
     assert ledger.record("upstream_request_id").startswith("fake-cheap-")
     assert (ledger.record("input_tokens"), ledger.record("output_tokens"), ledger.record("status")) == (3, 5, 200)
@@ -344,11 +344,9 @@ async def test_a_stream_that_dies_mid_way_pays_for_the_tokens_it_delivered(routi
     # the prompt's bound), the completion is what was delivered.
     prompt = ledger.record("input_tokens")
     assert prompt == -(-prompt_size(request) // 4) > 0
-    assert ledger.record("cost_usd") > 0 and ledger.record("cost_usd") == pytest.approx(
-        CHEAP_SPEC.cost(prompt, delivered, 0.0)
-    )
+    assert ledger.record("cost_usd") > 0 and ledger.record("cost_usd") == usd(CHEAP_SPEC.cost(prompt, delivered, 0.0))
     spent, held = await store.spent(principal.key_id, "month")
-    assert held == 0 and spent == pytest.approx(ledger.record("cost_usd"), abs=1e-9)
+    assert held == 0 and spent == ledger.record("cost_usd")
 
 
 async def test_a_request_every_provider_fails_costs_nothing_and_names_the_last_tried(routing, upstreams):
@@ -431,7 +429,7 @@ async def test_an_hf_provider_answers_a_task_with_its_own_json_and_its_price(rou
     answer = await service.predict(_ctx(principal), route, "text-classification", b'{"inputs": "good"}')
     labels = orjson.loads(answer.content)
     assert answer.cache == "BYPASS" and {r["label"] for r in labels[0]} == {"POSITIVE", "NEGATIVE"}
-    assert ledger.record("provider") == "hf-x" and ledger.record("cost_usd") == pytest.approx(0.5)
+    assert ledger.record("provider") == "hf-x" and ledger.record("cost_usd") == usd("0.5")
     assert answer.headers["X-Usage-Cost-USD"].startswith("0.5")
 
 
@@ -541,7 +539,7 @@ async def test_a_local_mesh_that_is_down_fails_over_to_the_remote_provider(tmp_p
     ledger.rows.pop()
     assert failure is None and text == "tok0 tok1 tok2"
     assert (ledger.record("provider"), ledger.record("attempts"), ledger.record("output_tokens")) == ("cheap", 2, 3)
-    assert ledger.record("cost_usd") == pytest.approx(CHEAP_SPEC.cost(2, 3, 0.0))
+    assert ledger.record("cost_usd") == usd(CHEAP_SPEC.cost(2, 3, 0.0))
 
 
 # The session meshes live on the worker of the "mesh" group: running there, these tests start none.
@@ -572,7 +570,7 @@ async def test_the_local_mesh_answers_a_routed_generation_with_its_own_counts(
     assert 1 <= ledger.record("output_tokens") <= 4
     expected = catalog.get(CHAT).pricing.cost(ledger.record("input_tokens"), ledger.record("output_tokens"),
                                               ledger.record("compute_s"))  # fmt: skip
-    assert ledger.record("cost_usd") == pytest.approx(expected, rel=1e-3)
+    assert ledger.record("cost_usd") == usd(expected)  # exact
 
 
 async def test_usage_reports_group_and_filter_by_provider(tmp_path):

@@ -536,7 +536,7 @@ def test_a_batch_that_fails_halfway_through_its_row_by_row_retry_reports_what_it
     from services.gateway.ledger.writer import insert_rows
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
-    db.create_tables(engine)
+    ledger_package.migrate.upgrade(engine)  # the tables, as the migrations make them
     inserts_seen = []
 
     @sa.event.listens_for(engine, "before_cursor_execute")

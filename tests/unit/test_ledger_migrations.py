@@ -147,11 +147,11 @@ async def test_a_ledger_of_a_release_before_migrations_refuses_to_start_until_db
         await ledger.start()
     monkeypatch.setenv("MESHSERVE_GATEWAY_DATABASE_URL", database_url)
     assert cli.main(["db", "current"]) == 0
-    assert "(none) (this release: 0002)" in capsys.readouterr().out
+    assert "(none) (this release: 0003)" in capsys.readouterr().out
     assert cli.main(["db", "upgrade"]) == 0
-    assert capsys.readouterr().out.rstrip().endswith(": (none) -> 0002")
+    assert capsys.readouterr().out.rstrip().endswith(": (none) -> 0003")
     assert cli.main(["db", "upgrade"]) == 0
-    assert capsys.readouterr().out.rstrip().endswith(": at 0002 already")
+    assert capsys.readouterr().out.rstrip().endswith(": at 0003 already")
     await ledger.start()  # now it starts
     rows = await ledger.query(limit=100)
     assert len(rows) == 6 and {row["route"] for row in rows} == {""} and {row["attempts"] for row in rows} == {1}
@@ -161,7 +161,7 @@ async def test_a_ledger_of_a_release_before_migrations_refuses_to_start_until_db
 async def test_an_older_or_unknown_revision_refuses_to_start(engines):
     engine = engines()
     migrate.upgrade(engine, "0001")
-    with pytest.raises(LedgerSchemaError, match="is at schema revision 0001; this release needs revision 0002"):
+    with pytest.raises(LedgerSchemaError, match="is at schema revision 0001; this release needs revision 0003"):
         await UsageLedger(engine, auto_upgrade=False).start()
     migrate.upgrade(engine)
     with engine.begin() as conn:
@@ -185,7 +185,7 @@ async def test_by_default_a_sqlite_ledger_is_upgraded_after_a_copy_and_a_server_
     await ledger.start()
     assert migrate.current(engine) == migrate.head() and await ledger.count() == 6
     await ledger.close()
-    copy = db.default_url(Path(engine.url.database).parent).rsplit("/", 1)[1] + ".before-0002"
+    copy = db.default_url(Path(engine.url.database).parent).rsplit("/", 1)[1] + ".before-0003"
     before = db.make_engine(f"sqlite:///{Path(engine.url.database).parent / copy}")
     assert migrate.current(before) == "0001"
     with before.connect() as conn:
@@ -200,7 +200,7 @@ def test_migrations_ship_in_the_package():
     assert (migrate.MIGRATIONS / "__init__.py").is_file() and (
         migrate.MIGRATIONS / "versions" / "__init__.py"
     ).is_file()
-    assert migrate.revisions() == ["0002", "0001"]
+    assert migrate.revisions() == ["0003", "0002", "0001"]
 
 
 def test_db_current_on_the_default_database(tmp_path, monkeypatch, capsys):
@@ -208,4 +208,4 @@ def test_db_current_on_the_default_database(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MESHSERVE_HOME", str(tmp_path))
     assert cli.main(["db", "upgrade"]) == 0
     assert str(tmp_path / "gateway.db") in capsys.readouterr().out
-    assert migrate.current(db.make_engine(db.default_url(tmp_path))) == "0002"
+    assert migrate.current(db.make_engine(db.default_url(tmp_path))) == "0003"

@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 from huggingface_hub.utils import parse_ratelimit_headers
@@ -103,6 +104,11 @@ async def reserve(store, key: str, budget_usd: float, period: str, amount_usd: f
 
 async def settle(store, ticket: Ticket, cost_usd: float) -> None:
     await store.finish(ticket, 0, cost_usd)
+
+
+def usd(*amounts) -> tuple[Decimal, ...]:
+    """Amounts of USD as exact Decimals (what `spent()` answers), from texts or ints."""
+    return tuple(Decimal(amount) for amount in amounts)
 
 
 def twin(ticket: Ticket) -> Ticket:
@@ -265,11 +271,13 @@ async def test_concurrent_reservations_never_overspend(store):
     refused = [r for r in results if isinstance(r, MeshError)]
     assert len(reservations) == 33 and len(refused) == 17  # 33 x 0.30 = 9.90; a 34th would make 10.20
     assert all(err.code is ErrorCode.QUOTA_EXCEEDED for err in refused)
-    assert await store.spent(key, "day") == (0.0, pytest.approx(9.90))
+    assert await store.spent(key, "day") == usd(0, "9.90")
     for reservation in reservations:
         await settle(store, reservation, 0.10)
-    assert await store.spent(key, "day") == (pytest.approx(3.30), 0.0)
-    assert (await reserve(store, key, 10.0, "day", 6.70)).reservation.amount_usd == 6.70  # the unused part came back
+    assert await store.spent(key, "day") == usd("3.30", 0)
+    assert (await reserve(store, key, 10.0, "day", 6.70)).reservation.amount_usd == Decimal(
+        "6.70"
+    )  # the rest came back
     await refusal(reserve(store, key, 10.0, "day", 0.000001))
 
 
@@ -307,7 +315,7 @@ async def test_settle_is_idempotent_and_clamps_to_what_was_held(store):
     await settle(store, reservation, 5.0)  # more than was held: clamped (and logged)
     await settle(store, reservation, 5.0)
     await settle(store, twin(reservation), 5.0)  # the store itself knows the hold is gone
-    assert await store.spent(key, "total") == (2.0, 0.0)
+    assert await store.spent(key, "total") == usd(2, 0)
 
 
 async def test_periods_are_the_utc_day_and_month():
@@ -328,7 +336,7 @@ async def test_two_replicas_on_one_redis_share_the_budget(redis_url):
         assert len(reservations) == 33
         await settle(replicas[0], reservations[0], 0.0)
         await settle(replicas[1], twin(reservations[0]), 0.0)  # already settled by the other replica: no-op
-        assert await replicas[1].spent(key, "day") == (0.0, pytest.approx(9.60))
+        assert await replicas[1].spent(key, "day") == usd(0, "9.60")
         assert await replicas[0].spent(key, "day") == await replicas[1].spent(key, "day")
     finally:
         for replica in replicas:
@@ -341,10 +349,10 @@ async def test_a_hold_never_settled_is_charged_in_full_when_its_lease_ends(stora
         key = new_key()
         reservation = await reserve(store, key, 1.0, "day", 0.75)  # its replica "crashed"
         await asyncio.sleep(0.4)
-        assert await store.spent(key, "day") == (0.75, 0.0)
+        assert await store.spent(key, "day") == usd("0.75", 0)
         await refusal(reserve(store, key, 1.0, "day", 0.5))
         await settle(store, reservation, 0.1)  # too late: no-op
-        assert await store.spent(key, "day") == (0.75, 0.0)
+        assert await store.spent(key, "day") == usd("0.75", 0)
     finally:
         await store.close()
 
@@ -361,14 +369,14 @@ async def test_holds_whose_lease_ran_out_are_charged_in_full_on_the_fast_path_to
     assert store.try_finish_now(settled, 0, 0.05)  # the oldest hold goes: the next one is still watched
     await asyncio.sleep(1.1)
     later = store.try_admit_now(key, None, 0, 1.0, "day", 0.2)  # sweeps `lost` first: charged in full
-    assert later is not None and await store.spent(key, "day") == (0.35, 0.2)
+    assert later is not None and await store.spent(key, "day") == usd("0.35", "0.2")
     with pytest.raises(MeshError, match="budget exceeded"):  # 0.35 + 0.2 + 0.5 > 1
         store.try_admit_now(key, None, 0, 1.0, "day", 0.5)
     store.try_finish_now(lost, 0, 0.0)  # too late: no-op
-    assert await store.spent(key, "day") == (0.35, 0.2)
+    assert await store.spent(key, "day") == usd("0.35", "0.2")
     await asyncio.sleep(1.1)
     assert store.try_admit_now(key, None, 0, 1.0, "day", 0.4) is not None  # `later` ran out too: 0.55 spent
-    assert await store.spent(key, "day") == (0.55, 0.4)
+    assert await store.spent(key, "day") == usd("0.55", "0.4")
 
 
 async def test_an_unreachable_redis_refuses_as_retryable_unavailable():
@@ -452,14 +460,14 @@ async def test_the_in_process_fast_path_refuses_like_the_awaited_path_and_change
 
     key = new_key()
     held = store.try_admit_now(key, limits, 0, 1.0, "day", 0.75)
-    assert held.reservation is not None and await store.spent(key, "day") == (0.0, 0.75)
+    assert held.reservation is not None and await store.spent(key, "day") == usd(0, "0.75")
     with pytest.raises(MeshError, match="1 in flight"):  # the rate limit refuses first
         store.try_admit_now(key, limits, 0, 1.0, "day", 0.5)
     store.try_finish_now(held, 0, 0.25)
     with pytest.raises(MeshError) as caught:  # does not fit: nothing held, not counted, no slot taken
         store.try_admit_now(key, limits, 0, 1.0, "day", 0.8)
     assert caught.value.code is ErrorCode.QUOTA_EXCEEDED
-    assert await store.spent(key, "day") == (0.25, 0.0)
+    assert await store.spent(key, "day") == usd("0.25", 0)
     again = store.try_admit_now(key, limits, 0, 1.0, "day", 0.5)
     assert again.headers["RateLimit"].startswith('"requests";r=3;')  # the refused one was taken back
 
@@ -515,9 +523,9 @@ async def test_with_redis_the_fast_path_always_declines(redis_url):
         assert store.try_admit_now(key, None, 0, 1.0, "day", 0.1) is None
         ticket = await store.admit(key, KeyLimits(requests_per_minute=5), 0, 1.0, "day", 0.1)
         assert not store.try_finish_now(ticket, 0, 0.05)
-        assert await store.spent(key, "day") == (0.0, 0.1)  # the declined finish changed nothing
+        assert await store.spent(key, "day") == usd(0, "0.1")  # the declined finish changed nothing
         await store.finish(ticket, 0, 0.05)
-        assert await store.spent(key, "day") == (0.05, 0.0)
+        assert await store.spent(key, "day") == usd("0.05", 0)
     finally:
         await store.close()
 
@@ -583,7 +591,8 @@ async def test_metering_writes_a_row_per_request_and_the_usage_headers(store):
         metered.add(input_tokens=5, items=1)
     headers = metered.headers()
     assert headers["X-Usage-Input-Tokens"] == "5" and headers["RateLimit"].startswith('"requests";r=1;')
-    assert float(headers["X-Usage-Cost-USD"]) == pytest.approx(entry.pricing.cost(5, 0, 0.0))
+    cost = entry.pricing.cost(5, 0, 0.0)  # exact: 5 tokens at the catalog's price, plus the request's
+    assert headers["X-Usage-Cost-USD"] == f"{cost:.9f}" and Decimal(headers["X-Usage-Cost-USD"]) == cost
     failed = await metering.admit(_principal(key), entry, "text-classification", "/t", "b", max_input_tokens=5)
     with pytest.raises(MeshError):
         async with metering.track(failed):
@@ -591,12 +600,11 @@ async def test_metering_writes_a_row_per_request_and_the_usage_headers(store):
             raise MeshError(ErrorCode.INVALID_INPUT, "bad")
     await refusal(metering.admit(_principal(key), entry, "text-classification", "/t", "c", max_input_tokens=5))
     assert [(row[0], row[9], row[10]) for row in rows] == [
-        ("a", pytest.approx(entry.pricing.cost(5, 0, 0.0)), 200),
-        ("b", 0.0, 400),
-        ("c", 0.0, 429),
+        ("a", cost, 200),
+        ("b", 0, 400),
+        ("c", 0, 429),
     ]
-    spent, held = await store.spent(key.id, "month")
-    assert spent == pytest.approx(entry.pricing.cost(5, 0, 0.0), abs=1e-6) and held == 0
+    assert await store.spent(key.id, "month") == (cost, 0)
 
 
 async def test_disabled_metering_admits_everything_and_records_nothing():
@@ -648,7 +656,7 @@ async def test_with_redis_admission_and_completion_take_one_round_trip_each(shar
     await metering.finish(metered, 200)
     assert sent == [2, 2]  # two scripts per round trip, one round trip per phase
     spent, reserved = await store.spent(key.id, "day")
-    assert spent == round(entry.pricing.cost(5, 0, 0.0) * 1e6) / 1e6 and reserved == 0  # micro-dollars
+    assert spent == entry.pricing.cost(5, 0, 0.0) and reserved == 0  # exact, to the nano-dollar
     # The slot was freed: the next request is admitted (concurrency 1).
     await metering.finish(
         await metering.admit(_principal(key), entry, "text-classification", "/t", "r2", max_input_tokens=5), 200
@@ -710,7 +718,7 @@ async def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answe
         return
     assert sum(sent) == 20 * 2 + 10 and len(sent) < 10, sent
     spent, reserved = await store.spent(key.id, "month")
-    assert reserved == 0 and spent == pytest.approx(10 * entry.pricing.cost(5, 0, 0.0), abs=1e-5)
+    assert reserved == 0 and spent == 10 * entry.pricing.cost(5, 0, 0.0)
 
 
 async def test_a_failed_round_trip_fails_only_its_own_requests(shared_redis, monkeypatch):

@@ -1,8 +1,9 @@
-"""Budget arithmetic both control stores share: periods, micro-dollars, and the QUOTA_EXCEEDED answer.
+"""Budget arithmetic both control stores share: periods, nano-dollars, and the QUOTA_EXCEEDED answer.
 
 A key's budget is USD per period: "day" and "month" (the UTC calendar day or month:
-"day:2026-12-01", "month:2026-12") or "total" (never resets). Amounts are kept as integer
-micro-dollars, so sums never drift. A request holds what it could cost at most, atomically with
+"day:2026-12-01", "month:2026-12") or "total" (never resets). Amounts arrive as exact Decimals
+(services.common.money) and are kept as integer nano-dollars, the usage ledger's unit, so sums
+never drift and a budget of N times a cost admits exactly N requests. A request holds what it could cost at most, atomically with
 the check (so concurrent requests never overspend together: checking spend without holding it is
 the race LiteLLM's budgets have), and settling swaps the hold for what it cost. A hold never
 settled (its replica died) is charged in full once its lease ends: that never lets a budget be
@@ -17,19 +18,20 @@ import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from services.common.errors import ErrorCode, MeshError
+from services.common.money import exact, from_nanos, nanos
 from services.gateway.control.store import MAX_RETRY_AFTER_S, Reservation
 
 log = logging.getLogger(__name__)
 
 PERIODS = ("day", "month", "total")
-MICRO = 1_000_000
 EXPIRE_AFTER_PERIOD = timedelta(days=7)  # how long a store keeps a period's state after it ended
-# The largest budget a key may have: 1e15 micro-dollars still counts exactly in a double (Redis Lua
-# numbers are doubles, exact to 2**53 ~ 9e15); far larger ones overflowed to infinity and failed
-# every request of the key.
+# The largest budget a key may have: 1e18 nano-dollars, well inside Redis' 64-bit integers (the
+# Redis store's scripts count amounts as integer strings, never as Lua's doubles).
 MAX_BUDGET_USD = 1e9
+_MAX_BUDGET = Decimal(10**9)
 
 
 def period_key(period: str, now: datetime) -> str:
@@ -67,33 +69,34 @@ def expire_at(key: str) -> int:
     return int((end + EXPIRE_AFTER_PERIOD).timestamp()) if end else 0
 
 
-def to_micro(usd: float) -> int:
-    """USD in integer micro-dollars, at most MAX_BUDGET_USD (a key stored with a larger budget
+def budget_nanos(budget_usd: Decimal | float) -> int:
+    """A budget in integer nano-dollars, at most MAX_BUDGET_USD (a key stored with a larger budget
     before that cap existed counts as having the cap, not as a failure on each request)."""
-    return round(min(usd, MAX_BUDGET_USD) * MICRO)
+    return nanos(min(exact(budget_usd), _MAX_BUDGET))
 
 
-def usd(micro: float) -> str:
-    """$10.00, $0.30, $0.000125: cents always, more digits only where they matter."""
-    text = f"{micro / MICRO:,.6f}".rstrip("0")
+def dollars(count: int) -> str:
+    """Nano-dollars as $10.00, $0.30, $0.000125, $0.000000123: cents always, more digits only where
+    they matter."""
+    text = f"{from_nanos(count):,f}".rstrip("0")
     whole, _, cents = text.partition(".")
     return f"${whole}.{cents.ljust(2, '0')}"
 
 
-def charged(reservation: Reservation, actual_usd: float) -> int:
-    """What settling charges, in micro-dollars: the cost, clamped to [0, held] (and said when it
+def charged(reservation: Reservation, actual_usd: Decimal | float) -> int:
+    """What settling charges, in nano-dollars: the cost, clamped to [0, held] (and said when it
     had to be)."""
-    actual, held = to_micro(actual_usd), to_micro(reservation.amount_usd)
+    actual, held = nanos(actual_usd), nanos(reservation.amount_usd)
     if 0 <= actual <= held:
         return actual
     clamped = min(max(actual, 0), held)
     log.warning(
-        "request of key %s cost %s, held %s: charging %s", reservation.key_id, *map(usd, (actual, held, clamped))
+        "request of key %s cost %s, held %s: charging %s", reservation.key_id, *map(dollars, (actual, held, clamped))
     )
     return clamped
 
 
-def check_amounts(budget_usd: float, amount_usd: float) -> None:
+def check_amounts(budget_usd: Decimal | float, amount_usd: Decimal | float) -> None:
     if amount_usd < 0 or budget_usd < 0:
         raise ValueError("budget and amount must not be negative")
 
@@ -125,14 +128,14 @@ class PeriodClock:
 
 
 def quota_refusal(clock: PeriodClock, period: str, key: str, budget: int, spent: int, held: int, amount: int):
-    """The QUOTA_EXCEEDED error of a hold that did not fit (amounts in micro-dollars)."""
+    """The QUOTA_EXCEEDED error of a hold that did not fit (amounts in nano-dollars)."""
     per = {"day": "daily", "month": "monthly", "total": "total"}[period]
-    in_flight = f" and {usd(held)} held by requests in flight" if held else ""
+    in_flight = f" and {dollars(held)} held by requests in flight" if held else ""
     left = max(0, budget - spent - held)
     err = MeshError(
         ErrorCode.QUOTA_EXCEEDED,
-        f"budget exceeded: this API key's {per} budget is {usd(budget)}; {usd(spent)} is spent{in_flight}, "
-        f"{usd(left)} is left, and this request could cost up to {usd(amount)}",
+        f"budget exceeded: this API key's {per} budget is {dollars(budget)}; {dollars(spent)} is spent{in_flight}, "
+        f"{dollars(left)} is left, and this request could cost up to {dollars(amount)}",
     )
     end = period_end(key)
     ends_in = (end - clock.now()).total_seconds() if end else math.inf

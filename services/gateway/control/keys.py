@@ -16,6 +16,10 @@ Every replica keeps all keys in memory (authentication is a dict lookup, no I/O 
 path) and reloads them when the shared `key_version` row changes, polled every `refresh_s`; a
 replica that creates or revokes a key reloads at once. So a revoked key stops working on the
 replica that revoked it immediately and on the others within `refresh_s`.
+
+The tables are made and changed by the gateway database's Alembic migrations (revision 0003 and
+later: services/gateway/ledger/migrations), like the usage table; `init_schema()` is the same
+start-up check the usage ledger makes. A key's budget is exact money (a Decimal of USD).
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import sqlalchemy as sa
 
 from services.common.errors import ErrorCode, MeshError
-from services.gateway.db import add_missing_columns, create_tables, metadata, retry_locked
+from services.common.money import usd
+from services.gateway.control.budgets import MAX_BUDGET_USD
+from services.gateway.db import metadata, retry_locked
+from services.gateway.ledger import Money, ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,8 @@ api_keys = sa.Table(
     sa.Column("requests_per_minute", sa.Integer),
     sa.Column("tokens_per_minute", sa.Integer),
     sa.Column("concurrent_requests", sa.Integer),
-    sa.Column("budget_usd", sa.Float),
+    # (21 digits: up to budgets.MAX_BUDGET_USD, a billion USD, and beyond)
+    sa.Column("budget_usd", Money(21), comment="USD per period, exact to the nano-dollar"),
     sa.Column("budget_period", sa.String(8)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True)),
@@ -86,7 +95,7 @@ class ApiKey:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     concurrent_requests: int | None = None
-    budget_usd: float | None = None
+    budget_usd: Decimal | None = None  # USD per period, exact
     budget_period: str | None = None
     created_at: datetime | None = None
     expires_at: datetime | None = None
@@ -112,7 +121,7 @@ class ApiKey:
             "requests_per_minute": self.requests_per_minute,
             "tokens_per_minute": self.tokens_per_minute,
             "concurrent_requests": self.concurrent_requests,
-            "budget_usd": self.budget_usd,
+            "budget_usd": None if self.budget_usd is None else float(self.budget_usd),  # a JSON number
             "budget_period": self.budget_period,
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
@@ -177,8 +186,10 @@ def validate_spec(scopes, models, tasks, budget_usd, budget_period, providers=()
         raise MeshError(
             ErrorCode.INVALID_INPUT, f"`budget_period` must be one of {list(PERIODS)}", param="budget_period"
         )
-    if budget_usd is not None and budget_usd < 0:
-        raise MeshError(ErrorCode.INVALID_INPUT, "`budget_usd` must be >= 0", param="budget_usd")
+    if budget_usd is not None and not 0 <= budget_usd <= MAX_BUDGET_USD:
+        raise MeshError(
+            ErrorCode.INVALID_INPUT, f"`budget_usd` must be >= 0 and at most {MAX_BUDGET_USD:,.0f}", param="budget_usd"
+        )
     bad = [p for p in providers if not isinstance(p, str) or not PROVIDER_NAME.fullmatch(p)]
     if bad:
         raise MeshError(
@@ -205,24 +216,11 @@ class KeyStore:
         self._legacy: dict[str, str] = {}  # key id -> its token, verified against an unsalted row
 
     # -- synchronous database operations (the CLI uses them directly) ---------------------------
-    def init_schema(self) -> None:
-        retry_locked(self._init_schema)
-
-    def _init_schema(self) -> None:
-        inspector = sa.inspect(self.engine)
-        if inspector.has_table("key_version") and "id" not in {c["name"] for c in inspector.get_columns("key_version")}:
-            key_version.drop(self.engine)  # the pre-release form without a key: it only holds a counter
-        create_tables(self.engine, [api_keys, key_version])
-        add_missing_columns(self.engine, api_keys)  # secret_salt, providers: on a database of an older release
-        # Write first, not "count, then insert": in SQLite a transaction that read and then writes
-        # fails at once with "database is locked" when another replica committed in between (its
-        # snapshot is stale; the busy timeout does not wait for that), seen with 4 replicas starting
-        # together under load. An insert takes the write lock first and waits its turn.
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(key_version.insert().values(id=1, version=0))
-        except sa.exc.IntegrityError:
-            pass  # another replica, or an earlier start, inserted the row
+    def init_schema(self, auto_upgrade: bool | None = None) -> None:
+        """The database at the schema this release needs, through its migrations (an empty one is
+        created, an older SQLite file upgraded after a copy; else LedgerSchemaError: the operator
+        runs `meshserve db upgrade`; see ledger.migrate.ensure_schema)."""
+        retry_locked(lambda: ensure_schema(self.engine, auto_upgrade))
 
     def _bump(self, conn) -> None:
         conn.execute(key_version.update().values(version=key_version.c.version + 1))
@@ -238,7 +236,7 @@ class KeyStore:
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
         concurrent_requests: int | None = None,
-        budget_usd: float | None = None,
+        budget_usd: Decimal | float | None = None,
         budget_period: str | None = None,
         expires_at: datetime | None = None,
         key_id: str | None = None,
@@ -246,6 +244,7 @@ class KeyStore:
     ) -> tuple[ApiKey, str]:
         """Store a new key; returns it and its token (the only time the token exists)."""
         validate_spec(scopes, models or [], tasks or [], budget_usd, budget_period, providers or [])
+        budget_usd = None if budget_usd is None else usd(budget_usd)  # exact, to the nano-dollar
         key_id = key_id or secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         token = token or f"{TOKEN_PREFIX}{key_id}_{secret}"

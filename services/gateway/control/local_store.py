@@ -19,16 +19,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
+from decimal import Decimal
 
 from services.common.ids import new_id
-from services.gateway.control.budgets import (
-    MICRO,
-    PeriodClock,
-    charged,
-    check_amounts,
-    quota_refusal,
-    to_micro,
-)
+from services.common.money import ZERO, from_nanos, nanos
+from services.gateway.control.budgets import PeriodClock, budget_nanos, charged, check_amounts, quota_refusal
 from services.gateway.control.store import KeyLimits, Reservation, Ticket
 from services.gateway.control.windows import WINDOW_S, WindowState, admitted_policy, refusal, verdict
 
@@ -64,7 +59,7 @@ class _Account:
     def __init__(self) -> None:
         self.spent = 0
         self.reserved = 0
-        self.held: dict[str, tuple[int, float]] = {}  # id -> (micro, monotonic deadline)
+        self.held: dict[str, tuple[int, float]] = {}  # id -> (nano-dollars, monotonic deadline)
         self.sweep_at = math.inf  # no hold can have run out before then (the first hold's deadline)
 
     def sweep(self, now: float) -> None:
@@ -111,9 +106,9 @@ class LocalControlStore:
         key_id: str,
         limits: KeyLimits | None,
         tokens_hint: int = 0,
-        budget_usd: float | None = None,
+        budget_usd: Decimal | None = None,
         period: str = "month",
-        amount_usd: float = 0.0,
+        amount_usd: Decimal = ZERO,
     ) -> Ticket:
         """ControlStore.admit() in place: never None here."""
         ticket = self._count(key_id, limits, tokens_hint) if limits is not None else Ticket(key_id, None, {}, None)
@@ -132,9 +127,9 @@ class LocalControlStore:
         key_id: str,
         limits: KeyLimits | None,
         tokens_hint: int = 0,
-        budget_usd: float | None = None,
+        budget_usd: Decimal | None = None,
         period: str = "month",
-        amount_usd: float = 0.0,
+        amount_usd: Decimal = ZERO,
     ) -> Ticket:
         return self.try_admit_now(key_id, limits, tokens_hint, budget_usd, period, amount_usd)
 
@@ -202,9 +197,9 @@ class LocalControlStore:
         if ticket.limits is not None and ticket.mark is not None:
             with contextlib.suppress(ValueError):  # it already left the window
                 self._keys[ticket.key_id].times.remove(ticket.mark)
-        self.try_finish_now(ticket, 0, 0.0)
+        self.try_finish_now(ticket, 0, ZERO)
 
-    def _hold(self, key_id: str, period_key: str, amount_usd: float, budget_usd: float) -> Reservation | None:
+    def _hold(self, key_id: str, period_key: str, amount_usd: Decimal, budget_usd: Decimal) -> Reservation | None:
         """The budget step: hold `amount_usd` if it fits, else None (nothing held)."""
         account = (key_id, period_key)
         acc = self._accounts.get(account)
@@ -213,18 +208,18 @@ class LocalControlStore:
         now = time.monotonic()
         if now >= acc.sweep_at:
             acc.sweep(now)
-        amount = round(amount_usd * MICRO)
-        if acc.spent + acc.reserved + amount > to_micro(budget_usd):
+        amount = nanos(amount_usd)
+        if acc.spent + acc.reserved + amount > budget_nanos(budget_usd):
             return None
-        reservation = Reservation(key_id, period_key, amount_usd, new_id())
+        reservation = Reservation(key_id, period_key, from_nanos(amount), new_id())
         acc.take(reservation.reservation_id, amount, now + self._lease_s)
         return reservation
 
-    def _quota_refusal(self, key_id: str, period: str, amount_usd: float, budget_usd: float):
+    def _quota_refusal(self, key_id: str, period: str, amount_usd: Decimal, budget_usd: Decimal):
         key = self.periods.key(period)
         acc = self._account((key_id, key))
         return quota_refusal(
-            self.periods, period, key, to_micro(budget_usd), acc.spent, acc.reserved, to_micro(amount_usd)
+            self.periods, period, key, budget_nanos(budget_usd), acc.spent, acc.reserved, nanos(amount_usd)
         )
 
     def _account(self, account: tuple[str, str]) -> _Account:
@@ -250,7 +245,7 @@ class LocalControlStore:
                 del self._accounts[account]
 
     # -- completion -----------------------------------------------------------------------------
-    def try_finish_now(self, ticket: Ticket, tokens: int, cost_usd: float) -> bool:
+    def try_finish_now(self, ticket: Ticket, tokens: int, cost_usd: Decimal) -> bool:
         """ControlStore.finish() in place: always True here."""
         if ticket.finished:
             return True
@@ -265,7 +260,7 @@ class LocalControlStore:
             self._release(self._keys[ticket.key_id], limits, tokens)
         return True
 
-    async def finish(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
+    async def finish(self, ticket: Ticket, tokens: int, cost_usd: Decimal) -> None:
         self.try_finish_now(ticket, tokens, cost_usd)
 
     @staticmethod
@@ -284,7 +279,7 @@ class LocalControlStore:
         if concurrent is not None:
             windows.in_flight -= 1
 
-    def _settle(self, reservation: Reservation, actual_usd: float) -> None:
+    def _settle(self, reservation: Reservation, actual_usd: Decimal) -> None:
         """Swap the hold for the cost (clamped to [0, held], as `charged()` says); a hold already
         swept was charged in full."""
         acc = self._accounts.get((reservation.key_id, reservation.period))
@@ -292,16 +287,16 @@ class LocalControlStore:
         if held is None:
             return
         amount = held[0]
-        actual = round(actual_usd * MICRO)
+        actual = nanos(actual_usd)
         if not 0 <= actual <= amount:
             actual = min(charged(reservation, actual_usd), amount)
         acc.reserved -= amount
         acc.spent += actual
 
     # -- reports --------------------------------------------------------------------------------
-    async def spent(self, key_id: str, period: str) -> tuple[float, float]:
+    async def spent(self, key_id: str, period: str) -> tuple[Decimal, Decimal]:
         acc = self._account((key_id, self.periods.key(period)))
-        return acc.spent / MICRO, acc.reserved / MICRO
+        return from_nanos(acc.spent), from_nanos(acc.reserved)
 
     async def close(self) -> None:
         pass

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
 from services.common import tracing
 from services.common.catalog import ModelEntry, PricingSpec
 from services.common.errors import MeshError
+from services.common.money import ZERO, usd
 from services.gateway.control import genai
 from services.gateway.control.auth import Principal
 
@@ -37,11 +39,11 @@ class UsageSink(Protocol):
     def append(self, row: tuple) -> None: ...
 
 
-def _cost(metered: Metered, status: int) -> float:
+def _cost(metered: Metered, status: int) -> Decimal:
     """What a finished request costs: failed requests nothing, unless their stream had delivered
     tokens (a stream that dies mid-way pays for what the client got); one the caller abandoned
     (499, a closed stream) what it consumed up to then."""
-    return metered.cost_of() if status < 400 or status == 499 or metered.delivered else 0.0
+    return metered.cost_of() if status < 400 or status == 499 or metered.delivered else ZERO
 
 
 class Metered:
@@ -100,7 +102,7 @@ class Metered:
         self.output_tokens = 0
         self.items = 0
         self.compute_s = 0.0
-        self.cost_usd = 0.0
+        self.cost_usd = ZERO  # USD, exact to the nano-dollar (set when the request finishes)
         self.finished = finished
         # Who answered and how (the routing service sets them for a routed request).
         self.pricing = entry.pricing if pricing is None else pricing
@@ -137,7 +139,7 @@ class Metered:
         headers = {
             "X-Usage-Input-Tokens": str(self.input_tokens),
             "X-Usage-Output-Tokens": str(self.output_tokens),
-            "X-Usage-Cost-USD": f"{self.cost_of():.9f}",
+            "X-Usage-Cost-USD": f"{self.cost_of():f}",
         }
         if self.ticket is not None:
             headers.update(self.ticket.headers)
@@ -145,8 +147,9 @@ class Metered:
             headers |= {"X-Meshserve-Provider": self.provider, "X-Meshserve-Attempts": str(self.attempts)}
         return headers
 
-    def cost_of(self) -> float:
-        return self.pricing.cost(self.input_tokens, self.output_tokens, self.compute_s)
+    def cost_of(self) -> Decimal:
+        """What the request cost so far: USD, exact, rounded (half even) to the nano-dollar."""
+        return usd(self.pricing.cost(self.input_tokens, self.output_tokens, self.compute_s))
 
 
 class Metering:
@@ -192,7 +195,9 @@ class Metering:
                 hint = max_input_tokens + max_output_tokens if tokens_hint is None else tokens_hint
                 # The most it can cost: every token it may read and write, computing until its deadline.
                 price = entry.pricing if pricing is None else pricing
-                amount = 0.0 if budget is None else price.cost(max_input_tokens, max_output_tokens, self.timeout_s)
+                amount = (
+                    ZERO if budget is None else usd(price.cost(max_input_tokens, max_output_tokens, self.timeout_s))
+                )
                 period = key.budget_period or "month"
                 ticket = store.try_admit_now(key.id, limits, hint, budget, period, amount) or await store.admit(
                     key.id, limits, hint, budget, period, amount
@@ -245,7 +250,7 @@ class Metering:
         finally:
             self._record(metered, status, cost)
 
-    def _record(self, metered: Metered, status: int, cost: float) -> None:
+    def _record(self, metered: Metered, status: int, cost: Decimal) -> None:
         """The finished request's cost and its ledger row."""
         metered.cost_usd = cost
         genai.record(metered, status)

@@ -21,12 +21,14 @@ def rate_limit_keys(key_id: str) -> list[str]:
 
 
 def budget_keys(key_id: str, period: str) -> list[str]:
-    """A key's budget keys of one period (one hash tag: one cluster slot).
-    totals  hash: spent, reserved (micro-dollars)
+    """A key's budget keys of one period (one hash tag: one cluster slot). Amounts in nano-dollars,
+    as integer strings (the scripts never read them into Lua's doubles, exact only to 2**53).
+    totals  hash: spent, reserved
     open    sorted set: member = hold id, score = lease deadline (ms)
-    held    hash: hold id -> micro-dollars held"""
+    held    hash: hold id -> nano-dollars held
+    legacy  the totals hash of releases before (micro-dollars; only read: see SEED)"""
     base = f"{BUDGET_PREFIX}:{{{key_id}:{period}}}"
-    return [f"{base}:totals", f"{base}:open", f"{base}:held"]
+    return [f"{base}:nano:totals", f"{base}:nano:open", f"{base}:nano:held", f"{base}:totals"]
 
 
 # -- rate limits: the same steps as the in-process store's ----------------------------------------
@@ -112,18 +114,33 @@ return 1
 
 
 # -- budgets ------------------------------------------------------------------------------------------
-# KEYS: totals hash (spent, reserved), open holds (zset id -> deadline ms), held amounts (hash id -> micro).
-_SWEEP = """
+# KEYS: totals hash (spent, reserved), open holds (zset id -> deadline ms), held amounts (hash id ->
+# nano-dollars), the legacy totals hash (micro-dollars). Amounts are integer strings: Redis adds them
+# exactly (HINCRBY, 64 bits); Lua compares them as (dollars, nano-dollars) pairs, each exact in a double.
+# SEED: a period's account that a release before nano-dollars opened (its micro-dollar totals) is
+# carried over when this release first touches it: what it spent or held counts as spent (a hold of
+# the older release is settled in the older keys, which this release does not read again).
+_BUDGET = """
 local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000)
 end
+local function seed()
+  if redis.call('EXISTS', KEYS[1]) == 1 then return end
+  redis.call('HSET', KEYS[1], 'spent', '0', 'reserved', '0')
+  local old = redis.call('HMGET', KEYS[4], 'spent', 'reserved')
+  for i = 1, 2 do
+    if old[i] and old[i] ~= '0' then redis.call('HINCRBY', KEYS[1], 'spent', old[i] .. '000') end
+  end
+end
 local function sweep(now)
   local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
   for _, id in ipairs(stale) do
-    local held = tonumber(redis.call('HGET', KEYS[3], id) or '0')
-    redis.call('HINCRBY', KEYS[1], 'reserved', -held)
-    redis.call('HINCRBY', KEYS[1], 'spent', held)
+    local held = redis.call('HGET', KEYS[3], id)
+    if held and held ~= '0' then
+      redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. held)
+      redis.call('HINCRBY', KEYS[1], 'spent', held)
+    end
     redis.call('HDEL', KEYS[3], id)
   end
   if #stale > 0 then
@@ -131,40 +148,63 @@ local function sweep(now)
   end
 end
 local function totals()
-  return tonumber(redis.call('HGET', KEYS[1], 'spent') or '0'), tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+  local t = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
+  return t[1] or '0', t[2] or '0'
+end
+local function split(amount)
+  if #amount <= 9 then return 0, tonumber(amount) end
+  return tonumber(string.sub(amount, 1, -10)), tonumber(string.sub(amount, -9))
+end
+local function fits(budget, ...)
+  local dollars, nanos = 0, 0
+  for _, amount in ipairs({...}) do
+    local d, n = split(amount)
+    dollars, nanos = dollars + d, nanos + n
+  end
+  dollars, nanos = dollars + math.floor(nanos / 1000000000), nanos % 1000000000
+  local bd, bn = split(budget)
+  return dollars < bd or (dollars == bd and nanos <= bn)
 end
 """
-# ARGV: id, amount, budget, lease ms, expire-at (unix s; 0 = never). Returns {admitted, spent, reserved}.
+# ARGV: id, amount, budget (nano-dollars), lease ms, expire-at (unix s; 0 = never).
+# Returns {admitted, spent, reserved} (amounts as integer strings).
 RESERVE = (
-    _SWEEP
+    _BUDGET
     + """
 local now = now_ms()
+seed()
 sweep(now)
 local spent, reserved = totals()
-local amount = tonumber(ARGV[2])
-if spent + reserved + amount > tonumber(ARGV[3]) then
+local amount = ARGV[2]
+if not fits(ARGV[3], spent, reserved, amount) then
   return {0, spent, reserved}
 end
-redis.call('HINCRBY', KEYS[1], 'reserved', amount)
+if amount ~= '0' then redis.call('HINCRBY', KEYS[1], 'reserved', amount) end
 redis.call('HSET', KEYS[3], ARGV[1], amount)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 if tonumber(ARGV[5]) > 0 then
   for i = 1, 3 do redis.call('EXPIREAT', KEYS[i], ARGV[5]) end
 end
-return {1, spent, reserved + amount}
+spent, reserved = totals()
+return {1, spent, reserved}
 """
 )
-# ARGV: id, actual. Returns 1 when the hold was open (now settled), 0 when it was already gone.
-SETTLE = """
+# ARGV: id, actual (nano-dollars). Returns 1 when the hold was open (now settled), 0 when it was
+# already gone. The actual cost is at most what was held (the caller clamps it; so does this).
+SETTLE = (
+    _BUDGET
+    + """
 local held = redis.call('HGET', KEYS[3], ARGV[1])
 if not held then
   return 0
 end
-held = tonumber(held)
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'reserved', -held)
-redis.call('HINCRBY', KEYS[1], 'spent', math.min(tonumber(ARGV[2]), held))
+local actual = ARGV[2]
+if not fits(held, actual) then actual = held end
+if held ~= '0' then redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. held) end
+if actual ~= '0' then redis.call('HINCRBY', KEYS[1], 'spent', actual) end
 return 1
 """
-TOTALS = _SWEEP + "sweep(now_ms())\nreturn {totals()}\n"
+)
+TOTALS = _BUDGET + "seed()\nsweep(now_ms())\nreturn {totals()}\n"

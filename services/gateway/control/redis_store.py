@@ -13,14 +13,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from decimal import Decimal
 
 import redis.asyncio as aioredis
 
 from services.common.errors import MeshError
 from services.common.ids import new_id
+from services.common.money import ZERO, from_nanos, nanos, usd
 from services.gateway.control import redis_scripts, redis_steps
-from services.gateway.control.budgets import MICRO, PeriodClock, charged, check_amounts, expire_at, quota_refusal
-from services.gateway.control.budgets import to_micro as micro
+from services.gateway.control.budgets import (
+    PeriodClock,
+    budget_nanos,
+    charged,
+    check_amounts,
+    expire_at,
+    quota_refusal,
+)
 from services.gateway.control.redis_steps import Step
 from services.gateway.control.store import KeyLimits, Reservation, Ticket, store_errors
 from services.gateway.control.windows import WindowState, admitted_headers, refusal
@@ -73,20 +81,20 @@ class RedisControlStore:
         args = [-1 if tpm is None else tpm, tokens, slot, ticket.mark if refund else ""]
         return Step(self._done_script, redis_scripts.rate_limit_keys(ticket.key_id), args)
 
-    def hold_step(self, reservation: Reservation, budget_usd: float) -> Step:
-        """Hold the reservation's amount if it fits in the budget."""
+    def hold_step(self, reservation: Reservation, budget_usd: Decimal) -> Step:
+        """Hold the reservation's amount if it fits in the budget (nano-dollars)."""
         key = reservation.period
-        args = [reservation.reservation_id, micro(reservation.amount_usd), micro(budget_usd)]
+        args = [reservation.reservation_id, nanos(reservation.amount_usd), budget_nanos(budget_usd)]
         args += [self._hold_lease_ms, expire_at(key)]
         return Step(self._reserve_script, redis_scripts.budget_keys(reservation.key_id, key), args)
 
-    def settle_step(self, reservation: Reservation, cost_usd: float) -> Step:
+    def settle_step(self, reservation: Reservation, cost_usd: Decimal) -> Step:
         """Swap the hold for the cost (clamped to what was held)."""
         args = [reservation.reservation_id, charged(reservation, cost_usd)]
         return Step(self._settle_script, redis_scripts.budget_keys(reservation.key_id, reservation.period), args)
 
     # -- admission ------------------------------------------------------------------------------
-    def try_admit_now(self, key_id, limits, tokens_hint=0, budget_usd=None, period="month", amount_usd=0.0) -> None:
+    def try_admit_now(self, key_id, limits, tokens_hint=0, budget_usd=None, period="month", amount_usd=ZERO) -> None:
         """Shared state changes only in Redis' atomic scripts: always await `admit()`."""
         return None
 
@@ -95,9 +103,9 @@ class RedisControlStore:
         key_id: str,
         limits: KeyLimits | None,
         tokens_hint: int = 0,
-        budget_usd: float | None = None,
+        budget_usd: Decimal | None = None,
         period: str = "month",
-        amount_usd: float = 0.0,
+        amount_usd: Decimal = ZERO,
     ) -> Ticket:
         ticket = Ticket(key_id, limits, {}, new_id())
         steps: list[Step] = []
@@ -105,7 +113,7 @@ class RedisControlStore:
             steps.append(self.rate_step(key_id, limits, tokens_hint, ticket.mark))
         if budget_usd is not None:
             check_amounts(budget_usd, amount_usd)
-            ticket.reservation = Reservation(key_id, self.periods.key(period), amount_usd, new_id())
+            ticket.reservation = Reservation(key_id, self.periods.key(period), usd(amount_usd), new_id())
             steps.append(self.hold_step(ticket.reservation, budget_usd))
         if not steps:
             return ticket
@@ -145,10 +153,10 @@ class RedisControlStore:
             raise refusal(limits, tokens_hint, state)
         return admitted_headers(limits, state)
 
-    def _reserved(self, reservation: Reservation, budget_usd: float, period: str, reply) -> None:
+    def _reserved(self, reservation: Reservation, budget_usd: Decimal, period: str, reply) -> None:
         ok, spent, held = reply
         if not ok:
-            budget, amount = micro(budget_usd), micro(reservation.amount_usd)
+            budget, amount = budget_nanos(budget_usd), nanos(reservation.amount_usd)
             raise quota_refusal(self.periods, period, reservation.period, budget, int(spent), int(held), amount)
 
     async def _undo(self, ticket: Ticket, refusals: list) -> None:
@@ -163,17 +171,17 @@ class RedisControlStore:
             except Exception:
                 log.exception("could not take back the admission of a refused request of key %s", ticket.key_id)
         if ticket.reservation is not None and "budget" not in refused:
-            step = self.settle_step(ticket.reservation, 0.0)
+            step = self.settle_step(ticket.reservation, ZERO)
             try:
                 await step.script(step.keys, step.args)
             except Exception:  # left to its lease, then charged in full: say so
                 log.exception("could not release the budget hold of a refused request of key %s", ticket.key_id)
 
     # -- completion -----------------------------------------------------------------------------
-    def try_finish_now(self, ticket: Ticket, tokens: int, cost_usd: float) -> bool:
+    def try_finish_now(self, ticket: Ticket, tokens: int, cost_usd: Decimal) -> bool:
         return False
 
-    async def finish(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
+    async def finish(self, ticket: Ticket, tokens: int, cost_usd: Decimal) -> None:
         if ticket.finished:
             return
         ticket.finished = True
@@ -194,10 +202,10 @@ class RedisControlStore:
                 log.error("could not settle or release a request of key %s: %r", ticket.key_id, reply)
 
     # -- reports --------------------------------------------------------------------------------
-    async def spent(self, key_id: str, period: str) -> tuple[float, float]:
+    async def spent(self, key_id: str, period: str) -> tuple[Decimal, Decimal]:
         with store_errors("budget"):
             spent, held = await self._totals_script(redis_scripts.budget_keys(key_id, self.periods.key(period)))
-        return int(spent) / MICRO, int(held) / MICRO
+        return from_nanos(int(spent)), from_nanos(int(held))
 
     async def close(self) -> None:
         if self._owned:

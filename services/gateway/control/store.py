@@ -3,9 +3,10 @@
 `ControlStore.admit()` checks a request against its key's limits and budget in one atomic step and
 answers a `Ticket` (its rate-limit slot, its budget hold, the RateLimit headers to send) or raises
 the refusal as a MeshError; `finish(ticket, tokens, cost_usd)` charges what the request used and
-releases the rest. `try_admit_now()` / `try_finish_now()` are the same calls without a coroutine,
-for a store that can answer in place (in process); a store that cannot answers None / False and the
-caller awaits the coroutine. Implementations: local_store (in process) and redis_store (shared by
+releases the rest. Money is exact: amounts are Decimals of USD (services.common.money), counted by
+the stores in integer nano-dollars. `try_admit_now()` / `try_finish_now()` are the same calls
+without a coroutine, for a store that can answer in place (in process); a store that cannot answers
+None / False and the caller awaits the coroutine. Implementations: local_store (in process) and redis_store (shared by
 replicas). Also here: the error policy both follow (a store outage is a retryable 503, a
 Retry-After is a whole number of seconds up to what openai still honours).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from decimal import Decimal
 from typing import NamedTuple, Protocol
 
 try:
@@ -25,6 +27,7 @@ except ModuleNotFoundError:  # no `meshserve[redis]`: no Redis store runs, so no
 
 
 from services.common.errors import ErrorCode, MeshError
+from services.common.money import ZERO
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class Reservation(NamedTuple):
 
     key_id: str
     period: str  # the period it counts against, e.g. "day:2026-12-01"
-    amount_usd: float
+    amount_usd: Decimal  # exact, to the nano-dollar
     reservation_id: str
 
 
@@ -72,9 +75,9 @@ class ControlStore(Protocol):
         key_id: str,
         limits: KeyLimits | None,
         tokens_hint: int = 0,
-        budget_usd: float | None = None,
+        budget_usd: Decimal | None = None,
         period: str = "month",
-        amount_usd: float = 0.0,
+        amount_usd: Decimal = ZERO,
     ) -> Ticket:
         """Count one request of `key_id` against `limits` (None: no rate limit; `tokens_hint`: the
         most tokens it may use) and hold `amount_usd` (the most it can cost) of its `budget_usd` per
@@ -87,25 +90,25 @@ class ControlStore(Protocol):
         key_id: str,
         limits: KeyLimits | None,
         tokens_hint: int = 0,
-        budget_usd: float | None = None,
+        budget_usd: Decimal | None = None,
         period: str = "month",
-        amount_usd: float = 0.0,
+        amount_usd: Decimal = ZERO,
     ) -> Ticket | None:
         """`admit()` without a coroutine (it raises the same refusals), or None with nothing done:
         then await `admit()`."""
         ...
 
-    async def finish(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
+    async def finish(self, ticket: Ticket, tokens: int, cost_usd: Decimal) -> None:
         """Charge `tokens` (prompt + completion) to the tokens window, settle the hold at `cost_usd`
         (at most what was held), free the slot. Idempotent; never raises (it runs on the way out
         of a request: a store outage is logged and the leases reclaim what it could not free)."""
         ...
 
-    def try_finish_now(self, ticket: Ticket, tokens: int, cost_usd: float) -> bool:
+    def try_finish_now(self, ticket: Ticket, tokens: int, cost_usd: Decimal) -> bool:
         """`finish()` without a coroutine: True when done, False with nothing done (then await it)."""
         ...
 
-    async def spent(self, key_id: str, period: str) -> tuple[float, float]:
+    async def spent(self, key_id: str, period: str) -> tuple[Decimal, Decimal]:
         """(spent, held) in USD in the current `period` ("day", "month" or "total") of a key."""
         ...
 

@@ -1,5 +1,8 @@
-"""The usage ledger's schema revisions, through Alembic (`migrations/`): which revision a database is
-at, upgrading it (`meshserve db upgrade`), and the gateway's start-up check.
+"""The gateway database's schema revisions, through Alembic (`migrations/`): which revision a database
+is at, upgrading it (`meshserve db upgrade`), and the gateway's start-up check. The revisions make
+and change the usage table and, from 0003, the API-key tables (api_keys, key_version): nothing
+else creates a table of the gateway's (the key store and the usage ledger both start through
+`ensure_schema`).
 
 At start-up (`ensure_schema`) a database with no usage table yet is upgraded to the head at once (a
 first `meshserve up`); one at the head starts. An older one (a release before migrations, an older
@@ -43,7 +46,8 @@ _PG_LOCK_KEY = 0x6D657368_6C656467  # pg_advisory_xact_lock's key: "meshledg"
 
 
 class LedgerSchemaError(RuntimeError):
-    """The database's usage ledger is not at the revision this release needs (one line, for the log)."""
+    """The gateway database (usage ledger, API keys) is not at the revision this release needs (one
+    line, for the log)."""
 
 
 def config(connection: sa.Connection | None = None) -> Config:
@@ -109,7 +113,7 @@ def upgrade(engine: sa.Engine, target: str = "head", *, only_if_empty: bool = Fa
         command.upgrade(config(conn), target)
         after = _revision(conn)
     if after != before:
-        log.info("usage ledger: database upgraded from revision %s to %s", before or "(none)", after)
+        log.info("gateway database: upgraded from revision %s to %s", before or "(none)", after)
     return before, after
 
 
@@ -129,18 +133,18 @@ def ensure_schema(engine: sa.Engine, auto_upgrade: bool | None = None) -> str:
     url = engine.url.render_as_string(hide_password=True)
     if have is not None and have not in set(revisions()):
         raise LedgerSchemaError(
-            f"the usage ledger in {url} is at schema revision {have}, which this release does not know "
+            f"the gateway database {url} is at schema revision {have}, which this release does not know "
             f"(it needs {want}): run the release that upgraded it"
         )
     sqlite_file = _sqlite_file(engine)
     if auto_upgrade or (auto_upgrade is None and sqlite_file is not None):
         if sqlite_file is not None:
             copy = backup_sqlite(sqlite_file, f"before-{want}")
-            log.warning("usage ledger: upgrading %s from revision %s; its copy from before: %s", url, have, copy)
+            log.warning("gateway database: upgrading %s from revision %s; its copy from before: %s", url, have, copy)
         return upgrade(engine)[1] or want
     state = f"is at schema revision {have}" if have else "has a usage table from a release before schema migrations"
     raise LedgerSchemaError(
-        f"the usage ledger in {url} {state}; this release needs revision {want}: "
+        f"the gateway database {url} {state}; this release needs revision {want}: "
         "back it up, then run `meshserve db upgrade`"
     )
 

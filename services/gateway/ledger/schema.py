@@ -10,7 +10,6 @@ shape is that of the Alembic migrations (`migrations/`, `migrate.py`), which cre
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,9 +17,13 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
+from services.common.money import NANO, nanos, usd
 from services.gateway.db import metadata
 
-NANO = Decimal("1e-9")  # the ledger's unit of money: a nano-dollar (the X-Usage-Cost-USD header's 9 places)
+# The ledger's unit of money is a nano-dollar (the X-Usage-Cost-USD header's 9 places): usd() rounds
+# an amount to it (a float read as its shortest repr: 0.1 is 0.1, not 0.1000000000000000055...),
+# nanos() counts it in whole nano-dollars (how SQLite stores `Money`).
+__all__ = ["NANO", "Money", "UTCDateTime", "UsageRecord", "as_utc", "nanos", "normalized_row", "usage", "usd"]
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -46,37 +49,24 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def usd(value: Decimal | float | int | str) -> Decimal:
-    """An amount of USD as the ledger keeps it: a Decimal rounded (half even) to the nano-dollar. A
-    float is read as its shortest repr (0.1 is 0.1, not 0.1000000000000000055...): what the price
-    computation meant. Not a finite number: ValueError."""
-    try:
-        amount = value if isinstance(value, Decimal) else Decimal(repr(value) if isinstance(value, float) else value)
-    except decimal.InvalidOperation:  # a text that is no number
-        raise ValueError(f"a cost must be a number of USD, not {value!r}") from None
-    if not amount.is_finite():
-        raise ValueError(f"a cost must be a finite number of USD, not {value!r}")
-    return amount.quantize(NANO, rounding=decimal.ROUND_HALF_EVEN)
-
-
-def nanos(value: Decimal | float | int | str) -> int:
-    """An amount of USD as a whole number of nano-dollars (how SQLite stores `Money`)."""
-    return int(usd(value).scaleb(9))
-
-
 class Money(sa.TypeDecorator):
-    """USD, exact to the nano-dollar, read back as Decimal. Postgres: NUMERIC(18, 9). SQLite has no
-    exact decimal (its NUMERIC is a float), so there it is an INTEGER of nano-dollars: sums stay
-    exact integers. A float read back (a column of a release before migration 0002: REAL dollars)
-    is taken as dollars, so reading an old ledger shows its costs, not nano-dollars."""
+    """USD, exact to the nano-dollar, read back as Decimal. Postgres: NUMERIC(18, 9) (`digits`: its
+    precision; 18 holds up to a billion USD less a nano-dollar). SQLite has no exact decimal (its
+    NUMERIC is a float), so there it is an INTEGER of nano-dollars: sums stay exact integers. A
+    float read back (a column of a release before migration 0002: REAL dollars) is taken as
+    dollars, so reading an old ledger shows its costs, not nano-dollars."""
 
     impl = sa.Numeric(18, 9)
     cache_ok = True
 
+    def __init__(self, digits: int = 18) -> None:
+        super().__init__()
+        self.digits = digits
+
     def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine:
         if dialect.name == "sqlite":
             return dialect.type_descriptor(sa.BigInteger())
-        return dialect.type_descriptor(sa.Numeric(18, 9, asdecimal=True))
+        return dialect.type_descriptor(sa.Numeric(self.digits, 9, asdecimal=True))
 
     def process_bind_param(self, value, dialect: sa.Dialect) -> Decimal | int | None:
         if value is None:
