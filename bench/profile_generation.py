@@ -19,12 +19,15 @@ is descheduled and CPU time swings by several times. The inference service's `GO
 process time per generated token) and, unless `--top 0`, a cProfile of the worker thread (all torch
 work) and of the event loop's thread. `--against FILE` is an A/B: another version of
 services/inference/generation.py alternated with this checkout's for `--rounds` rounds (and raw
-generate() once a round), medians reported.
+generate() once a round), medians reported. `--folder DIR` profiles another causal LM folder (with
+its tokenizer), e.g. the 107M model bench.run_generation builds under $MESHSERVE_HOME/bench-models/.
 
     python -m bench.profile_generation --threads 1                # 8 and 32 streams, ~1 minute
     python -m bench.profile_generation --threads 1 --streams 32 --breakdown --sort cumulative
     git show HEAD~3:services/inference/generation.py > /tmp/old.py
     python -m bench.profile_generation --threads 1 --against /tmp/old.py --rounds 3
+    python -m bench.profile_generation --threads 1 --against /tmp/old.py --tokens 4096 \
+        --folder .meshserve/bench-models/llama-base-4c7eef187a89
 """
 
 from __future__ import annotations
@@ -224,6 +227,9 @@ class Probe:
 
         model = scheduler.runtime.model
         model.forward = self.timed("forward", model.forward)
+        lean = getattr(scheduler.runtime, "lean", None)
+        if lean is not None:  # decode steps bypass model.forward (lean_decode.py)
+            lean.decode = self.timed("lean_decode", lean.decode)
         for name in ("_decode", "_prefill", "_sample_rows", "_emit", "_drop", "_join"):
             if hasattr(scheduler, name):
                 setattr(scheduler, name, self.timed(name, getattr(scheduler, name)))
@@ -332,6 +338,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions per cProfile listing (0: timers only)")
     parser.add_argument("--against", type=Path, help="A/B: a generation.py to alternate with this checkout's")
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds per stream count")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        help="another causal LM folder with its tokenizer (e.g. the 107M model bench.run_generation builds "
+        "under $MESHSERVE_HOME/bench-models/); default: the tiny LM",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "generation_profile.json")
     args = parser.parse_args()
 
@@ -342,7 +354,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()  # generate() warns on every call that max_new_tokens overrides max_length
-    folder = tiny_folder()
+    folder = args.folder or tiny_folder()
     ids = prompts(folder)
     if args.against is not None:
         points = ab_rounds(folder, ids, args)
@@ -351,7 +363,10 @@ def main() -> None:
             "git": git_info(),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        result = {"ab_against": str(args.against), "threads": args.threads, "rounds": args.rounds, "points": points}
+        result = {
+            "ab_against": str(args.against), "model": str(args.folder) if args.folder else MODEL,
+            "threads": args.threads, "rounds": args.rounds, "points": points,
+        }  # fmt: skip
         write_atomic(args.out, (json.dumps(result | context, indent=2) + "\n").encode())
         return
     runtime = CausalLMRuntime(folder)
@@ -376,7 +391,7 @@ def main() -> None:
         points.append(point)
     result = {
         "what": __doc__.splitlines()[0],
-        "model": MODEL,
+        "model": str(args.folder) if args.folder else MODEL,
         "threads": args.threads,
         "tokens_per_stream": TOKENS,
         "points": points,

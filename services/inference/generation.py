@@ -223,7 +223,7 @@ class TokenEvent:
 class CausalLMRuntime:
     """A Hugging Face causal LM with the three operations continuous batching needs."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, lean: bool | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -249,6 +249,9 @@ class CausalLMRuntime:
         # Applied to requests that set none of them (GenerationScheduler.submit).
         self.sampling_defaults = sampling_defaults(Path(model_dir))
         self._keeps_logits = self.model._supports_logits_to_keep()
+        # The decode step without HF's module dispatch for Llama-family models (lean_decode.py);
+        # None: the HF forward. `lean` None follows the lean_decode setting.
+        self.lean = _lean_decoder(self.model) if (_lean_setting() if lean is None else lean) else None
 
     def _last_only(self, scored: bool) -> dict[str, int]:
         """The forward's argument that computes only the last position's logits (as generate()
@@ -304,6 +307,17 @@ class CausalLMRuntime:
             ]
             return out.logits[:, -1].float(), layers, mask, scores
 
+    def decode_slots(self, tokens: list[int], slots):
+        """One step for the running batch of `slots` (`_Slots`): logits [n, vocab]; the step's keys
+        and values are written in place, and the slots advance."""
+        mask, positions = slots.step_inputs()  # each sequence's own next position
+        if self.lean is not None:
+            logits = self.lean.decode(tokens, mask, positions, slots)
+        else:
+            logits = self.decode(tokens, mask, positions, slots.cache())
+        slots.advance()
+        return logits
+
     def decode(self, tokens: list[int], mask, positions, cache):
         """One step for a left-padded batch: logits [batch, vocab]; the step's keys and values go
         into `cache` (`_Slots.cache()`: in place, in the batch's buffers)."""
@@ -317,6 +331,23 @@ class CausalLMRuntime:
                 use_cache=True,
             )
             return out.logits[:, -1].float()
+
+
+def _lean_setting() -> bool:
+    from services.inference.settings import InferenceSettings
+
+    return InferenceSettings().lean_decode
+
+
+def _lean_decoder(model):
+    """lean_decode.LeanDecoder for a model it recognises, else None (the HF forward)."""
+    from services.inference.lean_decode import LeanDecoder
+
+    try:
+        return LeanDecoder.build(model)
+    except Exception:  # an unexpected layout: the HF forward serves it
+        log.warning("lean decode unavailable; using the HF forward", exc_info=True)
+        return None
 
 
 @functools.cache
@@ -730,9 +761,7 @@ class GenerationScheduler:
 
     def _decode(self) -> list[tuple[int, float]]:
         batch = self._batch
-        mask, positions = batch.slots.step_inputs()  # each sequence's own next position
-        logits = self.runtime.decode(batch.last, mask, positions, batch.slots.cache())
-        batch.slots.advance()
+        logits = self.runtime.decode_slots(batch.last, batch.slots)
         return self._sample_rows(logits, batch.sequences)
 
     def _sample_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:

@@ -40,3 +40,9 @@ class InferenceSettings(GrpcServiceSettings):
         None,
         description="OTLP/HTTP traces endpoint for Triton's OpenTelemetry trace mode (e.g. http://host:4318/v1/traces).",
     )
+    lean_decode: bool = Field(
+        True,
+        description="Decode steps of Llama, Mistral and Qwen2 causal LMs run a lean forward built from the model's own "
+        "weights (fused projections, no per-layer module dispatch; same tokens as the HF forward); false: the HF "
+        "forward (A/B). Other architectures always use the HF forward.",
+    )
