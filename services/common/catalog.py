@@ -215,9 +215,11 @@ class PricingSpec(_Strict):
     def cost(self, input_tokens: int, output_tokens: int, compute_s: float) -> Decimal:
         """The exact cost in USD (Decimal arithmetic on the written prices; `compute_s` read as its
         shortest repr), before any rounding: money.usd() rounds it to the nano-dollar."""
-        cost = (
-            input_tokens * self.input_per_1k_tokens_usd.exact + output_tokens * self.output_per_1k_tokens_usd.exact
-        ) / 1000 + self.per_request_usd.exact
+        cost = self.per_request_usd.exact
+        if input_tokens or output_tokens:  # (scaleb(-3): an exact division by 1000)
+            cost += (
+                input_tokens * self.input_per_1k_tokens_usd.exact + output_tokens * self.output_per_1k_tokens_usd.exact
+            ).scaleb(-3)
         if compute_s and self.per_compute_second_usd.exact:
             cost += exact(compute_s) * self.per_compute_second_usd.exact
         return cost

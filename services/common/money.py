@@ -43,15 +43,22 @@ class DecimalFloat(float):
 def exact(value: Any) -> Decimal:
     """The exact decimal of an amount: a DecimalFloat's or Decimal's own value, a text or an int
     parsed, a plain float read as its shortest repr (0.1 is 0.1, not 0.1000000000000000055...).
-    ValueError when it is no finite number."""
-    if isinstance(value, DecimalFloat):
+    ValueError when it is no finite number. (Types tested by identity first: metering calls this
+    on every request.)"""
+    kind = type(value)
+    if kind is DecimalFloat:
         return value.exact
-    if isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
+    if kind is Decimal:
+        amount = value
+    elif kind is float:
+        amount = Decimal(repr(value))
+    elif isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
         raise ValueError(f"an amount of USD must be a number, not {value!r}")
-    try:
-        amount = value if isinstance(value, Decimal) else Decimal(repr(value) if isinstance(value, float) else value)
-    except decimal.InvalidOperation:  # a text that is no number
-        raise ValueError(f"an amount of USD must be a number, not {value!r}") from None
+    else:
+        try:
+            amount = Decimal(repr(float(value))) if isinstance(value, float) else Decimal(value)
+        except decimal.InvalidOperation:  # a text that is no number
+            raise ValueError(f"an amount of USD must be a number, not {value!r}") from None
     if not amount.is_finite():
         raise ValueError(f"an amount of USD must be a finite number, not {value!r}")
     return amount

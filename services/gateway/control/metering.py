@@ -50,6 +50,7 @@ class Metered:
     """One admitted request, from admission to its ledger row."""
 
     __slots__ = (
+        "_cost",
         "_delivered",
         "attempts",
         "client_request_id",
@@ -111,6 +112,7 @@ class Metered:
         self.routed = False  # the provider layer chose among candidates (its answer names the provider)
         self.upstream_request_id: str | None = None
         self._delivered = False
+        self._cost: tuple = ()  # (what cost_of() last priced, its cost)
         self.first_token_at: float | None = None  # perf_counter() when a token first reached the client
 
     @property
@@ -148,8 +150,13 @@ class Metered:
         return headers
 
     def cost_of(self) -> Decimal:
-        """What the request cost so far: USD, exact, rounded (half even) to the nano-dollar."""
-        return usd(self.pricing.cost(self.input_tokens, self.output_tokens, self.compute_s))
+        """What the request cost so far: USD, exact, rounded (half even) to the nano-dollar. (The
+        last answer is kept: finishing and the response's headers ask for the same one, and
+        Decimal arithmetic costs microseconds.)"""
+        usage = (self.input_tokens, self.output_tokens, self.compute_s, self.pricing)
+        if not self._cost or self._cost[0] != usage:
+            self._cost = (usage, usd(self.pricing.cost(*usage[:3])))
+        return self._cost[1]
 
 
 class Metering:
