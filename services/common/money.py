@@ -65,8 +65,12 @@ def exact(value: Any) -> Decimal:
 
 
 def usd(value: Any) -> Decimal:
-    """An amount of USD as money is kept: a Decimal rounded (half even) to the nano-dollar."""
-    return exact(value).quantize(NANO, rounding=decimal.ROUND_HALF_EVEN)
+    """An amount of USD as money is kept: a Decimal rounded (half even) to the nano-dollar.
+    ValueError when it is no finite number, or too large to keep to the nano-dollar (1e19 USD)."""
+    try:
+        return exact(value).quantize(NANO, rounding=decimal.ROUND_HALF_EVEN)
+    except decimal.InvalidOperation:  # more digits than the context's 28
+        raise ValueError(f"an amount of USD too large to count to the nano-dollar: {value!r}") from None
 
 
 def nanos(value: Any) -> int:

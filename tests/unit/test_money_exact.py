@@ -15,7 +15,7 @@ import yaml
 
 from services.common.catalog import PricingSpec, load_entry
 from services.common.errors import ErrorCode, MeshError
-from services.common.money import DecimalFloat, load_yaml
+from services.common.money import DecimalFloat, load_yaml, usd
 from services.gateway.control import redis_scripts
 from services.gateway.control.budgets import period_key
 from services.gateway.control.metering import Metering
@@ -42,6 +42,8 @@ def test_prices_are_parsed_from_their_text_never_through_a_float():
     for bad in ("-1", "ten", float("nan")):
         with pytest.raises(ValueError):
             PricingSpec(per_request_usd=bad)
+    with pytest.raises(ValueError, match="too large"):  # not decimal.InvalidOperation
+        usd(1e305)
 
 
 def test_a_catalog_entry_file_keeps_its_prices_exact(tmp_path):
