@@ -105,7 +105,7 @@ async def test_an_empty_database_is_brought_to_the_head_when_the_gateway_starts(
 
 def _about_usage(diff) -> bool:
     """Whether an autogenerate difference concerns the usage table (the shared metadata also holds
-    the key store's tables, which the key store creates itself)."""
+    the key store's tables when control.keys is imported: test_key_migrations compares those)."""
     flat = diff if isinstance(diff, tuple) else diff[0]
     return any(getattr(part, "name", None) == "usage" or getattr(part, "table", None) is usage for part in flat) or (
         len(flat) > 2 and flat[2] == "usage"
