@@ -254,10 +254,15 @@ def _keys(args) -> int:
     import json
 
     from services.common.errors import MeshError
+    from services.gateway.ledger import LedgerSchemaError
     from services.gateway.service.admin import KeyRequest, create_key
     from services.gateway.service.validation import parse
 
-    store = _key_store()
+    try:
+        store = _key_store()
+    except LedgerSchemaError as exc:  # e.g. a Postgres database behind the code's revision
+        print(f"meshserve keys: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.action == "create":
 

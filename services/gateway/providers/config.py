@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.common import money
 from services.common.catalog import TASKS, PricingSpec
 from services.gateway.providers.types import LOCAL, POLICIES
 
@@ -188,7 +189,7 @@ def load_providers(path: Path, *, catalog_ids: Collection[str] | None = None) ->
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the providers file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = money.load_yaml(text)  # prices exactly as written, as the catalog reads them
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
