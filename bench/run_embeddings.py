@@ -287,13 +287,17 @@ async def bench_services(mesh: Mesh, model_name: str, encoder: RawEncoder) -> di
 
 # -- (d) the full mesh with runtime_engine onnx -------------------------------------------------------
 def onnx_catalog(folder: Path) -> Path:
-    """The shipped catalog with the benched entry on runtime_engine onnx (the others as they are)."""
+    """The shipped catalog with the benched entry on runtime_engine onnx (the others as they are).
+    Its torch layout (instances, threads) goes with torch: an onnx entry that sets neither runs the
+    catalog's ONNX layout (services/common/catalog.py ONNX_LAYOUT, 2 single-thread instances)."""
     import yaml
 
     data = yaml.safe_load((REPO / "catalog.yaml").read_text())
     for entry in data["models"]:
         if entry["id"] == MODEL_ID:
             entry["inference"]["runtime_engine"] = "onnx"
+            entry["inference"].pop("instances", None)
+            entry["inference"].pop("threads", None)
     path = folder / "catalog-onnx.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

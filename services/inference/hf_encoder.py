@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.inference.runtime import Runtime, torch_device
+from services.inference.runtime import Runtime, only_zeros_and_ones, torch_device
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -47,7 +47,7 @@ class EncoderRuntime(Runtime):
             raise ValueError(f"input 'input_ids' has {ids.shape[-1]} tokens; the model takes at most {self.max_tokens}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"input 'input_ids' holds token ids outside [0, {self.vocab_size})")
-        if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
+        if mask.shape != ids.shape or not only_zeros_and_ones(mask):
             raise ValueError("input 'attention_mask' must match 'input_ids' and hold only 0 and 1")
         types = inputs.get("token_type_ids")
         if types is not None:

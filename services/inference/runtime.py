@@ -29,6 +29,16 @@ _threads_lock = threading.Lock()
 TOKEN_EMBEDDINGS = "token_embeddings"
 
 
+def only_zeros_and_ones(mask: np.ndarray) -> bool:
+    """An attention mask holds only 0 and 1. For integer masks by min and max: np.isin sorts, about
+    10x the cost for one request's row (#18: ~40 us of the inference hop at c=1)."""
+    if mask.size == 0:
+        return True
+    if mask.dtype.kind in "iub":
+        return bool(mask.min() >= 0 and mask.max() <= 1)
+    return bool(np.isin(mask, (0, 1)).all())
+
+
 def set_torch_threads(threads: int) -> None:
     """Intra-op threads for this process (torch's setting is process-wide)."""
     import torch
@@ -137,7 +147,7 @@ class SentenceEmbeddingRuntime(Runtime):
             raise ValueError(f"input 'input_ids' has {ids.shape[-1]} tokens; the model takes at most {self.max_tokens}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"input 'input_ids' holds token ids outside [0, {self.vocab_size})")
-        if not np.isin(mask, (0, 1)).all():
+        if not only_zeros_and_ones(mask):
             raise ValueError("input 'attention_mask' must hold only 0 and 1")
         types = inputs.get("token_type_ids")
         if types is not None and (types.min() < 0 or types.max() >= max(self.type_vocab_size, 1)):
