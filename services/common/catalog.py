@@ -175,7 +175,7 @@ class InferenceSpec(_Strict):
         """An onnx entry that sets neither `instances` nor `threads` runs ONNX_LAYOUT: single-thread
         sessions side by side (as Triton users raise instance_group count) beat one two-thread
         session on a shared 2-core box, because one batch's gaps are the other's compute (#18:
-        bench/onnx_instances.py, inference CPU per request -6 %, req/s up in both rounds)."""
+        bench/onnx_instances.py: inference CPU per request -7 % over three A/B pairs)."""
         if isinstance(data, dict) and data.get("runtime_engine") == "onnx":
             if "instances" not in data and "threads" not in data:
                 data = {**data, "instances": ONNX_LAYOUT[0], "threads": ONNX_LAYOUT[1]}
