@@ -138,3 +138,17 @@ def test_the_setting_turns_it_off(tmp_path, monkeypatch):
     assert CausalLMRuntime(folder).lean is None
     monkeypatch.setenv("MESHSERVE_INFERENCE_LEAN_DECODE", "true")
     assert CausalLMRuntime(folder).lean is not None
+
+
+def test_the_cpu_products_go_through_onednn_only_where_it_agrees_with_mkl(tmp_path):
+    from services.inference.lean_decode import _onednn_linear
+
+    runtime = CausalLMRuntime(random_folder(tmp_path, "llama"), lean=True)
+    if torch.backends.mkldnn.is_available():
+        assert runtime.lean.linear is not torch.nn.functional.linear
+    weight = torch.randn(48, 64)
+    x = torch.randn(5, 64)
+    linear = _onednn_linear(torch, weight) or torch.nn.functional.linear
+    with torch.inference_mode():
+        assert torch.allclose(linear(x, weight), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert _onednn_linear(torch, weight.double()) is None  # float32 only; the rest keeps F.linear
