@@ -60,8 +60,12 @@ def test_sigterm_to_the_mesh_lets_in_flight_requests_finish(mesh):
     t_sig = sent_at[0]
     # In flight = reached the server before the signal. A request that was still opening its
     # connection (ConnectError: refused at connect, nothing half-done) was not; on a loaded CI
-    # machine one started 50 ms before the signal and was still connecting.
-    in_flight = [r for r in results if r["started"] < t_sig - 0.05 and r.get("error") != "ConnectError"]
+    # machine one started 50 ms before the signal and was still connecting. Nor was one whose bytes
+    # sat unread on a keep-alive connection that the server closed as idle: closing a socket with
+    # unread data makes the kernel send a reset, which httpx raises as ReadError (a server that had
+    # read the request and then hung up would show as RemoteProtocolError, which still fails here).
+    not_reached = ("ConnectError", "ReadError")
+    in_flight = [r for r in results if r["started"] < t_sig - 0.05 and r.get("error") not in not_reached]
     assert len(in_flight) > 40  # the 40 done plus those the server was still working on
     assert all(r["status"] == 200 for r in in_flight), [r for r in in_flight if r["status"] != 200][:3]
     # Nothing answered with a server error: later requests were refused at connect, never half-done.
