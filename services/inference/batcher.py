@@ -9,14 +9,13 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError
-from services.inference.runtime import Runtime, pad_and_stack
+from services.inference.runtime import Runtime, pad_and_stack, torch_workers
 from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class DynamicBatcher:
         self._pending_rows = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(spec.instances)
-        self._executor = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"infer-{name}")
+        self._executor = torch_workers(spec, f"infer-{name}", spec.instances)
         self._target = max(spec.preferred_batch_sizes or (spec.max_batch_size,))
         self._delay_s = spec.max_queue_delay_us / 1e6
         self._running: set[asyncio.Task] = set()

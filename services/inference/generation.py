@@ -13,7 +13,6 @@ import random
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from services.common.errors import ErrorCode, MeshError, invalid
 from services.common.generation_contract import FinishReason, InputTensor, RequestParameter
 from services.common.metrics import LATENCY_BUCKETS
 from services.inference.constraints import Grammars
+from services.inference.runtime import torch_workers
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ class GenerationScheduler:
         self._steps = 0  # decode steps run (`_holds`)
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{name}")
+        self._executor = torch_workers(spec, f"generate-{name}", 1)
         self._grammars = Grammars(runtime)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())

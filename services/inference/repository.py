@@ -62,16 +62,6 @@ class ModelRepository:
         self.models_dir = models_dir
         self.slots = {entry.inference.name: ModelSlot(entry) for entry in catalog.models}
         self._locks = {name: asyncio.Lock() for name in self.slots}
-        self._torch_threads = 0  # the most any torch-engine model loaded here asked for
-
-    def _claim_torch_threads(self, entry) -> None:
-        """torch's intra-op thread count is process-wide: it is the most that any torch-engine
-        model loaded in this process asks for, never lowered by a later load (a 1-thread digits
-        CNN loaded last used to put all-MiniLM and the LMs on one thread, depending on the load
-        order). ONNX Runtime sessions take their own `threads`."""
-        if entry.inference.runtime_engine == "torch":
-            self._torch_threads = max(self._torch_threads, entry.inference.threads)
-            set_torch_threads(self._torch_threads)
 
     def slot(self, name: str) -> ModelSlot:
         try:
@@ -101,7 +91,6 @@ class ModelRepository:
             slot.state, slot.reason = ModelState.LOADING, "loading"
             started = time.perf_counter()
             try:
-                self._claim_torch_threads(entry)
                 runtime, entry = await asyncio.to_thread(self._load_runtime, entry)
             except Exception as exc:
                 log.exception("model load failed", extra={"fields": {"model": name}})
@@ -121,6 +110,8 @@ class ModelRepository:
     def _load_runtime(self, entry: ModelEntry):
         """Worker thread: the entry's runtime, and the entry with the runtime's optional outputs."""
         folder = model_dir(entry, self.models_dir)
+        if entry.inference.runtime_engine == "torch":  # the load's own warm-up passes, as the model's workers will run
+            set_torch_threads(entry.inference.threads)
         runtime = load_runtime(entry.inference.runtime, folder, RuntimeOptions.of(entry, self.models_dir))
         return runtime, with_runtime_outputs(entry, self.models_dir)
 

@@ -9,8 +9,8 @@ both backends.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_threads_lock = threading.Lock()
 
 # The optional output of sentence-embedding runtimes: the encoder's last hidden states, FP32
 # [batch, tokens, hidden] (TEI's /embed_all). Served on request, beside the catalog's outputs.
@@ -40,12 +39,24 @@ def only_zeros_and_ones(mask: np.ndarray) -> bool:
 
 
 def set_torch_threads(threads: int) -> None:
-    """Intra-op threads for this process (torch's setting is process-wide)."""
+    """Intra-op threads for the calling thread. torch keeps the count in each thread's OpenMP
+    state: a thread takes the last value set anywhere in the process at its first parallel op, and
+    keeps its own after that. So each model's worker threads set their entry's `threads`
+    (`torch_workers`), and a 1-thread model no longer decides the count of the 2-thread one loaded
+    next to it. The first call below settles this thread's inherited value before ours replaces it
+    (otherwise that late first use would overwrite ours with whatever another thread set last)."""
     import torch
 
-    with _threads_lock:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+def torch_workers(spec, name: str, workers: int) -> ThreadPoolExecutor:
+    """The executor a model's forward passes run in; a torch-engine model's threads use its
+    `threads` intra-op threads each (ONNX Runtime sessions take theirs at creation)."""
+    if spec.runtime_engine != "torch":
+        return ThreadPoolExecutor(workers, thread_name_prefix=name)
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=set_torch_threads, initargs=(spec.threads,))
 
 
 def pad_and_stack(arrays: list[np.ndarray], pad_value: int | float) -> np.ndarray:
