@@ -85,6 +85,12 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
 # steps for another to prefill with (GenerationScheduler._holds).
 HOLD_MIN_RUNNING = 16
 HOLD_STEPS = 2
+# A forward pass over fewer (tokens x parameters) than this runs on one intra-op thread, whatever
+# the entry's `threads`: its matrix products are too small to share, and the second thread's
+# barrier waits on a core that the gateway and postprocess need for the same tokens. #18, the 4M
+# tiny LM at one stream: ITL p50 5.3 / 5.4 ms on one thread against 7.0 / 8.0 on two; at 32
+# streams two threads were as fast or faster, and a 107M model's single row is past the bound.
+SOLO_WORK = 64_000_000
 
 
 def parse_logit_bias(value) -> tuple[tuple[int, float], ...]:
@@ -593,6 +599,8 @@ class GenerationScheduler:
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
         self._executor = torch_workers(spec, f"generate-{name}", 1)
+        self._parameters = sum(p.numel() for p in runtime.model.parameters())
+        self._threads = spec.threads  # the worker's intra-op threads now (`_use_threads`)
         self._grammars = Grammars(runtime)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -730,7 +738,15 @@ class GenerationScheduler:
         if keep:
             self._join([joining[i] for i in keep], [sampled[i][0] for i in keep], layers, mask)
 
+    def _use_threads(self, tokens: int) -> None:
+        """Worker thread: the intra-op threads for a forward pass over `tokens` tokens (SOLO_WORK)."""
+        threads = 1 if tokens * self._parameters < SOLO_WORK else self.spec.threads
+        if threads != self._threads:
+            self._torch.set_num_threads(threads)
+            self._threads = threads
+
     def _prefill(self, sequences: list[Sequence]):
+        self._use_threads(sum(len(s.prompt) for s in sequences))
         logits, layers, mask, scores = self.runtime.prefill_batch(
             [s.prompt for s in sequences], [s.params.prompt_logprobs for s in sequences]
         )
@@ -761,6 +777,7 @@ class GenerationScheduler:
 
     def _decode(self) -> list[tuple[int, float]]:
         batch = self._batch
+        self._use_threads(len(batch.sequences))
         logits = self.runtime.decode_slots(batch.last, batch.slots)
         return self._sample_rows(logits, batch.sequences)
 

@@ -339,3 +339,34 @@ async def test_admission_wait_and_prefill_are_observed_per_sequence_and_per_pref
 def _count(histogram, name: str) -> float:
     return next(s.value for m in histogram.collect() for s in m.samples
                 if s.name.endswith("_count") and s.labels.get("model") == name)  # fmt: skip
+
+
+async def test_small_steps_run_on_one_thread_and_large_ones_on_the_entry_s(runtime, monkeypatch):
+    """SOLO_WORK: a forward pass over few tokens x parameters runs on one intra-op thread, a larger
+    one on the entry's `threads`; the tokens are generate()'s either way."""
+    from services.inference import generation
+
+    parameters = sum(p.numel() for p in runtime.model.parameters())
+    monkeypatch.setattr(generation, "SOLO_WORK", 3 * parameters)  # 1-2 rows: one thread; 3-4: two
+    seen: list[tuple[int, int]] = []  # (rows, the worker's threads) per decode step
+    decode = runtime.decode_slots
+
+    def recording(tokens, slots):
+        seen.append((len(tokens), torch.get_num_threads()))
+        return decode(tokens, slots)
+
+    monkeypatch.setattr(runtime, "decode_slots", recording)
+    spec = SPEC.model_copy(update={"threads": 2})
+    scheduler = GenerationScheduler("tiny-llama", runtime, spec)
+    try:
+        lengths = (3, 5, 8, 12)  # the batch shrinks 4 -> 3 -> 2 -> 1 rows as they stop
+        params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in lengths]
+        streams = [scheduler.submit(PROMPTS[0], p) for p in params]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+    finally:
+        await scheduler.close()
+    assert {rows for rows, _ in seen} >= {1, 2, 3, 4}
+    assert all(threads == (1 if rows < 3 else 2) for rows, threads in seen), seen
+    expected = reference(runtime, PROMPTS[0], 12)
+    for n, (tokens, _) in zip(lengths, results, strict=True):
+        assert tokens == expected[: min(n, expected.index(96) if 96 in expected else n)]
