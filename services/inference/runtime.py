@@ -9,6 +9,7 @@ both backends.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,15 +39,21 @@ def only_zeros_and_ones(mask: np.ndarray) -> bool:
     return bool(np.isin(mask, (0, 1)).all())
 
 
-def set_torch_threads(threads: int) -> None:
+def set_torch_threads(threads: int, *, import_torch: bool = False) -> None:
     """Intra-op threads for the calling thread. torch keeps the count in each thread's OpenMP
     state: a thread takes the last value set anywhere in the process at its first parallel op, and
     keeps its own after that. So each model's worker threads set their entry's `threads`
     (`torch_workers`), and a 1-thread model no longer decides the count of the 2-thread one loaded
     next to it. The first call below settles this thread's inherited value before ours replaces it
-    (otherwise that late first use would overwrite ours with whatever another thread set last)."""
-    import torch
-
+    (otherwise that late first use would overwrite ours with whatever another thread set last).
+    A process that has not imported torch (numpy-only runtimes; no torch installed) is left alone
+    unless `import_torch`."""
+    if import_torch:
+        import torch
+    else:
+        torch = sys.modules.get("torch")
+    if torch is None:
+        return
     torch.get_num_threads()
     torch.set_num_threads(threads)
 

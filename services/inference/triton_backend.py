@@ -46,7 +46,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        set_torch_threads(int(params.get("TORCH_THREADS", "1")))
+        set_torch_threads(int(params.get("TORCH_THREADS", "1")), import_torch=True)
         self.generation = None
         if params["MESHSERVE_RUNTIME"] == "causal_lm":
             self.generation = _GenerationHost(params)
