@@ -56,6 +56,13 @@ PREFILL = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
+DECODE = Histogram(
+    "meshserve_inference_decode_step_seconds",
+    "One decode step's forward pass with its sampling, in the model's worker thread (the rest of a"
+    " step's wall time is prefills and the hand-offs to and from the event loop).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
 TOKENS = Counter("meshserve_inference_generated_tokens_total", "Tokens generated.", ["model"])
 PROMPT_TOKENS = Counter("meshserve_inference_prompt_tokens_total", "Prompt tokens prefilled.", ["model"])
 FINISHED = Counter("meshserve_inference_sequences_total", "Finished sequences by reason.", ["model", "reason"])
@@ -559,6 +566,7 @@ class _Metrics:
         self.prompt_tokens, self.decode_steps = PROMPT_TOKENS.labels(name), DECODE_STEPS.labels(name)
         self.decode_batch, self.cancel_tail = DECODE_BATCH.labels(name), CANCEL_TAIL.labels(name)
         self.admission_wait, self.prefill = ADMISSION_WAIT.labels(name), PREFILL.labels(name)
+        self.decode = DECODE.labels(name)
 
 
 class _Batch:
@@ -776,10 +784,13 @@ class GenerationScheduler:
         self._drop(finished, None)
 
     def _decode(self) -> list[tuple[int, float]]:
+        started = time.perf_counter()
         batch = self._batch
         self._use_threads(len(batch.sequences))
         logits = self.runtime.decode_slots(batch.last, batch.slots)
-        return self._sample_rows(logits, batch.sequences)
+        sampled = self._sample_rows(logits, batch.sequences)
+        self._metrics.decode.observe(time.perf_counter() - started)
+        return sampled
 
     def _sample_rows(self, logits, sequences: list[Sequence]) -> list[tuple[int, float]]:
         """Sample every row: (token, logprob). Temperature, softmax and
