@@ -4,8 +4,9 @@
   image  meshserve/digits-cnn        POST /models/meshserve/digits-cnn        <raw PNG bytes>
 
   (a) raw in-process: the model's runtime class (services.inference.runtime.load_runtime) called
-      directly with torch, with the catalog's thread count, at batch 1 and at each of the catalog's
-      preferred batch sizes; each batch is prepared the way preprocess does (tokenize / decode the PNG).
+      directly with torch, on all the threads the catalog gives the model (instances x threads), at
+      batch 1 and at each of the catalog's preferred batch sizes; each batch is prepared the way
+      preprocess does (tokenize / decode the PNG).
       raw limit = best items/s over the preferred sizes; raw batch-1 p50 = the latency floor.
   (c) the full mesh (gateway -> preprocess -> inference -> postprocess) at concurrency 1/16/64, every
       request with `X-Use-Cache: false` so the gateway's HF response cache is bypassed; plus one point
@@ -169,8 +170,11 @@ def raw_point(task: Task, batch: int, seconds: float) -> dict[str, Any]:
 def bench_raw(task: Task, seconds: float) -> dict[str, Any]:
     from services.inference.runtime import set_torch_threads
 
-    threads = task.entry.inference.threads
-    set_torch_threads(threads)  # what the inference service sets for this model
+    spec = task.entry.inference
+    # Every thread the inference service gives this model, in one: its lone batch runs on them all
+    # (services/inference/batcher.py), and raw in-process at batch 1 must not be handicapped.
+    threads = spec.instances * spec.threads
+    set_torch_threads(threads)
     sizes, preferred = raw_sizes(task.entry)
     points = []
     for batch in sizes:

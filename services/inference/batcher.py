@@ -15,7 +15,7 @@ import numpy as np
 
 from services.common.catalog import InferenceSpec
 from services.common.errors import ErrorCode, MeshError
-from services.inference.runtime import Runtime, pad_and_stack, torch_workers
+from services.inference.runtime import Runtime, pad_and_stack, set_torch_threads, torch_workers
 from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,12 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(spec.instances)
         self._executor = torch_workers(spec, f"infer-{name}", spec.instances)
+        self._busy = 0  # batches executing now
+        # A torch model of several instances gives a batch that runs alone the threads of them all
+        # (`_lone_threads`): at low load batch 1 keeps the latency of one wide instance, and under
+        # load each instance runs its own `threads` (no OpenMP barrier waiting for a busy core).
+        wide = spec.runtime_engine == "torch" and spec.instances > 1
+        self._lone_threads = spec.instances * spec.threads if wide else 0
         self._target = max(spec.preferred_batch_sizes or (spec.max_batch_size,))
         self._delay_s = spec.max_queue_delay_us / 1e6
         self._running: set[asyncio.Task] = set()
@@ -153,15 +159,17 @@ class DynamicBatcher:
             if not batch:
                 self._slots.release()
                 continue
-            task = loop.create_task(self._execute(batch))
+            threads = (self._lone_threads if self._busy == 0 else self.spec.threads) if self._lone_threads else 0
+            self._busy += 1
+            task = loop.create_task(self._execute(batch, threads))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending], threads: int = 0) -> None:
         started = time.monotonic_ns()
         try:
             outputs, infer_started, infer_ended = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, [item.inputs for item in batch]
+                self._executor, self._run_batch, [item.inputs for item in batch], threads
             )
         except Exception:
             log.exception("batch execution failed", extra={"fields": {"model": self.name, "size": len(batch)}})
@@ -173,6 +181,7 @@ class DynamicBatcher:
                     )
             return
         finally:
+            self._busy -= 1
             self._slots.release()
         ended = time.monotonic_ns()
         rows = sum(item.rows for item in batch)
@@ -195,8 +204,11 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result((sliced, t))
 
-    def _run_batch(self, inputs: list[dict[str, np.ndarray]]):
-        """Worker thread: pad and stack the batch, run the model."""
+    def _run_batch(self, inputs: list[dict[str, np.ndarray]], threads: int = 0):
+        """Worker thread: pad and stack the batch, run the model (on `threads` intra-op threads
+        when given: torch keeps the count per thread)."""
+        if threads:
+            set_torch_threads(threads)
         stacked = {
             name: pad_and_stack([req[name] for req in inputs], self.runtime.pad_values.get(name, 0))
             for name in inputs[0]

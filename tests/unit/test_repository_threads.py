@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 
+import numpy as np
 import pytest
 
 from services.common.catalog import Catalog
@@ -28,10 +30,16 @@ def _seen_by_the_worker(slot) -> tuple[int, int]:
     return slot.batcher._executor.submit(probe).result(timeout=30)
 
 
+def _layout(entry, instances: int, threads: int):
+    return entry.model_copy(
+        update={"inference": entry.inference.model_copy(update={"instances": instances, "threads": threads})}
+    )
+
+
 @pytest.mark.parametrize("order", [(MODEL_ID, DIGITS), (DIGITS, MODEL_ID)])
 def test_each_model_runs_with_its_own_threads_whatever_the_load_order(catalog, models_dir, order):
-    entries = [catalog.get(model_id) for model_id in order]
-    assert {e.inference.threads for e in entries} == {1, 2}  # the catalog's all-MiniLM 2, digits 1
+    layouts = {MODEL_ID: (1, 2), DIGITS: (1, 1)}  # one wide instance beside a 1-thread one
+    entries = [_layout(catalog.get(model_id), *layouts[model_id]) for model_id in order]
     before = torch.get_num_threads()
     repository = ModelRepository(Catalog(entries), models_dir)
 
@@ -52,3 +60,47 @@ def test_each_model_runs_with_its_own_threads_whatever_the_load_order(catalog, m
         torch.set_num_threads(before)
     last, first = (e.inference.threads for e in reversed(entries))
     assert seen == [(last, last), (first, first), (last, last), (first, first)]
+
+
+def test_a_batch_alone_runs_on_every_instance_thread_and_concurrent_ones_on_their_own(catalog, models_dir):
+    """all-MiniLM ships as two 1-thread instances: a lone batch (batch 1 at low load) runs on both
+    threads, and while another batch runs each runs on its own one."""
+    entry = _layout(catalog.get(MODEL_ID), 2, 1)
+    repository = ModelRepository(Catalog([entry]), models_dir)
+    seen: list[int] = []
+    second_started = threading.Event()
+
+    async def scenario() -> None:
+        slot = await repository.load(entry.inference.name)
+        runtime, execute = slot.batcher.runtime, slot.batcher.runtime.execute
+        loop, first_running = asyncio.get_running_loop(), asyncio.Event()
+
+        def observed(stacked):  # the real forward pass, after noting the worker's thread count
+            seen.append(torch.get_num_threads())
+            if len(seen) == 1:
+                loop.call_soon_threadsafe(first_running.set)
+                assert second_started.wait(30), "the second batch never started beside the first"
+            elif len(seen) == 2:
+                second_started.set()
+            return execute(stacked)
+
+        runtime.execute = observed
+        ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
+        request = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        try:
+            first = slot.batcher.submit(request, 1)
+            await asyncio.wait_for(first_running.wait(), 60)  # it holds until the second starts
+            second = slot.batcher.submit(request, 1)
+            (a, _), (b, _) = await asyncio.wait_for(asyncio.gather(first, second), 60)
+            (c, _) = await asyncio.wait_for(slot.batcher.submit(request, 1), 60)  # alone again
+            np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
+            np.testing.assert_allclose(a["embedding"], c["embedding"], atol=1e-5)
+        finally:
+            await repository.unload(entry.inference.name)
+
+    before = torch.get_num_threads()
+    try:
+        asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1, 2]
