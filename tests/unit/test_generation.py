@@ -313,27 +313,36 @@ def test_the_slot_cache_writes_steps_in_place_and_moves_one_row_per_leaver():
     assert slots.positions[0] == 10 + 2 * capacity
 
 
-async def test_admission_wait_and_prefill_are_observed_per_sequence_and_per_prefill(runtime):
-    from services.inference.generation import ADMISSION_WAIT, PREFILL, TOKENS
+async def test_admission_wait_prefill_and_decode_steps_are_observed(runtime):
+    from services.inference.generation import ADMISSION_WAIT, DECODE, DECODE_STEPS, PREFILL, TOKENS
 
     name = SPEC.name  # one label: a test elsewhere reads DECODE_BATCH.collect()[0] whatever its label
-    waits, prefills = ADMISSION_WAIT.labels(name)._sum, PREFILL.labels(name)._sum
-    counts_before = (_count(ADMISSION_WAIT, name), _count(PREFILL, name), TOKENS.labels(name)._value.get())
+    waits, prefills, decodes = ADMISSION_WAIT.labels(name)._sum, PREFILL.labels(name)._sum, DECODE.labels(name)._sum
+    counts_before = (
+        _count(ADMISSION_WAIT, name),
+        _count(PREFILL, name),
+        TOKENS.labels(name)._value.get(),
+        _count(DECODE, name),
+        DECODE_STEPS.labels(name)._value.get(),
+    )
     scheduler = GenerationScheduler(name, runtime, SPEC)
     try:
         params = SamplingParams(max_new_tokens=3, min_new_tokens=3, temperature=0.0)
         results = await asyncio.gather(*(collect(scheduler.submit(p, params)) for p in PROMPTS))
     finally:
         await scheduler.close()
-    waited, prefilled, tokens = (
+    waited, prefilled, tokens, decoded, steps = (
         _count(ADMISSION_WAIT, name) - counts_before[0],
         _count(PREFILL, name) - counts_before[1],
         TOKENS.labels(name)._value.get() - counts_before[2],
+        _count(DECODE, name) - counts_before[3],
+        DECODE_STEPS.labels(name)._value.get() - counts_before[4],
     )
     assert waited == len(PROMPTS)  # one admission wait per sequence
     assert 1 <= prefilled <= len(PROMPTS)  # one per prefill forward: joiners share one
     assert tokens == sum(len(t) for t, _ in results) == 3 * len(PROMPTS)
-    assert waits.get() >= 0 and prefills.get() > 0
+    assert decoded == steps >= 2  # one forward timing per decode step (3 tokens: prefill + 2 steps)
+    assert waits.get() >= 0 and prefills.get() > 0 and decodes.get() > 0
 
 
 def _count(histogram, name: str) -> float:
