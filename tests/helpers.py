@@ -48,22 +48,53 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-_rng = random.SystemRandom()
+PORT_FLOOR = 20000
+# Ports are handed out from blocks of PORT_BLOCK: only block offsets below PORT_SPAN, and only
+# multiples of PORT_STEP. What the supervisor derives from a port stays clear of every other pick:
+# replica i of a stage listens on port + k*100 + i (k = 1..3, `replica_port_offset`), and with an
+# offset of 0 on port + i.
+PORT_BLOCK, PORT_SPAN, PORT_STEP = 400, 100, 4
+
+
+class _PortPool:
+    """Loopback ports *below* the ephemeral range (a port from bind(0) can be taken by the local end
+    of an outgoing connection before its server binds it), in a band of its own for each xdist
+    worker, handed out in turn: a port comes back only after every other one of the band has, so
+    the ports of one mesh, picked before any of its servers binds them, are all different."""
+
+    def __init__(self) -> None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+        index = int(worker) if worker.isdigit() else 0
+        count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), index + 1)
+        blocks = max((_ephemeral_low() - PORT_FLOOR) // PORT_BLOCK, count) // count
+        low = PORT_FLOOR + index * blocks * PORT_BLOCK
+        self.ports = [
+            low + b * PORT_BLOCK + off for b in range(blocks) for off in range(0, PORT_SPAN, PORT_STEP)
+        ]  # fmt: skip
+        self.next = random.SystemRandom().randrange(len(self.ports))  # another run's TIME_WAITs elsewhere
+
+    def take(self) -> int:
+        for _ in range(len(self.ports)):
+            port = self.ports[self.next]
+            self.next = (self.next + 1) % len(self.ports)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # still held by a server of an earlier test
+            return port
+        raise OSError("no free port found")
+
+
+_pool: _PortPool | None = None
 
 
 def free_port() -> int:
-    """A free loopback port *below* the ephemeral range: a port from bind(0) can be taken by the
-    local end of any outgoing connection before the server that was meant to use it binds it."""
-    high = max(_ephemeral_low() - 1, 20001)
-    for _ in range(200):
-        port = _rng.randint(20000, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free port found")
+    """A free loopback port this process has not handed out lately (see _PortPool)."""
+    global _pool
+    if _pool is None:
+        _pool = _PortPool()
+    return _pool.take()
 
 
 def meshserve_home() -> Path:

@@ -269,7 +269,7 @@ async def post_one(client: httpx.AsyncClient, url: str, body: dict, headers: dic
 async def stream_one(
     client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None, on_first=None
 ) -> Outcome:
-    """A streamed request read to its end; `on_first()` is called once its first event arrived."""
+    """A streamed request read to its end; `on_first(outcome)` is called once its first event arrived."""
     try:
         async with client.stream("POST", url, json=body, headers=headers) as reply:
             outcome = Outcome(
@@ -285,7 +285,7 @@ async def stream_one(
                     event, buffer = buffer.split("\n\n", 1)
                     outcome.events.extend(sse_payloads(event))
                     if on_first is not None and len(outcome.events) == 1:
-                        on_first()
+                        on_first(outcome)
             outcome.events.extend(sse_payloads(buffer))
     except httpx.HTTPError as exc:
         return Outcome(0, error=f"{type(exc).__name__}: {exc}")

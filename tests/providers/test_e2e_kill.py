@@ -71,7 +71,7 @@ def assert_one_row_per_answer(gateway, outcomes: list[Outcome]) -> list[dict]:
 
 
 def test_killing_one_provider_loses_no_unary_request(victim_pair):
-    gateway, v, _ = victim_pair(latency_ms=20)  # requests stay in flight at fake-v when it dies
+    gateway, v, _ = victim_pair(latency_ms=100)  # requests stay in flight at fake-v when it dies
     tick = kill_after(v, KILL_AFTER)
 
     async def one(client, i: int) -> Outcome:
@@ -98,15 +98,21 @@ def test_killing_one_provider_loses_no_unary_request(victim_pair):
 
 def test_killing_one_provider_mid_stream_ends_started_streams_with_an_error_event(victim_pair):
     gateway, v, _ = victim_pair()
-    v.control(tokens_per_s=60)  # a stream takes ~0.2 s: many are mid-way when fake-v dies
-    tick = kill_after(v, KILL_AFTER)
+    v.control(tokens_per_s=30)  # a stream takes ~0.4 s: its first event arrives long before its last
+    done = [0]
     body = {"model": CHAT, "messages": [{"role": "user", "content": "stream please"}], "max_tokens": TOKENS,
             "stream": True}  # fmt: skip
 
+    def first_event(outcome: Outcome) -> None:
+        """SIGKILL fake-v (by PID) as soon as one of its streams has begun after KILL_AFTER have ended:
+        a count and an event, not a time, so at least that stream is cut however slow the host is."""
+        if done[0] >= KILL_AFTER and outcome.provider == "fake-v" and v.proc.poll() is None:
+            os.kill(v.pid, signal.SIGKILL)
+
     async def one(client, i: int) -> Outcome:
-        outcome = await stream_one(client, gateway.url + "/v1/chat/completions", body)
+        outcome = await stream_one(client, gateway.url + "/v1/chat/completions", body, on_first=first_event)
         if outcome.events and outcome.events[-1] == "[DONE]":
-            tick()
+            done[0] += 1
         return outcome
 
     outcomes = bounded_load(N, C, one)
