@@ -87,8 +87,11 @@ class TritonPythonModel:
         ]
 
     def _wanted(self, request) -> list[str]:
-        """The outputs a request asked for (Triton lists every output when it asked for none)."""
-        return [name for name in request.requested_output_names() if name in self.outputs] or self.outputs
+        """The outputs a request asked for (Triton lists every output when it asked for none), in the
+        config's order: Triton hands the names over as a set, whose order differs between the
+        processes of a model's instances, and a client may compare two answers' `outputs` lists."""
+        asked = set(request.requested_output_names())
+        return [name for name in self.outputs if name in asked] or self.outputs
 
     def _run(self, arrays: list[dict], wanted: list[list[str]], pb_utils) -> list:
         """One padded batch for the valid requests, computing the outputs some request asked for
