@@ -12,6 +12,8 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as http_module
 import tritonclient.http.aio as http_aio
 
+from tests.helpers import START_TIMEOUT_S
+
 PROTOCOLS = ["grpc", "http"]
 
 
@@ -21,7 +23,12 @@ class KServeClient:
         if protocol == "grpc":
             self.module, self.raw = grpc_module, grpc_aio.InferenceServerClient(server["url"])
         else:
-            self.module, self.raw = http_module, http_aio.InferenceServerClient(server["http_url"])
+            # conn_timeout bounds every call, 60 s by default: on a loaded 2-core machine a Triton model
+            # load has taken longer, and Triton (2.51) crashed when the client hung up on a load in flight.
+            self.module, self.raw = (
+                http_module,
+                http_aio.InferenceServerClient(server["http_url"], conn_timeout=START_TIMEOUT_S),
+            )
 
     def __getattr__(self, name):  # calls whose arguments and answers are the same in both clients
         return getattr(self.raw, name)
