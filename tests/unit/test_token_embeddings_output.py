@@ -4,13 +4,18 @@ computes when it names outputs, and the gateway's 424 for models that cannot ser
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
 from services.gateway.api.routes_tei import token_embeddings_refusal
 from services.inference.repository import with_runtime_outputs
 from services.inference.runtime import TOKEN_EMBEDDINGS, SentenceEmbeddingRuntime, token_embeddings_output
-from tests.helpers import MODEL_ID
+from tests.helpers import MODEL_ID, REPO
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,26 @@ def test_only_torch_sentence_embedders_have_token_embeddings(models_dir):
     }
     assert token_embeddings_output("sentence_embedding", "onnx", folder) is None
     assert token_embeddings_output("embedding_classifier", "torch", folder) is None
+
+
+def test_the_width_is_read_without_importing_transformers(models_dir):
+    """Triton runs this in a fresh stub before every load of the model: no transformers import there."""
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from services.inference.runtime import token_embeddings_output
+        dims = token_embeddings_output("sentence_embedding", "torch", Path({str(models_dir / MODEL_ID / "model")!r}))["dims"]
+        print(list(dims), "transformers" in sys.modules, "torch" in sys.modules)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, cwd=REPO
+    )
+    assert done.stdout.split() == ["[-1,", "384]", "False", "False"], done.stderr
+
+
+def test_a_config_that_names_the_width_otherwise_still_gives_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "distilbert", "dim": 48, "n_layers": 1}))
+    assert token_embeddings_output("sentence_embedding", "torch", tmp_path)["dims"] == (-1, 48)
 
 
 def test_the_served_contract_lists_the_output_once(catalog, models_dir):
