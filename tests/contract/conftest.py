@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
 from tokenizers import Tokenizer
@@ -38,6 +39,13 @@ BACKENDS = [
 ]
 
 
+def _http_ready(port: int) -> bool:
+    """Triton's HTTP/REST endpoint answers ready too (a suite that uses it must not race its start)."""
+    if port < 0:
+        return True
+    return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200
+
+
 def start_triton(home: Path, log_path: Path, http_port: int = -1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
@@ -59,7 +67,7 @@ def start_triton(home: Path, log_path: Path, http_port: int = -1) -> tuple[subpr
         if process.poll() is not None:
             raise RuntimeError(f"triton launcher exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            if InferenceServerClient(url).is_server_ready():
+            if InferenceServerClient(url).is_server_ready() and _http_ready(http_port):
                 return process, url
         except Exception:
             pass
