@@ -97,6 +97,19 @@ def free_port() -> int:
     return _pool.take()
 
 
+def shipped_subset(path: Path, ids: tuple[str, ...], **inference: object) -> Path:
+    """A catalog file at `path` with only the shipped entries `ids`, their `inference` fields
+    overridden by `inference`. A Triton mesh whose subject is not the catalog (a restart, a trace)
+    loads one single-instance model: each Python-backend stub costs ~7 s of CPU to start."""
+    import yaml
+
+    models = [m for m in yaml.safe_load((REPO / "catalog.yaml").read_text())["models"] if m["id"] in ids]
+    for entry in models:
+        entry["inference"].update(inference)
+    path.write_text(yaml.safe_dump({"models": models}))
+    return path
+
+
 def meshserve_home() -> Path:
     """Where models are built: MESHSERVE_HOME, or the repo's .meshserve (shared with make up)."""
     return Path(os.environ.get("MESHSERVE_HOME", REPO / ".meshserve")).resolve()

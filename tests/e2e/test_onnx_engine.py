@@ -6,26 +6,14 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-import yaml
 
-from services.common.settings import REPO_ROOT
 from services.inference.runtime import load_runtime
-from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, shipped_subset, start_mesh
 
 # Its two meshes (embedded, Triton) are module-scoped: one worker starts them, not both.
 pytestmark = pytest.mark.xdist_group("onnx")
 SENTIMENT = "meshserve/sentiment-minilm"
 TEXTS = ["A short one.", "The quick brown fox jumps over the lazy dog, twice and then again.", "great", "awful film"]
-
-
-def onnx_catalog(path):
-    """The shipped entries of the embedder and the classifier, switched to the onnx engine."""
-    models = yaml.safe_load((REPO_ROOT / "catalog.yaml").read_text())["models"]
-    chosen = [m for m in models if m["id"] in (MODEL_ID, SENTIMENT)]
-    for entry in chosen:
-        entry["inference"]["runtime_engine"] = "onnx"
-    path.write_text(yaml.safe_dump({"models": chosen}))
-    return path
 
 
 @pytest.fixture(
@@ -37,7 +25,7 @@ def onnx_catalog(path):
 )
 def onnx_mesh(request, models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    catalog = onnx_catalog(folder / "catalog.yaml")
+    catalog = shipped_subset(folder / "catalog.yaml", (MODEL_ID, SENTIMENT), runtime_engine="onnx", instances=1)
     running = start_mesh(folder, {"MESHSERVE_CATALOG": str(catalog)}, backend=request.param)
     yield running
     running.stop()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, shipped_subset, start_mesh
 
 pytestmark = pytest.mark.xdist_group("tracing")
 
@@ -214,6 +214,7 @@ def test_trace_continues_into_triton(receiver, models_dir, tmp_path):
     env = {
         **otel_env(port),
         "MESHSERVE_INFERENCE_TRITON_TRACE_URL": http_receiver.url,
+        "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,), instances=1)),
     }
     mesh = start_mesh(tmp_path, env, backend="triton")
     try:
