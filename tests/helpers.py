@@ -124,6 +124,7 @@ class Mesh:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     backend: str = "embedded"
+    _terminated: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -185,8 +186,17 @@ class Mesh:
 
     def stop(self, timeout_s: float = 40.0) -> int:
         """SIGTERM the supervisor (it stops its children in order); SIGKILL the tree on timeout."""
-        if self.process.poll() is None:
+        self.terminate()
+        return self.wait_stopped(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM the supervisor, once, without waiting (stop several meshes side by side)."""
+        if self.process.poll() is None and not self._terminated:
             self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def wait_stopped(self, timeout_s: float = 40.0) -> int:
+        if self.process.poll() is None:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
