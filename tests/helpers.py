@@ -124,7 +124,6 @@ class Mesh:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     backend: str = "embedded"
-    _terminated: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -190,10 +189,9 @@ class Mesh:
         return self.wait_stopped(timeout_s)
 
     def terminate(self) -> None:
-        """SIGTERM the supervisor, once, without waiting (stop several meshes side by side)."""
-        if self.process.poll() is None and not self._terminated:
+        """SIGTERM the supervisor without waiting (stop several meshes side by side)."""
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self._terminated = True
 
     def wait_stopped(self, timeout_s: float = 40.0) -> int:
         if self.process.poll() is None:
