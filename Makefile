@@ -8,24 +8,30 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: up install lock test proto proto-check lint bench bench-providers bench-infinity-venv bench-guidellm models clean
 
-# The venv is (re)built when requirements.lock or pyproject.toml change. torch goes first and alone,
-# from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build. For CUDA:
-# `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`. (A machine whose pip has a
-# local torch wheel in its find-links, like the CI machine, takes that one when the index is out of reach.)
+# The venv is (re)built when requirements.lock or pyproject.toml change. pip installs only uv (the
+# lock's pin, hash-checked), and uv the rest: the same hash-checked pins, ~10x faster than pip here
+# (cold caches: 21 s against 227 s). torch goes first and alone, from PyTorch's CPU index: PyPI's
+# Linux torch is the multi-GB CUDA build. For CUDA:
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`. A machine that keeps torch's CPU
+# wheel in /opt/wheels (the CI machine, which cannot reach the index) takes that file instead.
 # torch alone (--no-deps: its own dependencies are pinned in the lock, so no index but TORCH_INDEX is
 # asked for them), then requirements.lock, every pin hashed (compiled from pyproject.toml with all
-# extras by `make lock`; it leaves torch out). No -q on the two big installs: a first install takes
-# minutes and shows what it is doing.
+# extras by `make lock`; it leaves torch out), with --no-deps since the lock is already complete.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FROM := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--no-index --find-links /opt/wheels,--index-url $(TORCH_INDEX))
+UV := $(VENV)/bin/uv
+UV_INSTALL := $(UV) pip install --python $(PY)
 $(STAMP): requirements.lock requirements.nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	@echo "installing torch 2.13.0 from $(TORCH_INDEX) (about 200 MB for the CPU build)"
-	$(PIP) install --disable-pip-version-check --progress-bar on --retries 2 --no-deps --index-url $(TORCH_INDEX) torch==2.13.0
+	awk '/^uv==/ {p = 1; print; next} p && /^ / {print; next} {p = 0}' requirements.lock > $(VENV)/uv.txt
+	$(PIP) install -q --disable-pip-version-check --require-hashes --no-deps -r $(VENV)/uv.txt
+	@echo "installing torch 2.13.0 ($(TORCH_FROM); about 200 MB for the CPU build)"
+	$(UV_INSTALL) --no-deps $(TORCH_FROM) torch==2.13.0
 	@echo "installing the locked dependencies (requirements.lock, hash-checked)"
-	$(PIP) install --disable-pip-version-check --progress-bar on --require-hashes -r requirements.lock
+	$(UV_INSTALL) --require-hashes --no-deps -r requirements.lock
 	@echo "installing the packages whose metadata over-reaches (requirements.nodeps.txt, --no-deps)"
-	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements.nodeps.txt
-	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(UV_INSTALL) -q --no-deps -r requirements.nodeps.txt
+	$(UV_INSTALL) -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # huggingface_hub 0.36.2 (the last release before 1.x) for the old-client tests; it cannot share the
