@@ -349,8 +349,8 @@ def token_embeddings_output(kind: str, engine: str, model_dir: Path) -> dict | N
         from transformers import AutoConfig
 
         hidden = AutoConfig.from_pretrained(str(folder)).hidden_size
-    # Triton asks this in a stub of its own before each load (auto_complete_config): reading the
-    # config.json spares that stub transformers' import, ~4.4 s of CPU per load of the model.
+    # Read before each Triton load (triton_launcher.complete, or auto_complete_config in a stub of
+    # its own): config.json spares transformers' import, ~4.4 s of CPU per load of the model.
     return {"name": TOKEN_EMBEDDINGS, "datatype": "FP32", "dims": (-1, int(hidden))}
 
 

@@ -27,7 +27,9 @@ class TritonPythonModel:
     def auto_complete_config(auto_complete_model_config):
         """Before loading, Triton lets the model complete its config: a runtime's optional outputs
         (a sentence embedder's `token_embeddings`) join the catalog's outputs, as the embedded
-        repository adds them, so clients may ask for them by name."""
+        repository adds them, so clients may ask for them by name. Only where Triton runs with
+        auto-complete on (deploy/'s repository): `meshserve up` writes them into the config itself
+        and turns it off (triton_launcher.complete)."""
         config = auto_complete_model_config.as_dict()
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         if "MESHSERVE_MODEL_DIR" not in params:

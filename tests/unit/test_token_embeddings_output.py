@@ -40,7 +40,8 @@ def test_only_torch_sentence_embedders_have_token_embeddings(models_dir):
 
 
 def test_the_width_is_read_without_importing_transformers(models_dir):
-    """Triton runs this in a fresh stub before every load of the model: no transformers import there."""
+    """Read before every Triton load of the model (the launcher, or deploy/'s auto-complete stub):
+    no transformers import there."""
     code = textwrap.dedent(f"""
         import sys
         from pathlib import Path
@@ -70,6 +71,32 @@ def test_the_served_contract_lists_the_output_once(catalog, models_dir):
         update={"inference": catalog.get(MODEL_ID).inference.model_copy(update={"runtime_engine": "onnx"})}
     )
     assert [t.name for t in with_runtime_outputs(onnx, models_dir).inference.outputs] == ["embedding"]
+
+
+def test_the_triton_repository_carries_the_output_so_auto_complete_can_stay_off(catalog, models_dir, tmp_path):
+    """`meshserve up --backend triton` writes the runtime's outputs into config.pbtxt and starts
+    Triton with --disable-auto-complete-config; a folder it cannot read stays as the catalog has it
+    (its load then fails alone, in Triton, with the reason)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from services.common.catalog import Catalog
+    from services.common.triton_repository import generate
+    from services.inference.settings import InferenceSettings
+    from services.inference.triton_launcher import command, complete
+
+    entry = catalog.get(MODEL_ID)
+    spec = entry.inference
+    gone = entry.model_copy(update={"id": "test/gone", "inference": spec.model_copy(update={"name": "test--gone"})})
+    repository = generate(complete(Catalog([entry, gone]), models_dir), models_dir, tmp_path / "models", gpu=False)
+
+    def outputs(name: str) -> list[tuple[str, list[int]]]:
+        config = text_format.Parse((repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        return [(o.name, list(o.dims)) for o in config.output]
+
+    assert outputs(spec.name) == [("embedding", [384]), (TOKEN_EMBEDDINGS, [-1, 384])]
+    assert outputs("test--gone") == [("embedding", [384])]
+    assert "--disable-auto-complete-config" in command(InferenceSettings(), repository, tmp_path)
 
 
 def test_a_batch_computes_only_the_outputs_named(runtime):
