@@ -67,11 +67,13 @@ def receiver():
 @pytest.fixture(scope="module")
 def traced_mesh(receiver, models_dir, tmp_path_factory):
     _, port = receiver
+    folder = tmp_path_factory.mktemp("traced")
     env = {
         **otel_env(port),
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "MESHSERVE_CATALOG": str(shipped_subset(folder / "catalog.yaml", (MODEL_ID, GEN_MODEL))),
     }
-    mesh = start_mesh(tmp_path_factory.mktemp("traced"), env)
+    mesh = start_mesh(folder, env)
     yield mesh
     mesh.stop()
 
@@ -259,6 +261,7 @@ def test_one_trace_through_envoy_and_every_service(receiver, models_dir, tmp_pat
         "MESHSERVE_SUPERVISOR_REPLICAS": json.dumps({"inference": 2}),
         "MESHSERVE_SUPERVISOR_ENVOY_FRONT_PORT": str(front),
         "MESHSERVE_SUPERVISOR_ENVOY_ADMIN_PORT": str(free_port()),
+        "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))),  # each replica loads it
     }
     mesh = start_mesh(tmp_path, env)
     try:

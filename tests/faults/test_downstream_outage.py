@@ -17,7 +17,13 @@ pytestmark = pytest.mark.xdist_group("faults")
 @pytest.fixture
 def mesh(models_dir, tmp_path):
     # A first restart delay long enough to observe the outage deterministically.
-    running = start_mesh(tmp_path, {"MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4"})
+    running = start_mesh(
+        tmp_path,
+        {
+            "MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4",
+            "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))),
+        },
+    )
     yield running
     running.stop()
 
