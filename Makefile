@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 
 # The venv is (re)built when requirements.lock or pyproject.toml change. pip installs only uv (the
 # lock's pin, hash-checked), and uv the rest: the same hash-checked pins, ~10x faster than pip here
-# (cold caches: 21 s against 227 s). torch goes first and alone, from PyTorch's CPU index: PyPI's
+# (cold caches: 23 s against 227 s). torch goes first and alone, from PyTorch's CPU index: PyPI's
 # Linux torch is the multi-GB CUDA build. For CUDA:
 # `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`. A machine that keeps torch's CPU
 # wheel in /opt/wheels (the CI machine, which cannot reach the index) takes that file instead.

@@ -112,6 +112,12 @@ def shipped_subset(path: Path, ids: tuple[str, ...], **inference: object) -> Pat
     return path
 
 
+def serving_only(folder: Path, *ids: str, **inference: object) -> dict[str, str]:
+    """The environment under which a mesh serves only the shipped entries `ids` (shipped_subset,
+    written to `folder`/catalog.yaml)."""
+    return {"MESHSERVE_CATALOG": str(shipped_subset(folder / "catalog.yaml", ids, **inference))}
+
+
 def meshserve_home() -> Path:
     """Where models are built: MESHSERVE_HOME, or the repo's .meshserve (shared with make up)."""
     return Path(os.environ.get("MESHSERVE_HOME", REPO / ".meshserve")).resolve()

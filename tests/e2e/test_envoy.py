@@ -15,7 +15,7 @@ from openai import OpenAI
 from pydantic import ValidationError
 
 from deploy.envoy.generate import Topology, build, render
-from tests.helpers import MESH_PORTS, MODEL_ID, REPO, free_port, shipped_subset, start_mesh
+from tests.helpers import MESH_PORTS, MODEL_ID, REPO, free_port, serving_only, start_mesh
 
 pytestmark = pytest.mark.xdist_group("envoy")
 ENVOY = REPO / ".venv" / "bin" / "envoy"
@@ -85,7 +85,7 @@ def envoy_mesh(models_dir, tmp_path):
         "MESHSERVE_GATEWAY_PREPROCESS_ADDRESS": f"127.0.0.1:{envoy_ports['pre']}",
         "MESHSERVE_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{envoy_ports['inference']}",
         "MESHSERVE_GATEWAY_POSTPROCESS_ADDRESS": f"127.0.0.1:{envoy_ports['post']}",
-        "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))),  # Envoy is the subject
+        **serving_only(tmp_path, MODEL_ID),  # Envoy is the subject
     }
     try:
         mesh = start_mesh(tmp_path, env, ports=ports)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.inference.runtime import load_runtime
-from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, shipped_subset, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, serving_only, start_mesh
 
 # Its two meshes (embedded, Triton) are module-scoped: one worker starts them, not both.
 pytestmark = pytest.mark.xdist_group("onnx")
@@ -25,8 +25,8 @@ TEXTS = ["A short one.", "The quick brown fox jumps over the lazy dog, twice and
 )
 def onnx_mesh(request, models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    catalog = shipped_subset(folder / "catalog.yaml", (MODEL_ID, SENTIMENT), runtime_engine="onnx", instances=1)
-    running = start_mesh(folder, {"MESHSERVE_CATALOG": str(catalog)}, backend=request.param)
+    env = serving_only(folder, MODEL_ID, SENTIMENT, runtime_engine="onnx", instances=1)
+    running = start_mesh(folder, env, backend=request.param)
     yield running
     running.stop()
 

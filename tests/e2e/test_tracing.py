@@ -15,7 +15,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, shipped_subset, start_mesh
+from tests.helpers import MODEL_ID, TRITON_SKIP_REASON, TRITON_SUPPORTED, free_port, serving_only, start_mesh
 
 pytestmark = pytest.mark.xdist_group("tracing")
 
@@ -71,7 +71,7 @@ def traced_mesh(receiver, models_dir, tmp_path_factory):
     env = {
         **otel_env(port),
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-        "MESHSERVE_CATALOG": str(shipped_subset(folder / "catalog.yaml", (MODEL_ID, GEN_MODEL))),
+        **serving_only(folder, MODEL_ID, GEN_MODEL),
     }
     mesh = start_mesh(folder, env)
     yield mesh
@@ -216,7 +216,7 @@ def test_trace_continues_into_triton(receiver, models_dir, tmp_path):
     env = {
         **otel_env(port),
         "MESHSERVE_INFERENCE_TRITON_TRACE_URL": http_receiver.url,
-        "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,), instances=1)),
+        **serving_only(tmp_path, MODEL_ID, instances=1),
     }
     mesh = start_mesh(tmp_path, env, backend="triton")
     try:
@@ -261,7 +261,7 @@ def test_one_trace_through_envoy_and_every_service(receiver, models_dir, tmp_pat
         "MESHSERVE_SUPERVISOR_REPLICAS": json.dumps({"inference": 2}),
         "MESHSERVE_SUPERVISOR_ENVOY_FRONT_PORT": str(front),
         "MESHSERVE_SUPERVISOR_ENVOY_ADMIN_PORT": str(free_port()),
-        "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))),  # each replica loads it
+        **serving_only(tmp_path, MODEL_ID),  # each replica loads it
     }
     mesh = start_mesh(tmp_path, env)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import MODEL_ID, START_TIMEOUT_S, TRITON_SKIP_REASON, TRITON_SUPPORTED, shipped_subset, start_mesh
+from tests.helpers import MODEL_ID, START_TIMEOUT_S, TRITON_SKIP_REASON, TRITON_SUPPORTED, serving_only, start_mesh
 
 pytestmark = pytest.mark.xdist_group("faults")
 
@@ -17,13 +17,8 @@ pytestmark = pytest.mark.xdist_group("faults")
 @pytest.fixture
 def mesh(models_dir, tmp_path):
     # A first restart delay long enough to observe the outage deterministically.
-    running = start_mesh(
-        tmp_path,
-        {
-            "MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4",
-            "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))),
-        },
-    )
+    env = {"MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4", **serving_only(tmp_path, MODEL_ID)}
+    running = start_mesh(tmp_path, env)
     yield running
     running.stop()
 
@@ -82,8 +77,8 @@ def test_killed_triton_is_noticed_restarted_and_service_recovers(models_dir, tmp
     ]
     for decoy in decoys:
         decoy.write_bytes(b"")
-    catalog = shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,), instances=1)  # the restart is the subject
-    env = {"MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4", "MESHSERVE_CATALOG": str(catalog)}
+    # the restart is the subject
+    env = {"MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "4", **serving_only(tmp_path, MODEL_ID, instances=1)}
     mesh = start_mesh(tmp_path, env, backend="triton")
     try:
         others = {name: mesh.child(name).pid for name in ("gateway", "preprocess", "postprocess")}

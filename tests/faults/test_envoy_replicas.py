@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.faults.test_graceful_shutdown import load
-from tests.helpers import MODEL_ID, free_port, shipped_subset, start_mesh
+from tests.helpers import MODEL_ID, free_port, serving_only, start_mesh
 
 pytestmark = pytest.mark.xdist_group("faults")
 
@@ -34,9 +34,7 @@ def test_replica_failures_behind_envoy_lose_no_requests(models_dir, tmp_path):
         "MESHSERVE_SUPERVISOR_ENVOY_FRONT_PORT": str(free_port()),
         "MESHSERVE_SUPERVISOR_ENVOY_ADMIN_PORT": str(admin_port),
         "MESHSERVE_SUPERVISOR_RESTART_BACKOFF_S": "60",  # the victims stay down for the rest of the load
-        "MESHSERVE_CATALOG": str(
-            shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))
-        ),  # each inference replica loads it
+        **serving_only(tmp_path, MODEL_ID),  # each inference replica loads it
     }
     mesh = start_mesh(tmp_path, env)
     admin = f"http://127.0.0.1:{admin_port}"
@@ -95,7 +93,7 @@ def test_gateway_replica_killed_behind_envoy_loses_no_requests(models_dir, tmp_p
         # polls replica 0 directly (startup /readyz 503s sent through the front would count toward
         # Envoy's outlier detection and could eject a replica before the load starts).
         "MESHSERVE_SUPERVISOR_REPLICA_PORT_OFFSET": "0",
-        "MESHSERVE_CATALOG": str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))),
+        **serving_only(tmp_path, MODEL_ID),
     }
     front = f"http://127.0.0.1:{front_port}"
     mesh = start_mesh(tmp_path, env)

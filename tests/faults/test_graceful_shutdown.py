@@ -10,15 +10,14 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import MODEL_ID, shipped_subset, start_mesh
+from tests.helpers import MODEL_ID, serving_only, start_mesh
 
 pytestmark = pytest.mark.xdist_group("faults")
 
 
 @pytest.fixture
 def mesh(models_dir, tmp_path):
-    catalog = shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,))  # the drain is the subject
-    running = start_mesh(tmp_path, {"MESHSERVE_CATALOG": str(catalog)})
+    running = start_mesh(tmp_path, serving_only(tmp_path, MODEL_ID))  # the drain is the subject
     yield running
     running.stop()
 

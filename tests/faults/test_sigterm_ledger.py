@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import MODEL_ID, shipped_subset, start_mesh
+from tests.helpers import MODEL_ID, serving_only, start_mesh
 
 pytestmark = pytest.mark.xdist_group("faults")
 
@@ -32,7 +32,7 @@ def ledger_mesh(models_dir, tmp_path):
     """A mesh whose gateway writes its usage ledger to a SQLite file of this test."""
     db = tmp_path / "ledger.db"
     env = {"MESHSERVE_GATEWAY_LEDGER": "true", "MESHSERVE_GATEWAY_DATABASE_URL": f"sqlite:///{db}"}
-    env["MESHSERVE_CATALOG"] = str(shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,)))  # the ledger is the subject
+    env |= serving_only(tmp_path, MODEL_ID)  # the ledger is the subject
     running = start_mesh(tmp_path, env)
     yield running, db
     running.stop()

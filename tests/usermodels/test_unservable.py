@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import MODEL_ID, free_port, mesh_home
+from tests.helpers import MODEL_ID, free_port, mesh_home, shipped_subset
 from tests.usermodels.conftest import add_models, empty_catalog, run_cli, serve_folders
 from tests.usermodels.factory import built, wordpiece
 
@@ -145,7 +145,7 @@ def test_a_vanished_folder_leaves_the_rest_of_the_mesh_serving(models_dir, tmp_p
     add_models(home, {"test/kept": good, "test/vanished": doomed})
     shutil.rmtree(doomed)
     mesh = serve_folders(
-        tmp_path, {}, "embedded", home=home, catalog=_catalog_of(tmp_path, MODEL_ID),
+        tmp_path, {}, "embedded", home=home, catalog=shipped_subset(tmp_path / "catalog.yaml", (MODEL_ID,)),
         extra_env={"MESHSERVE_INFERENCE_STRICT_READINESS": "false"},
     )  # fmt: skip
     try:
@@ -158,15 +158,3 @@ def test_a_vanished_folder_leaves_the_rest_of_the_mesh_serving(models_dir, tmp_p
         assert httpx.get(f"{mesh.url}/models/test/kept/health", timeout=10).status_code == 200
     finally:
         mesh.stop()
-
-
-def _catalog_of(tmp_path: Path, model_id: str) -> Path:
-    """A catalog file with only the shipped model `model_id` (the rest of the mesh)."""
-    import yaml
-
-    from services.common.settings import REPO_ROOT
-
-    shipped = yaml.safe_load((REPO_ROOT / "catalog.yaml").read_text())["models"]
-    path = tmp_path / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": [m for m in shipped if m["id"] == model_id]}))
-    return path
