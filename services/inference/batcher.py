@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,37 @@ log = logging.getLogger(__name__)
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+
+
+class _WideLane:
+    """The one thread of this process that runs a batch on several intra-op threads.
+
+    libgomp gives every thread that starts a parallel region a team of its own, and once the teams'
+    threads outnumber the CPUs it stops spinning altogether (its "throttled" spin of ~100 rounds):
+    each op of a forward pass then waits for sleeping workers to wake. Two 1-thread instances whose
+    lone batches ran two threads wide each had a team, so on 2 cores every batch ran throttled:
+    sentiment batch 1 in process went 16.7 -> 26.5-28.5 ms once a second thread had run one (#18).
+    So every model's lone batch runs here, on one thread, and keeps one team of workers; a batch
+    that finds the lane busy runs on its instance's own thread at the entry's `threads`."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self.busy = False  # read and written on the event loop only
+
+    def take(self) -> ThreadPoolExecutor | None:
+        """The lane's executor, now marked busy, or None while another batch runs on it."""
+        if self.busy:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="infer-wide")
+        self.busy = True
+        return self._executor
+
+    def release(self) -> None:
+        self.busy = False
+
+
+_wide_lane = _WideLane()
 
 
 @dataclass
@@ -78,8 +110,9 @@ class DynamicBatcher:
         self._executor = torch_workers(spec, f"infer-{name}", spec.instances)
         self._busy = 0  # batches executing now
         # A torch model of several instances gives a batch that runs alone the threads of them all
-        # (`_lone_threads`): at low load batch 1 keeps the latency of one wide instance, and under
-        # load each instance runs its own `threads` (no OpenMP barrier waiting for a busy core).
+        # (`_lone_threads`, on the process's _WideLane): at low load batch 1 keeps the latency of one
+        # wide instance, and under load each instance runs its own `threads` (no OpenMP barrier
+        # waiting for a busy core).
         wide = spec.runtime_engine == "torch" and spec.instances > 1
         self._lone_threads = spec.instances * spec.threads if wide else 0
         self._target = max(spec.preferred_batch_sizes or (spec.max_batch_size,))
@@ -159,17 +192,19 @@ class DynamicBatcher:
             if not batch:
                 self._slots.release()
                 continue
-            threads = (self._lone_threads if self._busy == 0 else self.spec.threads) if self._lone_threads else 0
+            wide = _wide_lane.take() if self._lone_threads and self._busy == 0 else None
             self._busy += 1
-            task = loop.create_task(self._execute(batch, threads))
+            task = loop.create_task(self._execute(batch, wide))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[_Pending], threads: int = 0) -> None:
+    async def _execute(self, batch: list[_Pending], wide: ThreadPoolExecutor | None = None) -> None:
+        """Run one batch on an instance's thread, or alone on the wide lane (`wide`, already taken)."""
         started = time.monotonic_ns()
+        executor, threads = (wide, self._lone_threads) if wide else (self._executor, 0)
         try:
             outputs, infer_started, infer_ended = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, [item.inputs for item in batch], threads
+                executor, self._run_batch, [item.inputs for item in batch], threads
             )
         except Exception:
             log.exception("batch execution failed", extra={"fields": {"model": self.name, "size": len(batch)}})
@@ -181,6 +216,8 @@ class DynamicBatcher:
                     )
             return
         finally:
+            if wide:
+                _wide_lane.release()
             self._busy -= 1
             self._slots.release()
         ended = time.monotonic_ns()
@@ -206,7 +243,8 @@ class DynamicBatcher:
 
     def _run_batch(self, inputs: list[dict[str, np.ndarray]], threads: int = 0):
         """Worker thread: pad and stack the batch, run the model (on `threads` intra-op threads
-        when given: torch keeps the count per thread)."""
+        when given, on the wide lane: torch keeps the count per thread; an instance's own thread
+        keeps the entry's `threads` from torch_workers)."""
         if threads:
             set_torch_threads(threads)
         stacked = {

@@ -18,6 +18,7 @@ from tests.helpers import MODEL_ID
 torch = pytest.importorskip("torch")
 
 DIGITS = "meshserve/digits-cnn"
+SENTIMENT = "meshserve/sentiment-minilm"
 
 
 def _seen_by_the_worker(slot) -> tuple[int, int]:
@@ -64,10 +65,11 @@ def test_each_model_runs_with_its_own_threads_whatever_the_load_order(catalog, m
 
 def test_a_batch_alone_runs_on_every_instance_thread_and_concurrent_ones_on_their_own(catalog, models_dir):
     """all-MiniLM ships as two 1-thread instances: a lone batch (batch 1 at low load) runs on both
-    threads, and while another batch runs each runs on its own one."""
+    threads, and while another batch runs each runs on its own one. Every lone batch runs on the
+    same thread (libgomp stops spinning once the teams of several threads outnumber the CPUs)."""
     entry = _layout(catalog.get(MODEL_ID), 2, 1)
     repository = ModelRepository(Catalog([entry]), models_dir)
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     second_started = threading.Event()
 
     async def scenario() -> None:
@@ -75,8 +77,8 @@ def test_a_batch_alone_runs_on_every_instance_thread_and_concurrent_ones_on_thei
         runtime, execute = slot.batcher.runtime, slot.batcher.runtime.execute
         loop, first_running = asyncio.get_running_loop(), asyncio.Event()
 
-        def observed(stacked):  # the real forward pass, after noting the worker's thread count
-            seen.append(torch.get_num_threads())
+        def observed(stacked):  # the real forward pass, after noting the worker's thread and count
+            seen.append((torch.get_num_threads(), threading.get_ident()))
             if len(seen) == 1:
                 loop.call_soon_threadsafe(first_running.set)
                 assert second_started.wait(30), "the second batch never started beside the first"
@@ -103,4 +105,57 @@ def test_a_batch_alone_runs_on_every_instance_thread_and_concurrent_ones_on_thei
         asyncio.run(scenario())
     finally:
         torch.set_num_threads(before)
-    assert seen == [2, 1, 2]
+    assert [threads for threads, _ in seen] == [2, 1, 2]
+    (_, first), (_, second), (_, third) = seen
+    assert first == third != second
+
+
+def test_lone_batches_of_every_model_share_one_wide_thread(catalog, models_dir):
+    """Two 2 x 1 models in one process: their lone batches run two threads wide on one and the same
+    thread; a lone batch that finds that thread busy with the other model runs on its own
+    instance's thread, one thread wide."""
+    entries = [_layout(catalog.get(model_id), 2, 1) for model_id in (MODEL_ID, SENTIMENT)]
+    repository = ModelRepository(Catalog(entries), models_dir)
+    seen: dict[str, list[tuple[int, int]]] = {entry.inference.name: [] for entry in entries}
+    release = threading.Event()
+
+    async def scenario() -> None:
+        slots = [await repository.load(entry.inference.name) for entry in entries]
+        loop, holding = asyncio.get_running_loop(), asyncio.Event()
+        for slot in slots:
+            runtime, execute = slot.batcher.runtime, slot.batcher.runtime.execute
+
+            def observed(stacked, name=slot.entry.inference.name, execute=execute):
+                seen[name].append((torch.get_num_threads(), threading.get_ident()))
+                if not release.is_set() and name == entries[0].inference.name and len(seen[name]) == 2:
+                    loop.call_soon_threadsafe(holding.set)
+                    assert release.wait(30), "the other model's batch never ran"
+                return execute(stacked)
+
+            runtime.execute = observed
+        ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
+        embed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        try:
+            await asyncio.wait_for(slots[0].batcher.submit(embed, 1), 60)  # lone: the wide thread
+            await asyncio.wait_for(slots[1].batcher.submit(embed, 1), 60)  # the other model's: the same
+            held = slots[0].batcher.submit(embed, 1)  # holds the wide thread ...
+            await asyncio.wait_for(holding.wait(), 60)
+            await asyncio.wait_for(slots[1].batcher.submit(embed, 1), 60)  # ... so this one runs on its own
+            release.set()
+            await asyncio.wait_for(held, 60)
+            await asyncio.wait_for(slots[1].batcher.submit(embed, 1), 60)  # lone again: the wide thread
+        finally:
+            release.set()
+            for entry in entries:
+                await repository.unload(entry.inference.name)
+
+    before = torch.get_num_threads()
+    try:
+        asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(before)
+    minilm, sentiment = seen.values()
+    wide = minilm[0][1]
+    assert minilm == [(2, wide), (2, wide)]
+    assert sentiment[0] == (2, wide) and sentiment[2] == (2, wide)
+    assert sentiment[1][0] == 1 and sentiment[1][1] != wide
