@@ -21,16 +21,17 @@ from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
 
-# Torch's OpenMP workers (libgomp) spin for about a millisecond after each parallel region by
-# default (GOMP_SPINCOUNT 300,000). Here the model shares a few cores with the gateway, preprocess,
-# postprocess and the gRPC threads, so a spinning worker takes the core the next hop needs; but
-# sleeping at once (OMP_WAIT_POLICY=PASSIVE, tried in #18) woke too late for each op of a batch of
-# one: all-MiniLM batch 1 went 9.7 -> 16.7 ms. A third of the default spin keeps batch 1 at
-# 10.1 ms, and the digits CNN through the mesh at c=64 made 2,015 req/s against 1,543 passive.
-# Set before torch is imported (this module is imported before any model loads); an operator's own
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# Torch's OpenMP workers (libgomp) spin for a while after each parallel region (GOMP_SPINCOUNT,
+# 300,000 rounds by default) before they sleep. Here the model shares a few cores with the gateway,
+# preprocess, postprocess and the gRPC threads, so a spinning worker takes the core the next hop
+# needs; but sleeping at once (OMP_WAIT_POLICY=PASSIVE, tried in #18) woke too late for each op of a
+# batch of one: all-MiniLM batch 1 went 9.7 -> 16.7 ms. Only a lone batch runs several threads wide
+# (the _WideLane below), so this decides c=1: sentiment through the mesh after a burst, three
+# interleaved rounds, p50 22.5-24.7 ms at 10,000 rounds against 23.3-33.4 at 100,000 and 25.2-30.2
+# at 1,000,000, inference CPU 29-33 ms per request against 33-46. Set before torch is imported (this
+# module is imported before any model loads); an operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 class _WideLane:
