@@ -31,6 +31,15 @@ def _seen_by_the_worker(slot) -> tuple[int, int]:
     return slot.batcher._executor.submit(probe).result(timeout=30)
 
 
+def _run(scenario):
+    """asyncio.run(scenario()), leaving this thread's torch count as it found it."""
+    before = torch.get_num_threads()
+    try:
+        return asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(before)
+
+
 def _layout(entry, instances: int, threads: int):
     return entry.model_copy(
         update={"inference": entry.inference.model_copy(update={"instances": instances, "threads": threads})}
@@ -100,11 +109,7 @@ def test_a_batch_alone_runs_on_every_instance_thread_and_concurrent_ones_on_thei
         finally:
             await repository.unload(entry.inference.name)
 
-    before = torch.get_num_threads()
-    try:
-        asyncio.run(scenario())
-    finally:
-        torch.set_num_threads(before)
+    _run(scenario)
     assert [threads for threads, _ in seen] == [2, 1, 2]
     (_, first), (_, second), (_, third) = seen
     assert first == third != second
@@ -149,11 +154,7 @@ def test_lone_batches_of_every_model_share_one_wide_thread(catalog, models_dir):
             for entry in entries:
                 await repository.unload(entry.inference.name)
 
-    before = torch.get_num_threads()
-    try:
-        asyncio.run(scenario())
-    finally:
-        torch.set_num_threads(before)
+    _run(scenario)
     minilm, sentiment = seen.values()
     wide = minilm[0][1]
     assert minilm == [(2, wide), (2, wide)]
