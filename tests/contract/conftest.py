@@ -9,6 +9,7 @@ v2 over gRPC and HTTP/REST:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,16 +94,19 @@ async def inference_server(request, models_dir):
     home = Path(tempfile.mkdtemp(prefix="meshserve-triton-"))
     (home / "models").symlink_to(meshserve_home() / "models")
     http_port = free_port()
-    process, url = start_triton(home, home / "triton.log", http_port)
-    yield {
-        "backend": "triton",
-        "url": url,
-        "http_url": f"127.0.0.1:{http_port}",
-        "log": home / "triton.log",
-        "process": process,
-    }
-    process.terminate()
-    process.wait(60)
+    try:
+        process, url = start_triton(home, home / "triton.log", http_port)
+        yield {
+            "backend": "triton",
+            "url": url,
+            "http_url": f"127.0.0.1:{http_port}",
+            "log": home / "triton.log",
+            "process": process,
+        }
+        process.terminate()
+        process.wait(60)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # its generated repository and log: nothing outlives the run
 
 
 @pytest.fixture(scope="session")
