@@ -9,6 +9,7 @@ so each mesh starts once, on one worker.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,23 @@ BACKENDS = [
 # 263 s for 18 folders on the 2-core machine at load average ~28 (other meshes running), within the
 # shared bound; the pytest timeout (900 s) covers the first test's fixture setup too.
 USER_START_TIMEOUT_S = START_TIMEOUT_S
-ADD_CONCURRENCY = 4  # `models add` commands at once
+# `meshserve models add PATH --id ID` for each folder of a dict given as JSON, one after another in
+# one interpreter (each command's own process spent ~5 s of its CPU importing transformers for the
+# tokenizer check; 18 folders paid it 18 times): {id: [exit code, stdout, stderr]} as JSON.
+ADD_SCRIPT = """
+import contextlib, io, json, sys
+from services.cli import main
+done = {}
+for model_id, folder in json.loads(sys.argv[1]).items():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["models", "add", folder, "--id", model_id])
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    done[model_id] = [code, out.getvalue(), err.getvalue()]
+print(json.dumps(done))
+"""
 
 
 def empty_catalog(folder: Path) -> Path:
@@ -60,19 +77,21 @@ def run_cli(
 
 
 def add_models(home: Path, folders: dict[str, Path], catalog: Path | None = None, *, strict: bool = True) -> dict:
-    """`meshserve models add PATH --id ID` for each folder (entries land in <home>/catalog.d).
+    """`meshserve models add PATH --id ID` for each folder (entries land in <home>/catalog.d), the
+    CLI's own `main` called in turn in one process (ADD_SCRIPT).
     strict: a refusal raises; else the refusals are returned (model id -> the command's output)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def add(model_id: str) -> subprocess.CompletedProcess:
-        return run_cli(home, "models", "add", str(folders[model_id]), "--id", model_id, catalog=catalog)
-
-    with ThreadPoolExecutor(ADD_CONCURRENCY) as pool:  # each command mostly imports; ids never collide
-        done = dict(zip(folders, pool.map(add, folders), strict=True))
+    specs = json.dumps({model_id: str(folder) for model_id, folder in folders.items()})
+    run = subprocess.run(
+        [sys.executable, "-c", ADD_SCRIPT, specs], cwd=REPO, env=cli_env(home, catalog),
+        capture_output=True, text=True, timeout=300 + 30 * len(folders),
+    )  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(f"models add exited {run.returncode}:\n{run.stdout}\n{run.stderr}")
+    done = json.loads(run.stdout.splitlines()[-1])
     refused = {
-        model_id: f"models add {model_id} exited {run.returncode}:\n{run.stdout}\n{run.stderr}"
-        for model_id, run in done.items()
-        if run.returncode != 0
+        model_id: f"models add {model_id} exited {code}:\n{out}\n{err}"
+        for model_id, (code, out, err) in done.items()
+        if code != 0
     }
     if strict and refused:
         raise RuntimeError("\n".join(refused.values()))
