@@ -4,6 +4,8 @@ ASGI app; its stages are an address where nothing listens."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,4 +81,35 @@ async def test_exceptions_go_through_the_apps_handlers(both, monkeypatch, error)
     monkeypatch.setattr(routes_hf, "hf_post", failing)
     replies = [await client.post(f"/models/{MODEL_ID}", content=b"{}") for client in both]
     assert replies[0].status_code == {RuntimeError: 500, MeshError: 503, StarletteHTTPException: 405}[type(error)]
+    same(*replies)
+
+
+CHAT = "meshserve/tiny-llama-chat"
+USER = [{"role": "user", "content": "x"}]
+
+
+def body(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "status"),
+    [
+        ("/v1/chat/completions", body(model="no/such-model", messages=USER), 404),
+        ("/v1/chat/completions", b"{not json", 400),
+        ("/v1/chat/completions", body(model=CHAT), 400),  # no messages
+        ("/v1/chat/completions", body(model=MODEL_ID, messages=USER), 400),  # not a generation model
+        ("/v1/chat/completions", body(model=CHAT, messages=USER), 503),  # preprocess is unreachable
+        ("/v1/chat/completions", body(model=CHAT, messages=USER, stream=True), 503),
+        ("/v1/completions", body(model=CHAT, prompt="x", max_tokens=-1), 400),
+        ("/v1/completions", body(model=CHAT, prompt="x", stream=True), 503),
+    ],
+)
+async def test_openai_generation_errors_are_those_of_fastapi(both, path, content, status):
+    """The OpenAI generation routes take the fast path too; a refusal is FastAPI's, in the OpenAI
+    dialect (a stream that cannot start answers its error as JSON, before any event)."""
+    headers = {"content-type": "application/json"}
+    replies = [await client.post(path, content=content, headers=headers) for client in both]
+    assert replies[0].status_code == status, replies[0].text
+    assert set(replies[0].json()["error"]) >= {"message", "type"}
     same(*replies)
