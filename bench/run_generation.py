@@ -17,7 +17,8 @@ in-process Hugging Face `generate()` of the same folder, for two causal LMs (`--
         max_tokens = min_tokens = 64 (vLLM's `min_tokens`: the end token is masked until then, so
         every stream makes exactly 64 tokens, like raw; `--stop-at-eos` lets the model end early,
         ~13 tokens a stream, which makes the per-request cost dominate), temperature 0.8, a
-        per-request seed, closed loop at 1 / 8 / 32 streams (httpx.AsyncClient). Tokens are counted
+        per-request seed, closed loop at 1 / 8 / 32 streams (aiohttp, the lightest client measured
+        here: it shares the 2 cores with the mesh). Tokens are counted
         from the last chunk's `usage.completion_tokens` (content chunks are not tokens one to one).
         Aggregate tokens/s = sum(completion_tokens) of the streams that end in the window / window;
         TTFT = request start -> first non-empty `delta.content`; ITL = gaps between content chunks.
@@ -96,6 +97,7 @@ CONCURRENCY = (1, 8, 32)  # mesh streams; the raw batch sizes are the same
 TARGET_SPEEDUP = 5.0  # c=32 aggregate tokens/s >= 5x single-stream (the issue's target)
 PREFILL_REPEATS = 30  # raw prompt forward passes timed for the TTFT floor
 # Short chats, cycled (request i sends PROMPTS[i % len]); the raw single stream uses the first.
+JSON_HEADERS = {"content-type": "application/json"}
 PROMPTS = [
     "What does the json module do?",
     "How do I read a file line by line?",
@@ -356,8 +358,8 @@ class StreamError(Exception):
     pass
 
 
-async def stream_chat(client, url: str, model: str, index: int) -> dict[str, Any]:
-    """One streaming chat; returns its timings and its usage from the last chunk."""
+async def stream_chat(session, url: str, model: str, index: int) -> dict[str, Any]:
+    """One streaming chat (an aiohttp session); returns its timings and its usage from the last chunk."""
     import orjson
 
     body = {
@@ -374,16 +376,16 @@ async def stream_chat(client, url: str, model: str, index: int) -> dict[str, Any
     t0 = time.perf_counter()
     chunks: list[float] = []  # arrival of each non-empty content delta
     usage, finish, done = None, None, False
-    async with client.stream("POST", url, json=body) as reply:
-        if reply.status_code != 200:
-            raise HttpStatusError(f"{reply.status_code} {(await reply.aread())[:120]!r}")
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: "):
+    async with session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as reply:
+        if reply.status != 200:
+            raise HttpStatusError(f"{reply.status} {(await reply.read())[:120]!r}")
+        async for raw_line in reply.content:  # one SSE line at a time
+            if not raw_line.startswith(b"data: "):
                 continue
-            data = line[6:]
-            if data == "[DONE]":
-                done = True
-                break
+            data = raw_line[6:].rstrip(b"\r\n")
+            if data == b"[DONE]":  # read on to the body's end, as the openai client does: the
+                done = True  # connection then goes back to the pool (a break would close it)
+                continue
             event = orjson.loads(data)
             if "error" in event:
                 raise StreamError(str(event["error"])[:160])
@@ -406,13 +408,13 @@ async def stream_chat(client, url: str, model: str, index: int) -> dict[str, Any
     }
 
 
-async def check_greedy(client, url: str, model: str, raw: dict[str, Any], tokenizer) -> dict[str, Any]:
+async def check_greedy(session, url: str, model: str, raw: dict[str, Any], tokenizer) -> dict[str, Any]:
     """One greedy mesh request for the raw single stream's prompt: its text must be the raw greedy
     text of the same length (raw forces 64 tokens; the mesh may stop at the end token)."""
     body = {"model": model, "messages": chat(PROMPTS[0]), "max_tokens": MAX_TOKENS, "temperature": 0}
-    reply = await client.post(url, json=body)
-    reply.raise_for_status()
-    data = reply.json()
+    async with session.post(url, json=body) as reply:
+        reply.raise_for_status()
+        data = await reply.json()
     text = data["choices"][0]["message"]["content"]
     n = data["usage"]["completion_tokens"]
     expected = tokenizer.decode(raw["greedy_ids_prompt0"][:n], skip_special_tokens=True)
@@ -456,13 +458,15 @@ def summarize_point(point: dict[str, Any], records: list[dict[str, Any]], probe:
 
 
 async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, target: Target) -> dict[str, Any]:
+    import aiohttp
     import httpx
 
     url = f"{mesh.url}/v1/chat/completions"
-    limits = httpx.Limits(max_connections=max(CONCURRENCY), max_keepalive_connections=max(CONCURRENCY))
-    timeout = httpx.Timeout(target.timeout_s)
+    # aiohttp for the load: at 32 streams httpx used ~3x its CPU per request (5.5-6.6 ms against
+    # 1.8 ms), CPU the mesh then lacked (bench/README.md, 2026-12-04 run).
+    connector = aiohttp.TCPConnector(limit=max(CONCURRENCY))
     async with (
-        httpx.AsyncClient(limits=limits, timeout=timeout) as client,
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=target.timeout_s)) as client,
         httpx.AsyncClient(timeout=10.0) as metrics_http,
     ):
         probe = GenerationProbe(mesh, target.inference_name, metrics_http)
@@ -763,7 +767,7 @@ def config(seconds: float) -> dict[str, Any]:
         "temperature": TEMPERATURE,
         "seed": "the request's index in its point",
         "prompts": PROMPTS,
-        "client": f"httpx.AsyncClient, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
+        "client": f"aiohttp, pool of {max(CONCURRENCY)} keep-alive connections, uvloop",
         "tokens_per_s": "sum(usage.completion_tokens) of streams ending inside the window / window",
         "ttft": "request start -> first chunk with non-empty delta.content",
         "itl": "gaps between consecutive content chunks of a stream (all streams pooled)",
