@@ -99,8 +99,8 @@ RAW_THREADS = 2
 CONCURRENCY = (1, 8, 32)  # mesh streams; the raw batch sizes are the same
 TARGET_SPEEDUP = 5.0  # c=32 aggregate tokens/s >= 5x single-stream (the issue's target)
 PREFILL_REPEATS = 30  # raw prompt forward passes timed for the TTFT floor
+JSON_HEADERS = {"content-type": "application/json"}  # the mesh requests' bodies are orjson bytes
 # Short chats, cycled (request i sends PROMPTS[i % len]); the raw single stream uses the first.
-JSON_HEADERS = {"content-type": "application/json"}
 PROMPTS = [
     "What does the json module do?",
     "How do I read a file line by line?",
@@ -481,7 +481,7 @@ async def bench_mesh(mesh: Mesh, raw: dict[str, Any], tokenizer, target: Target)
     import httpx
 
     url = f"{mesh.url}/v1/chat/completions"
-    # aiohttp for the load: at 32 streams httpx used ~3x its CPU per request (5.5-6.6 ms against
+    # aiohttp for the load: at 32 streams httpx used ~3x its CPU per request (5.4-6.6 ms against
     # 1.8 ms), CPU the mesh then lacked (bench/README.md, 2026-12-04 run).
     connector = aiohttp.TCPConnector(limit=max(CONCURRENCY))
     async with (
