@@ -370,9 +370,10 @@ class _StreamCalls:
     async def _pump(self, request, stream, limit: int) -> None:
         """The stream's events as responses. With `limit` > 1, the tokens already queued when one
         arrives (the reader lags) go out in one response, and while many generations of the model
-        run, each response waits for `send_interval` tokens. The wait ramps up: the first token
-        never waits, the k-th response waits for at most 2**k, so a first token with no text of
-        its own (a lone space, part of a character) is followed within two steps, not send_interval."""
+        run, each response waits for `send_interval` tokens. Responses ramp up: the first carries
+        the first token alone and never waits, the k-th carries and waits for at most 2**k, so a
+        first token with no text of its own (a lone space, part of a character) is followed within
+        two steps, not send_interval, even when the engine ran ahead of this reader."""
         out, running, model = self.out, self.servicer.running, request.model_name
         running[model] = running.get(model, 0) + 1
         ramp = 1
@@ -381,8 +382,9 @@ class _StreamCalls:
                 if limit == 1 or event.token_id is None:
                     out.put_nowait(token_response(request, "1", event))
                     continue
-                events = [event, *_drain(stream, limit - 1)]
-                wanted = min(ramp, limit, send_interval(running[model]))
+                most = min(ramp, limit)  # the k-th response carries at most 2**k tokens
+                events = [event, *_drain(stream, most - 1)]
+                wanted = min(most, send_interval(running[model]))
                 while len(events) < wanted and not events[-1].final:
                     events.append(await anext(stream))
                     events.extend(_drain(stream, wanted - len(events)))

@@ -23,6 +23,7 @@ def scheduler(eos: int = 1) -> GenerationScheduler:
     out = GenerationScheduler.__new__(GenerationScheduler)
     out._torch, out.runtime = torch, SimpleNamespace(eos_token_ids=frozenset({eos}), vocab_size=VOCAB)
     out._grammars = Grammars(out.runtime)  # no row has one: the structured-output mask is a no-op
+    out._outbox = []  # the engine turn's events (`_emit`)
     return out
 
 
@@ -93,6 +94,7 @@ def test_ignore_eos_keeps_going_and_stop_token_ids_still_end():
     s._finish = lambda seq, reason, **_: finished.append(reason)
     kept = row(ignore_eos=True, max_new_tokens=8)
     assert s._emit(kept, 1, 0.0, 0.0) and kept.generated == [1]
+    assert [event.token_id for _, event in s._outbox] == [1]  # the token goes out with the turn
     ended = row(max_new_tokens=8)
     assert not s._emit(ended, 1, 0.0, 0.0) and finished == ["stop"]
     stopped = row(ignore_eos=True, max_new_tokens=8, stop_token_ids=(7,))
