@@ -860,7 +860,7 @@ class GenerationScheduler:
         """(tokens, their logprobs) for rows without top-k, top-p, min-p or a repetition penalty:
         greedy rows take the argmax of their logits (what generate() picks); the others draw by
         inverse CDF, one uniform per row from the row's own generator. A batch of only greedy
-        rows skips the draw."""
+        rows skips the draw, one without a greedy row the argmax."""
         torch = self._torch
         temperatures = [s.params.temperature for s in sequences]
         if not any(temperatures):
@@ -881,7 +881,7 @@ class GenerationScheduler:
         # never picked: the target is above every flat stretch it would start).
         target = (uniforms.to(cdf.device) * cdf[:, -1]).clamp(min=1e-12).unsqueeze(1)
         drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[1] - 1)
-        tokens = torch.where(greedy, rows.argmax(dim=-1), drawn)
+        tokens = torch.where(greedy, rows.argmax(dim=-1), drawn) if not all(temperatures) else drawn
         return tokens, log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
     def _raw_logprobs(self, logits, sequences: list[Sequence]) -> dict[int, object] | None:
