@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,24 @@ from services.inference.runtime import RuntimeOptions, load_runtime, set_torch_t
 from services.inference.stats import ModelStats
 
 log = logging.getLogger(__name__)
+
+
+async def in_own_thread(fn, *args):
+    """`fn(*args)` on a thread of its own that ends with the call. libgomp keeps the worker team of
+    a thread that ran a multi-threaded op until that thread exits, and once the teams' threads
+    outnumber the CPUs every team stops spinning (batcher._WideLane). A load's warm-up at its
+    entry's `threads` on a pooled thread (asyncio.to_thread) left such a team for good: on 2 cores,
+    a 2-thread model's own workers then ran every op throttled (sdpa at 32 rows 200 us against 100)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to the awaiting coroutine
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 class ModelState(enum.Enum):
@@ -91,7 +111,7 @@ class ModelRepository:
             slot.state, slot.reason = ModelState.LOADING, "loading"
             started = time.perf_counter()
             try:
-                runtime, entry = await asyncio.to_thread(self._load_runtime, entry)
+                runtime, entry = await in_own_thread(self._load_runtime, entry)
             except Exception as exc:
                 log.exception("model load failed", extra={"fields": {"model": name}})
                 slot.state, slot.reason = ModelState.UNAVAILABLE, f"load failed: {type(exc).__name__}"
@@ -108,7 +128,8 @@ class ModelRepository:
             return slot
 
     def _load_runtime(self, entry: ModelEntry):
-        """Worker thread: the entry's runtime, and the entry with the runtime's optional outputs."""
+        """Load thread (`in_own_thread`): the entry's runtime, and the entry with the runtime's
+        optional outputs."""
         folder = model_dir(entry, self.models_dir)
         if entry.inference.runtime_engine == "torch":  # the load's own warm-up passes, as the model's workers will run
             set_torch_threads(entry.inference.threads)

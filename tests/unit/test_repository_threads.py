@@ -5,6 +5,7 @@ the same inference process asked for and whatever the load order."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 
@@ -160,3 +161,41 @@ def test_lone_batches_of_every_model_share_one_wide_thread(catalog, models_dir):
     assert minilm == [(2, wide), (2, wide)]
     assert sentiment[0] == (2, wide) and sentiment[2] == (2, wide)
     assert sentiment[1][0] == 1 and sentiment[1][1] != wide
+
+
+def _native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_a_load_leaves_no_thread_behind(catalog, models_dir, monkeypatch):
+    """A 2-thread model's load (its warm-up runs 2 threads wide) runs on a thread that ends with it,
+    and libgomp's worker for that thread's team goes too: a team that outlived the load would make
+    the model's own workers' team one too many for the cores, and libgomp then stops spinning in
+    every team (each op waits for sleeping workers)."""
+    entry = _layout(catalog.get(MODEL_ID), 1, 2)
+    repository = ModelRepository(Catalog([entry]), models_dir)
+    loaders: list[threading.Thread] = []
+    load = ModelRepository._load_runtime
+
+    def noted(self, entry):
+        loaders.append(threading.current_thread())
+        return load(self, entry)
+
+    monkeypatch.setattr(ModelRepository, "_load_runtime", noted)
+    before = _native_threads()
+
+    async def scenario() -> int:
+        await repository.load(entry.inference.name)
+        try:
+            loaders[0].join(timeout=10)
+            assert not loaders[0].is_alive()
+            for _ in range(300):  # libgomp's workers leave once their master has: bounded wait
+                if _native_threads() <= before:
+                    break
+                await asyncio.sleep(0.01)
+            return _native_threads()
+        finally:
+            await repository.unload(entry.inference.name)
+
+    assert _run(scenario) <= before
