@@ -272,6 +272,8 @@ METRICS = (
     "meshserve_inference_admission_wait_seconds_count",
     "meshserve_inference_prefill_seconds_sum",
     "meshserve_inference_prefill_seconds_count",
+    "meshserve_inference_decode_step_seconds_sum",
+    "meshserve_inference_decode_step_seconds_count",
 )
 # Histograms whose buckets are kept too: their p50 / p99 in the window (a bucket's upper bound).
 BUCKETED = ("meshserve_inference_time_to_first_token_seconds", "meshserve_inference_admission_wait_seconds")
@@ -329,6 +331,13 @@ def metrics_delta(before: dict[str, float], after: dict[str, float], seconds: fl
         "mean_time_per_output_token_ms": mean("meshserve_inference_time_per_output_token_seconds", 1000.0),
         "mean_admission_wait_ms": mean("meshserve_inference_admission_wait_seconds", 1000.0),
         "mean_prefill_ms": mean("meshserve_inference_prefill_seconds", 1000.0),
+        "mean_decode_step_ms": mean("meshserve_inference_decode_step_seconds", 1000.0),
+        # the share of the window the worker thread spent in forwards (decode steps and prefills);
+        # the rest it waited for the event loop or for work
+        "worker_busy": round(
+            (d("meshserve_inference_decode_step_seconds_sum") + d("meshserve_inference_prefill_seconds_sum")) / seconds,
+            3,
+        ),
         "ttft_buckets": quantiles("meshserve_inference_time_to_first_token_seconds"),
         "admission_wait_buckets": quantiles("meshserve_inference_admission_wait_seconds"),
         "sequences_finished": {k: v for k, v in reasons.items() if v},
