@@ -66,8 +66,12 @@ def test_sigterm_to_the_mesh_lets_in_flight_requests_finish(mesh):
     # read the request and then hung up would show as RemoteProtocolError, which still fails here).
     not_reached = ("ConnectError", "ReadError")
     in_flight = [r for r in results if r["started"] < t_sig - 0.05 and r.get("error") not in not_reached]
-    assert len(in_flight) > 40  # the 40 done plus those the server was still working on
     assert all(r["status"] == 200 for r in in_flight), [r for r in in_flight if r["status"] != 200][:3]
+    # The server was still working on some when the signal came, and they completed. Counted without
+    # the 50 ms margin: on a fast host every request in flight at the signal had started within it
+    # (c=16 at ~400 req/s is ~40 ms a request), so the margin alone could leave only the 40 done.
+    finished_across = [r for r in results if r["started"] < t_sig < r["ended"] and r["status"] == 200]
+    assert finished_across, "no request in flight at SIGTERM completed"
     # Nothing answered with a server error: later requests were refused at connect, never half-done.
     assert not [r for r in results if r["status"] not in (200, None)]
     for r in results:
