@@ -332,8 +332,8 @@ def metrics_delta(before: dict[str, float], after: dict[str, float], seconds: fl
         "mean_admission_wait_ms": mean("meshserve_inference_admission_wait_seconds", 1000.0),
         "mean_prefill_ms": mean("meshserve_inference_prefill_seconds", 1000.0),
         "mean_decode_step_ms": mean("meshserve_inference_decode_step_seconds", 1000.0),
-        # the share of the window the worker thread spent in forwards (decode steps and prefills);
-        # the rest it waited for the event loop or for work
+        # the share of the window the engine thread spent in forwards (decode steps and prefills);
+        # the rest it waited for work, or did a step's bookkeeping
         "worker_busy": round(
             (d("meshserve_inference_decode_step_seconds_sum") + d("meshserve_inference_prefill_seconds_sum")) / seconds,
             3,

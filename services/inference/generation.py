@@ -694,8 +694,12 @@ class GenerationScheduler:
                     self._work.clear()  # `submit` appends before it sets: the next check sees it
                     continue
                 self._iterate()
-        except BaseException:  # a bug in the loop itself: say so; close() still returns
+        except BaseException:  # a bug in the loop itself: say so, end every sequence, refuse new ones
             log.exception("generation engine stopped", extra={"fields": {"model": self.name}})
+            self._closed = True
+            for sequence in [*self._waiting, *self._batch.sequences]:
+                self._finish(sequence, FinishReason.ERROR, error="generation engine stopped")
+            self._flush()
         finally:
             self._stopped.set_result(None)
 

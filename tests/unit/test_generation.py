@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.common.catalog import InferenceSpec, TensorSpec
-from services.common.errors import MeshError
+from services.common.errors import ErrorCode, MeshError
 from services.inference.generation import DECODE_BATCH, CausalLMRuntime, GenerationScheduler, SamplingParams
 
 SPEC = InferenceSpec(
@@ -140,8 +140,13 @@ async def test_cancelled_sequence_leaves_within_one_step(runtime):
     finally:
         await scheduler.close()
     tokens = [e for e in events if not e.final]
-    assert events[-1].final and events[-1].finish_reason == "cancelled"
-    assert len(tokens) <= 4  # at most the token of the step already running
+    final = events[-1]
+    assert final.final and final.finish_reason == "cancelled"
+    # The engine thread runs ahead of a slow reader, so tokens made before the cancellation may
+    # still be queued for it; after the cancellation reached the scheduler, at most the token of
+    # the step already running is made.
+    assert final.completion_tokens == len(tokens)
+    assert final.completion_tokens - stream.sequence.cancelled_at <= 1
     assert len(other) > 4  # the other sequence went on
 
 
@@ -229,6 +234,31 @@ async def test_a_failed_prefill_ends_its_sequences_and_the_scheduler_goes_on(run
     assert len(after) > 0
     # The newcomer's failure did not touch the running batch: that sequence ran to its end.
     assert first.token_id is not None and len(rest) == 29 and running_why == "length"
+
+
+class _EngineBug(BaseException):
+    pass
+
+
+async def test_a_stopped_engine_ends_its_sequences_and_refuses_new_ones(runtime):
+    """A bug that escapes the engine thread's loop loses nothing silently: the sequences it held
+    end with an error, and later submissions are refused instead of waiting forever."""
+    scheduler = GenerationScheduler("tiny-llama", runtime, SPEC)
+
+    def broken():
+        raise _EngineBug("a bug in the loop")
+
+    scheduler._iterate = broken  # the engine thread looks it up on each turn
+    try:
+        tokens, why = await asyncio.wait_for(
+            collect(scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))), 10
+        )
+        with pytest.raises(MeshError) as refused:
+            scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))
+    finally:
+        await asyncio.wait_for(scheduler.close(), 10)
+    assert tokens == [] and why == "error"
+    assert refused.value.code == ErrorCode.UPSTREAM_UNAVAILABLE
 
 
 def test_batched_sampling_follows_the_distribution(runtime):
