@@ -116,6 +116,7 @@ def model_config(entry: ModelEntry, models_dir: Path, *, gpu: bool) -> mc.ModelC
         "MESHSERVE_ENGINE": spec.runtime_engine,
         # where the engine caches what it derives from the weights (the ONNX export): the store folder
         "MESHSERVE_ENGINE_CACHE": str((entry.store_dir(models_dir) / spec.runtime_engine).resolve()),
+        "MESHSERVE_CHUNK_ROWS": str(spec.run_chunk_rows),
     }.items():
         config.parameters[key].string_value = value
     return config

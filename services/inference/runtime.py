@@ -357,18 +357,20 @@ def token_embeddings_output(kind: str, engine: str, model_dir: Path) -> dict | N
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How a catalog entry's runtime runs: its engine (catalog `inference.runtime_engine`), its
-    intra-op threads, and the folder where an engine keeps what it derives from the weights once
-    (the ONNX export)."""
+    intra-op threads, the folder where an engine keeps what it derives from the weights once
+    (the ONNX export), and the most rows the engine runs at once."""
 
     engine: str = "torch"
     threads: int = 1
     cache_dir: Path | None = None
+    chunk_rows: int = 0  # most rows per engine run (catalog `chunk_rows`); 0: the whole batch
 
     @classmethod
     def of(cls, entry: ModelEntry, models_dir: Path) -> RuntimeOptions:
         """An entry's options; the cache lies in its store folder, beside the built `model/`."""
         spec = entry.inference
-        return cls(spec.runtime_engine, spec.threads, entry.store_dir(models_dir) / spec.runtime_engine)
+        cache = entry.store_dir(models_dir) / spec.runtime_engine
+        return cls(spec.runtime_engine, spec.threads, cache, spec.run_chunk_rows)
 
 
 def load_runtime(kind: str, model_dir: Path, options: RuntimeOptions | None = None) -> Runtime:

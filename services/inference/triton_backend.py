@@ -62,6 +62,7 @@ class TritonPythonModel:
             engine=params.get("MESHSERVE_ENGINE", "torch"),
             threads=int(params.get("TORCH_THREADS", "1")),
             cache_dir=Path(params["MESHSERVE_ENGINE_CACHE"]) if "MESHSERVE_ENGINE_CACHE" in params else None,
+            chunk_rows=int(params.get("MESHSERVE_CHUNK_ROWS", "0")),
         )
         self.runtime = load_runtime(params["MESHSERVE_RUNTIME"], Path(params["MESHSERVE_MODEL_DIR"]), options)
         self.inputs = [tensor["name"] for tensor in config["input"]]

@@ -1,5 +1,6 @@
-"""The onnx runtime engine: its outputs equal the torch runtime's (1e-5 cosine), its export is
-cached and reused, and the catalog accepts it only for the runtimes it can export."""
+"""The onnx runtime engine: its outputs equal the torch runtime's (1e-5 cosine), whole or in
+length-sorted chunks, its export is cached and reused, and the catalog accepts it only for the
+runtimes it can export."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.common import catalog as catalog_module
-from services.common.catalog import InferenceSpec, ModelEntry
+from services.common.catalog import ONNX_CHUNK_ROWS_PER_THREAD, InferenceSpec, ModelEntry
 from services.common.triton_repository import model_config
 from services.inference.onnx_engine import ONNX_RUNTIMES, cache_key
 from services.inference.runtime import RuntimeOptions, load_runtime
@@ -45,14 +46,18 @@ def engines(models_dir, catalog, tmp_path_factory):
         entry = catalog.get(model_id)
         folder = entry.store_dir(models_dir) / "model"
         kind = entry.inference.runtime
-        pairs[model_id] = (load_runtime(kind, folder), load_runtime(kind, folder, RuntimeOptions("onnx", 1, cache)))
+        pairs[model_id] = (
+            load_runtime(kind, folder),
+            load_runtime(kind, folder, RuntimeOptions("onnx", 1, cache)),
+            load_runtime(kind, folder, RuntimeOptions("onnx", 1, cache, chunk_rows=4)),
+        )
     return pairs, cache
 
 
 @pytest.mark.parametrize("model_id", [MODEL_ID, CLASSIFIER_ID])
 @pytest.mark.parametrize(("rows", "tokens", "types"), [(1, 1, False), (3, 17, False), (32, 64, False), (4, 9, True)])
 def test_onnx_outputs_equal_torch_within_1e5_cosine(engines, model_id, rows, tokens, types):
-    torch_runtime, onnx_runtime = engines[0][model_id]
+    torch_runtime, onnx_runtime, _ = engines[0][model_id]
     batch = _batch(np.random.default_rng(rows * 100 + tokens), rows, tokens, types=types)
     # the torch runtime's graph outputs (its on-request token embeddings are not exported)
     expected = torch_runtime.execute_outputs(batch, frozenset(torch_runtime.output_names))
@@ -63,8 +68,36 @@ def test_onnx_outputs_equal_torch_within_1e5_cosine(engines, model_id, rows, tok
         assert _min_cosine(got[name], want) >= 1 - 1e-5
 
 
+@pytest.mark.parametrize("model_id", [MODEL_ID, CLASSIFIER_ID])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_chunked_runs_keep_each_row_in_its_place(engines, model_id, padding):
+    """Rows of very different lengths, more than a chunk: every row's output equals the torch
+    runtime's whole-batch output at its own index (left padding: no column can be cut)."""
+    torch_runtime, _, chunked = engines[0][model_id]
+    batch = _batch(np.random.default_rng(7), 11, 40, types=model_id == MODEL_ID)
+    batch["attention_mask"][3] = 0  # a row that attends to nothing still gets its own (finite) output
+    batch["attention_mask"][3, 0] = 1
+    if padding == "left":
+        batch = {name: tensor[:, ::-1].copy() for name, tensor in batch.items()}
+    expected = torch_runtime.execute_outputs(batch, frozenset(torch_runtime.output_names))
+    got = chunked.execute(batch)
+    for name, want in expected.items():
+        assert got[name].shape == want.shape
+        assert _min_cosine(got[name], want) >= 1 - 1e-5
+
+
+def test_onnx_entries_chunk_by_threads_unless_told(catalog):
+    spec = catalog.get(MODEL_ID).inference.model_dump()
+    onnx = InferenceSpec.model_validate({**spec, "runtime_engine": "onnx", "instances": 1, "threads": 2})
+    assert onnx.run_chunk_rows == 2 * ONNX_CHUNK_ROWS_PER_THREAD
+    assert InferenceSpec.model_validate({**spec, "runtime_engine": "onnx", "chunk_rows": 0}).run_chunk_rows == 0
+    assert InferenceSpec.model_validate(spec).run_chunk_rows == 0  # torch runs the whole batch
+    with pytest.raises(ValueError, match="chunk_rows applies to runtime_engine onnx only"):
+        InferenceSpec.model_validate({**spec, "chunk_rows": 8})
+
+
 def test_onnx_runtime_keeps_the_torch_checks(engines):
-    _, onnx_runtime = engines[0][MODEL_ID]
+    _, onnx_runtime, _ = engines[0][MODEL_ID]
     with pytest.raises(ValueError, match="outside"):
         onnx_runtime.validate({"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])})
     with pytest.raises(ValueError, match="no tokens"):
@@ -113,4 +146,5 @@ def test_triton_config_names_the_engine_and_its_cache(catalog, models_dir):
     params = model_config(onnx_entry, models_dir, gpu=False).parameters
     assert params["MESHSERVE_ENGINE"].string_value == "onnx"
     assert params["MESHSERVE_ENGINE_CACHE"].string_value == str((entry.store_dir(models_dir) / "onnx").resolve())
+    assert params["MESHSERVE_CHUNK_ROWS"].string_value == str(onnx_entry.inference.run_chunk_rows)
     assert model_config(entry, models_dir, gpu=False).parameters["MESHSERVE_ENGINE"].string_value == "torch"
