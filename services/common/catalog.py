@@ -45,10 +45,11 @@ IMAGE_TASKS = frozenset({"image-classification"})
 
 # (instances, threads) of a `runtime_engine: onnx` entry that sets neither (InferenceSpec._onnx_layout).
 ONNX_LAYOUT = (2, 1)
-# Rows per onnxruntime run and intra-op thread of an onnx entry that does not set `chunk_rows`: all-MiniLM
-# on one thread, in process, batches of 32 as length-sorted chunks of 8: 305-316 against 253-268
-# sentences/s (the embeddings bench's sentences, 13-20 tokens), 101 against 61 (1-5 of them joined).
-ONNX_CHUNK_ROWS_PER_THREAD = 8
+# Runtimes whose batches may run as length-sorted chunks (`chunk_rows`, runtime.run_in_chunks), and
+# the rows per forward pass and intra-op thread of an entry that does not set it (all-MiniLM on one
+# thread, in process: runtime.TORCH_CHUNK_SAVING has the figures).
+CHUNKED_RUNTIMES = frozenset({"sentence_embedding", "embedding_classifier"})
+CHUNK_ROWS_PER_THREAD = {"onnx": 8, "torch": 16}
 # Runtimes that `runtime_engine: onnx` can run (services/inference/onnx_engine.py exports them).
 ONNX_RUNTIMES = frozenset({"sentence_embedding", "embedding_classifier"})
 
@@ -165,9 +166,10 @@ class InferenceSpec(_Strict):
     chunk_rows: int | None = Field(
         None,
         ge=0,
-        description="runtime_engine onnx: most rows per session run; a larger batch runs as chunks of rows of "
-        f"similar length, each padded only to its own longest (0: the whole batch at once; default: "
-        f"{ONNX_CHUNK_ROWS_PER_THREAD} per thread).",
+        description="Encoder runtimes (sentence_embedding, embedding_classifier): most rows per forward pass; a "
+        "larger batch runs as chunks of rows of similar length, each padded only to its own longest (0: the "
+        f"whole batch at once; default per thread: {CHUNK_ROWS_PER_THREAD['torch']} on torch, "
+        f"{CHUNK_ROWS_PER_THREAD['onnx']} on onnx).",
     )
     expected_load_s: float = Field(
         5.0, description="Typical load time; the HF `estimated_time` of a cold model until one load was measured."
@@ -198,16 +200,20 @@ class InferenceSpec(_Strict):
             raise ValueError(
                 f"runtime_engine onnx does not run the {self.runtime} runtime; it runs: {', '.join(sorted(ONNX_RUNTIMES))}"
             )
-        if self.runtime_engine != "onnx" and self.chunk_rows:
-            raise ValueError("inference.chunk_rows applies to runtime_engine onnx only")
+        if self.chunk_rows and self.runtime not in CHUNKED_RUNTIMES:
+            raise ValueError(
+                f"inference.chunk_rows applies to the runtimes {', '.join(sorted(CHUNKED_RUNTIMES))}, not {self.runtime}"
+            )
         return self
 
     @property
     def run_chunk_rows(self) -> int:
-        """Rows per engine run (`chunk_rows`, or the onnx default; 0: the whole batch)."""
+        """Rows per forward pass (`chunk_rows`, or the engine's default per thread; 0: the whole batch)."""
         if self.chunk_rows is not None:
             return self.chunk_rows
-        return ONNX_CHUNK_ROWS_PER_THREAD * self.threads if self.runtime_engine == "onnx" else 0
+        if self.runtime not in CHUNKED_RUNTIMES:
+            return 0
+        return CHUNK_ROWS_PER_THREAD[self.runtime_engine] * self.threads
 
 
 class ZeroShotSpec(_Strict):

@@ -7,10 +7,9 @@ in the options' cache folder under a key of the weights' files and the exporter,
 under a file lock (the embedded server and Triton's stub may load the same model at once), and run
 by an onnxruntime session on the CPU provider. Validation and padding are the torch runtime's.
 
-A batch of more than `chunk_rows` rows runs as several session runs: rows sorted by length, each
-chunk cut to the last column any of its rows uses. Columns that are padding for every row of a chunk
-change nothing in the others (masked keys, masked pooling), so only the work shrinks: less padding,
-and a chunk's activations stay in the core's cache (catalog.ONNX_CHUNK_ROWS_PER_THREAD).
+A batch of more than `chunk_rows` rows runs as several session runs (runtime.run_in_chunks): rows
+sorted by length, each chunk cut to the last column any of its rows uses; less padding, and a
+chunk's activations stay in the core's cache (catalog.CHUNK_ROWS_PER_THREAD).
 
 optimum is not used: optimum-onnx 0.1.0, its newest release, requires transformers < 4.58 and
 fails to import under transformers 5.
@@ -33,6 +32,7 @@ from services.inference.runtime import (
     Runtime,
     RuntimeOptions,
     SentenceEmbeddingRuntime,
+    run_in_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,6 @@ class OnnxEncoderRuntime(Runtime):
         cache_dir = options.cache_dir or Path(tempfile.gettempdir()) / "meshserve-onnx"
         self.path = exported(runtime, model_dir, kind, cache_dir)
         self.session = session(self.path, options.threads)
-        self.chunk_rows = options.chunk_rows
         self.input_names = tuple(node.name for node in self.session.get_inputs())
         self.output_names = runtime.output_names
         self.pad_values = dict(runtime.pad_values)
@@ -149,30 +148,12 @@ class OnnxEncoderRuntime(Runtime):
         feed = {"input_ids": ids}
         for name in self.input_names[1:]:
             feed[name] = np.ascontiguousarray(inputs[name], dtype=np.int64) if name in inputs else np.zeros_like(ids)
-        if not self.chunk_rows or len(ids) <= self.chunk_rows:
-            return self._run(feed)
-        return self._run_chunks(feed)
+        if self.chunk_rows and len(ids) > self.chunk_rows:
+            return run_in_chunks(self._run, feed, self.chunk_rows)
+        return self._run(feed)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(list(self.output_names), feed), strict=True))
-
-    def _run_chunks(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Length-sorted chunks of `chunk_rows` rows, each cut to its last used column; the rows'
-        outputs go back to their places."""
-        mask = feed["attention_mask"]
-        # one past each row's last attended column (0 for a row that attends to nothing)
-        ends = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), 0)
-        order = np.argsort(ends, kind="stable")
-        out: dict[str, np.ndarray] = {}
-        for start in range(0, len(order), self.chunk_rows):
-            rows = order[start : start + self.chunk_rows]
-            width = max(int(ends[rows[-1]]), 1)
-            part = self._run({name: np.ascontiguousarray(tensor[rows, :width]) for name, tensor in feed.items()})
-            for name, values in part.items():
-                if name not in out:
-                    out[name] = np.empty((len(order), *values.shape[1:]), values.dtype)
-                out[name][rows] = values
-        return out
 
 
 def _onnx(cls: type[SentenceEmbeddingRuntime], kind: str) -> Callable[[Path, RuntimeOptions], Runtime]:

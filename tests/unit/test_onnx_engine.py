@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.common import catalog as catalog_module
-from services.common.catalog import ONNX_CHUNK_ROWS_PER_THREAD, InferenceSpec, ModelEntry
+from services.common.catalog import CHUNK_ROWS_PER_THREAD, InferenceSpec, ModelEntry
 from services.common.triton_repository import model_config
 from services.inference.onnx_engine import ONNX_RUNTIMES, cache_key
 from services.inference.runtime import RuntimeOptions, load_runtime
@@ -86,14 +86,37 @@ def test_chunked_runs_keep_each_row_in_its_place(engines, model_id, padding):
         assert _min_cosine(got[name], want) >= 1 - 1e-5
 
 
-def test_onnx_entries_chunk_by_threads_unless_told(catalog):
+def test_torch_chunks_equal_the_whole_batch_token_embeddings_included(engines):
+    """The torch runtime in chunks: pooled outputs and every attended token's hidden state equal the
+    whole batch's; token embeddings keep the batch's width."""
+    from services.inference.runtime import TOKEN_EMBEDDINGS
+
+    torch_runtime = engines[0][MODEL_ID][0]
+    batch = _batch(np.random.default_rng(11), 11, 40)
+    whole = torch_runtime.execute(batch)
+    torch_runtime.chunk_rows = 4
+    try:
+        chunked = torch_runtime.execute(batch)
+    finally:
+        torch_runtime.chunk_rows = 0
+    assert _min_cosine(chunked["embedding"], whole["embedding"]) >= 1 - 1e-5
+    tokens = chunked[TOKEN_EMBEDDINGS]
+    assert tokens.shape == whole[TOKEN_EMBEDDINGS].shape
+    attended = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(tokens[attended], whole[TOKEN_EMBEDDINGS][attended], atol=1e-4)
+
+
+def test_encoder_entries_chunk_by_threads_unless_told(catalog):
     spec = catalog.get(MODEL_ID).inference.model_dump()
     onnx = InferenceSpec.model_validate({**spec, "runtime_engine": "onnx", "instances": 1, "threads": 2})
-    assert onnx.run_chunk_rows == 2 * ONNX_CHUNK_ROWS_PER_THREAD
+    assert onnx.run_chunk_rows == 2 * CHUNK_ROWS_PER_THREAD["onnx"]
+    torch_spec = InferenceSpec.model_validate({**spec, "threads": 1})
+    assert torch_spec.run_chunk_rows == CHUNK_ROWS_PER_THREAD["torch"]
     assert InferenceSpec.model_validate({**spec, "runtime_engine": "onnx", "chunk_rows": 0}).run_chunk_rows == 0
-    assert InferenceSpec.model_validate(spec).run_chunk_rows == 0  # torch runs the whole batch
-    with pytest.raises(ValueError, match="chunk_rows applies to runtime_engine onnx only"):
-        InferenceSpec.model_validate({**spec, "chunk_rows": 8})
+    lm = catalog.get("meshserve/tiny-llama-chat").inference.model_dump()
+    assert InferenceSpec.model_validate(lm).run_chunk_rows == 0  # generation batches are not chunked
+    with pytest.raises(ValueError, match="chunk_rows applies to the runtimes embedding_classifier, sentence_embedding"):
+        InferenceSpec.model_validate({**lm, "chunk_rows": 8})
 
 
 def test_onnx_runtime_keeps_the_torch_checks(engines):
