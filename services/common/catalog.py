@@ -48,7 +48,15 @@ ONNX_LAYOUT = (2, 1)
 # Runtimes whose batches may run as length-sorted chunks (`chunk_rows`, runtime.run_in_chunks), and
 # the rows per forward pass and intra-op thread of an entry that does not set it (all-MiniLM on one
 # thread, in process: runtime.TORCH_CHUNK_SAVING has the figures).
-CHUNKED_RUNTIMES = frozenset({"sentence_embedding", "embedding_classifier"})
+CHUNKED_RUNTIMES = frozenset(
+    {
+        "sentence_embedding",
+        "embedding_classifier",
+        "sequence_classification",
+        "token_classification",
+        "question_answering",
+    }
+)
 CHUNK_ROWS_PER_THREAD = {"onnx": 8, "torch": 16}
 # Runtimes that `runtime_engine: onnx` can run (services/inference/onnx_engine.py exports them).
 ONNX_RUNTIMES = frozenset({"sentence_embedding", "embedding_classifier"})
@@ -166,7 +174,8 @@ class InferenceSpec(_Strict):
     chunk_rows: int | None = Field(
         None,
         ge=0,
-        description="Encoder runtimes (sentence_embedding, embedding_classifier): most rows per forward pass; a "
+        description="Encoder runtimes (sentence_embedding, embedding_classifier, sequence_classification, "
+        "token_classification, question_answering): most rows per forward pass; a "
         "larger batch runs as chunks of rows of similar length, each padded only to its own longest (0: the "
         f"whole batch at once; default per thread: {CHUNK_ROWS_PER_THREAD['torch']} on torch, "
         f"{CHUNK_ROWS_PER_THREAD['onnx']} on onnx).",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.inference.runtime import Runtime, only_zeros_and_ones, torch_device
+from services.inference.runtime import TORCH_CHUNK_SAVING, Runtime, only_zeros_and_ones, run_in_chunks, torch_device
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -57,7 +57,14 @@ class EncoderRuntime(Runtime):
                 raise ValueError(f"input 'token_type_ids' holds ids outside [0, {max(self.type_vocab_size, 1)})")
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The head's `output_names` (attributes of the model's output), FP32."""
+        """The head's `output_names` (attributes of the model's output), FP32; a batch of more than
+        `chunk_rows` rows in length-sorted chunks when they save padding (runtime.run_in_chunks)."""
+        if self.chunk_rows and len(inputs["input_ids"]) > self.chunk_rows:
+            tokens = self.output_names if self.per_token else ()
+            return run_in_chunks(self._execute, inputs, self.chunk_rows, tokens, TORCH_CHUNK_SAVING)
+        return self._execute(inputs)
+
+    def _execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             out = self.model(**self.feed(inputs))

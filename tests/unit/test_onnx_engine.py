@@ -115,7 +115,7 @@ def test_encoder_entries_chunk_by_threads_unless_told(catalog):
     assert InferenceSpec.model_validate({**spec, "runtime_engine": "onnx", "chunk_rows": 0}).run_chunk_rows == 0
     lm = catalog.get("meshserve/tiny-llama-chat").inference.model_dump()
     assert InferenceSpec.model_validate(lm).run_chunk_rows == 0  # generation batches are not chunked
-    with pytest.raises(ValueError, match="chunk_rows applies to the runtimes embedding_classifier, sentence_embedding"):
+    with pytest.raises(ValueError, match="chunk_rows applies to the runtimes embedding_classifier, question_answering"):
         InferenceSpec.model_validate({**lm, "chunk_rows": 8})
 
 
