@@ -7,7 +7,10 @@
       onnxruntime on the same exported graph at batch 1/32,
   (e) infinity-emb on the same weights (its own venv, .venv-bench/infinity: `make bench-infinity-venv`),
       its CPU engines that run here (INFINITY_ENGINES) at c=64, when that venv is there (else the
-      result says why not).
+      result says why not),
+  (f) texts of very different lengths (1-5 of the sentences joined, MIXED_TEXTS): raw torch's padded
+      batches at 8/16/32 against the mesh at c=64 on torch, with the catalog's length-sorted chunks
+      (`inference.chunk_rows`) and with every batch run whole (`chunk_rows: 0`).
 
 Every (b)/(c) point is also given as a ratio to (a)'s limit from the same run, so runs on different
 days or machines compare by ratio, not by absolute numbers. Writes bench/results/embeddings.json and
@@ -69,6 +72,9 @@ INFINITY_CONCURRENCY = 64
 INFINITY_START_S = 300.0  # it loads, compiles and warms the model up before /health answers
 DEFAULT_INFINITY = REPO / ".venv-bench" / "infinity" / "bin" / "infinity_emb"
 
+MIXED_BATCHES = (8, 16, 32)
+MIXED_CONCURRENCY = (64,)
+MIXED_TEXTS_COUNT = 64
 # A fixed list of varied ~10-word sentences (13-20 tokens with [CLS]/[SEP]). Natural text rather than random
 # words so that lengths vary a little, as real traffic does, while every run sends the same bytes.
 SENTENCES: tuple[str, ...] = (
@@ -138,20 +144,39 @@ class RawEncoder:
         return pooled.numpy()
 
 
-def batch_of(size: int, start: int) -> list[str]:
-    """`size` sentences from the fixed list, starting at `start` and wrapping around."""
-    return [SENTENCES[(start + k) % len(SENTENCES)] for k in range(size)]
+def batch_of(size: int, start: int, texts: tuple[str, ...] = SENTENCES) -> list[str]:
+    """`size` texts from a fixed list (the sentences), starting at `start` and wrapping around."""
+    return [texts[(start + k) % len(texts)] for k in range(size)]
 
 
-def raw_point(encode: Callable[[list[str]], np.ndarray], batch: int) -> dict[str, Any]:
+def mixed_texts() -> tuple[str, ...]:
+    """(f)'s texts: 1-5 consecutive sentences joined (~15-95 tokens), the same on every run."""
+    import random
+
+    rng = random.Random(0)
+    joined = []
+    for start in range(MIXED_TEXTS_COUNT):
+        count = rng.randint(1, 5)
+        joined.append(" ".join(SENTENCES[(start + k) % len(SENTENCES)] for k in range(count)))
+    return tuple(joined)
+
+
+MIXED_TEXTS = mixed_texts()
+
+
+def raw_point(encode: Callable[[list[str]], np.ndarray], batch: int, texts: tuple[str, ...] = SENTENCES) -> dict:
     """Back-to-back batches: warm-up, then a window bounded by time and by batch count."""
-    return time_batches(lambda step: encode(batch_of(batch, step * batch)), batch, rate_key="sentences_per_s")
+    return time_batches(lambda step: encode(batch_of(batch, step * batch, texts)), batch, rate_key="sentences_per_s")
 
 
-def bench_raw(encode: Callable[[list[str]], np.ndarray], batches: tuple[int, ...] = RAW_BATCHES) -> dict[str, Any]:
+def bench_raw(
+    encode: Callable[[list[str]], np.ndarray],
+    batches: tuple[int, ...] = RAW_BATCHES,
+    texts: tuple[str, ...] = SENTENCES,
+) -> dict[str, Any]:
     points = []
     for batch in batches:
-        point = raw_point(encode, batch)
+        point = raw_point(encode, batch, texts)
         points.append(point)
         print(
             f"  batch {batch:>2}: {point['sentences_per_s']:7.1f} sentences/s  p50 {point['p50_ms']} ms  "
@@ -159,13 +184,13 @@ def bench_raw(encode: Callable[[list[str]], np.ndarray], batches: tuple[int, ...
             flush=True,
         )
     best = max(points, key=lambda p: p["sentences_per_s"])
-    batch1 = next(p for p in points if p["batch"] == 1)
+    batch1 = next((p for p in points if p["batch"] == 1), None)
     return {
         "threads": RAW_THREADS,
         "points": points,
         "limit_sentences_per_s": best["sentences_per_s"],
         "limit_batch": best["batch"],
-        "batch1_p50_ms": batch1["p50_ms"],
+        "batch1_p50_ms": batch1["p50_ms"] if batch1 else None,
     }
 
 
@@ -244,12 +269,17 @@ async def bench_inference(
 
 # -- (c) the full mesh over REST -------------------------------------------------------------------
 async def bench_mesh(
-    url: str, encoder: RawEncoder, probe: Probe, concurrencies: tuple[int, ...] = CONCURRENCY, name: str = "REST"
+    url: str,
+    encoder: RawEncoder,
+    probe: Probe,
+    concurrencies: tuple[int, ...] = CONCURRENCY,
+    name: str = "REST",
+    texts: tuple[str, ...] = SENTENCES,
 ) -> tuple[list[dict[str, Any]], float]:
     """aiohttp: cheaper per request than httpx, so the 2-core box spends less on the client."""
     import aiohttp
 
-    bodies = [json.dumps({"model": MODEL_ID, "input": text}).encode() for text in SENTENCES]
+    bodies = [json.dumps({"model": MODEL_ID, "input": text}).encode() for text in texts]
     endpoint = url + "/v1/embeddings"
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=max(CONCURRENCY))  # one keep-alive connection per worker
@@ -258,7 +288,7 @@ async def bench_mesh(
         async with session.post(endpoint, data=bodies[0]) as reply:
             reply.raise_for_status()
             served = np.asarray((await reply.json())["data"][0]["embedding"], dtype=np.float32)
-        agreement = cosine(served, encoder.encode([SENTENCES[0]])[0])
+        agreement = cosine(served, encoder.encode([texts[0]])[0])
 
         async def call(index: int) -> None:
             async with session.post(endpoint, data=bodies[index % len(bodies)]) as reply:
@@ -276,13 +306,33 @@ async def bench_services(mesh: Mesh, model_name: str, encoder: RawEncoder) -> di
         grpc_points, grpc_cos = await bench_inference(mesh.inference_target, model_name, encoder, probe)
         print("(c) full mesh, POST /v1/embeddings", flush=True)
         rest_points, rest_cos = await bench_mesh(mesh.url, encoder, probe)
+        mixed_points, mixed_cos = await bench_mixed_mesh(mesh, encoder, probe, "chunked")
     finally:
         await probe.close()
     return {
         "inference_grpc": grpc_points,
         "mesh_rest": rest_points,
-        "check_cosine_vs_raw": {"inference_grpc": round(grpc_cos, 6), "mesh_rest": round(rest_cos, 6)},
+        "mesh_rest_mixed_chunked": mixed_points,
+        "check_cosine_vs_raw": {
+            "inference_grpc": round(grpc_cos, 6),
+            "mesh_rest": round(rest_cos, 6),
+            "mesh_rest_mixed_chunked": round(mixed_cos, 6),
+        },
     }
+
+
+async def bench_mixed_mesh(mesh: Mesh, encoder: RawEncoder, probe: Probe, batches: str) -> tuple[list, float]:
+    """(f): the mixed-length texts at MIXED_CONCURRENCY through the mesh's /v1/embeddings."""
+    print(f"(f) full mesh, texts of 1-5 sentences, batches {batches}, POST /v1/embeddings", flush=True)
+    return await bench_mesh(mesh.url, encoder, probe, MIXED_CONCURRENCY, f"REST mixed {batches}", MIXED_TEXTS)
+
+
+async def bench_whole_batches(mesh: Mesh, model_name: str, encoder: RawEncoder) -> tuple[list, float]:
+    probe = Probe(mesh.inference_target, model_name, mesh.process.pid, mesh.service_token)
+    try:
+        return await bench_mixed_mesh(mesh, encoder, probe, "whole")
+    finally:
+        await probe.close()
 
 
 # -- (d) the full mesh with runtime_engine onnx -------------------------------------------------------
@@ -290,15 +340,20 @@ def onnx_catalog(folder: Path) -> Path:
     """The shipped catalog with the benched entry on runtime_engine onnx (the others as they are).
     Its torch layout (instances, threads) goes with torch: an onnx entry that sets neither runs the
     catalog's ONNX layout (services/common/catalog.py ONNX_LAYOUT, 2 single-thread instances)."""
+    return catalog_with(folder, "onnx", {"runtime_engine": "onnx"}, drop=("instances", "threads"))
+
+
+def catalog_with(folder: Path, name: str, inference: dict[str, Any], drop: tuple[str, ...] = ()) -> Path:
+    """The shipped catalog with the benched entry's inference fields changed (the others as they are)."""
     import yaml
 
     data = yaml.safe_load((REPO / "catalog.yaml").read_text())
     for entry in data["models"]:
         if entry["id"] == MODEL_ID:
-            entry["inference"]["runtime_engine"] = "onnx"
-            entry["inference"].pop("instances", None)
-            entry["inference"].pop("threads", None)
-    path = folder / "catalog-onnx.yaml"
+            entry["inference"].update(inference)
+            for key in drop:
+                entry["inference"].pop(key, None)
+    path = folder / f"catalog-{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -509,6 +564,7 @@ def summary(result: dict[str, Any]) -> str:
                 f"{p['cpu']['foreign_cores']} |"
             )
     lines += infinity_rows(result["infinity_emb"], raw)
+    lines += mixed_rows(result)
     if result["noisy_points"]:
         lines += ["", noisy_warning(result["noisy_points"])]
     return "\n".join(lines)
@@ -530,10 +586,35 @@ def infinity_rows(infinity: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     return rows
 
 
+def mixed_rows(result: dict[str, Any]) -> list[str]:
+    """(f): texts of 1-5 sentences, each ratio to raw's best padded batch on the same texts."""
+    raw = result["raw_mixed"]
+    lines = [
+        "",
+        f"(f) texts of 1-5 sentences: **raw limit** {raw['limit_sentences_per_s']} sentences/s (padded batch "
+        f"{raw['limit_batch']})",
+        "",
+        "| path | batch / c | req/s | x raw limit | p50 ms | p99 ms | errors | avg batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in raw["points"]:
+        ratio = p["sentences_per_s"] / raw["limit_sentences_per_s"]
+        lines.append(f"| (f) raw torch, padded | b={p['batch']} | {p['sentences_per_s']} | {ratio:.2f} | {p['p50_ms']} | "
+                     f"{p['p99_ms']} | 0 | {p['batch']} |")  # fmt: skip
+    for key, name in (("mesh_rest_mixed_chunked", "(f) mesh, chunked"), ("mesh_rest_mixed_whole", "(f) mesh, whole")):
+        for p in result[key]:
+            lines.append(
+                f"| {name} | c={p['concurrency']} | {p['rps']} | {p['ratio_to_raw_limit']:.2f} | {p['p50_ms']} | "
+                f"{p['p99_ms']} | {p['errors']} | {p['model_stats']['avg_batch']} |"
+            )
+    return lines
+
+
 def noisy_points(result: dict[str, Any]) -> int:
     infinity = [p for p in result["infinity_emb"].get("engines", {}).values() if "cpu" in p]
     points = [*result["raw"]["points"], *result["raw_onnx"]["points"], *result["inference_grpc"], *result["mesh_rest"]]
-    points += [*result["mesh_rest_onnx"], *infinity]
+    points += [*result["mesh_rest_onnx"], *infinity, *result["raw_mixed"]["points"]]
+    points += [*result["mesh_rest_mixed_chunked"], *result["mesh_rest_mixed_whole"]]
     return count_noisy(points)
 
 
@@ -555,12 +636,21 @@ def bench_meshes(tmp: Path, entry, encoder: RawEncoder) -> dict[str, Any]:
     onnx_points, onnx_cos = run_mesh(tmp / "onnx", env, lambda mesh: bench_onnx_mesh(mesh, name, encoder))
     services["mesh_rest_onnx"] = onnx_points
     services["check_cosine_vs_raw"]["mesh_rest_onnx"] = round(onnx_cos, 6)
+    (tmp / "whole").mkdir()
+    env = {"MESHSERVE_CATALOG": str(catalog_with(tmp, "whole", {"chunk_rows": 0}))}
+    whole_points, whole_cos = run_mesh(tmp / "whole", env, lambda mesh: bench_whole_batches(mesh, name, encoder))
+    services["mesh_rest_mixed_whole"] = whole_points
+    services["check_cosine_vs_raw"]["mesh_rest_mixed_whole"] = round(whole_cos, 6)
     return services
 
 
 def run_config(encoder: RawEncoder) -> dict[str, Any]:
     token_counts = [len(encoder.tokenizer.encode(s).ids) for s in SENTENCES]
+    mixed_counts = [len(encoder.tokenizer.encode(s).ids) for s in MIXED_TEXTS]
     return {
+        "mixed_texts": len(MIXED_TEXTS),
+        "tokens_per_mixed_text": {"min": min(mixed_counts), "max": max(mixed_counts)},
+        "mixed_batches": list(MIXED_BATCHES),
         "bench_seconds": SECONDS,
         "warmup_s": WARMUP_S,
         "max_requests_per_point": MAX_REQUESTS,
@@ -598,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(a') raw in-process onnxruntime (the onnx engine's graph), {RAW_THREADS} threads", flush=True)
     cache_dir = RuntimeOptions.of(entry, meshserve_home() / "models").cache_dir
     raw_onnx = bench_raw(RawOnnxEncoder(encoder, model_dir, cache_dir).encode, RAW_ONNX_BATCHES)
+    print(f"(f) raw in-process torch, texts of 1-5 sentences, padded batches, {RAW_THREADS} threads", flush=True)
+    raw_mixed = bench_raw(encoder.encode, MIXED_BATCHES, MIXED_TEXTS)
 
     with tempfile.TemporaryDirectory(prefix="meshserve-bench-") as tmp:
         services = bench_meshes(Path(tmp), entry, encoder)
@@ -605,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for key in ("inference_grpc", "mesh_rest", "mesh_rest_onnx"):
         add_ratios(services[key], raw)
+    for key in ("mesh_rest_mixed_chunked", "mesh_rest_mixed_whole"):
+        add_ratios(services[key], raw_mixed)
     for p in services["mesh_rest_onnx"]:
         p["ratio_to_raw_onnx_limit"] = round(p["rps"] / raw_onnx["limit_sentences_per_s"], 3)
     result = {
@@ -619,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         "catalog_inference": entry.inference.model_dump(mode="json"),
         "raw": raw,
         "raw_onnx": raw_onnx,
+        "raw_mixed": raw_mixed,
         **services,
         "infinity_emb": infinity,
     }
