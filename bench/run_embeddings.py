@@ -150,7 +150,7 @@ def batch_of(size: int, start: int, texts: tuple[str, ...] = SENTENCES) -> list[
 
 
 def mixed_texts() -> tuple[str, ...]:
-    """(f)'s texts: 1-5 consecutive sentences joined (~15-95 tokens), the same on every run."""
+    """(f)'s texts: 1-5 consecutive sentences joined (13-73 tokens), the same on every run."""
     import random
 
     rng = random.Random(0)
