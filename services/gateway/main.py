@@ -161,11 +161,7 @@ def main() -> None:
 
     try:
         uvloop.run(run())
-    except (
-        WeakAdminToken,
-        BadProvidersFile,
-        LedgerSchemaError,
-    ) as err:  # the operator's setting, not a bug: one line, no traceback
+    except (WeakAdminToken, BadProvidersFile, LedgerSchemaError) as err:  # the operator's setting, not a bug: one line, no traceback
         log.error("refusing to start: %s", err)
         sys.exit(2)
 

@@ -59,10 +59,8 @@ class EncoderRuntime(Runtime):
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The head's `output_names` (attributes of the model's output), FP32; a batch of more than
         `chunk_rows` rows in length-sorted chunks when they save padding (runtime.run_in_chunks)."""
-        if self.chunk_rows and len(inputs["input_ids"]) > self.chunk_rows:
-            tokens = self.output_names if self.per_token else ()
-            return run_in_chunks(self._execute, inputs, self.chunk_rows, tokens, TORCH_CHUNK_SAVING)
-        return self._execute(inputs)
+        tokens = self.output_names if self.per_token else ()
+        return run_in_chunks(self._execute, inputs, self.chunk_rows, tokens, TORCH_CHUNK_SAVING)
 
     def _execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch

@@ -148,9 +148,7 @@ class OnnxEncoderRuntime(Runtime):
         feed = {"input_ids": ids}
         for name in self.input_names[1:]:
             feed[name] = np.ascontiguousarray(inputs[name], dtype=np.int64) if name in inputs else np.zeros_like(ids)
-        if self.chunk_rows and len(ids) > self.chunk_rows:
-            return run_in_chunks(self._run, feed, self.chunk_rows)
-        return self._run(feed)
+        return run_in_chunks(self._run, feed, self.chunk_rows)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(list(self.output_names), feed), strict=True))

@@ -118,8 +118,11 @@ def run_in_chunks(
     and width), every output row put back at its place; `token_outputs` ([batch, tokens, ...]) are
     zero-padded back to the batch's width. Columns that no row of a chunk attends to change nothing
     in an attention-masked encoder with masked pooling, so only padding work is saved. The batch
-    runs whole when the chunks would save less than `min_saving` of its tokens."""
+    runs whole when `rows` is 0 or covers it, or when the chunks would save less than `min_saving`
+    of its tokens."""
     mask = inputs["attention_mask"]
+    if not rows or len(mask) <= rows:
+        return run(inputs)
     chunks = length_chunks(mask, rows)
     if sum(len(chunk) * width for chunk, width in chunks) > (1 - min_saving) * mask.size:
         return run(inputs)
@@ -270,10 +273,8 @@ class SentenceEmbeddingRuntime(Runtime):
     def execute_outputs(self, inputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
         """A batch of more than `chunk_rows` rows runs as length-sorted chunks (`run_in_chunks`) when
         they save at least TORCH_CHUNK_SAVING of its tokens."""
-        if self.chunk_rows and len(inputs["input_ids"]) > self.chunk_rows:
-            run = functools.partial(self._execute_outputs, names=names)
-            return run_in_chunks(run, inputs, self.chunk_rows, (TOKEN_EMBEDDINGS,), TORCH_CHUNK_SAVING)
-        return self._execute_outputs(inputs, names)
+        run = functools.partial(self._execute_outputs, names=names)
+        return run_in_chunks(run, inputs, self.chunk_rows, (TOKEN_EMBEDDINGS,), TORCH_CHUNK_SAVING)
 
     def _execute_outputs(self, inputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
         if not (self.token_outputs and TOKEN_EMBEDDINGS in names):
